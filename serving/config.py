@@ -34,8 +34,12 @@ class EngineConfig:
         _require(self.max_num_batched_tokens > 0, "max_num_batched_tokens", "must be > 0")
         _require(self.max_model_len is None or self.max_model_len > 0, "max_model_len", "must be > 0")
         _require(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
-        _require(self.quantization in QUANTIZATION_MODES, "quantization", f"must be one of {QUANTIZATION_MODES}")
-        _require(self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype", f"must be one of {KV_CACHE_DTYPES}")
+        _require(
+            self.quantization in QUANTIZATION_MODES, "quantization", f"must be one of {QUANTIZATION_MODES}"
+        )
+        _require(
+            self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype", f"must be one of {KV_CACHE_DTYPES}"
+        )
 
 
 def _require(ok: bool, field: str, message: str) -> None:
