@@ -1,0 +1,134 @@
+"""Quantized paged KV cache: storage dtypes, block sizing, quantize-on-write and dequantize-on-read.
+
+Per layer, K and V are [num_blocks, block_size, num_kv_heads, head_dim] in the storage dtype;
+int8 adds float32 scales [num_blocks, block_size, num_kv_heads] (one per token per head,
+symmetric, amax / 127). fp8 stores e4m3 values directly (saturated to +-448; no scale, like
+vLLM's default k_scale = v_scale = 1). A token's slot is
+block_table[pos // block_size] * block_size + pos % block_size.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+KV_CACHE_DTYPES = ("auto", "int8", "fp8")
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8_DTYPE).max
+INT8_MAX = 127
+SCALE_DTYPE = torch.float32
+
+
+def kv_storage_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    if kv_cache_dtype == "auto":
+        return model_dtype
+    if kv_cache_dtype == "int8":
+        return torch.int8
+    if kv_cache_dtype == "fp8":
+        return FP8_DTYPE
+    raise ValueError(f"kv_cache_dtype: unknown {kv_cache_dtype!r}, expected one of {KV_CACHE_DTYPES}")
+
+
+def kv_block_bytes(
+    block_size: int, num_kv_heads: int, head_dim: int, kv_cache_dtype: str, model_dtype: torch.dtype
+) -> int:
+    """Bytes one KV block takes in one layer, K and V together, scales included."""
+    storage = kv_storage_dtype(kv_cache_dtype, model_dtype)
+    per_token_head = head_dim * storage.itemsize
+    if kv_cache_dtype == "int8":
+        per_token_head += SCALE_DTYPE.itemsize
+    return 2 * block_size * num_kv_heads * per_token_head
+
+
+def num_blocks_for_budget(
+    memory_bytes: int,
+    num_layers: int,
+    block_size: int,
+    num_kv_heads: int,
+    head_dim: int,
+    kv_cache_dtype: str,
+    model_dtype: torch.dtype,
+) -> int:
+    """How many blocks (across all layers) fit in `memory_bytes`."""
+    per_block = num_layers * kv_block_bytes(block_size, num_kv_heads, head_dim, kv_cache_dtype, model_dtype)
+    return memory_bytes // per_block
+
+
+def quantize_kv(x: torch.Tensor, kv_cache_dtype: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[..., head_dim] float -> (stored values, int8 scales [...] or None)."""
+    if kv_cache_dtype == "int8":
+        scales = x.abs().amax(dim=-1).float() / INT8_MAX
+        inverse = torch.where(scales == 0, 0.0, 1.0 / scales)
+        q = (x.float() * inverse[..., None]).round_().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+        return q, scales
+    if kv_cache_dtype == "fp8":
+        return x.float().clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), None
+    raise ValueError(f"kv_cache_dtype: {kv_cache_dtype!r} is not a quantized KV dtype")
+
+
+def dequantize_kv(values: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    if scales is None:
+        return values.to(dtype)
+    return (values.float() * scales[..., None]).to(dtype)
+
+
+@dataclass(eq=False)
+class KVCacheLayer:
+    """One layer's paged K/V (and their scales when int8)."""
+
+    key: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim]
+    value: torch.Tensor
+    key_scale: torch.Tensor | None = None  # [num_blocks, block_size, num_kv_heads]
+    value_scale: torch.Tensor | None = None
+    kv_cache_dtype: str = "auto"
+
+    @classmethod
+    def allocate(
+        cls,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        kv_cache_dtype: str,
+        model_dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> "KVCacheLayer":
+        storage = kv_storage_dtype(kv_cache_dtype, model_dtype)
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        key, value = (torch.zeros(shape, dtype=storage, device=device) for _ in range(2))
+        if kv_cache_dtype != "int8":
+            return cls(key, value, kv_cache_dtype=kv_cache_dtype)
+        scale_key, scale_value = (torch.zeros(shape[:3], dtype=SCALE_DTYPE, device=device) for _ in range(2))
+        return cls(key, value, scale_key, scale_value, kv_cache_dtype)
+
+    @property
+    def nbytes(self) -> int:
+        tensors = (self.key, self.value, self.key_scale, self.value_scale)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def write(self, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Store new tokens' K/V [T, num_kv_heads, head_dim] at their slots (quantize on write)."""
+        for cache, scale_cache, x in ((self.key, self.key_scale, key), (self.value, self.value_scale, value)):
+            flat = _bytes_view(cache.view(-1, *cache.shape[2:]))
+            if self.kv_cache_dtype == "auto":
+                flat.index_copy_(0, slot_mapping, x.to(cache.dtype))
+                continue
+            q, scales = quantize_kv(x, self.kv_cache_dtype)
+            flat.index_copy_(0, slot_mapping, _bytes_view(q))
+            if scale_cache is not None:
+                scale_cache.view(-1, scale_cache.shape[-1]).index_copy_(0, slot_mapping, scales)
+
+    def read(self, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V [len(slots), num_kv_heads, head_dim] at the given slots, dequantized to `dtype`."""
+        return tuple(
+            dequantize_kv(
+                _bytes_view(cache.view(-1, *cache.shape[2:]))[slots].view(cache.dtype),
+                None if scale is None else scale.view(-1, scale.shape[-1])[slots],
+                dtype,
+            )
+            for cache, scale in ((self.key, self.key_scale), (self.value, self.value_scale))
+        )
+
+
+def _bytes_view(x: torch.Tensor) -> torch.Tensor:
+    """fp8 tensors as uint8: CPU index_copy/index_select do not support float8 (same bytes)."""
+    return x.view(torch.uint8) if x.dtype == FP8_DTYPE else x

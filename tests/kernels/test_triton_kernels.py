@@ -1,0 +1,178 @@
+"""Triton kernels run by Triton's interpreter (TRITON_INTERPRET=1) on CPU tensors, against torch.
+
+Triton reads TRITON_INTERPRET once, when it is first imported (and torch imports it early), so
+the kernel tests run in a child pytest process started with it set; in the main process they
+are skipped and `test_kernels_under_the_triton_interpreter` runs that child and fails with its
+output if any kernel test fails. The variable never leaks into the main test process.
+"""
+
+import importlib
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from kvpilot.kernels.quant import quantize
+from kvpilot.kernels.quant.kv_cache import KVCacheLayer
+
+pytestmark = pytest.mark.triton
+
+IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+interpreted = pytest.mark.skipif(
+    not IN_INTERPRETER,
+    reason="runs in the TRITON_INTERPRET=1 child of test_kernels_under_the_triton_interpreter",
+)
+KERNEL_MODULES = ("kv_write", "paged_attention", "quant_matmul")
+HEADS, KV_HEADS, DIM, BLOCK = 4, 2, 24, 16  # GQA, a head_dim that is not a power of two
+
+
+@pytest.mark.skipif(IN_INTERPRETER, reason="this is the interpreter child")
+def test_kernels_under_the_triton_interpreter():
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            str(Path(__file__).relative_to(root)),
+        ],
+        cwd=root,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    # every kernel test ran; the one skip is this launcher inside the child
+    assert re.search(r"\d+ passed, 1 skipped in", result.stdout), result.stdout[-2000:]
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    modules = {name: importlib.import_module(f"kvpilot.kernels.triton.{name}") for name in KERNEL_MODULES}
+    return SimpleNamespace(**modules)
+
+
+def _paged_context(kv_cache_dtype: str, context_lens: list[int], seed: int = 0):
+    """A cache holding random K/V for each sequence, in shuffled blocks; returns (cache, block_tables)."""
+    generator = torch.Generator().manual_seed(seed)
+    num_blocks = sum(-(-n // BLOCK) for n in context_lens) + 2
+    cache = KVCacheLayer.allocate(num_blocks, BLOCK, KV_HEADS, DIM, kv_cache_dtype, torch.float32)
+    order = torch.randperm(num_blocks, generator=generator)
+    tables = torch.zeros(len(context_lens), max(-(-n // BLOCK) for n in context_lens), dtype=torch.int32)
+    used = 0
+    for seq, length in enumerate(context_lens):
+        count = -(-length // BLOCK)
+        tables[seq, :count] = order[used : used + count]
+        used += count
+        key, value = torch.randn(2, length, KV_HEADS, DIM, generator=generator)
+        cache.write(key, value, _slots(tables[seq], length))
+    return cache, tables
+
+
+def _slots(table: torch.Tensor, length: int, start: int = 0) -> torch.Tensor:
+    positions = torch.arange(start, length)
+    return table[positions // BLOCK].long() * BLOCK + positions % BLOCK
+
+
+def _reference_attention(query, cache, tables, query_lens, context_lens):
+    """Gather each sequence's K/V by its block table, then causal softmax attention in float32."""
+    outputs, start = [], 0
+    for seq, (query_len, context_len) in enumerate(zip(query_lens, context_lens, strict=True)):
+        key, value = cache.read(_slots(tables[seq], context_len), torch.float32)
+        key, value = (t.repeat_interleave(HEADS // KV_HEADS, dim=1) for t in (key, value))
+        q = query[start : start + query_len]
+        start += query_len
+        scores = torch.einsum("qhd,khd->hqk", q, key) * DIM**-0.5
+        q_pos = torch.arange(context_len - query_len, context_len)
+        scores = scores.masked_fill(
+            torch.arange(context_len)[None, None] > q_pos[None, :, None], float("-inf")
+        )
+        outputs.append(torch.einsum("hqk,khd->qhd", scores.softmax(-1), value))
+    return torch.cat(outputs)
+
+
+@interpreted
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8", "fp8"])
+def test_fused_kv_write_matches_torch(kernels, kv_cache_dtype):
+    generator = torch.Generator().manual_seed(1)
+    key, value = torch.randn(2, 6, KV_HEADS, DIM, generator=generator) * 4
+    slots = torch.tensor([17, 3, -1, 40, 0, 31])  # -1: a padding token, skipped
+    expected = KVCacheLayer.allocate(3, BLOCK, KV_HEADS, DIM, kv_cache_dtype, torch.float32)
+    written = slots >= 0
+    expected.write(key[written], value[written], slots[written])
+    got = KVCacheLayer.allocate(3, BLOCK, KV_HEADS, DIM, kv_cache_dtype, torch.float32)
+    kernels.kv_write.reshape_and_cache(
+        key, value, got.key, got.value, slots, kv_cache_dtype, got.key_scale, got.value_scale
+    )
+    for a, b in ((got.key, expected.key), (got.value, expected.value)):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))  # bit-identical, quantized or not
+    if kv_cache_dtype == "int8":
+        assert torch.equal(got.key_scale, expected.key_scale)
+        assert torch.equal(got.value_scale, expected.value_scale)
+
+
+@interpreted
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8", "fp8"])
+def test_paged_prefill_with_mixed_chunks_matches_reference(kernels, kv_cache_dtype):
+    # a whole prompt, a second chunk after 20 cached tokens, and a single decode token
+    query_lens, context_lens = [19, 9, 1], [19, 29, 40]
+    cache, tables = _paged_context(kv_cache_dtype, context_lens)
+    query = torch.randn(sum(query_lens), HEADS, DIM, generator=torch.Generator().manual_seed(2))
+    cu_query_lens = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32)
+    out = kernels.paged_attention.paged_attention_prefill(
+        query, cache.key, cache.value, tables, cu_query_lens, torch.tensor(context_lens, dtype=torch.int32),
+        max(query_lens), DIM**-0.5, kv_cache_dtype, cache.key_scale, cache.value_scale,
+    )  # fmt: skip
+    expected = _reference_attention(query, cache, tables, query_lens, context_lens)
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
+@interpreted
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8", "fp8"])
+def test_paged_decode_matches_reference(kernels, kv_cache_dtype):
+    context_lens = [1, 16, 35]
+    cache, tables = _paged_context(kv_cache_dtype, context_lens, seed=3)
+    query = torch.randn(len(context_lens), HEADS, DIM, generator=torch.Generator().manual_seed(4))
+    out = kernels.paged_attention.paged_attention_decode(
+        query, cache.key, cache.value, tables, torch.tensor(context_lens, dtype=torch.int32), DIM**-0.5,
+        kv_cache_dtype, cache.key_scale, cache.value_scale,
+    )  # fmt: skip
+    expected = _reference_attention(query, cache, tables, [1, 1, 1], context_lens)
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
+@interpreted
+@pytest.mark.parametrize(
+    ("mode", "group_size", "in_features"),
+    [("int4", 32, 96), ("int4", 64, 80), ("int4", 128, 256), ("int8", None, 100), ("int8", 32, 96)],
+)
+def test_weight_only_dequant_matmul_matches_reference(kernels, mode, group_size, in_features):
+    generator = torch.Generator().manual_seed(5)
+    weight = quantize(torch.randn(40, in_features, generator=generator), mode, group_size)
+    x = torch.randn(5, in_features, generator=generator)
+    linear = kernels.quant_matmul.int4_linear if mode == "int4" else kernels.quant_matmul.int8_linear
+    assert torch.allclose(linear(x, weight), x @ weight.dequantize().t(), atol=1e-4)
+
+
+@interpreted
+def test_kernels_reject_bad_input(kernels):
+    cache = KVCacheLayer.allocate(2, BLOCK, KV_HEADS, DIM, "int8", torch.float32)
+    key = torch.zeros(1, KV_HEADS, DIM)
+    with pytest.raises(ValueError, match="k_scale"):
+        kernels.kv_write.reshape_and_cache(key, key, cache.key, cache.value, torch.tensor([0]), "int8")
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        kernels.kv_write.reshape_and_cache(key, key, cache.key, cache.value, torch.tensor([0]), "int4")
+    small = KVCacheLayer.allocate(2, 8, KV_HEADS, DIM, "auto", torch.float32)
+    with pytest.raises(ValueError, match="block_size"):
+        kernels.paged_attention.paged_attention_decode(
+            torch.zeros(1, HEADS, DIM), small.key, small.value, torch.zeros(1, 1, dtype=torch.int32),
+            torch.tensor([1], dtype=torch.int32), 1.0,
+        )  # fmt: skip
