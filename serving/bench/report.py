@@ -1,0 +1,107 @@
+"""The throughput report: per-system results, kvpilot's ratios, the roofline; table, JSON and plot."""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+# Systems in the order the table lists them.
+KVPILOT_FP32 = "kvpilot_fp32"
+KVPILOT_BEST = "kvpilot_best"
+HF_SEQUENTIAL = "hf_sequential"
+HF_STATIC_BATCH = "hf_static_batch"
+LLAMA_CPP = "llama_cpp"
+SYSTEMS = (KVPILOT_FP32, KVPILOT_BEST, HF_SEQUENTIAL, HF_STATIC_BATCH, LLAMA_CPP)
+
+# ratio name -> (numerator system, denominator system)
+RATIOS = {
+    "fp32_vs_hf_sequential": (KVPILOT_FP32, HF_SEQUENTIAL),
+    "best_vs_hf_sequential": (KVPILOT_BEST, HF_SEQUENTIAL),
+    "best_vs_hf_static_batch": (KVPILOT_BEST, HF_STATIC_BATCH),
+    "best_vs_llama_cpp": (KVPILOT_BEST, LLAMA_CPP),
+}
+
+
+@dataclass(frozen=True)
+class SystemResult:
+    """One system's run over (a subset of) the workload."""
+
+    mode: str  # "fp32", "int8", "q4_1", ...
+    num_requests: int
+    output_tokens: int
+    elapsed_s: float
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        return self.output_tokens / self.elapsed_s
+
+
+def build_report(systems: dict[str, SystemResult], roofline_tokens_per_s: float) -> dict:
+    """The JSON document of a throughput run; systems that did not run and their ratios are absent."""
+    unknown = set(systems) - set(SYSTEMS)
+    if unknown:
+        raise ValueError(f"systems: unknown names {sorted(unknown)}, expected some of {SYSTEMS}")
+    ordered = [name for name in SYSTEMS if name in systems]
+    return {
+        "systems": {
+            name: {
+                "output_tokens_per_s": systems[name].output_tokens_per_s,
+                "mode": systems[name].mode,
+                "num_requests": systems[name].num_requests,
+                "output_tokens": systems[name].output_tokens,
+                "elapsed_s": systems[name].elapsed_s,
+            }
+            for name in ordered
+        },
+        "roofline_tokens_per_s": roofline_tokens_per_s,
+        "ratios": {
+            ratio: systems[num].output_tokens_per_s / systems[den].output_tokens_per_s
+            for ratio, (num, den) in RATIOS.items()
+            if num in systems and den in systems
+        },
+    }
+
+
+def format_table(report: dict) -> str:
+    """One readable table: tokens/s of each system, its share of the roofline, kvpilot's ratios."""
+    roofline = report["roofline_tokens_per_s"]
+    header = f"{'system':<18}{'mode':<10}{'requests':>9}{'out tokens':>12}{'tokens/s':>11}{'% roofline':>12}"
+    lines = [header, "-" * len(header)]
+    for name, entry in report["systems"].items():
+        rate = entry["output_tokens_per_s"]
+        lines.append(
+            f"{name:<18}{entry['mode']:<10}{entry['num_requests']:>9}{entry['output_tokens']:>12}"
+            f"{rate:>11.1f}{100 * rate / roofline:>11.1f}%"
+        )
+    lines.append(f"{'fp32 roofline':<18}{'fp32':<10}{'':>9}{'':>12}{roofline:>11.1f}{100.0:>11.1f}%")
+    if report["ratios"]:
+        lines.append("")
+        lines += [f"{ratio:<26}{value:>8.2f}x" for ratio, value in report["ratios"].items()]
+    return "\n".join(lines)
+
+
+def write_json(report: dict, path: Path) -> None:
+    Path(path).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+
+
+def plot_concurrency(curves: dict[str, dict[int, float]], path: Path, title: str = "") -> None:
+    """Output tokens/s vs concurrency, one line per system (needs the `bench` extra: matplotlib)."""
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise RuntimeError("--plot needs matplotlib: pip install 'kvpilot[bench]'") from exc
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, points in curves.items():
+        concurrencies = sorted(points)
+        ax.plot(concurrencies, [points[c] for c in concurrencies], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrency (sequences at once)")
+    ax.set_ylabel("output tokens/s")
+    ax.set_title(title or "Throughput vs concurrency")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
