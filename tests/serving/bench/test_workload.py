@@ -4,22 +4,24 @@ from kvpilot.serving.bench.workload import (
     WorkloadRequest,
     WorkloadSpec,
     build_workload,
+    default_text_path,
+    read_text,
     subset,
     tokenize_text,
     total_input_tokens,
     total_output_tokens,
 )
 
-PARAGRAPH = (
-    "The river ran past the old mill, where the miller's children counted boats each morning. "
-    "In winter the water froze at the edges, and the wheel turned slowly, groaning under the ice. "
-)
-
 
 @pytest.fixture(scope="module")
 def text_token_ids(tokenizer_dir) -> list[int]:
     tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
-    return tokenize_text(tokenizer, PARAGRAPH * 40)
+    return tokenize_text(tokenizer, read_text())  # the English text shipped in kvpilot.serving/data
+
+
+def test_shipped_text_is_long_enough_for_the_longest_prompt(text_token_ids):
+    assert default_text_path().parent.name == "data"
+    assert len(text_token_ids) >= 10 * WorkloadSpec().max_input_len
 
 
 def test_default_workload_is_seeded_and_within_bounds(text_token_ids):
