@@ -5,6 +5,7 @@ Per-channel weights on CPU live only inside fbgemm's prepacked form and run thro
 dequantized a few rows at a time.
 """
 
+import functools
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,8 @@ QMAX = 127
 # Activations are fed to fbgemm in two int7 halves (see `_fbgemm_linear`): value = hi + lo / LO_SCALE.
 HI_LEVELS = 63
 LO_SCALE = 2 * HI_LEVELS
+# fbgemm slows down super-linearly on tall inputs; rows are independent, so split them.
+FBGEMM_ROWS_PER_CALL = 128
 
 
 @dataclass(eq=False)
@@ -38,7 +41,8 @@ class Int8Weight:
             expected = [out, in_features // group_size]
             raise ValueError(f"scales: must be {expected}, got {list(scales.shape)}")
         scales = scales.float()
-        if group_size == in_features and qweight.device.type == "cpu" and qweight.abs().max() <= QMAX:
+        fbgemm_ok = in_features > 1 and qweight.device.type == "cpu" and qweight.abs().max() <= QMAX
+        if group_size == in_features and fbgemm_ok:
             return cls(scales, group_size, None, _prepack(qweight, scales[:, 0]))
         return cls(scales, group_size, qweight, None)
 
@@ -63,7 +67,8 @@ class Int8Weight:
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         x2, lead = flatten_tokens(x)
         if self.packed is not None:
-            y = _fbgemm_linear(x2.float(), self.packed).to(x.dtype)
+            parts = [_fbgemm_linear(rows, self.packed) for rows in x2.float().split(FBGEMM_ROWS_PER_CALL)]
+            y = torch.cat(parts).to(x.dtype)
         else:
             q, s, g = self.stored, self.scales, self.group_size
             y = linear_by_row_chunks(
@@ -109,18 +114,22 @@ def _fbgemm_linear(x: torch.Tensor, packed: Any) -> torch.Tensor:
 
     fbgemm's dynamic linear quantizes the whole input with one 7-bit scale, which would make a
     token's output depend on its batch neighbours and lose precision to outlier channels. So each
-    row is normalized to [-1, 1] and split into two exactly representable 7-bit parts,
-    x = max|x| * (hi + lo / 126) / 63, and an anchor row pins fbgemm's range to [-64, 63] / 63:
-    both parts then pass through losslessly, and the result matches the float-activation product
-    to ~1e-4 relative, whatever else is in the batch.
+    row is scaled to [-63, 63] and split into two integer parts, x = max|x| / 63 * (hi + lo / 126),
+    and an anchor row pins fbgemm's range to [-64, 63] (scale 1, zero point 64): both parts pass
+    through losslessly, and the result matches the float-activation product to ~1e-4 relative,
+    whatever else is in the batch.
     """
     tokens = x.shape[0]
-    row_max = x.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    normalized = x * (HI_LEVELS / row_max)
-    hi = normalized.round()
-    lo = normalized.sub_(hi).mul_(LO_SCALE).round_()
-    anchor = x.new_zeros(1, x.shape[1])
+    unit = x.abs().amax(dim=1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny).div_(HI_LEVELS)
+    scaled = x / unit
+    hi = scaled.round()
+    lo = scaled.sub_(hi).mul_(LO_SCALE).round_()
+    y = torch.ops.quantized.linear_dynamic(torch.cat([hi, lo, _anchor_row(x.shape[1])]), packed, True)
+    return y[:tokens].add_(y[tokens : 2 * tokens], alpha=1 / LO_SCALE).mul_(unit)
+
+
+@functools.cache
+def _anchor_row(in_features: int) -> torch.Tensor:
+    anchor = torch.zeros(1, in_features)
     anchor[0, 0], anchor[0, -1] = -(HI_LEVELS + 1), HI_LEVELS
-    stacked = torch.cat([hi, lo, anchor]).div_(HI_LEVELS)
-    y = torch.ops.quantized.linear_dynamic(stacked, packed, True)
-    return y[:tokens].add_(y[tokens : 2 * tokens], alpha=1 / LO_SCALE).mul_(row_max)
+    return anchor
