@@ -41,7 +41,7 @@ class Int8Weight:
             expected = [out, in_features // group_size]
             raise ValueError(f"scales: must be {expected}, got {list(scales.shape)}")
         scales = scales.float()
-        fbgemm_ok = in_features > 1 and qweight.device.type == "cpu" and qweight.abs().max() <= QMAX
+        fbgemm_ok = in_features > 1 and qweight.device.type == "cpu" and int(qweight.min()) >= -QMAX
         if group_size == in_features and fbgemm_ok:
             return cls(scales, group_size, None, _prepack(qweight, scales[:, 0]))
         return cls(scales, group_size, qweight, None)

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
-from kvpilot.kernels.quant import Int4Weight, Int8Weight, from_gguf_blocks, from_gguf_tensor
+from kvpilot.kernels.quant import Int4Weight, Int8Weight, from_gguf_blocks, from_gguf_tensor, quantize
+from kvpilot.kernels.quant.loading import WeightQuantizer
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +72,41 @@ def test_unsupported_or_broken_blocks_are_rejected(reader):
     tensor = _tensor(reader, "blk.0.attn_k.weight")
     with pytest.raises(ValueError, match="Q4_1"):
         from_gguf_blocks(tensor.data[:10], Q.Q4_1, (192, 576))
+
+
+def test_int4_mode_keeps_q4_1_blocks_and_the_q8_0_embedding(reader):
+    quantizer = WeightQuantizer("int4")
+    linear = quantizer.linear(_tensor(reader, "blk.0.attn_q.weight"))
+    embedding = quantizer.embedding(_tensor(reader, "token_embd.weight"))
+    assert isinstance(linear, Int4Weight) and linear.group_size == 32
+    assert isinstance(embedding, Int8Weight) and embedding.group_size == 32
+    assert quantizer.summary() == "1 Q4_1 kept as int4, 1 Q8_0 embedding kept as int8"
+
+
+@pytest.mark.parametrize(
+    ("mode", "group_size", "kind"), [("int8", None, Int8Weight), ("int4", 64, Int4Weight)]
+)
+def test_other_formats_go_through_float_once(reader, mode, group_size, kind):
+    tensor = _tensor(reader, "blk.0.attn_k.weight")
+    quantizer = WeightQuantizer(mode, group_size)
+    weight = quantizer.linear(tensor)
+    assert isinstance(weight, kind) and weight.shape == (192, 576)
+    expected = quantize(_gguf_reference(tensor.data, Q.Q4_1), mode, group_size)
+    assert torch.equal(weight.dequantize(), expected.dequantize())
+    assert quantizer.summary() == f"1 Q4_1 quantized to {mode}"
+
+
+def test_mode_none_dequantizes_everything(reader):
+    quantizer = WeightQuantizer("none")
+    tensor = _tensor(reader, "blk.0.ffn_down.weight")
+    weight = quantizer.linear(tensor)
+    assert weight.dtype == torch.float32 and torch.equal(weight, _gguf_reference(tensor.data, Q.Q4_1))
+    assert isinstance(quantizer.embedding(torch.ones(4, 2)), torch.Tensor)
+    assert quantizer.summary() == "1 Q4_1 dequantized to float"
+
+
+def test_quantizer_rejects_unknown_modes():
+    with pytest.raises(ValueError, match="quantization"):
+        WeightQuantizer("nf4")
+    with pytest.raises(ValueError, match="quantization"):
+        WeightQuantizer("int8", group_size=64)

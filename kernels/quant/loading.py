@@ -1,0 +1,91 @@
+"""Load-time policy: which format each weight gets for a `--quantization` mode.
+
+- Linear weights take the mode's format: int8 (per-output-channel), int4 (group-wise,
+  `group_size`, default 32) or fp8 (per-channel). A GGUF tensor whose blocks already are that
+  format loads byte for byte (Q4_0/Q4_1 -> int4 with group 32, Q8_0 -> int8 with group 32);
+  any other tensor goes through float once, and the summary says so.
+- Embedding tables (and a tied lm_head) are never quantized further: float stays float, and a
+  GGUF Q8_0/Q4_0/Q4_1 table keeps its exact block format (smaller and lossless).
+- Mode "none" is float everywhere (GGUF blocks are dequantized).
+"""
+
+from collections import Counter
+
+import gguf
+import numpy as np
+import torch
+from kvpilot.kernels.quant.gguf_blocks import BLOCK_FORMAT, from_gguf_tensor
+from kvpilot.kernels.quant.quantize import DEFAULT_GROUP_SIZE, WEIGHT_MODES, QuantizedWeight, quantize
+
+QUANTIZATION_MODES = ("none", *WEIGHT_MODES)
+FLOAT_TYPES = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16)
+
+Weight = torch.Tensor | QuantizedWeight
+Source = torch.Tensor | gguf.ReaderTensor  # a float tensor ([out, in]) or a GGUF tensor as stored
+
+
+class WeightQuantizer:
+    """Turns checkpoint tensors into the weights a model runs with; counts what it did."""
+
+    def __init__(self, mode: str, group_size: int | None = None, dtype: torch.dtype = torch.float32):
+        if mode not in QUANTIZATION_MODES:
+            raise ValueError(f"quantization: unknown mode {mode!r}, expected one of {QUANTIZATION_MODES}")
+        if group_size is not None and mode != "int4":
+            raise ValueError(f"quantization: a group size only applies to int4, not {mode!r}")
+        self.mode = mode
+        self.group_size = group_size or (DEFAULT_GROUP_SIZE if mode == "int4" else None)
+        self.dtype = dtype
+        self.counts: Counter[str] = Counter()
+
+    def linear(self, source: Source) -> Weight:
+        """A linear layer's [out, in] weight."""
+        if self.mode == "none":
+            return self._float(source)
+        if isinstance(source, gguf.ReaderTensor) and self._loads_exactly(source.tensor_type):
+            self.counts[f"{source.tensor_type.name} kept as {self.mode}"] += 1
+            return from_gguf_tensor(source)
+        self.counts[f"{_kind(source)} quantized to {self.mode}"] += 1
+        return quantize(self._float(source, count=False).float(), self.mode, self._target_group_size())
+
+    def embedding(self, source: Source) -> Weight:
+        """An embedding table [vocab, hidden] (also the lm_head when tied)."""
+        qtype = source.tensor_type if isinstance(source, gguf.ReaderTensor) else None
+        if self.mode != "none" and qtype in BLOCK_FORMAT:
+            self.counts[f"{qtype.name} embedding kept as {BLOCK_FORMAT[qtype]}"] += 1
+            return from_gguf_tensor(source)
+        return self._float(source)
+
+    def summary(self) -> str:
+        """One log line: what happened to the weights (e.g. '210 Q4_1 kept as int4, ...')."""
+        return ", ".join(f"{n} {what}" for what, n in sorted(self.counts.items())) or "no weights"
+
+    def _loads_exactly(self, qtype: gguf.GGMLQuantizationType) -> bool:
+        fmt = BLOCK_FORMAT.get(qtype)
+        if fmt == "int4":
+            return self.mode == "int4" and self.group_size == 32
+        return fmt == "int8" and self.mode == "int8"
+
+    def _target_group_size(self) -> int | None:
+        return self.group_size if self.mode == "int4" else None
+
+    def _float(self, source: Source, count: bool = True) -> torch.Tensor:
+        if isinstance(source, torch.Tensor):
+            return source.to(self.dtype)
+        if count and source.tensor_type not in FLOAT_TYPES:
+            self.counts[f"{source.tensor_type.name} dequantized to float"] += 1
+        values = gguf.quants.dequantize(source.data, source.tensor_type)
+        shape = tuple(int(n) for n in reversed(source.shape))  # GGML lists dimensions innermost first
+        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(shape).to(self.dtype)
+
+
+def permute_rows(weight: Weight, index: torch.Tensor) -> Weight:
+    """Reorder output rows (e.g. GGUF's rotary permutation of q/k) in any format."""
+    return weight[index] if isinstance(weight, torch.Tensor) else weight.select_rows(index)
+
+
+def weight_nbytes(weight: Weight) -> int:
+    return weight.numel() * weight.element_size() if isinstance(weight, torch.Tensor) else weight.nbytes
+
+
+def _kind(source: Source) -> str:
+    return "float" if isinstance(source, torch.Tensor) else source.tensor_type.name
