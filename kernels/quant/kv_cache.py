@@ -67,19 +67,21 @@ def quantize_kv(x: torch.Tensor, kv_cache_dtype: str) -> tuple[torch.Tensor, tor
 
 def dequantize_kv(values: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     if scales is None:
-        return values.to(dtype)
+        return values.to(dtype)  # fp8 -> float is exact
     return (values.float() * scales[..., None]).to(dtype)
 
 
 @dataclass(eq=False)
-class KVCacheLayer:
-    """One layer's paged K/V (and their scales when int8)."""
+class KVCache:
+    """One layer's K (or V) cache in its storage dtype, quantizing on write.
 
-    key: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim]
-    value: torch.Tensor
-    key_scale: torch.Tensor | None = None  # [num_blocks, block_size, num_kv_heads]
-    value_scale: torch.Tensor | None = None
-    kv_cache_dtype: str = "auto"
+    Indexing by block ids, like a [num_blocks, block_size, num_kv_heads, head_dim] tensor,
+    returns those blocks dequantized to float32, so gather-based attention reads it unchanged.
+    """
+
+    data: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim], storage dtype
+    scales: torch.Tensor | None  # [num_blocks, block_size, num_kv_heads] for int8, else None
+    kv_cache_dtype: str
 
     @classmethod
     def allocate(
@@ -89,44 +91,46 @@ class KVCacheLayer:
         num_kv_heads: int,
         head_dim: int,
         kv_cache_dtype: str,
-        model_dtype: torch.dtype,
+        model_dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
-    ) -> "KVCacheLayer":
+    ) -> "KVCache":
         storage = kv_storage_dtype(kv_cache_dtype, model_dtype)
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        key, value = (torch.zeros(shape, dtype=storage, device=device) for _ in range(2))
-        if kv_cache_dtype != "int8":
-            return cls(key, value, kv_cache_dtype=kv_cache_dtype)
-        scale_key, scale_value = (torch.zeros(shape[:3], dtype=SCALE_DTYPE, device=device) for _ in range(2))
-        return cls(key, value, scale_key, scale_value, kv_cache_dtype)
+        data = torch.zeros(shape, dtype=storage, device=device)
+        scales = (
+            torch.zeros(shape[:3], dtype=SCALE_DTYPE, device=device) if kv_cache_dtype == "int8" else None
+        )
+        return cls(data, scales, kv_cache_dtype)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
 
     @property
     def nbytes(self) -> int:
-        tensors = (self.key, self.value, self.key_scale, self.value_scale)
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.data, self.scales) if t is not None)
 
-    def write(self, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        """Store new tokens' K/V [T, num_kv_heads, head_dim] at their slots (quantize on write)."""
-        for cache, scale_cache, x in ((self.key, self.key_scale, key), (self.value, self.value_scale, value)):
-            flat = _bytes_view(cache.view(-1, *cache.shape[2:]))
-            if self.kv_cache_dtype == "auto":
-                flat.index_copy_(0, slot_mapping, x.to(cache.dtype))
-                continue
-            q, scales = quantize_kv(x, self.kv_cache_dtype)
-            flat.index_copy_(0, slot_mapping, _bytes_view(q))
-            if scale_cache is not None:
-                scale_cache.view(-1, scale_cache.shape[-1]).index_copy_(0, slot_mapping, scales)
+    def write(self, x: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Store new tokens [T, num_kv_heads, head_dim] at their slots (quantize on write)."""
+        flat = _bytes_view(self.data.view(-1, *self.data.shape[2:]))
+        if self.kv_cache_dtype == "auto":
+            flat.index_copy_(0, slot_mapping, x.to(self.data.dtype))
+            return
+        values, scales = quantize_kv(x, self.kv_cache_dtype)
+        flat.index_copy_(0, slot_mapping, _bytes_view(values))
+        if self.scales is not None:
+            self.scales.view(-1, self.scales.shape[-1]).index_copy_(0, slot_mapping, scales)
 
-    def read(self, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """K/V [len(slots), num_kv_heads, head_dim] at the given slots, dequantized to `dtype`."""
-        return tuple(
-            dequantize_kv(
-                _bytes_view(cache.view(-1, *cache.shape[2:]))[slots].view(cache.dtype),
-                None if scale is None else scale.view(-1, scale.shape[-1])[slots],
-                dtype,
-            )
-            for cache, scale in ((self.key, self.key_scale), (self.value, self.value_scale))
-        )
+    def read(self, slots: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[len(slots), num_kv_heads, head_dim] at the given slots, dequantized."""
+        values = _bytes_view(self.data.view(-1, *self.data.shape[2:]))[slots].view(self.data.dtype)
+        scales = None if self.scales is None else self.scales.view(-1, self.scales.shape[-1])[slots]
+        return dequantize_kv(values, scales, dtype)
+
+    def __getitem__(self, blocks: torch.Tensor) -> torch.Tensor:
+        """Blocks [..., block_size, num_kv_heads, head_dim] by block id, dequantized to float32."""
+        values = _bytes_view(self.data)[blocks].view(self.data.dtype)
+        return dequantize_kv(values, None if self.scales is None else self.scales[blocks], torch.float32)
 
 
 def _bytes_view(x: torch.Tensor) -> torch.Tensor:

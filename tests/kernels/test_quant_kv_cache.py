@@ -3,7 +3,7 @@
 import pytest
 import torch
 from kvpilot.kernels.quant.kv_cache import (
-    KVCacheLayer,
+    KVCache,
     dequantize_kv,
     kv_block_bytes,
     num_blocks_for_budget,
@@ -18,8 +18,8 @@ def test_block_bytes_arithmetic():
     assert kv_block_bytes(BLOCK, HEADS, DIM, "auto", torch.bfloat16) == 2 * BLOCK * HEADS * DIM * 2
     assert kv_block_bytes(BLOCK, HEADS, DIM, "int8", torch.float32) == 2 * BLOCK * HEADS * (DIM + 4)
     assert kv_block_bytes(BLOCK, HEADS, DIM, "fp8", torch.float32) == 2 * BLOCK * HEADS * DIM
-    layer = KVCacheLayer.allocate(5, BLOCK, HEADS, DIM, "int8", torch.float32)
-    assert layer.nbytes == 5 * kv_block_bytes(BLOCK, HEADS, DIM, "int8", torch.float32)
+    key, value = (KVCache.allocate(5, BLOCK, HEADS, DIM, "int8") for _ in range(2))
+    assert key.nbytes + value.nbytes == 5 * kv_block_bytes(BLOCK, HEADS, DIM, "int8", torch.float32)
 
 
 def test_int8_and_fp8_fit_about_four_times_the_float32_blocks():
@@ -34,23 +34,24 @@ def test_int8_and_fp8_fit_about_four_times_the_float32_blocks():
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8", "fp8"])
-def test_write_then_read_at_slots(kv_cache_dtype):
-    layer = KVCacheLayer.allocate(4, 4, 2, 8, kv_cache_dtype, torch.float32)
-    generator = torch.Generator().manual_seed(0)
-    key, value = torch.randn(2, 5, 2, 8, generator=generator) * 3
+def test_write_then_read_at_slots_and_by_block(kv_cache_dtype):
+    cache = KVCache.allocate(4, 4, 2, 8, kv_cache_dtype)
+    want = torch.randn(5, 2, 8, generator=torch.Generator().manual_seed(0)) * 3
     slots = torch.tensor([13, 2, 7, 0, 15])  # slot = block * block_size + offset
-    layer.write(key, value, slots)
-    k, v = layer.read(slots, torch.float32)
-    for got, want in ((k, key), (v, value)):
-        if kv_cache_dtype == "auto":
-            assert torch.equal(got, want)
-        elif kv_cache_dtype == "int8":
-            step = want.abs().amax(-1, keepdim=True) / 127
-            assert ((got - want).abs() <= step / 2 + 1e-6).all()
-        else:
-            assert ((got - want).abs() <= want.abs() / 16 + 2**-10).all()
+    cache.write(want, slots)
+    got = cache.read(slots)
+    if kv_cache_dtype == "auto":
+        assert torch.equal(got, want)
+    elif kv_cache_dtype == "int8":
+        step = want.abs().amax(-1, keepdim=True) / 127
+        assert ((got - want).abs() <= step / 2 + 1e-6).all()
+    else:
+        assert ((got - want).abs() <= want.abs() / 16 + 2**-10).all()
     untouched = torch.tensor([s for s in range(16) if s not in slots.tolist()])
-    assert not layer.read(untouched, torch.float32)[0].any()
+    assert not cache.read(untouched).any()
+    blocks = cache[torch.tensor([[3, 0]])]  # like indexing a cache tensor with a block table
+    assert blocks.shape == (1, 2, 4, 2, 8) and blocks.dtype == torch.float32
+    assert torch.equal(blocks[0, 0, 1], got[0]) and torch.equal(blocks[0, 1, 0], got[3])
 
 
 def test_int8_scales_are_per_token_per_head():
@@ -72,4 +73,4 @@ def test_unknown_kv_cache_dtype_names_the_field():
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         kv_block_bytes(BLOCK, HEADS, DIM, "int4", torch.float32)
     with pytest.raises(ValueError, match="kv_cache_dtype"):
-        KVCacheLayer.allocate(1, BLOCK, HEADS, DIM, "fp16", torch.float32)
+        KVCache.allocate(1, BLOCK, HEADS, DIM, "fp16")

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from kvpilot.kernels.quant import quantize
-from kvpilot.kernels.quant.kv_cache import KVCacheLayer
+from kvpilot.kernels.quant.kv_cache import KVCache
 
 pytestmark = pytest.mark.triton
 
@@ -61,10 +61,12 @@ def kernels():
 
 
 def _paged_context(kv_cache_dtype: str, context_lens: list[int], seed: int = 0):
-    """A cache holding random K/V for each sequence, in shuffled blocks; returns (cache, block_tables)."""
+    """Caches holding random K/V for each sequence in shuffled blocks: (key, value, block_tables)."""
     generator = torch.Generator().manual_seed(seed)
     num_blocks = sum(-(-n // BLOCK) for n in context_lens) + 2
-    cache = KVCacheLayer.allocate(num_blocks, BLOCK, KV_HEADS, DIM, kv_cache_dtype, torch.float32)
+    key_cache, value_cache = (
+        KVCache.allocate(num_blocks, BLOCK, KV_HEADS, DIM, kv_cache_dtype) for _ in "kv"
+    )
     order = torch.randperm(num_blocks, generator=generator)
     tables = torch.zeros(len(context_lens), max(-(-n // BLOCK) for n in context_lens), dtype=torch.int32)
     used = 0
@@ -73,8 +75,9 @@ def _paged_context(kv_cache_dtype: str, context_lens: list[int], seed: int = 0):
         tables[seq, :count] = order[used : used + count]
         used += count
         key, value = torch.randn(2, length, KV_HEADS, DIM, generator=generator)
-        cache.write(key, value, _slots(tables[seq], length))
-    return cache, tables
+        key_cache.write(key, _slots(tables[seq], length))
+        value_cache.write(value, _slots(tables[seq], length))
+    return key_cache, value_cache, tables
 
 
 def _slots(table: torch.Tensor, length: int, start: int = 0) -> torch.Tensor:
@@ -82,11 +85,12 @@ def _slots(table: torch.Tensor, length: int, start: int = 0) -> torch.Tensor:
     return table[positions // BLOCK].long() * BLOCK + positions % BLOCK
 
 
-def _reference_attention(query, cache, tables, query_lens, context_lens):
+def _reference_attention(query, key_cache, value_cache, tables, query_lens, context_lens):
     """Gather each sequence's K/V by its block table, then causal softmax attention in float32."""
     outputs, start = [], 0
     for seq, (query_len, context_len) in enumerate(zip(query_lens, context_lens, strict=True)):
-        key, value = cache.read(_slots(tables[seq], context_len), torch.float32)
+        slots = _slots(tables[seq], context_len)
+        key, value = key_cache.read(slots), value_cache.read(slots)
         key, value = (t.repeat_interleave(HEADS // KV_HEADS, dim=1) for t in (key, value))
         q = query[start : start + query_len]
         start += query_len
@@ -105,18 +109,17 @@ def test_fused_kv_write_matches_torch(kernels, kv_cache_dtype):
     generator = torch.Generator().manual_seed(1)
     key, value = torch.randn(2, 6, KV_HEADS, DIM, generator=generator) * 4
     slots = torch.tensor([17, 3, -1, 40, 0, 31])  # -1: a padding token, skipped
-    expected = KVCacheLayer.allocate(3, BLOCK, KV_HEADS, DIM, kv_cache_dtype, torch.float32)
     written = slots >= 0
-    expected.write(key[written], value[written], slots[written])
-    got = KVCacheLayer.allocate(3, BLOCK, KV_HEADS, DIM, kv_cache_dtype, torch.float32)
+    expected = [KVCache.allocate(3, BLOCK, KV_HEADS, DIM, kv_cache_dtype) for _ in "kv"]
+    expected[0].write(key[written], slots[written])
+    expected[1].write(value[written], slots[written])
+    got = [KVCache.allocate(3, BLOCK, KV_HEADS, DIM, kv_cache_dtype) for _ in "kv"]
     kernels.kv_write.reshape_and_cache(
-        key, value, got.key, got.value, slots, kv_cache_dtype, got.key_scale, got.value_scale
+        key, value, got[0].data, got[1].data, slots, kv_cache_dtype, got[0].scales, got[1].scales
     )
-    for a, b in ((got.key, expected.key), (got.value, expected.value)):
-        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))  # bit-identical, quantized or not
-    if kv_cache_dtype == "int8":
-        assert torch.equal(got.key_scale, expected.key_scale)
-        assert torch.equal(got.value_scale, expected.value_scale)
+    for a, b in zip(got, expected, strict=True):
+        assert torch.equal(a.data.view(torch.uint8), b.data.view(torch.uint8))  # bit-identical
+        assert (a.scales is None and b.scales is None) or torch.equal(a.scales, b.scales)
 
 
 @interpreted
@@ -124,14 +127,15 @@ def test_fused_kv_write_matches_torch(kernels, kv_cache_dtype):
 def test_paged_prefill_with_mixed_chunks_matches_reference(kernels, kv_cache_dtype):
     # a whole prompt, a second chunk after 20 cached tokens, and a single decode token
     query_lens, context_lens = [19, 9, 1], [19, 29, 40]
-    cache, tables = _paged_context(kv_cache_dtype, context_lens)
+    key_cache, value_cache, tables = _paged_context(kv_cache_dtype, context_lens)
     query = torch.randn(sum(query_lens), HEADS, DIM, generator=torch.Generator().manual_seed(2))
     cu_query_lens = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32)
     out = kernels.paged_attention.paged_attention_prefill(
-        query, cache.key, cache.value, tables, cu_query_lens, torch.tensor(context_lens, dtype=torch.int32),
-        max(query_lens), DIM**-0.5, kv_cache_dtype, cache.key_scale, cache.value_scale,
+        query, key_cache.data, value_cache.data, tables, cu_query_lens,
+        torch.tensor(context_lens, dtype=torch.int32), max(query_lens), DIM**-0.5, kv_cache_dtype,
+        key_cache.scales, value_cache.scales,
     )  # fmt: skip
-    expected = _reference_attention(query, cache, tables, query_lens, context_lens)
+    expected = _reference_attention(query, key_cache, value_cache, tables, query_lens, context_lens)
     assert torch.allclose(out, expected, atol=1e-5)
 
 
@@ -139,13 +143,13 @@ def test_paged_prefill_with_mixed_chunks_matches_reference(kernels, kv_cache_dty
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8", "fp8"])
 def test_paged_decode_matches_reference(kernels, kv_cache_dtype):
     context_lens = [1, 16, 35]
-    cache, tables = _paged_context(kv_cache_dtype, context_lens, seed=3)
+    key_cache, value_cache, tables = _paged_context(kv_cache_dtype, context_lens, seed=3)
     query = torch.randn(len(context_lens), HEADS, DIM, generator=torch.Generator().manual_seed(4))
     out = kernels.paged_attention.paged_attention_decode(
-        query, cache.key, cache.value, tables, torch.tensor(context_lens, dtype=torch.int32), DIM**-0.5,
-        kv_cache_dtype, cache.key_scale, cache.value_scale,
+        query, key_cache.data, value_cache.data, tables, torch.tensor(context_lens, dtype=torch.int32),
+        DIM**-0.5, kv_cache_dtype, key_cache.scales, value_cache.scales,
     )  # fmt: skip
-    expected = _reference_attention(query, cache, tables, [1, 1, 1], context_lens)
+    expected = _reference_attention(query, key_cache, value_cache, tables, [1, 1, 1], context_lens)
     assert torch.allclose(out, expected, atol=1e-5)
 
 
@@ -164,15 +168,15 @@ def test_weight_only_dequant_matmul_matches_reference(kernels, mode, group_size,
 
 @interpreted
 def test_kernels_reject_bad_input(kernels):
-    cache = KVCacheLayer.allocate(2, BLOCK, KV_HEADS, DIM, "int8", torch.float32)
+    cache = KVCache.allocate(2, BLOCK, KV_HEADS, DIM, "int8").data
     key = torch.zeros(1, KV_HEADS, DIM)
     with pytest.raises(ValueError, match="k_scale"):
-        kernels.kv_write.reshape_and_cache(key, key, cache.key, cache.value, torch.tensor([0]), "int8")
+        kernels.kv_write.reshape_and_cache(key, key, cache, cache, torch.tensor([0]), "int8")
     with pytest.raises(ValueError, match="kv_cache_dtype"):
-        kernels.kv_write.reshape_and_cache(key, key, cache.key, cache.value, torch.tensor([0]), "int4")
-    small = KVCacheLayer.allocate(2, 8, KV_HEADS, DIM, "auto", torch.float32)
+        kernels.kv_write.reshape_and_cache(key, key, cache, cache, torch.tensor([0]), "int4")
+    small = torch.zeros(2, 8, KV_HEADS, DIM)
     with pytest.raises(ValueError, match="block_size"):
         kernels.paged_attention.paged_attention_decode(
-            torch.zeros(1, HEADS, DIM), small.key, small.value, torch.zeros(1, 1, dtype=torch.int32),
+            torch.zeros(1, HEADS, DIM), small, small, torch.zeros(1, 1, dtype=torch.int32),
             torch.tensor([1], dtype=torch.int32), 1.0,
         )  # fmt: skip
