@@ -1,0 +1,173 @@
+"""Attention over the paged KV cache.
+
+Per layer, K and V live in caches of shape [num_blocks, block_size, num_kv_heads, head_dim]; a
+token at position `pos` of a sequence sits in slot
+`block_table[pos // block_size] * block_size + pos % block_size`.
+
+One step's batch is flat: T query tokens from B sequences (prefill chunks and decodes in any
+mix), sequence i owning rows [query_start_loc[i], query_start_loc[i + 1]). Its queries sit at
+positions [context_lens[i], seq_lens[i]) and attend causally to keys [0, query position]. The
+chunk's own K/V are written to the cache before attention runs, so every key comes from the cache.
+
+`paged_attention` is the single dispatch point: the reference (clear, slow) and the fast CPU path
+are selected here, and a GPU kernel plugs in here too.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Built once per step by the model runner; shared by every layer."""
+
+    positions: torch.Tensor  # [T] int64: absolute position of each query token
+    slot_mapping: torch.Tensor  # [T] int64: cache slot of each query token
+    block_tables: torch.Tensor  # [B, max_blocks] int32, padded with 0
+    query_start_loc: torch.Tensor  # [B + 1] int32: cumulative query lengths
+    seq_lens: torch.Tensor  # [B] int32: tokens in the cache after this step (context + query)
+    context_lens: torch.Tensor  # [B] int32: tokens cached before this step
+    block_size: int
+    max_seq_len: int
+    max_query_len: int
+    # Host copies: the CPU path loops over prefill sequences without reading tensors back.
+    query_lens_list: list[int]
+    seq_lens_list: list[int]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_list)
+
+
+def build_attention_metadata(
+    query_lens: list[int], context_lens: list[int], block_tables: list[list[int]], block_size: int
+) -> AttentionMetadata:
+    """Metadata for a batch, with slot_mapping computed without a per-token Python loop."""
+    num_seqs = len(query_lens)
+    query_lens_t = torch.tensor(query_lens, dtype=torch.int64)
+    context_lens_t = torch.tensor(context_lens, dtype=torch.int64)
+    seq_lens_t = query_lens_t + context_lens_t
+    query_start_loc = torch.zeros(num_seqs + 1, dtype=torch.int64)
+    torch.cumsum(query_lens_t, 0, out=query_start_loc[1:])
+    max_blocks = max(len(table) for table in block_tables)
+    tables = torch.zeros(num_seqs, max_blocks, dtype=torch.int64)
+    for i, table in enumerate(block_tables):
+        tables[i, : len(table)] = torch.tensor(table, dtype=torch.int64)
+
+    num_tokens = int(query_start_loc[-1])
+    seq_index = torch.repeat_interleave(torch.arange(num_seqs), query_lens_t)
+    offsets = torch.arange(num_tokens) - query_start_loc[:-1][seq_index]
+    positions = context_lens_t[seq_index] + offsets
+    slot_mapping = tables[seq_index, positions // block_size] * block_size + positions % block_size
+    seq_lens_list = seq_lens_t.tolist()
+    return AttentionMetadata(
+        positions=positions,
+        slot_mapping=slot_mapping,
+        block_tables=tables,
+        query_start_loc=query_start_loc,
+        seq_lens=seq_lens_t,
+        context_lens=context_lens_t,
+        block_size=block_size,
+        max_seq_len=max(seq_lens_list),
+        max_query_len=max(query_lens),
+        query_lens_list=list(query_lens),
+        seq_lens_list=seq_lens_list,
+    )
+
+
+def write_kv_cache(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Scatter this step's k/v [T, num_kv_heads, head_dim] into their cache slots."""
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """[seq_len, num_kv_heads, head_dim]: one sequence's keys or values in position order."""
+    num_blocks = -(-seq_len // cache.shape[1])
+    return cache[block_table[:num_blocks]].flatten(0, 1)[:seq_len]
+
+
+def paged_attention_reference(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, metadata: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """The definition: per sequence and head, softmax(q k^T * scale + causal mask) v, in float32."""
+    num_heads = q.shape[1]
+    out = torch.empty_like(q)
+    for i in range(metadata.num_seqs):
+        start, end = int(metadata.query_start_loc[i]), int(metadata.query_start_loc[i + 1])
+        seq_len, context_len = int(metadata.seq_lens[i]), int(metadata.context_lens[i])
+        keys = gather_kv(k_cache, metadata.block_tables[i], seq_len).float()
+        values = gather_kv(v_cache, metadata.block_tables[i], seq_len).float()
+        group = num_heads // keys.shape[1]
+        query_pos = torch.arange(context_len, seq_len)[:, None]
+        visible = torch.arange(seq_len)[None, :] <= query_pos
+        for h in range(num_heads):
+            scores = q[start:end, h].float() @ keys[:, h // group].T * scale
+            probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+            out[start:end, h] = (probs @ values[:, h // group]).to(q.dtype)
+    return out
+
+
+def paged_attention_cpu(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, metadata: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """Decodes in one padded batched SDPA; each prefill chunk in one SDPA with its causal offset."""
+    out = torch.empty_like(q)
+    query_lens = metadata.query_lens_list
+    decodes = [i for i, n in enumerate(query_lens) if n == 1]
+    if decodes:
+        rows = metadata.query_start_loc[decodes]
+        out[rows] = _decode_batch(q[rows], k_cache, v_cache, metadata, decodes, scale)
+    starts = metadata.query_start_loc.tolist()
+    for i, query_len in enumerate(query_lens):
+        if query_len == 1:
+            continue
+        seq_len = metadata.seq_lens_list[i]
+        start, context_len = starts[i], seq_len - query_len
+        keys = gather_kv(k_cache, metadata.block_tables[i], seq_len).to(q.dtype).transpose(0, 1)
+        values = gather_kv(v_cache, metadata.block_tables[i], seq_len).to(q.dtype).transpose(0, 1)
+        queries = q[start : start + query_len].transpose(0, 1)
+        if context_len == 0:
+            mask, causal = None, True
+        else:
+            query_pos = torch.arange(context_len, seq_len)[:, None]
+            mask, causal = torch.arange(seq_len)[None, :] <= query_pos, False
+        attended = F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True
+        )
+        out[start : start + query_len] = attended.transpose(0, 1)
+    return out
+
+
+def _decode_batch(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    seqs: list[int],
+    scale: float,
+) -> torch.Tensor:
+    """q [D, num_heads, head_dim], one query per sequence -> [D, num_heads, head_dim]."""
+    seq_lens = metadata.seq_lens[seqs]
+    max_len = int(seq_lens.max())
+    num_blocks = -(-max_len // metadata.block_size)
+    tables = metadata.block_tables[seqs, :num_blocks]
+    keys = k_cache[tables].flatten(1, 2)[:, :max_len].to(q.dtype).transpose(1, 2)  # [D, kv_heads, L, dim]
+    values = v_cache[tables].flatten(1, 2)[:, :max_len].to(q.dtype).transpose(1, 2)
+    mask = (torch.arange(max_len)[None, :] < seq_lens[:, None])[:, None, None, :]
+    attended = F.scaled_dot_product_attention(
+        q[:, :, None, :], keys, values, attn_mask=mask, scale=scale, enable_gqa=True
+    )
+    return attended[:, :, 0, :]
+
+
+def paged_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, metadata: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """q [T, num_heads, head_dim] -> [T, num_heads, head_dim]; the batch's K/V are already cached."""
+    return paged_attention_cpu(q, k_cache, v_cache, metadata, scale)

@@ -1,0 +1,56 @@
+"""The one place where checkpoint tensors become model weights (float or quantized).
+
+A loader hands `WeightBuilder` its tensors by Hugging Face name, each either a float tensor or a
+GGUF tensor as stored; the model asks for each weight by name and kind (linear, embedding,
+vector), and `WeightQuantizer` decides the format for the configured quantization mode.
+"""
+
+from collections.abc import Callable, Mapping
+
+import torch
+from kvpilot.kernels.quant.loading import Source, WeightQuantizer, permute_rows
+from kvpilot.serving.loader.errors import CheckpointError
+from kvpilot.serving.models.layers import Weight
+
+
+class WeightBuilder:
+    def __init__(
+        self,
+        file: object,
+        tensors: Mapping[str, Callable[[], Source]],
+        quantizer: WeightQuantizer,
+        row_permutations: Mapping[str, torch.Tensor] | None = None,
+    ):
+        self.file = file
+        self.tensors = tensors
+        self.quantizer = quantizer
+        self.row_permutations = row_permutations or {}
+        self.as_float = WeightQuantizer("none", dtype=quantizer.dtype)  # norms and biases
+        self.used: set[str] = set()
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def linear(self, name: str) -> Weight:
+        return self._permuted(name, self.quantizer.linear(self._source(name, ndim=2)))
+
+    def embedding(self, name: str) -> Weight:
+        return self.quantizer.embedding(self._source(name, ndim=2))
+
+    def vector(self, name: str) -> torch.Tensor:
+        return self._permuted(name, self.as_float.linear(self._source(name, ndim=1)))
+
+    def _source(self, name: str, ndim: int) -> Source:
+        if name not in self.tensors:
+            raise CheckpointError(self.file, f"missing tensor {name!r}")
+        source = self.tensors[name]()
+        if len(source.shape) != ndim:
+            raise CheckpointError(
+                self.file, f"tensor {name!r} has shape {list(source.shape)}, expected {ndim}-D"
+            )
+        self.used.add(name)
+        return source
+
+    def _permuted(self, name: str, weight: Weight) -> Weight:
+        index = self.row_permutations.get(name)
+        return weight if index is None else permute_rows(weight, index)

@@ -1,0 +1,70 @@
+"""The model runner: owns the model, the paged KV cache and every tensor of a step."""
+
+import torch
+from kvpilot.kernels.attention import build_attention_metadata
+from kvpilot.serving.config import EngineConfig
+from kvpilot.serving.loader import TORCH_DTYPES, load_model
+from kvpilot.serving.scheduler_output import SchedulerOutput
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        loaded = load_model(config.model, config.dtype, config.quantization)
+        self.model = loaded.model
+        self.model_config = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.chat_template = loaded.chat_template
+        self.eos_token_ids = loaded.eos_token_ids
+        self.quantization_summary = loaded.quantization_summary
+        self.vocab_size = loaded.config.vocab_size
+        self.block_size = config.block_size
+        self.dtype = TORCH_DTYPES[config.dtype]
+        self.weight_bytes = self.model.weight_bytes
+
+        model_len = loaded.config.max_position_embeddings
+        if config.max_model_len is not None and config.max_model_len > model_len:
+            raise ValueError(
+                f"max_model_len: {config.max_model_len} exceeds the model's context length {model_len}"
+            )
+        self.max_model_len = config.max_model_len or model_len
+
+        bytes_per_block = self.kv_cache_bytes_per_block()
+        self.num_kv_blocks = config.num_kv_blocks or config.kv_cache_memory_bytes // bytes_per_block
+        if self.num_kv_blocks < 1:
+            raise ValueError(
+                f"kv_cache_memory_bytes: {config.kv_cache_memory_bytes} is less than one KV block "
+                f"({bytes_per_block} bytes)"
+            )
+        self.kv_caches = self._allocate_kv_caches()
+
+    def kv_cache_bytes_per_block(self) -> int:
+        c = self.model_config
+        element_size = torch.empty(0, dtype=self.dtype).element_size()
+        return 2 * c.num_hidden_layers * self.block_size * c.num_key_value_heads * c.head_dim * element_size
+
+    def _allocate_kv_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        c = self.model_config
+        shape = (self.num_kv_blocks, self.block_size, c.num_key_value_heads, c.head_dim)
+        # Zeros, not empty: padded gathers read unused slots, and 0 * NaN garbage would be NaN.
+        return [
+            (torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype))
+            for _ in range(c.num_hidden_layers)
+        ]
+
+    @torch.inference_mode()
+    def execute_model(self, scheduler_output: SchedulerOutput) -> torch.Tensor:
+        """float32 logits [number of chunks with sample=True, vocab_size], rows in chunk order."""
+        chunks = scheduler_output.chunks
+        query_lens = [len(chunk.token_ids) for chunk in chunks]
+        metadata = build_attention_metadata(
+            query_lens,
+            [chunk.num_computed_tokens for chunk in chunks],
+            [chunk.block_table for chunk in chunks],
+            self.block_size,
+        )
+        input_ids = torch.tensor([t for chunk in chunks for t in chunk.token_ids], dtype=torch.int64)
+        hidden = self.model.forward(input_ids, metadata, self.kv_caches)
+        sample_rows = [i for i, chunk in enumerate(chunks) if chunk.sample]
+        last_tokens = metadata.query_start_loc[1:][sample_rows] - 1
+        return self.model.compute_logits(hidden[last_tokens]).float()

@@ -1,0 +1,122 @@
+"""Building blocks of the Llama family, as plain callables over already-loaded weights.
+
+A weight is either a float tensor or a quantized-weight object (`kvpilot.kernels.quant`) that
+offers the same operations: `linear(x)` (x @ W^T), `embed(token_ids)` and `nbytes`. Every
+projection goes through `Linear` and every table through `Embedding`, so the weight format is
+decided once, by the loader.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+Weight = torch.Tensor  # or any object with .linear(x), .embed(ids), .nbytes (quantized formats)
+
+
+def weight_nbytes(weight) -> int:
+    if isinstance(weight, torch.Tensor):
+        return weight.numel() * weight.element_size()
+    return int(weight.nbytes)
+
+
+class Linear:
+    def __init__(self, weight: Weight, bias: torch.Tensor | None = None):
+        self.weight = weight
+        self.bias = bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.weight, torch.Tensor):
+            return F.linear(x, self.weight, self.bias)
+        out = self.weight.linear(x).to(x.dtype)
+        return out if self.bias is None else out + self.bias
+
+    @property
+    def nbytes(self) -> int:
+        return weight_nbytes(self.weight) + (0 if self.bias is None else weight_nbytes(self.bias))
+
+
+class Embedding:
+    def __init__(self, weight: Weight, dtype: torch.dtype):
+        self.weight = weight
+        self.dtype = dtype
+
+    def __call__(self, token_ids: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.weight, torch.Tensor):
+            return F.embedding(token_ids, self.weight)
+        return self.weight.embed(token_ids).to(self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return weight_nbytes(self.weight)
+
+
+class RMSNorm:
+    """Normalizes in float32 and scales in the model dtype, the way transformers' Llama does."""
+
+    def __init__(self, weight: torch.Tensor, eps: float):
+        self.weight = weight
+        self.eps = eps
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return weight_nbytes(self.weight)
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """llama3-style frequency scaling (`rope_type: llama3`)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if scaling is None:
+        return inv_freq
+    low_freq_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_freq_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class RotaryEmbedding:
+    """Rotate-half RoPE with cos/sin precomputed for every position up to max_positions."""
+
+    def __init__(
+        self, head_dim: int, max_positions: int, theta: float, scaling: RopeScaling | None, dtype: torch.dtype
+    ):
+        inv_freq = rope_inv_freq(head_dim, theta, scaling)
+        freqs = torch.arange(max_positions, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
+        angles = torch.cat((freqs, freqs), dim=-1)
+        self.cos = angles.cos().to(dtype)  # [max_positions, head_dim]
+        self.sin = angles.sin().to(dtype)
+
+    def __call__(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [T, heads, dim], k [T, kv_heads, dim] rotated by their positions [T]."""
+        cos = self.cos[positions][:, None, :]
+        sin = self.sin[positions][:, None, :]
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

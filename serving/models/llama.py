@@ -1,0 +1,139 @@
+"""The Llama family (Llama, Mistral, Qwen2, Qwen3) written for paged attention.
+
+The batch is flat: `input_ids` and `positions` are [T] tokens from every scheduled sequence; the
+attention metadata says which tokens belong together and where their K/V live in the cache.
+Weights are named as in Hugging Face checkpoints and come from a `WeightSource` (the loader),
+which decides their format (float or quantized).
+"""
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from kvpilot.kernels.attention import AttentionMetadata, paged_attention, write_kv_cache
+from kvpilot.serving.models.config import ModelConfig
+from kvpilot.serving.models.layers import Embedding, Linear, RMSNorm, RotaryEmbedding, Weight
+
+
+class WeightSource(Protocol):
+    def linear(self, name: str) -> Weight: ...  # [out, in], float or quantized
+    def embedding(self, name: str) -> Weight: ...  # [vocab, hidden]
+    def vector(self, name: str) -> torch.Tensor: ...  # norms and biases, always float
+    def has(self, name: str) -> bool: ...
+
+
+class Attention:
+    def __init__(self, config: ModelConfig, weights: WeightSource, prefix: str, rotary: RotaryEmbedding):
+        def projection(name: str) -> Linear:
+            bias = weights.vector(f"{prefix}.{name}.bias") if config.qkv_bias else None
+            return Linear(weights.linear(f"{prefix}.{name}.weight"), bias)
+
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = config.head_dim**-0.5
+        self.q_proj, self.k_proj, self.v_proj = (
+            projection("q_proj"),
+            projection("k_proj"),
+            projection("v_proj"),
+        )
+        self.o_proj = Linear(weights.linear(f"{prefix}.o_proj.weight"))
+        self.q_norm = self.k_norm = None
+        if config.qk_norm:
+            self.q_norm = RMSNorm(weights.vector(f"{prefix}.q_norm.weight"), config.rms_norm_eps)
+            self.k_norm = RMSNorm(weights.vector(f"{prefix}.k_norm.weight"), config.rms_norm_eps)
+        self.rotary = rotary
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        metadata: AttentionMetadata,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(metadata.positions, q, k)
+        k_cache, v_cache = kv_cache
+        write_kv_cache(k, v, k_cache, v_cache, metadata.slot_mapping)
+        out = paged_attention(q, k_cache, v_cache, metadata, self.scale)
+        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+
+    def layers(self) -> list:
+        return [self.q_proj, self.k_proj, self.v_proj, self.o_proj, self.q_norm, self.k_norm]
+
+
+class MLP:
+    def __init__(self, weights: WeightSource, prefix: str):
+        self.gate_proj = Linear(weights.linear(f"{prefix}.gate_proj.weight"))
+        self.up_proj = Linear(weights.linear(f"{prefix}.up_proj.weight"))
+        self.down_proj = Linear(weights.linear(f"{prefix}.down_proj.weight"))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def layers(self) -> list:
+        return [self.gate_proj, self.up_proj, self.down_proj]
+
+
+class DecoderLayer:
+    def __init__(self, config: ModelConfig, weights: WeightSource, prefix: str, rotary: RotaryEmbedding):
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(weights.vector(f"{prefix}.input_layernorm.weight"), eps)
+        self.self_attn = Attention(config, weights, f"{prefix}.self_attn", rotary)
+        self.post_attention_layernorm = RMSNorm(
+            weights.vector(f"{prefix}.post_attention_layernorm.weight"), eps
+        )
+        self.mlp = MLP(weights, f"{prefix}.mlp")
+
+    def __call__(self, x, metadata, kv_cache) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), metadata, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def layers(self) -> list:
+        norms = [self.input_layernorm, self.post_attention_layernorm]
+        return norms + self.self_attn.layers() + self.mlp.layers()
+
+
+class LlamaForCausalLM:
+    def __init__(self, config: ModelConfig, weights: WeightSource, max_positions: int, dtype: torch.dtype):
+        self.config = config
+        self.embed_tokens = Embedding(weights.embedding("model.embed_tokens.weight"), dtype)
+        rotary = RotaryEmbedding(
+            config.head_dim, max_positions, config.rope_theta, config.rope_scaling, dtype
+        )
+        self.layers = [
+            DecoderLayer(config, weights, f"model.layers.{i}", rotary)
+            for i in range(config.num_hidden_layers)
+        ]
+        self.norm = RMSNorm(weights.vector("model.norm.weight"), config.rms_norm_eps)
+        if config.tie_word_embeddings:
+            self.lm_head = Linear(self.embed_tokens.weight)
+        else:
+            self.lm_head = Linear(weights.linear("lm_head.weight"))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        metadata: AttentionMetadata,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
+        """[T] token ids (positions are in the metadata) -> [T, hidden] final hidden states."""
+        x = self.embed_tokens(input_ids)
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            x = layer(x, metadata, kv_cache)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    @property
+    def weight_bytes(self) -> int:
+        parts = [self.embed_tokens, self.norm]
+        parts += [part for layer in self.layers for part in layer.layers() if part is not None]
+        if not self.config.tie_word_embeddings:
+            parts.append(self.lm_head)
+        return sum(part.nbytes for part in parts)
