@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 from kvpilot.kernels.quant.loading import WeightQuantizer
-from kvpilot.serving.loader import hf
+from kvpilot.serving.loader import gguf_file, hf
 from kvpilot.serving.loader.errors import CheckpointError
 from kvpilot.serving.loader.weights import WeightBuilder
 from kvpilot.serving.models.config import ModelConfig
@@ -20,29 +20,44 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 class LoadedModel:
     model: LlamaForCausalLM
     config: ModelConfig
-    tokenizer: object | None  # a transformers tokenizer
+    tokenizer: object | None  # a transformers tokenizer; None when the checkpoint has none
     chat_template: str | None
     eos_token_ids: set[int]
-    quantization_summary: str
+    quantization_summary: str  # what happened to the weights, e.g. "210 Q4_1 dequantized to float"
 
 
 def load_model(path: str | Path, dtype: str = "float32", quantization: str = "none") -> LoadedModel:
+    """`path`: a checkpoint directory or a .gguf file. Weights become `quantization`'s format."""
     path = Path(path)
+    if dtype not in TORCH_DTYPES:
+        raise ValueError(f"dtype: must be one of {tuple(TORCH_DTYPES)}, got {dtype!r}")
     torch_dtype = TORCH_DTYPES[dtype]
     quantizer = WeightQuantizer(quantization, dtype=torch_dtype)
-    if path.is_file() or path.suffix == ".gguf":
-        from kvpilot.serving.loader.gguf_file import load_gguf
-
-        return load_gguf(path, dtype, quantizer)
-    if not path.is_dir():
+    if path.suffix == ".gguf" or path.is_file():
+        config, weights, tokenizer, chat_template, eos = _read_gguf(path, dtype, quantizer)
+    elif path.is_dir():
+        config, weights, tokenizer, chat_template, eos = _read_checkpoint_dir(path, dtype, quantizer)
+    else:
         raise CheckpointError(path, "no such checkpoint directory or .gguf file")
-    tensors = hf.tensor_loaders(path)
-    config = hf.model_config(path, dtype, has_lm_head="lm_head.weight" in tensors)
-    weights = WeightBuilder(path, tensors, quantizer)
-    model = LlamaForCausalLM(config, weights, config.max_position_embeddings, torch_dtype)
-    tokenizer = hf.load_tokenizer(path)
-    eos = hf.eos_token_ids(path)
     if not eos and tokenizer is not None and tokenizer.eos_token_id is not None:
         eos = {tokenizer.eos_token_id}
-    chat_template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
+    model = LlamaForCausalLM(config, weights, config.max_position_embeddings, torch_dtype)
     return LoadedModel(model, config, tokenizer, chat_template, eos, quantizer.summary())
+
+
+def _read_checkpoint_dir(path: Path, dtype: str, quantizer: WeightQuantizer):
+    tensors = hf.tensor_loaders(path)
+    config = hf.model_config(path, dtype, has_lm_head="lm_head.weight" in tensors)
+    tokenizer = hf.load_tokenizer(path)
+    chat_template = getattr(tokenizer, "chat_template", None)
+    return config, WeightBuilder(path, tensors, quantizer), tokenizer, chat_template, hf.eos_token_ids(path)
+
+
+def _read_gguf(path: Path, dtype: str, quantizer: WeightQuantizer):
+    reader = gguf_file.open_gguf(path)
+    config = gguf_file.gguf_model_config(reader, path, dtype)
+    weights = gguf_file.gguf_weights(reader, path, config, quantizer)
+    has_tokenizer = "tokenizer.ggml.tokens" in reader.fields
+    tokenizer = gguf_file.load_gguf_tokenizer(path) if has_tokenizer else None
+    chat_template = gguf_file.chat_template(reader, path)
+    return config, weights, tokenizer, chat_template, gguf_file.eos_token_ids(reader, path)

@@ -26,29 +26,25 @@ class WeightBuilder:
         self.quantizer = quantizer
         self.row_permutations = row_permutations or {}
         self.as_float = WeightQuantizer("none", dtype=quantizer.dtype)  # norms and biases
-        self.used: set[str] = set()
 
-    def has(self, name: str) -> bool:
-        return name in self.tensors
+    def linear(self, name: str, shape: tuple[int, int]) -> Weight:
+        return self._permuted(name, self.quantizer.linear(self._source(name, shape)))
 
-    def linear(self, name: str) -> Weight:
-        return self._permuted(name, self.quantizer.linear(self._source(name, ndim=2)))
+    def embedding(self, name: str, shape: tuple[int, int]) -> Weight:
+        return self.quantizer.embedding(self._source(name, shape))
 
-    def embedding(self, name: str) -> Weight:
-        return self.quantizer.embedding(self._source(name, ndim=2))
+    def vector(self, name: str, size: int) -> torch.Tensor:
+        return self._permuted(name, self.as_float.linear(self._source(name, (size,))))
 
-    def vector(self, name: str) -> torch.Tensor:
-        return self._permuted(name, self.as_float.linear(self._source(name, ndim=1)))
-
-    def _source(self, name: str, ndim: int) -> Source:
+    def _source(self, name: str, shape: tuple[int, ...]) -> Source:
         if name not in self.tensors:
             raise CheckpointError(self.file, f"missing tensor {name!r}")
         source = self.tensors[name]()
-        if len(source.shape) != ndim:
-            raise CheckpointError(
-                self.file, f"tensor {name!r} has shape {list(source.shape)}, expected {ndim}-D"
-            )
-        self.used.add(name)
+        # GGUF lists dimensions innermost first; torch outermost first.
+        dims = source.shape if isinstance(source, torch.Tensor) else reversed(source.shape)
+        actual = [int(n) for n in dims]
+        if actual != list(shape):
+            raise CheckpointError(self.file, f"tensor {name!r} has shape {actual}, expected {list(shape)}")
         return source
 
     def _permuted(self, name: str, weight: Weight) -> Weight:

@@ -16,32 +16,34 @@ from kvpilot.serving.models.layers import Embedding, Linear, RMSNorm, RotaryEmbe
 
 
 class WeightSource(Protocol):
-    def linear(self, name: str) -> Weight: ...  # [out, in], float or quantized
-    def embedding(self, name: str) -> Weight: ...  # [vocab, hidden]
-    def vector(self, name: str) -> torch.Tensor: ...  # norms and biases, always float
-    def has(self, name: str) -> bool: ...
+    """Weights by Hugging Face name and expected shape; a missing or misshapen one is an error."""
+
+    def linear(self, name: str, shape: tuple[int, int]) -> Weight: ...  # [out, in], float or quantized
+    def embedding(self, name: str, shape: tuple[int, int]) -> Weight: ...  # [vocab, hidden]
+    def vector(self, name: str, size: int) -> torch.Tensor: ...  # norms and biases, always float
 
 
 class Attention:
     def __init__(self, config: ModelConfig, weights: WeightSource, prefix: str, rotary: RotaryEmbedding):
-        def projection(name: str) -> Linear:
-            bias = weights.vector(f"{prefix}.{name}.bias") if config.qkv_bias else None
-            return Linear(weights.linear(f"{prefix}.{name}.weight"), bias)
+        hidden, head_dim = config.hidden_size, config.head_dim
+
+        def projection(name: str, num_heads: int) -> Linear:
+            rows = num_heads * head_dim
+            bias = weights.vector(f"{prefix}.{name}.bias", rows) if config.qkv_bias else None
+            return Linear(weights.linear(f"{prefix}.{name}.weight", (rows, hidden)), bias)
 
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.scale = config.head_dim**-0.5
-        self.q_proj, self.k_proj, self.v_proj = (
-            projection("q_proj"),
-            projection("k_proj"),
-            projection("v_proj"),
-        )
-        self.o_proj = Linear(weights.linear(f"{prefix}.o_proj.weight"))
+        self.q_proj = projection("q_proj", self.num_heads)
+        self.k_proj = projection("k_proj", self.num_kv_heads)
+        self.v_proj = projection("v_proj", self.num_kv_heads)
+        self.o_proj = Linear(weights.linear(f"{prefix}.o_proj.weight", (hidden, self.num_heads * head_dim)))
         self.q_norm = self.k_norm = None
         if config.qk_norm:
-            self.q_norm = RMSNorm(weights.vector(f"{prefix}.q_norm.weight"), config.rms_norm_eps)
-            self.k_norm = RMSNorm(weights.vector(f"{prefix}.k_norm.weight"), config.rms_norm_eps)
+            self.q_norm = RMSNorm(weights.vector(f"{prefix}.q_norm.weight", head_dim), config.rms_norm_eps)
+            self.k_norm = RMSNorm(weights.vector(f"{prefix}.k_norm.weight", head_dim), config.rms_norm_eps)
         self.rotary = rotary
 
     def __call__(
@@ -67,10 +69,11 @@ class Attention:
 
 
 class MLP:
-    def __init__(self, weights: WeightSource, prefix: str):
-        self.gate_proj = Linear(weights.linear(f"{prefix}.gate_proj.weight"))
-        self.up_proj = Linear(weights.linear(f"{prefix}.up_proj.weight"))
-        self.down_proj = Linear(weights.linear(f"{prefix}.down_proj.weight"))
+    def __init__(self, config: ModelConfig, weights: WeightSource, prefix: str):
+        up = (config.intermediate_size, config.hidden_size)
+        self.gate_proj = Linear(weights.linear(f"{prefix}.gate_proj.weight", up))
+        self.up_proj = Linear(weights.linear(f"{prefix}.up_proj.weight", up))
+        self.down_proj = Linear(weights.linear(f"{prefix}.down_proj.weight", up[::-1]))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -82,12 +85,14 @@ class MLP:
 class DecoderLayer:
     def __init__(self, config: ModelConfig, weights: WeightSource, prefix: str, rotary: RotaryEmbedding):
         eps = config.rms_norm_eps
-        self.input_layernorm = RMSNorm(weights.vector(f"{prefix}.input_layernorm.weight"), eps)
+        self.input_layernorm = RMSNorm(
+            weights.vector(f"{prefix}.input_layernorm.weight", config.hidden_size), eps
+        )
         self.self_attn = Attention(config, weights, f"{prefix}.self_attn", rotary)
         self.post_attention_layernorm = RMSNorm(
-            weights.vector(f"{prefix}.post_attention_layernorm.weight"), eps
+            weights.vector(f"{prefix}.post_attention_layernorm.weight", config.hidden_size), eps
         )
-        self.mlp = MLP(weights, f"{prefix}.mlp")
+        self.mlp = MLP(config, weights, f"{prefix}.mlp")
 
     def __call__(self, x, metadata, kv_cache) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), metadata, kv_cache)
@@ -101,7 +106,8 @@ class DecoderLayer:
 class LlamaForCausalLM:
     def __init__(self, config: ModelConfig, weights: WeightSource, max_positions: int, dtype: torch.dtype):
         self.config = config
-        self.embed_tokens = Embedding(weights.embedding("model.embed_tokens.weight"), dtype)
+        vocab_shape = (config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(weights.embedding("model.embed_tokens.weight", vocab_shape), dtype)
         rotary = RotaryEmbedding(
             config.head_dim, max_positions, config.rope_theta, config.rope_scaling, dtype
         )
@@ -109,11 +115,11 @@ class LlamaForCausalLM:
             DecoderLayer(config, weights, f"model.layers.{i}", rotary)
             for i in range(config.num_hidden_layers)
         ]
-        self.norm = RMSNorm(weights.vector("model.norm.weight"), config.rms_norm_eps)
+        self.norm = RMSNorm(weights.vector("model.norm.weight", config.hidden_size), config.rms_norm_eps)
         if config.tie_word_embeddings:
             self.lm_head = Linear(self.embed_tokens.weight)
         else:
-            self.lm_head = Linear(weights.linear("lm_head.weight"))
+            self.lm_head = Linear(weights.linear("lm_head.weight", vocab_shape))
 
     def forward(
         self,
