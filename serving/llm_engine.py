@@ -1,0 +1,271 @@
+"""The synchronous engine: ModelRunner + Scheduler + Sampler + detokenizers.
+
+`step()` is schedule -> run the model -> update from its output. A user request with n > 1
+becomes n sequences (children) that share the prompt's cached blocks and are reported together.
+"""
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+
+import torch
+from kvpilot.serving.config import EngineConfig
+from kvpilot.serving.detokenizer import IncrementalDetokenizer
+from kvpilot.serving.kv_cache_manager import KVCacheManager
+from kvpilot.serving.model_runner import ModelRunner
+from kvpilot.serving.outputs import CompletionOutput, RequestOutput, RequestTimes
+from kvpilot.serving.request import Request
+from kvpilot.serving.sampler import Sampler, SamplerOutput
+from kvpilot.serving.sampling_params import SamplingParams
+from kvpilot.serving.scheduler import Scheduler
+from kvpilot.serving.scheduler_output import SchedulerOutput
+from kvpilot.serving.stats import EngineStats
+
+
+@dataclass
+class _UserRequest:
+    """What the caller submitted: one prompt, n sequences."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    arrival: float
+    sequences: list[Request] = field(default_factory=list)
+    detokenizers: list[IncrementalDetokenizer] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.sequences)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.model_runner = ModelRunner(config)
+        runner = self.model_runner
+        self.tokenizer = runner.tokenizer
+        self.chat_template = runner.chat_template
+        self.max_model_len = runner.max_model_len
+        self.vocab_size = runner.vocab_size
+        self.eos_token_ids = set(runner.eos_token_ids)
+        self.num_kv_blocks, self.block_size = runner.num_kv_blocks, runner.block_size
+        kv_cache_manager = KVCacheManager(
+            runner.num_kv_blocks, runner.block_size, config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            kv_cache_manager,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            runner.max_model_len,
+            runner.eos_token_ids,
+        )
+        self.sampler = Sampler(runner.eos_token_ids, torch.Generator().manual_seed(config.seed))
+        self._requests: dict[str, _UserRequest] = {}
+
+    # Requests in and out
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        arrival: float | None = None,
+    ) -> None:
+        """Validate and queue a request; bad input raises ValueError naming the problem."""
+        params = params or SamplingParams()
+        if request_id in self._requests:
+            raise ValueError(f"request_id: {request_id!r} is already in the engine")
+        prompt_text, prompt_token_ids = self._tokenize(prompt)
+        max_tokens = self._resolve_max_tokens(len(prompt_token_ids), params)
+        self._validate_params(params)
+        user = _UserRequest(request_id, prompt_text, prompt_token_ids, arrival or time.monotonic())
+        for index in range(params.n):
+            generator = None
+            if params.seed is not None:
+                generator = torch.Generator().manual_seed(params.seed + index)
+            sequence = Request(
+                request_id if params.n == 1 else f"{request_id}#{index}",
+                list(prompt_token_ids),
+                params,
+                max_tokens,
+                generator=generator,
+                parent_id=None if params.n == 1 else request_id,
+                index=index,
+                times=RequestTimes(arrival=user.arrival),
+            )
+            user.sequences.append(sequence)
+            user.detokenizers.append(IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params))
+        self._requests[request_id] = user
+        for sequence in user.sequences:
+            self.scheduler.add_request(sequence)
+
+    def abort_request(self, request_ids: str | Iterable[str]) -> list[RequestOutput]:
+        """Finish the requests with reason "abort" and free their blocks at once; unknown ids are
+        ignored (they may have finished already). Returns their final outputs."""
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        outputs = []
+        for request_id in ids:
+            user = self._requests.get(request_id)
+            if user is None:
+                continue
+            for sequence in user.sequences:
+                self.scheduler.finish_request(sequence, "abort")
+            outputs.append(self._make_output(user))
+        return outputs
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    def get_stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(
+            num_running=len(s.running),
+            num_waiting=len(s.waiting),
+            kv_cache_usage=s.kv_cache_manager.usage,
+            num_kv_blocks=self.num_kv_blocks,
+            block_size=self.block_size,
+            num_preemptions=s.num_preemptions,
+            prefix_cache_queries=s.prefix_cache_queries,
+            prefix_cache_hits=s.prefix_cache_hits,
+            prompt_tokens=s.prompt_tokens,
+            generation_tokens=s.generation_tokens,
+        )
+
+    # The step
+
+    def step(self) -> list[RequestOutput]:
+        """One engine iteration; returns the cumulative outputs of the requests that advanced."""
+        scheduler_output = self.scheduler.schedule()
+        if scheduler_output.is_empty:
+            return []
+        logits = self.model_runner.execute_model(scheduler_output)
+        return self._update_from_output(scheduler_output, logits)
+
+    def _update_from_output(
+        self, scheduler_output: SchedulerOutput, logits: torch.Tensor
+    ) -> list[RequestOutput]:
+        sequences = [self.scheduler.requests[c.request_id] for c in scheduler_output.chunks if c.sample]
+        sampled: SamplerOutput = self.sampler(logits, sequences)
+        updated = self.scheduler.update_from_output(scheduler_output, sampled.token_ids)
+        logprobs = {s.request_id: lp for s, lp in zip(sequences, sampled.logprobs, strict=True)}
+        touched: dict[str, _UserRequest] = {}
+        for sequence in updated:
+            if logprobs[sequence.request_id] is not None:
+                sequence.output_logprobs.append(logprobs[sequence.request_id])
+            user = self._requests[sequence.output_id]
+            stop = user.detokenizers[sequence.index].append(sequence.output_token_ids[-1])
+            if stop is not None:
+                if sequence.is_finished:  # the same token also hit a length limit: the stop string wins
+                    sequence.finish_reason, sequence.stop_reason = "stop", stop
+                else:
+                    self.scheduler.finish_request(sequence, "stop", stop)
+            touched[user.request_id] = user
+        return [self._make_output(user) for user in touched.values()]
+
+    def _make_output(self, user: _UserRequest) -> RequestOutput:
+        finished = user.finished
+        if finished:
+            del self._requests[user.request_id]
+        completions = []
+        for sequence, detokenizer in zip(user.sequences, user.detokenizers, strict=True):
+            completions.append(
+                CompletionOutput(
+                    index=sequence.index,
+                    text=detokenizer.output_text(sequence.is_finished),
+                    token_ids=list(sequence.output_token_ids),
+                    logprobs=list(sequence.output_logprobs)
+                    if sequence.sampling_params.logprobs is not None
+                    else None,
+                    finish_reason=sequence.finish_reason,
+                    stop_reason=sequence.stop_reason,
+                )
+            )
+        return RequestOutput(
+            request_id=user.request_id,
+            prompt=user.prompt,
+            prompt_token_ids=list(user.prompt_token_ids),
+            outputs=completions,
+            finished=finished,
+            num_cached_tokens=user.sequences[0].num_cached_tokens,
+            times=_merge_times(user),
+        )
+
+    # Validation
+
+    def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt: this model has no tokenizer; pass token ids instead of text")
+            token_ids = list(self.tokenizer.encode(prompt))
+            text = prompt
+        else:
+            token_ids, text = list(prompt), None
+            bad = [t for t in token_ids if not isinstance(t, int) or isinstance(t, bool)]
+            if bad:
+                raise ValueError(f"prompt: token ids must be integers, got {bad[0]!r}")
+            outside = [t for t in token_ids if not 0 <= t < self.vocab_size]
+            if outside:
+                raise ValueError(
+                    f"prompt: token id {outside[0]} is outside the vocabulary [0, {self.vocab_size})"
+                )
+        if not token_ids:
+            raise ValueError("prompt: must not be empty")
+        return text, token_ids
+
+    def _resolve_max_tokens(self, num_prompt_tokens: int, params: SamplingParams) -> int:
+        """max_tokens against max_model_len and the KV pool (a request must fit the pool alone,
+        or preemption could never make room for it)."""
+        pool_tokens = self.num_kv_blocks * self.block_size
+        limit = min(self.max_model_len, pool_tokens)
+        limit_name = (
+            "max_model_len" if limit == self.max_model_len else "the KV cache (num_kv_blocks * block_size)"
+        )
+        if num_prompt_tokens >= limit:
+            raise ValueError(
+                f"prompt: {num_prompt_tokens} tokens leave no room to generate within {limit_name} = {limit}"
+            )
+        if params.max_tokens is None:
+            return limit - num_prompt_tokens
+        if num_prompt_tokens + params.max_tokens > limit:
+            raise ValueError(
+                f"max_tokens: prompt ({num_prompt_tokens} tokens) + max_tokens ({params.max_tokens}) "
+                f"exceeds {limit_name} = {limit}"
+            )
+        return params.max_tokens
+
+    def _validate_params(self, params: SamplingParams) -> None:
+        for name, ids in (("logit_bias", list(params.logit_bias)), ("stop_token_ids", params.stop_token_ids)):
+            outside = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+            if outside:
+                raise ValueError(
+                    f"{name}: token id {outside[0]!r} is outside the vocabulary [0, {self.vocab_size})"
+                )
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop: stop strings need a tokenizer; this model has none (use stop_token_ids)")
+
+
+def _merge_times(user: _UserRequest) -> RequestTimes:
+    """One request's times; for n > 1 the earliest start and the latest end of its sequences."""
+    times = [s.times for s in user.sequences]
+    if len(times) == 1:
+        return replace(times[0])
+
+    def first(values):
+        present = [v for v in values if v is not None]
+        return min(present) if present else None
+
+    return RequestTimes(
+        arrival=user.arrival,
+        first_scheduled=first(t.first_scheduled for t in times),
+        first_token=first(t.first_token for t in times),
+        last_token=max((t.last_token for t in times if t.last_token is not None), default=None),
+        finished=max(t.finished for t in times) if user.finished else None,
+    )
