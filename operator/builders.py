@@ -1,0 +1,280 @@
+"""Pure builders: InferenceService -> the child objects it reconciles into (plain dicts).
+
+No client calls, no globals: each function maps a parsed InferenceService to one object.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvpilot.operator.labels import (
+    SERVICE_PORT,
+    child_metadata,
+    common_labels,
+    selector_labels,
+    with_spec_hash,
+)
+from kvpilot.operator.models import InferenceService
+from kvpilot.serving.contract import (
+    DEFAULT_PORT,
+    HEALTH_PATH,
+    METRICS_PATH,
+    PORT_NAME,
+    READY_PATH,
+    SERVE_FLAGS,
+)
+
+MODEL_DIR = "/mnt/models"
+CONTAINER_NAME = "server"
+PRESTOP_SLEEP_SECONDS = 5  # endpoints controllers and proxies stop sending before the drain starts
+DRAIN_SECONDS = 30  # `kvpilot serve --shutdown-timeout`: in-flight requests finish
+TERMINATION_GRACE_SECONDS = PRESTOP_SLEEP_SECONDS + DRAIN_SECONDS + 10
+STARTUP_PROBE_PERIOD_SECONDS = 10
+STARTUP_PROBE_FAILURES = 180  # 30 minutes for download + load + warm-up before liveness starts
+PROGRESS_DEADLINE_SECONDS = 2400
+RUN_AS_USER = 1000
+AWS_CLI_IMAGE = "public.ecr.aws/aws-cli/aws-cli:2.22.35"
+GCLOUD_IMAGE = "gcr.io/google.com/cloudsdktool/google-cloud-cli:502.0.0-slim"
+
+
+def service_url(isvc: InferenceService) -> str:
+    return f"http://{isvc.metadata.name}.{isvc.metadata.namespace}.svc.cluster.local"
+
+
+def serve_args(isvc: InferenceService, model_path: str) -> list[str]:
+    """`kvpilot serve` arguments derived from the spec; flag names come from the shared contract."""
+    engine = isvc.spec.engine
+    args = [
+        SERVE_FLAGS["model"], model_path,
+        SERVE_FLAGS["served_model_name"], isvc.spec.model.name,
+        SERVE_FLAGS["host"], "0.0.0.0",
+        SERVE_FLAGS["port"], str(DEFAULT_PORT),
+        SERVE_FLAGS["quantization"], engine.quantization,
+        SERVE_FLAGS["kv_cache_dtype"], engine.kv_cache_dtype,
+        SERVE_FLAGS["shutdown_timeout"], str(DRAIN_SECONDS),
+    ]  # fmt: skip
+    optional = {
+        "max_model_len": engine.max_model_len,
+        "max_num_seqs": engine.max_num_seqs,
+        "max_num_batched_tokens": engine.max_num_batched_tokens,
+        "tensor_parallel_size": engine.tensor_parallel_size if engine.tensor_parallel_size > 1 else None,
+    }
+    for setting, value in optional.items():
+        if value is not None:
+            args += [SERVE_FLAGS[setting], str(value)]
+    args.append(
+        SERVE_FLAGS["enable_prefix_caching" if engine.enable_prefix_caching else "disable_prefix_caching"]
+    )
+    return args + list(engine.extra_args)
+
+
+def _security_context() -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _env(isvc: InferenceService) -> list[dict[str, Any]]:
+    base = [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HOME", "value": "/tmp/hf-home"}]
+    return base + [env.model_dump(by_alias=True, exclude_none=True) for env in isvc.spec.env]
+
+
+def _model_source(isvc: InferenceService) -> tuple[dict[str, Any], str, list[dict[str, Any]]]:
+    """(model volume, model path in the server container, init containers) for spec.model.uri."""
+    uri = isvc.spec.model.uri
+    scheme, _, rest = uri.partition("://")
+    if scheme == "pvc":
+        claim, _, path = rest.partition("/")
+        volume = {"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        return volume, f"{MODEL_DIR}/{path}".rstrip("/"), []
+    if scheme == "oci":
+        return {"name": "model", "image": {"reference": rest, "pullPolicy": "IfNotPresent"}}, MODEL_DIR, []
+    if scheme == "hf":
+        repo, _, revision = rest.partition("@")
+        revision = isvc.spec.model.revision or revision or "main"
+        image, command = (
+            isvc.spec.image,
+            ["hf", "download", repo, "--revision", revision, "--local-dir", MODEL_DIR],
+        )
+    elif scheme == "s3":
+        image, command = AWS_CLI_IMAGE, ["aws", "s3", "sync", uri, MODEL_DIR]
+    else:  # gs
+        image, command = GCLOUD_IMAGE, ["gcloud", "storage", "rsync", "--recursive", uri, MODEL_DIR]
+    download = {
+        "name": "model-download",
+        "image": image,
+        "command": command,
+        "env": [*_env(isvc), {"name": "CLOUDSDK_CONFIG", "value": "/tmp/gcloud"}],
+        "volumeMounts": [{"name": "model", "mountPath": MODEL_DIR}, {"name": "tmp", "mountPath": "/tmp"}],
+        "securityContext": _security_context(),
+    }
+    return {"name": "model", "emptyDir": {}}, MODEL_DIR, [download]
+
+
+def _resources(isvc: InferenceService) -> dict[str, Any]:
+    spec = isvc.spec.resources
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    if spec.cpu is not None:
+        requests["cpu"] = spec.cpu
+    if spec.memory is not None:
+        requests["memory"] = limits["memory"] = spec.memory
+    if spec.gpu.count:
+        limits[spec.gpu.resource_name] = str(spec.gpu.count)
+    return {k: v for k, v in {"requests": requests, "limits": limits}.items() if v}
+
+
+def _http_probe(path: str, period: int, failures: int, timeout: int) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": PORT_NAME},
+        "periodSeconds": period,
+        "failureThreshold": failures,
+        "timeoutSeconds": timeout,
+    }
+
+
+def service_account_name(isvc: InferenceService) -> str | None:
+    spec = isvc.spec
+    if spec.create_service_account:
+        return spec.service_account_name or isvc.metadata.name
+    return spec.service_account_name
+
+
+def _pod_spec(isvc: InferenceService) -> dict[str, Any]:
+    spec = isvc.spec
+    model_volume, model_path, init_containers = _model_source(isvc)
+    model_mount = {"name": "model", "mountPath": MODEL_DIR}
+    if "emptyDir" not in model_volume:
+        model_mount["readOnly"] = True
+    container = {
+        "name": CONTAINER_NAME,
+        "image": spec.image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["kvpilot", "serve"],
+        "args": serve_args(isvc, model_path),
+        "ports": [{"name": PORT_NAME, "containerPort": DEFAULT_PORT, "protocol": "TCP"}],
+        "env": _env(isvc),
+        "resources": _resources(isvc),
+        "volumeMounts": [
+            model_mount,
+            {"name": "dshm", "mountPath": "/dev/shm"},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+        "readinessProbe": _http_probe(READY_PATH, period=5, failures=3, timeout=2),
+        "livenessProbe": _http_probe(HEALTH_PATH, period=10, failures=6, timeout=5),
+        "startupProbe": _http_probe(
+            HEALTH_PATH, period=STARTUP_PROBE_PERIOD_SECONDS, failures=STARTUP_PROBE_FAILURES, timeout=5
+        ),
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRESTOP_SLEEP_SECONDS)]}}},
+        "securityContext": _security_context(),
+    }
+    pod: dict[str, Any] = {
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS_USER,
+            "runAsGroup": RUN_AS_USER,
+            "fsGroup": RUN_AS_USER,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": [
+            model_volume,
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.shared_memory}},
+            {"name": "tmp", "emptyDir": {}},
+        ],
+    }
+    if init_containers:
+        pod["initContainers"] = init_containers
+    account = service_account_name(isvc)
+    scheduling = spec.scheduling
+    optional = {
+        "serviceAccountName": account,
+        "imagePullSecrets": [ref.model_dump(by_alias=True) for ref in spec.image_pull_secrets],
+        "nodeSelector": dict(scheduling.node_selector),
+        "tolerations": [t.model_dump(by_alias=True, exclude_none=True) for t in scheduling.tolerations],
+        "affinity": scheduling.affinity,
+        "priorityClassName": scheduling.priority_class_name,
+        "runtimeClassName": scheduling.runtime_class_name,
+    }
+    pod.update({k: v for k, v in optional.items() if v})
+    return pod
+
+
+def build_deployment(isvc: InferenceService) -> dict[str, Any]:
+    annotations = {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(DEFAULT_PORT),
+        "prometheus.io/path": METRICS_PATH,
+        **isvc.spec.pod_annotations,
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": child_metadata(isvc),
+        "spec": {
+            "replicas": isvc.spec.effective_replicas,
+            "selector": {"matchLabels": selector_labels(isvc)},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "revisionHistoryLimit": 5,
+            "progressDeadlineSeconds": PROGRESS_DEADLINE_SECONDS,
+            "template": {
+                "metadata": {
+                    "labels": {**isvc.spec.pod_labels, **common_labels(isvc)},
+                    "annotations": annotations,
+                },
+                "spec": _pod_spec(isvc),
+            },
+        },
+    }
+
+
+def build_service(isvc: InferenceService) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": child_metadata(isvc),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_labels(isvc),
+            "ports": [{"name": PORT_NAME, "port": SERVICE_PORT, "targetPort": PORT_NAME, "protocol": "TCP"}],
+        },
+    }
+
+
+def build_pod_disruption_budget(isvc: InferenceService) -> dict[str, Any]:
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": child_metadata(isvc),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(isvc)}},
+    }
+
+
+def build_service_account(isvc: InferenceService) -> dict[str, Any]:
+    metadata = child_metadata(isvc, name=service_account_name(isvc))
+    if isvc.spec.service_account_annotations:
+        metadata["annotations"] = dict(isvc.spec.service_account_annotations)
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": metadata,
+        "automountServiceAccountToken": False,
+    }
+
+
+def build_children(isvc: InferenceService) -> list[dict[str, Any]]:
+    """Every object the InferenceService should own, each stamped with its spec hash."""
+    children = []
+    if isvc.spec.create_service_account:
+        children.append(build_service_account(isvc))
+    children += [build_deployment(isvc), build_service(isvc)]
+    if isvc.spec.effective_replicas > 1:
+        children.append(build_pod_disruption_budget(isvc))
+    return [with_spec_hash(child) for child in children]

@@ -1,0 +1,94 @@
+"""`kvpilot crd`, `kvpilot render -f isvc.yaml` and `kvpilot operator`.
+
+`add_parsers(subparsers)` is wired into the `kvpilot` console script; `main()` runs the same
+commands standalone (`python -m kvpilot.operator.cli ...`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+
+def _crd(args: argparse.Namespace) -> int:
+    from kvpilot.operator.crd import render_crd
+
+    text = render_crd()
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _render(args: argparse.Namespace) -> int:
+    from kvpilot.operator.builders import build_children
+    from kvpilot.operator.models import API_VERSION, KIND, InferenceService
+    from kvpilot.operator.reconciler import describe_validation_error
+
+    text = sys.stdin.read() if args.filename == "-" else Path(args.filename).read_text()
+    rendered = []
+    for body in yaml.safe_load_all(text):
+        if not body:
+            continue
+        if (body.get("apiVersion"), body.get("kind")) != (API_VERSION, KIND):
+            print(f"error: expected apiVersion {API_VERSION}, kind {KIND}", file=sys.stderr)
+            return 2
+        try:
+            isvc = InferenceService.from_body(body)
+        except ValidationError as exc:
+            name = (body.get("metadata") or {}).get("name", "?")
+            print(f"error: InferenceService {name}: {describe_validation_error(exc)}", file=sys.stderr)
+            return 2
+        rendered += build_children(isvc)
+    sys.stdout.write(yaml.safe_dump_all(rendered, sort_keys=False))
+    return 0
+
+
+def _operator(args: argparse.Namespace) -> int:
+    import kopf
+    import kvpilot.operator.handlers  # noqa: F401  (registers the handlers)
+
+    kopf.configure(verbose=args.verbose)
+    kopf.run(
+        standalone=True,
+        clusterwide=not args.namespace,
+        namespaces=args.namespace or (),
+        liveness_endpoint=args.liveness,
+    )
+    return 0
+
+
+def add_parsers(subparsers: argparse._SubParsersAction) -> None:
+    crd = subparsers.add_parser("crd", help="print the InferenceService CRD generated from the API models")
+    crd.add_argument("-o", "--output", help="write to this file instead of stdout")
+    crd.set_defaults(func=_crd)
+
+    render = subparsers.add_parser("render", help="print the objects the operator creates for a manifest")
+    render.add_argument("-f", "--filename", required=True, help="InferenceService manifest(s), '-' for stdin")
+    render.set_defaults(func=_render)
+
+    operator = subparsers.add_parser("operator", help="run the InferenceService operator (kopf)")
+    operator.add_argument(
+        "-n", "--namespace", action="append", help="watch only this namespace (repeatable; default: all)"
+    )
+    operator.add_argument(
+        "--liveness", default="http://0.0.0.0:8080/healthz", help="kopf liveness endpoint (empty: none)"
+    )
+    operator.add_argument("-v", "--verbose", action="store_true")
+    operator.set_defaults(func=_operator)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kvpilot")
+    add_parsers(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Thin kopf handlers: `kopf run -m kvpilot.operator.handlers` (or `kvpilot operator`).
+
+Every path ends in the same reconcile: the InferenceService's own create/update/resume, and
+changes of its Deployment or Service (readiness moving, drift, deletion). There is no
+finalizer: children carry ownerReferences and the garbage collector removes them, so
+deleting an InferenceService never waits for the operator.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from typing import Any
+
+import kopf
+from kvpilot.operator.executor import KubeClient, PermanentApiError, TransientError
+from kvpilot.operator.labels import MANAGER
+from kvpilot.operator.models import GROUP, KIND, PLURAL, VERSION
+from kvpilot.operator.reconciler import reconcile
+
+MAX_BACKOFF_SECONDS = 60
+CHILD_LABELS = {"app.kubernetes.io/managed-by": MANAGER}
+
+# One reconcile per InferenceService at a time: its own handler and its children's events
+# run in kopf's thread pool and would otherwise race to create the same child.
+_locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
+
+
+def backoff(retry: int) -> float:
+    return float(min(2**retry, MAX_BACKOFF_SECONDS))
+
+
+def _client(memo: kopf.Memo) -> KubeClient:
+    # Built lazily: kopf logs in (and configures the kubernetes client) after startup handlers.
+    if "client" not in memo:
+        memo["client"] = KubeClient()
+    return memo["client"]
+
+
+def _reconcile_and_report(body: dict[str, Any], memo: kopf.Memo) -> None:
+    metadata = body["metadata"]
+    with _locks[metadata["namespace"], metadata["name"]]:
+        outcome = reconcile(body, _client(memo))
+    if outcome.error is not None:
+        if outcome.status_written:
+            kopf.warn(body, reason="InvalidSpec", message=outcome.error)
+        raise kopf.PermanentError(outcome.error)
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    settings.posting.level = 30  # logging.WARNING: post Warning events only, not every success
+    settings.watching.server_timeout = 600
+    settings.execution.max_workers = 8
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL)
+def reconcile_inference_service(body: kopf.Body, retry: int, memo: kopf.Memo, **_: Any) -> None:
+    try:
+        _reconcile_and_report(dict(body), memo)
+    except TransientError as exc:
+        raise kopf.TemporaryError(str(exc), delay=backoff(retry)) from exc
+    except PermanentApiError as exc:
+        raise kopf.PermanentError(str(exc)) from exc
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=CHILD_LABELS)
+@kopf.on.event("", "v1", "services", labels=CHILD_LABELS)
+def child_changed(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+    """A child moved (readiness, drift, deletion): reconcile its InferenceService again."""
+    owner = next(
+        (
+            ref
+            for ref in body.metadata.get("ownerReferences") or []
+            if ref.get("kind") == KIND and ref.get("controller")
+        ),
+        None,
+    )
+    if owner is None:
+        return
+    try:
+        parent = _client(memo).get_inference_service(body.metadata.namespace, owner["name"])
+        if parent is None or parent["metadata"].get("uid") != owner.get("uid"):
+            return  # the owner is gone; the garbage collector takes the child
+        if parent["metadata"].get("deletionTimestamp"):
+            return
+        _reconcile_and_report(parent, memo)
+    except (TransientError, PermanentApiError, kopf.PermanentError) as exc:
+        # The InferenceService's own handler retries with backoff; the next child event retries too.
+        logger.warning(f"reconcile of {owner['name']} after a {body.kind} change failed: {exc}")

@@ -1,0 +1,80 @@
+"""Names, labels, owner references and the spec hash shared by the builders and the planner."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from kvpilot.operator.models import API_VERSION, GROUP, KIND, InferenceService
+
+APP_NAME = "kvpilot"
+MANAGER = "kvpilot-operator"  # app.kubernetes.io/managed-by and the server-side-apply field manager
+COMPONENT = "inference-server"
+SPEC_HASH_ANNOTATION = f"{GROUP}/spec-hash"
+SERVICE_PORT = 80
+
+
+def selector_labels(isvc: InferenceService) -> dict[str, str]:
+    """The immutable pod selector: only what identifies the InferenceService."""
+    return {"app.kubernetes.io/name": APP_NAME, "app.kubernetes.io/instance": isvc.metadata.name}
+
+
+def common_labels(isvc: InferenceService) -> dict[str, str]:
+    return {
+        **selector_labels(isvc),
+        "app.kubernetes.io/component": COMPONENT,
+        "app.kubernetes.io/managed-by": MANAGER,
+    }
+
+
+def selector_string(isvc: InferenceService) -> str:
+    """status.selector, the form the scale subresource expects."""
+    return ",".join(f"{k}={v}" for k, v in selector_labels(isvc).items())
+
+
+def owner_reference(isvc: InferenceService) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": isvc.metadata.name,
+        "uid": isvc.metadata.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def child_metadata(isvc: InferenceService, name: str | None = None) -> dict[str, Any]:
+    """Metadata of a child; without a uid (e.g. `kvpilot render`) there is no owner reference."""
+    metadata: dict[str, Any] = {
+        "name": name or isvc.metadata.name,
+        "namespace": isvc.metadata.namespace,
+        "labels": common_labels(isvc),
+    }
+    if isvc.metadata.uid:
+        metadata["ownerReferences"] = [owner_reference(isvc)]
+    return metadata
+
+
+def spec_hash(obj: dict[str, Any]) -> str:
+    """A stable hash of a desired object (ignoring a hash already stamped on it)."""
+    stripped = json.loads(json.dumps(obj))
+    stripped.get("metadata", {}).get("annotations", {}).pop(SPEC_HASH_ANNOTATION, None)
+    return hashlib.sha256(json.dumps(stripped, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def with_spec_hash(obj: dict[str, Any]) -> dict[str, Any]:
+    digest = spec_hash(obj)
+    metadata = obj["metadata"]
+    return {
+        **obj,
+        "metadata": {
+            **metadata,
+            "annotations": {**metadata.get("annotations", {}), SPEC_HASH_ANNOTATION: digest},
+        },
+    }
+
+
+def is_owned_by(obj: dict[str, Any], uid: str) -> bool:
+    refs = obj.get("metadata", {}).get("ownerReferences") or []
+    return any(ref.get("uid") == uid and ref.get("controller") for ref in refs)

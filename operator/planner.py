@@ -1,0 +1,103 @@
+"""The pure planner: desired children vs observed children -> what to create, update and delete.
+
+A child needs an update when its spec hash changed (the InferenceService changed) or when a
+field the operator owns drifted (someone edited it). Owned fields are exactly the fields of
+the desired object; anything else on the observed object (server defaults, fields other
+controllers or people set) is left alone. Values the API server canonicalises (resource
+quantities) are compared by value, so a reconcile of an unchanged spec never writes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from kvpilot.operator.labels import SPEC_HASH_ANNOTATION
+
+ChildKey = tuple[str, str]  # (kind, name)
+
+_SUFFIXES = {
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+    "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"), "": 1,
+    "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
+}  # fmt: skip
+_QUANTITY_KEYS = {"requests", "limits"}  # maps whose values are resource.Quantity
+_QUANTITY_FIELDS = {"sizeLimit"}
+
+
+@dataclass(frozen=True)
+class Plan:
+    create: list[dict[str, Any]] = field(default_factory=list)
+    update: list[dict[str, Any]] = field(default_factory=list)  # desired objects to apply
+    delete: list[dict[str, Any]] = field(default_factory=list)  # observed objects to remove
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.create or self.update or self.delete)
+
+
+def key_of(obj: dict[str, Any]) -> ChildKey:
+    return obj["kind"], obj["metadata"]["name"]
+
+
+def parse_quantity(value: Any) -> Decimal | None:
+    text = str(value)
+    for suffix in sorted(_SUFFIXES, key=len, reverse=True):
+        if suffix and text.endswith(suffix):
+            number, multiplier = text[: -len(suffix)], _SUFFIXES[suffix]
+            break
+    else:
+        number, multiplier = text, 1
+    try:
+        return Decimal(number) * Decimal(multiplier)
+    except InvalidOperation:
+        return None
+
+
+def _same_quantity(desired: Any, observed: Any) -> bool:
+    want, have = parse_quantity(desired), parse_quantity(observed)
+    return want is not None and want == have
+
+
+def drifted_fields(desired: Any, observed: Any, path: str = "", quantity: bool = False) -> list[str]:
+    """Dotted paths where observed differs from desired, looking only at desired's fields."""
+    if isinstance(desired, dict):
+        if not isinstance(observed, dict):
+            return [path or "."]
+        drifts: list[str] = []
+        for name, value in desired.items():
+            child_path = f"{path}.{name}" if path else name
+            child_quantity = quantity or name in _QUANTITY_KEYS or name in _QUANTITY_FIELDS
+            drifts += drifted_fields(value, observed.get(name), child_path, child_quantity)
+        return drifts
+    if isinstance(desired, list):
+        if not isinstance(observed, list) or len(observed) != len(desired):
+            return [path]
+        drifts = []
+        for index, (want, have) in enumerate(zip(desired, observed, strict=True)):
+            drifts += drifted_fields(want, have, f"{path}[{index}]", quantity)
+        return drifts
+    if desired == observed or (quantity and _same_quantity(desired, observed)):
+        return []
+    return [path]
+
+
+def needs_update(desired: dict[str, Any], observed: dict[str, Any]) -> bool:
+    want = desired["metadata"].get("annotations", {}).get(SPEC_HASH_ANNOTATION)
+    have = (observed.get("metadata", {}).get("annotations") or {}).get(SPEC_HASH_ANNOTATION)
+    return want != have or bool(drifted_fields(desired, observed))
+
+
+def plan(desired: list[dict[str, Any]], observed: list[dict[str, Any]]) -> Plan:
+    """Compare by (kind, name); observed must already be filtered to this owner's children."""
+    observed_by_key = {key_of(obj): obj for obj in observed}
+    desired_keys = {key_of(obj) for obj in desired}
+    create = [obj for obj in desired if key_of(obj) not in observed_by_key]
+    update = [
+        obj
+        for obj in desired
+        if key_of(obj) in observed_by_key and needs_update(obj, observed_by_key[key_of(obj)])
+    ]
+    delete = [obj for key, obj in observed_by_key.items() if key not in desired_keys]
+    return Plan(create=create, update=update, delete=delete)

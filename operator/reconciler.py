@@ -1,0 +1,62 @@
+"""One reconcile of one InferenceService: parse, build, plan, execute, report status."""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from typing import Any
+
+from kvpilot.operator.builders import build_children
+from kvpilot.operator.executor import KubeClient
+from kvpilot.operator.models import InferenceService
+from kvpilot.operator.planner import Plan, plan
+from kvpilot.operator.status import compute_status, invalid_spec_status, status_changed
+from pydantic import ValidationError
+
+
+@dataclass(frozen=True)
+class Outcome:
+    plan: Plan
+    status: dict[str, Any]
+    status_written: bool
+    error: str | None = None  # the invalid-spec message, naming the field
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """`spec.engine.tensorParallelSize: ...` for each problem (camelCase paths, as in the manifest)."""
+    parts = []
+    for problem in error.errors():
+        path = ".".join(str(p) for p in problem["loc"])
+        message = problem["msg"].removeprefix("Value error, ")
+        parts.append(message if message.startswith(f"{path}.") or not path else f"{path}: {message}")
+    return "; ".join(parts)
+
+
+def now_rfc3339() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def reconcile(body: dict[str, Any], client: KubeClient, now: str | None = None) -> Outcome:
+    now = now or now_rfc3339()
+    metadata = body.get("metadata", {})
+    previous = body.get("status") or {}
+    try:
+        isvc = InferenceService.from_body(body)
+    except ValidationError as exc:
+        error = describe_validation_error(exc)
+        status = invalid_spec_status(metadata.get("generation"), error, previous, now)
+        changed = status_changed(status, previous)
+        if changed:
+            client.patch_status(metadata["namespace"], metadata["name"], status)
+        return Outcome(plan=Plan(), status=status, status_written=changed, error=error)
+
+    observed = client.read_children(isvc)
+    the_plan = plan(build_children(isvc), observed)
+    written = client.execute(the_plan)
+    deployments = {obj["metadata"]["name"]: obj for obj in observed if obj["kind"] == "Deployment"}
+    deployment = written.get(("Deployment", isvc.metadata.name)) or deployments.get(isvc.metadata.name)
+    status = compute_status(isvc, deployment, previous, now)
+    changed = status_changed(status, previous)
+    if changed:
+        client.patch_status(isvc.metadata.namespace, isvc.metadata.name, status)
+    return Outcome(plan=the_plan, status=status, status_written=changed)
