@@ -46,7 +46,7 @@ def load_model(path: str | Path, dtype: str = "float32", quantization: str = "no
 
 
 def _read_checkpoint_dir(path: Path, dtype: str, quantizer: WeightQuantizer):
-    tensors = hf.tensor_loaders(path)
+    tensors = hf.tensor_refs(path)
     config = hf.model_config(path, dtype, has_lm_head="lm_head.weight" in tensors)
     tokenizer = hf.load_tokenizer(path)
     chat_template = getattr(tokenizer, "chat_template", None)

@@ -11,7 +11,7 @@ import gguf
 import torch
 from kvpilot.kernels.quant.loading import WeightQuantizer
 from kvpilot.serving.loader.errors import CheckpointError
-from kvpilot.serving.loader.weights import WeightBuilder
+from kvpilot.serving.loader.weights import TensorRef, WeightBuilder
 from kvpilot.serving.models.config import ARCHITECTURES, ModelConfig
 
 # GGUF general.architecture -> the architecture it loads as.
@@ -105,7 +105,7 @@ def gguf_weights(reader: gguf.GGUFReader, path: Path, config: ModelConfig, quant
     }
     for i in range(config.num_hidden_layers):
         names |= {f"model.layers.{i}.{hf}": f"blk.{i}.{name}" for hf, name in LAYER_TENSORS.items()}
-    tensors = {hf: _getter(by_gguf_name[name]) for hf, name in names.items() if name in by_gguf_name}
+    tensors = {hf: _ref(path, by_gguf_name[name]) for hf, name in names.items() if name in by_gguf_name}
     q_rows = rotary_row_order(config.num_attention_heads, config.head_dim)
     k_rows = rotary_row_order(config.num_key_value_heads, config.head_dim)
     permutations = {}
@@ -123,8 +123,8 @@ def rotary_row_order(num_heads: int, head_dim: int) -> torch.Tensor:
     return torch.arange(num_heads * head_dim).reshape(num_heads, head_dim // 2, 2).transpose(1, 2).reshape(-1)
 
 
-def _getter(tensor: gguf.ReaderTensor):
-    return lambda: tensor
+def _ref(path: Path, tensor: gguf.ReaderTensor) -> TensorRef:
+    return TensorRef(path, lambda: tensor)
 
 
 def load_gguf_tokenizer(path: Path):

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from kvpilot.serving.loader.errors import CheckpointError
+from kvpilot.serving.loader.weights import TensorRef
 from kvpilot.serving.models.config import ARCHITECTURES, ModelConfig
 from kvpilot.serving.models.layers import RopeScaling
 from safetensors import safe_open
@@ -125,8 +126,8 @@ def safetensors_files(directory: Path) -> dict[str, Path]:
     return names
 
 
-def tensor_loaders(directory: Path) -> dict:
-    """Tensor name -> a function reading it (each shard is opened once)."""
+def tensor_refs(directory: Path) -> dict[str, TensorRef]:
+    """Tensor name -> where it is and how to read it (each shard is opened once)."""
     handles = {}
 
     def loader(name: str, file: Path):
@@ -138,7 +139,7 @@ def tensor_loaders(directory: Path) -> dict:
             except Exception as exc:  # safetensors raises its own error types
                 raise CheckpointError(file, f"cannot read tensor {name!r} ({exc})") from None
 
-        return load
+        return TensorRef(file, load)
 
     return {name: loader(name, file) for name, file in safetensors_files(directory).items()}
 

@@ -6,6 +6,8 @@ vector), and `WeightQuantizer` decides the format for the configured quantizatio
 """
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from kvpilot.kernels.quant.loading import Source, WeightQuantizer, permute_rows
@@ -13,11 +15,17 @@ from kvpilot.serving.loader.errors import CheckpointError
 from kvpilot.serving.models.layers import Weight
 
 
+@dataclass(frozen=True)
+class TensorRef:
+    file: Path  # where the tensor is stored, for error messages
+    load: Callable[[], Source]
+
+
 class WeightBuilder:
     def __init__(
         self,
         file: object,
-        tensors: Mapping[str, Callable[[], Source]],
+        tensors: Mapping[str, TensorRef],
         quantizer: WeightQuantizer,
         row_permutations: Mapping[str, torch.Tensor] | None = None,
     ):
@@ -39,12 +47,13 @@ class WeightBuilder:
     def _source(self, name: str, shape: tuple[int, ...]) -> Source:
         if name not in self.tensors:
             raise CheckpointError(self.file, f"missing tensor {name!r}")
-        source = self.tensors[name]()
+        ref = self.tensors[name]
+        source = ref.load()
         # GGUF lists dimensions innermost first; torch outermost first.
         dims = source.shape if isinstance(source, torch.Tensor) else reversed(source.shape)
         actual = [int(n) for n in dims]
         if actual != list(shape):
-            raise CheckpointError(self.file, f"tensor {name!r} has shape {actual}, expected {list(shape)}")
+            raise CheckpointError(ref.file, f"tensor {name!r} has shape {actual}, expected {list(shape)}")
         return source
 
     def _permuted(self, name: str, weight: Weight) -> Weight:
