@@ -23,7 +23,7 @@ from kvpilot.serving.stats import EngineStats
 
 
 @dataclass
-class _UserRequest:
+class UserRequest:
     """What the caller submitted: one prompt, n sequences."""
 
     request_id: str
@@ -60,7 +60,7 @@ class LLMEngine:
             runner.eos_token_ids,
         )
         self.sampler = Sampler(runner.eos_token_ids, torch.Generator().manual_seed(config.seed))
-        self._requests: dict[str, _UserRequest] = {}
+        self._requests: dict[str, UserRequest] = {}
 
     # Requests in and out
 
@@ -72,13 +72,24 @@ class LLMEngine:
         arrival: float | None = None,
     ) -> None:
         """Validate and queue a request; bad input raises ValueError naming the problem."""
+        self.add_processed_request(self.process_request(request_id, prompt, params, arrival))
+
+    def process_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        arrival: float | None = None,
+    ) -> UserRequest:
+        """Tokenize and validate without touching engine state (so `AsyncLLM` can do it on the
+        event loop and report errors at once)."""
         params = params or SamplingParams()
-        if request_id in self._requests:
-            raise ValueError(f"request_id: {request_id!r} is already in the engine")
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError("request_id: must be a non-empty string")
         prompt_text, prompt_token_ids = self._tokenize(prompt)
         max_tokens = self._resolve_max_tokens(len(prompt_token_ids), params)
         self._validate_params(params)
-        user = _UserRequest(request_id, prompt_text, prompt_token_ids, arrival or time.monotonic())
+        user = UserRequest(request_id, prompt_text, prompt_token_ids, arrival or time.monotonic())
         for index in range(params.n):
             generator = None
             if params.seed is not None:
@@ -95,7 +106,12 @@ class LLMEngine:
             )
             user.sequences.append(sequence)
             user.detokenizers.append(IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params))
-        self._requests[request_id] = user
+        return user
+
+    def add_processed_request(self, user: UserRequest) -> None:
+        if user.request_id in self._requests:
+            raise ValueError(f"request_id: {user.request_id!r} is already in the engine")
+        self._requests[user.request_id] = user
         for sequence in user.sequences:
             self.scheduler.add_request(sequence)
 
@@ -156,7 +172,7 @@ class LLMEngine:
         sampled: SamplerOutput = self.sampler(logits, sequences)
         updated = self.scheduler.update_from_output(scheduler_output, sampled.token_ids)
         logprobs = {s.request_id: lp for s, lp in zip(sequences, sampled.logprobs, strict=True)}
-        touched: dict[str, _UserRequest] = {}
+        touched: dict[str, UserRequest] = {}
         for sequence in updated:
             if logprobs[sequence.request_id] is not None:
                 sequence.output_logprobs.append(logprobs[sequence.request_id])
@@ -170,7 +186,7 @@ class LLMEngine:
             touched[user.request_id] = user
         return [self._make_output(user) for user in touched.values()]
 
-    def _make_output(self, user: _UserRequest) -> RequestOutput:
+    def _make_output(self, user: UserRequest) -> RequestOutput:
         finished = user.finished
         if finished:
             del self._requests[user.request_id]
@@ -252,7 +268,7 @@ class LLMEngine:
             raise ValueError("stop: stop strings need a tokenizer; this model has none (use stop_token_ids)")
 
 
-def _merge_times(user: _UserRequest) -> RequestTimes:
+def _merge_times(user: UserRequest) -> RequestTimes:
     """One request's times; for n > 1 the earliest start and the latest end of its sequences."""
     times = [s.times for s in user.sequences]
     if len(times) == 1:

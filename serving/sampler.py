@@ -34,14 +34,14 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, requests: Sequence[Request]) -> SamplerOutput:
         """logits: float32 [len(requests), vocab_size], row i belongs to requests[i]."""
         raw_logits = logits
-        logits = self._process_logits(logits, requests)
+        logits = self.process_logits(logits, requests)
         if all(r.sampling_params.is_greedy for r in requests):  # fast path: no randomness at all
             token_ids = logits.argmax(dim=-1).tolist()
         else:
             token_ids = self._sample(logits, requests)
         return SamplerOutput(token_ids, self._logprobs(raw_logits, requests, token_ids))
 
-    def _process_logits(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+    def process_logits(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
         """Penalties, logit_bias and the min_tokens mask; the input tensor is never modified."""
         penalized = [i for i, r in enumerate(requests) if _has_penalties(r)]
         biased = [i for i, r in enumerate(requests) if r.sampling_params.logit_bias]
