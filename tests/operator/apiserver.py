@@ -1,0 +1,270 @@
+"""Test support: kmock's KubernetesEmulator made close enough to a kube-apiserver for kopf.
+
+kmock 0.8 gaps filled here (test code only, never product code):
+- no uid/resourceVersion/generation/creationTimestamp, no generateName;
+- a failed JSON-patch `test` answers 500 (a real server: 422 Unprocessable Entity);
+- no ownerReference cascade (garbage collection) on delete;
+- label selectors are ignored on lists;
+- discovery must list v1/namespaces and the CRD resource, or kopf waits silently.
+The server runs in its own thread and event loop so the operator (KopfRunner's thread) and
+the synchronous test talk to it over real HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import datetime
+import itertools
+import socket
+import threading
+import uuid
+from typing import Any
+
+import attrs
+import httpx
+import jsonpatch
+import kmock
+from kmock._internal import dicts as kmock_dicts  # kmock's own merge-patch semantics
+
+RESOURCES = {
+    "kvpilot.dev/v1alpha1/inferenceservices": kmock.ResourceInfo(
+        kind="InferenceService",
+        namespaced=True,
+        shortnames={"isvc"},
+        verbs={"get", "list", "watch", "create", "patch", "delete"},
+        subresources={"status", "scale"},
+    ),
+    "apps/v1/deployments": kmock.ResourceInfo(
+        kind="Deployment",
+        namespaced=True,
+        verbs={"get", "list", "watch", "create", "patch", "delete"},
+        subresources={"status", "scale"},
+    ),
+    "v1/services": kmock.ResourceInfo(
+        kind="Service", namespaced=True, verbs={"get", "list", "watch", "create", "patch", "delete"}
+    ),
+    "v1/serviceaccounts": kmock.ResourceInfo(
+        kind="ServiceAccount", namespaced=True, verbs={"get", "list", "watch", "create", "patch", "delete"}
+    ),
+    "policy/v1/poddisruptionbudgets": kmock.ResourceInfo(
+        kind="PodDisruptionBudget",
+        namespaced=True,
+        verbs={"get", "list", "watch", "create", "patch", "delete"},
+    ),
+    "v1/events": kmock.ResourceInfo(kind="Event", namespaced=True, verbs={"create", "list"}),
+    "v1/namespaces": kmock.ResourceInfo(kind="Namespace", namespaced=False, verbs={"get", "list", "watch"}),
+    "apiextensions.k8s.io/v1/customresourcedefinitions": kmock.ResourceInfo(
+        kind="CustomResourceDefinition", namespaced=False, verbs={"get", "list", "watch"}
+    ),
+}
+WRITE_METHODS = {"POST", "PATCH", "PUT", "DELETE"}
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _matches_selector(obj: dict[str, Any], selector: str) -> bool:
+    labels = obj.get("metadata", {}).get("labels") or {}
+    for term in filter(None, selector.split(",")):
+        key, _, value = term.partition("=")
+        if labels.get(key) != value:
+            return False
+    return True
+
+
+@attrs.define(kw_only=True)
+class ApiServer(kmock.KubernetesEmulator):
+    _versions: itertools.count = attrs.field(factory=lambda: itertools.count(1), init=False)
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        for name, info in RESOURCES.items():
+            self.resources[name] = info
+
+    def _find(self, request: kmock.Request) -> Any:
+        try:
+            obj = self.objects[request.resource, request.namespace, request.name]
+        except KeyError:
+            return None
+        return None if obj.deleted else obj
+
+    def _prepare(self, request: kmock.Request) -> None:
+        """Stamp server-owned metadata the way kube-apiserver does, before kmock stores it.
+
+        kmock's Request is frozen but its parsed body is a plain container: edit it in place.
+        """
+        if request.action == kmock.action.CREATE and isinstance(request.data, dict):
+            metadata = request.data.setdefault("metadata", {})
+            if not metadata.get("name") and metadata.get("generateName"):
+                metadata["name"] = metadata["generateName"] + uuid.uuid4().hex[:5]
+            if request.namespace and not metadata.get("namespace"):
+                metadata["namespace"] = request.namespace
+            metadata.update(
+                uid=str(uuid.uuid4()),
+                resourceVersion=str(next(self._versions)),
+                generation=1,
+                creationTimestamp=_now(),
+            )
+            return
+        if request.action == kmock.action.UPDATE and request.name is not None:
+            current = self._find(request)
+            if current is None:
+                return  # kmock answers 404
+            before = copy.deepcopy(current.raw)
+            patch = request.data
+            if isinstance(patch, list):
+                try:
+                    after = jsonpatch.apply_patch(before, patch, in_place=False)
+                except (jsonpatch.JsonPatchTestFailed, jsonpatch.JsonPatchConflict) as exc:
+                    raise kmock.KubernetesError(status=422, reason="Invalid", message=str(exc)) from exc
+            else:
+                after = kmock_dicts.patch_dict(before, patch or {})
+            generation = before["metadata"].get("generation") or 1
+            if {k: v for k, v in after.items() if k not in ("metadata", "status")} != {
+                k: v for k, v in before.items() if k not in ("metadata", "status")
+            }:
+                generation += 1
+            after["metadata"] = {
+                **after.get("metadata", {}),
+                "resourceVersion": str(next(self._versions)),
+                "generation": generation,
+            }
+            # Store the patched object as is (kmock would merge, keeping removed keys), then let
+            # kmock apply an empty patch so it still answers and streams the MODIFIED event.
+            current.history.append(kmock.ObjectVersion(after))
+            request.data.clear()
+
+    async def _handle(self, request: kmock.Request) -> Any:
+        if request.resource is None:
+            return await super()._handle(request)
+        deleted = None
+        if request.action == kmock.action.DELETE and request.name is not None:
+            deleted = self._find(request)
+            deleted = copy.deepcopy(deleted.raw) if deleted is not None else None
+        self._prepare(request)
+        response = await super()._handle(request)
+        if deleted is not None and self._find(request) is None:
+            await self._collect_garbage(deleted["metadata"].get("uid"))
+        return response
+
+    async def _collect_garbage(self, owner_uid: str | None) -> None:
+        """The garbage collector: delete (recursively) everything the deleted object owned."""
+        orphans = []
+        for (resource, namespace, name), obj in list(self.objects.items()):
+            if obj.deleted:
+                continue
+            refs = obj.raw.get("metadata", {}).get("ownerReferences") or []
+            if any(ref.get("uid") == owner_uid for ref in refs):
+                orphans.append((resource, namespace, name, obj))
+        for resource, _, _, obj in orphans:
+            uid = obj.raw["metadata"].get("uid")
+            raw = obj.raw
+            obj.delete()
+            await self._buses[resource].put({"type": "DELETED", "object": raw})
+            await self._collect_garbage(uid)
+
+    async def _serve_list(self, request: kmock.Request) -> Any:
+        listing = await super()._serve_list(request)
+        selector = request.params.get("labelSelector")
+        if selector:
+            listing["items"] = [obj for obj in listing["items"] if _matches_selector(obj, selector)]
+        listing["metadata"] = {"resourceVersion": str(next(self._versions))}
+        return listing
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ApiServerThread:
+    """Runs ApiServer on 127.0.0.1:port in a background thread with its own event loop."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.server: ApiServer | None = None
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, name="kmock", daemon=True)
+
+    def _run(self) -> None:
+        self._loop.run_until_complete(self._main())
+
+    async def _main(self) -> None:
+        self._stop = asyncio.Event()
+        async with ApiServer() as server, kmock.Server(server, port=self.port):
+            self.server = server
+            self._ready.set()
+            await self._stop.wait()
+
+    def start(self) -> None:
+        self._thread.start()
+        if not self._ready.wait(timeout=10):
+            raise RuntimeError("kmock did not start")
+
+    def stop(self) -> None:
+        assert self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout=10)
+
+    def requests(self, since: int = 0) -> list[str]:
+        """`METHOD path` of every request served so far (from index `since`)."""
+        assert self.server is not None
+        return [f"{r.method.value.upper()} {r.url.path}" for r in list(self.server)[since:]]
+
+    def writes(self, since: int = 0) -> list[str]:
+        return [r for r in self.requests(since) if r.split(" ", 1)[0] in WRITE_METHODS]
+
+    def request_count(self) -> int:
+        assert self.server is not None
+        return len(list(self.server))
+
+
+class Kubectl:
+    """A tiny synchronous API client for the test's side (what a user or a controller does)."""
+
+    def __init__(self, url: str) -> None:
+        self.http = httpx.Client(base_url=url, timeout=10)
+
+    @staticmethod
+    def path(api: str, plural: str, namespace: str, name: str | None = None, sub: str | None = None) -> str:
+        prefix = "/api/v1" if api == "v1" else f"/apis/{api}"
+        parts = [prefix, "namespaces", namespace, plural, name, sub]
+        return "/".join(p for p in parts if p)
+
+    def get(self, api: str, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+        response = self.http.get(self.path(api, plural, namespace, name))
+        if response.status_code == 404:
+            return None
+        response.raise_for_status()
+        return response.json()
+
+    def list(self, api: str, plural: str, namespace: str) -> list[dict[str, Any]]:
+        response = self.http.get(self.path(api, plural, namespace))
+        response.raise_for_status()
+        return response.json()["items"]
+
+    def create(self, api: str, plural: str, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        response = self.http.post(self.path(api, plural, namespace), json=body)
+        response.raise_for_status()
+        return response.json()
+
+    def patch(
+        self, api: str, plural: str, namespace: str, name: str, body: Any, sub: str | None = None
+    ) -> dict[str, Any]:
+        content_type = (
+            "application/json-patch+json" if isinstance(body, list) else "application/merge-patch+json"
+        )
+        response = self.http.patch(
+            self.path(api, plural, namespace, name, sub), json=body, headers={"Content-Type": content_type}
+        )
+        response.raise_for_status()
+        return response.json()
+
+    def delete(self, api: str, plural: str, namespace: str, name: str) -> None:
+        self.http.delete(self.path(api, plural, namespace, name)).raise_for_status()
