@@ -20,7 +20,7 @@ def _decode_kernel(
     k_scale_ptr,
     v_scale_ptr,
     block_tables_ptr,
-    context_lens_ptr,
+    seq_lens_ptr,
     out_ptr,
     sm_scale,
     stride_qs,
@@ -46,13 +46,13 @@ def _decode_kernel(
     offs_t = tl.arange(0, BLOCK_SIZE)
     d_mask = offs_d < head_dim
     q = tl.load(q_ptr + seq * stride_qs + head * stride_qh + offs_d, mask=d_mask, other=0.0).to(tl.float32)
-    context_len = tl.load(context_lens_ptr + seq)
+    seq_len = tl.load(seq_lens_ptr + seq)
     m_i = tl.full([], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([], dtype=tl.float32)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for j in range(0, tl.cdiv(context_len, BLOCK_SIZE)):
+    for j in range(0, tl.cdiv(seq_len, BLOCK_SIZE)):
         block = tl.load(block_tables_ptr + seq * stride_bt + j)
-        valid = j * BLOCK_SIZE + offs_t < context_len
+        valid = j * BLOCK_SIZE + offs_t < seq_len
         mask = valid[:, None] & d_mask[None, :]
         k = load_kv_tile(
             k_cache_ptr,
@@ -105,8 +105,8 @@ def _prefill_kernel(
     k_scale_ptr,
     v_scale_ptr,
     block_tables_ptr,
-    cu_query_lens_ptr,
-    context_lens_ptr,
+    query_start_loc_ptr,
+    seq_lens_ptr,
     out_ptr,
     sm_scale,
     stride_qt,
@@ -130,10 +130,10 @@ def _prefill_kernel(
     tile = tl.program_id(1)
     head = tl.program_id(2)
     kv_head = head // QUERIES_PER_KV
-    query_start = tl.load(cu_query_lens_ptr + seq)
-    query_len = tl.load(cu_query_lens_ptr + seq + 1) - query_start
-    context_len = tl.load(context_lens_ptr + seq)
-    first_pos = context_len - query_len  # absolute position of the chunk's first query
+    query_start = tl.load(query_start_loc_ptr + seq)
+    query_len = tl.load(query_start_loc_ptr + seq + 1) - query_start
+    seq_len = tl.load(seq_lens_ptr + seq)
+    first_pos = seq_len - query_len  # absolute position of the chunk's first query
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_t = tl.arange(0, BLOCK_SIZE)
@@ -145,11 +145,11 @@ def _prefill_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    last_key = tl.minimum(context_len, first_pos + (tile + 1) * BLOCK_M)  # causal: later keys are unused
+    last_key = tl.minimum(seq_len, first_pos + (tile + 1) * BLOCK_M)  # causal: later keys are unused
     for j in range(0, tl.cdiv(last_key, BLOCK_SIZE)):
         block = tl.load(block_tables_ptr + seq * stride_bt + j)
         k_pos = j * BLOCK_SIZE + offs_t
-        kv_mask = (k_pos < context_len)[:, None] & d_mask[None, :]
+        kv_mask = (k_pos < seq_len)[:, None] & d_mask[None, :]
         k = load_kv_tile(
             k_cache_ptr,
             k_scale_ptr,
@@ -181,7 +181,7 @@ def _prefill_kernel(
             KV_QUANT,
         )
         scores = tl.dot(q, tl.trans(k)) * sm_scale
-        causal = (k_pos[None, :] <= q_pos[:, None]) & (k_pos < context_len)[None, :]
+        causal = (k_pos[None, :] <= q_pos[:, None]) & (k_pos < seq_len)[None, :]
         scores = tl.where(causal, scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows past the chunk see no keys
@@ -200,17 +200,17 @@ def paged_attention_decode(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
+    seq_lens: torch.Tensor,
     scale: float,
     kv_cache_dtype: str = "auto",
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """query [num_seqs, num_heads, head_dim], one token per sequence at position context_lens - 1."""
+    """query [num_seqs, num_heads, head_dim], one token per sequence at position seq_lens - 1."""
     code, scales, out = _prepare(query, k_cache, v_cache, kv_cache_dtype, k_scale, v_scale)
     num_seqs, num_heads, head_dim = query.shape
     _decode_kernel[(num_seqs, num_heads)](
-        query, k_cache, v_cache, scales[0], scales[1], block_tables, context_lens, out, scale,
+        query, k_cache, v_cache, scales[0], scales[1], block_tables, seq_lens, out, scale,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), scales[0].stride(0), scales[0].stride(1),
         head_dim, QUERIES_PER_KV=num_heads // k_cache.shape[2], BLOCK_SIZE=k_cache.shape[1],
@@ -224,8 +224,8 @@ def paged_attention_prefill(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,
-    cu_query_lens: torch.Tensor,
-    context_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
     max_query_len: int,
     scale: float,
     kv_cache_dtype: str = "auto",
@@ -233,13 +233,13 @@ def paged_attention_prefill(
     v_scale: torch.Tensor | None = None,
     block_m: int = 16,
 ) -> torch.Tensor:
-    """query [total_tokens, num_heads, head_dim]: sequence s owns rows cu_query_lens[s]:[s + 1], the
-    last tokens of its context_lens[s] (prefill chunks and decodes may be mixed)."""
+    """query [total_tokens, num_heads, head_dim]: sequence s owns rows query_start_loc[s]:[s + 1], the
+    last of its seq_lens[s] tokens (prefill chunks and decodes may be mixed)."""
     code, scales, out = _prepare(query, k_cache, v_cache, kv_cache_dtype, k_scale, v_scale)
     num_heads, head_dim = query.shape[1:]
-    grid = (context_lens.shape[0], triton.cdiv(max_query_len, block_m), num_heads)
+    grid = (seq_lens.shape[0], triton.cdiv(max_query_len, block_m), num_heads)
     _prefill_kernel[grid](
-        query, k_cache, v_cache, scales[0], scales[1], block_tables, cu_query_lens, context_lens, out, scale,
+        query, k_cache, v_cache, scales[0], scales[1], block_tables, query_start_loc, seq_lens, out, scale,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), scales[0].stride(0), scales[0].stride(1),
         head_dim, QUERIES_PER_KV=num_heads // k_cache.shape[2], BLOCK_SIZE=k_cache.shape[1], BLOCK_M=block_m,

@@ -60,17 +60,17 @@ def kernels():
     return SimpleNamespace(**modules)
 
 
-def _paged_context(kv_cache_dtype: str, context_lens: list[int], seed: int = 0):
+def _paged_context(kv_cache_dtype: str, seq_lens: list[int], seed: int = 0):
     """Caches holding random K/V for each sequence in shuffled blocks: (key, value, block_tables)."""
     generator = torch.Generator().manual_seed(seed)
-    num_blocks = sum(-(-n // BLOCK) for n in context_lens) + 2
+    num_blocks = sum(-(-n // BLOCK) for n in seq_lens) + 2
     key_cache, value_cache = (
         KVCache.allocate(num_blocks, BLOCK, KV_HEADS, DIM, kv_cache_dtype) for _ in "kv"
     )
     order = torch.randperm(num_blocks, generator=generator)
-    tables = torch.zeros(len(context_lens), max(-(-n // BLOCK) for n in context_lens), dtype=torch.int32)
+    tables = torch.zeros(len(seq_lens), max(-(-n // BLOCK) for n in seq_lens), dtype=torch.int32)
     used = 0
-    for seq, length in enumerate(context_lens):
+    for seq, length in enumerate(seq_lens):
         count = -(-length // BLOCK)
         tables[seq, :count] = order[used : used + count]
         used += count
@@ -85,20 +85,18 @@ def _slots(table: torch.Tensor, length: int, start: int = 0) -> torch.Tensor:
     return table[positions // BLOCK].long() * BLOCK + positions % BLOCK
 
 
-def _reference_attention(query, key_cache, value_cache, tables, query_lens, context_lens):
+def _reference_attention(query, key_cache, value_cache, tables, query_lens, seq_lens):
     """Gather each sequence's K/V by its block table, then causal softmax attention in float32."""
     outputs, start = [], 0
-    for seq, (query_len, context_len) in enumerate(zip(query_lens, context_lens, strict=True)):
-        slots = _slots(tables[seq], context_len)
+    for seq, (query_len, seq_len) in enumerate(zip(query_lens, seq_lens, strict=True)):
+        slots = _slots(tables[seq], seq_len)
         key, value = key_cache.read(slots), value_cache.read(slots)
         key, value = (t.repeat_interleave(HEADS // KV_HEADS, dim=1) for t in (key, value))
         q = query[start : start + query_len]
         start += query_len
         scores = torch.einsum("qhd,khd->hqk", q, key) * DIM**-0.5
-        q_pos = torch.arange(context_len - query_len, context_len)
-        scores = scores.masked_fill(
-            torch.arange(context_len)[None, None] > q_pos[None, :, None], float("-inf")
-        )
+        q_pos = torch.arange(seq_len - query_len, seq_len)
+        scores = scores.masked_fill(torch.arange(seq_len)[None, None] > q_pos[None, :, None], float("-inf"))
         outputs.append(torch.einsum("hqk,khd->qhd", scores.softmax(-1), value))
     return torch.cat(outputs)
 
@@ -126,30 +124,30 @@ def test_fused_kv_write_matches_torch(kernels, kv_cache_dtype):
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8", "fp8"])
 def test_paged_prefill_with_mixed_chunks_matches_reference(kernels, kv_cache_dtype):
     # a whole prompt, a second chunk after 20 cached tokens, and a single decode token
-    query_lens, context_lens = [19, 9, 1], [19, 29, 40]
-    key_cache, value_cache, tables = _paged_context(kv_cache_dtype, context_lens)
+    query_lens, seq_lens = [19, 9, 1], [19, 29, 40]
+    key_cache, value_cache, tables = _paged_context(kv_cache_dtype, seq_lens)
     query = torch.randn(sum(query_lens), HEADS, DIM, generator=torch.Generator().manual_seed(2))
-    cu_query_lens = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32)
+    query_start_loc = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32)
     out = kernels.paged_attention.paged_attention_prefill(
-        query, key_cache.data, value_cache.data, tables, cu_query_lens,
-        torch.tensor(context_lens, dtype=torch.int32), max(query_lens), DIM**-0.5, kv_cache_dtype,
+        query, key_cache.data, value_cache.data, tables, query_start_loc,
+        torch.tensor(seq_lens, dtype=torch.int32), max(query_lens), DIM**-0.5, kv_cache_dtype,
         key_cache.scales, value_cache.scales,
     )  # fmt: skip
-    expected = _reference_attention(query, key_cache, value_cache, tables, query_lens, context_lens)
+    expected = _reference_attention(query, key_cache, value_cache, tables, query_lens, seq_lens)
     assert torch.allclose(out, expected, atol=1e-5)
 
 
 @interpreted
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8", "fp8"])
 def test_paged_decode_matches_reference(kernels, kv_cache_dtype):
-    context_lens = [1, 16, 35]
-    key_cache, value_cache, tables = _paged_context(kv_cache_dtype, context_lens, seed=3)
-    query = torch.randn(len(context_lens), HEADS, DIM, generator=torch.Generator().manual_seed(4))
+    seq_lens = [1, 16, 35]
+    key_cache, value_cache, tables = _paged_context(kv_cache_dtype, seq_lens, seed=3)
+    query = torch.randn(len(seq_lens), HEADS, DIM, generator=torch.Generator().manual_seed(4))
     out = kernels.paged_attention.paged_attention_decode(
-        query, key_cache.data, value_cache.data, tables, torch.tensor(context_lens, dtype=torch.int32),
+        query, key_cache.data, value_cache.data, tables, torch.tensor(seq_lens, dtype=torch.int32),
         DIM**-0.5, kv_cache_dtype, key_cache.scales, value_cache.scales,
     )  # fmt: skip
-    expected = _reference_attention(query, key_cache, value_cache, tables, [1, 1, 1], context_lens)
+    expected = _reference_attention(query, key_cache, value_cache, tables, [1, 1, 1], seq_lens)
     assert torch.allclose(out, expected, atol=1e-5)
 
 
