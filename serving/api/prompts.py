@@ -1,0 +1,130 @@
+"""From request bodies to engine inputs: prompts as token ids, and `SamplingParams`."""
+
+from dataclasses import dataclass
+
+import jinja2
+from kvpilot.serving.api.errors import bad_request
+from kvpilot.serving.api.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from kvpilot.serving.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class EnginePrompt:
+    token_ids: list[int]
+    text: str | None  # the prompt as text, for `echo`; None when it came as token ids without a tokenizer
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What request translation needs to know about the served model."""
+
+    tokenizer: object | None
+    chat_template: str | None
+    max_model_len: int
+    vocab_size: int
+
+
+def completion_prompts(request: CompletionRequest, model: ModelInfo) -> list[EnginePrompt]:
+    prompt = request.prompt
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        prompt = [prompt]
+    return [_one_prompt(p, model) for p in prompt]
+
+
+def _one_prompt(prompt: str | list[int], model: ModelInfo) -> EnginePrompt:
+    if isinstance(prompt, str):
+        if model.tokenizer is None:
+            raise bad_request("this model has no tokenizer: send the prompt as token ids", param="prompt")
+        return EnginePrompt(model.tokenizer.encode(prompt), prompt)
+    if max(prompt) >= model.vocab_size:
+        raise bad_request(f"prompt: token id {max(prompt)} is out of range [0, {model.vocab_size})", "prompt")
+    text = model.tokenizer.decode(prompt) if model.tokenizer is not None else None
+    return EnginePrompt(list(prompt), text)
+
+
+def chat_prompt(request: ChatCompletionRequest, model: ModelInfo) -> EnginePrompt:
+    if model.tokenizer is None or not model.chat_template:
+        raise bad_request(
+            "this model has no chat template (tokenizer_config.json has no chat_template): "
+            "use /v1/completions",
+            param="messages",
+        )
+    conversation = [
+        {"role": m.role, "content": m.text} | ({"name": m.name} if m.name else {}) for m in request.messages
+    ]
+    try:
+        text = model.tokenizer.apply_chat_template(
+            conversation,
+            chat_template=model.chat_template,
+            add_generation_prompt=request.add_generation_prompt,
+            tokenize=False,
+        )
+    except (jinja2.TemplateError, ValueError) as exc:
+        raise bad_request(f"messages: the chat template rejected them: {exc}", param="messages") from None
+    # The template already wrote any special tokens (BOS, role markers); don't add them twice.
+    return EnginePrompt(model.tokenizer.encode(text, add_special_tokens=False), text)
+
+
+def resolve_max_tokens(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> int:
+    """`max_tokens`, defaulting to what fits; 400 `context_length_exceeded` when prompt + max_tokens don't."""
+    room = max_model_len - num_prompt_tokens
+    if max_tokens is None and room >= 1:
+        return room
+    if max_tokens is None or max_tokens > room:
+        requested = num_prompt_tokens + (max_tokens or 1)
+        raise bad_request(
+            f"this model's maximum context length is {max_model_len} tokens, but {requested} were requested "
+            f"({num_prompt_tokens} in the prompt, {max_tokens or 1} to generate); "
+            "shorten the prompt or lower max_tokens",
+            param="max_tokens" if room >= 1 else "prompt",
+            code="context_length_exceeded",
+        )
+    return max_tokens
+
+
+def sampling_params(
+    request: SamplingFields, max_tokens: int, logprobs: int | None, vocab_size: int
+) -> SamplingParams:
+    stop = request.stop if request.stop is not None else ()
+    try:
+        return SamplingParams(
+            n=request.n,
+            temperature=1.0 if request.temperature is None else request.temperature,
+            top_p=request.top_p,
+            top_k=request.top_k,
+            min_p=request.min_p,
+            repetition_penalty=request.repetition_penalty,
+            presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty,
+            logit_bias=_logit_bias(request.logit_bias, vocab_size),
+            seed=request.seed,
+            max_tokens=max_tokens,
+            min_tokens=request.min_tokens,
+            stop=(stop,) if isinstance(stop, str) else tuple(stop),
+            stop_token_ids=tuple(_token_ids(request.stop_token_ids or [], vocab_size, "stop_token_ids")),
+            include_stop_str_in_output=request.include_stop_str_in_output,
+            ignore_eos=request.ignore_eos,
+            logprobs=logprobs,
+            skip_special_tokens=request.skip_special_tokens,
+        )
+    except ValueError as exc:  # SamplingParams says "field: message"
+        field = str(exc).split(":", 1)[0]
+        raise bad_request(str(exc), param=field) from None
+
+
+def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, float]:
+    result = {}
+    for key, value in (bias or {}).items():
+        if not key.strip().isdigit() or int(key) >= vocab_size:
+            raise bad_request(
+                f"logit_bias: key {key[:40]!r} is not a token id in [0, {vocab_size})", param="logit_bias"
+            )
+        result[int(key)] = value
+    return result
+
+
+def _token_ids(ids: list[int], vocab_size: int, param: str) -> list[int]:
+    for token_id in ids:
+        if token_id >= vocab_size:
+            raise bad_request(f"{param}: token id {token_id} is out of range [0, {vocab_size})", param=param)
+    return ids

@@ -1,0 +1,160 @@
+"""What the app keeps on `app.state.serving`: the engine, readiness, in-flight requests, drain."""
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from kvpilot.serving.api.errors import APIError, bad_request, unavailable
+from kvpilot.serving.api.metrics import RequestObserver, ServerMetrics
+from kvpilot.serving.api.prompts import ModelInfo
+from kvpilot.serving.api.settings import ServeSettings
+from kvpilot.serving.outputs import RequestOutput
+from kvpilot.serving.sampling_params import SamplingParams
+
+logger = logging.getLogger("kvpilot.serving.api")
+
+RETRY_AFTER_SECONDS = 1
+
+
+class ServingState:
+    def __init__(self, settings: ServeSettings):
+        self.settings = settings
+        self.model_name = settings.model_name
+        self.metrics = ServerMetrics(self.model_name)
+        self.engine = None  # AsyncLLM, once loaded
+        self.model_info: ModelInfo | None = None
+        self.ready = False  # loaded, warmed up and not draining
+        self.draining = False
+        self.load_error: BaseException | None = None
+        self.num_accepted = 0  # HTTP requests past the gate whose responses have not completed
+        self.engine_request_ids: set[str] = set()  # engine requests still producing output
+
+    # Start-up
+
+    async def load(self) -> None:
+        """Load the model (in a thread, the event loop keeps answering /health), warm up, turn ready."""
+        from kvpilot.serving.async_llm import AsyncLLM
+
+        config = self.settings.engine_config()
+        logger.info(
+            "loading model %s (dtype %s, quantization %s)", config.model, config.dtype, config.quantization
+        )
+        started = time.monotonic()
+        try:
+            engine = await asyncio.to_thread(AsyncLLM, config)
+            await engine.start()
+        except Exception as exc:
+            self.load_error = exc
+            logger.error("cannot load the model: %s", exc)
+            raise
+        self.engine = engine
+        stats = engine.get_stats()
+        self.model_info = ModelInfo(
+            engine.tokenizer,
+            engine.chat_template,
+            # a request must fit the model's context and, alone, the KV pool
+            min(engine.max_model_len, stats.num_kv_blocks * stats.block_size),
+            engine.vocab_size,
+        )
+        self.metrics.attach_engine(engine.get_stats, getattr(engine, "weight_bytes", None))
+        logger.info(
+            "model loaded in %.1f s: %.1f MiB of weights, max_model_len %d, %d KV blocks of %d tokens",
+            time.monotonic() - started,
+            getattr(engine, "weight_bytes", 0) / 2**20,
+            engine.max_model_len,
+            stats.num_kv_blocks,
+            stats.block_size,
+        )
+        await self._warm_up()
+        if not self.draining:
+            self.ready = True
+            logger.info("warm-up done; serving %s", self.model_name)
+
+    async def _warm_up(self) -> None:
+        tokenizer = self.engine.tokenizer
+        prompt = tokenizer.encode("Hello") if tokenizer is not None else [0]
+        params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+        async for _ in self.engine.generate(prompt, params, "warmup"):
+            pass
+
+    async def shutdown(self) -> None:
+        if self.engine is not None:
+            await self.engine.shutdown()
+
+    # Admission
+
+    def check_ready(self) -> None:
+        if self.draining:
+            raise unavailable("the server is shutting down", code="server_draining")
+        if not self.ready:
+            raise unavailable("the model is still loading", code="server_not_ready")
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(
+                404,
+                f"the model `{model}` does not exist; this server serves `{self.model_name}`",
+                param="model",
+                code="model_not_found",
+            )
+
+    def check_queue(self) -> None:
+        waiting = self.engine.num_waiting
+        if waiting >= self.settings.max_queue_len:
+            raise APIError(
+                429,
+                f"the waiting queue is full ({waiting} requests, --max-queue-len "
+                f"{self.settings.max_queue_len}); retry after {RETRY_AFTER_SECONDS} s",
+                type="rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+            )
+
+    # Requests
+
+    async def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        """The engine's output stream, tracked for drain and metrics. A consumer that stops early
+        (disconnect, cancellation) aborts the request: `AsyncLLM.generate` does so when closed."""
+        from kvpilot.serving.async_llm import EngineDeadError
+
+        observer = RequestObserver(self.metrics)
+        self.engine_request_ids.add(request_id)
+        try:
+            async with contextlib.aclosing(
+                self.engine.generate(prompt_token_ids, params, request_id)
+            ) as stream:
+                async for output in stream:
+                    observer.on_output(output)
+                    yield output
+        except ValueError as exc:  # the engine's own validation: "field: message"
+            field = str(exc).split(":", 1)[0]
+            raise bad_request(str(exc), param=field if field.isidentifier() else None) from None
+        except EngineDeadError as exc:
+            raise unavailable(f"the engine is not running: {exc}", code="engine_dead") from None
+        finally:
+            self.engine_request_ids.discard(request_id)
+
+    # Shutdown
+
+    async def drain(self, timeout: float) -> None:
+        """Stop admitting; let accepted requests finish for up to `timeout` s, then abort the rest."""
+        self.draining = True
+        self.ready = False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        logger.info("draining: %d requests in flight, up to %.0f s", self.num_accepted, timeout)
+        while self.num_accepted and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if self.engine_request_ids and self.engine is not None:
+            logger.warning("shutdown timeout: aborting %d requests", len(self.engine_request_ids))
+            for request_id in list(self.engine_request_ids):
+                await self.engine.abort(request_id)
+        # Aborted requests end with an error chunk; give their responses a moment to go out.
+        grace = loop.time() + 5.0
+        while self.num_accepted and loop.time() < grace:
+            await asyncio.sleep(0.05)
+        logger.info("drained")
