@@ -85,7 +85,8 @@ class AsyncLLM:
         """Cumulative outputs of one request; the last has finished=True. If the caller stops
         iterating early (break, cancellation, client disconnect) the request is aborted."""
         if not self.is_running:
-            raise EngineDeadError("the engine is not running") from self.error
+            reason = f"the step loop failed: {self.error!r}" if self.error else "never started or shut down"
+            raise EngineDeadError(f"the engine is not running: {reason}") from self.error
         user = self.engine.process_request(request_id, prompt, params)  # ValueError on bad input
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._cond:
