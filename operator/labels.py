@@ -59,7 +59,10 @@ def child_metadata(isvc: InferenceService, name: str | None = None) -> dict[str,
 def spec_hash(obj: dict[str, Any]) -> str:
     """A stable hash of a desired object (ignoring a hash already stamped on it)."""
     stripped = json.loads(json.dumps(obj))
-    stripped.get("metadata", {}).get("annotations", {}).pop(SPEC_HASH_ANNOTATION, None)
+    metadata = stripped.get("metadata", {})
+    metadata.get("annotations", {}).pop(SPEC_HASH_ANNOTATION, None)
+    if metadata.get("annotations") == {}:
+        del metadata["annotations"]
     return hashlib.sha256(json.dumps(stripped, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -8,10 +8,11 @@ validators (enforced by the operator, which also sees objects stored before a ru
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from kvpilot.serving.contract import KV_CACHE_DTYPES, QUANTIZATION_MODES
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "kvpilot.dev"
@@ -47,8 +48,23 @@ def _quantity_to_str(value: Any) -> Any:
     return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
+def _check_quantity(value: str) -> str:
+    if not re.match(QUANTITY_PATTERN, value):
+        raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. 16Gi, 500m, 2)")
+    return value
+
+
+def _check_model_uri(value: str) -> str:
+    if not re.match(MODEL_URI_PATTERN, value):
+        raise ValueError(
+            f"{value!r} is not pvc://CLAIM/path, hf://org/repo[@revision], s3://bucket/path, "
+            "gs://bucket/path or oci://image"
+        )
+    return value
+
+
 # int-or-string in the schema (`cpu: 2` and `cpu: "500m"` are both valid), always a string here.
-Quantity = Annotated[int | str, BeforeValidator(_quantity_to_str), Field(pattern=QUANTITY_PATTERN)]
+Quantity = Annotated[int | str, BeforeValidator(_quantity_to_str), AfterValidator(_check_quantity)]
 
 
 class _Model(BaseModel):
@@ -81,11 +97,11 @@ class ModelSource(_Model):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:-]*$",
         max_length=128,
     )
-    uri: str = Field(
+    uri: Annotated[str, AfterValidator(_check_model_uri)] = Field(
         description="Where the weights are: pvc://CLAIM/path (mounted read-only), "
         "hf://org/repo[@revision], s3://bucket/path or gs://bucket/path (downloaded by an init "
         "container), or oci://image:tag (an image volume, Kubernetes 1.33+).",
-        pattern=MODEL_URI_PATTERN,
+        json_schema_extra={"pattern": MODEL_URI_PATTERN},
         max_length=1024,
     )
     revision: str | None = Field(
@@ -141,7 +157,7 @@ class EngineSpec(_Model):
         description="GPUs one replica shards the model over (`--tensor-parallel-size`); "
         "must divide spec.resources.gpu.count.",
     )
-    extra_args: list[Annotated[str, Field(max_length=1024)]] = Field(
+    extra_args: list[Annotated[str, Field(max_length=1024, description="One argument.")]] = Field(
         default_factory=list,
         max_length=64,
         description="Extra `kvpilot serve` arguments, appended after the ones the operator sets.",

@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 from kopf.testing import KopfRunner
-
 from kvpilot.operator.labels import SPEC_HASH_ANNOTATION
 from kvpilot.operator.models import API_VERSION, KIND
 

@@ -1,0 +1,38 @@
+"""`kvpilot crd` and `kvpilot render`, with no cluster."""
+
+from pathlib import Path
+
+import yaml
+from kvpilot.operator.cli import main
+from kvpilot.operator.crd import CRD_PATH
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def test_crd_command_writes_the_committed_file(tmp_path):
+    assert main(["crd", "-o", str(tmp_path / "crd.yaml")]) == 0
+    assert (tmp_path / "crd.yaml").read_text() == CRD_PATH.read_text()
+
+
+def test_render_prints_every_child(capsys):
+    assert main(["render", "-f", str(EXAMPLES / "hf-tensor-parallel.yaml")]) == 0
+    objects = list(yaml.safe_load_all(capsys.readouterr().out))
+    assert [(o["kind"], o["metadata"]["name"]) for o in objects] == [
+        ("ServiceAccount", "qwen"),
+        ("Deployment", "qwen"),
+        ("Service", "qwen"),
+    ]
+    deployment = objects[1]
+    assert deployment["spec"]["template"]["spec"]["initContainers"][0]["name"] == "model-download"
+    assert "ownerReferences" not in deployment["metadata"]  # no uid without a cluster
+
+
+def test_render_rejects_an_invalid_manifest_naming_the_field(tmp_path, capsys):
+    manifest = yaml.safe_load((EXAMPLES / "chat.yaml").read_text())
+    manifest["spec"]["engine"]["tensorParallelSize"] = 2
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    assert main(["render", "-f", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "spec.engine.tensorParallelSize (2) must divide spec.resources.gpu.count (1)" in captured.err

@@ -1,0 +1,182 @@
+"""The generated CRD: up to date, documented, accepts the examples, rejects bad manifests.
+
+Every bad manifest must be rejected twice: by the CRD at admission (schema + CEL, see
+admission.py) and by the operator's pydantic models (objects stored before a rule existed).
+"""
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kvpilot.operator.crd import CRD_PATH, build_crd, render_crd
+from kvpilot.operator.models import InferenceService
+from kvpilot.operator.reconciler import describe_validation_error
+from pydantic import ValidationError
+
+from tests.operator.admission import admit, crd_schema
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
+ISSUE_MANIFEST = """
+apiVersion: kvpilot.dev/v1alpha1
+kind: InferenceService
+metadata: {name: chat, namespace: team-a}
+spec:
+  model: {name: smollm2, uri: "pvc://models/smollm2"}
+  engine: {quantization: int4, kvCacheDtype: int8, maxModelLen: 4096}
+  resources: {gpu: {count: 1}, memory: 16Gi}
+  replicas: 2
+"""
+
+
+def test_committed_crd_is_generated_from_the_models():
+    assert CRD_PATH.read_text() == render_crd(), (
+        "crds/ is stale: run `kvpilot crd -o crds/inferenceservice.yaml`"
+    )
+
+
+def _walk(schema: dict[str, Any], path: str):
+    yield path, schema
+    for name, prop in (schema.get("properties") or {}).items():
+        yield from _walk(prop, f"{path}.{name}")
+    if "items" in schema:
+        yield from _walk(schema["items"], f"{path}[]")
+
+
+def test_every_field_is_described_and_structural():
+    for path, node in _walk(crd_schema(), ""):
+        assert node.get("description"), f"{path} has no description"
+        assert "$ref" not in node and "title" not in node, path
+        assert node.get("type") or node.get("x-kubernetes-int-or-string"), f"{path} has no type"
+
+
+def test_crd_subresources_and_printer_columns():
+    version = build_crd()["spec"]["versions"][0]
+    assert version["subresources"]["scale"] == {
+        "specReplicasPath": ".spec.replicas",
+        "statusReplicasPath": ".status.replicas",
+        "labelSelectorPath": ".status.selector",
+    }
+    assert version["subresources"]["status"] == {}
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == [
+        "Ready",
+        "Model",
+        "Replicas",
+        "URL",
+        "Age",
+    ]
+    assert build_crd()["spec"]["names"]["shortNames"] == ["isvc"]
+
+
+def test_the_issue_manifest_is_accepted_exactly_and_defaulted():
+    manifest = yaml.safe_load(ISSUE_MANIFEST)
+    defaulted, errors = admit(manifest)
+    assert errors == []
+    spec = defaulted["spec"]
+    assert spec["engine"]["tensorParallelSize"] == 1
+    assert spec["engine"]["enablePrefixCaching"] is True
+    assert spec["resources"]["gpu"] == {"count": 1, "resourceName": "nvidia.com/gpu"}
+    assert spec["resources"]["sharedMemory"] == "2Gi"
+    assert spec["rollout"] == {"strategy": "Rolling"}
+    assert "autoscaling" not in spec
+    # The operator's parse of the undefaulted manifest agrees with the API server's defaults.
+    parsed = InferenceService.from_body(manifest).spec.model_dump(by_alias=True, exclude_none=True)
+    assert _without_empty(parsed) == _without_empty(spec)
+
+
+def _without_empty(value: Any) -> Any:
+    if isinstance(value, dict):
+        pruned = {k: _without_empty(v) for k, v in value.items()}
+        return {k: v for k, v in pruned.items() if v not in ({}, [])}
+    return value
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_examples_are_accepted(path):
+    for manifest in yaml.safe_load_all(path.read_text()):
+        assert admit(manifest)[1] == []
+        InferenceService.from_body(manifest)
+
+
+def _with(change: dict[str, Any]) -> dict[str, Any]:
+    manifest = yaml.safe_load(ISSUE_MANIFEST)
+    for dotted, value in change.items():
+        *parents, leaf = dotted.split(".")
+        node = manifest
+        for part in parents:
+            node = node.setdefault(part, {})
+        if value is None:
+            node.pop(leaf, None)
+        else:
+            node[leaf] = copy.deepcopy(value)
+    return manifest
+
+
+BAD = [
+    ("unknown quantization", {"spec.engine.quantization": "int3"}, "spec.engine.quantization"),
+    ("unknown kv cache dtype", {"spec.engine.kvCacheDtype": "fp16"}, "spec.engine.kvCacheDtype"),
+    ("unsupported URI scheme", {"spec.model.uri": "ftp://host/model"}, "spec.model.uri"),
+    ("claim name not a DNS name", {"spec.model.uri": "pvc://Models/x"}, "spec.model.uri"),
+    ("hf URI without a repo", {"spec.model.uri": "hf://just-org"}, "spec.model.uri"),
+    ("no model", {"spec.model": None}, "model"),
+    ("tiny maxModelLen", {"spec.engine.maxModelLen": 8}, "spec.engine.maxModelLen"),
+    ("negative replicas", {"spec.replicas": -1}, "spec.replicas"),
+    ("memory not a quantity", {"spec.resources.memory": "16 GB"}, "spec.resources.memory"),
+    ("too many GPUs", {"spec.resources.gpu": {"count": 100}}, "spec.resources.gpu.count"),
+    ("unknown rollout strategy", {"spec.rollout": {"strategy": "Canary"}}, "spec.rollout.strategy"),
+    (
+        "bad toleration operator",
+        {"spec.scheduling": {"tolerations": [{"key": "k", "operator": "Maybe"}]}},
+        "spec.scheduling.tolerations.0.operator",
+    ),
+    # Cross-field rules: CEL in the CRD, model validators in pydantic.
+    (
+        "replicas and autoscaling",
+        {"spec.autoscaling": {"minReplicas": 1, "maxReplicas": 2, "target": 0.5}},
+        "spec.replicas and spec.autoscaling are mutually exclusive",
+    ),
+    (
+        "tensor parallel does not divide GPUs",
+        {"spec.engine.tensorParallelSize": 2},
+        "spec.engine.tensorParallelSize",
+    ),
+    (
+        "tensor parallel without GPUs",
+        {"spec.engine.tensorParallelSize": 2, "spec.resources.gpu": {"count": 0}},
+        "spec.engine.tensorParallelSize",
+    ),
+    (
+        "autoscaling min above max",
+        {"spec.replicas": None, "spec.autoscaling": {"minReplicas": 3, "maxReplicas": 2, "target": 1}},
+        "spec.autoscaling.minReplicas",
+    ),
+    ("revision on a PVC", {"spec.model.revision": "main"}, "spec.model.revision"),
+    (
+        "revision twice",
+        {"spec.model.uri": "hf://org/repo@v1", "spec.model.revision": "v2"},
+        "spec.model.revision",
+    ),
+    ("selector label in podLabels", {"spec.podLabels": {"app.kubernetes.io/name": "x"}}, "spec.podLabels"),
+    ("name not a DNS label", {"metadata.name": "Chat_1"}, "metadata.name"),
+]
+
+
+@pytest.mark.parametrize(("change", "field"), [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_manifests_are_rejected_by_the_crd_and_the_models(change, field):
+    manifest = _with(change)
+    _, errors = admit(manifest)
+    assert errors, "the CRD accepted it"
+    with pytest.raises(ValidationError) as raised:
+        InferenceService.from_body(manifest)
+    message = describe_validation_error(raised.value)
+    assert field.split(".")[-1] in message or field in message, message
+
+
+def test_cel_rule_messages_name_their_fields():
+    manifest = _with({"spec.engine.tensorParallelSize": 2})
+    assert admit(manifest)[1] == [
+        ".spec.engine.tensorParallelSize: spec.engine.tensorParallelSize must divide spec.resources.gpu.count"
+    ]
+    good = _with({"spec.engine.tensorParallelSize": 2, "spec.resources.gpu": {"count": 4}})
+    assert admit(good)[1] == []
