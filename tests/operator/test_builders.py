@@ -152,13 +152,38 @@ def test_tensor_parallel_and_extra_args_come_last():
 @pytest.mark.parametrize(
     ("uri", "volume", "model_path", "init_command"),
     [
-        ("pvc://models", {"persistentVolumeClaim": {"claimName": "models", "readOnly": True}}, "/mnt/models", None),
-        ("oci://ghcr.io/acme/smollm2:1", {"image": {"reference": "ghcr.io/acme/smollm2:1", "pullPolicy": "IfNotPresent"}}, "/mnt/models", None),
-        ("hf://org/repo@v2", {"emptyDir": {}}, "/mnt/models", ["hf", "download", "org/repo", "--revision", "v2", "--local-dir", "/mnt/models"]),
-        ("s3://bucket/models/x", {"emptyDir": {}}, "/mnt/models", ["aws", "s3", "sync", "s3://bucket/models/x", "/mnt/models"]),
-        ("gs://bucket/x", {"emptyDir": {}}, "/mnt/models", ["gcloud", "storage", "rsync", "--recursive", "gs://bucket/x", "/mnt/models"]),
+        (
+            "pvc://models",
+            {"persistentVolumeClaim": {"claimName": "models", "readOnly": True}},
+            "/mnt/models",
+            None,
+        ),
+        (
+            "oci://ghcr.io/acme/smollm2:1",
+            {"image": {"reference": "ghcr.io/acme/smollm2:1", "pullPolicy": "IfNotPresent"}},
+            "/mnt/models",
+            None,
+        ),
+        (
+            "hf://org/repo@v2",
+            {"emptyDir": {}},
+            "/mnt/models",
+            ["hf", "download", "org/repo", "--revision", "v2", "--local-dir", "/mnt/models"],
+        ),
+        (
+            "s3://bucket/models/x",
+            {"emptyDir": {}},
+            "/mnt/models",
+            ["aws", "s3", "sync", "s3://bucket/models/x", "/mnt/models"],
+        ),
+        (
+            "gs://bucket/x",
+            {"emptyDir": {}},
+            "/mnt/models",
+            ["gcloud", "storage", "rsync", "--recursive", "gs://bucket/x", "/mnt/models"],
+        ),
     ],
-)  # fmt: skip
+)
 def test_model_sources(uri, volume, model_path, init_command):
     deployment = build_deployment(isvc(model={"name": "m", "uri": uri}))
     pod = deployment["spec"]["template"]["spec"]
@@ -230,10 +255,13 @@ def test_service_pdb_and_service_account():
         ({"replicas": 1}, ["Deployment", "Service"]),
         ({"replicas": 0}, ["Deployment", "Service"]),
         ({"replicas": None}, ["Deployment", "Service"]),
-        ({"replicas": None, "autoscaling": {"minReplicas": 2, "maxReplicas": 4, "target": 0.7}}, ["Deployment", "Service", "PodDisruptionBudget"]),
+        (
+            {"replicas": None, "autoscaling": {"minReplicas": 2, "maxReplicas": 4, "target": 0.7}},
+            ["Deployment", "Service", "PodDisruptionBudget"],
+        ),
         ({"createServiceAccount": True}, ["ServiceAccount", "Deployment", "Service", "PodDisruptionBudget"]),
     ],
-)  # fmt: skip
+)
 def test_children_table(spec, kinds):
     assert [child["kind"] for child in build_children(isvc(**spec))] == kinds
 

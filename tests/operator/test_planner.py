@@ -72,16 +72,61 @@ CASES = [
     # name, desired, observed, (create, update, delete)
     ("nothing exists: create all", DESIRED, [], (names(DESIRED), [], [])),
     ("in sync despite server defaults: no writes", DESIRED, OBSERVED, ([], [], [])),
-    ("owned field drifted: update", DESIRED, edit(OBSERVED, "Deployment", _set_replicas), ([], [("Deployment", "chat")], [])),
-    ("container image edited: update", DESIRED, edit(OBSERVED, "Deployment", _set_image), ([], [("Deployment", "chat")], [])),
-    ("foreign labels and annotations: left alone", DESIRED, edit(OBSERVED, "Deployment", _foreign_label), ([], [], [])),
-    ("service port removed: update", DESIRED, edit(OBSERVED, "Service", _drop_port), ([], [("Service", "chat")], [])),
-    ("spec changed (hash): update", DESIRED, edit(OBSERVED, "Service", _old_hash), ([], [("Service", "chat")], [])),
-    ("same quantity, other units: no writes", DESIRED, edit(OBSERVED, "Deployment", _memory_in_other_units), ([], [], [])),
-    ("scaled to 1: PDB deleted", build_children(isvc(replicas=1)), OBSERVED, ([], [("Deployment", "chat")], [("PodDisruptionBudget", "chat")])),
-    ("scaled to 3: Deployment updated", build_children(isvc(replicas=3)), OBSERVED, ([], [("Deployment", "chat")], [])),
-    ("Service deleted by hand: recreated", DESIRED, [o for o in OBSERVED if o["kind"] != "Service"], ([("Service", "chat")], [], [])),
-]  # fmt: skip
+    (
+        "owned field drifted: update",
+        DESIRED,
+        edit(OBSERVED, "Deployment", _set_replicas),
+        ([], [("Deployment", "chat")], []),
+    ),
+    (
+        "container image edited: update",
+        DESIRED,
+        edit(OBSERVED, "Deployment", _set_image),
+        ([], [("Deployment", "chat")], []),
+    ),
+    (
+        "foreign labels and annotations: left alone",
+        DESIRED,
+        edit(OBSERVED, "Deployment", _foreign_label),
+        ([], [], []),
+    ),
+    (
+        "service port removed: update",
+        DESIRED,
+        edit(OBSERVED, "Service", _drop_port),
+        ([], [("Service", "chat")], []),
+    ),
+    (
+        "spec changed (hash): update",
+        DESIRED,
+        edit(OBSERVED, "Service", _old_hash),
+        ([], [("Service", "chat")], []),
+    ),
+    (
+        "same quantity, other units: no writes",
+        DESIRED,
+        edit(OBSERVED, "Deployment", _memory_in_other_units),
+        ([], [], []),
+    ),
+    (
+        "scaled to 1: PDB deleted",
+        build_children(isvc(replicas=1)),
+        OBSERVED,
+        ([], [("Deployment", "chat")], [("PodDisruptionBudget", "chat")]),
+    ),
+    (
+        "scaled to 3: Deployment updated",
+        build_children(isvc(replicas=3)),
+        OBSERVED,
+        ([], [("Deployment", "chat")], []),
+    ),
+    (
+        "Service deleted by hand: recreated",
+        DESIRED,
+        [o for o in OBSERVED if o["kind"] != "Service"],
+        ([("Service", "chat")], [], []),
+    ),
+]
 
 
 @pytest.mark.parametrize(
