@@ -136,7 +136,7 @@ def paged_attention_cpu(
             mask, causal = None, True
         else:
             query_pos = torch.arange(context_len, seq_len)[:, None]
-            mask, causal = torch.arange(seq_len)[None, :] <= query_pos, False
+            mask, causal = _additive_mask(torch.arange(seq_len)[None, :] <= query_pos, q.dtype), False
         attended = F.scaled_dot_product_attention(
             queries, keys, values, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True
         )
@@ -153,17 +153,23 @@ def _decode_batch(
     scale: float,
 ) -> torch.Tensor:
     """q [D, num_heads, head_dim], one query per sequence -> [D, num_heads, head_dim]."""
+    num_seqs, num_heads, head_dim = q.shape
     seq_lens = metadata.seq_lens[seqs]
     max_len = int(seq_lens.max())
     num_blocks = -(-max_len // metadata.block_size)
     tables = metadata.block_tables[seqs, :num_blocks]
     keys = k_cache[tables].flatten(1, 2)[:, :max_len].to(q.dtype).transpose(1, 2)  # [D, kv_heads, L, dim]
     values = v_cache[tables].flatten(1, 2)[:, :max_len].to(q.dtype).transpose(1, 2)
-    mask = (torch.arange(max_len)[None, :] < seq_lens[:, None])[:, None, None, :]
-    attended = F.scaled_dot_product_attention(
-        q[:, :, None, :], keys, values, attn_mask=mask, scale=scale, enable_gqa=True
-    )
-    return attended[:, :, 0, :]
+    # The query heads sharing a KV head become that head's query rows: SDPA without GQA expansion.
+    queries = q.view(num_seqs, keys.shape[1], num_heads // keys.shape[1], head_dim)
+    mask = _additive_mask((torch.arange(max_len)[None, :] < seq_lens[:, None])[:, None, None, :], q.dtype)
+    attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale)
+    return attended.reshape(num_seqs, num_heads, head_dim)
+
+
+def _additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 where visible, -inf elsewhere (SDPA's CPU kernel is much slower with boolean masks)."""
+    return torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, float("-inf"))
 
 
 def paged_attention(
