@@ -147,6 +147,7 @@ class RequestObserver:
         self.metrics = metrics
         self.num_tokens = 0  # per sequence (the longest of the n)
         self.last_token_time: float | None = None
+        self.finished = False
 
     def on_output(self, output: RequestOutput) -> None:
         num_tokens = max((len(seq.token_ids) for seq in output.outputs), default=0)
@@ -162,7 +163,12 @@ class RequestObserver:
         if output.finished:
             self._on_finished(output)
 
+    def on_aborted(self, num_sequences: int) -> None:
+        self.finished = True
+        self.metrics.request_success.labels(self.metrics.model_name, "abort").inc(num_sequences)
+
     def _on_finished(self, output: RequestOutput) -> None:
+        self.finished = True
         m = self.metrics
         for seq in output.outputs:
             m.request_success.labels(m.model_name, seq.finish_reason or "abort").inc()

@@ -137,6 +137,8 @@ class ServingState:
             raise unavailable(f"the engine is not running: {exc}", code="engine_dead") from None
         finally:
             self.engine_request_ids.discard(request_id)
+            if not observer.finished:  # the consumer left early: the engine aborted the request
+                observer.on_aborted(params.n)
 
     # Shutdown
 

@@ -1,0 +1,85 @@
+"""Malformed requests get OpenAI's error body with the documented 4xx status, and the server keeps serving."""
+
+import httpx
+import pytest
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+# (endpoint, body (dict, or raw str), status, param named in the error, code)
+CASES = [
+    (COMPLETIONS, '{"prompt": "hi", "max_tokens": 3', 400, None, None),  # invalid JSON
+    (COMPLETIONS, "[1, 2, 3]", 400, None, None),  # not an object
+    (COMPLETIONS, {}, 400, "prompt", None),  # missing prompt
+    (COMPLETIONS, {"prompt": 42}, 400, "prompt", None),
+    (COMPLETIONS, {"prompt": []}, 400, "prompt", None),
+    (COMPLETIONS, {"prompt": [1, "a"]}, 400, "prompt", None),
+    (COMPLETIONS, {"prompt": [10**9]}, 400, "prompt", None),  # token id outside the vocabulary
+    (COMPLETIONS, {"prompt": "hi", "max_tokens": -5}, 400, "max_tokens", None),
+    (COMPLETIONS, {"prompt": "hi", "max_tokens": "ten"}, 400, "max_tokens", None),
+    (COMPLETIONS, {"prompt": "hi", "temperature": -0.5}, 400, "temperature", None),
+    (COMPLETIONS, {"prompt": "hi", "top_p": 0}, 400, "top_p", None),
+    (COMPLETIONS, {"prompt": "hi", "n": 0}, 400, "n", None),
+    (COMPLETIONS, {"prompt": "hi", "n": True}, 400, "n", None),
+    (COMPLETIONS, {"prompt": "hi", "stop": 5}, 400, "stop", None),
+    (COMPLETIONS, {"prompt": "hi", "logprobs": 50}, 400, "logprobs", None),
+    (COMPLETIONS, {"prompt": "hi", "logit_bias": {"99999999999999999999": 1}}, 400, "logit_bias", None),
+    (COMPLETIONS, {"prompt": "hi", "logit_bias": {"5": 500}}, 400, "logit_bias.5", None),
+    (COMPLETIONS, {"prompt": "hi", "presence_penalty": 3}, 400, "presence_penalty", None),
+    (COMPLETIONS, {"prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options", None),
+    (COMPLETIONS, {"prompt": "hi " * 3000}, 400, "prompt", "context_length_exceeded"),
+    (COMPLETIONS, {"prompt": "hi", "max_tokens": 5000}, 400, "max_tokens", "context_length_exceeded"),
+    (COMPLETIONS, {"prompt": "hi", "model": "gpt-4"}, 404, "model", "model_not_found"),
+    (CHAT, {"messages": []}, 400, "messages", None),
+    (CHAT, {"messages": "hi"}, 400, "messages", None),
+    (CHAT, {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role", None),
+    (CHAT, {"messages": [{"role": "user", "content": 7}]}, 400, "messages.0.content", None),
+    (CHAT, {"messages": [{"content": "hi"}]}, 400, "messages.0.role", None),
+    (CHAT, {"messages": MESSAGES, "max_completion_tokens": 0}, 400, "max_completion_tokens", None),
+    (CHAT, {"messages": MESSAGES, "response_format": {"type": "json_object"}}, 400, "response_format", None),
+    (CHAT, {"messages": MESSAGES, "top_logprobs": 2}, 400, "top_logprobs", None),
+    (CHAT, {"messages": MESSAGES, "logprobs": "yes"}, 400, "logprobs", None),
+    (CHAT, {"messages": MESSAGES, "stop_token_ids": [10**7]}, 400, "stop_token_ids", None),
+    (CHAT, {"messages": MESSAGES, "model": "nope"}, 404, "model", "model_not_found"),
+]
+
+
+@pytest.fixture(scope="module")
+def http(api_server):
+    with httpx.Client(base_url=api_server.base_url, timeout=30) as client:
+        yield client
+
+
+@pytest.mark.parametrize(("path", "body", "status", "param", "code"), CASES)
+def test_malformed_body_gets_openai_error(http, path, body, status, param, code):
+    if isinstance(body, str):
+        response = http.post(path, content=body, headers={"content-type": "application/json"})
+    else:
+        response = http.post(path, json={"model": "tiny-llama"} | body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    assert error["type"] == ("invalid_request_error" if status in (400, 404) else error["type"])
+    assert error["param"] == param
+    assert error["code"] == code
+    if param is not None:
+        assert param.split(".")[0] in error["message"]
+
+
+def test_unknown_route_and_method_are_openai_errors(http):
+    assert http.get("/v1/nothing").json()["error"]["type"] == "not_found_error"
+    response = http.get("/v1/completions")
+    assert response.status_code == 405 and response.json()["error"]["message"]
+
+
+def test_server_still_serves_after_bad_input(http):
+    for path, body, *_ in CASES:  # all of them again, back to back
+        if isinstance(body, str):
+            response = http.post(path, content=body, headers={"content-type": "application/json"})
+        else:
+            response = http.post(path, json=body)
+        assert 400 <= response.status_code < 500
+    response = http.post(COMPLETIONS, json={"model": "tiny-llama", "prompt": "hi", "max_tokens": 3})
+    assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] >= 1
