@@ -3,7 +3,7 @@
 kmock 0.8 gaps filled here (test code only, never product code):
 - no uid/resourceVersion/generation/creationTimestamp, no generateName;
 - a failed JSON-patch `test` answers 500 (a real server: 422 Unprocessable Entity);
-- no ownerReference cascade (garbage collection) on delete;
+- no garbage collection of objects whose ownerReferences point to deleted owners;
 - label selectors are ignored on lists;
 - discovery must list v1/namespaces and the CRD resource, or kopf waits silently.
 The server runs in its own thread and event loop so the operator (KopfRunner's thread) and
@@ -139,31 +139,29 @@ class ApiServer(kmock.KubernetesEmulator):
     async def _handle(self, request: kmock.Request) -> Any:
         if request.resource is None:
             return await super()._handle(request)
-        deleted = None
-        if request.action == kmock.action.DELETE and request.name is not None:
-            deleted = self._find(request)
-            deleted = copy.deepcopy(deleted.raw) if deleted is not None else None
         self._prepare(request)
         response = await super()._handle(request)
-        if deleted is not None and self._find(request) is None:
-            await self._collect_garbage(deleted["metadata"].get("uid"))
+        if request.action in (kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE):
+            await self._collect_garbage()
         return response
 
-    async def _collect_garbage(self, owner_uid: str | None) -> None:
-        """The garbage collector: delete (recursively) everything the deleted object owned."""
-        orphans = []
-        for (resource, namespace, name), obj in list(self.objects.items()):
-            if obj.deleted:
-                continue
-            refs = obj.raw.get("metadata", {}).get("ownerReferences") or []
-            if any(ref.get("uid") == owner_uid for ref in refs):
-                orphans.append((resource, namespace, name, obj))
-        for resource, _, _, obj in orphans:
-            uid = obj.raw["metadata"].get("uid")
-            raw = obj.raw
-            obj.delete()
-            await self._buses[resource].put({"type": "DELETED", "object": raw})
-            await self._collect_garbage(uid)
+    async def _collect_garbage(self) -> None:
+        """The garbage collector: delete objects whose owners are all gone (also late-created ones)."""
+        while True:
+            live = [(key, obj) for key, obj in self.objects.items() if not obj.deleted]
+            uids = {obj.raw["metadata"].get("uid") for _, obj in live}
+            orphans = [
+                (key, obj)
+                for key, obj in live
+                if (refs := obj.raw["metadata"].get("ownerReferences"))
+                and not any(r.get("uid") in uids for r in refs)
+            ]
+            if not orphans:
+                return
+            for (resource, _, _), obj in orphans:
+                raw = obj.raw
+                obj.delete()
+                await self._buses[resource].put({"type": "DELETED", "object": raw})
 
     async def _serve_list(self, request: kmock.Request) -> Any:
         listing = await super()._serve_list(request)

@@ -7,7 +7,7 @@ from kvpilot.operator.executor import KubeClient, PermanentApiError, TransientEr
 from kvpilot.operator.handlers import backoff
 from kvpilot.operator.planner import Plan, plan
 
-from tests.operator.test_builders import UID, isvc
+from tests.operator.test_builders import isvc
 
 
 @pytest.fixture(scope="module")
@@ -16,24 +16,26 @@ def client(apiserver) -> KubeClient:
     return KubeClient(kubernetes.client.ApiClient(configuration))
 
 
-def in_namespace(namespace: str, **spec):
-    return isvc(**spec).model_copy(
-        update={"metadata": isvc().metadata.model_copy(update={"namespace": namespace})}
-    )
+def owned_in(kubectl, namespace: str):
+    """An InferenceService stored in the emulator (a real owner uid, so no garbage collection)."""
+    body = {"apiVersion": "kvpilot.dev/v1alpha1", "kind": "InferenceService", "spec": {}}
+    body["metadata"] = {"name": "chat", "namespace": namespace}
+    stored = kubectl.create("kvpilot.dev/v1alpha1", "inferenceservices", namespace, body)
+    metadata = isvc().metadata.model_copy(update={"namespace": namespace, "uid": stored["metadata"]["uid"]})
+    return isvc().model_copy(update={"metadata": metadata})
 
 
 def test_create_then_read_back_only_owned_children(client, kubectl):
-    service = in_namespace("exec-own")
+    service = owned_in(kubectl, "exec-own")
     written = client.execute(plan(build_children(service), []))
     assert sorted(written) == [("Deployment", "chat"), ("PodDisruptionBudget", "chat"), ("Service", "chat")]
     # A look-alike with the same labels but another owner is not ours.
-    foreign = build_children(in_namespace("exec-own"))[1]
-    foreign["metadata"]["name"] = "other"
-    foreign["metadata"]["ownerReferences"][0]["uid"] = "someone-else"
+    foreign = build_children(owned_in(kubectl, "exec-foreign"))[1]
+    foreign["metadata"].update(name="other", namespace="exec-own")
     kubectl.create("v1", "services", "exec-own", foreign)
     observed = client.read_children(service)
     assert sorted((o["kind"], o["metadata"]["name"]) for o in observed) == sorted(written)
-    assert all(o["metadata"]["ownerReferences"][0]["uid"] == UID for o in observed)
+    assert all(o["metadata"]["ownerReferences"][0]["uid"] == service.metadata.uid for o in observed)
     assert plan(build_children(service), observed).is_empty
 
 
@@ -50,7 +52,8 @@ def test_create_then_read_back_only_owned_children(client, kubectl):
 def test_failures_are_classified(client, apiserver, status, error):
     namespace = f"exec-fail-{status}"
     apiserver.server[f"post /api/v1/namespaces/{namespace}/services"] << status
-    service = build_children(in_namespace(namespace))[1]
+    service = build_children(isvc())[1]
+    service["metadata"]["namespace"] = namespace
     with pytest.raises(error, match=str(status)):
         client.execute(Plan(create=[service]))
 
