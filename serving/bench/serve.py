@@ -107,10 +107,17 @@ async def resolve_model(client: httpx.AsyncClient) -> str:
     return models[0]["id"]
 
 
+@dataclass(frozen=True)
+class ServeRun:
+    model: str  # the model name requested (resolved from /v1/models when not given)
+    records: list[RequestRecord]
+    duration_s: float  # wall time from the first send to the last byte
+
+
 async def run_benchmark(
     config: ServeBenchConfig, requests: list[WorkloadRequest], show_progress: bool = True
-) -> tuple[list[RequestRecord], float]:
-    """Send every request, return their records and the wall time from first send to last byte."""
+) -> ServeRun:
+    """Send every request and record what the client saw."""
     headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
     max_in_flight = config.max_concurrency or len(requests)
     limits = httpx.Limits(max_connections=max_in_flight, max_keepalive_connections=None)
@@ -139,14 +146,14 @@ async def run_benchmark(
         records = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
     progress.close()
-    return list(records), duration
+    return ServeRun(model, list(records), duration)
 
 
-def result_document(config: ServeBenchConfig, metrics: ServingMetrics, num_prompts: int) -> dict:
+def result_document(config: ServeBenchConfig, run: ServeRun, metrics: ServingMetrics) -> dict:
     return {
         "base_url": config.base_url,
-        "model": config.model,
-        "num_prompts": num_prompts,
+        "model": run.model,
+        "num_prompts": len(run.records),
         "request_rate": "inf" if math.isinf(config.request_rate) else config.request_rate,
         "max_concurrency": config.max_concurrency,
         **metrics.to_dict(),
@@ -209,11 +216,11 @@ def main(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.tokenizer)
     text_token_ids = tokenize_text(tokenizer, read_text(args.dataset))
     requests = build_workload(text_token_ids, workload_spec_from_args(args))
-    records, duration = asyncio.run(run_benchmark(config, requests))
-    metrics = compute_metrics(records, duration)
+    run = asyncio.run(run_benchmark(config, requests))
+    metrics = compute_metrics(run.records, run.duration_s)
     print(format_metrics(metrics))
-    for error in sorted({r.error for r in records if r.error})[:5]:
+    for error in sorted({r.error for r in run.records if r.error})[:5]:
         print(f"error: {error}")
     if args.json:
-        args.json.write_text(json.dumps(result_document(config, metrics, len(requests)), indent=2) + "\n")
+        args.json.write_text(json.dumps(result_document(config, run, metrics), indent=2) + "\n")
     return 0 if metrics.errors == 0 else 1

@@ -1,12 +1,15 @@
 import argparse
+import json
 import math
 
 import pytest
+from kvpilot.serving.bench.metrics import compute_metrics
 from kvpilot.serving.bench.serve import (
     ServeBenchConfig,
     add_parser,
     arrival_delays,
     completion_body,
+    run_benchmark,
     workload_spec_from_args,
 )
 from kvpilot.serving.bench.workload import WorkloadRequest
@@ -60,3 +63,65 @@ def test_config_validation_names_the_field():
         ServeBenchConfig(base_url="http://h:1", request_rate=-1.0)
     with pytest.raises(ValueError, match="max_concurrency"):
         ServeBenchConfig(base_url="http://h:1", max_concurrency=0)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama):
+    from tests.serving.api.conftest import ServerThread, tiny_settings
+
+    running = ServerThread(tiny_settings(tiny_llama)).start()
+    yield running
+    running.stop()
+
+
+REQUESTS = [WorkloadRequest(f"r{i}", tuple(range(100 + i, 108 + 2 * i)), output_len=3 + i) for i in range(6)]
+
+
+async def test_benchmark_against_a_real_server(server):
+    config = ServeBenchConfig(base_url=server.base_url, request_rate=50.0, max_concurrency=2, seed=0)
+    run = await run_benchmark(config, REQUESTS, show_progress=False)
+    records, duration = run.records, run.duration_s
+    assert run.model == "tiny-llama"  # resolved from /v1/models
+    assert [r.error for r in records] == [None] * 6
+    assert [r.output_len for r in records] == [r.output_len for r in REQUESTS]  # ignore_eos + max_tokens
+    assert [r.prompt_len for r in records] == [r.prompt_len for r in REQUESTS]
+    for record in records:
+        assert record.start < record.chunk_times[0] <= record.chunk_times[-1] <= record.end
+    metrics = compute_metrics(records, duration)
+    assert (metrics.completed, metrics.errors) == (6, 0)
+    assert metrics.total_output_tokens == sum(r.output_len for r in REQUESTS)
+    assert 0 < metrics.ttft_s.p50 <= metrics.e2e_s.p50 <= duration
+
+
+async def test_server_errors_are_counted_not_raised(server):
+    config = ServeBenchConfig(base_url=server.base_url, model="no-such-model")
+    run = await run_benchmark(config, REQUESTS[:2], show_progress=False)
+    assert all(r.error and r.error.startswith("HTTP 404") for r in run.records)
+    assert compute_metrics(run.records, run.duration_s).errors == 2
+
+
+def test_cli_run_prints_the_table_and_writes_json(server, tokenizer_dir, tmp_path, capsys):
+    out = tmp_path / "serve.json"
+    flags = ["--num-prompts", "3", "--input-len", "12", "--output-len", "4", "--max-concurrency", "2"]
+    args = parser().parse_args(
+        [
+            "serve",
+            "--base-url",
+            server.base_url,
+            "--tokenizer",
+            str(tokenizer_dir),
+            *flags,
+            "--json",
+            str(out),
+        ]
+    )
+    assert args.func(args) == 0
+    assert "Output token throughput (tok/s)" in capsys.readouterr().out
+    document = json.loads(out.read_text())
+    assert (document["model"], document["completed"], document["total_output_tokens"]) == (
+        "tiny-llama",
+        3,
+        12,
+    )
+    assert document["total_input_tokens"] == 36 and document["request_rate"] == "inf"
+    assert set(document["ttft_s"]) == {"mean", "p50", "p90", "p99"}
