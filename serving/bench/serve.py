@@ -163,7 +163,7 @@ def result_document(config: ServeBenchConfig, run: ServeRun, metrics: ServingMet
 def parse_request_rate(value: str) -> float:
     rate = float(value)  # accepts "inf"
     if not rate > 0:
-        raise argparse.ArgumentTypeError(f"--request-rate: must be > 0 or inf, got {value}")
+        raise argparse.ArgumentTypeError(f"must be > 0 or inf, got {value}")
     return rate
 
 
@@ -216,7 +216,11 @@ def main(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.tokenizer)
     text_token_ids = tokenize_text(tokenizer, read_text(args.dataset))
     requests = build_workload(text_token_ids, workload_spec_from_args(args))
-    run = asyncio.run(run_benchmark(config, requests))
+    try:
+        run = asyncio.run(run_benchmark(config, requests))
+    except httpx.HTTPError as exc:  # the server is unreachable or /v1/models failed
+        print(f"error: --base-url {config.base_url}: {type(exc).__name__}: {exc}")
+        return 2
     metrics = compute_metrics(run.records, run.duration_s)
     print(format_metrics(metrics))
     for error in sorted({r.error for r in run.records if r.error})[:5]:

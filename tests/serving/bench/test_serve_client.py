@@ -125,3 +125,11 @@ def test_cli_run_prints_the_table_and_writes_json(server, tokenizer_dir, tmp_pat
     )
     assert document["total_input_tokens"] == 36 and document["request_rate"] == "inf"
     assert set(document["ttft_s"]) == {"mean", "p50", "p90", "p99"}
+
+
+def test_unreachable_server_is_a_clear_error(tokenizer_dir, capsys):
+    args = parser().parse_args(
+        ["serve", "--base-url", "http://127.0.0.1:9", "--tokenizer", str(tokenizer_dir), "--num-prompts", "1"]
+    )
+    assert args.func(args) == 2
+    assert "error: --base-url http://127.0.0.1:9" in capsys.readouterr().out
