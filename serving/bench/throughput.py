@@ -1,107 +1,235 @@
-"""`kvpilot bench throughput`: offline output-token throughput of kvpilot vs transformers.
+"""`kvpilot bench throughput`: kvpilot and its peers on one fixed workload, in one run.
 
-A seeded workload of random token-id prompts (`--num-prompts` x `--input-len` tokens, each
-generating exactly `--output-len` tokens: greedy, `ignore_eos`) runs through kvpilot's `LLM`
-(all prompts at once, continuous batching) and, in the same process, through transformers
-`generate` one request at a time, the way a user without a serving engine would. Both load
-the same checkpoint directory or .gguf file in float32.
+The seeded workload (`workload.py`: 128 prompts of 16-256 tokens cut from the shipped English
+text, 16-512 output tokens each, greedy with `ignore_eos`) runs through kvpilot in float32 and
+in its best mode, `transformers` `generate` one request at a time and in static batches, and
+llama.cpp when `llama-cpp-python` is installed. The fp32 roofline is measured in the same
+process. `--plot` adds a sweep over concurrency (sequences in flight at once) per system.
 """
 
 import argparse
-import random
+import gc
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvpilot.serving.bench.report import SystemResult
-from kvpilot.serving.bench.workload import WorkloadRequest, default_model_path
+from kvpilot.serving.bench import baselines
+from kvpilot.serving.bench.report import (
+    HF_SEQUENTIAL,
+    HF_STATIC_BATCH,
+    KVPILOT_BEST,
+    KVPILOT_FP32,
+    LLAMA_CPP,
+    SYSTEMS,
+    SystemResult,
+    build_report,
+    format_table,
+    plot_concurrency,
+    write_json,
+)
+from kvpilot.serving.bench.roofline import (
+    load_model_shape,
+    measure_mm_flops_per_s,
+    roofline_tokens_per_s,
+    workload_flops,
+)
+from kvpilot.serving.bench.workload import (
+    WorkloadRequest,
+    WorkloadSpec,
+    build_workload,
+    default_model_path,
+    read_text,
+    subset,
+    tokenize_text,
+    total_output_tokens,
+)
+from kvpilot.serving.contract import QUANTIZATION_MODES
 
 
 @dataclass(frozen=True)
-class ThroughputArgs:
+class ThroughputConfig:
     model: str
-    num_prompts: int
-    input_len: int
-    output_len: int
-    seed: int = 0
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
-    num_kv_blocks: int | None = None
-    run_hf: bool = True
+    spec: WorkloadSpec
+    dataset: Path | None = None  # None: the shipped English text
+    best_mode: str = "int8"  # kvpilot's weight quantization for `kvpilot_best`
+    max_num_batched_tokens: int = 2048
+    kv_cache_memory_bytes: int = 4 << 30  # the whole workload fits: no preemption
+    hf_sequential_prompts: int = 8
+    hf_static_prompts: int = 64
+    hf_batch_size: int = 32
+    systems: tuple[str, ...] = SYSTEMS
+    plot_concurrencies: tuple[int, ...] = ()  # empty: no sweep
 
 
-def random_workload(num_prompts: int, input_len: int, output_len: int, vocab_size: int, seed: int):
-    """Prompts of random token ids; the same arguments give the same prompts."""
-    rng = random.Random(seed)
-    return [
-        WorkloadRequest(f"req-{i}", tuple(rng.randrange(vocab_size) for _ in range(input_len)), output_len)
-        for i in range(num_prompts)
-    ]
-
-
-def run_kvpilot(llm, requests: list[WorkloadRequest]) -> SystemResult:
+def run_kvpilot(llm, requests: list[WorkloadRequest], concurrency: int, mode: str) -> SystemResult:
+    """Drive the engine with at most `concurrency` requests in flight (a new one joins as one ends)."""
     from kvpilot.serving.sampling_params import SamplingParams
 
-    params = [SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True) for r in requests]
+    engine = llm.llm_engine
+    pending = deque(requests)
+    in_flight = 0
+    generated = 0
     start = time.perf_counter()
-    outputs = llm.generate([list(r.prompt_token_ids) for r in requests], params)
+    while pending or engine.has_unfinished():
+        while pending and in_flight < concurrency:
+            request = pending.popleft()
+            params = SamplingParams(temperature=0.0, max_tokens=request.output_len, ignore_eos=True)
+            engine.add_request(f"bench-{request.request_id}", list(request.prompt_token_ids), params)
+            in_flight += 1
+        for output in engine.step():
+            if output.finished:
+                in_flight -= 1
+                generated += len(output.outputs[0].token_ids)
     elapsed = time.perf_counter() - start
-    output_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    expected = sum(r.output_len for r in requests)
-    if output_tokens != expected:
-        raise RuntimeError(f"kvpilot generated {output_tokens} tokens, expected {expected}")
-    return SystemResult("fp32", len(requests), output_tokens, elapsed)
+    if generated != total_output_tokens(requests):
+        raise RuntimeError(f"kvpilot generated {generated} tokens, expected {total_output_tokens(requests)}")
+    return SystemResult(mode, len(requests), generated, elapsed)
 
 
-def run(args: ThroughputArgs) -> dict[str, SystemResult]:
-    from kvpilot.serving.bench.baselines import load_hf_model, run_hf_sequential
-    from kvpilot.serving.llm import LLM
+class ThroughputRun:
+    """One benchmark run: the workload, then each system in turn (one model in memory at a time)."""
 
-    llm = LLM(
-        model=args.model,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        num_kv_blocks=args.num_kv_blocks,
-    )
-    vocab_size = llm.llm_engine.vocab_size
-    requests = random_workload(args.num_prompts, args.input_len, args.output_len, vocab_size, args.seed)
-    warm_up = random_workload(1, min(args.input_len, 8), 2, vocab_size, args.seed + 1)
-    run_kvpilot(llm, warm_up)
-    results = {"kvpilot": run_kvpilot(llm, requests)}
-    del llm
-    if args.run_hf:
-        hf_model = load_hf_model(args.model)
-        run_hf_sequential(hf_model, warm_up)
-        results["transformers"] = run_hf_sequential(hf_model, requests)
-    return results
+    def __init__(self, config: ThroughputConfig, requests: list[WorkloadRequest]):
+        self.config = config
+        self.requests = requests
+        self.results: dict[str, SystemResult] = {}
+        self.curves: dict[str, dict[int, float]] = {}
 
+    def sweep_requests(self, concurrency: int) -> list[WorkloadRequest]:
+        """At least 8 requests and at least one per sequence slot, from the same seeded workload."""
+        return subset(self.requests, max(concurrency, 8), seed=self.config.spec.seed)
 
-def format_results(results: dict[str, SystemResult]) -> str:
-    header = f"{'system':<14}{'requests':>9}{'out tokens':>12}{'seconds':>10}{'tokens/s':>11}"
-    lines = [header, "-" * len(header)]
-    for name, r in results.items():
-        lines.append(
-            f"{name:<14}{r.num_requests:>9}{r.output_tokens:>12}{r.elapsed_s:>10.2f}{r.output_tokens_per_s:>11.1f}"
+    def record(self, curve: str, concurrency: int, result: SystemResult) -> None:
+        self.curves.setdefault(curve, {})[concurrency] = result.output_tokens_per_s
+
+    def run_kvpilot_mode(self, name: str, quantization: str) -> None:
+        from kvpilot.serving.llm import LLM
+
+        config = self.config
+        llm = LLM(
+            model=config.model,
+            quantization=quantization,
+            max_num_seqs=len(self.requests),
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            kv_cache_memory_bytes=config.kv_cache_memory_bytes,
+            enable_prefix_caching=False,  # every system computes every prompt token
         )
-    if "transformers" in results:
-        ratio = results["kvpilot"].output_tokens_per_s / results["transformers"].output_tokens_per_s
-        lines.append(f"{'kvpilot / transformers':<36}{ratio:>10.2f}x")
-    return "\n".join(lines)
+        mode = "fp32" if quantization == "none" else quantization
+        run_kvpilot(llm, self.requests[:2], 2, mode)  # warm-up
+        self.results[name] = run_kvpilot(llm, self.requests, len(self.requests), mode)
+        self.record(name, len(self.requests), self.results[name])
+        for concurrency in config.plot_concurrencies:
+            if concurrency not in self.curves[name]:
+                self.record(
+                    name, concurrency, run_kvpilot(llm, self.sweep_requests(concurrency), concurrency, mode)
+                )
+
+    def run_transformers(self) -> None:
+        config = self.config
+        hf_model = baselines.load_hf_model(config.model)
+        baselines.run_hf_sequential(hf_model, [_shortened(self.requests[0])])  # warm-up
+        if HF_SEQUENTIAL in config.systems:
+            chosen = subset(self.requests, config.hf_sequential_prompts, seed=config.spec.seed)
+            self.results[HF_SEQUENTIAL] = baselines.run_hf_sequential(hf_model, chosen)
+            self.record("transformers", 1, self.results[HF_SEQUENTIAL])
+        if HF_STATIC_BATCH in config.systems:
+            chosen = subset(self.requests, config.hf_static_prompts, seed=config.spec.seed)
+            self.results[HF_STATIC_BATCH] = baselines.run_hf_static_batch(
+                hf_model, chosen, config.hf_batch_size
+            )
+            self.record("transformers", config.hf_batch_size, self.results[HF_STATIC_BATCH])
+        for concurrency in config.plot_concurrencies:
+            if concurrency not in self.curves.get("transformers", {}):
+                requests = self.sweep_requests(concurrency)
+                if concurrency == 1:
+                    result = baselines.run_hf_sequential(hf_model, requests)
+                else:
+                    result = baselines.run_hf_static_batch(hf_model, requests, concurrency)
+                self.record("transformers", concurrency, result)
+
+    def run_llama_cpp(self) -> None:
+        concurrency = len(self.requests)  # the same as kvpilot's
+        self.results[LLAMA_CPP] = baselines.run_llama_cpp(self.config.model, self.requests, concurrency)
+        self.record(LLAMA_CPP, concurrency, self.results[LLAMA_CPP])
+        for c in self.config.plot_concurrencies:
+            if c not in self.curves[LLAMA_CPP]:
+                self.record(
+                    LLAMA_CPP, c, baselines.run_llama_cpp(self.config.model, self.sweep_requests(c), c)
+                )
+
+    def run_all(self) -> None:
+        systems = self.config.systems
+        if KVPILOT_FP32 in systems:
+            self.run_kvpilot_mode(KVPILOT_FP32, "none")
+            gc.collect()
+        if KVPILOT_BEST in systems:
+            self.run_kvpilot_mode(KVPILOT_BEST, self.config.best_mode)
+            gc.collect()
+        if HF_SEQUENTIAL in systems or HF_STATIC_BATCH in systems:
+            self.run_transformers()
+            gc.collect()
+        if LLAMA_CPP in systems and self.config.model.endswith(".gguf") and baselines.llama_cpp_available():
+            self.run_llama_cpp()
+
+
+def _shortened(request: WorkloadRequest) -> WorkloadRequest:
+    return WorkloadRequest(request.request_id, request.prompt_token_ids[:8], output_len=2)
+
+
+def measure_roofline(model: str, requests: list[WorkloadRequest]) -> float:
+    shape = load_model_shape(model)
+    flops = workload_flops(shape, [(r.prompt_len, r.output_len) for r in requests])
+    return roofline_tokens_per_s(flops, total_output_tokens(requests), measure_mm_flops_per_s(shape))
+
+
+def build_requests(config: ThroughputConfig) -> list[WorkloadRequest]:
+    from kvpilot.serving.bench.workload import load_tokenizer
+
+    tokenizer = load_tokenizer(config.model)
+    return build_workload(tokenize_text(tokenizer, read_text(config.dataset)), config.spec)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "throughput", help="offline output-token throughput: kvpilot vs transformers generate (sequential)"
+        "throughput", help="offline throughput of kvpilot vs transformers and llama.cpp on one workload"
     )
+    spec = WorkloadSpec()
     parser.add_argument("--model", default=None, help="checkpoint directory or .gguf file (default: SmolLM2)")
-    parser.add_argument("--num-prompts", type=_positive, default=16)
-    parser.add_argument("--input-len", type=_positive, default=128, help="prompt tokens per request")
-    parser.add_argument("--output-len", type=_positive, default=64, help="generated tokens per request")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-num-seqs", type=_positive, default=64)
-    parser.add_argument("--max-num-batched-tokens", type=_positive, default=512)
-    parser.add_argument("--num-kv-blocks", type=_positive, default=None)
-    parser.add_argument("--no-hf", dest="run_hf", action="store_false", help="skip the transformers run")
+    parser.add_argument("--dataset", type=Path, default=None, help="English text to cut prompts from")
+    parser.add_argument("--num-prompts", type=_positive, default=spec.num_prompts)
+    parser.add_argument(
+        "--input-len",
+        type=_positive,
+        default=None,
+        help=f"fixed prompt length ({spec.min_input_len}-{spec.max_input_len} when not given)",
+    )
+    parser.add_argument(
+        "--output-len",
+        type=_positive,
+        default=None,
+        help=f"fixed output length ({spec.min_output_len}-{spec.max_output_len} when not given)",
+    )
+    parser.add_argument("--seed", type=int, default=spec.seed)
+    parser.add_argument(
+        "--best-mode",
+        choices=[m for m in QUANTIZATION_MODES if m != "none"],
+        default="int8",
+        help="kvpilot_best weight quantization",
+    )
+    parser.add_argument("--max-num-batched-tokens", type=_positive, default=2048)
+    parser.add_argument("--kv-cache-memory-bytes", type=_positive, default=4 << 30)
+    parser.add_argument("--hf-sequential-prompts", type=_positive, default=8)
+    parser.add_argument("--hf-static-prompts", type=_positive, default=64)
+    parser.add_argument("--hf-batch-size", type=_positive, default=32)
+    parser.add_argument(
+        "--systems", type=_systems, default=SYSTEMS, help=f"comma-separated subset of {','.join(SYSTEMS)}"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="write the report as JSON to this file")
+    parser.add_argument(
+        "--plot", type=Path, default=None, help="PNG of throughput vs concurrency (needs matplotlib)"
+    )
+    parser.add_argument("--plot-concurrencies", type=_concurrencies, default=(1, 8, 32, 128))
     parser.set_defaults(func=main)
     return parser
 
@@ -110,18 +238,38 @@ def main(args: argparse.Namespace) -> int:
     model = str(args.model) if args.model else str(default_model_path())
     if not Path(model).exists():
         raise SystemExit(f"kvpilot bench throughput: error: --model: {model} does not exist")
-    options = ThroughputArgs(
-        model=model,
+    defaults = WorkloadSpec()
+    spec = WorkloadSpec(
         num_prompts=args.num_prompts,
-        input_len=args.input_len,
-        output_len=args.output_len,
+        min_input_len=args.input_len or defaults.min_input_len,
+        max_input_len=args.input_len or defaults.max_input_len,
+        min_output_len=args.output_len or defaults.min_output_len,
+        max_output_len=args.output_len or defaults.max_output_len,
         seed=args.seed,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        num_kv_blocks=args.num_kv_blocks,
-        run_hf=args.run_hf,
     )
-    print(format_results(run(options)))
+    config = ThroughputConfig(
+        model=model,
+        spec=spec,
+        dataset=args.dataset,
+        best_mode=args.best_mode,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+        hf_sequential_prompts=args.hf_sequential_prompts,
+        hf_static_prompts=args.hf_static_prompts,
+        hf_batch_size=args.hf_batch_size,
+        systems=args.systems,
+        plot_concurrencies=args.plot_concurrencies if args.plot else (),
+    )
+    requests = build_requests(config)
+    roofline = measure_roofline(model, requests)
+    run = ThroughputRun(config, requests)
+    run.run_all()
+    report = build_report(run.results, roofline)
+    print(format_table(report))
+    if args.json:
+        write_json(report, args.json)
+    if args.plot:
+        plot_concurrency(run.curves, args.plot, title=f"{Path(model).name}: output tokens/s vs concurrency")
     return 0
 
 
@@ -130,3 +278,15 @@ def _positive(value: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return number
+
+
+def _systems(value: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in value.split(",") if name.strip())
+    unknown = [name for name in names if name not in SYSTEMS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown systems {unknown}; choose from {','.join(SYSTEMS)}")
+    return names
+
+
+def _concurrencies(value: str) -> tuple[int, ...]:
+    return tuple(_positive(part) for part in value.split(","))
