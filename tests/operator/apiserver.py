@@ -5,6 +5,7 @@ kmock 0.8 gaps filled here (test code only, never product code):
 - a failed JSON-patch `test` answers 500 (a real server: 422 Unprocessable Entity);
 - no garbage collection of objects whose ownerReferences point to deleted owners;
 - label selectors are ignored on lists;
+- `GET /api/v1/namespaces` (kopf lists and watches it in namespaced mode) breaks its path parser;
 - discovery must list v1/namespaces and the CRD resource, or kopf waits silently.
 The server runs in its own thread and event loop so the operator (KopfRunner's thread) and
 the synchronous test talk to it over real HTTP.
@@ -16,11 +17,13 @@ import asyncio
 import copy
 import datetime
 import itertools
+import json
 import socket
 import threading
 import uuid
 from typing import Any
 
+import aiohttp.web
 import attrs
 import httpx
 import jsonpatch
@@ -82,6 +85,26 @@ class ApiServer(kmock.KubernetesEmulator):
         super().__attrs_post_init__()
         for name, info in RESOURCES.items():
             self.resources[name] = info
+
+    async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        # kmock's path parser fails on the cluster-wide namespace list, which kopf lists and
+        # watches when it serves specific namespaces: answer it here, before kmock parses.
+        if raw_request.path.rstrip("/") == "/api/v1/namespaces":
+            return await self._serve_namespaces(raw_request)
+        return await super().__call__(raw_request)
+
+    async def _serve_namespaces(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        names = {"default"} | {ns for (_, ns, _), obj in self.objects.items() if ns and not obj.deleted}
+        items = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n}} for n in sorted(names)]
+        if raw_request.query.get("watch") not in ("true", "1"):
+            listing = {"apiVersion": "v1", "kind": "NamespaceList", "metadata": {"resourceVersion": "1"}}
+            return aiohttp.web.json_response({**listing, "items": items})
+        response = aiohttp.web.StreamResponse()
+        await response.prepare(raw_request)
+        for item in items:
+            await response.write(json.dumps({"type": "ADDED", "object": item}).encode() + b"\n")
+        await asyncio.sleep(float(raw_request.query.get("timeoutSeconds", 3600)))
+        return response
 
     def _find(self, request: kmock.Request) -> Any:
         try:

@@ -104,6 +104,16 @@ def test_namespaced_install_uses_roles(helm):
         (d["kind"], d["metadata"].get("namespace")) for d in docs if d["kind"] in ("Role", "ClusterRole")
     )
     assert roles == [("ClusterRole", None), ("Role", "team-a"), ("Role", "team-b")]
+    (cluster_role,) = [d for d in docs if d["kind"] == "ClusterRole"]
+    namespaces_rule = {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]}
+    assert namespaces_rule in cluster_role["rules"]
+    (role,) = [d for d in docs if d["kind"] == "Role" and d["metadata"]["namespace"] == "team-a"]
+    deployments_rule = {
+        "apiGroups": ["apps"],
+        "resources": ["deployments"],
+        "verbs": ["list", "watch", "create", "patch"],
+    }
+    assert deployments_rule in role["rules"]
     (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
     args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--namespace=team-a" in args and "--namespace=team-b" in args

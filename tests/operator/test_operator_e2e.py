@@ -4,14 +4,19 @@ The test plays the user (kubectl) and the Deployment controller (patching Deploy
 Each test uses its own namespace on one shared emulator.
 """
 
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import pytest
 from kopf.testing import KopfRunner
 from kvpilot.operator.labels import SPEC_HASH_ANNOTATION
 from kvpilot.operator.models import API_VERSION, KIND
+
+from tests.operator.apiserver import free_port
 
 ISVC_API, ISVC = "kvpilot.dev/v1alpha1", "inferenceservices"
 OPERATOR_ARGS = ["run", "--standalone", "--all-namespaces", "-m", "kvpilot.operator.handlers"]
@@ -242,3 +247,30 @@ def test_restart_makes_no_writes(apiserver, kubectl):
     assert deployment_after["metadata"]["resourceVersion"] == deployment_before["metadata"]["resourceVersion"]
     assert deployment_after["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
     assert runner.exception is None
+
+
+def test_kvpilot_operator_command_runs_the_operator(apiserver, kubectl, tmp_path):
+    """`kvpilot operator` (the console entry point's subcommand) as a real process."""
+    ns = "team-cli"
+    kubectl.create(ISVC_API, ISVC, ns, manifest(ns, replicas=1))
+    port = free_port()
+    command = [sys.executable, "-m", "kvpilot.operator.cli", "operator", "-n", ns]
+    command += ["--liveness", f"http://127.0.0.1:{port}/healthz"]
+    process = subprocess.Popen(
+        command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        wait_for(lambda: kubectl.get("apps/v1", "deployments", ns, "chat"), "the Deployment", timeout=30)
+        assert wait_for(lambda: _healthz(port), "the liveness endpoint") == 200
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=30)[0]
+    assert process.returncode == 0, output
+    assert "Handler 'reconcile_inference_service' succeeded" in output
+
+
+def _healthz(port: int) -> int | None:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code
+    except httpx.HTTPError:
+        return None
