@@ -8,6 +8,7 @@ deleting an InferenceService never waits for the operator.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import defaultdict
 from typing import Any
@@ -54,7 +55,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration"
     )
-    settings.posting.level = 30  # logging.WARNING: post Warning events only, not every success
+    settings.posting.level = logging.WARNING  # post Warning events only, not every success
     settings.watching.server_timeout = 600
     settings.execution.max_workers = 8
 

@@ -274,3 +274,18 @@ def _healthz(port: int) -> int | None:
         return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code
     except httpx.HTTPError:
         return None
+
+
+def test_transient_api_errors_are_retried_with_backoff(apiserver, kubectl):
+    ns = "team-flaky"
+    path = f"/apis/apps/v1/namespaces/{ns}/deployments"
+    apiserver.server[f"get {path}"][:2] << 503  # the first two reads of the children fail
+    with KopfRunner(OPERATOR_ARGS, timeout=60) as runner:
+        start = time.monotonic()
+        kubectl.create(ISVC_API, ISVC, ns, manifest(ns, replicas=1))
+        wait_for(lambda: kubectl.get("apps/v1", "deployments", ns, "chat"), "the Deployment", timeout=30)
+        elapsed = time.monotonic() - start
+    reads = [r for r in apiserver.requests() if r == f"GET {path}"]
+    assert len(reads) >= 3
+    assert elapsed >= 1 + 2  # kopf.TemporaryError delays: 1 s, then 2 s
+    assert runner.exception is None
