@@ -109,7 +109,8 @@ class LLMEngine:
         return user
 
     def add_processed_request(self, user: UserRequest) -> None:
-        if user.request_id in self._requests:
+        taken = [s.request_id for s in user.sequences if s.request_id in self.scheduler.requests]
+        if user.request_id in self._requests or taken:
             raise ValueError(f"request_id: {user.request_id!r} is already in the engine")
         self._requests[user.request_id] = user
         for sequence in user.sequences:

@@ -158,3 +158,15 @@ def test_checkpoint_without_tokenizer_serves_token_ids(tmp_path):
     assert len(out.outputs[0].token_ids) == 3 and out.outputs[0].text == ""
     with pytest.raises(ValueError, match="prompt: this model has no tokenizer"):
         llm.generate("hello")
+
+
+def test_duplicate_request_ids_are_rejected_without_side_effects(llm):
+    engine = llm.llm_engine
+    engine.add_request("dup#1", [1, 2, 3], SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match="request_id: 'dup#1' is already in the engine"):
+        engine.add_request("dup#1", [4, 5], SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match="request_id: 'dup' is already in the engine"):
+        engine.add_request("dup", [4, 5], SamplingParams(n=2, max_tokens=2))  # its 2nd sequence is dup#1
+    engine.abort_request("dup#1")
+    stats = engine.get_stats()
+    assert not engine.has_unfinished() and stats.kv_cache_usage == 0.0
