@@ -62,12 +62,12 @@ def add_demo_parser(subparsers) -> None:
     parser.set_defaults(handler=_run_demo)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(with_plugins: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvpilot", description="LLM serving engine and Kubernetes operator")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_serve_parser(subparsers)
     add_demo_parser(subparsers)
-    for module_name, function in PLUGIN_PARSERS:
+    for module_name, function in PLUGIN_PARSERS if with_plugins else ():
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
@@ -101,7 +101,7 @@ def settings_error_line(error: ValidationError, given: set[str]) -> str:
 def _run_serve(args: argparse.Namespace) -> int:
     from kvpilot.serving.api.settings import ServeSettings
 
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "handler")}
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "handler", "func")}
     try:
         settings = ServeSettings(**given)
         settings.model_path  # noqa: B018 - resolves the default model, fails early when it is missing
@@ -124,8 +124,12 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    return args.handler(args)
+    argv = sys.argv[1:] if argv is None else argv
+    # `serve` and `demo` never import the other subcommands' modules: a pod runs only `serve`.
+    own_command = bool(argv) and argv[0] in ("serve", "demo")
+    args = build_parser(with_plugins=not own_command).parse_args(argv)
+    run = getattr(args, "handler", None) or args.func  # subcommands from other modules may set `func`
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -153,8 +153,9 @@ class ServingState:
             await asyncio.sleep(0.05)
         if self.engine_request_ids and self.engine is not None:
             logger.warning("shutdown timeout: aborting %d requests", len(self.engine_request_ids))
-            for request_id in list(self.engine_request_ids):
-                await self.engine.abort(request_id)
+            await asyncio.gather(
+                *(self.engine.abort(request_id) for request_id in list(self.engine_request_ids))
+            )
         # Aborted requests end with an error chunk; give their responses a moment to go out.
         grace = loop.time() + 5.0
         while self.num_accepted and loop.time() < grace:
