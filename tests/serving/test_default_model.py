@@ -45,14 +45,13 @@ def test_default_model_loads_with_its_tokenizer_and_template(default_llm):
 
 def test_answers_the_capital_of_france(default_llm):
     prompt = chat_prompt_ids(default_llm, "What is the capital of France?")
-    output = default_llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=24))[0]
+    output = default_llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=12))[0]
     assert "Paris" in output.outputs[0].text
 
 
 def test_greedy_tokens_match_transformers_on_the_same_gguf(default_llm, hf_default_model):
     tokenizer = default_llm.get_tokenizer()
     prompts = [tokenizer.encode(text) for text in PROMPTS]
-    prompts.append(chat_prompt_ids(default_llm, "Name a large animal."))
     params = SamplingParams(temperature=0.0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
     ours = [list(out.outputs[0].token_ids) for out in default_llm.generate(prompts, params)]
     with torch.inference_mode():
