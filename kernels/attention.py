@@ -9,14 +9,17 @@ mix), sequence i owning rows [query_start_loc[i], query_start_loc[i + 1]). Its q
 positions [context_lens[i], seq_lens[i]) and attend causally to keys [0, query position]. The
 chunk's own K/V are written to the cache before attention runs, so every key comes from the cache.
 
-`paged_attention` is the single dispatch point: the reference (clear, slow) and the fast CPU path
-are selected here, and a GPU kernel plugs in here too.
+`paged_attention` and `write_kv_cache` dispatch through `kvpilot.kernels.backend` (the fast CPU
+path here, Triton kernels for CUDA tensors). Caches are tensors in the model dtype, or `KVCache`
+objects (int8/fp8, quantized on write) that dequantize when indexed by block ids.
 """
 
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from kvpilot.kernels.backend import select_backend
+from kvpilot.kernels.quant.kv_cache import KVCache
 
 
 @dataclass(frozen=True)
@@ -77,13 +80,19 @@ def build_attention_metadata(
     )
 
 
-def write_kv_cache(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
-) -> None:
+def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache, v_cache, slot_mapping: torch.Tensor) -> None:
     """Scatter this step's k/v [T, num_kv_heads, head_dim] into their cache slots."""
-    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    select_backend(k.device).write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+
+
+def write_kv_cache_cpu(
+    k: torch.Tensor, v: torch.Tensor, k_cache, v_cache, slot_mapping: torch.Tensor
+) -> None:
+    for x, cache in ((k, k_cache), (v, v_cache)):
+        if isinstance(cache, KVCache):  # int8/fp8 storage: quantized on write
+            cache.write(x, slot_mapping)
+        else:
+            cache.view(-1, *cache.shape[2:]).index_copy_(0, slot_mapping, x.to(cache.dtype))
 
 
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -176,4 +185,4 @@ def paged_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, metadata: AttentionMetadata, scale: float
 ) -> torch.Tensor:
     """q [T, num_heads, head_dim] -> [T, num_heads, head_dim]; the batch's K/V are already cached."""
-    return paged_attention_cpu(q, k_cache, v_cache, metadata, scale)
+    return select_backend(q.device).paged_attention(q, k_cache, v_cache, metadata, scale)

@@ -2,6 +2,7 @@
 
 import torch
 from kvpilot.kernels.attention import build_attention_metadata
+from kvpilot.kernels.quant.kv_cache import KVCache, kv_block_bytes
 from kvpilot.serving.config import EngineConfig
 from kvpilot.serving.loader import TORCH_DTYPES, load_model
 from kvpilot.serving.scheduler_output import SchedulerOutput
@@ -39,13 +40,21 @@ class ModelRunner:
         self.kv_caches = self._allocate_kv_caches()
 
     def kv_cache_bytes_per_block(self) -> int:
+        """One block in every layer, K and V (and int8 scales), in the kv_cache_dtype."""
         c = self.model_config
-        element_size = torch.empty(0, dtype=self.dtype).element_size()
-        return 2 * c.num_hidden_layers * self.block_size * c.num_key_value_heads * c.head_dim * element_size
+        per_layer = kv_block_bytes(
+            self.block_size, c.num_key_value_heads, c.head_dim, self.config.kv_cache_dtype, self.dtype
+        )
+        return c.num_hidden_layers * per_layer
 
-    def _allocate_kv_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _allocate_kv_caches(self) -> list[tuple[torch.Tensor | KVCache, torch.Tensor | KVCache]]:
         c = self.model_config
         shape = (self.num_kv_blocks, self.block_size, c.num_key_value_heads, c.head_dim)
+        if self.config.kv_cache_dtype != "auto":  # int8/fp8: quantized on write (zero-filled too)
+            return [
+                tuple(KVCache.allocate(*shape, self.config.kv_cache_dtype, self.dtype) for _ in "kv")
+                for _ in range(c.num_hidden_layers)
+            ]
         # Zeros, not empty: padded gathers read unused slots, and 0 * NaN garbage would be NaN.
         return [
             (torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype))

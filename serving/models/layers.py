@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from kvpilot.kernels.backend import select_backend
 
 Weight = torch.Tensor  # or any object with .linear(x), .embed(ids), .nbytes (quantized formats)
 
@@ -29,7 +30,7 @@ class Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.weight, torch.Tensor):
             return F.linear(x, self.weight, self.bias)
-        out = self.weight.linear(x).to(x.dtype)
+        out = select_backend(x.device).quantized_linear(x, self.weight).to(x.dtype)
         return out if self.bias is None else out + self.bias
 
     @property
