@@ -42,6 +42,8 @@ def model_config(directory: Path, dtype: str, has_lm_head: bool) -> ModelConfig:
             raise CheckpointError(
                 path, f"field {name!r} must be {getattr(kind, '__name__', 'a number')}, got {value!r}"
             )
+        if kind is int and value is not None and value <= 0:
+            raise CheckpointError(path, f"field {name!r} must be > 0, got {value!r}")
         return value
 
     architectures = field("architectures", list)
@@ -60,6 +62,12 @@ def model_config(directory: Path, dtype: str, has_lm_head: bool) -> ModelConfig:
     hidden_size = field("hidden_size")
     num_heads = field("num_attention_heads")
     head_dim = field("head_dim", int, None) or hidden_size // num_heads
+    num_kv_heads = field("num_key_value_heads", int, None) or num_heads
+    if num_heads % num_kv_heads:
+        raise CheckpointError(
+            path,
+            f"field 'num_key_value_heads': {num_kv_heads} does not divide num_attention_heads {num_heads}",
+        )
     theta, scaling = _rope(path, raw)
     max_positions = field("max_position_embeddings", int, 2048)
     if raw.get("use_sliding_window", True) and field("sliding_window", int, None):
@@ -71,7 +79,7 @@ def model_config(directory: Path, dtype: str, has_lm_head: bool) -> ModelConfig:
         intermediate_size=field("intermediate_size"),
         num_hidden_layers=field("num_hidden_layers"),
         num_attention_heads=num_heads,
-        num_key_value_heads=field("num_key_value_heads", int, None) or num_heads,
+        num_key_value_heads=num_kv_heads,
         head_dim=head_dim,
         rms_norm_eps=float(field("rms_norm_eps", (int, float), 1e-6)),
         rope_theta=theta,

@@ -115,6 +115,8 @@ def edit_config(checkpoint, tmp_path, **changes):
         (dict(architectures=["GPT2LMHeadModel"]), r"config\.json: field 'architectures': unsupported"),
         (dict(hidden_size=None), r"config\.json: missing field 'hidden_size'"),
         (dict(num_hidden_layers="two"), r"config\.json: field 'num_hidden_layers' must be int"),
+        (dict(num_hidden_layers=0), r"config\.json: field 'num_hidden_layers' must be > 0"),
+        (dict(num_key_value_heads=3), r"config\.json: field 'num_key_value_heads': 3 does not divide"),
         (dict(rope_parameters={"rope_type": "yarn", "factor": 2.0}), r"'rope_parameters'.*'yarn'"),
         (dict(hidden_size=96), r"model\.safetensors.*model\.embed_tokens\.weight' has shape \[49152, 64\]"),
     ],
