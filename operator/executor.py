@@ -42,29 +42,25 @@ class KubeClient:
         apps, core = kubernetes.client.AppsV1Api(api_client), kubernetes.client.CoreV1Api(api_client)
         policy = kubernetes.client.PolicyV1Api(api_client)
         self.custom = kubernetes.client.CustomObjectsApi(api_client)
-        # kind -> (list, create, patch, delete), all namespaced
+        # kind -> (list, apply, delete), all namespaced
         self.kinds: dict[str, tuple[Callable[..., Any], ...]] = {
             "Deployment": (
                 apps.list_namespaced_deployment,
-                apps.create_namespaced_deployment,
                 apps.patch_namespaced_deployment,
                 apps.delete_namespaced_deployment,
             ),
             "Service": (
                 core.list_namespaced_service,
-                core.create_namespaced_service,
                 core.patch_namespaced_service,
                 core.delete_namespaced_service,
             ),
             "PodDisruptionBudget": (
                 policy.list_namespaced_pod_disruption_budget,
-                policy.create_namespaced_pod_disruption_budget,
                 policy.patch_namespaced_pod_disruption_budget,
                 policy.delete_namespaced_pod_disruption_budget,
             ),
             "ServiceAccount": (
                 core.list_namespaced_service_account,
-                core.create_namespaced_service_account,
                 core.patch_namespaced_service_account,
                 core.delete_namespaced_service_account,
             ),
@@ -84,7 +80,7 @@ class KubeClient:
         """Children controlled by this InferenceService (by owner uid, not only by labels)."""
         selector = ",".join(f"{k}={v}" for k, v in selector_labels(isvc).items())
         children = []
-        for kind, (list_fn, *_) in self.kinds.items():
+        for kind, (list_fn, _, _) in self.kinds.items():
             listing = self._call(list_fn, isvc.metadata.namespace, label_selector=selector)
             for item in listing.get("items", []):
                 item.setdefault("kind", kind)
@@ -93,21 +89,21 @@ class KubeClient:
         return children
 
     def execute(self, plan: Plan) -> dict[tuple[str, str], dict[str, Any]]:
-        """Apply the plan; returns the objects as the server answered, by (kind, name)."""
+        """Apply the plan; returns the objects as the server answered, by (kind, name).
+
+        Creates and updates are both server-side applies of the whole desired object: the
+        operator's field manager then owns exactly the fields it sets, so a field dropped from
+        the desired object is removed, and one someone else added is left alone.
+        """
         written = {}
-        for obj in plan.create:
-            _, create, _, _ = self.kinds[obj["kind"]]
-            written[obj["kind"], obj["metadata"]["name"]] = self._call(
-                create, obj["metadata"]["namespace"], obj
-            )
-        for obj in plan.update:
-            _, _, patch, _ = self.kinds[obj["kind"]]
+        for obj in [*plan.create, *plan.update]:
+            _, patch, _ = self.kinds[obj["kind"]]
             meta = obj["metadata"]
             written[obj["kind"], meta["name"]] = self._call(
                 patch, meta["name"], meta["namespace"], obj, **APPLY
             )
         for obj in plan.delete:
-            _, _, _, delete = self.kinds[obj["kind"]]
+            _, _, delete = self.kinds[obj["kind"]]
             meta = obj["metadata"]
             self._call(delete, meta["name"], meta["namespace"])
         return written

@@ -2,6 +2,7 @@
 
 kmock 0.8 gaps filled here (test code only, never product code):
 - no uid/resourceVersion/generation/creationTimestamp, no generateName;
+- a server-side apply (PATCH) of a missing object answers 404 instead of creating it;
 - a failed JSON-patch `test` answers 500 (a real server: 422 Unprocessable Entity);
 - no garbage collection of objects whose ownerReferences point to deleted owners;
 - label selectors are ignored on lists;
@@ -62,6 +63,7 @@ RESOURCES = {
     ),
 }
 WRITE_METHODS = {"POST", "PATCH", "PUT", "DELETE"}
+APPLY_PATCH = "application/apply-patch+yaml"
 
 
 def _now() -> str:
@@ -113,26 +115,19 @@ class ApiServer(kmock.KubernetesEmulator):
             return None
         return None if obj.deleted else obj
 
-    def _prepare(self, request: kmock.Request) -> None:
+    async def _prepare(self, request: kmock.Request) -> None:
         """Stamp server-owned metadata the way kube-apiserver does, before kmock stores it.
 
         kmock's Request is frozen but its parsed body is a plain container: edit it in place.
         """
         if request.action == kmock.action.CREATE and isinstance(request.data, dict):
-            metadata = request.data.setdefault("metadata", {})
-            if not metadata.get("name") and metadata.get("generateName"):
-                metadata["name"] = metadata["generateName"] + uuid.uuid4().hex[:5]
-            if request.namespace and not metadata.get("namespace"):
-                metadata["namespace"] = request.namespace
-            metadata.update(
-                uid=str(uuid.uuid4()),
-                resourceVersion=str(next(self._versions)),
-                generation=1,
-                creationTimestamp=_now(),
-            )
+            self._stamp_new(request.data, request.namespace)
             return
         if request.action == kmock.action.UPDATE and request.name is not None:
             current = self._find(request)
+            if current is None and request.headers.get("Content-Type", "").startswith(APPLY_PATCH):
+                await self._apply_creates(request)
+                return
             if current is None:
                 return  # kmock answers 404
             before = copy.deepcopy(current.raw)
@@ -159,10 +154,35 @@ class ApiServer(kmock.KubernetesEmulator):
             current.history.append(kmock.ObjectVersion(after))
             request.data.clear()
 
+    def _stamp_new(self, data: dict[str, Any], namespace: str | None) -> None:
+        metadata = data.setdefault("metadata", {})
+        if not metadata.get("name") and metadata.get("generateName"):
+            metadata["name"] = metadata["generateName"] + uuid.uuid4().hex[:5]
+        if namespace and not metadata.get("namespace"):
+            metadata["namespace"] = namespace
+        metadata.update(
+            uid=str(uuid.uuid4()),
+            resourceVersion=str(next(self._versions)),
+            generation=1,
+            creationTimestamp=_now(),
+        )
+
+    async def _apply_creates(self, request: kmock.Request) -> None:
+        """Server-side apply of a missing object creates it (kmock would answer 404)."""
+        data = copy.deepcopy(request.data)
+        self._stamp_new(data, request.namespace)
+        key = (request.resource, request.namespace, request.name)
+        if key in self.objects:
+            self.objects[key].create(data)
+        else:
+            self.objects[key] = data
+        await self._buses[request.resource].put({"type": "ADDED", "object": self.objects[key].raw})
+        request.data.clear()  # kmock then applies an empty patch to the stored object
+
     async def _handle(self, request: kmock.Request) -> Any:
         if request.resource is None:
             return await super()._handle(request)
-        self._prepare(request)
+        await self._prepare(request)
         response = await super()._handle(request)
         if request.action in (kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE):
             await self._collect_garbage()

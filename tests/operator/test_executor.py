@@ -51,10 +51,10 @@ def test_create_then_read_back_only_owned_children(client, kubectl):
 )
 def test_failures_are_classified(client, apiserver, status, error):
     namespace = f"exec-fail-{status}"
-    apiserver.server[f"post /api/v1/namespaces/{namespace}/services"] << status
+    apiserver.server[f"patch /api/v1/namespaces/{namespace}/services/chat"] << status
     service = build_children(isvc())[1]
     service["metadata"]["namespace"] = namespace
-    with pytest.raises(error, match=str(status)):
+    with pytest.raises(error, match=f"patch_namespaced_service: HTTP {status}"):
         client.execute(Plan(create=[service]))
 
 

@@ -42,9 +42,10 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 - apiGroups: ["kvpilot.dev"]
   resources: ["inferenceservices/status"]
   verbs: ["patch"]
-# Children: listed by selector, created, server-side applied; Deployments and Services are
-# watched to follow readiness and revert drift. Deployments and Services are never deleted
-# by the operator (the garbage collector does it through ownerReferences).
+# Children: listed by selector and written by server-side apply (a PATCH that creates a missing
+# object is authorized as create too); Deployments and Services are watched to follow readiness
+# and revert drift. The operator never deletes Deployments and Services (the garbage collector
+# does, through ownerReferences); it deletes a PDB or ServiceAccount the spec no longer asks for.
 - apiGroups: ["apps"]
   resources: ["deployments"]
   verbs: ["list", "watch", "create", "patch"]
