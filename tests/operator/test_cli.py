@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import kubernetes_validate
+import pytest
 import yaml
 from kvpilot.operator.cli import main
 from kvpilot.operator.crd import CRD_PATH
@@ -36,3 +38,10 @@ def test_render_rejects_an_invalid_manifest_naming_the_field(tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out == ""
     assert "spec.engine.tensorParallelSize (2) must divide spec.resources.gpu.count (1)" in captured.err
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_rendered_examples_pass_kubernetes_validate_strict(path, capsys):
+    assert main(["render", "-f", str(path)]) == 0
+    for obj in yaml.safe_load_all(capsys.readouterr().out):
+        kubernetes_validate.validate(obj, "1.29.0", strict=True)
