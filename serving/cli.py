@@ -31,8 +31,15 @@ def add_serve_parser(subparsers) -> None:
     parser.add_argument(_flag("served_model_name"), help="the model name clients send (default: --model)")
     parser.add_argument(_flag("host"), help="bind address (default 127.0.0.1)")
     parser.add_argument(_flag("port"), help="bind port (default 8000)")
-    for field in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size", "num_kv_blocks"):
-        parser.add_argument(_flag(field), metavar="N")
+    engine_numbers = {
+        "max_num_seqs": "sequences in one batch (default 64)",
+        "max_num_batched_tokens": "token budget of one engine step (default 512)",
+        "max_model_len": "context length (default: the model's)",
+        "block_size": "tokens per KV block (default 16)",
+        "num_kv_blocks": "KV blocks (default: sized from --kv-cache-memory)",
+    }
+    for field, help_text in engine_numbers.items():
+        parser.add_argument(_flag(field), metavar="N", help=help_text)
     parser.add_argument(
         _flag("enable_prefix_caching"),
         action=argparse.BooleanOptionalAction,
@@ -43,6 +50,9 @@ def add_serve_parser(subparsers) -> None:
         _flag("shutdown_timeout"), metavar="SECONDS", help="drain time on SIGTERM (default 30)"
     )
     parser.add_argument(_flag("api_key"), help="require `Authorization: Bearer KEY` on /v1/*")
+    parser.add_argument(
+        "--access-log", action=argparse.BooleanOptionalAction, help="log every HTTP request (default on)"
+    )
     parser.add_argument("--kv-cache-memory", metavar="SIZE", help="KV cache budget, e.g. 2GiB (default 1GiB)")
     parser.add_argument("--dtype", help="float32 (default), bfloat16 or float16")
     parser.add_argument(_flag("quantization"), help=f"weight format: {', '.join(QUANTIZATION_MODES)}")

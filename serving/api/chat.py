@@ -33,6 +33,8 @@ async def create_chat_completion(request: ChatCompletionRequest, state: ServingS
             f"response_format: type {request.response_format.type!r} is not supported yet; only 'text'",
             param="response_format",
         )
+    if request.tools:
+        raise bad_request("tools: function calling is not supported", param="tools")
     if request.stream_options is not None and not request.stream:
         raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
     if request.top_logprobs is not None and not request.logprobs:

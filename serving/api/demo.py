@@ -1,5 +1,6 @@
 """`kvpilot demo`: start a real server on the default model, ask one chat question, print the answer."""
 
+import logging
 import os
 import signal
 import socket
@@ -33,6 +34,8 @@ def wait_until_ready(base_url: str, process: subprocess.Popen, timeout: float) -
 def run_demo(model: str | None, prompt: str, max_tokens: int, timeout: float = 600) -> int:
     from openai import OpenAI
 
+    for name in ("httpx", "httpx2", "openai"):  # one line per poll would bury the answer
+        logging.getLogger(name).setLevel(logging.WARNING)
     port = free_port()
     command = [
         sys.executable,

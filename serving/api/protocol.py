@@ -110,6 +110,7 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None  # accepted only empty: no function calling yet
     add_generation_prompt: StrictBool = True
 
 

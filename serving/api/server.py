@@ -29,7 +29,14 @@ def run_server(settings: ServeSettings, sock: socket.socket | None = None) -> in
 async def serve(settings: ServeSettings, sock: socket.socket | None = None) -> int:
     app = create_app(settings)
     state = app.state.serving
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", lifespan="on")
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        access_log=settings.access_log,
+        lifespan="on",
+    )
     server = _Server(config)
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task] = set()

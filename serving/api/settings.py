@@ -40,6 +40,7 @@ class ServeSettings(BaseSettings):
     max_queue_len: int = Field(256, ge=0)  # requests waiting for a slot; more get 429
     shutdown_timeout: float = Field(30.0, ge=0)
     api_key: str | None = None
+    access_log: bool = True  # uvicorn's one line per HTTP request
     block_size: int = Field(16, gt=0)
     num_kv_blocks: int | None = Field(None, gt=0)
     kv_cache_memory: int = Field(1 << 30, gt=0)  # bytes; flags accept 2GiB, 512MiB, ...

@@ -39,6 +39,13 @@ CASES = [
     (CHAT, {"messages": MESSAGES, "max_completion_tokens": 0}, 400, "max_completion_tokens", None),
     (CHAT, {"messages": MESSAGES, "response_format": {"type": "json_object"}}, 400, "response_format", None),
     (CHAT, {"messages": MESSAGES, "top_logprobs": 2}, 400, "top_logprobs", None),
+    (
+        CHAT,
+        {"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]},
+        400,
+        "tools",
+        None,
+    ),
     (CHAT, {"messages": MESSAGES, "logprobs": "yes"}, 400, "logprobs", None),
     (CHAT, {"messages": MESSAGES, "stop_token_ids": [10**7]}, 400, "stop_token_ids", None),
     (CHAT, {"messages": MESSAGES, "model": "nope"}, 404, "model", "model_not_found"),
@@ -83,3 +90,14 @@ def test_server_still_serves_after_bad_input(http):
         assert 400 <= response.status_code < 500
     response = http.post(COMPLETIONS, json={"model": "tiny-llama", "prompt": "hi", "max_tokens": 3})
     assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_chat_without_a_template_is_a_clear_400(api_server):
+    from kvpilot.serving.api.errors import APIError
+    from kvpilot.serving.api.prompts import ModelInfo, chat_prompt
+    from kvpilot.serving.api.protocol import ChatCompletionRequest
+
+    no_template = ModelInfo(api_server.state.engine.tokenizer, None, max_model_len=2048, vocab_size=49152)
+    with pytest.raises(APIError) as raised:
+        chat_prompt(ChatCompletionRequest(messages=MESSAGES), no_template)
+    assert raised.value.status_code == 400 and "chat template" in raised.value.message

@@ -92,7 +92,8 @@ def test_drain_timeout_aborts_with_a_final_error_chunk(small_server):
     for thread in threads:
         thread.start()
     deadline = time.monotonic() + 60
-    while sum(event.is_set() for event in started) < 2:  # two run (max_num_seqs 2), the third waits
+    # two run (max_num_seqs 2), the third has been accepted and waits in the queue
+    while sum(event.is_set() for event in started) < 2 or small_server.state.num_accepted < 3:
         assert time.monotonic() < deadline
         time.sleep(0.01)
     small_server.run_coroutine(small_server.state.drain(timeout=0.2))
