@@ -39,7 +39,7 @@ MODEL_URI_PATTERN = (
     r"|oci://[a-z0-9][^\s]*)$"
 )
 DNS_LABEL_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
-RESERVED_LABEL_PREFIX = "app.kubernetes.io/"
+OPERATOR_LABEL_KEYS = tuple(f"app.kubernetes.io/{k}" for k in ("name", "instance", "component", "managed-by"))
 
 AutoscalingMetric = Literal["kvCacheUsage", "numRequestsWaiting", "numRequestsRunning"]
 
@@ -304,8 +304,10 @@ SPEC_RULES = [
         "fieldPath": ".engine.tensorParallelSize",
     },
     {
-        "rule": "!has(self.podLabels) || self.podLabels.all(k, !k.startsWith('app.kubernetes.io/'))",
-        "message": "spec.podLabels must not use the app.kubernetes.io/ prefix (the selector's labels)",
+        # Constant-cost `in` checks: a loop over the map's keys could exceed the CEL cost budget.
+        "rule": "!has(self.podLabels) || "
+        + " && ".join(f"!('{key}' in self.podLabels)" for key in OPERATOR_LABEL_KEYS),
+        "message": "spec.podLabels must not set the operator's app.kubernetes.io/ labels",
         "fieldPath": ".podLabels",
     },
 ]
@@ -370,7 +372,9 @@ class InferenceServiceSpec(_Model):
     )
     pod_annotations: dict[str, str] = Field(default_factory=dict, description="Extra pod annotations.")
     pod_labels: dict[str, str] = Field(
-        default_factory=dict, description="Extra pod labels (not app.kubernetes.io/*)."
+        default_factory=dict,
+        description="Extra pod labels (not the operator's app.kubernetes.io/ name, instance, component, "
+        "managed-by).",
     )
 
     @model_validator(mode="after")
@@ -382,9 +386,9 @@ class InferenceServiceSpec(_Model):
             raise ValueError(
                 f"spec.engine.tensorParallelSize ({tp}) must divide spec.resources.gpu.count ({gpus})"
             )
-        reserved = sorted(k for k in self.pod_labels if k.startswith(RESERVED_LABEL_PREFIX))
+        reserved = sorted(k for k in self.pod_labels if k in OPERATOR_LABEL_KEYS)
         if reserved:
-            raise ValueError(f"spec.podLabels must not use the {RESERVED_LABEL_PREFIX} prefix: {reserved}")
+            raise ValueError(f"spec.podLabels must not set the operator's labels: {reserved}")
         return self
 
     @property

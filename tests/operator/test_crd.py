@@ -157,7 +157,11 @@ BAD = [
         {"spec.model.uri": "hf://org/repo@v1", "spec.model.revision": "v2"},
         "spec.model.revision",
     ),
-    ("selector label in podLabels", {"spec.podLabels": {"app.kubernetes.io/name": "x"}}, "spec.podLabels"),
+    (
+        "selector label in podLabels",
+        {"spec.podLabels": {"app.kubernetes.io/instance": "x"}},
+        "spec.podLabels",
+    ),
     ("name not a DNS label", {"metadata.name": "Chat_1"}, "metadata.name"),
 ]
 
