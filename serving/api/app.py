@@ -88,4 +88,4 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
 def _log_load_failure(task: asyncio.Task) -> None:
     if not task.cancelled() and task.exception() is not None:
-        logger.error("model loading failed; /ready stays 503 and /health reports the error")
+        logger.error("model loading failed: /ready stays 503, /health answers 500; `kvpilot serve` exits 1")
