@@ -148,6 +148,11 @@ def test_create_then_ready_then_update_drift_and_delete(apiserver, kubectl):
             lambda: kubectl.get("apps/v1", "deployments", ns, "chat")["spec"]["replicas"] == 2, "drift revert"
         )
         assert kubectl.get("apps/v1", "deployments", ns, "chat")["metadata"]["labels"]["team"] == "a"
+        kubectl.patch("v1", "services", ns, "chat", {"spec": {"ports": [{"name": "http", "port": 8080}]}})
+        wait_for(
+            lambda: kubectl.get("v1", "services", ns, "chat")["spec"]["ports"][0]["port"] == 80,
+            "Service drift revert",
+        )
 
         # Delete: the garbage collector (emulated) removes the children; the operator recreates nothing.
         kubectl.delete(ISVC_API, ISVC, ns, "chat")
