@@ -1,0 +1,48 @@
+"""The native CPU decode attention against the reference paged attention."""
+
+import pytest
+import torch
+from kvpilot.kernels import cpu_extension
+from kvpilot.kernels.attention import build_attention_metadata, paged_attention_reference
+
+
+@pytest.fixture(scope="module")
+def native():
+    if cpu_extension.load() is None:
+        pytest.fail("the native CPU kernel did not build (is a C compiler installed?)")
+    return cpu_extension
+
+
+@pytest.mark.parametrize(
+    ("num_heads", "num_kv_heads", "head_dim", "block_size"),
+    [(9, 3, 64, 16), (4, 4, 32, 8), (8, 2, 20, 4), (6, 1, 16, 1)],
+)
+def test_decode_matches_reference(native, num_heads, num_kv_heads, head_dim, block_size):
+    generator = torch.Generator().manual_seed(num_heads * head_dim + block_size)
+    seq_lens = [1, 5, block_size, 3 * block_size + 1, 37]
+    num_blocks = sum(-(-n // block_size) for n in seq_lens) + 3
+    # Blocks of different sequences interleave in the pool, in a shuffled order.
+    order = torch.randperm(num_blocks, generator=generator).tolist()
+    block_tables, used = [], 0
+    for n in seq_lens:
+        count = -(-n // block_size)
+        block_tables.append(order[used : used + count])
+        used += count
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache, v_cache = (torch.randn(shape, generator=generator) for _ in "kv")
+    q = torch.randn(len(seq_lens), num_heads, head_dim, generator=generator)
+    metadata = build_attention_metadata(
+        [1] * len(seq_lens), [n - 1 for n in seq_lens], block_tables, block_size
+    )
+    scale = head_dim**-0.5
+
+    expected = paged_attention_reference(q, k_cache, v_cache, metadata, scale)
+    actual = native.paged_decode_attention(
+        q, k_cache, v_cache, metadata.block_tables, metadata.seq_lens, scale
+    )
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_library_is_cached_between_loads(native):
+    assert native.load() is native.load()
+    assert any(native.cache_dir().glob("paged_decode_attention-*.so"))
