@@ -123,6 +123,7 @@ class ServingState:
 
         observer = RequestObserver(self.metrics)
         self.engine_request_ids.add(request_id)
+        rejected = False
         try:
             async with contextlib.aclosing(
                 self.engine.generate(prompt_token_ids, params, request_id)
@@ -131,13 +132,15 @@ class ServingState:
                     observer.on_output(output)
                     yield output
         except ValueError as exc:  # the engine's own validation: "field: message"
+            rejected = True
             field = str(exc).split(":", 1)[0]
             raise bad_request(str(exc), param=field if field.isidentifier() else None) from None
         except EngineDeadError as exc:
+            rejected = True
             raise unavailable(f"the engine is not running: {exc}", code="engine_dead") from None
         finally:
             self.engine_request_ids.discard(request_id)
-            if not observer.finished:  # the consumer left early: the engine aborted the request
+            if not observer.finished and not rejected:  # the consumer left early: the engine aborted it
                 observer.on_aborted(params.n)
 
     # Shutdown
