@@ -1,8 +1,8 @@
 """The thin executor: the only module that talks to the Kubernetes API.
 
-It reads an InferenceService's children, applies a Plan (create, server-side apply, delete)
-and writes status. Failures worth retrying surface as TransientError; the handlers turn
-them into kopf.TemporaryError with a backoff.
+It reads an InferenceService's children, applies a Plan (server-side apply for creates and
+updates, delete for children no longer wanted) and writes status. Failures worth retrying
+surface as TransientError; the handlers turn them into kopf.TemporaryError with a backoff.
 """
 
 from __future__ import annotations
