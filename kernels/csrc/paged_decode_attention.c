@@ -17,27 +17,38 @@
 #include <immintrin.h>
 #endif
 
-static inline float dot(const float *a, const float *b, int64_t n) {
-#ifdef __AVX2__
-    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-    int64_t d = 0;
-    for (; d + 16 <= n; d += 16) {
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), s0);
-        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d + 8), _mm256_loadu_ps(b + d + 8), s1);
-    }
-    for (; d + 8 <= n; d += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), s0);
-    s0 = _mm256_add_ps(s0, s1);
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s0), _mm256_extractf128_ps(s0, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_movehdup_ps(h));
-    float sum = _mm_cvtss_f32(h);
-    for (; d < n; d++) sum += a[d] * b[d];
-    return sum;
-#else
+#define MAX_GROUP 8
+
+static inline float hsum(float *lanes, int64_t n) {
     float sum = 0.0f;
-    for (int64_t d = 0; d < n; d++) sum += a[d] * b[d];
+    for (int64_t i = 0; i < n; i++) sum += lanes[i];
     return sum;
+}
+
+/* scores[g] = q_g . k for the `group` query heads (rows of q, head_dim apart) sharing one K row:
+ * each K chunk is loaded once and feeds `group` independent FMA chains. */
+static inline void group_dots(const float *q, const float *k, int64_t group, int64_t n, float *scores) {
+#ifdef __AVX2__
+    if (group <= MAX_GROUP && n % 8 == 0) {
+        __m256 acc[MAX_GROUP];
+        for (int64_t g = 0; g < group; g++) acc[g] = _mm256_setzero_ps();
+        for (int64_t d = 0; d < n; d += 8) {
+            const __m256 kv = _mm256_loadu_ps(k + d);
+            for (int64_t g = 0; g < group; g++) acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * n + d), kv, acc[g]);
+        }
+        float lanes[8];
+        for (int64_t g = 0; g < group; g++) {
+            _mm256_storeu_ps(lanes, acc[g]);
+            scores[g] = hsum(lanes, 8);
+        }
+        return;
+    }
 #endif
+    for (int64_t g = 0; g < group; g++) {
+        float sum = 0.0f;
+        for (int64_t d = 0; d < n; d++) sum += q[g * n + d] * k[d];
+        scores[g] = sum;
+    }
 }
 
 static inline void axpy(float *acc, float p, const float *v, int64_t n) {
@@ -75,10 +86,18 @@ int paged_decode_attention_f32(const float *q, const float *k_cache, const float
         for (int64_t i = 0; i < num_heads; i++) row_max[i] = -INFINITY;
         for (int64_t t = 0; t < len; t++) {
             const float *k = k_cache + (table[t / block_size] * block_size + t % block_size) * slot_stride;
-            for (int64_t i = 0; i < num_heads; i++) {
-                const float score = dot(qs + i * head_dim, k + (i / group) * head_dim, head_dim) * scale;
-                scores[i * len + t] = score;
-                if (score > row_max[i]) row_max[i] = score;
+            for (int64_t h = 0; h < num_kv_heads; h++) {
+                float dots[MAX_GROUP];
+                for (int64_t g0 = 0; g0 < group; g0 += MAX_GROUP) {
+                    const int64_t n = group - g0 < MAX_GROUP ? group - g0 : MAX_GROUP;
+                    group_dots(qs + (h * group + g0) * head_dim, k + h * head_dim, n, head_dim, dots);
+                    for (int64_t g = 0; g < n; g++) {
+                        const int64_t i = h * group + g0 + g;
+                        const float score = dots[g] * scale;
+                        scores[i * len + t] = score;
+                        if (score > row_max[i]) row_max[i] = score;
+                    }
+                }
             }
         }
         for (int64_t i = 0; i < num_heads; i++) {
