@@ -167,3 +167,74 @@ def test_missing_path_and_bad_gguf_files(tmp_path):
         CheckpointError, match=r"gpt2\.gguf: metadata 'general\.architecture': unsupported 'gpt2'"
     ):
         load_model(tmp_path / "gpt2.gguf")
+
+
+def write_gguf_like_llama_cpp(checkpoint, path, quantized: dict[str, gguf.GGMLQuantizationType]):
+    """The checkpoint as llama.cpp's converter writes it: llama metadata, GGUF tensor names, q/k
+    rows permuted for its rotary layout, some tensors quantized."""
+    config = json.loads((checkpoint / "config.json").read_text())
+    heads, kv_heads, layers = (
+        config[k] for k in ("num_attention_heads", "num_key_value_heads", "num_hidden_layers")
+    )
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_block_count(layers)
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_vocab_size(config["vocab_size"])
+    writer.add_eos_token_id(2)
+
+    def permute(w, n_head):  # llama.cpp convert_hf_to_gguf.py LlamaModel.permute
+        return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+    names["lm_head.weight"] = "output.weight"
+    layer_names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    layer_names |= {f"self_attn.{p}_proj": f"attn_{p}" for p in "qkv"} | {"self_attn.o_proj": "attn_output"}
+    layer_names |= {f"mlp.{p}_proj": f"ffn_{p}" for p in ("gate", "up", "down")}
+    for i in range(layers):
+        names |= {
+            f"model.layers.{i}.{hf}.weight": f"blk.{i}.{name}.weight" for hf, name in layer_names.items()
+        }
+    for hf_name, tensor in load_file(checkpoint / "model.safetensors").items():
+        array, name = tensor.numpy(), names[hf_name]
+        if ".attn_q." in name or ".attn_k." in name:
+            array = permute(array, heads if ".attn_q." in name else kv_heads)
+        if name in quantized:
+            writer.add_tensor(name, gguf.quants.quantize(array, quantized[name]), raw_dtype=quantized[name])
+        else:
+            writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_gguf_loads_like_the_checkpoint_it_was_converted_from(tiny_checkpoints, tmp_path):
+    checkpoint = tiny_checkpoints["mistral"]
+    f32 = write_gguf_like_llama_cpp(checkpoint, tmp_path / "f32.gguf", {})
+    loaded = load_model(f32)
+    assert loaded.tokenizer is None and loaded.eos_token_ids == {2}
+    assert not loaded.config.tie_word_embeddings and loaded.config.head_dim == 16
+    expected = logits_for(ModelRunner(EngineConfig(model=str(checkpoint), num_kv_blocks=4)), PROMPT)
+    torch.testing.assert_close(
+        logits_for(ModelRunner(EngineConfig(model=str(f32), num_kv_blocks=4)), PROMPT), expected
+    )
+
+    q8, f16 = gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.F16
+    mixed = write_gguf_like_llama_cpp(
+        checkpoint, tmp_path / "mixed.gguf", {"blk.0.attn_q.weight": q8, "blk.1.ffn_down.weight": f16}
+    )
+    model = load_model(mixed).model
+    reference = transformers.AutoModelForCausalLM.from_pretrained(checkpoint).model.layers
+    for ours, theirs in [
+        (model.layers[0].self_attn.q_proj.weight, reference[0].self_attn.q_proj.weight),
+        (model.layers[1].mlp.down_proj.weight, reference[1].mlp.down_proj.weight),
+    ]:
+        assert ours.dtype == torch.float32
+        torch.testing.assert_close(ours, theirs.detach(), atol=float(theirs.abs().max()) / 100, rtol=0)
