@@ -1,7 +1,6 @@
 """`kvpilot demo`: start a real server on the default model, ask one chat question, print the answer."""
 
 import logging
-import os
 import signal
 import socket
 import subprocess
@@ -37,20 +36,12 @@ def run_demo(model: str | None, prompt: str, max_tokens: int, timeout: float = 6
     for name in ("httpx", "httpx2", "openai"):  # one line per poll would bury the answer
         logging.getLogger(name).setLevel(logging.WARNING)
     port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "kvpilot.serving.cli",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
+    flags = ["--host", "127.0.0.1", "--port", str(port), "--no-access-log"]
     if model is not None:
-        command += ["--model", model]
-    print(f"$ kvpilot serve --port {port}" + (f" --model {model}" if model else ""), flush=True)
-    server = subprocess.Popen(command, env=os.environ.copy())
+        flags += ["--model", model]
+    print(f"$ kvpilot serve {' '.join(flags)}", flush=True)
+    command = [sys.executable, "-m", "kvpilot.serving.cli", "serve", *flags]
+    server = subprocess.Popen(command)
     try:
         base_url = f"http://127.0.0.1:{port}"
         wait_until_ready(base_url, server, timeout)
