@@ -190,3 +190,30 @@ def test_greedy_http_output_equals_offline_llm(client, tiny_llama):
         assert reply.choices[0].text == expected.outputs[0].text
         assert reply.choices[0].finish_reason == expected.outputs[0].finish_reason
         assert reply.usage.completion_tokens == len(expected.outputs[0].token_ids)
+
+
+async def test_streaming_two_prompts_n2(async_client, tokenizer):
+    stream = await async_client.completions.create(
+        model="tiny-llama",
+        prompt=PROMPTS[:2],
+        n=2,
+        max_tokens=5,
+        temperature=1.0,
+        seed=3,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    texts: dict[int, str] = {}
+    finish: dict[int, str] = {}
+    usage = None
+    async for chunk in stream:
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+            if choice.finish_reason:
+                finish[choice.index] = choice.finish_reason
+    assert sorted(texts) == [0, 1, 2, 3] and all(texts.values())
+    assert finish == {i: "length" for i in range(4)}
+    assert usage.completion_tokens == 4 * 5
+    assert usage.prompt_tokens == sum(len(tokenizer.encode(p)) for p in PROMPTS[:2])
