@@ -8,6 +8,7 @@ condition variable.
 """
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ class _Stream:
     queue: asyncio.Queue
 
     def put(self, item: RequestOutput | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        _call_soon(self.loop, self.queue.put_nowait, item)
 
 
 class AsyncLLM:
@@ -108,6 +109,8 @@ class AsyncLLM:
                     return
         finally:
             if not finished:
+                with self._cond:
+                    self._streams.pop(request_id, None)  # nobody reads it any more
                 self._request_abort(request_id, None, None)
 
     async def abort(self, request_id: str) -> None:
@@ -155,7 +158,7 @@ class AsyncLLM:
                 for request_id, done, loop in aborts:
                     self._deliver(self.engine.abort_request(request_id))
                     if done is not None:
-                        loop.call_soon_threadsafe(_resolve, done)
+                        _call_soon(loop, _resolve, done)
                 self._deliver(self.engine.step())
         except BaseException as exc:  # the engine is broken: every waiting stream must hear about it
             self.error = exc
@@ -196,9 +199,15 @@ class AsyncLLM:
             aborts, self._aborts = self._aborts, []
         for _, done, loop in aborts:
             if done is not None:
-                loop.call_soon_threadsafe(_resolve, done)
+                _call_soon(loop, _resolve, done)
 
 
 def _resolve(future: asyncio.Future) -> None:
     if not future.done():
         future.set_result(None)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback, *args) -> None:
+    """Hand a callback to a consumer's event loop; a loop that has closed meanwhile is skipped."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(callback, *args)

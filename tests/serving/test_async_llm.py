@@ -103,6 +103,24 @@ async def test_breaking_out_of_the_stream_aborts_its_request(engine):
     assert_all_blocks_free(engine)
 
 
+def test_a_consumer_whose_event_loop_is_gone_does_not_hurt_the_engine(engine):
+    async def take_one_and_leave():
+        stream = engine.generate([8] * 20, LONG, "orphan")
+        await stream.__anext__()
+        await stream.aclose()  # the loop closes right after; the abort is processed later
+
+    asyncio.run(take_one_and_leave())
+
+    async def next_request():
+        outputs = await collect(engine, [9, 9, 9], GREEDY, "after-orphan")
+        await wait_until_idle(engine)
+        return outputs
+
+    outputs = asyncio.run(asyncio.wait_for(next_request(), timeout=30))
+    assert outputs[-1].finished and engine.is_running
+    assert_all_blocks_free(engine)
+
+
 async def test_bad_requests_fail_fast(engine):
     with pytest.raises(ValueError, match="prompt: must not be empty"):
         await collect(engine, [], GREEDY, "empty")
