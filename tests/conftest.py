@@ -1,8 +1,19 @@
+import os
 from pathlib import Path
 
-import pytest
+# One intra-op thread per process: the tests run servers in subprocesses beside the test process,
+# and on 2 cores oversubscribed torch threads make token-by-token decoding up to 10x slower.
+# Set before torch is imported so the servers the tests start inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from tests.checkpoints import ARCHITECTURES, build_checkpoint, default_gguf_path, save_real_tokenizer
+import pytest  # noqa: E402
+
+from tests.checkpoints import (  # noqa: E402
+    ARCHITECTURES,
+    build_checkpoint,
+    default_gguf_path,
+    save_real_tokenizer,
+)
 
 
 @pytest.fixture(scope="session")
