@@ -6,9 +6,9 @@ from pathlib import Path
 # Set before torch is imported so the servers the tests start inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import pytest  # noqa: E402
+import pytest
 
-from tests.checkpoints import (  # noqa: E402
+from tests.checkpoints import (
     ARCHITECTURES,
     build_checkpoint,
     default_gguf_path,
