@@ -102,6 +102,12 @@ class ThroughputRun:
 
     def record(self, curve: str, concurrency: int, result: SystemResult) -> None:
         self.curves.setdefault(curve, {})[concurrency] = result.output_tokens_per_s
+        print(
+            f"{curve} ({result.mode}) at concurrency {concurrency}: {result.output_tokens} tokens "
+            f"of {result.num_requests} requests in {result.elapsed_s:.1f} s "
+            f"= {result.output_tokens_per_s:.1f} tokens/s",
+            flush=True,
+        )
 
     def run_kvpilot_mode(self, name: str, quantization: str) -> None:
         from kvpilot.serving.llm import LLM
@@ -163,11 +169,11 @@ class ThroughputRun:
         if KVPILOT_FP32 in systems:
             self.run_kvpilot_mode(KVPILOT_FP32, "none")
             gc.collect()
-        if KVPILOT_BEST in systems:
-            self.run_kvpilot_mode(KVPILOT_BEST, self.config.best_mode)
-            gc.collect()
         if HF_SEQUENTIAL in systems or HF_STATIC_BATCH in systems:
             self.run_transformers()
+            gc.collect()
+        if KVPILOT_BEST in systems:
+            self.run_kvpilot_mode(KVPILOT_BEST, self.config.best_mode)
             gc.collect()
         if LLAMA_CPP in systems and self.config.model.endswith(".gguf") and baselines.llama_cpp_available():
             self.run_llama_cpp()
