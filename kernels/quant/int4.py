@@ -47,7 +47,9 @@ class Int4Weight:
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W^T on CPU: 4-bit weights are expanded a few rows at a time, never all at once."""
         x2, lead = flatten_tokens(x)
-        y = linear_by_row_chunks(x2, self.shape[0], self.qweight.shape[1] * 2, self._dequantize_rows)
+        y = linear_by_row_chunks(
+            x2, self.shape[0], self.qweight.shape[1] * 2, lambda a, b: self._dequantize_rows(a, b).to(x.dtype)
+        )
         return y.reshape(*lead, self.shape[0])
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:

@@ -75,7 +75,19 @@ class WeightQuantizer:
             self.counts[f"{source.tensor_type.name} dequantized to float"] += 1
         values = gguf.quants.dequantize(source.data, source.tensor_type)
         shape = tuple(int(n) for n in reversed(source.shape))  # GGML lists dimensions innermost first
-        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(shape).to(self.dtype)
+        return torch.from_numpy(np.array(values, dtype=np.float32)).reshape(shape).to(self.dtype)  # a copy
+
+
+def check_checkpoint_config(config: dict, mode: str, file: object = "config.json") -> None:
+    """A Hugging Face checkpoint that is already quantized (GPTQ, AWQ, bitsandbytes, fp8, ...) has
+    no float weights to quantize: fail at start-up instead of loading something else."""
+    settings = config.get("quantization_config")
+    if settings:
+        method = settings.get("quant_method", "unknown") if isinstance(settings, dict) else settings
+        raise ValueError(
+            f"quantization: {file} is already quantized with {method!r}, which kvpilot cannot load; "
+            f"--quantization {mode} needs a float checkpoint (or a GGUF file)"
+        )
 
 
 def permute_rows(weight: Weight, index: torch.Tensor) -> Weight:

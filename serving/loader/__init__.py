@@ -4,7 +4,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from kvpilot.kernels.quant.loading import WeightQuantizer
+from kvpilot.kernels.quant.loading import WeightQuantizer, check_checkpoint_config
 from kvpilot.serving.loader import gguf_file, hf
 from kvpilot.serving.loader.errors import CheckpointError
 from kvpilot.serving.loader.weights import WeightBuilder
@@ -46,6 +46,7 @@ def load_model(path: str | Path, dtype: str = "float32", quantization: str = "no
 
 
 def _read_checkpoint_dir(path: Path, dtype: str, quantizer: WeightQuantizer):
+    check_checkpoint_config(hf.read_json(path / hf.CONFIG), quantizer.mode, path / hf.CONFIG)
     tensors = hf.tensor_refs(path)
     config = hf.model_config(path, dtype, has_lm_head="lm_head.weight" in tensors)
     tokenizer = hf.load_tokenizer(path)
