@@ -26,7 +26,7 @@ interpreted = pytest.mark.skipif(
     not IN_INTERPRETER,
     reason="runs in the TRITON_INTERPRET=1 child of test_kernels_under_the_triton_interpreter",
 )
-KERNEL_MODULES = ("kv_write", "paged_attention", "quant_matmul")
+KERNEL_MODULES = ("kv_write", "paged_attention", "quant_matmul", "backend")
 HEADS, KV_HEADS, DIM, BLOCK = 4, 2, 24, 16  # GQA, a head_dim that is not a power of two
 
 
@@ -178,3 +178,45 @@ def test_kernels_reject_bad_input(kernels):
             torch.zeros(1, HEADS, DIM), small, small, torch.zeros(1, 1, dtype=torch.int32),
             torch.tensor([1], dtype=torch.int32), 1.0,
         )  # fmt: skip
+
+
+@interpreted
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
+def test_triton_backend_matches_the_cpu_backend_on_engine_metadata(kernels, kv_cache_dtype):
+    """What the model calls through `select_backend`: same caches, same attention output."""
+    from kvpilot.kernels.attention import build_attention_metadata, paged_attention_reference
+    from kvpilot.kernels.backend import select_backend
+
+    triton_backend, cpu_backend = kernels.backend.TRITON_BACKEND, select_backend("cpu")
+    generator = torch.Generator().manual_seed(6)
+    metadata = build_attention_metadata([5, 1, 17], [0, 20, 3], [[4, 0], [1, 2], [3, 5]], BLOCK)
+    k, v = torch.randn(2, 23, KV_HEADS, DIM, generator=generator)
+    q = torch.randn(23, HEADS, DIM, generator=generator)
+    caches = {}
+    for name, backend in (("cpu", cpu_backend), ("triton", triton_backend)):
+        if kv_cache_dtype == "auto":
+            k_cache, v_cache = torch.zeros(2, 6, BLOCK, KV_HEADS, DIM)
+        else:
+            k_cache, v_cache = (KVCache.allocate(6, BLOCK, KV_HEADS, DIM, kv_cache_dtype) for _ in "kv")
+        backend.write_kv_cache(k, v, k_cache, v_cache, metadata.slot_mapping)
+        caches[name] = (k_cache, v_cache)
+    for a, b in zip(caches["cpu"], caches["triton"], strict=True):
+        assert torch.equal(a[torch.arange(6)], b[torch.arange(6)])  # blocks, dequantized when quantized
+    k_cache, v_cache = caches["triton"]
+    decodes = build_attention_metadata([1, 1], [4, 30], [[4, 0], [1, 2]], BLOCK)  # the decode kernel
+    for batch in (metadata, decodes):
+        rows = q[: int(batch.query_start_loc[-1])]
+        expected = paged_attention_reference(rows, k_cache, v_cache, batch, DIM**-0.5)
+        got = triton_backend.paged_attention(rows, k_cache, v_cache, batch, DIM**-0.5)
+        assert torch.allclose(got, expected, atol=1e-5)
+
+
+@interpreted
+def test_triton_backend_quantized_linear_keeps_leading_dimensions(kernels):
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 3, 64, generator=generator)
+    for mode in ("int8", "int4", "fp8"):
+        weight = quantize(torch.randn(48, 64, generator=generator), mode)
+        got = kernels.backend.TRITON_BACKEND.quantized_linear(x, weight)
+        assert got.shape == (2, 3, 48)
+        assert torch.allclose(got, x @ weight.dequantize().t(), atol=1e-4)
