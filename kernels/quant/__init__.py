@@ -1,8 +1,9 @@
 """Quantized weight formats (int8, int4, fp8, GGUF blocks) and quantized KV-cache helpers.
 
 Every weight format keeps its data quantized in memory and exposes `shape`, `nbytes`,
-`dequantize()` (the reference), `linear(x)` (x @ W^T, the fast CPU path), `embed(token_ids)`
-and `select_rows(index)`.
+`dequantize()` (the reference), `linear(x)` (x @ W^T, the fast CPU path), `embed(token_ids)`,
+`select_rows(index)` and `to(device)`. The engine reaches the kernels through
+`kvpilot.kernels.backend.select_backend` (Triton for CUDA tensors).
 """
 
 from kvpilot.kernels.quant.fp8 import Fp8Weight, quantize_fp8

@@ -42,6 +42,9 @@ class Fp8Weight:
     def select_rows(self, index: torch.Tensor) -> "Fp8Weight":
         return Fp8Weight(self.weight[index], self.scales[index])
 
+    def to(self, device: torch.device | str) -> "Fp8Weight":
+        return Fp8Weight(self.weight.to(device), self.scales.to(device))
+
     def _dequantize_rows(self, start: int, stop: int) -> torch.Tensor:
         return self.weight[start:stop].float().mul_(self.scales[start:stop, None])
 

@@ -61,6 +61,10 @@ class Int4Weight:
             self.qweight[index], self.scales[index], self.mins[index], self.in_features, self.group_size
         )
 
+    def to(self, device: torch.device | str) -> "Int4Weight":
+        moved = (t.to(device) for t in (self.qweight, self.scales, self.mins))
+        return Int4Weight(*moved, self.in_features, self.group_size)
+
     def _dequantize_rows(self, start: int, stop: int) -> torch.Tensor:
         q = unpack_int4(self.qweight[start:stop]).view(stop - start, self.scales.shape[1], self.group_size)
         q.mul_(self.scales[start:stop, :, None]).add_(self.mins[start:stop, :, None])  # as GGML: q*d + m

@@ -79,6 +79,10 @@ class Int8Weight:
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.select_rows(token_ids.reshape(-1)).dequantize().reshape(*token_ids.shape, self.shape[1])
 
+    def to(self, device: torch.device | str) -> "Int8Weight":
+        """On CUDA the int8 values are kept as they are (Triton reads them); on CPU they are packed."""
+        return Int8Weight.from_int8(self.qweight.to(device), self.scales.to(device), self.group_size)
+
     def select_rows(self, index: torch.Tensor) -> "Int8Weight":
         return Int8Weight.from_int8(self.qweight[index], self.scales[index], self.group_size)
 

@@ -107,3 +107,10 @@ def test_bad_input_names_the_field():
         quantize(w[0], "int8")
     with pytest.raises(ValueError, match="qweight"):
         Int8Weight.from_int8(torch.zeros(4, 8, dtype=torch.int32), torch.ones(4, 1))
+
+
+@pytest.mark.parametrize(("mode", "group_size"), CASES)
+def test_to_device_keeps_the_values(mode, group_size):
+    q = quantize(_weight(), mode, group_size)
+    moved = q.to("cpu")
+    assert type(moved) is type(q) and torch.equal(moved.dequantize(), q.dequantize())
