@@ -42,19 +42,22 @@ def load() -> ctypes.CDLL | None:
     digest = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
     library = cache_dir() / f"paged_decode_attention-{digest}.so"
     if not library.exists():
-        library.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
-            built = Path(tmp) / library.name
-            try:
-                command = ["cc", *FLAGS, str(SOURCE), "-o", str(built), "-lm"]
-                subprocess.run(command, check=True, capture_output=True)
-            except (OSError, subprocess.CalledProcessError) as error:
-                logger.warning("native CPU attention unavailable, using the torch path: %s", error)
-                return None
-            os.replace(built, library)  # atomic: concurrent builders never see a partial file
+        try:
+            _build(library)
+        except (OSError, subprocess.CalledProcessError) as error:  # no compiler, read-only cache, ...
+            logger.warning("native CPU attention unavailable, using the torch path: %s", error)
+            return None
     lib = ctypes.CDLL(str(library))
     lib.paged_decode_attention_f32.restype = ctypes.c_int
     return lib
+
+
+def _build(library: Path) -> None:
+    library.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
+        built = Path(tmp) / library.name
+        subprocess.run(["cc", *FLAGS, str(SOURCE), "-o", str(built), "-lm"], check=True, capture_output=True)
+        os.replace(built, library)  # atomic: concurrent builders never see a partial file
 
 
 def paged_decode_attention(

@@ -46,3 +46,16 @@ def test_decode_matches_reference(native, num_heads, num_kv_heads, head_dim, blo
 def test_library_is_cached_between_loads(native):
     assert native.load() is native.load()
     assert any(native.cache_dir().glob("paged_decode_attention-*.so"))
+
+
+def test_unbuildable_library_means_the_torch_path(monkeypatch, tmp_path):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # the cache folder cannot be created
+    cpu_extension.load.cache_clear()
+    try:
+        assert cpu_extension.load() is None
+    finally:
+        monkeypatch.undo()
+        cpu_extension.load.cache_clear()
+    assert cpu_extension.load() is not None
