@@ -45,9 +45,14 @@ class AttentionMetadata:
 
 
 def build_attention_metadata(
-    query_lens: list[int], context_lens: list[int], block_tables: list[list[int]], block_size: int
+    query_lens: list[int],
+    context_lens: list[int],
+    block_tables: list[list[int]],
+    block_size: int,
+    device: torch.device | str = "cpu",
 ) -> AttentionMetadata:
-    """Metadata for a batch, with slot_mapping computed without a per-token Python loop."""
+    """Metadata for a batch, with slot_mapping computed without a per-token Python loop (on the
+    CPU; the tensors are then moved to `device`)."""
     num_seqs = len(query_lens)
     query_lens_t = torch.tensor(query_lens, dtype=torch.int64)
     context_lens_t = torch.tensor(context_lens, dtype=torch.int64)
@@ -66,12 +71,12 @@ def build_attention_metadata(
     slot_mapping = tables[seq_index, positions // block_size] * block_size + positions % block_size
     seq_lens_list = seq_lens_t.tolist()
     return AttentionMetadata(
-        positions=positions,
-        slot_mapping=slot_mapping,
-        block_tables=tables,
-        query_start_loc=query_start_loc,
-        seq_lens=seq_lens_t,
-        context_lens=context_lens_t,
+        positions=positions.to(device),
+        slot_mapping=slot_mapping.to(device),
+        block_tables=tables.to(device),
+        query_start_loc=query_start_loc.to(device),
+        seq_lens=seq_lens_t.to(device),
+        context_lens=context_lens_t.to(device),
         block_size=block_size,
         max_seq_len=max(seq_lens_list),
         max_query_len=max(query_lens),

@@ -11,7 +11,9 @@ from kvpilot.serving.scheduler_output import SchedulerOutput
 class ModelRunner:
     def __init__(self, config: EngineConfig):
         self.config = config
-        loaded = load_model(config.model, config.dtype, config.quantization)
+        # CUDA tensors make kvpilot.kernels.backend pick the Triton kernels; CPU ones the CPU path.
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        loaded = load_model(config.model, config.dtype, config.quantization, self.device)
         self.model = loaded.model
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
@@ -50,14 +52,18 @@ class ModelRunner:
     def _allocate_kv_caches(self) -> list[tuple[torch.Tensor | KVCache, torch.Tensor | KVCache]]:
         c = self.model_config
         shape = (self.num_kv_blocks, self.block_size, c.num_key_value_heads, c.head_dim)
-        if self.config.kv_cache_dtype != "auto":  # int8/fp8: quantized on write (zero-filled too)
+        kv_cache_dtype = self.config.kv_cache_dtype
+        if kv_cache_dtype != "auto":  # int8/fp8: quantized on write (zero-filled too)
             return [
-                tuple(KVCache.allocate(*shape, self.config.kv_cache_dtype, self.dtype) for _ in "kv")
+                tuple(KVCache.allocate(*shape, kv_cache_dtype, self.dtype, self.device) for _ in "kv")
                 for _ in range(c.num_hidden_layers)
             ]
         # Zeros, not empty: padded gathers read unused slots, and 0 * NaN garbage would be NaN.
         return [
-            (torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype))
+            (
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+            )
             for _ in range(c.num_hidden_layers)
         ]
 
@@ -71,9 +77,11 @@ class ModelRunner:
             [chunk.num_computed_tokens for chunk in chunks],
             [chunk.block_table for chunk in chunks],
             self.block_size,
+            self.device,
         )
-        input_ids = torch.tensor([t for chunk in chunks for t in chunk.token_ids], dtype=torch.int64)
+        token_ids = [t for chunk in chunks for t in chunk.token_ids]
+        input_ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
         hidden = self.model.forward(input_ids, metadata, self.kv_caches)
         sample_rows = [i for i, chunk in enumerate(chunks) if chunk.sample]
         last_tokens = metadata.query_start_loc[1:][sample_rows] - 1
-        return self.model.compute_logits(hidden[last_tokens]).float()
+        return self.model.compute_logits(hidden[last_tokens]).float().cpu()  # the sampler runs on CPU

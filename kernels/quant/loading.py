@@ -27,7 +27,13 @@ Source = torch.Tensor | gguf.ReaderTensor  # a float tensor ([out, in]) or a GGU
 class WeightQuantizer:
     """Turns checkpoint tensors into the weights a model runs with; counts what it did."""
 
-    def __init__(self, mode: str, group_size: int | None = None, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        mode: str,
+        group_size: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
         if mode not in QUANTIZATION_MODES:
             raise ValueError(f"quantization: unknown mode {mode!r}, expected one of {QUANTIZATION_MODES}")
         if group_size is not None and mode != "int4":
@@ -35,6 +41,7 @@ class WeightQuantizer:
         self.mode = mode
         self.group_size = group_size or (DEFAULT_GROUP_SIZE if mode == "int4" else None)
         self.dtype = dtype
+        self.device = torch.device(device)
         self.counts: Counter[str] = Counter()
 
     def linear(self, source: Source) -> Weight:
@@ -43,7 +50,7 @@ class WeightQuantizer:
             return self._float(source)
         if isinstance(source, gguf.ReaderTensor) and self._loads_exactly(source.tensor_type):
             self.counts[f"{source.tensor_type.name} kept as {self.mode}"] += 1
-            return from_gguf_tensor(source)
+            return self._on_device(from_gguf_tensor(source))
         self.counts[f"{_kind(source)} quantized to {self.mode}"] += 1
         return quantize(self._float(source, count=False).float(), self.mode, self._target_group_size())
 
@@ -52,7 +59,7 @@ class WeightQuantizer:
         qtype = source.tensor_type if isinstance(source, gguf.ReaderTensor) else None
         if self.mode != "none" and qtype in BLOCK_FORMAT:
             self.counts[f"{qtype.name} embedding kept as {BLOCK_FORMAT[qtype]}"] += 1
-            return from_gguf_tensor(source)
+            return self._on_device(from_gguf_tensor(source))
         return self._float(source)
 
     def summary(self) -> str:
@@ -68,14 +75,19 @@ class WeightQuantizer:
     def _target_group_size(self) -> int | None:
         return self.group_size if self.mode == "int4" else None
 
+    def _on_device(self, weight: QuantizedWeight) -> QuantizedWeight:
+        return weight if self.device.type == "cpu" else weight.to(self.device)
+
     def _float(self, source: Source, count: bool = True) -> torch.Tensor:
+        """On the target device, so quantization from float happens there too."""
         if isinstance(source, torch.Tensor):
-            return source.to(self.dtype)
+            return source.to(self.device, self.dtype)
         if count and source.tensor_type not in FLOAT_TYPES:
             self.counts[f"{source.tensor_type.name} dequantized to float"] += 1
         values = gguf.quants.dequantize(source.data, source.tensor_type)
         shape = tuple(int(n) for n in reversed(source.shape))  # GGML lists dimensions innermost first
-        return torch.from_numpy(np.array(values, dtype=np.float32)).reshape(shape).to(self.dtype)  # a copy
+        values = torch.from_numpy(np.array(values, dtype=np.float32))  # a copy: the file is read-only
+        return values.reshape(shape).to(self.device, self.dtype)
 
 
 def check_checkpoint_config(config: dict, mode: str, file: object = "config.json") -> None:

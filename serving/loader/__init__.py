@@ -26,13 +26,15 @@ class LoadedModel:
     quantization_summary: str  # what happened to the weights, e.g. "210 Q4_1 dequantized to float"
 
 
-def load_model(path: str | Path, dtype: str = "float32", quantization: str = "none") -> LoadedModel:
-    """`path`: a checkpoint directory or a .gguf file. Weights become `quantization`'s format."""
+def load_model(
+    path: str | Path, dtype: str = "float32", quantization: str = "none", device: torch.device | str = "cpu"
+) -> LoadedModel:
+    """`path`: a checkpoint directory or a .gguf file. Weights become `quantization`'s format, on `device`."""
     path = Path(path)
     if dtype not in TORCH_DTYPES:
         raise ValueError(f"dtype: must be one of {tuple(TORCH_DTYPES)}, got {dtype!r}")
     torch_dtype = TORCH_DTYPES[dtype]
-    quantizer = WeightQuantizer(quantization, dtype=torch_dtype)
+    quantizer = WeightQuantizer(quantization, dtype=torch_dtype, device=device)
     if path.suffix == ".gguf" or path.is_file():
         config, weights, tokenizer, chat_template, eos = _read_gguf(path, dtype, quantizer)
     elif path.is_dir():
@@ -41,7 +43,7 @@ def load_model(path: str | Path, dtype: str = "float32", quantization: str = "no
         raise CheckpointError(path, "no such checkpoint directory or .gguf file")
     if not eos and tokenizer is not None and tokenizer.eos_token_id is not None:
         eos = {tokenizer.eos_token_id}
-    model = LlamaForCausalLM(config, weights, config.max_position_embeddings, torch_dtype)
+    model = LlamaForCausalLM(config, weights, config.max_position_embeddings, torch_dtype, device)
     return LoadedModel(model, config, tokenizer, chat_template, eos, quantizer.summary())
 
 

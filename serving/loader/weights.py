@@ -33,7 +33,8 @@ class WeightBuilder:
         self.tensors = tensors
         self.quantizer = quantizer
         self.row_permutations = row_permutations or {}
-        self.as_float = WeightQuantizer("none", dtype=quantizer.dtype)  # norms and biases
+        # norms and biases
+        self.as_float = WeightQuantizer("none", dtype=quantizer.dtype, device=quantizer.device)
 
     def linear(self, name: str, shape: tuple[int, int]) -> Weight:
         return self._permuted(name, self.quantizer.linear(self._source(name, shape)))

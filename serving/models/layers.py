@@ -101,13 +101,19 @@ class RotaryEmbedding:
     """Rotate-half RoPE with cos/sin precomputed for every position up to max_positions."""
 
     def __init__(
-        self, head_dim: int, max_positions: int, theta: float, scaling: RopeScaling | None, dtype: torch.dtype
+        self,
+        head_dim: int,
+        max_positions: int,
+        theta: float,
+        scaling: RopeScaling | None,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
     ):
         inv_freq = rope_inv_freq(head_dim, theta, scaling)
         freqs = torch.arange(max_positions, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
         angles = torch.cat((freqs, freqs), dim=-1)
-        self.cos = angles.cos().to(dtype)  # [max_positions, head_dim]
-        self.sin = angles.sin().to(dtype)
+        self.cos = angles.cos().to(device, dtype)  # [max_positions, head_dim]
+        self.sin = angles.sin().to(device, dtype)
 
     def __call__(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor

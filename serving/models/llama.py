@@ -104,12 +104,19 @@ class DecoderLayer:
 
 
 class LlamaForCausalLM:
-    def __init__(self, config: ModelConfig, weights: WeightSource, max_positions: int, dtype: torch.dtype):
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: WeightSource,
+        max_positions: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ):
         self.config = config
         vocab_shape = (config.vocab_size, config.hidden_size)
         self.embed_tokens = Embedding(weights.embedding("model.embed_tokens.weight", vocab_shape), dtype)
         rotary = RotaryEmbedding(
-            config.head_dim, max_positions, config.rope_theta, config.rope_scaling, dtype
+            config.head_dim, max_positions, config.rope_theta, config.rope_scaling, dtype, device
         )
         self.layers = [
             DecoderLayer(config, weights, f"model.layers.{i}", rotary)
