@@ -1,5 +1,6 @@
 """Load a model for serving from a Hugging Face checkpoint directory or a GGUF file."""
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from kvpilot.serving.models.config import ModelConfig
 from kvpilot.serving.models.llama import LlamaForCausalLM
 
 __all__ = ["TORCH_DTYPES", "CheckpointError", "LoadedModel", "load_model"]
+
+logger = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -44,7 +47,10 @@ def load_model(
     if not eos and tokenizer is not None and tokenizer.eos_token_id is not None:
         eos = {tokenizer.eos_token_id}
     model = LlamaForCausalLM(config, weights, config.max_position_embeddings, torch_dtype, device)
-    return LoadedModel(model, config, tokenizer, chat_template, eos, quantizer.summary())
+    summary = quantizer.summary()
+    mib = model.weight_bytes / 2**20
+    logger.info("weights (--quantization %s): %s; %.1f MiB", quantization, summary, mib)
+    return LoadedModel(model, config, tokenizer, chat_template, eos, summary)
 
 
 def _read_checkpoint_dir(path: Path, dtype: str, quantizer: WeightQuantizer):
