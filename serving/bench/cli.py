@@ -2,14 +2,17 @@
 
 import argparse
 
-from kvpilot.serving.bench import serve, throughput
+from kvpilot.serving.bench import quant, serve, throughput
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("bench", help="benchmarks: offline throughput, online serving")
+    parser = subparsers.add_parser(
+        "bench", help="benchmarks: offline throughput, online serving, quantization modes"
+    )
     benchmarks = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     throughput.add_parser(benchmarks)
     serve.add_parser(benchmarks)
+    quant.add_parser(benchmarks)
     parser.set_defaults(handler=_run)
     return parser
 
