@@ -7,23 +7,12 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from kvpilot.serving.async_llm import AsyncLLM, EngineDeadError
 from kvpilot.serving.config import EngineConfig
 from kvpilot.serving.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 LONG = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny model's matmuls are too small to share; on a loaded 2-core box two intra-op
-    threads make every step ~10x slower. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -14,16 +14,6 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_intra_op_thread():
-    """Token-by-token decoding of a 135M model is dominated by small ops; on a shared, busy 2-core
-    box OpenMP's thread barriers then cost more than they give (measured 3-5x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="session")
 def default_llm(default_gguf) -> LLM:
     return LLM(model=str(default_gguf), num_kv_blocks=64)

@@ -10,16 +10,6 @@ from tests.checkpoints import build_checkpoint
 PROMPTS = ["Hello, my name is", "The capital of France is", "One two three four five six seven"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny model's matmuls are too small to share; on a loaded 2-core box two intra-op
-    threads make every step ~10x slower. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def llm(tiny_llama):
     return LLM(model=str(tiny_llama), block_size=4, num_kv_blocks=128, max_num_batched_tokens=64)

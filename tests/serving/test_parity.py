@@ -26,16 +26,6 @@ class Case:
     expected: dict[tuple[int, ...], list[int]]  # prompt -> transformers' greedy continuation
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_intra_op_thread():
-    """Tiny models run many small ops; on a shared, busy 2-core box OpenMP's thread barriers then
-    cost more than they give (measured 3-5x slower). Results do not depend on the thread count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="session", params=sorted(ARCHITECTURES))
 def case(request, tiny_checkpoints) -> Case:
     """transformers is loaded once per architecture and gives the reference continuations."""

@@ -3,22 +3,11 @@
 import random
 
 import pytest
-import torch
 from kvpilot.serving.config import EngineConfig
 from kvpilot.serving.llm_engine import LLMEngine
 from kvpilot.serving.sampling_params import SamplingParams
 
 NUM_REQUESTS = 100
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny model's matmuls are too small to share; on a loaded 2-core box two intra-op
-    threads make every step ~10x slower. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def random_params(rng: random.Random) -> SamplingParams:
