@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from kvpilot.kernels import cpu_extension
 from kvpilot.kernels.backend import select_backend
 from kvpilot.kernels.quant.kv_cache import KVCache
 
@@ -130,22 +131,23 @@ def paged_attention_reference(
 def paged_attention_cpu(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, metadata: AttentionMetadata, scale: float
 ) -> torch.Tensor:
-    """Decodes in one padded batched SDPA; each prefill chunk in one SDPA with its causal offset."""
+    """Decodes all at once (native kernel, or one padded SDPA); each prefill chunk in one SDPA."""
     out = torch.empty_like(q)
     query_lens = metadata.query_lens_list
     decodes = [i for i, n in enumerate(query_lens) if n == 1]
     if decodes:
         rows = metadata.query_start_loc[decodes]
-        out[rows] = _decode_batch(q[rows], k_cache, v_cache, metadata, decodes, scale)
+        out[rows] = _decode(q[rows], k_cache, v_cache, metadata, decodes, scale)
     starts = metadata.query_start_loc.tolist()
     for i, query_len in enumerate(query_lens):
         if query_len == 1:
             continue
         seq_len = metadata.seq_lens_list[i]
         start, context_len = starts[i], seq_len - query_len
-        keys = gather_kv(k_cache, metadata.block_tables[i], seq_len).to(q.dtype).transpose(0, 1)
-        values = gather_kv(v_cache, metadata.block_tables[i], seq_len).to(q.dtype).transpose(0, 1)
-        queries = q[start : start + query_len].transpose(0, 1)
+        # 4-D [1, heads, len, dim]: SDPA's flash CPU kernel; 3-D inputs take its ~10x slower math path.
+        keys = gather_kv(k_cache, metadata.block_tables[i], seq_len).to(q.dtype).transpose(0, 1)[None]
+        values = gather_kv(v_cache, metadata.block_tables[i], seq_len).to(q.dtype).transpose(0, 1)[None]
+        queries = q[start : start + query_len].transpose(0, 1)[None]
         if context_len == 0:
             mask, causal = None, True
         else:
@@ -154,8 +156,24 @@ def paged_attention_cpu(
         attended = F.scaled_dot_product_attention(
             queries, keys, values, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True
         )
-        out[start : start + query_len] = attended.transpose(0, 1)
+        out[start : start + query_len] = attended[0].transpose(0, 1)
     return out
+
+
+def _decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    seqs: list[int],
+    scale: float,
+) -> torch.Tensor:
+    """float32 caches: the native kernel reads K/V in place (no gather copy, no padding)."""
+    is_float32 = isinstance(k_cache, torch.Tensor) and k_cache.dtype == q.dtype == torch.float32
+    if is_float32 and cpu_extension.load() is not None:
+        tables, seq_lens = metadata.block_tables[seqs], metadata.seq_lens[seqs]
+        return cpu_extension.paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, scale)
+    return _decode_batch(q, k_cache, v_cache, metadata, seqs, scale)
 
 
 def _decode_batch(
