@@ -33,7 +33,7 @@ SERVE_FLAGS = {
     "api_key": "--api-key",
 }
 
-QUANTIZATION_MODES = ("none", "int8", "int4", "fp8")
+QUANTIZATION_MODES = ("none", "int8", "w8a8", "int4", "fp8")
 KV_CACHE_DTYPES = ("auto", "int8", "fp8")
 
 # Metric names follow vLLM's so dashboards, KEDA triggers and the Gateway API

@@ -2,7 +2,8 @@
 
 Every weight format keeps its data quantized in memory and exposes `shape`, `nbytes`,
 `dequantize()` (the reference), `linear(x)` (x @ W^T, the fast CPU path), `embed(token_ids)`,
-`select_rows(index)` and `to(device)`. The engine reaches the kernels through
+`select_rows(index)`, `concat_rows(parts)` (a classmethod; None when the parts' layouts differ)
+and `to(device)`. The engine reaches the kernels through
 `kvpilot.kernels.backend.select_backend` (Triton for CUDA tensors).
 """
 

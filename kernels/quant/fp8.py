@@ -42,6 +42,10 @@ class Fp8Weight:
     def select_rows(self, index: torch.Tensor) -> "Fp8Weight":
         return Fp8Weight(self.weight[index], self.scales[index])
 
+    @classmethod
+    def concat_rows(cls, parts: list["Fp8Weight"]) -> "Fp8Weight":
+        return cls(torch.cat([part.weight for part in parts]), torch.cat([part.scales for part in parts]))
+
     def to(self, device: torch.device | str) -> "Fp8Weight":
         return Fp8Weight(self.weight.to(device), self.scales.to(device))
 

@@ -39,7 +39,7 @@ class Int4Weight:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.mins))
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self._dequantize_rows(0, self.shape[0]).to(dtype)
@@ -61,8 +61,18 @@ class Int4Weight:
             self.qweight[index], self.scales[index], self.mins[index], self.in_features, self.group_size
         )
 
+    @classmethod
+    def concat_rows(cls, parts: list["Int4Weight"]) -> "Int4Weight | None":
+        if len({(part.in_features, part.group_size) for part in parts}) != 1:
+            return None
+        qweight, scales, mins = (torch.cat(same) for same in zip(*(p.tensors() for p in parts), strict=True))
+        return cls(qweight, scales, mins, parts[0].in_features, parts[0].group_size)
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.qweight, self.scales, self.mins
+
     def to(self, device: torch.device | str) -> "Int4Weight":
-        moved = (t.to(device) for t in (self.qweight, self.scales, self.mins))
+        moved = (t.to(device) for t in self.tensors())
         return Int4Weight(*moved, self.in_features, self.group_size)
 
     def _dequantize_rows(self, start: int, stop: int) -> torch.Tensor:

@@ -1,8 +1,12 @@
 """int8 weights: symmetric, one scale per output channel (or per group of input columns).
 
 Per-channel weights on CPU live only inside fbgemm's prepacked form and run through
-`torch.ops.quantized.linear_dynamic`; grouped weights (GGUF Q8_0: 32 columns per scale) are
-dequantized a few rows at a time.
+`torch.ops.quantized.linear_dynamic`, in one of two ways:
+- weight-only int8 (mode `int8`): activations reach fbgemm as two exact int7 halves
+  (`_split_activation_linear`): float accuracy, twice the GEMM work;
+- W8A8 (mode `w8a8`, `int8_activations=True`): activations are quantized to int8 per token, as
+  in SmoothQuant (`_w8a8_linear`): one int8 GEMM, ~2.5x fp32's throughput on AVX2.
+Grouped weights (GGUF Q8_0: 32 columns per scale) are dequantized a few rows at a time.
 """
 
 import functools
@@ -14,7 +18,7 @@ import torch
 from kvpilot.kernels.quant.cpu_ops import flatten_tokens, linear_by_row_chunks
 
 QMAX = 127
-# Activations are fed to fbgemm in two int7 halves (see `_fbgemm_linear`): value = hi + lo / LO_SCALE.
+# `_split_activation_linear`: value = hi + lo / LO_SCALE, both parts integers of 7 bits.
 HI_LEVELS = 63
 LO_SCALE = 2 * HI_LEVELS
 # fbgemm slows down super-linearly on tall inputs; rows are independent, so split them.
@@ -27,9 +31,16 @@ class Int8Weight:
     group_size: int  # == in_features for per-output-channel scales
     stored: torch.Tensor | None  # int8 [out, in]; None when the weight lives in `packed`
     packed: Any = None  # fbgemm prepacked per-channel weight (CPU)
+    int8_activations: bool = False  # fbgemm path: W8A8 (per-token int8) instead of exact activations
 
     @classmethod
-    def from_int8(cls, qweight: torch.Tensor, scales: torch.Tensor, group_size: int | None = None):
+    def from_int8(
+        cls,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        group_size: int | None = None,
+        int8_activations: bool = False,
+    ):
         """Wrap int8 values and float scales [out, in / group_size]; group_size None = per channel."""
         out, in_features = qweight.shape
         group_size = group_size or in_features
@@ -43,8 +54,8 @@ class Int8Weight:
         scales = scales.float()
         fbgemm_ok = in_features > 1 and qweight.device.type == "cpu" and int(qweight.min()) >= -QMAX
         if group_size == in_features and fbgemm_ok:
-            return cls(scales, group_size, None, _prepack(qweight, scales[:, 0]))
-        return cls(scales, group_size, qweight, None)
+            return cls(scales, group_size, None, _prepack(qweight, scales[:, 0]), int8_activations)
+        return cls(scales, group_size, qweight, None, int8_activations)
 
     @property
     def qweight(self) -> torch.Tensor:
@@ -67,7 +78,8 @@ class Int8Weight:
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         x2, lead = flatten_tokens(x)
         if self.packed is not None:
-            parts = [_fbgemm_linear(rows, self.packed) for rows in x2.float().split(FBGEMM_ROWS_PER_CALL)]
+            fbgemm_linear = _w8a8_linear if self.int8_activations else _split_activation_linear
+            parts = [fbgemm_linear(rows, self.packed) for rows in x2.float().split(FBGEMM_ROWS_PER_CALL)]
             y = torch.cat(parts).to(x.dtype)
         else:
             q, s, g = self.stored, self.scales, self.group_size
@@ -81,13 +93,25 @@ class Int8Weight:
 
     def to(self, device: torch.device | str) -> "Int8Weight":
         """On CUDA the int8 values are kept as they are (Triton reads them); on CPU they are packed."""
-        return Int8Weight.from_int8(self.qweight.to(device), self.scales.to(device), self.group_size)
+        return self._like(self.qweight.to(device), self.scales.to(device))
+
+    @classmethod
+    def concat_rows(cls, parts: list["Int8Weight"]) -> "Int8Weight | None":
+        if len({(part.group_size, part.int8_activations) for part in parts}) != 1:
+            return None
+        qweight = torch.cat([part.qweight for part in parts])
+        return parts[0]._like(qweight, torch.cat([part.scales for part in parts]))
 
     def select_rows(self, index: torch.Tensor) -> "Int8Weight":
-        return Int8Weight.from_int8(self.qweight[index], self.scales[index], self.group_size)
+        return self._like(self.qweight[index], self.scales[index])
+
+    def _like(self, qweight: torch.Tensor, scales: torch.Tensor) -> "Int8Weight":
+        return Int8Weight.from_int8(qweight, scales, self.group_size, self.int8_activations)
 
 
-def quantize_int8(weight: torch.Tensor, group_size: int | None = None) -> Int8Weight:
+def quantize_int8(
+    weight: torch.Tensor, group_size: int | None = None, int8_activations: bool = False
+) -> Int8Weight:
     """Round-to-nearest symmetric int8; one scale per output channel unless group_size is given."""
     out, in_features = weight.shape
     group_size = group_size or in_features
@@ -97,7 +121,7 @@ def quantize_int8(weight: torch.Tensor, group_size: int | None = None) -> Int8We
     scales = groups.abs().amax(-1) / QMAX
     inverse = torch.where(scales == 0, 0.0, 1.0 / scales)
     q = (groups * inverse[..., None]).round().clamp_(-QMAX, QMAX).to(torch.int8)
-    return Int8Weight.from_int8(q.view(out, in_features), scales, group_size)
+    return Int8Weight.from_int8(q.view(out, in_features), scales, group_size, int8_activations)
 
 
 def _dequantize(q: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -113,27 +137,44 @@ def _prepack(qweight: torch.Tensor, scales: torch.Tensor) -> Any:
         return torch.ops.quantized.linear_prepack(q, None)
 
 
-def _fbgemm_linear(x: torch.Tensor, packed: Any) -> torch.Tensor:
+def _w8a8_linear(x: torch.Tensor, packed: Any) -> torch.Tensor:
+    """W8A8: int8 weights times int8 activations with one scale per token (as in SmoothQuant).
+
+    fbgemm's dynamic linear quantizes the whole input with one scale, which would make a token's
+    output depend on its batch neighbours. So each row is first scaled to integers in
+    [-127, 127] (its own scale, max|x| / 127), and an anchor row pins fbgemm's range to
+    [-128, 127]: scale 1, zero point 128, so every row's integers pass through unchanged and the
+    result is independent of what else is in the batch. One int8 GEMM per call; fbgemm's 8-bit
+    path may saturate a pair of products at int16 on AVX2 (rare: two large same-signed
+    activations against two large weights), which the perplexity test bounds.
+    """
+    tokens = x.shape[0]
+    unit = x.abs().amax(dim=1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny).div_(QMAX)
+    q = torch.cat([torch.div(x, unit).round_(), _anchor_row(x.shape[1])])
+    return torch.ops.quantized.linear_dynamic(q, packed, False)[:tokens].mul_(unit)
+
+
+def _split_activation_linear(x: torch.Tensor, packed: Any) -> torch.Tensor:
     """Weight-int8 linear with (almost) float activations, independent of the other rows in x.
 
-    fbgemm's dynamic linear quantizes the whole input with one 7-bit scale, which would make a
-    token's output depend on its batch neighbours and lose precision to outlier channels. So each
-    row is scaled to [-63, 63] and split into two integer parts, x = max|x| / 63 * (hi + lo / 126),
-    and an anchor row pins fbgemm's range to [-64, 63] (scale 1, zero point 64): both parts pass
-    through losslessly, and the result matches the float-activation product to ~1e-4 relative,
-    whatever else is in the batch.
+    Each row is scaled to [-63, 63] and split into two integer parts,
+    x = max|x| / 63 * (hi + lo / 126), and an anchor row pins fbgemm's 7-bit range to [-64, 63]
+    (scale 1, zero point 64): both parts pass through losslessly, and the result matches the
+    float-activation product to ~1e-4 relative, whatever else is in the batch.
     """
     tokens = x.shape[0]
     unit = x.abs().amax(dim=1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny).div_(HI_LEVELS)
     scaled = x / unit
     hi = scaled.round()
     lo = scaled.sub_(hi).mul_(LO_SCALE).round_()
-    y = torch.ops.quantized.linear_dynamic(torch.cat([hi, lo, _anchor_row(x.shape[1])]), packed, True)
+    parts = torch.cat([hi, lo, _anchor_row(x.shape[1], HI_LEVELS)])
+    y = torch.ops.quantized.linear_dynamic(parts, packed, True)
     return y[:tokens].add_(y[tokens : 2 * tokens], alpha=1 / LO_SCALE).mul_(unit)
 
 
 @functools.cache
-def _anchor_row(in_features: int) -> torch.Tensor:
+def _anchor_row(in_features: int, top: int = QMAX) -> torch.Tensor:
+    """A row spanning [-(top + 1), top]: fixes fbgemm's dynamic range to scale 1."""
     anchor = torch.zeros(1, in_features)
-    anchor[0, 0], anchor[0, -1] = -(HI_LEVELS + 1), HI_LEVELS
+    anchor[0, 0], anchor[0, -1] = -(top + 1), top
     return anchor

@@ -1,11 +1,15 @@
 """Load-time policy: which format each weight gets for a `--quantization` mode.
 
-- Linear weights take the mode's format: int8 (per-output-channel), int4 (group-wise,
-  `group_size`, default 32) or fp8 (per-channel). A GGUF tensor whose blocks already are that
+- Linear weights take the mode's format: int8 (per-output-channel), w8a8 (the same weights,
+  activations quantized per token at run time), int4 (group-wise, `group_size`, default 32) or
+  fp8 (per-channel). A GGUF tensor whose blocks already are that
   format loads byte for byte (Q4_0/Q4_1 -> int4 with group 32, Q8_0 -> int8 with group 32);
   any other tensor goes through float once, and the summary says so.
-- Embedding tables (and a tied lm_head) are never quantized further: float stays float, and a
-  GGUF Q8_0/Q4_0/Q4_1 table keeps its exact block format (smaller and lossless).
+- Embedding tables are never quantized further: float stays float, and a GGUF Q8_0/Q4_0/Q4_1
+  table keeps its exact block format (smaller and lossless). A tied lm_head shares the table,
+  except in w8a8, where a block table's head (the largest matmul of a decode step) gets its own
+  per-channel copy for fbgemm. The head's activations always stay float: its error lands
+  straight on the logits.
 - Mode "none" is float everywhere (GGUF blocks are dequantized).
 """
 
@@ -15,6 +19,7 @@ import gguf
 import numpy as np
 import torch
 from kvpilot.kernels.quant.gguf_blocks import BLOCK_FORMAT, from_gguf_tensor
+from kvpilot.kernels.quant.int8 import quantize_int8
 from kvpilot.kernels.quant.quantize import DEFAULT_GROUP_SIZE, WEIGHT_MODES, QuantizedWeight, quantize
 
 QUANTIZATION_MODES = ("none", *WEIGHT_MODES)
@@ -54,6 +59,18 @@ class WeightQuantizer:
         self.counts[f"{_kind(source)} quantized to {self.mode}"] += 1
         return quantize(self._float(source, count=False).float(), self.mode, self._target_group_size())
 
+    def head(self, source: Source) -> Weight:
+        """The output head [vocab, hidden]; in w8a8, per-channel int8 with float activations."""
+        if self.mode != "w8a8":
+            return self.linear(source)
+        self.counts["output head quantized to int8 (float activations)"] += 1
+        return quantize_int8(self._float(source, count=False).float())
+
+    def tied_head(self, source: Source, table: Weight) -> Weight:
+        """The head of a tied checkpoint: the table itself, unless w8a8 would otherwise run it by
+        dequantizing a block table every step."""
+        return self.head(source) if self.mode == "w8a8" and not isinstance(table, torch.Tensor) else table
+
     def embedding(self, source: Source) -> Weight:
         """An embedding table [vocab, hidden] (also the lm_head when tied)."""
         qtype = source.tensor_type if isinstance(source, gguf.ReaderTensor) else None
@@ -70,7 +87,7 @@ class WeightQuantizer:
         fmt = BLOCK_FORMAT.get(qtype)
         if fmt == "int4":
             return self.mode == "int4" and self.group_size == 32
-        return fmt == "int8" and self.mode == "int8"
+        return fmt == "int8" and self.mode == "int8"  # w8a8 requantizes per channel, for fbgemm
 
     def _target_group_size(self) -> int | None:
         return self.group_size if self.mode == "int4" else None
@@ -100,6 +117,15 @@ def check_checkpoint_config(config: dict, mode: str, file: object = "config.json
             f"quantization: {file} is already quantized with {method!r}, which kvpilot cannot load; "
             f"--quantization {mode} needs a float checkpoint (or a GGUF file)"
         )
+
+
+def concat_rows(weights: list[Weight]) -> Weight | None:
+    """One [sum(out), in] weight from several of the same format (q/k/v, gate/up), or None when
+    their formats differ (e.g. a GGUF file that stores attn_v in more bits than attn_q)."""
+    if all(isinstance(w, torch.Tensor) for w in weights):
+        return torch.cat(weights) if len({w.dtype for w in weights}) == 1 else None
+    kinds = {type(w) for w in weights}
+    return kinds.pop().concat_rows(weights) if len(kinds) == 1 else None
 
 
 def permute_rows(weight: Weight, index: torch.Tensor) -> Weight:

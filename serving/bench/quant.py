@@ -35,6 +35,7 @@ class QuantMode:
 MODES = (
     QuantMode("none"),
     QuantMode("int8", "int8"),
+    QuantMode("w8a8", "w8a8"),
     QuantMode("int4 g32", "int4", 32),
     QuantMode("int4 g64", "int4", 64),
     QuantMode("int4 g128", "int4", 128),

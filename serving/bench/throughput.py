@@ -52,7 +52,7 @@ class ThroughputConfig:
     model: str
     spec: WorkloadSpec
     dataset: Path | None = None  # None: the shipped English text
-    best_mode: str = "int8"  # kvpilot's weight quantization for `kvpilot_best`
+    best_mode: str = "w8a8"  # kvpilot's quantization for `kvpilot_best`
     max_num_batched_tokens: int = 2048
     kv_cache_memory_bytes: int = 4 << 30  # the whole workload fits: no preemption
     hf_sequential_prompts: int = 8
@@ -220,7 +220,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--best-mode",
         choices=[m for m in QUANTIZATION_MODES if m != "none"],
-        default="int8",
+        default="w8a8",
         help="kvpilot_best weight quantization",
     )
     parser.add_argument("--max-num-batched-tokens", type=_positive, default=2048)

@@ -39,6 +39,12 @@ class WeightBuilder:
     def linear(self, name: str, shape: tuple[int, int]) -> Weight:
         return self._permuted(name, self.quantizer.linear(self._source(name, shape)))
 
+    def head(self, name: str, shape: tuple[int, int]) -> Weight:
+        return self.quantizer.head(self._source(name, shape))
+
+    def tied_head(self, name: str, shape: tuple[int, int], table: Weight) -> Weight:
+        return self.quantizer.tied_head(self._source(name, shape), table)
+
     def embedding(self, name: str, shape: tuple[int, int]) -> Weight:
         return self.quantizer.embedding(self._source(name, shape))
 

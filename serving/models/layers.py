@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from kvpilot.kernels.backend import select_backend
+from kvpilot.kernels.quant.loading import concat_rows
 
 Weight = torch.Tensor  # or any object with .linear(x), .embed(ids), .nbytes (quantized formats)
 
@@ -36,6 +37,31 @@ class Linear:
     @property
     def nbytes(self) -> int:
         return weight_nbytes(self.weight) + (0 if self.bias is None else weight_nbytes(self.bias))
+
+
+class MergedLinear:
+    """Projections of the same input (q/k/v, gate/up) as one matmul, its output split back.
+
+    Falls back to one matmul per projection when their formats cannot be concatenated.
+    """
+
+    def __init__(self, weights: list[Weight], biases: list[torch.Tensor] | None = None):
+        self.sizes = [weight.shape[0] for weight in weights]
+        biases = biases or [None] * len(weights)
+        merged = concat_rows(weights)
+        if merged is None:
+            self.parts = [Linear(w, b) for w, b in zip(weights, biases, strict=True)]
+        else:
+            self.parts = [Linear(merged, None if biases[0] is None else torch.cat(biases))]
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if len(self.parts) == 1:
+            return self.parts[0](x).split(self.sizes, dim=-1)
+        return tuple(part(x) for part in self.parts)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(part.nbytes for part in self.parts)
 
 
 class Embedding:

@@ -12,13 +12,15 @@ import torch
 import torch.nn.functional as F
 from kvpilot.kernels.attention import AttentionMetadata, paged_attention, write_kv_cache
 from kvpilot.serving.models.config import ModelConfig
-from kvpilot.serving.models.layers import Embedding, Linear, RMSNorm, RotaryEmbedding, Weight
+from kvpilot.serving.models.layers import Embedding, Linear, MergedLinear, RMSNorm, RotaryEmbedding, Weight
 
 
 class WeightSource(Protocol):
     """Weights by Hugging Face name and expected shape; a missing or misshapen one is an error."""
 
     def linear(self, name: str, shape: tuple[int, int]) -> Weight: ...  # [out, in], float or quantized
+    def head(self, name: str, shape: tuple[int, int]) -> Weight: ...  # the output head [vocab, hidden]
+    def tied_head(self, name: str, shape: tuple[int, int], table: Weight) -> Weight: ...  # may be `table`
     def embedding(self, name: str, shape: tuple[int, int]) -> Weight: ...  # [vocab, hidden]
     def vector(self, name: str, size: int) -> torch.Tensor: ...  # norms and biases, always float
 
@@ -26,19 +28,18 @@ class WeightSource(Protocol):
 class Attention:
     def __init__(self, config: ModelConfig, weights: WeightSource, prefix: str, rotary: RotaryEmbedding):
         hidden, head_dim = config.hidden_size, config.head_dim
-
-        def projection(name: str, num_heads: int) -> Linear:
-            rows = num_heads * head_dim
-            bias = weights.vector(f"{prefix}.{name}.bias", rows) if config.qkv_bias else None
-            return Linear(weights.linear(f"{prefix}.{name}.weight", (rows, hidden)), bias)
-
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.scale = config.head_dim**-0.5
-        self.q_proj = projection("q_proj", self.num_heads)
-        self.k_proj = projection("k_proj", self.num_kv_heads)
-        self.v_proj = projection("v_proj", self.num_kv_heads)
+        heads = {"q_proj": self.num_heads, "k_proj": self.num_kv_heads, "v_proj": self.num_kv_heads}
+        shapes = {name: (n * head_dim, hidden) for name, n in heads.items()}
+        self.qkv_proj = MergedLinear(
+            [weights.linear(f"{prefix}.{name}.weight", shape) for name, shape in shapes.items()],
+            [weights.vector(f"{prefix}.{name}.bias", shape[0]) for name, shape in shapes.items()]
+            if config.qkv_bias
+            else None,
+        )
         self.o_proj = Linear(weights.linear(f"{prefix}.o_proj.weight", (hidden, self.num_heads * head_dim)))
         self.q_norm = self.k_norm = None
         if config.qk_norm:
@@ -53,9 +54,10 @@ class Attention:
         kv_cache: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+        q, k, v = self.qkv_proj(x)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(metadata.positions, q, k)
@@ -65,21 +67,23 @@ class Attention:
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
     def layers(self) -> list:
-        return [self.q_proj, self.k_proj, self.v_proj, self.o_proj, self.q_norm, self.k_norm]
+        return [self.qkv_proj, self.o_proj, self.q_norm, self.k_norm]
 
 
 class MLP:
     def __init__(self, config: ModelConfig, weights: WeightSource, prefix: str):
         up = (config.intermediate_size, config.hidden_size)
-        self.gate_proj = Linear(weights.linear(f"{prefix}.gate_proj.weight", up))
-        self.up_proj = Linear(weights.linear(f"{prefix}.up_proj.weight", up))
+        self.gate_up_proj = MergedLinear(
+            [weights.linear(f"{prefix}.{name}.weight", up) for name in ("gate_proj", "up_proj")]
+        )
         self.down_proj = Linear(weights.linear(f"{prefix}.down_proj.weight", up[::-1]))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x)
+        return self.down_proj(F.silu(gate).mul_(up))
 
     def layers(self) -> list:
-        return [self.gate_proj, self.up_proj, self.down_proj]
+        return [self.gate_up_proj, self.down_proj]
 
 
 class DecoderLayer:
@@ -124,9 +128,10 @@ class LlamaForCausalLM:
         ]
         self.norm = RMSNorm(weights.vector("model.norm.weight", config.hidden_size), config.rms_norm_eps)
         if config.tie_word_embeddings:
-            self.lm_head = Linear(self.embed_tokens.weight)
+            table = self.embed_tokens.weight
+            self.lm_head = Linear(weights.tied_head("model.embed_tokens.weight", vocab_shape, table))
         else:
-            self.lm_head = Linear(weights.linear("lm_head.weight", vocab_shape))
+            self.lm_head = Linear(weights.head("lm_head.weight", vocab_shape))
 
     def forward(
         self,
@@ -147,6 +152,6 @@ class LlamaForCausalLM:
     def weight_bytes(self) -> int:
         parts = [self.embed_tokens, self.norm]
         parts += [part for layer in self.layers for part in layer.layers() if part is not None]
-        if not self.config.tie_word_embeddings:
+        if self.lm_head.weight is not self.embed_tokens.weight:
             parts.append(self.lm_head)
         return sum(part.nbytes for part in parts)

@@ -66,6 +66,7 @@ def test_float_baseline_is_a_sensible_perplexity(baseline):
     ("quantization", "group_size", "kv_cache_dtype", "max_increase"),
     [
         ("int8", None, "auto", 0.02),
+        ("w8a8", None, "auto", 0.02),
         ("int4", 32, "auto", 0.05),
         ("fp8", None, "auto", 0.05),
         ("none", None, "int8", 0.02),
