@@ -168,9 +168,8 @@ def _decode(
     seqs: list[int],
     scale: float,
 ) -> torch.Tensor:
-    """float32 caches: the native kernel reads K/V in place (no gather copy, no padding)."""
-    is_float32 = isinstance(k_cache, torch.Tensor) and k_cache.dtype == q.dtype == torch.float32
-    if is_float32 and cpu_extension.load() is not None:
+    """float32 or int8 caches: the native kernel reads K/V in place (no gather copy, no padding)."""
+    if cpu_extension.supports(q, k_cache):
         tables, seq_lens = metadata.block_tables[seqs], metadata.seq_lens[seqs]
         return cpu_extension.paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, scale)
     return _decode_batch(q, k_cache, v_cache, metadata, seqs, scale)

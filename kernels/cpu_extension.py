@@ -1,7 +1,8 @@
 """Native CPU kernels (plain C, loaded with ctypes), compiled on first use and cached.
 
-`paged_decode_attention` reads K/V straight from the paged cache: no gather copy and no padding
-to the longest sequence, the two costs that dominate decode attention in torch on CPU. It needs
+`paged_decode_attention` reads K/V (float32, or int8 with per-token-per-head scales) straight
+from the paged cache: no gather copy, no dequantized copy and no padding to the longest
+sequence, the costs that dominate decode attention in torch on CPU. It needs
 a C compiler (`cc`) at first use; without one `load()` returns None and callers use the torch path.
 """
 
@@ -15,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from kvpilot.kernels.quant.kv_cache import KVCache
 
 SOURCE = Path(__file__).parent / "csrc" / "paged_decode_attention.c"
 # Reassociation lets the compiler vectorize the dot products; infinities keep their meaning.
@@ -49,6 +51,7 @@ def load() -> ctypes.CDLL | None:
             return None
     lib = ctypes.CDLL(str(library))
     lib.paged_decode_attention_f32.restype = ctypes.c_int
+    lib.paged_decode_attention_i8.restype = ctypes.c_int
     return lib
 
 
@@ -60,15 +63,28 @@ def _build(library: Path) -> None:
         os.replace(built, library)  # atomic: concurrent builders never see a partial file
 
 
+def supports(q: torch.Tensor, k_cache) -> bool:
+    """float32 queries over a float32 or int8 cache, and the library built."""
+    if q.dtype != torch.float32:
+        return False
+    if isinstance(k_cache, KVCache):
+        is_native = k_cache.kv_cache_dtype == "int8"
+    else:
+        is_native = k_cache.dtype == torch.float32
+    return is_native and load() is not None
+
+
 def paged_decode_attention(
     q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    k_cache: torch.Tensor | KVCache,
+    v_cache: torch.Tensor | KVCache,
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """q [D, num_heads, head_dim] float32, one query per sequence -> [D, num_heads, head_dim]."""
+    """q [D, num_heads, head_dim] float32, one query per sequence -> [D, num_heads, head_dim].
+
+    The caches are float32 tensors or int8 `KVCache`s (see `supports`)."""
     lib = load()
     assert lib is not None, "call only when load() succeeded"
     q = q.contiguous()
@@ -77,10 +93,14 @@ def paged_decode_attention(
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     out = torch.empty_like(q)
-    status = lib.paged_decode_attention_f32(
+    if isinstance(k_cache, KVCache):
+        kernel = lib.paged_decode_attention_i8
+        caches = [_ptr(k_cache.data), _ptr(v_cache.data), _ptr(k_cache.scales), _ptr(v_cache.scales)]
+    else:
+        kernel, caches = lib.paged_decode_attention_f32, [_ptr(k_cache), _ptr(v_cache)]
+    status = kernel(
         _ptr(q),
-        _ptr(k_cache),
-        _ptr(v_cache),
+        *caches,
         _ptr(block_tables),
         _ptr(seq_lens),
         _ptr(out),
@@ -94,7 +114,7 @@ def paged_decode_attention(
         ctypes.c_int(torch.get_num_threads()),
     )
     if status != 0:
-        raise RuntimeError(f"paged_decode_attention_f32 failed with status {status}")
+        raise RuntimeError(f"native paged decode attention failed with status {status}")
     return out
 
 

@@ -1,13 +1,19 @@
-/* Paged decode attention on CPU, float32: one query token per sequence.
+/* Paged decode attention on CPU: one query token per sequence, float32 or int8 KV cache.
  *
  * Reads each sequence's keys and values straight from their cache blocks (no gather copy, no
- * padding to the longest sequence): one pass over the sequence's K slots scores every query
- * head, a softmax per head, then one pass over its V slots. Parallel over sequences (OpenMP).
+ * padding to the longest sequence). Sequences run in parallel (OpenMP); per KV head, a pass
+ * over the sequence's K slots scores the query heads that share it, a softmax per head
+ * (vectorized exp, normalized once at the end), then one pass over its V slots.
  * With AVX2 and head_dim % 8 == 0, scores are computed 8 tokens at a time (one transpose-reduce
  * instead of 8 horizontal sums) and V is accumulated in registers over tiles of tokens.
  *
- * q, out:            [num_seqs, num_heads, head_dim]
- * k_cache, v_cache:  [num_blocks, block_size, num_kv_heads, head_dim]
+ * An int8 cache stores one float32 scale per (slot, KV head): value = scale * int8. Each tile
+ * of tokens is widened and scaled once into a small float buffer that the group's query heads
+ * share, so the cache traffic is a quarter of float32's.
+ *
+ * q, out:            [num_seqs, num_heads, head_dim] float32
+ * k_cache, v_cache:  [num_blocks, block_size, num_kv_heads, head_dim] float32 or int8
+ * k_scales, v_scales [num_blocks, block_size, num_kv_heads] float32 (int8 caches only)
  * block_tables:      [num_seqs, max_blocks] (int64), seq_lens: [num_seqs] (int64)
  * All arrays are contiguous. Returns 0, or < 0 for unsupported shapes / out of memory.
  */
@@ -19,107 +25,154 @@
 #endif
 
 #define V_TILE 32
+#define INLINE static inline __attribute__((always_inline))
 
 typedef struct {
-    const float *q;
-    const float *k_cache;
-    const float *v_cache;
-    const int64_t *rows;  /* rows[t]: element offset of token t's slot in either cache */
-    int64_t len, num_heads, group, head_dim;
+    const float *q;          /* the first query head of this KV head's group */
+    const void *k_cache;     /* float or int8 values */
+    const void *v_cache;
+    const float *k_scales;   /* int8 caches: one scale per (slot, KV head); NULL otherwise */
+    const float *v_scales;
+    const int64_t *slots;    /* slots[t]: cache slot of token t */
+    int64_t len, group, num_kv_heads, kv_head, head_dim;
     float scale;
-} Seq;
+} Item;
 
-static inline const float *slot_row(const float *cache, const Seq *s, int64_t t) { return cache + s->rows[t]; }
-
-/* Walks the block table once, so the passes over K and V do no division per token. */
-static void slot_rows(const int64_t *table, int64_t len, int64_t block_size, int64_t slot_stride, int64_t *rows) {
-    for (int64_t t = 0, b = 0; t < len; b++)
-        for (int64_t o = 0; o < block_size && t < len; o++, t++) rows[t] = (table[b] * block_size + o) * slot_stride;
+INLINE int64_t value_offset(const Item *s, int64_t t) { return (s->slots[t] * s->num_kv_heads + s->kv_head) * s->head_dim; }
+INLINE float scale_at(const float *scales, const Item *s, int64_t t) {
+    return scales ? scales[s->slots[t] * s->num_kv_heads + s->kv_head] : 1.0f;
+}
+INLINE float load1(const void *cache, int is_int8, int64_t i) {
+    return is_int8 ? (float)((const int8_t *)cache)[i] : ((const float *)cache)[i];
 }
 
-/* scores[i * len + t] = scale * q_i . k_t(head of i), for t in [from, len): portable loop. */
-static void scores_scalar(const Seq *s, float *scores, int64_t from) {
+/* Walks the block table once, so the passes over K and V do no division per token. */
+static void slots_of(const int64_t *table, int64_t len, int64_t block_size, int64_t *slots) {
+    for (int64_t t = 0, b = 0; t < len; b++)
+        for (int64_t o = 0; o < block_size && t < len; o++, t++) slots[t] = table[b] * block_size + o;
+}
+
+/* scores[i * len + t] = scale * q_i . k_t for the group's heads i, t in [from, len): portable. */
+INLINE void scores_scalar(const Item *s, int is_int8, float *scores, int64_t from) {
     for (int64_t t = from; t < s->len; t++) {
-        const float *k = slot_row(s->k_cache, s, t);
-        for (int64_t i = 0; i < s->num_heads; i++) {
-            const float *qi = s->q + i * s->head_dim, *ki = k + (i / s->group) * s->head_dim;
+        const int64_t k = value_offset(s, t);
+        const float k_scale = scale_at(s->k_scales, s, t) * s->scale;
+        for (int64_t i = 0; i < s->group; i++) {
+            const float *qi = s->q + i * s->head_dim;
             float sum = 0.0f;
-            for (int64_t d = 0; d < s->head_dim; d++) sum += qi[d] * ki[d];
-            scores[i * s->len + t] = sum * s->scale;
+            for (int64_t d = 0; d < s->head_dim; d++) sum += qi[d] * load1(s->k_cache, is_int8, k + d);
+            scores[i * s->len + t] = sum * k_scale;
         }
     }
 }
 
-/* acc[i] += sum_t p_i[t] * v_t(head of i), for t in [from, to): portable loop. */
-static void values_scalar(const Seq *s, const float *probs, float *acc, int64_t from, int64_t to) {
-    for (int64_t t = from; t < to; t++) {
-        const float *v = slot_row(s->v_cache, s, t);
-        for (int64_t i = 0; i < s->num_heads; i++) {
-            const float p = probs[i * s->len + t], *vi = v + (i / s->group) * s->head_dim;
+/* acc[i] += sum_t p_i[t] * v_t, for t in [0, len): portable. */
+INLINE void values_scalar(const Item *s, int is_int8, const float *probs, float *acc) {
+    for (int64_t t = 0; t < s->len; t++) {
+        const int64_t v = value_offset(s, t);
+        const float v_scale = scale_at(s->v_scales, s, t);
+        for (int64_t i = 0; i < s->group; i++) {
+            const float p = probs[i * s->len + t] * v_scale;
             float *a = acc + i * s->head_dim;
-            for (int64_t d = 0; d < s->head_dim; d++) a[d] += p * vi[d];
+            for (int64_t d = 0; d < s->head_dim; d++) a[d] += p * load1(s->v_cache, is_int8, v + d);
         }
     }
 }
 
 #ifdef __AVX2__
 /* r[j] = horizontal sum of a[j], j = 0..7 */
-static inline __m256 reduce8(const __m256 *a) {
+INLINE __m256 reduce8(const __m256 *a) {
     const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
     const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
     const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
     return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-static void scores_avx2(const Seq *s, float *scores) {
+/* e^x for x <= 0 (Cephes' expf polynomial, ~1 ulp); very negative x gives ~0. */
+INLINE __m256 exp8(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(x, x), x), _mm256_set1_ps(1.0f));
+    const __m256i power = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(power));
+}
+
+/* Points rows[j] at the float values of tokens [t, t + n) of this KV head. A float cache is
+ * read in place; int8 values are widened and scaled once into `buffer` ([n, head_dim]), so the
+ * group's query heads all reuse them. */
+INLINE void tile_rows(const Item *s, const void *cache, const float *scales, int is_int8, int64_t t, int64_t n,
+                      float *buffer, const float **rows) {
+    for (int64_t j = 0; j < n; j++) {
+        const int64_t offset = value_offset(s, t + j);
+        if (!is_int8) {
+            rows[j] = (const float *)cache + offset;
+            continue;
+        }
+        const int8_t *values = (const int8_t *)cache + offset;
+        const __m256 scale = _mm256_set1_ps(scale_at(scales, s, t + j));
+        float *row = buffer + j * s->head_dim;
+        for (int64_t d = 0; d < s->head_dim; d += 8) {
+            const __m256i wide = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(values + d)));
+            _mm256_storeu_ps(row + d, _mm256_mul_ps(_mm256_cvtepi32_ps(wide), scale));
+        }
+        rows[j] = row;
+    }
+}
+
+INLINE void scores_avx2(const Item *s, int is_int8, float *scores, float *buffer) {
     const __m256 scale = _mm256_set1_ps(s->scale);
     int64_t t = 0;
     for (; t + 8 <= s->len; t += 8) {
         const float *k[8];
-        for (int j = 0; j < 8; j++) k[j] = slot_row(s->k_cache, s, t + j);
-        for (int64_t i = 0; i < s->num_heads; i++) {
+        tile_rows(s, s->k_cache, s->k_scales, is_int8, t, 8, buffer, k);
+        for (int64_t i = 0; i < s->group; i++) {
             const float *qi = s->q + i * s->head_dim;
-            const int64_t offset = (i / s->group) * s->head_dim;
             __m256 acc[8];
             for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
             for (int64_t d = 0; d < s->head_dim; d += 8) {
                 const __m256 qv = _mm256_loadu_ps(qi + d);
-                for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[j] + offset + d), acc[j]);
+                for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[j] + d), acc[j]);
             }
             _mm256_storeu_ps(scores + i * s->len + t, _mm256_mul_ps(reduce8(acc), scale));
         }
     }
-    scores_scalar(s, scores, t);
+    scores_scalar(s, is_int8, scores, t);
 }
 
-static void values_avx2(const Seq *s, const float *probs, float *acc) {
+INLINE void values_avx2(const Item *s, int is_int8, const float *probs, float *acc, float *buffer) {
     for (int64_t t0 = 0; t0 < s->len; t0 += V_TILE) {
         const int64_t n = s->len - t0 < V_TILE ? s->len - t0 : V_TILE;
         const float *v[V_TILE];
-        for (int64_t j = 0; j < n; j++) v[j] = slot_row(s->v_cache, s, t0 + j);
-        for (int64_t i = 0; i < s->num_heads; i++) {
+        tile_rows(s, s->v_cache, s->v_scales, is_int8, t0, n, buffer, v);
+        for (int64_t i = 0; i < s->group; i++) {
             const float *p = probs + i * s->len + t0;
-            const int64_t offset = (i / s->group) * s->head_dim;
             float *a = acc + i * s->head_dim;
             int64_t d = 0;
-            for (; d + 32 <= s->head_dim; d += 32) {  /* 4 registers of the output stay put */
+            for (; d + 32 <= s->head_dim; d += 32) { /* 4 registers of the output stay put */
                 __m256 a0 = _mm256_loadu_ps(a + d), a1 = _mm256_loadu_ps(a + d + 8);
                 __m256 a2 = _mm256_loadu_ps(a + d + 16), a3 = _mm256_loadu_ps(a + d + 24);
                 for (int64_t j = 0; j < n; j++) {
-                    const __m256 pj = _mm256_set1_ps(p[j]);
-                    const float *vj = v[j] + offset + d;
-                    a0 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj), a0);
-                    a1 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8), a1);
-                    a2 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 16), a2);
-                    a3 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 24), a3);
+                    const __m256 w = _mm256_set1_ps(p[j]);
+                    a0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v[j] + d), a0);
+                    a1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v[j] + d + 8), a1);
+                    a2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v[j] + d + 16), a2);
+                    a3 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v[j] + d + 24), a3);
                 }
                 _mm256_storeu_ps(a + d, a0), _mm256_storeu_ps(a + d + 8, a1);
                 _mm256_storeu_ps(a + d + 16, a2), _mm256_storeu_ps(a + d + 24, a3);
             }
             for (; d < s->head_dim; d += 8) {
                 __m256 a0 = _mm256_loadu_ps(a + d);
-                for (int64_t j = 0; j < n; j++)
-                    a0 = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(v[j] + offset + d), a0);
+                for (int64_t j = 0; j < n; j++) a0 = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(v[j] + d), a0);
                 _mm256_storeu_ps(a + d, a0);
             }
         }
@@ -127,30 +180,79 @@ static void values_avx2(const Seq *s, const float *probs, float *acc) {
 }
 #endif
 
-/* out = softmax(scores) V for one sequence; scores [num_heads, len], acc [num_heads, head_dim] zeroed. */
-static void attend(const Seq *s, float *scores, float *acc, float *out) {
-    const int vectorized =
+/* Turns a row of scores into unnormalized probabilities e^(score - max); returns their sum. */
+INLINE float exponentiate(float *row, int64_t len) {
+    float max = -INFINITY, sum = 0.0f;
+    for (int64_t t = 0; t < len; t++) max = row[t] > max ? row[t] : max;
+    int64_t t = 0;
 #ifdef __AVX2__
-        s->head_dim % 8 == 0;
-#else
-        0;
-#endif
-#ifdef __AVX2__
-    if (vectorized) scores_avx2(s, scores);
-#endif
-    if (!vectorized) scores_scalar(s, scores, 0);
-    for (int64_t i = 0; i < s->num_heads; i++) {
-        float *row = scores + i * s->len, max = -INFINITY, sum = 0.0f;
-        for (int64_t t = 0; t < s->len; t++) max = row[t] > max ? row[t] : max;
-        for (int64_t t = 0; t < s->len; t++) sum += (row[t] = expf(row[t] - max));
-        const float inv = 1.0f / sum;
-        for (int64_t t = 0; t < s->len; t++) row[t] *= inv;
+    const __m256 shift = _mm256_set1_ps(max);
+    __m256 total = _mm256_setzero_ps();
+    for (; t + 8 <= len; t += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(row + t), shift));
+        _mm256_storeu_ps(row + t, e);
+        total = _mm256_add_ps(total, e);
     }
-#ifdef __AVX2__
-    if (vectorized) values_avx2(s, scores, acc);
+    float lanes[8];
+    _mm256_storeu_ps(lanes, total);
+    for (int j = 0; j < 8; j++) sum += lanes[j];
 #endif
-    if (!vectorized) values_scalar(s, scores, acc, 0, s->len);
-    for (int64_t i = 0; i < s->num_heads * s->head_dim; i++) out[i] = acc[i];
+    for (; t < len; t++) sum += (row[t] = expf(row[t] - max));
+    return sum;
+}
+
+/* out rows of the group = softmax(scores) V; scores [group, len], acc [group, head_dim] zeroed,
+ * buffer [V_TILE, head_dim] for widened int8 values. */
+INLINE void attend(const Item *s, int is_int8, float *scores, float *acc, float *buffer, float *out) {
+#ifdef __AVX2__
+    const int vectorized = s->head_dim % 8 == 0;
+    if (vectorized) scores_avx2(s, is_int8, scores, buffer);
+#else
+    const int vectorized = 0;
+#endif
+    if (!vectorized) scores_scalar(s, is_int8, scores, 0);
+    float inverse_sums[s->group];
+    for (int64_t i = 0; i < s->group; i++) inverse_sums[i] = 1.0f / exponentiate(scores + i * s->len, s->len);
+#ifdef __AVX2__
+    if (vectorized) values_avx2(s, is_int8, scores, acc, buffer);
+#endif
+    if (!vectorized) values_scalar(s, is_int8, scores, acc);
+    for (int64_t i = 0; i < s->group; i++)
+        for (int64_t d = 0; d < s->head_dim; d++) out[i * s->head_dim + d] = acc[i * s->head_dim + d] * inverse_sums[i];
+}
+
+INLINE int decode(const float *q, const void *k_cache, const void *v_cache, const float *k_scales,
+                  const float *v_scales, const int64_t *block_tables, const int64_t *seq_lens, float *out,
+                  int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                  int64_t block_size, int64_t max_blocks, float scale, int num_threads, int is_int8) {
+    const int64_t group = num_heads / num_kv_heads;
+    if (group * num_kv_heads != num_heads) return -1;
+    int failed = 0;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
+    for (int64_t i = 0; i < num_seqs; i++) {
+        const int64_t len = seq_lens[i];
+        int64_t *slots = malloc(sizeof(int64_t) * (len > 0 ? len : 1));
+        float *scores = malloc(sizeof(float) * group * (len > 0 ? len : 1));
+        float *acc = malloc(sizeof(float) * group * head_dim);
+        float *buffer = malloc(sizeof(float) * V_TILE * head_dim);
+        if (!slots || !scores || !acc || !buffer) {
+            failed = 1;
+        } else {
+            slots_of(block_tables + i * max_blocks, len, block_size, slots);
+            for (int64_t h = 0; h < num_kv_heads; h++) {
+                for (int64_t e = 0; e < group * head_dim; e++) acc[e] = 0.0f;
+                const int64_t first = (i * num_heads + h * group) * head_dim;
+                const Item s = {q + first, k_cache, v_cache, k_scales, v_scales, slots, len, group, num_kv_heads, h,
+                                head_dim, scale};
+                attend(&s, is_int8, scores, acc, buffer, out + first);
+            }
+        }
+        free(buffer);
+        free(slots);
+        free(scores);
+        free(acc);
+    }
+    return failed ? -2 : 0;
 }
 
 int paged_decode_attention_f32(const float *q, const float *k_cache, const float *v_cache,
@@ -158,26 +260,15 @@ int paged_decode_attention_f32(const float *q, const float *k_cache, const float
                                int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
                                int64_t head_dim, int64_t block_size, int64_t max_blocks, float scale,
                                int num_threads) {
-    const int64_t group = num_heads / num_kv_heads;
-    if (group * num_kv_heads != num_heads) return -1;
-    int failed = 0;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
-    for (int64_t i = 0; i < num_seqs; i++) {
-        const int64_t len = seq_lens[i];
-        int64_t *rows = malloc(sizeof(int64_t) * (len > 0 ? len : 1));
-        float *scores = malloc(sizeof(float) * num_heads * (len > 0 ? len : 1));
-        float *acc = calloc(num_heads * head_dim, sizeof(float));
-        if (!rows || !scores || !acc) {
-            failed = 1;
-        } else {
-            slot_rows(block_tables + i * max_blocks, len, block_size, num_kv_heads * head_dim, rows);
-            const Seq s = {q + i * num_heads * head_dim, k_cache, v_cache, rows, len, num_heads, group, head_dim,
-                           scale};
-            attend(&s, scores, acc, out + i * num_heads * head_dim);
-        }
-        free(rows);
-        free(scores);
-        free(acc);
-    }
-    return failed ? -2 : 0;
+    return decode(q, k_cache, v_cache, NULL, NULL, block_tables, seq_lens, out, num_seqs, num_heads,
+                  num_kv_heads, head_dim, block_size, max_blocks, scale, num_threads, 0);
+}
+
+int paged_decode_attention_i8(const float *q, const int8_t *k_cache, const int8_t *v_cache,
+                              const float *k_scales, const float *v_scales, const int64_t *block_tables,
+                              const int64_t *seq_lens, float *out, int64_t num_seqs, int64_t num_heads,
+                              int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t max_blocks,
+                              float scale, int num_threads) {
+    return decode(q, k_cache, v_cache, k_scales, v_scales, block_tables, seq_lens, out, num_seqs, num_heads,
+                  num_kv_heads, head_dim, block_size, max_blocks, scale, num_threads, 1);
 }

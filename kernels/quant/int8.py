@@ -80,7 +80,7 @@ class Int8Weight:
         if self.packed is not None:
             fbgemm_linear = _w8a8_linear if self.int8_activations else _split_activation_linear
             parts = [fbgemm_linear(rows, self.packed) for rows in x2.float().split(FBGEMM_ROWS_PER_CALL)]
-            y = torch.cat(parts).to(x.dtype)
+            y = (parts[0] if len(parts) == 1 else torch.cat(parts)).to(x.dtype)
         else:
             q, s, g = self.stored, self.scales, self.group_size
             y = linear_by_row_chunks(
@@ -140,17 +140,19 @@ def _prepack(qweight: torch.Tensor, scales: torch.Tensor) -> Any:
 def _w8a8_linear(x: torch.Tensor, packed: Any) -> torch.Tensor:
     """W8A8: int8 weights times int8 activations with one scale per token (as in SmoothQuant).
 
-    fbgemm's dynamic linear quantizes the whole input with one scale, which would make a token's
-    output depend on its batch neighbours. So each row is first scaled to integers in
+    fbgemm's dynamic linear quantizes the whole input with one scale, which would make a
+    token's output depend on its batch neighbours. So each row is first scaled to integers in
     [-127, 127] (its own scale, max|x| / 127), and an anchor row pins fbgemm's range to
     [-128, 127]: scale 1, zero point 128, so every row's integers pass through unchanged and the
-    result is independent of what else is in the batch. One int8 GEMM per call; fbgemm's 8-bit
-    path may saturate a pair of products at int16 on AVX2 (rare: two large same-signed
-    activations against two large weights), which the perplexity test bounds.
+    result is independent of what else is in the batch. One int8 GEMM per call (fbgemm's
+    static-input variant would skip the range pass but runs up to 2x slower on these shapes).
+    fbgemm's 8-bit path may saturate a pair of products at int16 on AVX2 (rare: two large
+    same-signed activations against two large weights), which the perplexity test bounds.
     """
     tokens = x.shape[0]
-    unit = x.abs().amax(dim=1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny).div_(QMAX)
-    q = torch.cat([torch.div(x, unit).round_(), _anchor_row(x.shape[1])])
+    unit = torch.linalg.vector_norm(x, ord=float("inf"), dim=1, keepdim=True)
+    unit = unit.clamp_min_(torch.finfo(torch.float32).tiny).div_(QMAX)
+    q = torch.cat([torch.div(x, unit).round_(), _anchor_row(x.shape[1], QMAX)])
     return torch.ops.quantized.linear_dynamic(q, packed, False)[:tokens].mul_(unit)
 
 
@@ -173,7 +175,7 @@ def _split_activation_linear(x: torch.Tensor, packed: Any) -> torch.Tensor:
 
 
 @functools.cache
-def _anchor_row(in_features: int, top: int = QMAX) -> torch.Tensor:
+def _anchor_row(in_features: int, top: int) -> torch.Tensor:
     """A row spanning [-(top + 1), top]: fixes fbgemm's dynamic range to scale 1."""
     anchor = torch.zeros(1, in_features)
     anchor[0, 0], anchor[0, -1] = -(top + 1), top

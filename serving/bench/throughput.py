@@ -44,7 +44,7 @@ from kvpilot.serving.bench.workload import (
     tokenize_text,
     total_output_tokens,
 )
-from kvpilot.serving.contract import QUANTIZATION_MODES
+from kvpilot.serving.contract import KV_CACHE_DTYPES, QUANTIZATION_MODES
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,7 @@ class ThroughputConfig:
     spec: WorkloadSpec
     dataset: Path | None = None  # None: the shipped English text
     best_mode: str = "w8a8"  # kvpilot's quantization for `kvpilot_best`
+    best_kv_cache_dtype: str = "int8"  # and its KV cache storage
     max_num_batched_tokens: int = 2048
     kv_cache_memory_bytes: int = 4 << 30  # the whole workload fits: no preemption
     hf_sequential_prompts: int = 8
@@ -109,7 +110,7 @@ class ThroughputRun:
             flush=True,
         )
 
-    def run_kvpilot_mode(self, name: str, quantization: str) -> None:
+    def run_kvpilot_mode(self, name: str, quantization: str, kv_cache_dtype: str = "auto") -> None:
         from kvpilot.serving.llm import LLM
 
         config = self.config
@@ -120,8 +121,9 @@ class ThroughputRun:
             max_num_batched_tokens=config.max_num_batched_tokens,
             kv_cache_memory_bytes=config.kv_cache_memory_bytes,
             enable_prefix_caching=False,  # every system computes every prompt token
+            kv_cache_dtype=kv_cache_dtype,
         )
-        mode = "fp32" if quantization == "none" else quantization
+        mode = mode_label(quantization, kv_cache_dtype)
         run_kvpilot(llm, self.requests[:2], 2, mode)  # warm-up
         self.results[name] = run_kvpilot(llm, self.requests, len(self.requests), mode)
         self.record(name, len(self.requests), self.results[name])
@@ -173,10 +175,16 @@ class ThroughputRun:
             self.run_transformers()
             gc.collect()
         if KVPILOT_BEST in systems:
-            self.run_kvpilot_mode(KVPILOT_BEST, self.config.best_mode)
+            self.run_kvpilot_mode(KVPILOT_BEST, self.config.best_mode, self.config.best_kv_cache_dtype)
             gc.collect()
         if LLAMA_CPP in systems and self.config.model.endswith(".gguf") and baselines.llama_cpp_available():
             self.run_llama_cpp()
+
+
+def mode_label(quantization: str, kv_cache_dtype: str) -> str:
+    """e.g. 'fp32', 'w8a8', 'w8a8 + kv int8'."""
+    weights = "fp32" if quantization == "none" else quantization
+    return weights if kv_cache_dtype == "auto" else f"{weights} + kv {kv_cache_dtype}"
 
 
 def _shortened(request: WorkloadRequest) -> WorkloadRequest:
@@ -220,8 +228,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--best-mode",
         choices=[m for m in QUANTIZATION_MODES if m != "none"],
-        default="w8a8",
+        default=ThroughputConfig.best_mode,
         help="kvpilot_best weight quantization",
+    )
+    parser.add_argument(
+        "--best-kv-cache-dtype",
+        choices=KV_CACHE_DTYPES,
+        default=ThroughputConfig.best_kv_cache_dtype,
+        help="kvpilot_best KV cache storage",
     )
     parser.add_argument("--max-num-batched-tokens", type=_positive, default=2048)
     parser.add_argument("--kv-cache-memory-bytes", type=_positive, default=4 << 30)
@@ -258,6 +272,7 @@ def main(args: argparse.Namespace) -> int:
         spec=spec,
         dataset=args.dataset,
         best_mode=args.best_mode,
+        best_kv_cache_dtype=args.best_kv_cache_dtype,
         max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_memory_bytes=args.kv_cache_memory_bytes,
         hf_sequential_prompts=args.hf_sequential_prompts,

@@ -1,9 +1,10 @@
-"""The native CPU decode attention against the reference paged attention."""
+"""The native CPU decode attention (float32 and int8 caches) against the reference paged attention."""
 
 import pytest
 import torch
 from kvpilot.kernels import cpu_extension
 from kvpilot.kernels.attention import build_attention_metadata, paged_attention_reference
+from kvpilot.kernels.quant.kv_cache import KVCache
 
 
 @pytest.fixture(scope="module")
@@ -13,13 +14,14 @@ def native():
     return cpu_extension
 
 
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
 @pytest.mark.parametrize(
     ("num_heads", "num_kv_heads", "head_dim", "block_size"),
     [(9, 3, 64, 16), (4, 4, 32, 8), (8, 2, 20, 4), (6, 1, 16, 1)],
 )
-def test_decode_matches_reference(native, num_heads, num_kv_heads, head_dim, block_size):
+def test_decode_matches_reference(native, num_heads, num_kv_heads, head_dim, block_size, kv_cache_dtype):
     generator = torch.Generator().manual_seed(num_heads * head_dim + block_size)
-    seq_lens = [1, 5, block_size, 3 * block_size + 1, 37]
+    seq_lens = [1, 5, block_size, 3 * block_size + 1, 37, 300]
     num_blocks = sum(-(-n // block_size) for n in seq_lens) + 3
     # Blocks of different sequences interleave in the pool, in a shuffled order.
     order = torch.randperm(num_blocks, generator=generator).tolist()
@@ -30,6 +32,8 @@ def test_decode_matches_reference(native, num_heads, num_kv_heads, head_dim, blo
         used += count
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
     k_cache, v_cache = (torch.randn(shape, generator=generator) for _ in "kv")
+    if kv_cache_dtype == "int8":  # every slot written once, through the cache's own quantizer
+        k_cache, v_cache = (_int8_cache(cache) for cache in (k_cache, v_cache))
     q = torch.randn(len(seq_lens), num_heads, head_dim, generator=generator)
     metadata = build_attention_metadata(
         [1] * len(seq_lens), [n - 1 for n in seq_lens], block_tables, block_size
@@ -41,6 +45,20 @@ def test_decode_matches_reference(native, num_heads, num_kv_heads, head_dim, blo
         q, k_cache, v_cache, metadata.block_tables, metadata.seq_lens, scale
     )
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def _int8_cache(values: torch.Tensor) -> KVCache:
+    cache = KVCache.allocate(*values.shape, "int8")
+    cache.write(values.flatten(0, 1), torch.arange(values.shape[0] * values.shape[1]))
+    return cache
+
+
+def test_int8_cache_is_supported_and_fp8_is_not(native):
+    q = torch.zeros(1, 4, 8)
+    assert native.supports(q, KVCache.allocate(2, 4, 2, 8, "int8"))
+    assert native.supports(q, torch.zeros(2, 4, 2, 8))
+    assert not native.supports(q, KVCache.allocate(2, 4, 2, 8, "fp8"))
+    assert not native.supports(q.bfloat16(), torch.zeros(2, 4, 2, 8, dtype=torch.bfloat16))
 
 
 def test_library_is_cached_between_loads(native):

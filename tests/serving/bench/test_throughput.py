@@ -21,7 +21,7 @@ def test_report_json_table_and_plot(tiny_llama, tmp_path, capsys):
     report_path, plot_path = tmp_path / "report.json", tmp_path / "plot.png"
     argv = ["bench", "throughput", "--model", str(tiny_llama), "--num-prompts", "4", "--input-len", "8"]
     argv += ["--output-len", "3", "--hf-sequential-prompts", "2", "--hf-static-prompts", "3"]
-    argv += ["--hf-batch-size", "2", "--kv-cache-memory-bytes", str(1 << 24), "--best-mode", "int8"]
+    argv += ["--hf-batch-size", "2", "--kv-cache-memory-bytes", str(1 << 24)]
     argv += ["--json", str(report_path)]
     if _has_matplotlib():
         argv += ["--plot", str(plot_path), "--plot-concurrencies", "1,2"]
@@ -31,7 +31,7 @@ def test_report_json_table_and_plot(tiny_llama, tmp_path, capsys):
     systems = report["systems"]
     # llama.cpp needs a .gguf file (and the optional package): absent here, and so is its ratio.
     assert set(systems) == {"kvpilot_fp32", "kvpilot_best", "hf_sequential", "hf_static_batch"}
-    assert (systems["kvpilot_fp32"]["mode"], systems["kvpilot_best"]["mode"]) == ("fp32", "int8")
+    assert (systems["kvpilot_fp32"]["mode"], systems["kvpilot_best"]["mode"]) == ("fp32", "w8a8 + kv int8")
     expected = {
         "kvpilot_fp32": (4, 12),
         "kvpilot_best": (4, 12),
