@@ -8,6 +8,7 @@ Every request generates exactly its `output_len` tokens (EOS is suppressed until
 output token counts match kvpilot's.
 """
 
+import functools
 import importlib.util
 import os
 import time
@@ -133,6 +134,7 @@ def run_llama_cpp(gguf: str | Path, requests: list[WorkloadRequest], concurrency
     max_len = max(r.prompt_len + r.output_len for r in requests)
     num_batch = max(512, max(r.prompt_len for r in requests) + concurrency)
 
+    llama_cpp.llama_log_set(_quiet_llama_cpp_log(llama_cpp), None)  # it logs every graph tensor
     llama_cpp.llama_backend_init()
     model = llama_cpp.llama_model_load_from_file(str(gguf).encode(), llama_cpp.llama_model_default_params())
     if not model:
@@ -191,6 +193,12 @@ def run_llama_cpp(gguf: str | Path, requests: list[WorkloadRequest], concurrency
         llama_cpp.llama_model_free(model)
     mode = gguf.stem.rsplit(".", 1)[-1].lower()  # SmolLM2-135M-Instruct.Q4_1 -> q4_1
     return SystemResult(mode, len(requests), output_tokens, elapsed)
+
+
+@functools.cache
+def _quiet_llama_cpp_log(llama_cpp):
+    """A log callback that drops everything (cached: llama.cpp keeps calling it)."""
+    return llama_cpp.llama_log_callback(lambda level, text, user_data: None)
 
 
 def _add_token(batch, index: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
