@@ -1,9 +1,13 @@
 """Native CPU kernels (plain C, loaded with ctypes), compiled on first use and cached.
 
-`paged_decode_attention` reads K/V (float32, or int8 with per-token-per-head scales) straight
-from the paged cache: no gather copy, no dequantized copy and no padding to the longest
-sequence, the costs that dominate decode attention in torch on CPU. It needs
-a C compiler (`cc`) at first use; without one `load()` returns None and callers use the torch path.
+- `paged_decode_attention` reads K/V (float32, or int8 with per-token-per-head scales) straight
+  from the paged cache: no gather copy, no dequantized copy and no padding to the longest
+  sequence, the costs that dominate decode attention in torch on CPU.
+- `quantize_rows_int8` quantizes activations per token for the W8A8 linear, and
+  `write_kv_int8` quantizes and scatters new K/V into an int8 cache, each in one call.
+
+They need a C compiler (`cc`) at first use; without one `load()` returns None and callers use
+their torch paths.
 """
 
 import ctypes
@@ -18,7 +22,7 @@ from pathlib import Path
 import torch
 from kvpilot.kernels.quant.kv_cache import KVCache
 
-SOURCE = Path(__file__).parent / "csrc" / "paged_decode_attention.c"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_decode_attention.c", "int8_quantize.c")]
 # Reassociation lets the compiler vectorize the dot products; infinities keep their meaning.
 FLAGS = [
     "-O3",
@@ -40,18 +44,20 @@ def cache_dir() -> Path:
 @functools.cache
 def load() -> ctypes.CDLL | None:
     """The compiled library, or None when it cannot be built here (no compiler, build error)."""
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
-    library = cache_dir() / f"paged_decode_attention-{digest}.so"
+    sources = b"".join(source.read_bytes() for source in SOURCES)
+    digest = hashlib.sha256(sources + " ".join(FLAGS).encode()).hexdigest()[:16]
+    library = cache_dir() / f"kvpilot-cpu-{digest}.so"
     if not library.exists():
         try:
             _build(library)
         except (OSError, subprocess.CalledProcessError) as error:  # no compiler, read-only cache, ...
-            logger.warning("native CPU attention unavailable, using the torch path: %s", error)
+            logger.warning("native CPU kernels unavailable, using the torch paths: %s", error)
             return None
     lib = ctypes.CDLL(str(library))
     lib.paged_decode_attention_f32.restype = ctypes.c_int
     lib.paged_decode_attention_i8.restype = ctypes.c_int
+    lib.quantize_rows_int8.restype = None
+    lib.write_kv_int8.restype = None
     return lib
 
 
@@ -59,7 +65,8 @@ def _build(library: Path) -> None:
     library.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
         built = Path(tmp) / library.name
-        subprocess.run(["cc", *FLAGS, str(SOURCE), "-o", str(built), "-lm"], check=True, capture_output=True)
+        sources = [str(source) for source in SOURCES]
+        subprocess.run(["cc", *FLAGS, *sources, "-o", str(built), "-lm"], check=True, capture_output=True)
         os.replace(built, library)  # atomic: concurrent builders never see a partial file
 
 
@@ -72,6 +79,10 @@ def supports(q: torch.Tensor, k_cache) -> bool:
     else:
         is_native = k_cache.dtype == torch.float32
     return is_native and load() is not None
+
+
+def supports_int8_write(x: torch.Tensor, cache: KVCache) -> bool:
+    return x.dtype == torch.float32 and cache.kv_cache_dtype == "int8" and load() is not None
 
 
 def paged_decode_attention(
@@ -116,6 +127,31 @@ def paged_decode_attention(
     if status != 0:
         raise RuntimeError(f"native paged decode attention failed with status {status}")
     return out
+
+
+def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, K] float32 -> (rows [T + 1, K]: round(x / unit) then fbgemm's anchor row, unit [T, 1])."""
+    lib = load()
+    assert lib is not None, "call only when load() succeeded"
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    rows, cols = x.shape
+    out = torch.empty(rows + 1, cols)
+    unit = torch.empty(rows, 1)
+    args = (ctypes.c_int64(rows), ctypes.c_int64(cols), ctypes.c_int64(x.stride(0)))
+    lib.quantize_rows_int8(_ptr(x), *args, _ptr(out), _ptr(unit), ctypes.c_int(torch.get_num_threads()))
+    return out, unit
+
+
+def write_kv_int8(x: torch.Tensor, cache: KVCache, slot_mapping: torch.Tensor) -> None:
+    """Quantize x [T, num_kv_heads, head_dim] (float32) into an int8 cache at its slots."""
+    lib = load()
+    assert lib is not None, "call only when load() succeeded"
+    x = x.contiguous()
+    slots = slot_mapping.to(torch.int64).contiguous()
+    tokens, heads, head_dim = x.shape
+    shape = (ctypes.c_int64(tokens), ctypes.c_int64(heads), ctypes.c_int64(head_dim))
+    lib.write_kv_int8(_ptr(x), *shape, _ptr(slots), _ptr(cache.data), _ptr(cache.scales))
 
 
 def _ptr(tensor: torch.Tensor) -> ctypes.c_void_p:

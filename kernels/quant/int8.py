@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from kvpilot.kernels import cpu_extension
 from kvpilot.kernels.quant.cpu_ops import flatten_tokens, linear_by_row_chunks
 
 QMAX = 127
@@ -150,10 +151,19 @@ def _w8a8_linear(x: torch.Tensor, packed: Any) -> torch.Tensor:
     same-signed activations against two large weights), which the perplexity test bounds.
     """
     tokens = x.shape[0]
+    if cpu_extension.load() is not None:
+        q, unit = cpu_extension.quantize_rows_int8(x)
+    else:
+        q, unit = quantize_rows_int8(x)
+    return torch.ops.quantized.linear_dynamic(q, packed, False)[:tokens].mul_(unit)
+
+
+def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, K] -> (round(x / unit) with fbgemm's anchor row appended [T + 1, K], unit [T, 1]);
+    unit = max|x| / 127 per row. The torch version of the native kernel."""
     unit = torch.linalg.vector_norm(x, ord=float("inf"), dim=1, keepdim=True)
     unit = unit.clamp_min_(torch.finfo(torch.float32).tiny).div_(QMAX)
-    q = torch.cat([torch.div(x, unit).round_(), _anchor_row(x.shape[1], QMAX)])
-    return torch.ops.quantized.linear_dynamic(q, packed, False)[:tokens].mul_(unit)
+    return torch.cat([torch.div(x, unit).round_(), _anchor_row(x.shape[1], QMAX)]), unit
 
 
 def _split_activation_linear(x: torch.Tensor, packed: Any) -> torch.Tensor:

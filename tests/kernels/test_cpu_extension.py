@@ -63,7 +63,7 @@ def test_int8_cache_is_supported_and_fp8_is_not(native):
 
 def test_library_is_cached_between_loads(native):
     assert native.load() is native.load()
-    assert any(native.cache_dir().glob("paged_decode_attention-*.so"))
+    assert any(native.cache_dir().glob("kvpilot-cpu-*.so"))
 
 
 def test_unbuildable_library_means_the_torch_path(monkeypatch, tmp_path):
@@ -77,3 +77,28 @@ def test_unbuildable_library_means_the_torch_path(monkeypatch, tmp_path):
         monkeypatch.undo()
         cpu_extension.load.cache_clear()
     assert cpu_extension.load() is not None
+
+
+@pytest.mark.parametrize("shape", [(1, 8), (5, 192), (130, 576), (3, 13)])
+def test_native_per_token_quantization_matches_torch(native, shape):
+    from kvpilot.kernels.quant.int8 import quantize_rows_int8
+
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[1]))
+    x[0] = 0.0  # an all-zero row keeps a tiny positive unit
+    x[-1, :3] = torch.tensor([127.0, -63.5, 0.5])  # exact halves round to even, like torch
+    expected_rows, expected_unit = quantize_rows_int8(x)
+    rows, unit = native.quantize_rows_int8(x)
+    assert torch.equal(unit, expected_unit) and torch.equal(rows, expected_rows)
+    assert rows[-1, 0] == -128 and rows[-1, -1] == 127  # the anchor row
+
+
+def test_native_int8_kv_write_matches_the_cache_quantizer(native):
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(6, 3, 64, generator=generator)
+    x[2, 1] = 0.0  # an all-zero head keeps scale 0
+    slots = torch.tensor([9, 0, 4, 17, 5, 11])
+    expected, actual = (KVCache.allocate(5, 4, 3, 64, "int8") for _ in range(2))
+    expected.write(x, slots)
+    native.write_kv_int8(x, actual, slots)
+    assert torch.equal(actual.data, expected.data) and torch.equal(actual.scales, expected.scales)
+    assert native.supports_int8_write(x, actual) and not native.supports_int8_write(x.bfloat16(), actual)

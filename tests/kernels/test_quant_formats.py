@@ -136,3 +136,20 @@ def test_to_device_keeps_the_values(mode, group_size):
     q = quantize(_weight(), mode, group_size)
     moved = q.to("cpu")
     assert type(moved) is type(q) and torch.equal(moved.dequantize(), q.dequantize())
+
+
+@pytest.mark.parametrize(("mode", "group_size"), CASES)
+def test_concat_rows_stacks_output_channels(mode, group_size):
+    parts = [quantize(_weight(out, seed=out), mode, group_size) for out in (64, 32, 32)]
+    merged = type(parts[0]).concat_rows(parts)
+    assert merged.shape == (128, 192)
+    assert torch.equal(merged.dequantize(), torch.cat([part.dequantize() for part in parts]))
+    x = _activations(5, 192)
+    assert torch.allclose(merged.linear(x), torch.cat([part.linear(x) for part in parts], dim=1), atol=1e-5)
+
+
+def test_concat_rows_refuses_different_layouts():
+    w = _weight()
+    assert Int8Weight.concat_rows([quantize(w, "int8"), quantize(w, "int8", 32)]) is None
+    assert Int8Weight.concat_rows([quantize(w, "int8"), quantize(w, "w8a8")]) is None
+    assert Int4Weight.concat_rows([quantize(w, "int4", 32), quantize(w, "int4", 64)]) is None

@@ -78,3 +78,14 @@ def _has_matplotlib() -> bool:
     except ImportError:
         return False
     return True
+
+
+def test_llama_cpp_baseline_generates_every_requested_token(default_gguf):
+    """Runs where the optional llama-cpp-python is installed (not a CI dependency)."""
+    pytest.importorskip("llama_cpp")
+    from kvpilot.serving.bench.baselines import run_llama_cpp
+    from kvpilot.serving.bench.workload import WorkloadRequest
+
+    requests = [WorkloadRequest("a", (1, 2, 3, 4), output_len=5), WorkloadRequest("b", (5, 6), output_len=3)]
+    result = run_llama_cpp(default_gguf, requests, concurrency=2)
+    assert (result.mode, result.num_requests, result.output_tokens) == ("q4_1", 2, 8)

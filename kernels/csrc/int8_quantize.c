@@ -1,0 +1,77 @@
+/* int8 quantization on the hot path, one pass where torch needs five ops.
+ *
+ * quantize_rows_int8: activations per token, for fbgemm's W8A8 linear (kernels/quant/int8.py).
+ * For each row t of x [rows, cols] (row stride x_stride): unit[t] = max(max|x[t]|, FLT_MIN) / 127
+ * and out[t, c] = round_half_even(x[t, c] / unit[t]), integers in [-127, 127] stored as float.
+ * out has rows + 1 rows: the last is the anchor row (-128 in column 0, 127 in the last column,
+ * zeros elsewhere) that pins fbgemm's dynamic range to scale 1, zero point 128.
+ *
+ * write_kv_int8: new K or V [tokens, heads, head_dim] into an int8 paged cache
+ * (kernels/quant/kv_cache.py): per (token, head) scale = max|x| / 127, values
+ * round_half_even(x * (1 / scale)) clamped to [-127, 127] (0 for an all-zero row), stored at
+ * data[slot, head, :] and scales[slot, head].
+ */
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+static float row_max_abs(const float *x, int64_t cols) {
+    float max = 0.0f;
+    int64_t c = 0;
+#ifdef __AVX2__
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 m = _mm256_setzero_ps();
+    for (; c + 8 <= cols; c += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + c)));
+    float lanes[8];
+    _mm256_storeu_ps(lanes, m);
+    for (int j = 0; j < 8; j++) max = lanes[j] > max ? lanes[j] : max;
+#endif
+    for (; c < cols; c++) max = fabsf(x[c]) > max ? fabsf(x[c]) : max;
+    return max;
+}
+
+static void divide_and_round(const float *x, int64_t cols, float unit, float *out) {
+    int64_t c = 0;
+#ifdef __AVX2__
+    const __m256 u = _mm256_set1_ps(unit);
+    for (; c + 8 <= cols; c += 8)
+        _mm256_storeu_ps(out + c, _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + c), u),
+                                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+    for (; c < cols; c++) out[c] = nearbyintf(x[c] / unit);
+}
+
+void quantize_rows_int8(const float *x, int64_t rows, int64_t cols, int64_t x_stride, float *out, float *unit,
+                        int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (rows * cols >= (1 << 16))
+    for (int64_t t = 0; t < rows; t++) {
+        const float max = row_max_abs(x + t * x_stride, cols);
+        unit[t] = (max > FLT_MIN ? max : FLT_MIN) / 127.0f;
+        divide_and_round(x + t * x_stride, cols, unit[t], out + t * cols);
+    }
+    float *anchor = out + rows * cols;
+    for (int64_t c = 0; c < cols; c++) anchor[c] = 0.0f;
+    anchor[0] = -128.0f;
+    anchor[cols - 1] = 127.0f;
+}
+
+void write_kv_int8(const float *x, int64_t tokens, int64_t heads, int64_t head_dim, const int64_t *slots,
+                   int8_t *data, float *scales) {
+    for (int64_t t = 0; t < tokens; t++) {
+        for (int64_t h = 0; h < heads; h++) {
+            const float *row = x + (t * heads + h) * head_dim;
+            const float scale = row_max_abs(row, head_dim) / 127.0f;
+            const float inverse = scale == 0.0f ? 0.0f : 1.0f / scale;
+            const int64_t slot = slots[t] * heads + h;
+            int8_t *values = data + slot * head_dim;
+            for (int64_t d = 0; d < head_dim; d++) {
+                const float q = nearbyintf(row[d] * inverse);
+                values[d] = (int8_t)(q > 127.0f ? 127.0f : (q < -127.0f ? -127.0f : q));
+            }
+            scales[slot] = scale;
+        }
+    }
+}
