@@ -134,9 +134,11 @@ def paged_attention_cpu(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, metadata: AttentionMetadata, scale: float
 ) -> torch.Tensor:
     """Decodes all at once (native kernel, or one padded SDPA); each prefill chunk in one SDPA."""
-    out = torch.empty_like(q)
     query_lens = metadata.query_lens_list
     decodes = [i for i, n in enumerate(query_lens) if n == 1]
+    if len(decodes) == len(query_lens):  # a pure decode step: rows are already the sequences
+        return _decode(q, k_cache, v_cache, metadata, slice(None), scale)
+    out = torch.empty_like(q)
     if decodes:
         rows = metadata.query_start_loc[decodes]
         out[rows] = _decode(q[rows], k_cache, v_cache, metadata, decodes, scale)
@@ -167,7 +169,7 @@ def _decode(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     metadata: AttentionMetadata,
-    seqs: list[int],
+    seqs: list[int] | slice,
     scale: float,
 ) -> torch.Tensor:
     """float32 or int8 caches: the native kernel reads K/V in place (no gather copy, no padding)."""
@@ -182,7 +184,7 @@ def _decode_batch(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     metadata: AttentionMetadata,
-    seqs: list[int],
+    seqs: list[int] | slice,
     scale: float,
 ) -> torch.Tensor:
     """q [D, num_heads, head_dim], one query per sequence -> [D, num_heads, head_dim]."""
