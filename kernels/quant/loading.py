@@ -1,7 +1,8 @@
 """Load-time policy: which format each weight gets for a `--quantization` mode.
 
 - Linear weights take the mode's format: int8 (per-output-channel), w8a8 (the same weights,
-  activations quantized per token at run time), int4 (group-wise, `group_size`, default 32) or
+  activations quantized per token at run time, except for layers marked `exact_activations`:
+  the q/k/v projections), int4 (group-wise, `group_size`, default 32) or
   fp8 (per-channel). A GGUF tensor whose blocks already are that
   format loads byte for byte (Q4_0/Q4_1 -> int4 with group 32, Q8_0 -> int8 with group 32);
   any other tensor goes through float once, and the summary says so.
@@ -49,15 +50,18 @@ class WeightQuantizer:
         self.device = torch.device(device)
         self.counts: Counter[str] = Counter()
 
-    def linear(self, source: Source) -> Weight:
-        """A linear layer's [out, in] weight."""
+    def linear(self, source: Source, exact_activations: bool = False) -> Weight:
+        """A linear layer's [out, in] weight. exact_activations: in w8a8, keep this layer's
+        activations float (int8 weight-only), e.g. for the q/k/v projections, whose K/V are
+        quantized again into an int8 KV cache (the two errors compound: +3% perplexity)."""
         if self.mode == "none":
             return self._float(source)
         if isinstance(source, gguf.ReaderTensor) and self._loads_exactly(source.tensor_type):
             self.counts[f"{source.tensor_type.name} kept as {self.mode}"] += 1
             return self._on_device(from_gguf_tensor(source))
-        self.counts[f"{_kind(source)} quantized to {self.mode}"] += 1
-        return quantize(self._float(source, count=False).float(), self.mode, self._target_group_size())
+        mode = "int8" if self.mode == "w8a8" and exact_activations else self.mode
+        self.counts[f"{_kind(source)} quantized to {mode}"] += 1
+        return quantize(self._float(source, count=False).float(), mode, self._target_group_size())
 
     def head(self, source: Source) -> Weight:
         """The output head [vocab, hidden]; in w8a8, per-channel int8 with float activations."""

@@ -64,15 +64,17 @@ def build_report(systems: dict[str, SystemResult], roofline_tokens_per_s: float)
 def format_table(report: dict) -> str:
     """One readable table: tokens/s of each system, its share of the roofline, kvpilot's ratios."""
     roofline = report["roofline_tokens_per_s"]
-    header = f"{'system':<18}{'mode':<10}{'requests':>9}{'out tokens':>12}{'tokens/s':>11}{'% roofline':>12}"
+    width = max([10] + [len(entry["mode"]) + 2 for entry in report["systems"].values()])  # mode column
+    header = f"{'system':<18}{'mode':<{width}}{'requests':>9}{'out tokens':>12}{'tokens/s':>11}"
+    header += f"{'% roofline':>12}"
     lines = [header, "-" * len(header)]
     for name, entry in report["systems"].items():
         rate = entry["output_tokens_per_s"]
         lines.append(
-            f"{name:<18}{entry['mode']:<10}{entry['num_requests']:>9}{entry['output_tokens']:>12}"
+            f"{name:<18}{entry['mode']:<{width}}{entry['num_requests']:>9}{entry['output_tokens']:>12}"
             f"{rate:>11.1f}{100 * rate / roofline:>11.1f}%"
         )
-    lines.append(f"{'fp32 roofline':<18}{'fp32':<10}{'':>9}{'':>12}{roofline:>11.1f}{100.0:>11.1f}%")
+    lines.append(f"{'fp32 roofline':<18}{'fp32':<{width}}{'':>9}{'':>12}{roofline:>11.1f}{100.0:>11.1f}%")
     if report["ratios"]:
         lines.append("")
         lines += [f"{ratio:<26}{value:>8.2f}x" for ratio, value in report["ratios"].items()]

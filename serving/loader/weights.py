@@ -36,8 +36,8 @@ class WeightBuilder:
         # norms and biases
         self.as_float = WeightQuantizer("none", dtype=quantizer.dtype, device=quantizer.device)
 
-    def linear(self, name: str, shape: tuple[int, int]) -> Weight:
-        return self._permuted(name, self.quantizer.linear(self._source(name, shape)))
+    def linear(self, name: str, shape: tuple[int, int], exact_activations: bool = False) -> Weight:
+        return self._permuted(name, self.quantizer.linear(self._source(name, shape), exact_activations))
 
     def head(self, name: str, shape: tuple[int, int]) -> Weight:
         return self.quantizer.head(self._source(name, shape))

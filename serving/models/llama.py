@@ -18,7 +18,7 @@ from kvpilot.serving.models.layers import Embedding, Linear, MergedLinear, RMSNo
 class WeightSource(Protocol):
     """Weights by Hugging Face name and expected shape; a missing or misshapen one is an error."""
 
-    def linear(self, name: str, shape: tuple[int, int]) -> Weight: ...  # [out, in], float or quantized
+    def linear(self, name: str, shape: tuple[int, int], exact_activations: bool = False) -> Weight: ...
     def head(self, name: str, shape: tuple[int, int]) -> Weight: ...  # the output head [vocab, hidden]
     def tied_head(self, name: str, shape: tuple[int, int], table: Weight) -> Weight: ...  # may be `table`
     def embedding(self, name: str, shape: tuple[int, int]) -> Weight: ...  # [vocab, hidden]
@@ -34,8 +34,12 @@ class Attention:
         self.scale = config.head_dim**-0.5
         heads = {"q_proj": self.num_heads, "k_proj": self.num_kv_heads, "v_proj": self.num_kv_heads}
         shapes = {name: (n * head_dim, hidden) for name, n in heads.items()}
+        # K/V are quantized again when the KV cache is int8: w8a8 keeps these activations float.
         self.qkv_proj = MergedLinear(
-            [weights.linear(f"{prefix}.{name}.weight", shape) for name, shape in shapes.items()],
+            [
+                weights.linear(f"{prefix}.{name}.weight", shape, exact_activations=True)
+                for name, shape in shapes.items()
+            ],
             [weights.vector(f"{prefix}.{name}.bias", shape[0]) for name, shape in shapes.items()]
             if config.qkv_bias
             else None,
