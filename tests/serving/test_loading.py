@@ -237,4 +237,5 @@ def test_gguf_loads_like_the_checkpoint_it_was_converted_from(tiny_checkpoints, 
         (model.layers[1].mlp.down_proj.weight, reference[1].mlp.down_proj.weight),
     ]:
         assert ours.dtype == torch.float32
-        torch.testing.assert_close(ours, theirs.detach(), atol=float(theirs.abs().max()) / 100, rtol=0)
+        theirs = theirs.detach()
+        torch.testing.assert_close(ours, theirs, atol=float(theirs.abs().max()) / 100, rtol=0)
