@@ -95,10 +95,11 @@ def write_kv_cache_cpu(
     k: torch.Tensor, v: torch.Tensor, k_cache, v_cache, slot_mapping: torch.Tensor
 ) -> None:
     for x, cache in ((k, k_cache), (v, v_cache)):
-        if isinstance(cache, KVCache) and cpu_extension.supports_int8_write(x, cache):
-            cpu_extension.write_kv_int8(x, cache, slot_mapping)
-        elif isinstance(cache, KVCache):  # int8/fp8 storage: quantized on write
-            cache.write(x, slot_mapping)
+        if isinstance(cache, KVCache):  # int8/fp8 storage: quantized on write
+            if cpu_extension.supports_int8_write(x, cache):
+                cpu_extension.write_kv_int8(x, cache, slot_mapping)
+            else:
+                cache.write(x, slot_mapping)
         else:
             cache.view(-1, *cache.shape[2:]).index_copy_(0, slot_mapping, x.to(cache.dtype))
 

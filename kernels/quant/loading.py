@@ -20,7 +20,6 @@ import gguf
 import numpy as np
 import torch
 from kvpilot.kernels.quant.gguf_blocks import BLOCK_FORMAT, from_gguf_tensor
-from kvpilot.kernels.quant.int8 import quantize_int8
 from kvpilot.kernels.quant.quantize import DEFAULT_GROUP_SIZE, WEIGHT_MODES, QuantizedWeight, quantize
 
 QUANTIZATION_MODES = ("none", *WEIGHT_MODES)
@@ -68,7 +67,7 @@ class WeightQuantizer:
         if self.mode != "w8a8":
             return self.linear(source)
         self.counts["output head quantized to int8 (float activations)"] += 1
-        return quantize_int8(self._float(source, count=False).float())
+        return quantize(self._float(source, count=False).float(), "int8")
 
     def tied_head(self, source: Source, table: Weight) -> Weight:
         """The head of a tied checkpoint: the table itself, unless w8a8 would otherwise run it by
