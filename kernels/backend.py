@@ -1,8 +1,9 @@
 """The one place that picks kernels for a device: Triton on CUDA, torch/fbgemm on CPU.
 
 Every device-dependent op of the model goes through `select_backend(device)`: writing K/V into
-the paged cache, paged attention, and matmuls with quantized weights. Nothing else checks the
-device.
+the paged cache, paged attention, the layout a float weight is kept in for matmuls (oneDNN's
+pre-packed one on CPU) and matmuls with weights that are not plain tensors. Nothing else checks
+the device.
 """
 
 import functools
@@ -17,7 +18,8 @@ class KernelBackend:
     name: str
     write_kv_cache: Callable[..., None]  # (k, v, k_cache, v_cache, slot_mapping)
     paged_attention: Callable[..., torch.Tensor]  # (q, k_cache, v_cache, metadata, scale)
-    quantized_linear: Callable[..., torch.Tensor]  # (x, quantized weight) -> x @ W^T
+    quantized_linear: Callable[..., torch.Tensor]  # (x, quantized or packed weight) -> x @ W^T
+    prepare_linear_weight: Callable[..., object]  # float weight -> what `Linear` keeps (once, at load)
 
 
 def select_backend(device: torch.device | str) -> KernelBackend:
@@ -35,5 +37,12 @@ def _backend(device_type: str) -> KernelBackend:
             ) from error
         return TRITON_BACKEND
     from kvpilot.kernels.attention import paged_attention_cpu, write_kv_cache_cpu
+    from kvpilot.kernels.packed_float import PackedFloatWeight, can_pack
 
-    return KernelBackend("cpu", write_kv_cache_cpu, paged_attention_cpu, lambda x, weight: weight.linear(x))
+    return KernelBackend(
+        "cpu",
+        write_kv_cache_cpu,
+        paged_attention_cpu,
+        lambda x, weight: weight.linear(x),
+        lambda weight: PackedFloatWeight.pack(weight) if can_pack(weight) else weight,
+    )

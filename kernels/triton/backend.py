@@ -56,4 +56,10 @@ def _parts(cache: Cache) -> tuple[torch.Tensor, torch.Tensor | None, str]:
     return cache, None, "auto"
 
 
-TRITON_BACKEND = KernelBackend("triton", write_kv_cache, paged_attention, quantized_linear)
+TRITON_BACKEND = KernelBackend(
+    "triton",
+    write_kv_cache,
+    paged_attention,
+    quantized_linear,
+    lambda weight: weight,  # cuBLAS takes it as is
+)

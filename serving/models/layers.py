@@ -24,7 +24,12 @@ def weight_nbytes(weight) -> int:
 
 
 class Linear:
+    """x @ W^T (+ bias). A float weight is kept in the layout the device's matmul wants (on CPU,
+    oneDNN's packed one), so `weight` is a tensor or an object with `.linear(x)`."""
+
     def __init__(self, weight: Weight, bias: torch.Tensor | None = None):
+        if isinstance(weight, torch.Tensor):
+            weight = select_backend(weight.device).prepare_linear_weight(weight)
         self.weight = weight
         self.bias = bias
 
