@@ -7,9 +7,12 @@
  * With AVX2 and head_dim % 8 == 0, scores are computed 8 tokens at a time (one transpose-reduce
  * instead of 8 horizontal sums) and V is accumulated in registers over tiles of tokens.
  *
- * An int8 cache stores one float32 scale per (slot, KV head): value = scale * int8. Each tile
- * of tokens is widened and scaled once into a small float buffer that the group's query heads
- * share, so the cache traffic is a quarter of float32's.
+ * An int8 cache stores one float32 scale per (slot, KV head): value = scale * int8, so its
+ * traffic is a quarter of float32's and the kernel is bound by instructions, not memory. With
+ * AVX2 and head_dim % 32 == 0, int8 values are widened in registers and used at once by up to
+ * three query heads (register tiles of 4 tokens x 3 heads for scores, 3 heads x 32 dims for
+ * values); the scales multiply the scores and the probabilities instead of every value.
+ * Other int8 shapes widen tiles of tokens into a small float buffer that the heads share.
  *
  * q, out:            [num_seqs, num_heads, head_dim] float32
  * k_cache, v_cache:  [num_blocks, block_size, num_kv_heads, head_dim] float32 or int8
@@ -25,6 +28,9 @@
 #endif
 
 #define V_TILE 32
+#define HEADS 3  /* query heads per register tile of the int8 path */
+#define K_TILE 4 /* tokens per register tile of the int8 scores */
+#define PREFETCH 32 /* tokens ahead: cache blocks are scattered, so the hardware cannot guess them */
 #define INLINE static inline __attribute__((always_inline))
 
 typedef struct {
@@ -111,8 +117,13 @@ INLINE __m256 exp8(__m256 x) {
  * group's query heads all reuse them. */
 INLINE void tile_rows(const Item *s, const void *cache, const float *scales, int is_int8, int64_t t, int64_t n,
                       float *buffer, const float **rows) {
+    const int64_t row_bytes = s->head_dim * (is_int8 ? 1 : sizeof(float));
     for (int64_t j = 0; j < n; j++) {
         const int64_t offset = value_offset(s, t + j);
+        if (t + j + PREFETCH < s->len) {
+            const char *ahead = (const char *)cache + value_offset(s, t + j + PREFETCH) * (row_bytes / s->head_dim);
+            for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
+        }
         if (!is_int8) {
             rows[j] = (const float *)cache + offset;
             continue;
@@ -125,6 +136,89 @@ INLINE void tile_rows(const Item *s, const void *cache, const float *scales, int
             _mm256_storeu_ps(row + d, _mm256_mul_ps(_mm256_cvtepi32_ps(wide), scale));
         }
         rows[j] = row;
+    }
+}
+
+INLINE __m256 widen8(const int8_t *values) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)values)));
+}
+
+/* The 4 horizontal sums of a0..a3. */
+INLINE __m128 reduce4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+    const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+
+/* The query heads [h0, h0 + HEADS) of the group; past the group's end, head h0 again (its
+ * results are computed and dropped, so the tiles' loops have constant bounds). */
+INLINE void head_rows(const Item *s, const float *base, int64_t stride, int64_t h0, const float **rows) {
+    for (int g = 0; g < HEADS; g++) rows[g] = base + (h0 + g < s->group ? h0 + g : h0) * stride;
+}
+
+/* int8 K: scores of every query head, K_TILE tokens x HEADS heads per register tile. */
+INLINE void scores_int8(const Item *s, float *scores) {
+    const int8_t *cache = s->k_cache;
+    const int64_t tiled = s->len - s->len % K_TILE;
+    for (int64_t h0 = 0; h0 < s->group; h0 += HEADS) {
+        const float *q[HEADS];
+        head_rows(s, s->q, s->head_dim, h0, q);
+        for (int64_t t = 0; t < tiled; t += K_TILE) {
+            const int8_t *k[K_TILE];
+            float k_scales[K_TILE];
+            for (int j = 0; j < K_TILE; j++) {
+                k[j] = cache + value_offset(s, t + j);
+                k_scales[j] = scale_at(s->k_scales, s, t + j) * s->scale;
+                if (t + j + PREFETCH < s->len) _mm_prefetch((const char *)(cache + value_offset(s, t + j + PREFETCH)), _MM_HINT_T0);
+            }
+            __m256 acc[K_TILE][HEADS];
+            for (int j = 0; j < K_TILE; j++)
+                for (int g = 0; g < HEADS; g++) acc[j][g] = _mm256_setzero_ps();
+            for (int64_t d = 0; d < s->head_dim; d += 8)
+                for (int j = 0; j < K_TILE; j++) {
+                    const __m256 kv = widen8(k[j] + d);
+                    for (int g = 0; g < HEADS; g++) acc[j][g] = _mm256_fmadd_ps(kv, _mm256_loadu_ps(q[g] + d), acc[j][g]);
+                }
+            const __m128 tile_scales = _mm_loadu_ps(k_scales);
+            for (int g = 0; g < HEADS && h0 + g < s->group; g++) {
+                const __m128 sums = reduce4(acc[0][g], acc[1][g], acc[2][g], acc[3][g]);
+                _mm_storeu_ps(scores + (h0 + g) * s->len + t, _mm_mul_ps(sums, tile_scales));
+            }
+        }
+    }
+    scores_scalar(s, 1, scores, tiled);
+}
+
+/* int8 V: acc[i] += sum_t p_i[t] * v_t; the V scales are folded into the probabilities first.
+ * Register tiles of HEADS heads x 32 dimensions. */
+INLINE void values_int8(const Item *s, float *probs, float *acc) {
+    const int8_t *cache = s->v_cache;
+    for (int64_t t = 0; t < s->len; t++) {
+        const float v_scale = scale_at(s->v_scales, s, t);
+        for (int64_t i = 0; i < s->group; i++) probs[i * s->len + t] *= v_scale;
+    }
+    for (int64_t h0 = 0; h0 < s->group; h0 += HEADS) {
+        const float *p[HEADS];
+        head_rows(s, probs, s->len, h0, p);
+        for (int64_t d0 = 0; d0 < s->head_dim; d0 += 32) {
+            __m256 a[HEADS][4];
+            for (int g = 0; g < HEADS; g++)
+                for (int c = 0; c < 4; c++) a[g][c] = _mm256_setzero_ps();
+            for (int64_t t = 0; t < s->len; t++) {
+                const int8_t *v = cache + value_offset(s, t) + d0;
+                if (t + PREFETCH < s->len) _mm_prefetch((const char *)(cache + value_offset(s, t + PREFETCH) + d0), _MM_HINT_T0);
+                __m256 w[HEADS];
+                for (int g = 0; g < HEADS; g++) w[g] = _mm256_broadcast_ss(p[g] + t);
+                for (int c = 0; c < 4; c++) {
+                    const __m256 vv = widen8(v + 8 * c);
+                    for (int g = 0; g < HEADS; g++) a[g][c] = _mm256_fmadd_ps(w[g], vv, a[g][c]);
+                }
+            }
+            for (int g = 0; g < HEADS && h0 + g < s->group; g++)
+                for (int c = 0; c < 4; c++) {
+                    float *out = acc + (h0 + g) * s->head_dim + d0 + 8 * c;
+                    _mm256_storeu_ps(out, _mm256_add_ps(_mm256_loadu_ps(out), a[g][c]));
+                }
+        }
     }
 }
 
@@ -205,18 +299,21 @@ INLINE float exponentiate(float *row, int64_t len) {
  * buffer [V_TILE, head_dim] for widened int8 values. */
 INLINE void attend(const Item *s, int is_int8, float *scores, float *acc, float *buffer, float *out) {
 #ifdef __AVX2__
-    const int vectorized = s->head_dim % 8 == 0;
+    const int tiled_int8 = is_int8 && s->head_dim % 32 == 0;
+    const int vectorized = s->head_dim % 8 == 0 && !tiled_int8;
+    if (tiled_int8) scores_int8(s, scores);
     if (vectorized) scores_avx2(s, is_int8, scores, buffer);
 #else
-    const int vectorized = 0;
+    const int tiled_int8 = 0, vectorized = 0;
 #endif
-    if (!vectorized) scores_scalar(s, is_int8, scores, 0);
+    if (!vectorized && !tiled_int8) scores_scalar(s, is_int8, scores, 0);
     float inverse_sums[s->group];
     for (int64_t i = 0; i < s->group; i++) inverse_sums[i] = 1.0f / exponentiate(scores + i * s->len, s->len);
 #ifdef __AVX2__
+    if (tiled_int8) values_int8(s, scores, acc);
     if (vectorized) values_avx2(s, is_int8, scores, acc, buffer);
 #endif
-    if (!vectorized) values_scalar(s, is_int8, scores, acc);
+    if (!vectorized && !tiled_int8) values_scalar(s, is_int8, scores, acc);
     for (int64_t i = 0; i < s->group; i++)
         for (int64_t d = 0; d < s->head_dim; d++) out[i * s->head_dim + d] = acc[i * s->head_dim + d] * inverse_sums[i];
 }

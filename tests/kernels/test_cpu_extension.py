@@ -17,7 +17,8 @@ def native():
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
 @pytest.mark.parametrize(
     ("num_heads", "num_kv_heads", "head_dim", "block_size"),
-    [(9, 3, 64, 16), (4, 4, 32, 8), (8, 2, 20, 4), (6, 1, 16, 1)],
+    # group sizes 3, 1, 4, 6 and 7 (the int8 path tiles 3 query heads), head_dim % 32 or not
+    [(9, 3, 64, 16), (4, 4, 32, 8), (8, 2, 20, 4), (6, 1, 16, 1), (8, 2, 64, 16), (7, 1, 128, 16)],
 )
 def test_decode_matches_reference(native, num_heads, num_kv_heads, head_dim, block_size, kv_cache_dtype):
     generator = torch.Generator().manual_seed(num_heads * head_dim + block_size)
