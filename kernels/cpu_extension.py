@@ -57,6 +57,7 @@ def load() -> ctypes.CDLL | None:
     lib.paged_decode_attention_f32.restype = ctypes.c_int
     lib.paged_decode_attention_i8.restype = ctypes.c_int
     lib.quantize_rows_int8.restype = None
+    lib.split_rows_int7.restype = None
     lib.write_kv_int8.restype = None
     return lib
 
@@ -131,16 +132,26 @@ def paged_decode_attention(
 
 def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, K] float32 -> (rows [T + 1, K]: round(x / unit) then fbgemm's anchor row, unit [T, 1])."""
+    return _rows_and_units(x, "quantize_rows_int8", 1)
+
+
+def _rows_and_units(x: torch.Tensor, kernel: str, parts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs a per-token activation kernel that writes `parts` integer rows per token + an anchor row."""
     lib = load()
     assert lib is not None, "call only when load() succeeded"
     if x.stride(1) != 1:
         x = x.contiguous()
     rows, cols = x.shape
-    out = torch.empty(rows + 1, cols)
+    out = torch.empty(parts * rows + 1, cols)
     unit = torch.empty(rows, 1)
     args = (ctypes.c_int64(rows), ctypes.c_int64(cols), ctypes.c_int64(x.stride(0)))
-    lib.quantize_rows_int8(_ptr(x), *args, _ptr(out), _ptr(unit), ctypes.c_int(torch.get_num_threads()))
+    getattr(lib, kernel)(_ptr(x), *args, _ptr(out), _ptr(unit), ctypes.c_int(torch.get_num_threads()))
     return out, unit
+
+
+def split_rows_int7(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, K] float32 -> (rows [2T + 1, K]: hi parts, lo parts, fbgemm's anchor row; unit [T, 1])."""
+    return _rows_and_units(x, "split_rows_int7", 2)
 
 
 def write_kv_int8(x: torch.Tensor, cache: KVCache, slot_mapping: torch.Tensor) -> None:

@@ -6,6 +6,12 @@
  * out has rows + 1 rows: the last is the anchor row (-128 in column 0, 127 in the last column,
  * zeros elsewhere) that pins fbgemm's dynamic range to scale 1, zero point 128.
  *
+ * split_rows_int7: activations per token for fbgemm's weight-only int8 linear with (almost) exact
+ * activations: unit[t] = max(max|x[t]|, FLT_MIN) / 63, scaled = x[t] / unit[t],
+ * hi = round_half_even(scaled) and lo = round_half_even((scaled - hi) * 126), so that
+ * x = unit * (hi + lo / 126). out has 2 * rows + 1 rows: hi of every row, lo of every row,
+ * then the anchor row (-64 in column 0, 63 in the last column) for fbgemm's 7-bit range.
+ *
  * write_kv_int8: new K or V [tokens, heads, head_dim] into an int8 paged cache
  * (kernels/quant/kv_cache.py): per (token, head) scale = max|x| / 127, values
  * round_half_even(x * (1 / scale)) clamped to [-127, 127] (0 for an all-zero row), stored at
@@ -56,6 +62,39 @@ void quantize_rows_int8(const float *x, int64_t rows, int64_t cols, int64_t x_st
     for (int64_t c = 0; c < cols; c++) anchor[c] = 0.0f;
     anchor[0] = -128.0f;
     anchor[cols - 1] = 127.0f;
+}
+
+static void split_row(const float *x, int64_t cols, float unit, float *hi, float *lo) {
+    int64_t c = 0;
+#ifdef __AVX2__
+    const __m256 u = _mm256_set1_ps(unit), lo_scale = _mm256_set1_ps(126.0f);
+    for (; c + 8 <= cols; c += 8) {
+        const __m256 scaled = _mm256_div_ps(_mm256_loadu_ps(x + c), u);
+        const __m256 h = _mm256_round_ps(scaled, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm256_storeu_ps(hi + c, h);
+        _mm256_storeu_ps(lo + c, _mm256_round_ps(_mm256_mul_ps(_mm256_sub_ps(scaled, h), lo_scale),
+                                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+#endif
+    for (; c < cols; c++) {
+        const float scaled = x[c] / unit;
+        hi[c] = nearbyintf(scaled);
+        lo[c] = nearbyintf((scaled - hi[c]) * 126.0f);
+    }
+}
+
+void split_rows_int7(const float *x, int64_t rows, int64_t cols, int64_t x_stride, float *out, float *unit,
+                     int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (rows * cols >= (1 << 16))
+    for (int64_t t = 0; t < rows; t++) {
+        const float max = row_max_abs(x + t * x_stride, cols);
+        unit[t] = (max > FLT_MIN ? max : FLT_MIN) / 63.0f;
+        split_row(x + t * x_stride, cols, unit[t], out + t * cols, out + (rows + t) * cols);
+    }
+    float *anchor = out + 2 * rows * cols;
+    for (int64_t c = 0; c < cols; c++) anchor[c] = 0.0f;
+    anchor[0] = -64.0f;
+    anchor[cols - 1] = 63.0f;
 }
 
 void write_kv_int8(const float *x, int64_t tokens, int64_t heads, int64_t head_dim, const int64_t *slots,

@@ -179,13 +179,22 @@ def _split_activation_linear(x: torch.Tensor, packed: Any) -> torch.Tensor:
     float-activation product to ~1e-4 relative, whatever else is in the batch.
     """
     tokens = x.shape[0]
+    if cpu_extension.load() is not None:
+        parts, unit = cpu_extension.split_rows_int7(x)
+    else:
+        parts, unit = split_rows_int7(x)
+    y = torch.ops.quantized.linear_dynamic(parts, packed, True)
+    return y[:tokens].add_(y[tokens : 2 * tokens], alpha=1 / LO_SCALE).mul_(unit)
+
+
+def split_rows_int7(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, K] -> (hi parts, lo parts and fbgemm's anchor row [2T + 1, K], unit [T, 1]);
+    unit = max|x| / 63 per row. The torch version of the native kernel."""
     unit = x.abs().amax(dim=1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny).div_(HI_LEVELS)
     scaled = x / unit
     hi = scaled.round()
     lo = scaled.sub_(hi).mul_(LO_SCALE).round_()
-    parts = torch.cat([hi, lo, _anchor_row(x.shape[1], HI_LEVELS)])
-    y = torch.ops.quantized.linear_dynamic(parts, packed, True)
-    return y[:tokens].add_(y[tokens : 2 * tokens], alpha=1 / LO_SCALE).mul_(unit)
+    return torch.cat([hi, lo, _anchor_row(x.shape[1], HI_LEVELS)]), unit
 
 
 @functools.cache

@@ -93,6 +93,19 @@ def test_native_per_token_quantization_matches_torch(native, shape):
     assert rows[-1, 0] == -128 and rows[-1, -1] == 127  # the anchor row
 
 
+@pytest.mark.parametrize("shape", [(1, 8), (5, 192), (130, 576), (3, 13)])
+def test_native_activation_split_matches_torch(native, shape):
+    from kvpilot.kernels.quant.int8 import split_rows_int7
+
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[1] + 1))
+    x[0] = 0.0
+    x[-1, :3] = torch.tensor([63.0, -31.5, 0.25])
+    expected_rows, expected_unit = split_rows_int7(x)
+    rows, unit = native.split_rows_int7(x)
+    assert torch.equal(unit, expected_unit) and torch.equal(rows, expected_rows)
+    assert rows[-1, 0] == -64 and rows[-1, -1] == 63  # the anchor row
+
+
 def test_native_int8_kv_write_matches_the_cache_quantizer(native):
     generator = torch.Generator().manual_seed(7)
     x = torch.randn(6, 3, 64, generator=generator)
