@@ -50,18 +50,27 @@ static void divide_and_round(const float *x, int64_t cols, float unit, float *ou
     for (; c < cols; c++) out[c] = nearbyintf(x[c] / unit);
 }
 
+/* A row's unit: max|x| / top, never 0. */
+static float row_unit(const float *x, int64_t cols, float top) {
+    const float max = row_max_abs(x, cols);
+    return (max > FLT_MIN ? max : FLT_MIN) / top;
+}
+
+/* The row spanning [-(top + 1), top] that pins fbgemm's dynamic range to scale 1. */
+static void write_anchor(float *row, int64_t cols, float top) {
+    for (int64_t c = 0; c < cols; c++) row[c] = 0.0f;
+    row[0] = -(top + 1.0f);
+    row[cols - 1] = top;
+}
+
 void quantize_rows_int8(const float *x, int64_t rows, int64_t cols, int64_t x_stride, float *out, float *unit,
                         int num_threads) {
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (rows * cols >= (1 << 16))
     for (int64_t t = 0; t < rows; t++) {
-        const float max = row_max_abs(x + t * x_stride, cols);
-        unit[t] = (max > FLT_MIN ? max : FLT_MIN) / 127.0f;
+        unit[t] = row_unit(x + t * x_stride, cols, 127.0f);
         divide_and_round(x + t * x_stride, cols, unit[t], out + t * cols);
     }
-    float *anchor = out + rows * cols;
-    for (int64_t c = 0; c < cols; c++) anchor[c] = 0.0f;
-    anchor[0] = -128.0f;
-    anchor[cols - 1] = 127.0f;
+    write_anchor(out + rows * cols, cols, 127.0f);
 }
 
 static void split_row(const float *x, int64_t cols, float unit, float *hi, float *lo) {
@@ -87,14 +96,10 @@ void split_rows_int7(const float *x, int64_t rows, int64_t cols, int64_t x_strid
                      int num_threads) {
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (rows * cols >= (1 << 16))
     for (int64_t t = 0; t < rows; t++) {
-        const float max = row_max_abs(x + t * x_stride, cols);
-        unit[t] = (max > FLT_MIN ? max : FLT_MIN) / 63.0f;
+        unit[t] = row_unit(x + t * x_stride, cols, 63.0f);
         split_row(x + t * x_stride, cols, unit[t], out + t * cols, out + (rows + t) * cols);
     }
-    float *anchor = out + 2 * rows * cols;
-    for (int64_t c = 0; c < cols; c++) anchor[c] = 0.0f;
-    anchor[0] = -64.0f;
-    anchor[cols - 1] = 63.0f;
+    write_anchor(out + 2 * rows * cols, cols, 63.0f);
 }
 
 void write_kv_int8(const float *x, int64_t tokens, int64_t heads, int64_t head_dim, const int64_t *slots,

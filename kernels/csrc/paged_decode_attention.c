@@ -112,18 +112,27 @@ INLINE __m256 exp8(__m256 x) {
     return _mm256_mul_ps(y, _mm256_castsi256_ps(power));
 }
 
+INLINE __m256 widen8(const int8_t *values) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)values)));
+}
+
+/* Asks for the cache lines of token t + PREFETCH's row of this KV head: cache blocks are
+ * scattered, so no hardware prefetcher can guess them. */
+INLINE void prefetch_row(const Item *s, const void *cache, int is_int8, int64_t t) {
+    if (t + PREFETCH >= s->len) return;
+    const int64_t size = is_int8 ? 1 : sizeof(float);
+    const char *row = (const char *)cache + value_offset(s, t + PREFETCH) * size;
+    for (int64_t b = 0; b < s->head_dim * size; b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
+}
+
 /* Points rows[j] at the float values of tokens [t, t + n) of this KV head. A float cache is
  * read in place; int8 values are widened and scaled once into `buffer` ([n, head_dim]), so the
  * group's query heads all reuse them. */
 INLINE void tile_rows(const Item *s, const void *cache, const float *scales, int is_int8, int64_t t, int64_t n,
                       float *buffer, const float **rows) {
-    const int64_t row_bytes = s->head_dim * (is_int8 ? 1 : sizeof(float));
     for (int64_t j = 0; j < n; j++) {
         const int64_t offset = value_offset(s, t + j);
-        if (t + j + PREFETCH < s->len) {
-            const char *ahead = (const char *)cache + value_offset(s, t + j + PREFETCH) * (row_bytes / s->head_dim);
-            for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
-        }
+        prefetch_row(s, cache, is_int8, t + j);
         if (!is_int8) {
             rows[j] = (const float *)cache + offset;
             continue;
@@ -131,16 +140,9 @@ INLINE void tile_rows(const Item *s, const void *cache, const float *scales, int
         const int8_t *values = (const int8_t *)cache + offset;
         const __m256 scale = _mm256_set1_ps(scale_at(scales, s, t + j));
         float *row = buffer + j * s->head_dim;
-        for (int64_t d = 0; d < s->head_dim; d += 8) {
-            const __m256i wide = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(values + d)));
-            _mm256_storeu_ps(row + d, _mm256_mul_ps(_mm256_cvtepi32_ps(wide), scale));
-        }
+        for (int64_t d = 0; d < s->head_dim; d += 8) _mm256_storeu_ps(row + d, _mm256_mul_ps(widen8(values + d), scale));
         rows[j] = row;
     }
-}
-
-INLINE __m256 widen8(const int8_t *values) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)values)));
 }
 
 /* The 4 horizontal sums of a0..a3. */
@@ -168,7 +170,7 @@ INLINE void scores_int8(const Item *s, float *scores) {
             for (int j = 0; j < K_TILE; j++) {
                 k[j] = cache + value_offset(s, t + j);
                 k_scales[j] = scale_at(s->k_scales, s, t + j) * s->scale;
-                if (t + j + PREFETCH < s->len) _mm_prefetch((const char *)(cache + value_offset(s, t + j + PREFETCH)), _MM_HINT_T0);
+                prefetch_row(s, cache, 1, t + j);
             }
             __m256 acc[K_TILE][HEADS];
             for (int j = 0; j < K_TILE; j++)
@@ -205,7 +207,7 @@ INLINE void values_int8(const Item *s, float *probs, float *acc) {
                 for (int c = 0; c < 4; c++) a[g][c] = _mm256_setzero_ps();
             for (int64_t t = 0; t < s->len; t++) {
                 const int8_t *v = cache + value_offset(s, t) + d0;
-                if (t + PREFETCH < s->len) _mm_prefetch((const char *)(cache + value_offset(s, t + PREFETCH) + d0), _MM_HINT_T0);
+                if (d0 == 0) prefetch_row(s, cache, 1, t);
                 __m256 w[HEADS];
                 for (int g = 0; g < HEADS; g++) w[g] = _mm256_broadcast_ss(p[g] + t);
                 for (int c = 0; c < 4; c++) {
