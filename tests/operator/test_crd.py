@@ -44,8 +44,19 @@ def _walk(schema: dict[str, Any], path: str):
         yield from _walk(schema["items"], f"{path}[]")
 
 
+def test_metadata_schema_holds_only_name_and_generate_name():
+    # kube-apiserver: "must not specify anything other than name and generateName, but metadata is
+    # implicitly specified" for any other key on `metadata` (a description included).
+    metadata = crd_schema()["properties"]["metadata"]
+    assert set(metadata) <= {"type", "properties"}
+    assert metadata["type"] == "object"
+    assert set(metadata.get("properties", {})) <= {"name", "generateName"}
+
+
 def test_every_field_is_described_and_structural():
     for path, node in _walk(crd_schema(), ""):
+        if path == ".metadata":  # may carry nothing but `type` and `properties` (test above)
+            continue
         assert node.get("description"), f"{path} has no description"
         assert "$ref" not in node and "title" not in node, path
         assert node.get("type") or node.get("x-kubernetes-int-or-string"), f"{path} has no type"
