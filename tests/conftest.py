@@ -38,3 +38,49 @@ def tiny_checkpoints(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_checkpoints) -> Path:
     return tiny_checkpoints["llama"]
+
+
+CONTROL_PLANE_FIXTURES = {"control_plane", "cluster"}
+
+
+def pytest_collection_finish(session):
+    """Build the Kubernetes binaries before the first test that needs them (first use only).
+
+    Outside any test so that a cold build (minutes, see README "Local control plane") is not cut by
+    a test's timeout. A failed build is not reported here: the fixture raises it again, and every
+    test that needs the control plane then fails (never skips).
+    """
+    if not any(CONTROL_PLANE_FIXTURES & set(getattr(item, "fixturenames", ())) for item in session.items):
+        return
+    from tests.cluster.build import BuildError, binaries_present, ensure_binaries
+
+    if binaries_present():
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    log = reporter.write_line if reporter else print
+    try:
+        ensure_binaries(log=log)
+    except BuildError as error:
+        log(f"building the Kubernetes binaries failed: {error}")
+
+
+@pytest.fixture(scope="session")
+def control_plane(tmp_path_factory):
+    """etcd, kube-apiserver, kube-controller-manager and kube-scheduler on 127.0.0.1 (tests/cluster)."""
+    from tests.cluster.controlplane import ControlPlane
+
+    plane = ControlPlane(tmp_path_factory.mktemp("control-plane"))
+    plane.start()
+    yield plane
+    plane.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster(control_plane):
+    """The control plane plus the process kubelet: two Nodes with one nvidia.com/gpu each."""
+    from tests.cluster.harness import ProcessKubeletRunner
+
+    kubelet = ProcessKubeletRunner(control_plane, nodes=2, gpus=1)
+    kubelet.start()
+    yield kubelet
+    kubelet.stop()

@@ -1,0 +1,327 @@
+"""One container of a process-kubelet pod: a local process with the container's command, args
+and env, restarted with back-off, probed like the kubelet probes a container.
+
+The kvpilot image's programs map to this machine's: `kvpilot` -> `python -m kvpilot.serving.cli`,
+`python` -> this interpreter; anything else runs from PATH (`sleep` in a preStop hook). Paths under
+a volumeMount are rewritten to the volume's local directory, and `--host` to the pod's address.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.cluster.nodes import now_rfc3339
+
+BACKOFF_START_SECONDS = float(os.environ.get("KVPILOT_KUBELET_BACKOFF_SECONDS", "10"))
+BACKOFF_MAX_SECONDS = 300
+BACKOFF_RESET_SECONDS = 600  # a container that ran this long starts its back-off afresh
+TERMINATION_MESSAGE_BYTES, TERMINATION_MESSAGE_LINES = 2048, 80  # FallbackToLogsOnError's limits
+PASSED_ENV = ("PATH", "LANG", "LC_ALL", "OMP_NUM_THREADS", "VIRTUAL_ENV", "TZ")
+
+
+def is_kvpilot_image(image: str) -> bool:
+    """ghcr.io/kvpilot/kvpilot:0.1.0, kvpilot:dev, ...@sha256:... -> True."""
+    repository = image.split("@")[0]
+    last = repository.rsplit("/", 1)[-1]
+    return last.split(":")[0] == "kvpilot"
+
+
+def program(argv: list[str]) -> list[str]:
+    head, rest = argv[0], argv[1:]
+    if head == "kvpilot":
+        return [sys.executable, "-m", "kvpilot.serving.cli", *rest]
+    if head in ("python", "python3"):
+        return [sys.executable, *rest]
+    return argv
+
+
+@dataclass(frozen=True)
+class PodContext:
+    """What a pod's processes see: its address, its directory, its volumes' local directories."""
+
+    name: str
+    namespace: str
+    uid: str
+    node_name: str
+    ip: str
+    directory: Path
+    volumes: dict[str, Path]
+
+
+def _mounts(container: dict[str, Any], ctx: PodContext) -> list[tuple[str, str]]:
+    mounts = []
+    for mount in container.get("volumeMounts") or []:
+        local = ctx.volumes[mount["name"]] / mount.get("subPath", "")
+        mounts.append((mount["mountPath"].rstrip("/") or "/", str(local).rstrip("/")))
+    return sorted(mounts, key=lambda m: -len(m[0]))
+
+
+def rewrite_path(value: str, mounts: list[tuple[str, str]]) -> str:
+    flag, equals, rest = value.partition("=")
+    if equals and flag.startswith("-"):
+        return f"{flag}={rewrite_path(rest, mounts)}"
+    for mount_path, local in mounts:
+        if value == mount_path or value.startswith(mount_path + "/"):
+            return local + value[len(mount_path) :]
+    return value
+
+
+def container_argv(container: dict[str, Any], ctx: PodContext) -> list[str]:
+    mounts = _mounts(container, ctx)
+    argv = [
+        rewrite_path(a, mounts) for a in (container.get("command") or ["kvpilot"]) + container.get("args", [])
+    ]
+    for index, arg in enumerate(argv[:-1]):
+        if arg == "--host":  # the pod listens on its own address, not on every address of the machine
+            argv[index + 1] = ctx.ip
+    return program(argv)
+
+
+def _field_value(field_path: str, ctx: PodContext) -> str:
+    values = {
+        "metadata.name": ctx.name,
+        "metadata.namespace": ctx.namespace,
+        "metadata.uid": ctx.uid,
+        "spec.nodeName": ctx.node_name,
+        "status.podIP": ctx.ip,
+        "status.hostIP": "127.0.0.1",
+    }
+    return values.get(field_path, "")
+
+
+def container_env(container: dict[str, Any], ctx: PodContext) -> dict[str, str]:
+    mounts = _mounts(container, ctx)
+    env = {name: os.environ[name] for name in PASSED_ENV if name in os.environ}
+    env.update(HOME=str(ctx.directory), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    for var in container.get("env") or []:
+        if "value" in var:
+            env[var["name"]] = rewrite_path(var["value"], mounts)
+        elif "fieldRef" in (var.get("valueFrom") or {}):
+            env[var["name"]] = _field_value(var["valueFrom"]["fieldRef"]["fieldPath"], ctx)
+    return env
+
+
+def run_probe(probe: dict[str, Any], container: dict[str, Any], ctx: PodContext) -> bool:
+    timeout = probe.get("timeoutSeconds", 1)
+    ports = {p.get("name"): p["containerPort"] for p in container.get("ports") or []}
+    if "httpGet" in probe:
+        action = probe["httpGet"]
+        port = ports.get(action["port"], action["port"])
+        url = f"{action.get('scheme', 'HTTP').lower()}://{ctx.ip}:{port}{action.get('path', '/')}"
+        try:
+            return 200 <= httpx.get(url, timeout=timeout, verify=False).status_code < 400
+        except httpx.HTTPError:
+            return False
+    if "tcpSocket" in probe:
+        port = ports.get(probe["tcpSocket"]["port"], probe["tcpSocket"]["port"])
+        try:
+            socket.create_connection((ctx.ip, int(port)), timeout=timeout).close()
+        except OSError:
+            return False
+        return True
+    if "exec" in probe:
+        command = [rewrite_path(a, _mounts(container, ctx)) for a in probe["exec"]["command"]]
+        try:
+            return subprocess.run(program(command), capture_output=True, timeout=timeout).returncode == 0
+        except subprocess.TimeoutExpired:
+            return False
+    return False
+
+
+@dataclass
+class Probe:
+    spec: dict[str, Any]
+    next_at: float
+    successes: int = 0
+    failures: int = 0
+
+    def due(self, now: float) -> bool:
+        return now >= self.next_at
+
+    def record(self, ok: bool, now: float) -> None:
+        self.next_at = now + self.spec.get("periodSeconds", 10)
+        self.successes, self.failures = (self.successes + 1, 0) if ok else (0, self.failures + 1)
+
+    @property
+    def failed(self) -> bool:
+        return self.failures >= self.spec.get("failureThreshold", 3)
+
+    @property
+    def succeeded(self) -> bool:
+        return self.successes >= self.spec.get("successThreshold", 1)
+
+
+@dataclass
+class Container:
+    spec: dict[str, Any]
+    ctx: PodContext
+    restart_policy: str = "Always"
+    process: subprocess.Popen | None = None
+    started_at: str | None = None
+    started_monotonic: float = 0.0
+    log_offset: int = 0
+    restart_count: int = 0
+    consecutive_failures: int = 0
+    backoff_until: float = 0.0
+    last_termination: dict[str, Any] | None = None
+    finished: bool = False  # exited and will not restart (restartPolicy Never / OnFailure + success)
+    started: bool = False  # the startup probe passed
+    ready: bool = False
+    probes: dict[str, Probe] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.spec["name"]
+
+    @property
+    def log(self) -> Path:
+        return self.ctx.directory / "logs" / f"{self.name}.log"
+
+    def start(self) -> None:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        self.log_offset = self.log.stat().st_size if self.log.exists() else 0
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                container_argv(self.spec, self.ctx),
+                cwd=self.ctx.directory,
+                env=container_env(self.spec, self.ctx),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: signals reach its children too
+            )
+        now = time.monotonic()
+        self.started_at, self.started_monotonic = now_rfc3339(), now
+        self.started, self.ready = "startupProbe" not in self.spec, False
+        self.probes = {
+            kind: Probe(self.spec[kind], now + self.spec[kind].get("initialDelaySeconds", 0))
+            for kind in ("startupProbe", "livenessProbe", "readinessProbe")
+            if kind in self.spec
+        }
+
+    def termination_message(self, exit_code: int) -> str:
+        if exit_code == 0 or not self.log.exists():
+            return ""
+        with open(self.log, "rb") as log:
+            log.seek(self.log_offset)
+            text = log.read().decode(errors="replace")
+        tail = "\n".join(text.rstrip("\n").splitlines()[-TERMINATION_MESSAGE_LINES:])
+        return tail.encode()[-TERMINATION_MESSAGE_BYTES:].decode(errors="replace")
+
+    def step(self, now: float) -> None:
+        """Advance one tick: notice an exit, restart after back-off, run the probes that are due."""
+        if self.process is None:
+            if not self.finished and now >= self.backoff_until:
+                self.restart_count += self.last_termination is not None
+                self.start()
+            return
+        exit_code = self.process.poll()
+        if exit_code is not None:
+            self._exited(exit_code, now)
+            return
+        self._probe(now)
+
+    def _exited(self, exit_code: int, now: float) -> None:
+        code = 128 - exit_code if exit_code < 0 else exit_code  # killed by a signal: 128 + signal
+        self.last_termination = {
+            "exitCode": code,
+            "reason": "Completed" if code == 0 else "Error",
+            "message": self.termination_message(code),
+            "startedAt": self.started_at,
+            "finishedAt": now_rfc3339(),
+            "containerID": f"process://{self.process.pid}",
+        }
+        if not self.last_termination["message"]:
+            del self.last_termination["message"]
+        self.process, self.ready, self.started = None, False, False
+        if self.restart_policy == "Never" or (self.restart_policy == "OnFailure" and code == 0):
+            self.finished = True
+            return
+        if now - self.started_monotonic >= BACKOFF_RESET_SECONDS:
+            self.consecutive_failures = 0
+        self.consecutive_failures += 1
+        self.backoff_until = now + self.backoff_seconds
+
+    @property
+    def backoff_seconds(self) -> float:
+        return min(BACKOFF_START_SECONDS * 2 ** max(self.consecutive_failures - 1, 0), BACKOFF_MAX_SECONDS)
+
+    def _probe(self, now: float) -> None:
+        startup = self.probes.get("startupProbe")
+        if not self.started:
+            if startup and startup.due(now):
+                startup.record(run_probe(startup.spec, self.spec, self.ctx), now)
+                if startup.succeeded:
+                    self.started = True
+                elif startup.failed:
+                    self.kill(reason="startup probe failed")
+            return
+        liveness = self.probes.get("livenessProbe")
+        if liveness and liveness.due(now):
+            liveness.record(run_probe(liveness.spec, self.spec, self.ctx), now)
+            if liveness.failed:
+                self.kill(reason="liveness probe failed")
+                return
+        readiness = self.probes.get("readinessProbe")
+        if readiness is None:
+            self.ready = True
+        elif readiness.due(now):
+            readiness.record(run_probe(readiness.spec, self.spec, self.ctx), now)
+            if readiness.succeeded:
+                self.ready = True
+            elif readiness.failed:
+                self.ready = False
+
+    def signal(self, signum: int) -> None:
+        if self.process is not None and self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signum)
+
+    def kill(self, reason: str, grace: float = 10) -> None:
+        """Stop the process (SIGTERM, then SIGKILL after `grace`); step() then restarts it."""
+        if self.process is None:
+            return
+        with open(self.log, "ab") as log:
+            log.write(f"process kubelet: killing container {self.name}: {reason}\n".encode())
+        self.signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            self.process.wait()
+
+    def status(self) -> dict[str, Any]:
+        if self.process is not None:
+            state = {"running": {"startedAt": self.started_at}}
+        elif self.finished and self.last_termination:
+            state = {"terminated": self.last_termination}
+        elif self.last_termination:
+            message = f"back-off {self.backoff_seconds:.0f}s restarting failed container={self.name} "
+            message += f"pod={self.ctx.name}_{self.ctx.namespace}({self.ctx.uid})"
+            state = {"waiting": {"reason": "CrashLoopBackOff", "message": message}}
+        else:
+            state = {"waiting": {"reason": "ContainerCreating"}}
+        status = {
+            "name": self.name,
+            "image": self.spec.get("image", ""),
+            "imageID": f"process://{self.spec.get('image', '')}",
+            "ready": self.ready,
+            "started": self.process is not None and self.started,
+            "restartCount": self.restart_count,
+            "state": state,
+            "lastState": {"terminated": self.last_termination} if self.last_termination else {},
+        }
+        if self.process is not None:
+            status["containerID"] = f"process://{self.process.pid}"
+        return status

@@ -1,0 +1,295 @@
+"""A local Kubernetes control plane: etcd, kube-apiserver, kube-controller-manager, kube-scheduler.
+
+Every process listens on 127.0.0.1 only, writes its log under <workdir>/logs/ and is stopped by
+its PID (SIGTERM, then SIGKILL). The PIDs are also written to <workdir>/pids so that
+`python -m tests.cluster down` can clean up after a harness that was killed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import ssl
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from tests.cluster import pki as pki_module
+from tests.cluster.build import COMMANDS, KUBERNETES_VERSION, ensure_binaries
+from tests.cluster.tools import find_etcd, free_port
+
+SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"
+READY_TIMEOUT_SECONDS = 90
+STOP_TIMEOUT_SECONDS = 15
+
+
+class ControlPlaneError(RuntimeError):
+    pass
+
+
+def log_tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return ""
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped by its parent) is not alive
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][0] != "Z"
+    except OSError:
+        return False
+
+
+def stop_pid(
+    pid: int, timeout: float = STOP_TIMEOUT_SECONDS, process: subprocess.Popen | None = None
+) -> None:
+    """SIGTERM, wait, then SIGKILL the process (and reap it when it is our child)."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            return
+        if process is None and not pid_alive(pid):
+            return
+        time.sleep(0.05)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    if process is not None:
+        process.wait(timeout=timeout)
+
+
+@dataclass
+class ManagedProcess:
+    name: str
+    command: list[str]
+    log: Path
+    popen: subprocess.Popen | None = None
+
+    def start(self, env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as log:
+            self.popen = subprocess.Popen(
+                self.command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=cwd,
+                start_new_session=True,  # Ctrl-C in a terminal reaches the harness, which stops us in order
+            )
+
+    @property
+    def pid(self) -> int | None:
+        return self.popen.pid if self.popen else None
+
+    def exited(self) -> bool:
+        return self.popen is not None and self.popen.poll() is not None
+
+    def stop(self) -> None:
+        if self.popen is not None:
+            stop_pid(self.popen.pid, process=self.popen)
+
+
+@dataclass
+class ControlPlane:
+    """Start with `start()` (or as a context manager); `kubeconfig` then points at it."""
+
+    workdir: Path
+    version: str = KUBERNETES_VERSION
+    processes: dict[str, ManagedProcess] = field(default_factory=dict)
+    api_port: int = 0
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.workdir / "kubeconfig"
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.api_port}"
+
+    @property
+    def pki(self) -> pki_module.Pki:
+        return pki_module.Pki(self.workdir / "pki")
+
+    def pids(self) -> dict[str, int]:
+        return {name: p.pid for name, p in self.processes.items() if p.pid is not None}
+
+    def __enter__(self) -> ControlPlane:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        started = time.monotonic()
+        binaries = ensure_binaries(self.version)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        pki_module.generate(self.pki.directory)
+        self.api_port = free_port()
+        pki_module.write_kubeconfig(self.pki, self.url, self.kubeconfig)
+        try:
+            self._start_etcd()
+            self._start(self._api_server_process(binaries))
+            self._wait_ready("kube-apiserver", self._api_server_ready)
+            for name in ("kube-controller-manager", "kube-scheduler"):
+                port = free_port()
+                self._start(self._component_process(binaries / name, port))
+                self._wait_ready(name, lambda port=port: self._healthz(port))
+        except BaseException:
+            self.stop()
+            raise
+        self._write_pids()
+        print(f"control plane {self.version} ready in {time.monotonic() - started:.1f} s at {self.url}")
+
+    def stop(self) -> None:
+        for name in reversed(list(self.processes)):
+            self.processes[name].stop()
+        self._write_pids()
+
+    def stop_api_server(self) -> None:
+        """Stop kube-apiserver only (to test clients against an unavailable API)."""
+        self.processes["kube-apiserver"].stop()
+
+    def start_api_server(self) -> None:
+        """Start kube-apiserver again, on the same port with the same certificates and data."""
+        self._start(self._api_server_process(ensure_binaries(self.version)))
+        self._wait_ready("kube-apiserver", self._api_server_ready)
+        self._write_pids()
+
+    # --- the processes -------------------------------------------------------------------------
+
+    def _start(self, process: ManagedProcess) -> None:
+        self.processes[process.name] = process
+        process.start()
+
+    def _start_etcd(self) -> None:
+        client, peer = free_port(), free_port()
+        etcd = find_etcd()
+        version = subprocess.run([str(etcd), "--version"], capture_output=True, text=True).stdout
+        command = [
+            str(etcd),
+            "--name=default",
+            f"--data-dir={self.workdir / 'etcd'}",
+            f"--listen-client-urls=http://127.0.0.1:{client}",
+            f"--advertise-client-urls=http://127.0.0.1:{client}",
+            f"--listen-peer-urls=http://127.0.0.1:{peer}",
+            f"--initial-advertise-peer-urls=http://127.0.0.1:{peer}",
+            f"--initial-cluster=default=http://127.0.0.1:{peer}",
+        ]
+        if "etcd Version: 3.4" not in version:  # 3.5+: a throwaway store need not fsync
+            command.append("--unsafe-no-fsync")
+        self.etcd_url = f"http://127.0.0.1:{client}"
+        self._start(ManagedProcess("etcd", command, self.workdir / "logs" / "etcd.log"))
+        self._wait_ready("etcd", lambda: self._get(f"{self.etcd_url}/health") == 200)
+
+    def _api_server_process(self, binaries: Path) -> ManagedProcess:
+        pki = self.pki
+        command = [
+            str(binaries / "kube-apiserver"),
+            f"--etcd-servers={self.etcd_url}",
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
+            f"--secure-port={self.api_port}",
+            f"--cert-dir={self.workdir / 'apiserver-certs'}",
+            f"--tls-cert-file={pki.serving_cert}",
+            f"--tls-private-key-file={pki.serving_key}",
+            f"--client-ca-file={pki.ca_cert}",
+            f"--service-account-key-file={pki.service_account_public_key}",
+            f"--service-account-signing-key-file={pki.service_account_key}",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
+            "--authorization-mode=RBAC",
+            "--allow-privileged=true",
+            # The `kubernetes` Service's Endpoints would carry 127.0.0.1, which Endpoints reject.
+            "--endpoint-reconciler-type=none",
+            "--profiling=false",
+        ]
+        return ManagedProcess("kube-apiserver", command, self.workdir / "logs" / "kube-apiserver.log")
+
+    def _component_process(self, binary: Path, port: int) -> ManagedProcess:
+        name = binary.name
+        kubeconfig = str(self.kubeconfig)
+        command = [
+            str(binary),
+            f"--kubeconfig={kubeconfig}",
+            f"--authentication-kubeconfig={kubeconfig}",
+            f"--authorization-kubeconfig={kubeconfig}",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={port}",
+            f"--cert-dir={self.workdir / (name + '-certs')}",
+            "--leader-elect=false",
+        ]
+        if name == "kube-controller-manager":
+            command += [
+                f"--service-account-private-key-file={self.pki.service_account_key}",
+                f"--root-ca-file={self.pki.ca_cert}",
+                "--use-service-account-credentials=false",
+            ]
+        return ManagedProcess(name, command, self.workdir / "logs" / f"{name}.log")
+
+    # --- readiness ---------------------------------------------------------------------------
+
+    def ssl_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(self.pki.ca_cert))
+        context.load_cert_chain(str(self.pki.admin_cert), str(self.pki.admin_key))
+        return context
+
+    def _get(self, url: str, verify: ssl.SSLContext | bool = False) -> int | None:
+        try:
+            return httpx.get(url, verify=verify, timeout=2).status_code
+        except httpx.HTTPError:
+            return None
+
+    def _api_server_ready(self) -> bool:
+        return self._get(f"{self.url}/readyz", verify=self.ssl_context()) == 200
+
+    def _healthz(self, port: int) -> bool:
+        return self._get(f"https://127.0.0.1:{port}/healthz") == 200
+
+    def _wait_ready(self, name: str, ready) -> None:
+        process = self.processes[name]
+        deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+        while time.monotonic() < deadline:
+            if process.exited():
+                raise ControlPlaneError(
+                    f"{name} exited ({process.popen.returncode}):\n{log_tail(process.log)}"
+                )
+            if ready():
+                return
+            time.sleep(0.2)
+        raise ControlPlaneError(f"{name} not ready in {READY_TIMEOUT_SECONDS} s:\n{log_tail(process.log)}")
+
+    def _write_pids(self) -> None:
+        if self.workdir.exists():
+            (self.workdir / "pids").write_text(json.dumps(self.pids(), indent=1))
+
+
+def stop_recorded(workdir: Path) -> list[int]:
+    """Stop the processes a (possibly killed) harness recorded in <workdir>/pids."""
+    path = workdir / "pids"
+    if not path.exists():
+        return []
+    stopped = []
+    for pid in reversed(list(json.loads(path.read_text()).values())):
+        if pid_alive(pid):
+            stop_pid(pid)
+            stopped.append(pid)
+    return stopped
+
+
+__all__ = ["COMMANDS", "ControlPlane", "ControlPlaneError", "stop_recorded"]
