@@ -5,11 +5,15 @@ Per-channel weights on CPU live only inside fbgemm's prepacked form and run thro
 - weight-only int8 (mode `int8`): activations reach fbgemm as two exact int7 halves
   (`_split_activation_linear`): float accuracy, twice the GEMM work;
 - W8A8 (mode `w8a8`, `int8_activations=True`): activations are quantized to int8 per token, as
-  in SmoothQuant (`_w8a8_linear`): one int8 GEMM, ~2.5x fp32's throughput on AVX2.
+  in SmoothQuant (`_w8a8_linear`). The integer product is exact on every CPU: one 8-bit GEMM
+  where fbgemm accumulates u8 x s8 products in int32 (VNNI), two 7-bit passes elsewhere
+  (AVX2's `vpmaddubsw` saturates pairs of 8-bit products at int16). A one-time probe decides
+  (`one_pass_int8_is_exact`).
 Grouped weights (GGUF Q8_0: 32 columns per scale) are dequantized a few rows at a time.
 """
 
 import functools
+import logging
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +23,7 @@ from kvpilot.kernels import cpu_extension
 from kvpilot.kernels.quant.cpu_ops import flatten_tokens, linear_by_row_chunks
 
 QMAX = 127
+logger = logging.getLogger(__name__)
 # `_split_activation_linear`: value = hi + lo / LO_SCALE, both parts integers of 7 bits.
 HI_LEVELS = 63
 LO_SCALE = 2 * HI_LEVELS
@@ -147,19 +152,56 @@ def _w8a8_linear(x: torch.Tensor, packed: Any) -> torch.Tensor:
 
     fbgemm's dynamic linear quantizes the whole input with one scale, which would make a
     token's output depend on its batch neighbours. So each row is first scaled to integers in
-    [-127, 127] (its own scale, max|x| / 127), and an anchor row pins fbgemm's range to
-    [-128, 127]: scale 1, zero point 128, so every row's integers pass through unchanged and the
-    result is independent of what else is in the batch. One int8 GEMM per call (fbgemm's
-    static-input variant would skip the range pass but runs up to 2x slower on these shapes).
-    fbgemm's 8-bit path may saturate a pair of products at int16 on AVX2 (rare: two large
-    same-signed activations against two large weights), which the perplexity test bounds.
+    [-127, 127] (its own scale, max|x| / 127), and an anchor row pins fbgemm's range: every
+    row's integers pass through unchanged and the result is independent of what else is in
+    the batch. Where fbgemm's 8-bit product is exact (`one_pass_int8_is_exact`) that is one
+    GEMM; elsewhere the integers go in two exact 7-bit halves (`split_int8_rows`).
     """
     tokens = x.shape[0]
     if cpu_extension.load() is not None:
         q, unit = cpu_extension.quantize_rows_int8(x)
     else:
         q, unit = quantize_rows_int8(x)
-    return torch.ops.quantized.linear_dynamic(q, packed, False)[:tokens].mul_(unit)
+    if one_pass_int8_is_exact():
+        return fbgemm_linear(q, packed, reduce_range=False)[:tokens].mul_(unit)
+    y = fbgemm_linear(split_int8_rows(q[:tokens]), packed, reduce_range=True)
+    return y[:tokens].mul_(2).add_(y[tokens : 2 * tokens]).mul_(unit)
+
+
+def fbgemm_linear(rows: torch.Tensor, packed: Any, reduce_range: bool) -> torch.Tensor:
+    """fbgemm's dynamic int8 linear: rows quantized with one range (8 bits, or 7 if reduced)."""
+    return torch.ops.quantized.linear_dynamic(rows, packed, reduce_range)
+
+
+def split_int8_rows(q: torch.Tensor) -> torch.Tensor:
+    """Integer rows q [T, K] in [-127, 127] -> [2T + 1, K]: h = floor(q / 2) in [-64, 63], then
+    r = q - 2h in {0, 1}, then the 7-bit anchor row. fbgemm's reduced range maps them to
+    h + 64 in [0, 127] and r + 64 in {64, 65}, so a pair of products stays within
+    2 * 127 * 127 = 32,258 < 2^15 and q @ W = 2 (h @ W) + r @ W exactly on every CPU."""
+    high = torch.div(q, 2, rounding_mode="floor")
+    return torch.cat([high, q - 2 * high, _anchor_row(q.shape[1], HI_LEVELS)])
+
+
+@functools.cache
+def one_pass_int8_is_exact() -> bool:
+    """Whether fbgemm multiplies full 8-bit activations exactly on this CPU, probed once.
+
+    With VNNI (`vpdpbusd`) u8 x s8 products accumulate straight into int32; AVX2's
+    `vpmaddubsw` adds pairs of them in saturating int16 first (255 x 127 x 2 > 32,767).
+    The CPU's name for its capability cannot tell (torch says AVX512 on CPUs without VNNI),
+    so the worst case is multiplied through the one-pass path and compared with the exact
+    integer product: activations at +-127 against weights at +-127.
+    """
+    signs = torch.tensor([1.0, -1.0])
+    weight = (signs.repeat(8)[:, None] * torch.full((16, 64), QMAX)).to(torch.int8)
+    packed = _prepack(weight, torch.ones(16))
+    activations = torch.cat([signs[:, None] * QMAX * torch.ones(2, 64), _anchor_row(64, QMAX)])
+    fast = fbgemm_linear(activations, packed, reduce_range=False)[:2]
+    exact = activations[:2].double() @ weight.double().t()
+    is_exact = torch.equal(fast.double(), exact)
+    path = "one 8-bit GEMM (exact: int32 accumulation)" if is_exact else "two exact 7-bit GEMMs"
+    logger.info("w8a8 linears on this CPU: %s", path)
+    return is_exact
 
 
 def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,7 +225,7 @@ def _split_activation_linear(x: torch.Tensor, packed: Any) -> torch.Tensor:
         parts, unit = cpu_extension.split_rows_int7(x)
     else:
         parts, unit = split_rows_int7(x)
-    y = torch.ops.quantized.linear_dynamic(parts, packed, True)
+    y = fbgemm_linear(parts, packed, reduce_range=True)
     return y[:tokens].add_(y[tokens : 2 * tokens], alpha=1 / LO_SCALE).mul_(unit)
 
 

@@ -2,7 +2,7 @@
 
 - Linear weights take the mode's format: int8 (per-output-channel), w8a8 (the same weights,
   activations quantized per token at run time, except for layers marked `exact_activations`:
-  the q/k/v projections), int4 (group-wise, `group_size`, default 32) or
+  the q/k/v and down projections), int4 (group-wise, `group_size`, default 32) or
   fp8 (per-channel). A GGUF tensor whose blocks already are that
   format loads byte for byte (Q4_0/Q4_1 -> int4 with group 32, Q8_0 -> int8 with group 32);
   any other tensor goes through float once, and the summary says so.

