@@ -89,8 +89,10 @@ class KubeApi:
     def list(self, api: str, plural: str, namespace: str | None = None, **params) -> list[dict[str, Any]]:
         return self.request("GET", path(api, plural, namespace), params=params)["items"]
 
-    def create(self, api: str, plural: str, namespace: str | None, body: dict[str, Any]) -> dict[str, Any]:
-        return self.request("POST", path(api, plural, namespace), json=body)
+    def create(
+        self, api: str, plural: str, namespace: str | None, body: dict[str, Any], **params
+    ) -> dict[str, Any]:
+        return self.request("POST", path(api, plural, namespace), json=body, params=params)
 
     def patch(
         self,

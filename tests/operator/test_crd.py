@@ -46,7 +46,8 @@ def _walk(schema: dict[str, Any], path: str):
 
 def test_metadata_schema_holds_only_name_and_generate_name():
     # kube-apiserver: "must not specify anything other than name and generateName, but metadata is
-    # implicitly specified" for any other key on `metadata` (a description included).
+    # implicitly specified" for any other key on `metadata` (a description included);
+    # test_crd_apiserver.py applies the CRD to a real kube-apiserver as well.
     metadata = crd_schema()["properties"]["metadata"]
     assert set(metadata) <= {"type", "properties"}
     assert metadata["type"] == "object"
