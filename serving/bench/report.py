@@ -35,8 +35,14 @@ class SystemResult:
         return self.output_tokens / self.elapsed_s
 
 
-def build_report(systems: dict[str, SystemResult], roofline_tokens_per_s: float) -> dict:
-    """The JSON document of a throughput run; systems that did not run and their ratios are absent."""
+def build_report(
+    systems: dict[str, SystemResult], roofline: dict, machine: dict | None = None, details: dict | None = None
+) -> dict:
+    """The JSON document of a throughput run; systems that did not run and their ratios are absent.
+
+    `roofline` has at least `tokens_per_s` (see `roofline_summary`); `machine` says where it ran
+    (`machine.describe_machine`); `details` holds what a run chose and why (e.g. the measured
+    candidates for kvpilot's best mode and llama.cpp's configurations)."""
     unknown = set(systems) - set(SYSTEMS)
     if unknown:
         raise ValueError(f"systems: unknown names {sorted(unknown)}, expected some of {SYSTEMS}")
@@ -52,7 +58,9 @@ def build_report(systems: dict[str, SystemResult], roofline_tokens_per_s: float)
             }
             for name in ordered
         },
-        "roofline_tokens_per_s": roofline_tokens_per_s,
+        "roofline": roofline,
+        "machine": machine or {},
+        "details": details or {},
         "ratios": {
             ratio: systems[num].output_tokens_per_s / systems[den].output_tokens_per_s
             for ratio, (num, den) in RATIOS.items()
@@ -63,7 +71,7 @@ def build_report(systems: dict[str, SystemResult], roofline_tokens_per_s: float)
 
 def format_table(report: dict) -> str:
     """One readable table: tokens/s of each system, its share of the roofline, kvpilot's ratios."""
-    roofline = report["roofline_tokens_per_s"]
+    roofline = report["roofline"]["tokens_per_s"]
     width = max([10] + [len(entry["mode"]) + 2 for entry in report["systems"].values()])  # mode column
     header = f"{'system':<18}{'mode':<{width}}{'requests':>9}{'out tokens':>12}{'tokens/s':>11}"
     header += f"{'% roofline':>12}"
@@ -75,10 +83,43 @@ def format_table(report: dict) -> str:
             f"{rate:>11.1f}{100 * rate / roofline:>11.1f}%"
         )
     lines.append(f"{'fp32 roofline':<18}{'fp32':<{width}}{'':>9}{'':>12}{roofline:>11.1f}{100.0:>11.1f}%")
+    lines += _roofline_lines(report["roofline"])
     if report["ratios"]:
         lines.append("")
         lines += [f"{ratio:<26}{value:>8.2f}x" for ratio, value in report["ratios"].items()]
     return "\n".join(lines)
+
+
+def roofline_summary(bound, peaks, engine_linear_flops_per_s: float | None = None) -> dict:
+    """The JSON form of a `roofline.RooflineBound` with the peaks it used."""
+    return {
+        "tokens_per_s": bound.tokens_per_s,
+        "seconds": bound.seconds,
+        "compute_s": bound.compute_s,
+        "memory_s": bound.memory_s,
+        "memory_bound_steps": bound.memory_bound_steps,
+        "decode_steps": bound.decode_steps,
+        "gemm_flops_per_s": peaks.gemm_flops_per_s,
+        "memory_bytes_per_s": peaks.memory_bytes_per_s,
+        "engine_linear_flops_per_s": engine_linear_flops_per_s,
+    }
+
+
+def _roofline_lines(roofline: dict) -> list[str]:
+    if "seconds" not in roofline:
+        return []
+    lines = [
+        "",
+        f"roofline: {roofline['seconds']:.1f} s = per step the slower of compute "
+        f"({roofline['compute_s']:.1f} s in all) and memory ({roofline['memory_s']:.1f} s in all; "
+        f"{roofline['memory_bound_steps']} of {roofline['decode_steps']} decode steps memory-bound)",
+        f"peaks: fp32 GEMM {roofline['gemm_flops_per_s'] / 1e9:.1f} GFLOP/s, "
+        f"memory {roofline['memory_bytes_per_s'] / 1e9:.1f} GB/s",
+    ]
+    engine = roofline.get("engine_linear_flops_per_s")
+    if engine:
+        lines.append(f"kvpilot fp32 linears: {engine / 1e9:.1f} GFLOP/s (must not exceed the GEMM peak)")
+    return lines
 
 
 def write_json(report: dict, path: Path) -> None:

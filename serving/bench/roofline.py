@@ -1,6 +1,10 @@
-"""The fp32 roofline: the FLOPs a workload needs over the measured fp32 `torch.mm` throughput.
+"""The fp32 roofline: a throughput no engine can beat on this machine for a workload.
 
-The arithmetic is pure (shapes in, numbers out); only `measure_mm_flops_per_s` touches torch.
+Per step the bound is the slower of compute (the step's FLOPs at the fastest fp32 GEMM this
+machine has at the model's shapes: MKL's `torch.mm` or oneDNN's pre-packed linear, the better
+one per shape) and memory (the bytes a step must read: every weight once, plus each decoding
+sequence's K/V, at the measured memory bandwidth). Prefill counts as compute only. The
+arithmetic is pure (shapes and peaks in, numbers out); only `measure_*` touch torch.
 Per forwarded token a decoder layer costs 2 * (its linear-layer weights) FLOPs plus 4 *
 num_heads * head_dim FLOPs per context token for attention (QK^T and PV, causal); lm_head
 costs 2 * hidden * vocab FLOPs only at positions that emit an output token.
@@ -76,11 +80,67 @@ def workload_flops(shape: ModelShape, lengths: Iterable[tuple[int, int]]) -> int
     return sum(request_flops(shape, prompt_len, output_len) for prompt_len, output_len in lengths)
 
 
-def roofline_tokens_per_s(total_flops: int, output_tokens: int, flops_per_s: float) -> float:
-    """Output tokens/s of an engine that spends exactly `total_flops` at `flops_per_s`."""
-    if total_flops <= 0 or flops_per_s <= 0:
-        raise ValueError("total_flops and flops_per_s must be > 0")
-    return output_tokens * flops_per_s / total_flops
+@dataclass(frozen=True)
+class Peaks:
+    """What this machine can do at most: fp32 GEMM FLOP/s and memory bytes/s."""
+
+    gemm_flops_per_s: float
+    memory_bytes_per_s: float
+
+
+@dataclass(frozen=True)
+class RooflineBound:
+    output_tokens: int
+    compute_s: float  # the compute term summed over steps
+    memory_s: float  # the memory term summed over decode steps
+    seconds: float  # sum over steps of the slower term
+    memory_bound_steps: int
+    decode_steps: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.output_tokens / self.seconds
+
+
+def weight_bytes(shape: ModelShape, bytes_per_value: int = 4) -> int:
+    """Bytes of every matmul weight (each read once per forward pass)."""
+    return bytes_per_value * sum(k * n * repeats for k, n, repeats in matmul_pass_shapes(shape))
+
+
+def kv_bytes_per_token(shape: ModelShape, bytes_per_value: int = 4) -> int:
+    """K and V of one context token over all layers."""
+    return bytes_per_value * 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim
+
+
+def workload_bound(shape: ModelShape, lengths: list[tuple[int, int]], peaks: Peaks) -> RooflineBound:
+    """The fastest any engine can run (prompt_len, output_len) requests, all admitted at once.
+
+    Every prompt is prefilled (compute), then decode step t feeds one token of each request
+    with output_len > t, at context prompt_len + t; a step takes at least the longer of its
+    FLOPs at peak GEMM speed and its reads (all weights + those contexts' K/V) at peak bandwidth.
+    """
+    if not lengths:
+        raise ValueError("lengths: the workload has no requests")
+    if peaks.gemm_flops_per_s <= 0 or peaks.memory_bytes_per_s <= 0:
+        raise ValueError("peaks: must be > 0")
+    token_flops = shape.linear_flops_per_token() + shape.lm_head_flops_per_token()
+    attention_flops = shape.attention_flops_per_context_token()
+    prefill_flops = sum(request_flops(shape, p, 1) for p, _ in lengths)  # prompt + first output token
+    compute_s = prefill_s = prefill_flops / peaks.gemm_flops_per_s
+    memory_s, seconds, memory_bound = 0.0, prefill_s, 0
+    weights, kv_token = weight_bytes(shape), kv_bytes_per_token(shape)
+    decode_steps = max(out for _, out in lengths) - 1
+    for t in range(1, decode_steps + 1):
+        contexts = [p + t for p, out in lengths if out > t]
+        step_flops = len(contexts) * token_flops + attention_flops * sum(contexts)
+        step_compute = step_flops / peaks.gemm_flops_per_s
+        step_memory = (weights + kv_token * sum(contexts)) / peaks.memory_bytes_per_s
+        compute_s += step_compute
+        memory_s += step_memory
+        seconds += max(step_compute, step_memory)
+        memory_bound += step_memory > step_compute
+    output_tokens = sum(out for _, out in lengths)
+    return RooflineBound(output_tokens, compute_s, memory_s, seconds, memory_bound, decode_steps)
 
 
 def matmul_pass_shapes(shape: ModelShape) -> list[tuple[int, int, int]]:
@@ -88,27 +148,71 @@ def matmul_pass_shapes(shape: ModelShape) -> list[tuple[int, int, int]]:
     return [(k, n, shape.num_layers) for k, n in shape.layer_matmuls()] + [(*shape.lm_head, 1)]
 
 
-def measure_mm_flops_per_s(shape: ModelShape, batch: int = 128, min_time_s: float = 0.3) -> float:
-    """fp32 torch.mm FLOP/s on the model's matmul shapes at `batch` rows (best of repeated runs)."""
+def measure_gemm_flops_per_s(
+    shape: ModelShape, rows: tuple[int, ...] = (32, 128, 512), min_time_s: float = 0.3
+) -> float:
+    """The fastest fp32 GEMM at the model's matmul shapes: per row count, each shape on the
+    better of MKL `torch.mm` and oneDNN's pre-packed linear (the engine's path); the best row count."""
+    import torch
+    from kvpilot.kernels.packed_float import PackedFloatWeight, can_pack
+
+    best = 0.0
+    for batch in rows:
+        total_flops, total_time = 0, 0.0
+        for k, n, repeats in matmul_pass_shapes(shape):
+            x, weight = torch.randn(batch, k), torch.randn(n, k)
+            out = torch.empty(batch, n)
+            transposed = weight.t()
+            candidates = [lambda x=x, w=transposed, out=out: torch.mm(x, w, out=out)]
+            if can_pack(weight):
+                packed = PackedFloatWeight.pack(weight)
+                candidates.append(lambda x=x, packed=packed: packed.linear(x))
+            total_flops += 2 * batch * k * n * repeats
+            total_time += min(best_time_s(run, min_time_s) for run in candidates) * repeats
+        best = max(best, total_flops / total_time)
+    return best
+
+
+def measure_linears_flops_per_s(
+    shape: ModelShape, linears: list, batch: int = 128, min_time_s: float = 0.3
+) -> float:
+    """FLOP/s of an engine's own linear layers, given in `matmul_pass_shapes` order (callables
+    x [batch, in] -> [batch, out]), timed as `measure_gemm_flops_per_s` times the peak."""
     import torch
 
-    total_flops = 0
-    total_time = 0.0
-    for k, n, repeats in matmul_pass_shapes(shape):
-        a, b = torch.randn(batch, k), torch.randn(k, n)
-        out = torch.empty(batch, n)
-        torch.mm(a, b, out=out)  # warm-up
-        best = float("inf")
-        spent = 0.0
-        while spent < min_time_s or best == float("inf"):
-            start = time.perf_counter()
-            torch.mm(a, b, out=out)
-            elapsed = time.perf_counter() - start
-            best = min(best, elapsed)
-            spent += elapsed
+    passes = matmul_pass_shapes(shape)
+    if len(linears) != len(passes):
+        raise ValueError(f"linears: expected {len(passes)} (one per matmul shape), got {len(linears)}")
+    total_flops, total_time = 0, 0.0
+    for (k, n, repeats), linear in zip(passes, linears, strict=True):
+        x = torch.randn(batch, k)
         total_flops += 2 * batch * k * n * repeats
-        total_time += best * repeats
+        total_time += best_time_s(lambda x=x, linear=linear: linear(x), min_time_s) * repeats
     return total_flops / total_time
+
+
+def measure_memory_bytes_per_s(num_bytes: int = 256 << 20, min_time_s: float = 0.5) -> float:
+    """Memory bandwidth: the better of a copy (read + write bytes) and a read-only sum over a
+    buffer far larger than the caches."""
+    import torch
+
+    source = torch.ones(num_bytes // 4)
+    target = torch.empty_like(source)
+    copy_rate = 2 * num_bytes / best_time_s(lambda: target.copy_(source), min_time_s)
+    read_rate = num_bytes / best_time_s(lambda: source.sum(), min_time_s)
+    return max(copy_rate, read_rate)
+
+
+def best_time_s(run, min_time_s: float) -> float:
+    """Best wall time of `run()` over repeats adding up to at least `min_time_s` (after a warm-up)."""
+    run()
+    best, spent = float("inf"), 0.0
+    while spent < min_time_s or best == float("inf"):
+        start = time.perf_counter()
+        run()
+        elapsed = time.perf_counter() - start
+        best, spent = min(best, elapsed), spent + elapsed
+    return best
 
 
 def load_model_shape(model: str | Path) -> ModelShape:

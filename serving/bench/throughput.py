@@ -3,8 +3,11 @@
 The seeded workload (`workload.py`: 128 prompts of 16-256 tokens cut from the shipped English
 text, 16-512 output tokens each, greedy with `ignore_eos`) runs through kvpilot in float32 and
 in its best mode, `transformers` `generate` one request at a time and in static batches, and
-llama.cpp when `llama-cpp-python` is installed. The fp32 roofline is measured in the same
-process. `--plot` adds a sweep over concurrency (sequences in flight at once) per system.
+llama.cpp at its best when `llama-cpp-python` is installed (the `bench` extra). Best modes are
+chosen per machine by measurement on a slice of the workload: kvpilot's among its exact
+quantized modes (`BEST_MODE_CANDIDATES`), llama.cpp's among its weight formats and KV layouts.
+The fp32 roofline (`roofline.py`) is measured in the same process, and the report records the
+machine it ran on. `--plot` adds a sweep over concurrency (sequences in flight at once).
 """
 
 import argparse
@@ -14,7 +17,8 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvpilot.serving.bench import baselines
+from kvpilot.serving.bench import baselines, llama_cpp
+from kvpilot.serving.bench.machine import describe_machine, format_machine
 from kvpilot.serving.bench.report import (
     HF_SEQUENTIAL,
     HF_STATIC_BATCH,
@@ -26,13 +30,16 @@ from kvpilot.serving.bench.report import (
     build_report,
     format_table,
     plot_concurrency,
+    roofline_summary,
     write_json,
 )
 from kvpilot.serving.bench.roofline import (
+    Peaks,
     load_model_shape,
-    measure_mm_flops_per_s,
-    roofline_tokens_per_s,
-    workload_flops,
+    measure_gemm_flops_per_s,
+    measure_linears_flops_per_s,
+    measure_memory_bytes_per_s,
+    workload_bound,
 )
 from kvpilot.serving.bench.workload import (
     WorkloadRequest,
@@ -52,8 +59,9 @@ class ThroughputConfig:
     model: str
     spec: WorkloadSpec
     dataset: Path | None = None  # None: the shipped English text
-    best_mode: str = "w8a8"  # kvpilot's quantization for `kvpilot_best`
+    best_mode: str = "auto"  # kvpilot's quantization for `kvpilot_best`; auto: measured
     best_kv_cache_dtype: str = "int8"  # and its KV cache storage
+    calibration_prompts: int = 32  # the slice that chooses the best modes
     max_num_batched_tokens: int = 2048
     kv_cache_memory_bytes: int = 4 << 30  # the whole workload fits: no preemption
     hf_sequential_prompts: int = 8
@@ -61,6 +69,11 @@ class ThroughputConfig:
     hf_batch_size: int = 32
     systems: tuple[str, ...] = SYSTEMS
     plot_concurrencies: tuple[int, ...] = ()  # empty: no sweep
+
+
+# Exact on every CPU (w8a8's integer product is, see kernels/quant/int8.py); which is fastest
+# depends on the CPU: w8a8 where fbgemm multiplies 8 bits in one pass (VNNI), else int8 or fp32.
+BEST_MODE_CANDIDATES = ("w8a8", "int8", "none")
 
 
 def run_kvpilot(llm, requests: list[WorkloadRequest], concurrency: int, mode: str) -> SystemResult:
@@ -96,6 +109,9 @@ class ThroughputRun:
         self.requests = requests
         self.results: dict[str, SystemResult] = {}
         self.curves: dict[str, dict[int, float]] = {}
+        self.details: dict[str, dict[str, float]] = {}
+        self.shape = load_model_shape(config.model)
+        self.engine_linear_flops_per_s: float | None = None
 
     def sweep_requests(self, concurrency: int) -> list[WorkloadRequest]:
         """At least 8 requests and at least one per sequence slot, from the same seeded workload."""
@@ -110,7 +126,7 @@ class ThroughputRun:
             flush=True,
         )
 
-    def run_kvpilot_mode(self, name: str, quantization: str, kv_cache_dtype: str = "auto") -> None:
+    def load_kvpilot(self, quantization: str, kv_cache_dtype: str = "auto"):
         from kvpilot.serving.llm import LLM
 
         config = self.config
@@ -123,8 +139,38 @@ class ThroughputRun:
             enable_prefix_caching=False,  # every system computes every prompt token
             kv_cache_dtype=kv_cache_dtype,
         )
+        run_kvpilot(llm, self.requests[:2], 2, mode_label(quantization, kv_cache_dtype))  # warm-up
+        return llm
+
+    def calibration_requests(self) -> list[WorkloadRequest]:
+        count = min(self.config.calibration_prompts, len(self.requests))
+        return subset(self.requests, count, seed=self.config.spec.seed)
+
+    def choose_best_mode(self) -> str:
+        """The fastest of `BEST_MODE_CANDIDATES` on the calibration slice (or the one asked for)."""
+        if self.config.best_mode != "auto":
+            return self.config.best_mode
+        requests, rates = self.calibration_requests(), {}
+        for quantization in BEST_MODE_CANDIDATES:
+            llm = self.load_kvpilot(quantization, self.config.best_kv_cache_dtype)
+            mode = mode_label(quantization, self.config.best_kv_cache_dtype)
+            rates[quantization] = run_kvpilot(llm, requests, len(requests), mode).output_tokens_per_s
+            print(f"best-mode candidate {mode}: {rates[quantization]:.1f} tokens/s", flush=True)
+            del llm
+            gc.collect()
+        self.details["best_mode_candidates"] = {
+            mode_label(q, self.config.best_kv_cache_dtype): rate for q, rate in rates.items()
+        }
+        return max(rates, key=rates.get)
+
+    def run_kvpilot_mode(self, name: str, quantization: str, kv_cache_dtype: str = "auto") -> None:
+        config = self.config
+        llm = self.load_kvpilot(quantization, kv_cache_dtype)
         mode = mode_label(quantization, kv_cache_dtype)
-        run_kvpilot(llm, self.requests[:2], 2, mode)  # warm-up
+        if quantization == "none":  # the engine's own linears, to check the roofline's GEMM peak
+            self.engine_linear_flops_per_s = measure_linears_flops_per_s(
+                self.shape, engine_linears(llm), min_time_s=0.1
+            )
         self.results[name] = run_kvpilot(llm, self.requests, len(self.requests), mode)
         self.record(name, len(self.requests), self.results[name])
         for concurrency in config.plot_concurrencies:
@@ -157,14 +203,15 @@ class ThroughputRun:
                 self.record("transformers", concurrency, result)
 
     def run_llama_cpp(self) -> None:
+        calibration = self.calibration_requests()
+        config, rates = llama_cpp.best_configuration(Path(self.config.model), calibration, len(calibration))
+        self.details["llama_cpp_configurations"] = rates
         concurrency = len(self.requests)  # the same as kvpilot's
-        self.results[LLAMA_CPP] = baselines.run_llama_cpp(self.config.model, self.requests, concurrency)
+        self.results[LLAMA_CPP] = llama_cpp.run(config, self.requests, concurrency)
         self.record(LLAMA_CPP, concurrency, self.results[LLAMA_CPP])
         for c in self.config.plot_concurrencies:
             if c not in self.curves[LLAMA_CPP]:
-                self.record(
-                    LLAMA_CPP, c, baselines.run_llama_cpp(self.config.model, self.sweep_requests(c), c)
-                )
+                self.record(LLAMA_CPP, c, llama_cpp.run(config, self.sweep_requests(c), c))
 
     def run_all(self) -> None:
         systems = self.config.systems
@@ -175,10 +222,16 @@ class ThroughputRun:
             self.run_transformers()
             gc.collect()
         if KVPILOT_BEST in systems:
-            self.run_kvpilot_mode(KVPILOT_BEST, self.config.best_mode, self.config.best_kv_cache_dtype)
+            best_mode = self.choose_best_mode()
+            self.run_kvpilot_mode(KVPILOT_BEST, best_mode, self.config.best_kv_cache_dtype)
             gc.collect()
-        if LLAMA_CPP in systems and self.config.model.endswith(".gguf") and baselines.llama_cpp_available():
+        if LLAMA_CPP in systems and self.config.model.endswith(".gguf") and llama_cpp.available():
             self.run_llama_cpp()
+
+    def roofline(self, peaks: Peaks) -> dict:
+        lengths = [(r.prompt_len, r.output_len) for r in self.requests]
+        bound = workload_bound(self.shape, lengths, peaks)
+        return roofline_summary(bound, peaks, self.engine_linear_flops_per_s)
 
 
 def mode_label(quantization: str, kv_cache_dtype: str) -> str:
@@ -191,10 +244,21 @@ def _shortened(request: WorkloadRequest) -> WorkloadRequest:
     return WorkloadRequest(request.request_id, request.prompt_token_ids[:8], output_len=2)
 
 
-def measure_roofline(model: str, requests: list[WorkloadRequest]) -> float:
-    shape = load_model_shape(model)
-    flops = workload_flops(shape, [(r.prompt_len, r.output_len) for r in requests])
-    return roofline_tokens_per_s(flops, total_output_tokens(requests), measure_mm_flops_per_s(shape))
+def engine_linears(llm) -> list:
+    """The fp32 engine's linear layers in `roofline.matmul_pass_shapes` order (first layer + head)."""
+    model = llm.llm_engine.model_runner.model
+    layer = model.layers[0]
+    attention, mlp = layer.self_attn, layer.mlp
+    return [attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj, model.lm_head]
+
+
+def measure_peaks(shape, quick: bool = False) -> Peaks:
+    """This machine's fp32 GEMM and memory peaks (quick: short timings, for tiny test models)."""
+    min_time_s = 0.1 if quick else 0.3
+    return Peaks(
+        measure_gemm_flops_per_s(shape, min_time_s=min_time_s),
+        measure_memory_bytes_per_s(num_bytes=(16 << 20) if quick else (256 << 20), min_time_s=min_time_s),
+    )
 
 
 def build_requests(config: ThroughputConfig) -> list[WorkloadRequest]:
@@ -227,9 +291,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=spec.seed)
     parser.add_argument(
         "--best-mode",
-        choices=[m for m in QUANTIZATION_MODES if m != "none"],
+        choices=["auto", *QUANTIZATION_MODES],
         default=ThroughputConfig.best_mode,
-        help="kvpilot_best weight quantization",
+        help="kvpilot_best weight quantization (auto: the fastest exact mode on this machine, measured)",
     )
     parser.add_argument(
         "--best-kv-cache-dtype",
@@ -250,6 +314,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--plot", type=Path, default=None, help="PNG of throughput vs concurrency (needs matplotlib)"
     )
     parser.add_argument("--plot-concurrencies", type=_concurrencies, default=(1, 8, 32, 128))
+    parser.add_argument(
+        "--calibration-prompts", type=_positive, default=32, help="the slice that picks the best modes"
+    )
+    parser.add_argument("--quick-peaks", action="store_true", help="short peak timings (tests, tiny models)")
     parser.set_defaults(func=main)
     return parser
 
@@ -279,13 +347,16 @@ def main(args: argparse.Namespace) -> int:
         hf_static_prompts=args.hf_static_prompts,
         hf_batch_size=args.hf_batch_size,
         systems=args.systems,
+        calibration_prompts=args.calibration_prompts,
         plot_concurrencies=args.plot_concurrencies if args.plot else (),
     )
     requests = build_requests(config)
-    roofline = measure_roofline(model, requests)
+    machine = describe_machine()
+    print(format_machine(machine), flush=True)
     run = ThroughputRun(config, requests)
+    peaks = measure_peaks(run.shape, quick=args.quick_peaks)
     run.run_all()
-    report = build_report(run.results, roofline)
+    report = build_report(run.results, run.roofline(peaks), machine, run.details)
     print(format_table(report))
     if args.json:
         write_json(report, args.json)

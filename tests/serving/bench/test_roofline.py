@@ -2,10 +2,15 @@ import pytest
 import transformers
 from kvpilot.serving.bench.roofline import (
     ModelShape,
+    Peaks,
+    kv_bytes_per_token,
     matmul_pass_shapes,
-    measure_mm_flops_per_s,
+    measure_gemm_flops_per_s,
+    measure_linears_flops_per_s,
+    measure_memory_bytes_per_s,
     request_flops,
-    roofline_tokens_per_s,
+    weight_bytes,
+    workload_bound,
     workload_flops,
 )
 
@@ -29,11 +34,39 @@ def test_request_and_workload_flops():
     assert workload_flops(SHAPE, [(3, 2), (1, 1)]) == 10176 + 2528
 
 
-def test_roofline_tokens_per_s():
-    assert roofline_tokens_per_s(10176, 2, 10176.0) == pytest.approx(2.0)
-    assert roofline_tokens_per_s(1_000_000, 50, 2e6) == pytest.approx(100.0)
-    with pytest.raises(ValueError):
-        roofline_tokens_per_s(0, 1, 1.0)
+def test_bound_is_the_slower_term_of_each_step():
+    # SHAPE: weights 2 * (128 + 64 + 256 + 128) + 80 = 1232 values; K/V 2 layers x 2 x 4 = 16 per token.
+    assert weight_bytes(SHAPE) == 4 * 1232 and kv_bytes_per_token(SHAPE) == 4 * 16
+    lengths = [(3, 3), (1, 2)]
+    # prefill: request_flops(3, 1) + request_flops(1, 1) = (3*2304 + 160 + 6*64) + (2304 + 160 + 64)
+    prefill = 7456 + 2528
+    # step 1: both decode, contexts 4 and 2; step 2: only the first, context 5.
+    step_flops = [2 * 2464 + 64 * 6, 2464 + 64 * 5]
+    step_bytes = [4928 + 64 * 6, 4928 + 64 * 5]
+
+    compute_bound = workload_bound(SHAPE, lengths, Peaks(gemm_flops_per_s=1.0, memory_bytes_per_s=1e12))
+    assert compute_bound.seconds == pytest.approx(prefill + sum(step_flops))
+    assert compute_bound.seconds == pytest.approx(workload_flops(SHAPE, lengths))  # the same FLOPs
+    assert (compute_bound.memory_bound_steps, compute_bound.decode_steps) == (0, 2)
+    assert compute_bound.tokens_per_s == pytest.approx(5 / compute_bound.seconds)
+
+    memory_bound = workload_bound(SHAPE, lengths, Peaks(gemm_flops_per_s=1e12, memory_bytes_per_s=1.0))
+    assert memory_bound.memory_s == pytest.approx(sum(step_bytes))
+    assert memory_bound.seconds == pytest.approx(prefill / 1e12 + sum(step_bytes))
+    assert memory_bound.memory_bound_steps == 2
+
+    # Mixed: step 1 memory-bound (5312 bytes > 5312 / 2 FLOP-s), step 2 compute-bound.
+    mixed = workload_bound(SHAPE, lengths, Peaks(gemm_flops_per_s=1.0, memory_bytes_per_s=2.0))
+    expected = prefill + sum(max(f, b / 2) for f, b in zip(step_flops, step_bytes, strict=True))
+    assert mixed.seconds == pytest.approx(expected)
+    assert mixed.seconds >= max(mixed.compute_s, mixed.memory_s)
+
+
+def test_bound_rejects_what_it_cannot_bound():
+    with pytest.raises(ValueError, match="lengths"):
+        workload_bound(SHAPE, [], Peaks(1.0, 1.0))
+    with pytest.raises(ValueError, match="peaks"):
+        workload_bound(SHAPE, [(1, 1)], Peaks(0.0, 1.0))
 
 
 def test_shape_from_a_transformers_config():
@@ -52,5 +85,27 @@ def test_shape_from_a_transformers_config():
     assert shape.linear_flops_per_token() == 2 * 30 * (576 * 960 + 576 * 576 + 576 * 3072 + 1536 * 576)
 
 
-def test_measured_matmul_throughput_is_positive():
-    assert measure_mm_flops_per_s(SHAPE, batch=4, min_time_s=0.001) > 0
+def test_gemm_peak_is_at_least_each_backend_alone():
+    """The peak takes the better backend per shape: never below MKL's or oneDNN's own rate.
+    (The old peak was MKL alone, which the engine's oneDNN linears beat.)"""
+    import torch
+    from kvpilot.kernels.packed_float import PackedFloatWeight
+
+    shape = ModelShape(64, 128, 2, 4, 2, 16, 256)
+    peak = measure_gemm_flops_per_s(shape, rows=(32,), min_time_s=0.05)
+    weights = [torch.randn(n, k) for k, n, _ in matmul_pass_shapes(shape)]
+    mkl = [lambda x, w=w: torch.mm(x, w.t()) for w in weights]
+    onednn = [PackedFloatWeight.pack(w).linear for w in weights]
+    for linears in (mkl, onednn):
+        alone = measure_linears_flops_per_s(shape, linears, batch=32, min_time_s=0.05)
+        assert alone <= peak * 1.15, (alone, peak)  # timing noise only
+
+
+def test_memory_bandwidth_is_measured():
+    rate = measure_memory_bytes_per_s(num_bytes=8 << 20, min_time_s=0.02)
+    assert 1e8 < rate < 1e13  # between a slow disk and any RAM that exists
+
+
+def test_linears_must_match_the_shapes():
+    with pytest.raises(ValueError, match="linears"):
+        measure_linears_flops_per_s(SHAPE, [lambda x: x], batch=2, min_time_s=0.001)

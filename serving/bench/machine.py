@@ -1,0 +1,60 @@
+"""Where a benchmark ran: a performance figure means nothing without the CPU it ran on."""
+
+import os
+import platform
+from pathlib import Path
+
+# The CPU features that decide which kernels run (fbgemm, oneDNN, MKL, our C kernels).
+FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8")
+
+
+def cpu_model(cpuinfo: str) -> str:
+    for line in cpuinfo.splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def cpu_flags(cpuinfo: str) -> dict[str, bool]:
+    present: set[str] = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            present = set(line.split(":", 1)[1].split())
+            break
+    return {flag: flag in present for flag in FLAGS}
+
+
+def cpu_class(flags: dict[str, bool]) -> str:
+    """The class our results are grouped by: what fbgemm's int8 kernel and oneDNN can use."""
+    if flags.get("avx512_vnni"):
+        return "avx512-vnni"
+    if flags.get("avx512f"):
+        return "avx512"
+    return "avx2" if flags.get("avx2") else "x86-64"
+
+
+def describe_machine(cpuinfo_path: Path = Path("/proc/cpuinfo")) -> dict:
+    """CPU model, cores, ISA flags, torch version and threads, and the w8a8 GEMM path."""
+    import torch
+    from kvpilot.kernels.quant.int8 import one_pass_int8_is_exact
+
+    cpuinfo = cpuinfo_path.read_text() if cpuinfo_path.exists() else ""
+    flags = cpu_flags(cpuinfo)
+    return {
+        "cpu": cpu_model(cpuinfo),
+        "cpu_class": cpu_class(flags),
+        "cores": len(os.sched_getaffinity(0)),
+        "flags": flags,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "w8a8_one_pass_exact": one_pass_int8_is_exact(),
+    }
+
+
+def format_machine(machine: dict) -> str:
+    flags = " ".join(name for name, present in machine["flags"].items() if present) or "none"
+    return (
+        f"machine: {machine['cpu']} ({machine['cpu_class']}), {machine['cores']} cores, flags: {flags}; "
+        f"torch {machine['torch']}, {machine['torch_threads']} threads; w8a8 GEMM: "
+        f"{'one 8-bit pass' if machine['w8a8_one_pass_exact'] else 'two 7-bit passes'}"
+    )
