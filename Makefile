@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run serve test lint format clean
+.PHONY: install run serve test lint format clean bench
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,20 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The bench extra compiles llama.cpp (llama-cpp-python) from source for this CPU: ~15 minutes on
+# 2 cores, once. `make bench` then runs the full throughput benchmark (~45 minutes; keep the
+# machine otherwise idle) and writes its results for this machine's CPU class.
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP)
+	@echo "Installing the bench extra: llama-cpp-python compiles llama.cpp for ~15 minutes (once)."
+	CMAKE_ARGS="$$($(BIN)/python -m kvpilot.serving.bench.llama_cpp)" $(BIN)/pip install -q -e '.[bench]'
+	touch $@
+
+bench: $(BENCH_STAMP)
+	class=$$($(BIN)/python -c 'from kvpilot.serving.bench.machine import machine_class; print(machine_class())'); \
+	$(BIN)/kvpilot bench throughput --json serving/bench/results/throughput-$$class.json \
+		--plot serving/bench/results/throughput-$$class.png
 
 run: $(STAMP)
 	$(BIN)/kvpilot demo

@@ -24,10 +24,33 @@ from kvpilot.serving.bench.report import SystemResult
 from kvpilot.serving.bench.workload import WorkloadRequest
 
 Q8_0 = 7  # llama_ftype LLAMA_FTYPE_MOSTLY_Q8_0
+# ggml's CPU features -> the CPU flag each needs. AMX stays off: ggml's AMX matmul crashed
+# (SIGSEGV in ggml_backend_amx_mul_mat) on our Sapphire Rapids VMs, and our other CPUs lack it.
+GGML_FEATURES = {
+    "AVX": "avx",
+    "AVX2": "avx2",
+    "FMA": "fma",
+    "F16C": "f16c",
+    "BMI2": "bmi2",
+    "AVX512": "avx512f",
+    "AVX512_VBMI": "avx512vbmi",
+    "AVX512_VNNI": "avx512_vnni",
+    "AVX512_BF16": "avx512_bf16",
+    "AVX_VNNI": "avx_vnni",
+}
 
 
 def available() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
+
+
+def cmake_args(cpu_flags: set[str]) -> str:
+    """CMAKE_ARGS that build llama.cpp for exactly this CPU's features (what `-march=native`
+    would, minus AMX)."""
+    features = [
+        f"-DGGML_{name}={'ON' if flag in cpu_flags else 'OFF'}" for name, flag in GGML_FEATURES.items()
+    ]
+    return " ".join(["-DGGML_NATIVE=OFF", *features, "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF"])
 
 
 class SeqIdPool:
@@ -213,3 +236,9 @@ def best_configuration(
 def _quiet_log(llama_cpp):
     """A log callback that drops everything (cached: llama.cpp keeps calling it)."""
     return llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+
+
+if __name__ == "__main__":  # `make bench`: the CMAKE_ARGS for this machine
+    from kvpilot.serving.bench.machine import all_cpu_flags
+
+    print(cmake_args(all_cpu_flags()))

@@ -16,12 +16,19 @@ def cpu_model(cpuinfo: str) -> str:
 
 
 def cpu_flags(cpuinfo: str) -> dict[str, bool]:
-    present: set[str] = set()
+    present = all_cpu_flags(cpuinfo)
+    return {flag: flag in present for flag in FLAGS}
+
+
+def all_cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """Every flag /proc/cpuinfo lists for the first CPU."""
+    if cpuinfo is None:
+        path = Path("/proc/cpuinfo")
+        cpuinfo = path.read_text() if path.exists() else ""
     for line in cpuinfo.splitlines():
         if line.startswith("flags"):
-            present = set(line.split(":", 1)[1].split())
-            break
-    return {flag: flag in present for flag in FLAGS}
+            return set(line.split(":", 1)[1].split())
+    return set()
 
 
 def cpu_class(flags: dict[str, bool]) -> str:
@@ -31,6 +38,11 @@ def cpu_class(flags: dict[str, bool]) -> str:
     if flags.get("avx512f"):
         return "avx512"
     return "avx2" if flags.get("avx2") else "x86-64"
+
+
+def machine_class() -> str:
+    """This machine's CPU class (names the committed results file)."""
+    return cpu_class(cpu_flags(Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""))
 
 
 def describe_machine(cpuinfo_path: Path = Path("/proc/cpuinfo")) -> dict:

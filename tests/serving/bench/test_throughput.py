@@ -136,7 +136,7 @@ def test_llama_cpp_batches_sequences(default_gguf, kv_unified):
     """A decode step of 8 sequences costs well under 8 single-sequence steps (it would cost about
     8 if llama.cpp split the batch per sequence, as it did with ids handed out last-in-first-out)."""
     config = llama_cpp.LlamaCppConfig(default_gguf, kv_unified)
-    with llama_cpp.open_context(config, num_seqs=8, max_len=64, num_batch=64) as context:
+    with llama_cpp.open_context(config, num_seqs=8, max_len=64, num_batch=128) as context:
         for seq_id in range(8):
             for pos, token in enumerate(range(10, 26)):
                 context.add(token, pos, seq_id, logits=False)
@@ -160,3 +160,12 @@ def test_llama_cpp_requantizes_to_q8_0(default_gguf, tmp_path):
     assert q8.name.endswith(".Q8_0.gguf") and q8.stat().st_size > default_gguf.stat().st_size
     labels = [config.label for config in llama_cpp.configurations(default_gguf)]
     assert labels == ["q4_1, kv per seq", "q4_1, kv unified", "q8_0, kv per seq", "q8_0, kv unified"]
+
+
+def test_llama_cpp_build_matches_the_cpu_without_amx():
+    avx2_only = llama_cpp.cmake_args({"avx", "avx2", "fma", "f16c", "bmi2", "amx_tile", "amx_int8"}).split()
+    assert "-DGGML_NATIVE=OFF" in avx2_only and "-DGGML_AVX2=ON" in avx2_only
+    assert "-DGGML_AVX512=OFF" in avx2_only and "-DGGML_AVX512_VNNI=OFF" in avx2_only
+    assert "-DGGML_AMX_INT8=OFF" in avx2_only  # even where the CPU has it (ggml's AMX path crashed)
+    zen4 = llama_cpp.cmake_args({"avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16"})
+    assert "-DGGML_AVX512=ON" in zen4.split() and "-DGGML_AVX512_VNNI=ON" in zen4.split()
