@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 from kvpilot.serving.config import EngineConfig
+from kvpilot.serving.cpu_share import CpuShare
 from kvpilot.serving.detokenizer import IncrementalDetokenizer
 from kvpilot.serving.kv_cache_manager import KVCacheManager
 from kvpilot.serving.model_runner import ModelRunner
@@ -61,6 +62,10 @@ class LLMEngine:
         )
         self.sampler = Sampler(runner.eos_token_ids, torch.Generator().manual_seed(config.seed))
         self._requests: dict[str, UserRequest] = {}
+        # On CPU, threads follow the cores other processes leave free (see cpu_share.py).
+        self.cpu_share = (
+            CpuShare(torch.get_num_threads(), torch.set_num_threads) if runner.device.type == "cpu" else None
+        )
 
     # Requests in and out
 
@@ -163,6 +168,8 @@ class LLMEngine:
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty:
             return []
+        if self.cpu_share is not None:
+            self.cpu_share.adjust()
         logits = self.model_runner.execute_model(scheduler_output)
         return self._update_from_output(scheduler_output, logits)
 
