@@ -98,7 +98,7 @@ def open_api_schema() -> dict[str, Any]:
         "properties": {
             "apiVersion": {"type": "string", "description": "APIVersion of this object."},
             "kind": {"type": "string", "description": "Kind of this object."},
-            "metadata": METADATA_SCHEMA,
+            "metadata": copy.deepcopy(METADATA_SCHEMA),  # callers may edit what they get
             "spec": _schema_of(models.InferenceServiceSpec),
             "status": _schema_of(models.InferenceServiceStatus),
         },

@@ -83,7 +83,9 @@ class KubeClient:
         for kind, (list_fn, _, _) in self.kinds.items():
             listing = self._call(list_fn, isvc.metadata.namespace, label_selector=selector)
             for item in listing.get("items", []):
+                # A real API server sets apiVersion and kind on the List only, not on its items.
                 item.setdefault("kind", kind)
+                item.setdefault("apiVersion", listing.get("apiVersion"))
                 if isvc.metadata.uid and is_owned_by(item, isvc.metadata.uid):
                     children.append(item)
         return children

@@ -25,6 +25,7 @@ from tests.cluster.tools import find_etcd, free_port
 SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"
 READY_TIMEOUT_SECONDS = 90
 STOP_TIMEOUT_SECONDS = 15
+AUDITED_USERS = ("kvpilot-operator",)  # the audit log records these clients' requests only
 
 
 class ControlPlaneError(RuntimeError):
@@ -125,6 +126,26 @@ class ControlPlane:
     def pki(self) -> pki_module.Pki:
         return pki_module.Pki(self.workdir / "pki")
 
+    @property
+    def audit_log(self) -> Path:
+        return self.workdir / "logs" / "audit.log"
+
+    def kubeconfig_for(self, user: str) -> Path:
+        """A kubeconfig for its own identity (`user`, in system:masters), seen as such in the audit log."""
+        path = self.workdir / f"{user}.kubeconfig"
+        if not path.exists():
+            pki_module.issue_client_certificate(self.pki, user)
+            pki_module.write_kubeconfig(self.pki, self.url, path, user=user)
+        return path
+
+    def audit_events(self, user: str) -> list[dict]:
+        """Every request `user` made (AUDITED_USERS only), oldest first, as audit.k8s.io/v1 Events."""
+        if not self.audit_log.exists():
+            return []
+        lines = self.audit_log.read_text().splitlines()
+        events = [json.loads(line) for line in lines if line.strip()]
+        return [e for e in events if e["user"]["username"] == user and e["stage"] == "ResponseComplete"]
+
     def pids(self) -> dict[str, int]:
         return {name: p.pid for name, p in self.processes.items() if p.pid is not None}
 
@@ -218,8 +239,22 @@ class ControlPlane:
             # The `kubernetes` Service's Endpoints would carry 127.0.0.1, which Endpoints reject.
             "--endpoint-reconciler-type=none",
             "--profiling=false",
+            f"--audit-policy-file={self._audit_policy()}",
+            f"--audit-log-path={self.audit_log}",
+            "--audit-log-format=json",
         ]
         return ManagedProcess("kube-apiserver", command, self.workdir / "logs" / "kube-apiserver.log")
+
+    def _audit_policy(self) -> Path:
+        policy = {
+            "apiVersion": "audit.k8s.io/v1",
+            "kind": "Policy",
+            "omitStages": ["RequestReceived"],
+            "rules": [{"level": "Metadata", "users": list(AUDITED_USERS)}, {"level": "None"}],
+        }
+        path = self.workdir / "audit-policy.yaml"
+        path.write_text(json.dumps(policy))
+        return path
 
     def _component_process(self, binary: Path, port: int) -> ManagedProcess:
         name = binary.name

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from tests.cluster.controlplane import ControlPlane, ControlPlaneError, ManagedProcess, log_tail, stop_pid
 from tests.cluster.kubeapi import KubeApi
 from tests.cluster.kubelet import SHUTDOWN_GRACE_SECONDS, node_names
+from tests.cluster.tools import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -80,3 +84,91 @@ class ProcessKubeletRunner:
             if log.exists():
                 return log.read_text(errors="replace")
         return ""
+
+
+class OperatorProcess:
+    """`python -m kvpilot.operator.cli operator` as its own process and its own API identity."""
+
+    USER = "kvpilot-operator"
+
+    def __init__(self, control_plane: ControlPlane, *args: str) -> None:
+        self.control_plane = control_plane
+        self.port = free_port()
+        command = [sys.executable, "-m", "kvpilot.operator.cli", "operator", *args]
+        command += ["--liveness", f"http://127.0.0.1:{self.port}/healthz"]
+        log = control_plane.workdir / "logs" / f"operator-{time.monotonic_ns()}.log"
+        self.process = ManagedProcess("kvpilot-operator", command, log)
+
+    def start(self) -> OperatorProcess:
+        env = {**os.environ, "KUBECONFIG": str(self.control_plane.kubeconfig_for(self.USER))}
+        self.process.start(env=env)
+        wait_for(lambda: self.process.exited() or self.healthz() == 200, "the operator's liveness endpoint")
+        if self.process.exited():
+            raise ControlPlaneError(f"the operator exited:\n{log_tail(self.process.log)}")
+        return self
+
+    def healthz(self) -> int | None:
+        try:
+            return httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1).status_code
+        except httpx.HTTPError:
+            return None
+
+    def stop(self) -> int | None:
+        """SIGTERM (kopf stops cleanly), then the exit code."""
+        self.process.stop()
+        return self.process.popen.returncode if self.process.popen else None
+
+    def output(self) -> str:
+        return self.process.log.read_text(errors="replace") if self.process.log.exists() else ""
+
+    def requests(self) -> list[dict]:
+        """The operator's API requests so far (audit events: verb, objectRef, requestURI, ...)."""
+        return self.control_plane.audit_events(self.USER)
+
+    def __enter__(self) -> OperatorProcess:
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
+def provide_model_volume(api: KubeApi, namespace: str, host_dir: Path, claim: str = "models") -> None:
+    """PVC `claim` in `namespace`, bound to a hostPath PV on `host_dir` (where the kubelet finds it)."""
+    volume = f"{claim}-{namespace}"
+    api.create(
+        "v1",
+        "persistentvolumes",
+        None,
+        {
+            "metadata": {"name": volume},
+            "spec": {
+                "capacity": {"storage": "1Gi"},
+                "accessModes": ["ReadOnlyMany"],
+                "storageClassName": "",
+                "persistentVolumeReclaimPolicy": "Retain",
+                "hostPath": {"path": str(host_dir)},
+                "claimRef": {"namespace": namespace, "name": claim},
+            },
+        },
+    )
+    api.create(
+        "v1",
+        "persistentvolumeclaims",
+        namespace,
+        {
+            "metadata": {"name": claim},
+            "spec": {
+                "accessModes": ["ReadOnlyMany"],
+                "storageClassName": "",
+                "volumeName": volume,
+                "resources": {"requests": {"storage": "1Gi"}},
+            },
+        },
+    )
+    wait_for(
+        lambda: (
+            (api.get("v1", "persistentvolumeclaims", namespace, claim) or {}).get("status", {}).get("phase")
+            == "Bound"
+        ),
+        f"PVC {namespace}/{claim} to be bound",
+    )

@@ -1,8 +1,9 @@
 """Certificates, the service-account key and the kubeconfig of a local control plane.
 
-One CA signs the API server's serving certificate and one client certificate in `system:masters`
-that the controller-manager, the scheduler, the process kubelet, kubectl and the tests all use
-(a development control plane on 127.0.0.1, not a multi-user cluster).
+One CA signs the API server's serving certificate and the client certificates, all in
+`system:masters`: kvpilot-admin for the controller-manager, the scheduler, the process kubelet,
+kubectl and the tests; others (the operator's own identity) on demand, so that the audit log tells
+who wrote what. A development control plane on 127.0.0.1, not a multi-user cluster.
 """
 
 from __future__ import annotations
@@ -42,11 +43,11 @@ class Pki:
 
     @property
     def admin_cert(self) -> Path:
-        return self.directory / "admin.crt"
+        return self.directory / "kvpilot-admin.crt"
 
     @property
     def admin_key(self) -> Path:
-        return self.directory / "admin.key"
+        return self.directory / "kvpilot-admin.key"
 
     @property
     def service_account_key(self) -> Path:
@@ -118,37 +119,50 @@ def generate(directory: Path) -> Pki:
             (x509.SubjectAlternativeName(alt_names), False),
         ],
     )
-    admin_key = ec.generate_private_key(ec.SECP256R1())
-    admin = _certificate(
-        _name("kvpilot-admin", "system:masters"),
-        admin_key,
-        ca_name,
-        ca_key,
-        [
-            (x509.BasicConstraints(ca=False, path_length=None), True),
-            (leaf_usage, True),
-            (x509.ExtendedKeyUsage([x509.ExtendedKeyUsageOID.CLIENT_AUTH]), False),
-        ],
-    )
     service_account_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     pki.ca_cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (directory / "ca.key").write_bytes(_pem_key(ca_key))
     pki.serving_cert.write_bytes(serving.public_bytes(serialization.Encoding.PEM))
     pki.serving_key.write_bytes(_pem_key(serving_key))
-    pki.admin_cert.write_bytes(admin.public_bytes(serialization.Encoding.PEM))
-    pki.admin_key.write_bytes(_pem_key(admin_key))
     pki.service_account_key.write_bytes(_pem_key(service_account_key))
     pki.service_account_public_key.write_bytes(
         service_account_key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
     )
-    for key_file in (pki.serving_key, pki.admin_key, pki.service_account_key):
+    for key_file in (directory / "ca.key", pki.serving_key, pki.service_account_key):
         key_file.chmod(0o600)
+    issue_client_certificate(pki, "kvpilot-admin")
     return pki
 
 
-def write_kubeconfig(pki: Pki, server: str, path: Path, name: str = "kvpilot-local") -> Path:
-    """A kubeconfig with the CA and the admin client certificate inlined."""
+def issue_client_certificate(pki: Pki, user: str, group: str = "system:masters") -> tuple[Path, Path]:
+    """<user>.crt and <user>.key signed by the CA: the API server authenticates `user` in `group`."""
+    ca = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
+    ca_key = serialization.load_pem_private_key((pki.directory / "ca.key").read_bytes(), password=None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    certificate = _certificate(
+        _name(user, group),
+        key,
+        ca.subject,
+        ca_key,
+        [
+            (x509.BasicConstraints(ca=False, path_length=None), True),
+            (x509.KeyUsage(True, False, True, False, False, False, False, False, False), True),
+            (x509.ExtendedKeyUsage([x509.ExtendedKeyUsageOID.CLIENT_AUTH]), False),
+        ],
+    )
+    cert_path, key_path = pki.directory / f"{user}.crt", pki.directory / f"{user}.key"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(_pem_key(key))
+    key_path.chmod(0o600)
+    return cert_path, key_path
+
+
+def write_kubeconfig(
+    pki: Pki, server: str, path: Path, name: str = "kvpilot-local", user: str = "kvpilot-admin"
+) -> Path:
+    """A kubeconfig with the CA and `user`'s client certificate inlined."""
 
     def data(file: Path) -> str:
         return base64.b64encode(file.read_bytes()).decode()
@@ -161,14 +175,14 @@ def write_kubeconfig(pki: Pki, server: str, path: Path, name: str = "kvpilot-loc
         ],
         "users": [
             {
-                "name": "kvpilot-admin",
+                "name": user,
                 "user": {
-                    "client-certificate-data": data(pki.admin_cert),
-                    "client-key-data": data(pki.admin_key),
+                    "client-certificate-data": data(pki.directory / f"{user}.crt"),
+                    "client-key-data": data(pki.directory / f"{user}.key"),
                 },
             }
         ],
-        "contexts": [{"name": name, "context": {"cluster": name, "user": "kvpilot-admin"}}],
+        "contexts": [{"name": name, "context": {"cluster": name, "user": user}}],
         "current-context": name,
     }
     path.write_text(yaml.safe_dump(config, sort_keys=False))
