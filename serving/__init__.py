@@ -10,10 +10,10 @@ __all__ = ["LLM", "AsyncLLM", "EngineConfig", "LLMEngine", "RequestOutput", "Sam
 
 _EXPORTS = {
     "LLM": "kvpilot.serving.llm",
-    "AsyncLLM": "kvpilot.serving.async_llm",
-    "LLMEngine": "kvpilot.serving.llm_engine",
-    "EngineConfig": "kvpilot.serving.config",
-    "RequestOutput": "kvpilot.serving.outputs",
+    "AsyncLLM": "kvpilot.serving.engine.async_llm",
+    "LLMEngine": "kvpilot.serving.engine.llm_engine",
+    "EngineConfig": "kvpilot.serving.engine.config",
+    "RequestOutput": "kvpilot.serving.engine.outputs",
     "SamplingParams": "kvpilot.serving.sampling_params",
 }
 

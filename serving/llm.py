@@ -3,9 +3,9 @@
 import itertools
 from collections.abc import Sequence
 
-from kvpilot.serving.config import EngineConfig
-from kvpilot.serving.llm_engine import LLMEngine
-from kvpilot.serving.outputs import RequestOutput
+from kvpilot.serving.engine.config import EngineConfig
+from kvpilot.serving.engine.llm_engine import LLMEngine
+from kvpilot.serving.engine.outputs import RequestOutput
 from kvpilot.serving.sampling_params import SamplingParams
 
 Prompt = str | list[int]

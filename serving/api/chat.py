@@ -23,7 +23,7 @@ from kvpilot.serving.api.protocol import (
 )
 from kvpilot.serving.api.state import ServingState
 from kvpilot.serving.api.streams import DeltaTracker
-from kvpilot.serving.outputs import RequestOutput
+from kvpilot.serving.engine.outputs import RequestOutput
 
 
 async def create_chat_completion(request: ChatCompletionRequest, state: ServingState):

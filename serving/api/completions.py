@@ -18,7 +18,7 @@ from kvpilot.serving.api.protocol import (
 )
 from kvpilot.serving.api.state import ServingState
 from kvpilot.serving.api.streams import DeltaTracker, merge_streams
-from kvpilot.serving.outputs import RequestOutput
+from kvpilot.serving.engine.outputs import RequestOutput
 
 ABORTED_MESSAGE = "the request was aborted: the server is shutting down"
 

@@ -8,8 +8,8 @@ import time
 from collections.abc import Callable, Iterator
 
 from kvpilot.serving import contract as c
-from kvpilot.serving.outputs import RequestOutput
-from kvpilot.serving.stats import EngineStats
+from kvpilot.serving.engine.outputs import RequestOutput
+from kvpilot.serving.engine.stats import EngineStats
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector

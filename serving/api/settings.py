@@ -4,9 +4,9 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from kvpilot.serving.config import DTYPES, EngineConfig
 from kvpilot.serving.contract import DEFAULT_PORT, ENV_PREFIX, KV_CACHE_DTYPES, QUANTIZATION_MODES
 from kvpilot.serving.default_model import DEFAULT_MODEL_NAME, default_model_path
+from kvpilot.serving.engine.config import DTYPES, EngineConfig
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 

@@ -10,7 +10,7 @@ from kvpilot.serving.api.errors import APIError, bad_request, unavailable
 from kvpilot.serving.api.metrics import RequestObserver, ServerMetrics
 from kvpilot.serving.api.prompts import ModelInfo
 from kvpilot.serving.api.settings import ServeSettings
-from kvpilot.serving.outputs import RequestOutput
+from kvpilot.serving.engine.outputs import RequestOutput
 from kvpilot.serving.sampling_params import SamplingParams
 
 logger = logging.getLogger("kvpilot.serving.api")
@@ -35,7 +35,7 @@ class ServingState:
 
     async def load(self) -> None:
         """Load the model (in a thread, the event loop keeps answering /health), warm up, turn ready."""
-        from kvpilot.serving.async_llm import AsyncLLM
+        from kvpilot.serving.engine.async_llm import AsyncLLM
 
         config = self.settings.engine_config()
         logger.info(
@@ -119,7 +119,7 @@ class ServingState:
     ) -> AsyncIterator[RequestOutput]:
         """The engine's output stream, tracked for drain and metrics. A consumer that stops early
         (disconnect, cancellation) aborts the request: `AsyncLLM.generate` does so when closed."""
-        from kvpilot.serving.async_llm import EngineDeadError
+        from kvpilot.serving.engine.async_llm import EngineDeadError
 
         observer = RequestObserver(self.metrics)
         self.engine_request_ids.add(request_id)

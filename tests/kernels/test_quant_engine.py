@@ -8,8 +8,8 @@ import torch
 from kvpilot.kernels.quant import Int4Weight, Int8Weight
 from kvpilot.kernels.quant.kv_cache import KVCache
 from kvpilot.serving import LLM, SamplingParams
-from kvpilot.serving.config import EngineConfig
-from kvpilot.serving.model_runner import ModelRunner
+from kvpilot.serving.engine.config import EngineConfig
+from kvpilot.serving.engine.model_runner import ModelRunner
 
 BUDGET = 8 << 20
 

@@ -7,10 +7,10 @@ import gguf
 import pytest
 import torch
 import transformers
-from kvpilot.serving.config import EngineConfig
+from kvpilot.serving.engine.config import EngineConfig
+from kvpilot.serving.engine.model_runner import ModelRunner
+from kvpilot.serving.engine.scheduler_output import ScheduledChunk, SchedulerOutput
 from kvpilot.serving.loader import CheckpointError, load_model
-from kvpilot.serving.model_runner import ModelRunner
-from kvpilot.serving.scheduler_output import ScheduledChunk, SchedulerOutput
 from safetensors.torch import load_file, save_file
 
 PROMPT = [1, 504, 3458, 282, 4649, 314, 2, 77, 900]

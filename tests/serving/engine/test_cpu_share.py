@@ -5,7 +5,13 @@ import sys
 import time
 
 import pytest
-from kvpilot.serving.cpu_share import CpuSample, CpuShare, others_busy_cores, read_sample, threads_for_share
+from kvpilot.serving.engine.cpu_share import (
+    CpuSample,
+    CpuShare,
+    others_busy_cores,
+    read_sample,
+    threads_for_share,
+)
 
 
 @pytest.mark.parametrize(

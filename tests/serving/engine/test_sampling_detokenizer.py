@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 import transformers
-from kvpilot.serving.detokenizer import IncrementalDetokenizer
+from kvpilot.serving.engine.detokenizer import IncrementalDetokenizer
 from kvpilot.serving.sampling_params import SamplingParams
 
 TEXT = "Ünïcödé: 日本語のテキスト 🙂👍🏽 done. The end is near, the END."

@@ -3,9 +3,9 @@
 import torch
 from kvpilot.kernels.attention import build_attention_metadata
 from kvpilot.kernels.quant.kv_cache import KVCache, kv_block_bytes
-from kvpilot.serving.config import EngineConfig
+from kvpilot.serving.engine.config import EngineConfig
+from kvpilot.serving.engine.scheduler_output import SchedulerOutput
 from kvpilot.serving.loader import TORCH_DTYPES, load_model
-from kvpilot.serving.scheduler_output import SchedulerOutput
 
 
 class ModelRunner:

@@ -8,8 +8,8 @@ any attention of that step reads it, so a request scheduled in the same step may
 
 from collections.abc import Sequence
 
-from kvpilot.serving.block_pool import ROOT_HASH, BlockPool, KVCacheBlock, hash_block_tokens
-from kvpilot.serving.request import Request
+from kvpilot.serving.engine.block_pool import ROOT_HASH, BlockPool, KVCacheBlock, hash_block_tokens
+from kvpilot.serving.engine.request import Request
 
 
 class KVCacheManager:

@@ -13,11 +13,11 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from kvpilot.serving.config import EngineConfig
-from kvpilot.serving.llm_engine import LLMEngine, UserRequest
-from kvpilot.serving.outputs import RequestOutput
+from kvpilot.serving.engine.config import EngineConfig
+from kvpilot.serving.engine.llm_engine import LLMEngine, UserRequest
+from kvpilot.serving.engine.outputs import RequestOutput
+from kvpilot.serving.engine.stats import EngineStats
 from kvpilot.serving.sampling_params import SamplingParams
-from kvpilot.serving.stats import EngineStats
 
 
 class EngineDeadError(RuntimeError):

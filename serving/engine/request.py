@@ -9,7 +9,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
-from kvpilot.serving.outputs import RequestTimes
+from kvpilot.serving.engine.outputs import RequestTimes
 from kvpilot.serving.sampling_params import SamplingParams
 
 _arrival_counter = itertools.count()

@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 
 import pytest
-from kvpilot.serving.async_llm import AsyncLLM, EngineDeadError
-from kvpilot.serving.config import EngineConfig
+from kvpilot.serving.engine.async_llm import AsyncLLM, EngineDeadError
+from kvpilot.serving.engine.config import EngineConfig
 from kvpilot.serving.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)

@@ -1,9 +1,9 @@
 """Exact block ids, ref counts and free-queue order; no tensors (after vLLM's prefix-caching tests)."""
 
 import pytest
-from kvpilot.serving.block_pool import BlockPool, FreeKVCacheBlockQueue, KVCacheBlock
-from kvpilot.serving.kv_cache_manager import KVCacheManager
-from kvpilot.serving.request import Request
+from kvpilot.serving.engine.block_pool import BlockPool, FreeKVCacheBlockQueue, KVCacheBlock
+from kvpilot.serving.engine.kv_cache_manager import KVCacheManager
+from kvpilot.serving.engine.request import Request
 from kvpilot.serving.sampling_params import SamplingParams
 
 BLOCK_SIZE = 4

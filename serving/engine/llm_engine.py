@@ -9,18 +9,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
 import torch
-from kvpilot.serving.config import EngineConfig
-from kvpilot.serving.cpu_share import CpuShare
-from kvpilot.serving.detokenizer import IncrementalDetokenizer
-from kvpilot.serving.kv_cache_manager import KVCacheManager
-from kvpilot.serving.model_runner import ModelRunner
-from kvpilot.serving.outputs import CompletionOutput, RequestOutput, RequestTimes
-from kvpilot.serving.request import Request
-from kvpilot.serving.sampler import Sampler, SamplerOutput
+from kvpilot.serving.engine.config import EngineConfig
+from kvpilot.serving.engine.cpu_share import CpuShare
+from kvpilot.serving.engine.detokenizer import IncrementalDetokenizer
+from kvpilot.serving.engine.kv_cache_manager import KVCacheManager
+from kvpilot.serving.engine.model_runner import ModelRunner
+from kvpilot.serving.engine.outputs import CompletionOutput, RequestOutput, RequestTimes
+from kvpilot.serving.engine.request import Request
+from kvpilot.serving.engine.sampler import Sampler, SamplerOutput
+from kvpilot.serving.engine.scheduler import Scheduler
+from kvpilot.serving.engine.scheduler_output import SchedulerOutput
+from kvpilot.serving.engine.stats import EngineStats
 from kvpilot.serving.sampling_params import SamplingParams
-from kvpilot.serving.scheduler import Scheduler
-from kvpilot.serving.scheduler_output import SchedulerOutput
-from kvpilot.serving.stats import EngineStats
 
 
 @dataclass

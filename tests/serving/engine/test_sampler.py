@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-from kvpilot.serving.request import Request
-from kvpilot.serving.sampler import Sampler
+from kvpilot.serving.engine.request import Request
+from kvpilot.serving.engine.sampler import Sampler
 from kvpilot.serving.sampling_params import SamplingParams
 
 VOCAB = 12

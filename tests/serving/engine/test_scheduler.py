@@ -1,10 +1,10 @@
 """Scheduler state machine, no model: exact chunks per step, preemption order, prefix hits, stops."""
 
 import pytest
-from kvpilot.serving.kv_cache_manager import KVCacheManager
-from kvpilot.serving.request import Request, RequestStatus
+from kvpilot.serving.engine.kv_cache_manager import KVCacheManager
+from kvpilot.serving.engine.request import Request, RequestStatus
+from kvpilot.serving.engine.scheduler import Scheduler
 from kvpilot.serving.sampling_params import SamplingParams
-from kvpilot.serving.scheduler import Scheduler
 
 EOS = 2
 

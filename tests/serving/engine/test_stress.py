@@ -3,8 +3,8 @@
 import random
 
 import pytest
-from kvpilot.serving.config import EngineConfig
-from kvpilot.serving.llm_engine import LLMEngine
+from kvpilot.serving.engine.config import EngineConfig
+from kvpilot.serving.engine.llm_engine import LLMEngine
 from kvpilot.serving.sampling_params import SamplingParams
 
 NUM_REQUESTS = 100

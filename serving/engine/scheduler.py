@@ -15,9 +15,9 @@ import time
 from collections import deque
 from collections.abc import Iterable
 
-from kvpilot.serving.kv_cache_manager import KVCacheManager
-from kvpilot.serving.request import Request, RequestStatus
-from kvpilot.serving.scheduler_output import ScheduledChunk, SchedulerOutput
+from kvpilot.serving.engine.kv_cache_manager import KVCacheManager
+from kvpilot.serving.engine.request import Request, RequestStatus
+from kvpilot.serving.engine.scheduler_output import ScheduledChunk, SchedulerOutput
 
 
 class Scheduler:

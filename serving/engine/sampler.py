@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
-from kvpilot.serving.request import Request
+from kvpilot.serving.engine.request import Request
 
 NEG_INF = float("-inf")
 
