@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run serve test lint format clean bench
+.PHONY: install run serve test e2e cluster lint format clean bench
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,16 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest -q
+
+# The operator's end-to-end suite alone, on a local control plane (tests/cluster). The first run on a
+# machine builds kube-apiserver, kube-controller-manager and kube-scheduler (~6 min on 2 cores; README).
+e2e: $(STAMP)
+	$(BIN)/python -m tests.cluster build
+	$(BIN)/pytest -q tests/cluster tests/operator/test_crd_apiserver.py tests/operator/test_operator_e2e.py
+
+# Control plane + process kubelet + operator until Ctrl-C; prints the kubeconfig path.
+cluster: $(STAMP)
+	$(BIN)/python -m tests.cluster up
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .
