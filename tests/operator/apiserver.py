@@ -62,7 +62,6 @@ RESOURCES = {
         kind="CustomResourceDefinition", namespaced=False, verbs={"get", "list", "watch"}
     ),
 }
-WRITE_METHODS = {"POST", "PATCH", "PUT", "DELETE"}
 APPLY_PATCH = "application/apply-patch+yaml"
 
 
@@ -252,18 +251,6 @@ class ApiServerThread:
         assert self._stop is not None
         self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(timeout=10)
-
-    def requests(self, since: int = 0) -> list[str]:
-        """`METHOD path` of every request served so far (from index `since`)."""
-        assert self.server is not None
-        return [f"{r.method.value.upper()} {r.url.path}" for r in list(self.server)[since:]]
-
-    def writes(self, since: int = 0) -> list[str]:
-        return [r for r in self.requests(since) if r.split(" ", 1)[0] in WRITE_METHODS]
-
-    def request_count(self) -> int:
-        assert self.server is not None
-        return len(list(self.server))
 
 
 class Kubectl:
