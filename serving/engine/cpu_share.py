@@ -9,6 +9,7 @@ runs with as many threads as there are cores left (at least 1, at most what it s
 """
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -25,11 +26,14 @@ class CpuSample:
     own_busy_s: float  # this process's CPU time
 
 
-def threads_for_share(cores: int, others_busy_cores: float, max_threads: int) -> int:
-    """One thread per core the other processes leave free, rounded: a core counts as taken
-    when others use more than half of it."""
+def threads_for_share(cores: int, others_busy_cores: float, max_threads: int, current: int) -> int:
+    """One thread per core the other processes leave free. A core counts as taken when others
+    use more than half of it, and as free again only when they use less than a quarter of it
+    (so the count does not flap around one half)."""
     free = cores - max(0.0, others_busy_cores)
-    return max(1, min(max_threads, round(free)))
+    down, up = math.floor(free + 0.5), math.floor(free + 0.25)
+    wanted = down if down < current else max(current, up)
+    return max(1, min(max_threads, wanted))
 
 
 def others_busy_cores(before: CpuSample, after: CpuSample) -> float:
@@ -81,7 +85,7 @@ class CpuShare:
             return self.threads
         others = others_busy_cores(self._last, now)
         self._last = now
-        wanted = threads_for_share(self.cores, others, self.max_threads)
+        wanted = threads_for_share(self.cores, others, self.max_threads, self.threads)
         if wanted != self.threads:
             logger.info(
                 "CPU threads %d -> %d: other processes use %.1f of %d cores",

@@ -15,20 +15,24 @@ from kvpilot.serving.engine.cpu_share import (
 
 
 @pytest.mark.parametrize(
-    ("cores", "others", "max_threads", "expected"),
+    ("cores", "others", "max_threads", "current", "expected"),
     [
-        (2, 0.0, 2, 2),  # idle machine: every thread
-        (2, 0.3, 2, 2),  # a little background noise does not cost a thread
-        (2, 0.6, 2, 1),  # more than half a core taken: that core is gone
-        (2, 1.0, 2, 1),
-        (2, 2.0, 2, 1),  # never fewer than one
-        (8, 3.2, 8, 5),
-        (8, 0.0, 4, 4),  # never more than the engine started with
-        (2, -0.1, 2, 2),  # clock noise can make the difference slightly negative
+        (2, 0.0, 2, 2, 2),  # idle machine: every thread
+        (2, 0.3, 2, 2, 2),  # a little background noise does not cost a thread
+        (2, 0.6, 2, 2, 1),  # more than half a core taken: that core is gone
+        (2, 1.0, 2, 2, 1),
+        (2, 2.0, 2, 2, 1),  # never fewer than one
+        (2, 0.5, 2, 1, 1),  # half a core still used by others: stay down (no flapping)
+        (2, 0.3, 2, 1, 1),
+        (2, 0.2, 2, 1, 2),  # under a quarter: the core is free again
+        (8, 3.2, 8, 8, 5),
+        (8, 3.3, 8, 4, 4),  # others use 0.3 of a fifth core: not yet free
+        (8, 0.0, 4, 4, 4),  # never more than the engine started with
+        (2, -0.1, 2, 2, 2),  # clock noise can make the difference slightly negative
     ],
 )
-def test_threads_for_share(cores, others, max_threads, expected):
-    assert threads_for_share(cores, others, max_threads) == expected
+def test_threads_for_share(cores, others, max_threads, current, expected):
+    assert threads_for_share(cores, others, max_threads, current) == expected
 
 
 def test_others_are_the_machine_minus_this_process():
