@@ -11,6 +11,7 @@ from kvpilot.operator.executor import KubeClient
 from kvpilot.operator.models import InferenceService
 from kvpilot.operator.planner import Plan, plan
 from kvpilot.operator.status import compute_status, invalid_spec_status, status_changed
+from kvpilot.serving.validation import problems
 from pydantic import ValidationError
 
 
@@ -25,9 +26,8 @@ class Outcome:
 def describe_validation_error(error: ValidationError) -> str:
     """`spec.engine.tensorParallelSize: ...` for each problem (camelCase paths, as in the manifest)."""
     parts = []
-    for problem in error.errors():
-        path = ".".join(str(p) for p in problem["loc"])
-        message = problem["msg"].removeprefix("Value error, ")
+    for problem in problems(error):
+        path, message = problem.dotted, problem.message
         parts.append(message if message.startswith(f"{path}.") or not path else f"{path}: {message}")
     return "; ".join(parts)
 

@@ -6,6 +6,7 @@ import logging
 import sys
 
 from kvpilot.serving.contract import ENV_PREFIX, KV_CACHE_DTYPES, QUANTIZATION_MODES, SERVE_FLAGS
+from kvpilot.serving.validation import problems
 from pydantic import ValidationError
 
 # Subcommands owned by other modules: (module, function). Imported lazily so that `kvpilot serve`
@@ -90,22 +91,15 @@ def build_parser(with_plugins: bool = True) -> argparse.ArgumentParser:
 
 def settings_error_line(error: ValidationError, given: set[str]) -> str:
     """The first validation error as one line naming the flag (or env var) that carried the value."""
-    first = error.errors()[0]
-    message = first["msg"].removeprefix("Value error, ")
-    field = str(first["loc"][0]) if first["loc"] else None
-    if field is None and ": " in message:  # EngineConfig's "field: message"
-        field, message = message.split(": ", 1)
-        field = "kv_cache_memory" if field == "kv_cache_memory_bytes" else field
-    if field is None:
-        return message
+    problem = problems(error)[0]
+    if not problem.path:
+        return problem.message
+    field = problem.path[-1]  # a setting, or the EngineConfig field its model validator named
+    field = "kv_cache_memory" if field == "kv_cache_memory_bytes" else field
     source = _flag(field) if field in given else f"{_flag(field)} ({ENV_PREFIX}{field.upper()})"
-    value = first.get("input")
-    value = (
-        f" (got {value!r})"
-        if value is not None and not isinstance(value, dict) and "got" not in message
-        else ""
-    )
-    return f"{source}: {message}{value}"
+    value = problem.value
+    shown = value is not None and not isinstance(value, dict) and "got" not in problem.message
+    return f"{source}: {problem.message}{f' (got {value!r})' if shown else ''}"
 
 
 def _run_serve(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ from kvpilot.serving.engine.config import EngineConfig
 from kvpilot.serving.engine.llm_engine import LLMEngine
 from kvpilot.serving.engine.outputs import RequestOutput
 from kvpilot.serving.sampling_params import SamplingParams
+from kvpilot.serving.validation import InvalidParameter
 
 Prompt = str | list[int]
 
@@ -34,9 +35,10 @@ class LLM:
         else:
             params_list = list(sampling_params)
             if len(params_list) != len(prompt_list):
-                raise ValueError(
-                    f"sampling_params: got {len(params_list)} for {len(prompt_list)} prompts; "
-                    "pass one SamplingParams or one per prompt"
+                raise InvalidParameter(
+                    "sampling_params",
+                    f"got {len(params_list)} for {len(prompt_list)} prompts; "
+                    "pass one SamplingParams or one per prompt",
                 )
         engine = self.llm_engine
         request_ids = []
@@ -64,7 +66,7 @@ def _as_prompt_list(prompts) -> list[Prompt]:
         return [prompts]  # one prompt of token ids
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str | list | tuple):
-            raise ValueError(
-                f"prompts[{i}]: expected a string or a list of token ids, got {type(prompt).__name__}"
+            raise InvalidParameter(
+                f"prompts[{i}]", f"expected a string or a list of token ids, got {type(prompt).__name__}"
             )
     return [p if isinstance(p, str) else list(p) for p in prompts]

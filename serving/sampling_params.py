@@ -2,6 +2,8 @@
 
 from dataclasses import dataclass, field
 
+from kvpilot.serving.validation import InvalidParameter
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -44,7 +46,7 @@ class SamplingParams:
         ]
         for ok, name, message in checks:
             if not ok:
-                raise ValueError(f"{name}: {message}")
+                raise InvalidParameter(name, message)
 
     @property
     def is_greedy(self) -> bool:

@@ -5,6 +5,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from kvpilot.serving.validation import problems
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger(__name__)
@@ -48,16 +49,16 @@ def unavailable(message: str, code: str) -> APIError:
 def validation_error(exc: RequestValidationError) -> APIError:
     """pydantic's first error, as `param: message` naming the field (dotted path, list indexes kept)."""
     first = exc.errors()[0]
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-    if first.get("type") == "json_invalid":
+    problem = problems(exc)[0]
+    path = tuple(part for part in problem.path if part != "body")
+    if problem.kind == "json_invalid":
         return bad_request(f"invalid JSON body: {first.get('ctx', {}).get('error', first['msg'])}")
-    if first.get("type") == "missing" and not loc:
+    if problem.kind == "missing" and not path:
         return bad_request("the request body is empty; expected a JSON object")
-    message = first["msg"].removeprefix("Value error, ")
-    if not loc:
-        return bad_request(f"the request body must be a JSON object: {message}")
-    param = ".".join(loc)
-    return bad_request(f"{param}: {message}", param=param)
+    if not path:
+        return bad_request(f"the request body must be a JSON object: {problem.message}")
+    param = ".".join(path)
+    return bad_request(f"{param}: {problem.message}", param=param)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -6,6 +6,7 @@ import jinja2
 from kvpilot.serving.api.errors import bad_request
 from kvpilot.serving.api.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from kvpilot.serving.sampling_params import SamplingParams
+from kvpilot.serving.validation import InvalidParameter
 
 
 @dataclass(frozen=True)
@@ -101,30 +102,23 @@ def sampling_params(
             max_tokens=max_tokens,
             min_tokens=request.min_tokens,
             stop=(stop,) if isinstance(stop, str) else tuple(stop),
-            stop_token_ids=tuple(_token_ids(request.stop_token_ids or [], vocab_size, "stop_token_ids")),
+            stop_token_ids=tuple(request.stop_token_ids or ()),  # ranges: the engine checks them
             include_stop_str_in_output=request.include_stop_str_in_output,
             ignore_eos=request.ignore_eos,
             logprobs=logprobs,
             skip_special_tokens=request.skip_special_tokens,
         )
-    except ValueError as exc:  # SamplingParams says "field: message"
-        field = str(exc).split(":", 1)[0]
-        raise bad_request(str(exc), param=field) from None
+    except InvalidParameter as exc:
+        raise bad_request(str(exc), param=exc.param) from None
 
 
 def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, float]:
+    """OpenAI's string keys as token ids (whether each is in the vocabulary: the engine checks)."""
     result = {}
     for key, value in (bias or {}).items():
-        if not key.strip().isdigit() or int(key) >= vocab_size:
+        if not key.strip().isdigit():
             raise bad_request(
                 f"logit_bias: key {key[:40]!r} is not a token id in [0, {vocab_size})", param="logit_bias"
             )
         result[int(key)] = value
     return result
-
-
-def _token_ids(ids: list[int], vocab_size: int, param: str) -> list[int]:
-    for token_id in ids:
-        if token_id >= vocab_size:
-            raise bad_request(f"{param}: token id {token_id} is out of range [0, {vocab_size})", param=param)
-    return ids

@@ -12,6 +12,7 @@ from kvpilot.serving.api.prompts import ModelInfo
 from kvpilot.serving.api.settings import ServeSettings
 from kvpilot.serving.engine.outputs import RequestOutput
 from kvpilot.serving.sampling_params import SamplingParams
+from kvpilot.serving.validation import InvalidParameter
 
 logger = logging.getLogger("kvpilot.serving.api")
 
@@ -131,10 +132,9 @@ class ServingState:
                 async for output in stream:
                     observer.on_output(output)
                     yield output
-        except ValueError as exc:  # the engine's own validation: "field: message"
+        except InvalidParameter as exc:  # the engine's input processing validates every request
             rejected = True
-            field = str(exc).split(":", 1)[0]
-            raise bad_request(str(exc), param=field if field.isidentifier() else None) from None
+            raise bad_request(str(exc), param=exc.param) from None
         except EngineDeadError as exc:
             rejected = True
             raise unavailable(f"the engine is not running: {exc}", code="engine_dead") from None

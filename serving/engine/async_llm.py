@@ -18,6 +18,7 @@ from kvpilot.serving.engine.llm_engine import LLMEngine, UserRequest
 from kvpilot.serving.engine.outputs import RequestOutput
 from kvpilot.serving.engine.stats import EngineStats
 from kvpilot.serving.sampling_params import SamplingParams
+from kvpilot.serving.validation import InvalidParameter
 
 
 class EngineDeadError(RuntimeError):
@@ -92,7 +93,7 @@ class AsyncLLM:
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._cond:
             if request_id in self._streams:
-                raise ValueError(f"request_id: {request_id!r} is already in the engine")
+                raise InvalidParameter("request_id", f"{request_id!r} is already in the engine")
             self._streams[request_id] = stream
             self._adds.append(user)
             self._cond.notify()

@@ -7,6 +7,7 @@ given) live in the runtime objects (`ModelRunner`, `LLMEngine`), not here.
 from dataclasses import dataclass
 
 from kvpilot.serving.contract import KV_CACHE_DTYPES, QUANTIZATION_MODES
+from kvpilot.serving.validation import InvalidParameter
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -44,4 +45,4 @@ class EngineConfig:
 
 def _require(ok: bool, field: str, message: str) -> None:
     if not ok:
-        raise ValueError(f"{field}: {message}")
+        raise InvalidParameter(field, message)

@@ -21,6 +21,7 @@ from kvpilot.serving.engine.scheduler import Scheduler
 from kvpilot.serving.engine.scheduler_output import SchedulerOutput
 from kvpilot.serving.engine.stats import EngineStats
 from kvpilot.serving.sampling_params import SamplingParams
+from kvpilot.serving.validation import InvalidParameter
 
 
 @dataclass
@@ -90,7 +91,7 @@ class LLMEngine:
         event loop and report errors at once)."""
         params = params or SamplingParams()
         if not isinstance(request_id, str) or not request_id:
-            raise ValueError("request_id: must be a non-empty string")
+            raise InvalidParameter("request_id", "must be a non-empty string")
         prompt_text, prompt_token_ids = self._tokenize(prompt)
         max_tokens = self._resolve_max_tokens(len(prompt_token_ids), params)
         self._validate_params(params)
@@ -116,7 +117,7 @@ class LLMEngine:
     def add_processed_request(self, user: UserRequest) -> None:
         taken = [s.request_id for s in user.sequences if s.request_id in self.scheduler.requests]
         if user.request_id in self._requests or taken:
-            raise ValueError(f"request_id: {user.request_id!r} is already in the engine")
+            raise InvalidParameter("request_id", f"{user.request_id!r} is already in the engine")
         self._requests[user.request_id] = user
         for sequence in user.sequences:
             self.scheduler.add_request(sequence)
@@ -227,21 +228,23 @@ class LLMEngine:
     def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("prompt: this model has no tokenizer; pass token ids instead of text")
+                raise InvalidParameter(
+                    "prompt", "this model has no tokenizer; pass token ids instead of text"
+                )
             token_ids = list(self.tokenizer.encode(prompt))
             text = prompt
         else:
             token_ids, text = list(prompt), None
             bad = [t for t in token_ids if not isinstance(t, int) or isinstance(t, bool)]
             if bad:
-                raise ValueError(f"prompt: token ids must be integers, got {bad[0]!r}")
+                raise InvalidParameter("prompt", f"token ids must be integers, got {bad[0]!r}")
             outside = [t for t in token_ids if not 0 <= t < self.vocab_size]
             if outside:
-                raise ValueError(
-                    f"prompt: token id {outside[0]} is outside the vocabulary [0, {self.vocab_size})"
+                raise InvalidParameter(
+                    "prompt", f"token id {outside[0]} is outside the vocabulary [0, {self.vocab_size})"
                 )
         if not token_ids:
-            raise ValueError("prompt: must not be empty")
+            raise InvalidParameter("prompt", "must not be empty")
         return text, token_ids
 
     def _resolve_max_tokens(self, num_prompt_tokens: int, params: SamplingParams) -> int:
@@ -253,15 +256,17 @@ class LLMEngine:
             "max_model_len" if limit == self.max_model_len else "the KV cache (num_kv_blocks * block_size)"
         )
         if num_prompt_tokens >= limit:
-            raise ValueError(
-                f"prompt: {num_prompt_tokens} tokens leave no room to generate within {limit_name} = {limit}"
+            raise InvalidParameter(
+                "prompt",
+                f"{num_prompt_tokens} tokens leave no room to generate within {limit_name} = {limit}",
             )
         if params.max_tokens is None:
             return limit - num_prompt_tokens
         if num_prompt_tokens + params.max_tokens > limit:
-            raise ValueError(
-                f"max_tokens: prompt ({num_prompt_tokens} tokens) + max_tokens ({params.max_tokens}) "
-                f"exceeds {limit_name} = {limit}"
+            raise InvalidParameter(
+                "max_tokens",
+                f"prompt ({num_prompt_tokens} tokens) + max_tokens ({params.max_tokens}) "
+                f"exceeds {limit_name} = {limit}",
             )
         return params.max_tokens
 
@@ -269,11 +274,13 @@ class LLMEngine:
         for name, ids in (("logit_bias", list(params.logit_bias)), ("stop_token_ids", params.stop_token_ids)):
             outside = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
             if outside:
-                raise ValueError(
-                    f"{name}: token id {outside[0]!r} is outside the vocabulary [0, {self.vocab_size})"
+                raise InvalidParameter(
+                    name, f"token id {outside[0]!r} is outside the vocabulary [0, {self.vocab_size})"
                 )
         if params.stop and self.tokenizer is None:
-            raise ValueError("stop: stop strings need a tokenizer; this model has none (use stop_token_ids)")
+            raise InvalidParameter(
+                "stop", "stop strings need a tokenizer; this model has none (use stop_token_ids)"
+            )
 
 
 def _merge_times(user: UserRequest) -> RequestTimes:

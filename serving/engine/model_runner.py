@@ -6,6 +6,7 @@ from kvpilot.kernels.quant.kv_cache import KVCache, kv_block_bytes
 from kvpilot.serving.engine.config import EngineConfig
 from kvpilot.serving.engine.scheduler_output import SchedulerOutput
 from kvpilot.serving.loader import TORCH_DTYPES, load_model
+from kvpilot.serving.validation import InvalidParameter
 
 
 class ModelRunner:
@@ -27,17 +28,17 @@ class ModelRunner:
 
         model_len = loaded.config.max_position_embeddings
         if config.max_model_len is not None and config.max_model_len > model_len:
-            raise ValueError(
-                f"max_model_len: {config.max_model_len} exceeds the model's context length {model_len}"
+            raise InvalidParameter(
+                "max_model_len", f"{config.max_model_len} exceeds the model's context length {model_len}"
             )
         self.max_model_len = config.max_model_len or model_len
 
         bytes_per_block = self.kv_cache_bytes_per_block()
         self.num_kv_blocks = config.num_kv_blocks or config.kv_cache_memory_bytes // bytes_per_block
         if self.num_kv_blocks < 1:
-            raise ValueError(
-                f"kv_cache_memory_bytes: {config.kv_cache_memory_bytes} is less than one KV block "
-                f"({bytes_per_block} bytes)"
+            raise InvalidParameter(
+                "kv_cache_memory_bytes",
+                f"{config.kv_cache_memory_bytes} is less than one KV block ({bytes_per_block} bytes)",
             )
         self.kv_caches = self._allocate_kv_caches()
 

@@ -45,8 +45,6 @@ class Scheduler:
         self.generation_tokens = 0
 
     def add_request(self, request: Request) -> None:
-        if request.request_id in self.requests:
-            raise ValueError(f"request_id: {request.request_id!r} is already in the engine")
         self.requests[request.request_id] = request
         self.waiting.append(request)
 

@@ -11,6 +11,7 @@ from kvpilot.serving.loader.errors import CheckpointError
 from kvpilot.serving.loader.weights import WeightBuilder
 from kvpilot.serving.models.config import ModelConfig
 from kvpilot.serving.models.llama import LlamaForCausalLM
+from kvpilot.serving.validation import InvalidParameter
 
 __all__ = ["TORCH_DTYPES", "CheckpointError", "LoadedModel", "load_model"]
 
@@ -35,7 +36,7 @@ def load_model(
     """`path`: a checkpoint directory or a .gguf file. Weights become `quantization`'s format, on `device`."""
     path = Path(path)
     if dtype not in TORCH_DTYPES:
-        raise ValueError(f"dtype: must be one of {tuple(TORCH_DTYPES)}, got {dtype!r}")
+        raise InvalidParameter("dtype", f"must be one of {tuple(TORCH_DTYPES)}, got {dtype!r}")
     torch_dtype = TORCH_DTYPES[dtype]
     quantizer = WeightQuantizer(quantization, dtype=torch_dtype, device=device)
     if path.suffix == ".gguf" or path.is_file():

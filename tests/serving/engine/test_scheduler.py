@@ -171,6 +171,3 @@ def test_finishing_a_waiting_or_running_request_frees_everything():
     s.finish_request(running, "abort")
     assert not s.has_unfinished_requests() and all_blocks_free(s)
     assert running.finish_reason == waiting.finish_reason == "abort"
-    with pytest.raises(ValueError, match="request_id"):
-        add(s, "c", 2)
-        add(s, "c", 2)
