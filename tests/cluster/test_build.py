@@ -47,3 +47,30 @@ def test_two_concurrent_callers_build_each_binary_once_and_print_the_time(tmp_pa
     assert "built kube-apiserver in" in "".join(stderr for _, stderr in outputs)
     go_mod = (tmp_path / "cache" / "v1.36.5" / "src" / "go.mod").read_text()
     assert "k8s.io/client-go => k8s.io/client-go v0.36.5" in go_mod
+
+
+def test_a_test_that_cannot_get_its_binaries_fails_and_never_skips(tmp_path):
+    go = tmp_path / "go"
+    go.write_text(
+        '#!/bin/sh\nif [ "$1" = env ]; then echo go1.26.8; exit 0; fi\necho "no network" >&2\nexit 1\n'
+    )
+    go.chmod(0o755)
+    test = tmp_path / "test_needs_a_control_plane.py"
+    test.write_text("def test_it(control_plane):\n    pass\n")
+    env = {**os.environ, "KVPILOT_GO": str(go), "KVPILOT_K8S_CACHE": str(tmp_path / "cache")}
+    # The suite's fixtures and build hook (tests/conftest.py) as a plugin, on a test outside the tree.
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "tests.conftest",
+        str(test),
+    ]
+    child = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert child.returncode == 1, child.stdout + child.stderr
+    assert "1 error" in child.stdout and "skipped" not in child.stdout, child.stdout
+    assert "go build kube-apiserver failed" in child.stdout
