@@ -10,8 +10,8 @@ block_table[pos // block_size] * block_size + pos % block_size.
 from dataclasses import dataclass
 
 import torch
+from kvpilot.serving.contract import KV_CACHE_DTYPES
 
-KV_CACHE_DTYPES = ("auto", "int8", "fp8")
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max
 INT8_MAX = 127
@@ -37,20 +37,6 @@ def kv_block_bytes(
     if kv_cache_dtype == "int8":
         per_token_head += SCALE_DTYPE.itemsize
     return 2 * block_size * num_kv_heads * per_token_head
-
-
-def num_blocks_for_budget(
-    memory_bytes: int,
-    num_layers: int,
-    block_size: int,
-    num_kv_heads: int,
-    head_dim: int,
-    kv_cache_dtype: str,
-    model_dtype: torch.dtype,
-) -> int:
-    """How many blocks (across all layers) fit in `memory_bytes`."""
-    per_block = num_layers * kv_block_bytes(block_size, num_kv_heads, head_dim, kv_cache_dtype, model_dtype)
-    return memory_bytes // per_block
 
 
 def quantize_kv(x: torch.Tensor, kv_cache_dtype: str) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -20,9 +20,9 @@ import gguf
 import numpy as np
 import torch
 from kvpilot.kernels.quant.gguf_blocks import BLOCK_FORMAT, from_gguf_tensor
-from kvpilot.kernels.quant.quantize import DEFAULT_GROUP_SIZE, WEIGHT_MODES, QuantizedWeight, quantize
+from kvpilot.kernels.quant.quantize import DEFAULT_GROUP_SIZE, QuantizedWeight, quantize
+from kvpilot.serving.contract import QUANTIZATION_MODES
 
-QUANTIZATION_MODES = ("none", *WEIGHT_MODES)
 FLOAT_TYPES = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16)
 
 Weight = torch.Tensor | QuantizedWeight
@@ -134,10 +134,6 @@ def concat_rows(weights: list[Weight]) -> Weight | None:
 def permute_rows(weight: Weight, index: torch.Tensor) -> Weight:
     """Reorder output rows (e.g. GGUF's rotary permutation of q/k) in any format."""
     return weight[index] if isinstance(weight, torch.Tensor) else weight.select_rows(index)
-
-
-def weight_nbytes(weight: Weight) -> int:
-    return weight.numel() * weight.element_size() if isinstance(weight, torch.Tensor) else weight.nbytes
 
 
 def _kind(source: Source) -> str:

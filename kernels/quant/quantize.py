@@ -4,9 +4,11 @@ import torch
 from kvpilot.kernels.quant.fp8 import Fp8Weight, quantize_fp8
 from kvpilot.kernels.quant.int4 import Int4Weight, quantize_int4
 from kvpilot.kernels.quant.int8 import Int8Weight, quantize_int8
+from kvpilot.serving.contract import QUANTIZATION_MODES
 
 QuantizedWeight = Int8Weight | Int4Weight | Fp8Weight
-WEIGHT_MODES = ("int8", "w8a8", "int4", "fp8")  # w8a8: int8 weights and per-token int8 activations
+# w8a8: int8 weights and per-token int8 activations
+WEIGHT_MODES = tuple(mode for mode in QUANTIZATION_MODES if mode != "none")
 DEFAULT_GROUP_SIZE = 32  # int4; equals GGUF's Q4 block, so Q4_0/Q4_1 tensors load exactly
 
 

@@ -22,6 +22,9 @@ REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 2
                            120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
 
 
+TOKEN_BUCKETS_UP_TO = 1 << 20  # any context length a model has (the metrics exist before it loads)
+
+
 def token_count_buckets(max_model_len: int) -> list[int]:
     """1, 2, 5, 10, 20, 50, ... up to max_model_len (vLLM's build_1_2_5_buckets)."""
     buckets, exponent = [], 0
@@ -89,7 +92,7 @@ class EngineStatsCollector(Collector):
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str, max_model_len: int = 1 << 20):
+    def __init__(self, model_name: str):
         self.model_name = model_name
         self.registry = CollectorRegistry()
         self.engine_collector = EngineStatsCollector(model_name)
@@ -122,7 +125,7 @@ class ServerMetrics:
             "Histogram of time spent waiting in the queue.",
             REQUEST_LATENCY_BUCKETS,
         )
-        token_buckets = token_count_buckets(max_model_len)
+        token_buckets = token_count_buckets(TOKEN_BUCKETS_UP_TO)
         self.request_prompt_tokens = histogram(
             c.METRIC_REQUEST_PROMPT_TOKENS, "Number of prefill tokens processed per request.", token_buckets
         )

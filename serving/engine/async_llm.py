@@ -46,7 +46,6 @@ class AsyncLLM:
         self.max_model_len = self.engine.max_model_len
         self.vocab_size = self.engine.vocab_size
         self.eos_token_ids = self.engine.eos_token_ids
-        self.model_config = runner.model_config
         self.weight_bytes = runner.weight_bytes
         self._cond = threading.Condition()
         self._adds: list[UserRequest] = []  # guarded by _cond, applied by the step loop

@@ -20,7 +20,6 @@ class ModelRunner:
         self.tokenizer = loaded.tokenizer
         self.chat_template = loaded.chat_template
         self.eos_token_ids = loaded.eos_token_ids
-        self.quantization_summary = loaded.quantization_summary
         self.vocab_size = loaded.config.vocab_size
         self.block_size = config.block_size
         self.dtype = TORCH_DTYPES[config.dtype]

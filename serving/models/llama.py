@@ -2,31 +2,24 @@
 
 The batch is flat: `input_ids` and `positions` are [T] tokens from every scheduled sequence; the
 attention metadata says which tokens belong together and where their K/V live in the cache.
-Weights are named as in Hugging Face checkpoints and come from a `WeightSource` (the loader),
+Weights are named as in Hugging Face checkpoints and come from the loader's `WeightBuilder`,
 which decides their format (float or quantized).
 """
 
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from kvpilot.kernels.attention import AttentionMetadata, paged_attention, write_kv_cache
 from kvpilot.serving.models.config import ModelConfig
-from kvpilot.serving.models.layers import Embedding, Linear, MergedLinear, RMSNorm, RotaryEmbedding, Weight
+from kvpilot.serving.models.layers import Embedding, Linear, MergedLinear, RMSNorm, RotaryEmbedding
 
-
-class WeightSource(Protocol):
-    """Weights by Hugging Face name and expected shape; a missing or misshapen one is an error."""
-
-    def linear(self, name: str, shape: tuple[int, int], exact_activations: bool = False) -> Weight: ...
-    def head(self, name: str, shape: tuple[int, int]) -> Weight: ...  # the output head [vocab, hidden]
-    def tied_head(self, name: str, shape: tuple[int, int], table: Weight) -> Weight: ...  # may be `table`
-    def embedding(self, name: str, shape: tuple[int, int]) -> Weight: ...  # [vocab, hidden]
-    def vector(self, name: str, size: int) -> torch.Tensor: ...  # norms and biases, always float
+if TYPE_CHECKING:  # the loader imports this module
+    from kvpilot.serving.loader.weights import WeightBuilder
 
 
 class Attention:
-    def __init__(self, config: ModelConfig, weights: WeightSource, prefix: str, rotary: RotaryEmbedding):
+    def __init__(self, config: ModelConfig, weights: "WeightBuilder", prefix: str, rotary: RotaryEmbedding):
         hidden, head_dim = config.hidden_size, config.head_dim
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -75,7 +68,7 @@ class Attention:
 
 
 class MLP:
-    def __init__(self, config: ModelConfig, weights: WeightSource, prefix: str):
+    def __init__(self, config: ModelConfig, weights: "WeightBuilder", prefix: str):
         up = (config.intermediate_size, config.hidden_size)
         self.gate_up_proj = MergedLinear(
             [weights.linear(f"{prefix}.{name}.weight", up) for name in ("gate_proj", "up_proj")]
@@ -95,7 +88,7 @@ class MLP:
 
 
 class DecoderLayer:
-    def __init__(self, config: ModelConfig, weights: WeightSource, prefix: str, rotary: RotaryEmbedding):
+    def __init__(self, config: ModelConfig, weights: "WeightBuilder", prefix: str, rotary: RotaryEmbedding):
         eps = config.rms_norm_eps
         self.input_layernorm = RMSNorm(
             weights.vector(f"{prefix}.input_layernorm.weight", config.hidden_size), eps
@@ -119,7 +112,7 @@ class LlamaForCausalLM:
     def __init__(
         self,
         config: ModelConfig,
-        weights: WeightSource,
+        weights: "WeightBuilder",
         max_positions: int,
         dtype: torch.dtype,
         device: torch.device | str = "cpu",

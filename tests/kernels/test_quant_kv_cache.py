@@ -6,7 +6,6 @@ from kvpilot.kernels.quant.kv_cache import (
     KVCache,
     dequantize_kv,
     kv_block_bytes,
-    num_blocks_for_budget,
     quantize_kv,
 )
 
@@ -25,7 +24,7 @@ def test_block_bytes_arithmetic():
 def test_int8_and_fp8_fit_about_four_times_the_float32_blocks():
     budget, layers = 64 << 20, 30
     blocks = {
-        dtype: num_blocks_for_budget(budget, layers, BLOCK, HEADS, DIM, dtype, torch.float32)
+        dtype: budget // (layers * kv_block_bytes(BLOCK, HEADS, DIM, dtype, torch.float32))
         for dtype in ("auto", "int8", "fp8")
     }
     assert blocks["auto"] == budget // (layers * 2 * BLOCK * HEADS * DIM * 4)
