@@ -21,7 +21,8 @@ from kvpilot.serving.contract import (
     METRICS_PATH,
     PORT_NAME,
     READY_PATH,
-    SERVE_FLAGS,
+    SERVE_SETTING,
+    SERVE_SETTINGS,
 )
 
 MODEL_DIR = "/mnt/models"
@@ -42,29 +43,23 @@ def service_url(isvc: InferenceService) -> str:
 
 
 def serve_args(isvc: InferenceService, model_path: str) -> list[str]:
-    """`kvpilot serve` arguments derived from the spec; flag names come from the shared contract."""
+    """`kvpilot serve` arguments: what the operator decides, then every setting the spec's engine
+    carries (`ServeSetting.crd_field`, unset ones left to the server's defaults), then extraArgs."""
     engine = isvc.spec.engine
-    args = [
-        SERVE_FLAGS["model"], model_path,
-        SERVE_FLAGS["served_model_name"], isvc.spec.model.name,
-        SERVE_FLAGS["host"], "0.0.0.0",
-        SERVE_FLAGS["port"], str(DEFAULT_PORT),
-        SERVE_FLAGS["quantization"], engine.quantization,
-        SERVE_FLAGS["kv_cache_dtype"], engine.kv_cache_dtype,
-        SERVE_FLAGS["shutdown_timeout"], str(DRAIN_SECONDS),
-    ]  # fmt: skip
-    optional = {
-        "max_model_len": engine.max_model_len,
-        "max_num_seqs": engine.max_num_seqs,
-        "max_num_batched_tokens": engine.max_num_batched_tokens,
-        "tensor_parallel_size": engine.tensor_parallel_size if engine.tensor_parallel_size > 1 else None,
+    fixed = {
+        "model": model_path,
+        "served_model_name": isvc.spec.model.name,
+        "host": "0.0.0.0",
+        "port": DEFAULT_PORT,
+        "shutdown_timeout": DRAIN_SECONDS,
     }
-    for setting, value in optional.items():
-        if value is not None:
-            args += [SERVE_FLAGS[setting], str(value)]
-    args.append(
-        SERVE_FLAGS["enable_prefix_caching" if engine.enable_prefix_caching else "disable_prefix_caching"]
-    )
+    args = [part for name, value in fixed.items() for part in (SERVE_SETTING[name].flag, str(value))]
+    for setting in SERVE_SETTINGS:
+        value = getattr(engine, setting.crd_field) if setting.crd_field else None
+        if isinstance(value, bool):
+            args.append(setting.flag if value else setting.negative_flag)
+        elif value is not None:
+            args += [setting.flag, str(value)]
     return args + list(engine.extra_args)
 
 

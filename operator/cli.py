@@ -1,8 +1,5 @@
-"""`kvpilot crd`, `kvpilot render -f isvc.yaml` and `kvpilot operator`.
-
-`add_parsers(subparsers)` is wired into the `kvpilot` console script; `main()` runs the same
-commands standalone (`python -m kvpilot.operator.cli ...`).
-"""
+"""`kvpilot crd`, `kvpilot render -f isvc.yaml` and `kvpilot operator` (registered in the
+`kvpilot` command's table; `python -m kvpilot.operator.cli ...` runs the same commands)."""
 
 from __future__ import annotations
 
@@ -63,14 +60,14 @@ def _operator(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parsers(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     crd = subparsers.add_parser("crd", help="print the InferenceService CRD generated from the API models")
     crd.add_argument("-o", "--output", help="write to this file instead of stdout")
-    crd.set_defaults(func=_crd)
+    crd.set_defaults(run=_crd)
 
     render = subparsers.add_parser("render", help="print the objects the operator creates for a manifest")
     render.add_argument("-f", "--filename", required=True, help="InferenceService manifest(s), '-' for stdin")
-    render.set_defaults(func=_render)
+    render.set_defaults(run=_render)
 
     operator = subparsers.add_parser("operator", help="run the InferenceService operator (kopf)")
     operator.add_argument(
@@ -80,15 +77,10 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         "--liveness", default="http://0.0.0.0:8080/healthz", help="kopf liveness endpoint (empty: none)"
     )
     operator.add_argument("-v", "--verbose", action="store_true")
-    operator.set_defaults(func=_operator)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kvpilot")
-    add_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    operator.set_defaults(run=_operator)
 
 
 if __name__ == "__main__":
+    from kvpilot.serving.cli import main
+
     sys.exit(main())

@@ -4,6 +4,9 @@ The operator imports this module to build Deployments and read metrics; it must 
 free of heavy imports (no torch, no FastAPI) so the operator image stays small.
 """
 
+from dataclasses import dataclass
+from typing import Any
+
 DEFAULT_PORT = 8000
 PORT_NAME = "http"
 
@@ -14,27 +17,109 @@ MODELS_PATH = "/v1/models"
 
 ENV_PREFIX = "KVPILOT_"  # every `kvpilot serve --some-flag` is also KVPILOT_SOME_FLAG
 
-# `kvpilot serve` flags the operator sets, keyed by the setting they carry.
-SERVE_FLAGS = {
-    "model": "--model",
-    "served_model_name": "--served-model-name",
-    "host": "--host",
-    "port": "--port",
-    "max_model_len": "--max-model-len",
-    "max_num_seqs": "--max-num-seqs",
-    "max_num_batched_tokens": "--max-num-batched-tokens",
-    "enable_prefix_caching": "--enable-prefix-caching",
-    "disable_prefix_caching": "--no-enable-prefix-caching",
-    "quantization": "--quantization",
-    "kv_cache_dtype": "--kv-cache-dtype",
-    "tensor_parallel_size": "--tensor-parallel-size",
-    "max_queue_len": "--max-queue-len",
-    "shutdown_timeout": "--shutdown-timeout",
-    "api_key": "--api-key",
-}
-
 QUANTIZATION_MODES = ("none", "int8", "w8a8", "int4", "fp8")
 KV_CACHE_DTYPES = ("auto", "int8", "fp8")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ServeSetting:
+    """One `kvpilot serve` setting, declared once: the flag (`--max-num-seqs`), the environment
+    variable (`KVPILOT_MAX_NUM_SEQS`), the `ServeSettings` field and the operator's rendering all
+    derive from it."""
+
+    name: str
+    type: type  # int, float, str or bool (a bool is --flag / --no-flag)
+    default: Any
+    help: str
+    minimum: float | None = None  # inclusive
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
+    engine_field: str | None = None  # the EngineConfig field it sets, if any
+    crd_field: str | None = None  # the InferenceService `spec.engine` field that sets it, if any
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def negative_flag(self) -> str:
+        return "--no-" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+
+SERVE_SETTINGS = (
+    ServeSetting("model", str, None, "checkpoint directory or .gguf file (default: SmolLM2-135M)"),
+    ServeSetting("served_model_name", str, None, "the model name clients send (default: --model)"),
+    ServeSetting("host", str, "127.0.0.1", "bind address"),
+    ServeSetting("port", int, DEFAULT_PORT, "bind port", minimum=0),
+    ServeSetting(
+        "max_num_seqs", int, 64, "sequences in one batch", 1, metavar="N", engine_field="max_num_seqs",
+        crd_field="max_num_seqs",
+    ),
+    ServeSetting(
+        "max_num_batched_tokens", int, 512, "token budget of one engine step", 1, metavar="N",
+        engine_field="max_num_batched_tokens", crd_field="max_num_batched_tokens",
+    ),
+    ServeSetting(
+        "max_model_len", int, None, "context length (default: the model's)", 1, metavar="N",
+        engine_field="max_model_len", crd_field="max_model_len",
+    ),
+    ServeSetting("block_size", int, 16, "tokens per KV block", 1, metavar="N", engine_field="block_size"),
+    ServeSetting(
+        "num_kv_blocks", int, None, "KV blocks (default: sized from --kv-cache-memory)", 1, metavar="N",
+        engine_field="num_kv_blocks",
+    ),
+    ServeSetting(
+        "kv_cache_memory", int, 1 << 30, "KV cache budget, e.g. 2GiB or a number of bytes (default 1GiB)", 1,
+        metavar="SIZE", engine_field="kv_cache_memory_bytes",
+    ),
+    ServeSetting(
+        "enable_prefix_caching", bool, True, "automatic prefix caching", engine_field="enable_prefix_caching",
+        crd_field="enable_prefix_caching",
+    ),
+    ServeSetting("dtype", str, "float32", "model dtype", choices=DTYPES, engine_field="dtype"),
+    ServeSetting(
+        "quantization", str, "none", "weight format", choices=QUANTIZATION_MODES, engine_field="quantization",
+        crd_field="quantization",
+    ),
+    ServeSetting(
+        "kv_cache_dtype", str, "auto", "KV cache format", choices=KV_CACHE_DTYPES,
+        engine_field="kv_cache_dtype", crd_field="kv_cache_dtype",
+    ),
+    ServeSetting(
+        "tensor_parallel_size", int, 1, "devices per replica (only 1 is supported)", 1, metavar="N",
+        crd_field="tensor_parallel_size",
+    ),
+    ServeSetting("seed", int, 0, "engine seed for unseeded sampling", metavar="N", engine_field="seed"),
+    ServeSetting("max_queue_len", int, 256, "waiting requests before 429", 0, metavar="N"),
+    ServeSetting("shutdown_timeout", float, 30.0, "drain time on SIGTERM", 0, metavar="SECONDS"),
+    ServeSetting("api_key", str, None, "require `Authorization: Bearer KEY` on /v1/*"),
+    ServeSetting("access_log", bool, True, "log every HTTP request"),
+)  # fmt: skip
+SERVE_SETTING = {setting.name: setting for setting in SERVE_SETTINGS}
+
+# Settings an InferenceService does not expose as a field, and why (anything else reaches the
+# server through `spec.engine.extraArgs`). A test fails when an engine setting is in neither.
+NOT_IN_CRD = {
+    "model": "the operator passes the mounted model's path (spec.model.uri)",
+    "served_model_name": "spec.model.name",
+    "host": "the operator binds 0.0.0.0",
+    "port": "the operator uses DEFAULT_PORT, the Service's target port",
+    "block_size": "an engine tuning knob; spec.engine.extraArgs",
+    "num_kv_blocks": "sized from the KV cache memory; spec.engine.extraArgs",
+    "kv_cache_memory": "spec.engine.extraArgs until the GPU settings issue adds engine.kvCacheMemory",
+    "dtype": "spec.engine.extraArgs until the GPU settings issue adds engine.dtype",
+    "seed": "spec.engine.extraArgs",
+    "max_queue_len": "spec.engine.extraArgs",
+    "shutdown_timeout": "the operator sets it with the pod's termination grace period",
+    "api_key": "tenants' keys belong to the router; a server key would sit in the pod spec",
+    "access_log": "spec.engine.extraArgs",
+}
+
 
 # Metric names follow vLLM's so dashboards, KEDA triggers and the Gateway API
 # Inference Extension's endpoint picker work unchanged. Every metric has label `model_name`.

@@ -8,7 +8,7 @@ from kvpilot.operator.builders import build_deployment
 from kvpilot.operator.models import InferenceService
 from kvpilot.serving.api.settings import ServeSettings
 from kvpilot.serving.cli import build_parser
-from kvpilot.serving.contract import DEFAULT_PORT, HEALTH_PATH, READY_PATH
+from kvpilot.serving.contract import DEFAULT_PORT, HEALTH_PATH, READY_PATH, SERVE_SETTING
 
 EXAMPLES = sorted(Path(__file__).parent.parent.joinpath("examples").glob("*.yaml"))
 
@@ -19,8 +19,8 @@ def server_container(manifest: dict) -> dict:
 
 
 def parse_serve(argv: list[str], model_dir: Path) -> ServeSettings:
-    args = vars(build_parser(with_plugins=False).parse_args(argv))
-    given = {k: v for k, v in args.items() if k not in ("command", "handler", "func")}
+    args = vars(build_parser(["serve"]).parse_args(argv))
+    given = {k: v for k, v in args.items() if k in SERVE_SETTING}
     return ServeSettings(**{**given, "model": str(model_dir)})  # the pod's volume is not here
 
 
@@ -41,3 +41,25 @@ def test_rendered_server_args_parse_to_the_spec(example, tmp_path):
     assert settings.enable_prefix_caching == engine.enable_prefix_caching
     assert container["readinessProbe"]["httpGet"]["path"] == READY_PATH
     assert container["livenessProbe"]["httpGet"]["path"] == HEALTH_PATH
+
+
+def test_every_engine_setting_is_reachable_from_the_cli_and_the_crd():
+    """One declaration per setting (contract.SERVE_SETTINGS): a new EngineConfig field, CRD engine
+    field or server setting that is not wired through it fails here."""
+    import dataclasses
+
+    from kvpilot.operator.models import EngineSpec
+    from kvpilot.serving.contract import NOT_IN_CRD, SERVE_SETTINGS
+    from kvpilot.serving.engine.config import EngineConfig
+
+    engine_fields = {field.name for field in dataclasses.fields(EngineConfig)} - {"model"}  # --model's path
+    assert engine_fields == {s.engine_field for s in SERVE_SETTINGS if s.engine_field}
+
+    serve = build_parser(["serve"])._subparsers._group_actions[0].choices["serve"]
+    flags = {option for action in serve._actions for option in action.option_strings}
+    assert {s.flag for s in SERVE_SETTINGS} <= flags
+    assert set(ServeSettings.model_fields) == {s.name for s in SERVE_SETTINGS}
+
+    crd_fields = set(EngineSpec.model_fields) - {"extra_args"}
+    assert crd_fields == {s.crd_field for s in SERVE_SETTINGS if s.crd_field}
+    assert set(NOT_IN_CRD) == {s.name for s in SERVE_SETTINGS if not s.crd_field}

@@ -2,12 +2,12 @@
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from kvpilot.serving.contract import DEFAULT_PORT, ENV_PREFIX, KV_CACHE_DTYPES, QUANTIZATION_MODES
+from kvpilot.serving.contract import ENV_PREFIX, SERVE_SETTINGS, ServeSetting
 from kvpilot.serving.default_model import DEFAULT_MODEL_NAME, default_model_path
-from kvpilot.serving.engine.config import DTYPES, EngineConfig
-from pydantic import Field, field_validator, model_validator
+from kvpilot.serving.engine.config import EngineConfig
+from pydantic import Field, create_model, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9}
@@ -24,31 +24,24 @@ def parse_bytes(value: int | str) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
 
 
-class ServeSettings(BaseSettings):
+def _field(setting: ServeSetting) -> tuple[Any, Any]:
+    """A pydantic field for a declared setting: its type (a Literal of its choices), default, bound."""
+    annotation: Any = Literal[setting.choices] if setting.choices else setting.type
+    if setting.default is None:
+        annotation = annotation | None
+    return annotation, Field(setting.default, ge=setting.minimum, description=setting.help)
+
+
+# One field per `contract.SERVE_SETTINGS` entry, nothing written twice.
+_DeclaredSettings = create_model(
+    "_DeclaredSettings", __base__=BaseSettings, **{s.name: _field(s) for s in SERVE_SETTINGS}
+)
+
+
+class ServeSettings(_DeclaredSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX, frozen=True, extra="forbid", protected_namespaces=()
     )
-
-    model: str | None = None  # checkpoint directory or .gguf file; None: the bundled default model
-    served_model_name: str | None = None
-    host: str = "127.0.0.1"
-    port: int = Field(DEFAULT_PORT, ge=0, le=65535)
-    max_num_seqs: int = Field(64, gt=0)
-    max_num_batched_tokens: int = Field(512, gt=0)
-    max_model_len: int | None = Field(None, gt=0)
-    enable_prefix_caching: bool = True
-    max_queue_len: int = Field(256, ge=0)  # requests waiting for a slot; more get 429
-    shutdown_timeout: float = Field(30.0, ge=0)
-    api_key: str | None = None
-    access_log: bool = True  # uvicorn's one line per HTTP request
-    block_size: int = Field(16, gt=0)
-    num_kv_blocks: int | None = Field(None, gt=0)
-    kv_cache_memory: int = Field(1 << 30, gt=0)  # bytes; flags accept 2GiB, 512MiB, ...
-    dtype: Literal[DTYPES] = "float32"
-    quantization: Literal[QUANTIZATION_MODES] = "none"
-    kv_cache_dtype: Literal[KV_CACHE_DTYPES] = "auto"
-    tensor_parallel_size: int = 1
-    seed: int = 0
 
     @field_validator("kv_cache_memory", mode="before")
     @classmethod
@@ -75,20 +68,8 @@ class ServeSettings(BaseSettings):
         return self
 
     def _engine_kwargs(self, model: str) -> dict:
-        return dict(
-            model=model,
-            block_size=self.block_size,
-            num_kv_blocks=self.num_kv_blocks,
-            kv_cache_memory_bytes=self.kv_cache_memory,
-            max_num_seqs=self.max_num_seqs,
-            max_num_batched_tokens=self.max_num_batched_tokens,
-            max_model_len=self.max_model_len,
-            enable_prefix_caching=self.enable_prefix_caching,
-            dtype=self.dtype,
-            quantization=self.quantization,
-            kv_cache_dtype=self.kv_cache_dtype,
-            seed=self.seed,
-        )
+        engine = {s.engine_field: getattr(self, s.name) for s in SERVE_SETTINGS if s.engine_field}
+        return engine | {"model": model}
 
     @property
     def model_path(self) -> str:

@@ -169,7 +169,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--modes", default=",".join(m.label for m in MODES), help="comma-separated mode labels"
     )
-    parser.set_defaults(func=main)
+    parser.set_defaults(run=main)
     return parser
 
 

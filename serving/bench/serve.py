@@ -188,7 +188,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="write the results as JSON to this file")
-    parser.set_defaults(func=main)
+    parser.set_defaults(run=main)
     return parser
 
 

@@ -318,7 +318,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--calibration-prompts", type=_positive, default=32, help="the slice that picks the best modes"
     )
     parser.add_argument("--quick-peaks", action="store_true", help="short peak timings (tests, tiny models)")
-    parser.set_defaults(func=main)
+    parser.set_defaults(run=main)
     return parser
 
 

@@ -6,10 +6,8 @@ given) live in the runtime objects (`ModelRunner`, `LLMEngine`), not here.
 
 from dataclasses import dataclass
 
-from kvpilot.serving.contract import KV_CACHE_DTYPES, QUANTIZATION_MODES
+from kvpilot.serving.contract import DTYPES, KV_CACHE_DTYPES, QUANTIZATION_MODES
 from kvpilot.serving.validation import InvalidParameter
-
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)

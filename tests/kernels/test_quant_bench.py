@@ -14,7 +14,7 @@ def _parse(*argv: str) -> argparse.Namespace:
 
 def test_bench_prints_a_row_per_mode(tiny_llama, capsys):
     args = _parse("--model", str(tiny_llama), "--modes", "none,int4 g64,kv int8", "--num-tokens", "64")
-    assert args.func(args) == 0
+    assert args.run(args) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].split()[:3] == ["mode", "weights", "MiB"]
     rows = {line.rsplit(maxsplit=5)[0].strip(): line.rsplit(maxsplit=5)[1:] for line in lines[2:]}
@@ -29,4 +29,4 @@ def test_bench_prints_a_row_per_mode(tiny_llama, capsys):
 def test_bench_rejects_unknown_modes(tiny_llama):
     args = _parse("--model", str(tiny_llama), "--modes", "int2")
     with pytest.raises(SystemExit, match="--modes"):
-        args.func(args)
+        args.run(args)

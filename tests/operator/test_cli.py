@@ -5,8 +5,8 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
-from kvpilot.operator.cli import main
 from kvpilot.operator.crd import CRD_PATH
+from kvpilot.serving.cli import main
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

@@ -115,7 +115,7 @@ def test_cli_run_prints_the_table_and_writes_json(server, tokenizer_dir, tmp_pat
             str(out),
         ]
     )
-    assert args.func(args) == 0
+    assert args.run(args) == 0
     assert "Output token throughput (tok/s)" in capsys.readouterr().out
     document = json.loads(out.read_text())
     assert (document["model"], document["completed"], document["total_output_tokens"]) == (
@@ -131,5 +131,5 @@ def test_unreachable_server_is_a_clear_error(tokenizer_dir, capsys):
     args = parser().parse_args(
         ["serve", "--base-url", "http://127.0.0.1:9", "--tokenizer", str(tokenizer_dir), "--num-prompts", "1"]
     )
-    assert args.func(args) == 2
+    assert args.run(args) == 2
     assert "error: --base-url http://127.0.0.1:9" in capsys.readouterr().out

@@ -66,3 +66,13 @@ def run_demo(model: str | None, prompt: str, max_tokens: int, timeout: float = 6
                 server.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 server.kill()
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "demo", help="start the server on the default model, ask it one chat question, print the answer"
+    )
+    parser.add_argument("--model", default=None, help="checkpoint directory or .gguf file (default: SmolLM2)")
+    parser.add_argument("--prompt", default="What is the capital of France?")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.set_defaults(run=lambda args: run_demo(args.model, args.prompt, args.max_tokens))
