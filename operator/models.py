@@ -154,8 +154,8 @@ class EngineSpec(_Model):
         default=1,
         ge=1,
         le=64,
-        description="GPUs one replica shards the model over (`--tensor-parallel-size`); "
-        "must divide spec.resources.gpu.count.",
+        description="GPUs one replica shards the model over (`--tensor-parallel-size`); only 1 until "
+        "the bundled server supports tensor parallelism.",
     )
     extra_args: list[Annotated[str, Field(max_length=1024, description="One argument.")]] = Field(
         default_factory=list,
@@ -289,6 +289,11 @@ class EnvVar(_Model):
     )
 
 
+TENSOR_PARALLEL_UNSUPPORTED = (
+    "spec.engine.tensorParallelSize: tensor parallelism is not supported yet (the bundled kvpilot server "
+    "runs one device per replica); use 1 and scale out with replicas"
+)
+
 SPEC_RULES = [
     {
         "rule": "!(has(self.replicas) && has(self.autoscaling))",
@@ -297,10 +302,8 @@ SPEC_RULES = [
     },
     {
         "rule": "!has(self.engine) || !has(self.engine.tensorParallelSize) || "
-        "self.engine.tensorParallelSize == 1 || (has(self.resources) && has(self.resources.gpu) && "
-        "has(self.resources.gpu.count) && self.resources.gpu.count > 0 && "
-        "self.resources.gpu.count % self.engine.tensorParallelSize == 0)",
-        "message": "spec.engine.tensorParallelSize must divide spec.resources.gpu.count",
+        "self.engine.tensorParallelSize == 1",
+        "message": TENSOR_PARALLEL_UNSUPPORTED,
         "fieldPath": ".engine.tensorParallelSize",
     },
     {
@@ -381,11 +384,8 @@ class InferenceServiceSpec(_Model):
     def _check_cross_field(self) -> InferenceServiceSpec:
         if self.replicas is not None and self.autoscaling is not None:
             raise ValueError("spec.replicas and spec.autoscaling are mutually exclusive")
-        tp, gpus = self.engine.tensor_parallel_size, self.resources.gpu.count
-        if tp != 1 and (gpus == 0 or gpus % tp != 0):
-            raise ValueError(
-                f"spec.engine.tensorParallelSize ({tp}) must divide spec.resources.gpu.count ({gpus})"
-            )
+        if self.engine.tensor_parallel_size != 1:
+            raise ValueError(TENSOR_PARALLEL_UNSUPPORTED)
         reserved = sorted(k for k in self.pod_labels if k in OPERATOR_LABEL_KEYS)
         if reserved:
             raise ValueError(f"spec.podLabels must not set the operator's labels: {reserved}")

@@ -140,13 +140,9 @@ def test_serve_args_table(engine, expected):
         assert "--no-enable-prefix-caching" in args
 
 
-def test_tensor_parallel_and_extra_args_come_last():
-    spec = {
-        "engine": {"tensorParallelSize": 2, "extraArgs": ["--max-queue-len", "8"]},
-        "resources": {"gpu": {"count": 2}},
-    }
-    args = serve_args(isvc(**spec), "/mnt/models")
-    assert flag(args, "--tensor-parallel-size") == "2"
+def test_extra_args_come_last():
+    args = serve_args(isvc(engine={"extraArgs": ["--max-queue-len", "8"]}), "/mnt/models")
+    assert flag(args, "--tensor-parallel-size") == "1"
     assert args[-2:] == ["--max-queue-len", "8"]
 
 
