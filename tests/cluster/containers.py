@@ -1,9 +1,5 @@
-"""One container of a process-kubelet pod: a local process with the container's command, args
-and env, restarted with back-off, probed like the kubelet probes a container.
-
-The kvpilot image's programs map to this machine's: `kvpilot` -> `python -m kvpilot.serving.cli`,
-`python` -> this interpreter; anything else runs from PATH (`sleep` in a preStop hook). Paths under
-a volumeMount are rewritten to the volume's local directory, and `--host` to the pod's address.
+"""One container of a process-kubelet pod: a local process (podspec.py says which), restarted with
+back-off, probed like the kubelet probes a container (probes.py), reported as a ContainerStatus.
 """
 
 from __future__ import annotations
@@ -11,155 +7,20 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from tests.cluster.nodes import now_rfc3339
+from tests.cluster.podspec import PodContext, container_argv, container_env
+from tests.cluster.probes import Probe, run_probe
 
 BACKOFF_START_SECONDS = float(os.environ.get("KVPILOT_KUBELET_BACKOFF_SECONDS", "10"))
 BACKOFF_MAX_SECONDS = 300
 BACKOFF_RESET_SECONDS = 600  # a container that ran this long starts its back-off afresh
 TERMINATION_MESSAGE_BYTES, TERMINATION_MESSAGE_LINES = 2048, 80  # FallbackToLogsOnError's limits
-PASSED_ENV = ("PATH", "LANG", "LC_ALL", "OMP_NUM_THREADS", "VIRTUAL_ENV", "TZ")
-
-
-def is_kvpilot_image(image: str) -> bool:
-    """ghcr.io/kvpilot/kvpilot:0.1.0, kvpilot:dev, ...@sha256:... -> True."""
-    repository = image.split("@")[0]
-    last = repository.rsplit("/", 1)[-1]
-    return last.split(":")[0] == "kvpilot"
-
-
-def program(argv: list[str]) -> list[str]:
-    head, rest = argv[0], argv[1:]
-    if head == "kvpilot":
-        return [sys.executable, "-m", "kvpilot.serving.cli", *rest]
-    if head in ("python", "python3"):
-        return [sys.executable, *rest]
-    return argv
-
-
-@dataclass(frozen=True)
-class PodContext:
-    """What a pod's processes see: its address, its directory, its volumes' local directories."""
-
-    name: str
-    namespace: str
-    uid: str
-    node_name: str
-    ip: str
-    directory: Path
-    volumes: dict[str, Path]
-
-
-def _mounts(container: dict[str, Any], ctx: PodContext) -> list[tuple[str, str]]:
-    mounts = []
-    for mount in container.get("volumeMounts") or []:
-        local = ctx.volumes[mount["name"]] / mount.get("subPath", "")
-        mounts.append((mount["mountPath"].rstrip("/") or "/", str(local).rstrip("/")))
-    return sorted(mounts, key=lambda m: -len(m[0]))
-
-
-def rewrite_path(value: str, mounts: list[tuple[str, str]]) -> str:
-    flag, equals, rest = value.partition("=")
-    if equals and flag.startswith("-"):
-        return f"{flag}={rewrite_path(rest, mounts)}"
-    for mount_path, local in mounts:
-        if value == mount_path or value.startswith(mount_path + "/"):
-            return local + value[len(mount_path) :]
-    return value
-
-
-def container_argv(container: dict[str, Any], ctx: PodContext) -> list[str]:
-    mounts = _mounts(container, ctx)
-    argv = [
-        rewrite_path(a, mounts) for a in (container.get("command") or ["kvpilot"]) + container.get("args", [])
-    ]
-    for index, arg in enumerate(argv[:-1]):
-        if arg == "--host":  # the pod listens on its own address, not on every address of the machine
-            argv[index + 1] = ctx.ip
-    return program(argv)
-
-
-def _field_value(field_path: str, ctx: PodContext) -> str:
-    values = {
-        "metadata.name": ctx.name,
-        "metadata.namespace": ctx.namespace,
-        "metadata.uid": ctx.uid,
-        "spec.nodeName": ctx.node_name,
-        "status.podIP": ctx.ip,
-        "status.hostIP": "127.0.0.1",
-    }
-    return values.get(field_path, "")
-
-
-def container_env(container: dict[str, Any], ctx: PodContext) -> dict[str, str]:
-    mounts = _mounts(container, ctx)
-    env = {name: os.environ[name] for name in PASSED_ENV if name in os.environ}
-    env.update(HOME=str(ctx.directory), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    for var in container.get("env") or []:
-        if "value" in var:
-            env[var["name"]] = rewrite_path(var["value"], mounts)
-        elif "fieldRef" in (var.get("valueFrom") or {}):
-            env[var["name"]] = _field_value(var["valueFrom"]["fieldRef"]["fieldPath"], ctx)
-    return env
-
-
-def run_probe(probe: dict[str, Any], container: dict[str, Any], ctx: PodContext) -> bool:
-    timeout = probe.get("timeoutSeconds", 1)
-    ports = {p.get("name"): p["containerPort"] for p in container.get("ports") or []}
-    if "httpGet" in probe:
-        action = probe["httpGet"]
-        port = ports.get(action["port"], action["port"])
-        url = f"{action.get('scheme', 'HTTP').lower()}://{ctx.ip}:{port}{action.get('path', '/')}"
-        try:
-            return 200 <= httpx.get(url, timeout=timeout, verify=False).status_code < 400
-        except httpx.HTTPError:
-            return False
-    if "tcpSocket" in probe:
-        port = ports.get(probe["tcpSocket"]["port"], probe["tcpSocket"]["port"])
-        try:
-            socket.create_connection((ctx.ip, int(port)), timeout=timeout).close()
-        except OSError:
-            return False
-        return True
-    if "exec" in probe:
-        command = [rewrite_path(a, _mounts(container, ctx)) for a in probe["exec"]["command"]]
-        try:
-            return subprocess.run(program(command), capture_output=True, timeout=timeout).returncode == 0
-        except subprocess.TimeoutExpired:
-            return False
-    return False
-
-
-@dataclass
-class Probe:
-    spec: dict[str, Any]
-    next_at: float
-    successes: int = 0
-    failures: int = 0
-
-    def due(self, now: float) -> bool:
-        return now >= self.next_at
-
-    def record(self, ok: bool, now: float) -> None:
-        self.next_at = now + self.spec.get("periodSeconds", 10)
-        self.successes, self.failures = (self.successes + 1, 0) if ok else (0, self.failures + 1)
-
-    @property
-    def failed(self) -> bool:
-        return self.failures >= self.spec.get("failureThreshold", 3)
-
-    @property
-    def succeeded(self) -> bool:
-        return self.successes >= self.spec.get("successThreshold", 1)
 
 
 @dataclass

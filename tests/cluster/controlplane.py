@@ -8,8 +8,6 @@ its PID (SIGTERM, then SIGKILL). The PIDs are also written to <workdir>/pids so 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import ssl
 import subprocess
 import time
@@ -19,90 +17,17 @@ from pathlib import Path
 import httpx
 
 from tests.cluster import pki as pki_module
-from tests.cluster.build import COMMANDS, KUBERNETES_VERSION, ensure_binaries
+from tests.cluster.build import KUBERNETES_VERSION, ensure_binaries
+from tests.cluster.processes import ManagedProcess, log_tail, pid_alive, stop_pid
 from tests.cluster.tools import find_etcd, free_port
 
 SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"
 READY_TIMEOUT_SECONDS = 90
-STOP_TIMEOUT_SECONDS = 15
 AUDITED_USERS = ("kvpilot-operator",)  # the audit log records these clients' requests only
 
 
 class ControlPlaneError(RuntimeError):
     pass
-
-
-def log_tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except FileNotFoundError:
-        return ""
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie (exited, not yet reaped by its parent) is not alive
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][0] != "Z"
-    except OSError:
-        return False
-
-
-def stop_pid(
-    pid: int, timeout: float = STOP_TIMEOUT_SECONDS, process: subprocess.Popen | None = None
-) -> None:
-    """SIGTERM, wait, then SIGKILL the process (and reap it when it is our child)."""
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            return
-        if process is None and not pid_alive(pid):
-            return
-        time.sleep(0.05)
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
-    if process is not None:
-        process.wait(timeout=timeout)
-
-
-@dataclass
-class ManagedProcess:
-    name: str
-    command: list[str]
-    log: Path
-    popen: subprocess.Popen | None = None
-
-    def start(self, env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "ab") as log:
-            self.popen = subprocess.Popen(
-                self.command,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                cwd=cwd,
-                start_new_session=True,  # Ctrl-C in a terminal reaches the harness, which stops us in order
-            )
-
-    @property
-    def pid(self) -> int | None:
-        return self.popen.pid if self.popen else None
-
-    def exited(self) -> bool:
-        return self.popen is not None and self.popen.poll() is not None
-
-    def stop(self) -> None:
-        if self.popen is not None:
-            stop_pid(self.popen.pid, process=self.popen)
 
 
 @dataclass
@@ -325,6 +250,3 @@ def stop_recorded(workdir: Path) -> list[int]:
             stop_pid(pid)
             stopped.append(pid)
     return stopped
-
-
-__all__ = ["COMMANDS", "ControlPlane", "ControlPlaneError", "stop_recorded"]

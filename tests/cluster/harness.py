@@ -11,9 +11,10 @@ from typing import Any
 
 import httpx
 
-from tests.cluster.controlplane import ControlPlane, ControlPlaneError, ManagedProcess, log_tail, stop_pid
+from tests.cluster.controlplane import ControlPlane, ControlPlaneError
 from tests.cluster.kubeapi import KubeApi
 from tests.cluster.kubelet import SHUTDOWN_GRACE_SECONDS, node_names
+from tests.cluster.processes import ManagedProcess, log_tail, stop_pid
 from tests.cluster.tools import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

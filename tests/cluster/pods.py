@@ -16,9 +16,10 @@ from typing import Any
 
 import httpx
 
-from tests.cluster.containers import Container, PodContext, container_argv, is_kvpilot_image
+from tests.cluster.containers import Container
 from tests.cluster.kubeapi import ApiError, KubeApi
 from tests.cluster.nodes import now_rfc3339
+from tests.cluster.podspec import PodContext, container_argv, is_kvpilot_image
 
 TICK_SECONDS = 0.2
 

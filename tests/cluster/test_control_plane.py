@@ -4,8 +4,9 @@ import subprocess
 from pathlib import Path
 
 from tests.cluster.build import COMMANDS, bin_dir, staging_version, wrapper_go_mod
-from tests.cluster.controlplane import ControlPlane, pid_alive, stop_recorded
+from tests.cluster.controlplane import ControlPlane, stop_recorded
 from tests.cluster.kubeapi import KubeApi
+from tests.cluster.processes import pid_alive
 from tests.cluster.tools import find_kubectl
 
 

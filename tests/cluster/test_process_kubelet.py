@@ -7,8 +7,9 @@ import uuid
 import httpx
 import pytest
 
-from tests.cluster.controlplane import ControlPlane, pid_alive
+from tests.cluster.controlplane import ControlPlane
 from tests.cluster.harness import ProcessKubeletRunner, condition, wait_for
+from tests.cluster.processes import pid_alive
 
 IMAGE = "ghcr.io/kvpilot/kvpilot:0.1.0"
 # Serves 200 on every path at $POD_IP:8000 and notes SIGTERM in its log before exiting.

@@ -22,10 +22,10 @@ from kvpilot.operator.labels import MANAGER, SPEC_HASH_ANNOTATION
 from kvpilot.operator.models import API_VERSION, GROUP, KIND, PLURAL
 
 from tests.checkpoints import build_checkpoint
-from tests.cluster.controlplane import pid_alive
 from tests.cluster.harness import OperatorProcess, condition, provide_model_volume, wait_for
 from tests.cluster.kubeapi import ApiError
 from tests.cluster.kubectl import Kubectl
+from tests.cluster.processes import pid_alive
 
 ISVC = PLURAL
 WRITES = {"create", "update", "patch", "delete", "deletecollection"}
