@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import kopf
@@ -22,9 +23,36 @@ from kvpilot.operator.reconciler import reconcile
 MAX_BACKOFF_SECONDS = 60
 CHILD_LABELS = {"app.kubernetes.io/managed-by": MANAGER}
 
+
+class KeyedLocks:
+    """One lock per key, dropped as soon as nobody holds or waits for it (so the table does not
+    grow with every InferenceService the operator has ever seen)."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._entries: dict[Any, list] = {}  # key -> [lock, holders and waiters]
+
+    @contextmanager
+    def hold(self, key: Any) -> Iterator[None]:
+        with self._guard:
+            entry = self._entries.setdefault(key, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._guard:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del self._entries[key]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 # One reconcile per InferenceService at a time: its own handler and its children's events
 # run in kopf's thread pool and would otherwise race to create the same child.
-_locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
+_locks = KeyedLocks()
 
 
 def backoff(retry: int) -> float:
@@ -40,7 +68,7 @@ def _client(memo: kopf.Memo) -> KubeClient:
 
 def _reconcile_and_report(body: dict[str, Any], memo: kopf.Memo) -> None:
     metadata = body["metadata"]
-    with _locks[metadata["namespace"], metadata["name"]]:
+    with _locks.hold((metadata["namespace"], metadata["name"])):
         outcome = reconcile(body, _client(memo))
     if outcome.error is not None:
         if outcome.status_written:

@@ -9,7 +9,7 @@ from typing import Any
 from kvpilot.operator.builders import build_children
 from kvpilot.operator.executor import KubeClient
 from kvpilot.operator.models import InferenceService
-from kvpilot.operator.planner import Plan, plan
+from kvpilot.operator.planner import plan
 from kvpilot.operator.status import compute_status, invalid_spec_status, status_changed
 from kvpilot.serving.validation import problems
 from pydantic import ValidationError
@@ -17,8 +17,6 @@ from pydantic import ValidationError
 
 @dataclass(frozen=True)
 class Outcome:
-    plan: Plan
-    status: dict[str, Any]
     status_written: bool
     error: str | None = None  # the invalid-spec message, naming the field
 
@@ -48,7 +46,7 @@ def reconcile(body: dict[str, Any], client: KubeClient, now: str | None = None) 
         changed = status_changed(status, previous)
         if changed:
             client.patch_status(metadata["namespace"], metadata["name"], status)
-        return Outcome(plan=Plan(), status=status, status_written=changed, error=error)
+        return Outcome(status_written=changed, error=error)
 
     observed = client.read_children(isvc)
     the_plan = plan(build_children(isvc), observed)
@@ -59,4 +57,4 @@ def reconcile(body: dict[str, Any], client: KubeClient, now: str | None = None) 
     changed = status_changed(status, previous)
     if changed:
         client.patch_status(isvc.metadata.namespace, isvc.metadata.name, status)
-    return Outcome(plan=the_plan, status=status, status_written=changed)
+    return Outcome(status_written=changed)

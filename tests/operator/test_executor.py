@@ -68,3 +68,27 @@ def test_unreachable_server_is_transient():
 
 def test_backoff_grows_and_is_capped():
     assert [backoff(retry) for retry in range(8)] == [1, 2, 4, 8, 16, 32, 60, 60]
+
+
+def test_keyed_locks_serialize_one_key_and_forget_it_when_released():
+    import threading
+
+    from kvpilot.operator.handlers import KeyedLocks
+
+    locks, order = KeyedLocks(), []
+    entered = threading.Event()
+
+    def second():
+        with locks.hold(("ns", "a")):
+            order.append("second")
+
+    with locks.hold(("ns", "a")):
+        thread = threading.Thread(target=second)
+        thread.start()
+        entered.wait(0.2)  # the second holder is blocked meanwhile
+        order.append("first")
+        with locks.hold(("ns", "b")):  # another key is independent
+            assert len(locks) == 2
+    thread.join(5)
+    assert order == ["first", "second"]
+    assert len(locks) == 0
