@@ -286,6 +286,31 @@ def test_restart_makes_no_writes(cluster, api, ns):
     )
 
 
+def test_scale_subresource_drives_the_deployment(api, ns, kubectl, operator):
+    """`kubectl scale isvc` (what an HPA or KEDA does) writes spec.replicas through /scale; the
+    operator follows, and /scale reads back the observed replicas and the pods' selector."""
+    api.create(API_VERSION, ISVC, ns, manifest(ns, replicas=0))
+    wait_for(lambda: api.get("apps/v1", "deployments", ns, "chat"), "the Deployment")
+    kubectl.run("scale", "isvc", "chat", "-n", ns, "--replicas=1")
+    wait_for(lambda: api.get("apps/v1", "deployments", ns, "chat")["spec"]["replicas"] == 1, "scale up")
+    scale = wait_for(
+        lambda: (
+            (api.get(API_VERSION, ISVC, ns, "chat", sub="scale") or {}).get("status", {}).get("replicas") == 1
+            and api.get(API_VERSION, ISVC, ns, "chat", sub="scale")
+        ),
+        "/scale to report one replica",
+        timeout=60,
+    )
+    assert scale["spec"]["replicas"] == 1
+    assert scale["status"]["selector"] == "app.kubernetes.io/name=kvpilot,app.kubernetes.io/instance=chat"
+    selected = api.list("v1", "pods", ns, labelSelector=scale["status"]["selector"])
+    assert len(selected) == 1
+
+    api.patch(API_VERSION, ISVC, ns, "chat", {"spec": {"replicas": 0}}, sub="scale")
+    wait_for(lambda: api.get("apps/v1", "deployments", ns, "chat")["spec"]["replicas"] == 0, "scale down")
+    wait_for(lambda: not api.list("v1", "pods", ns), "the engine pod to be gone", timeout=90)
+
+
 def test_the_operator_rides_out_an_api_server_outage(cluster, api, ns, operator):
     api.create(API_VERSION, ISVC, ns, manifest(ns, replicas=0))
     wait_for(lambda: api.get("apps/v1", "deployments", ns, "chat"), "the Deployment")
