@@ -19,7 +19,7 @@ from kvpilot.operator.models import GROUP, PLURAL, VERSION, InferenceService
 from kvpilot.operator.planner import Plan
 
 TRANSIENT_STATUS = {404, 408, 409, 429}  # besides 5xx: conflicts, races with deletion, throttling
-APPLY = {"field_manager": MANAGER, "force": True, "_content_type": "application/apply-patch+yaml"}
+APPLY_QUERY = {"fieldManager": MANAGER, "force": "true"}  # server-side apply, taking ownership
 
 
 class TransientError(Exception):
@@ -34,58 +34,78 @@ def _raw(response: Any) -> dict[str, Any]:
     return json.loads(response.data or b"{}")
 
 
+def _classified(exc: ApiException, what: str) -> Exception:
+    if exc.status in TRANSIENT_STATUS or (exc.status or 500) >= 500:
+        return TransientError(f"{what}: HTTP {exc.status} {exc.reason}")
+    return PermanentApiError(f"{what}: HTTP {exc.status} {exc.reason}: {exc.body}")
+
+
+# Every namespaced child kind the operator owns: kind -> (apiVersion, plural). A new child kind
+# (an HPA, a ConfigMap, an InferencePool) is one more row here and nothing else.
+CHILD_KINDS: dict[str, tuple[str, str]] = {
+    "Deployment": ("apps/v1", "deployments"),
+    "Service": ("v1", "services"),
+    "PodDisruptionBudget": ("policy/v1", "poddisruptionbudgets"),
+    "ServiceAccount": ("v1", "serviceaccounts"),
+}
+
+
+def resource_path(api_version: str, plural: str, namespace: str, name: str | None = None) -> str:
+    """`/api/v1/...` for the core group, `/apis/GROUP/VERSION/...` for the others."""
+    root = f"/apis/{api_version}" if "/" in api_version else f"/api/{api_version}"
+    path = f"{root}/namespaces/{namespace}/{plural}"
+    return f"{path}/{name}" if name else path
+
+
 class KubeClient:
-    """Typed Kubernetes APIs per child kind, returning plain dicts."""
+    """Reads and writes children by apiVersion/kind (`CHILD_KINDS`) and the InferenceService's
+    status, returning plain dicts."""
 
     def __init__(self, api_client: kubernetes.client.ApiClient | None = None) -> None:
-        api_client = api_client or kubernetes.client.ApiClient()
-        apps, core = kubernetes.client.AppsV1Api(api_client), kubernetes.client.CoreV1Api(api_client)
-        policy = kubernetes.client.PolicyV1Api(api_client)
-        self.custom = kubernetes.client.CustomObjectsApi(api_client)
-        # kind -> (list, apply, delete), all namespaced
-        self.kinds: dict[str, tuple[Callable[..., Any], ...]] = {
-            "Deployment": (
-                apps.list_namespaced_deployment,
-                apps.patch_namespaced_deployment,
-                apps.delete_namespaced_deployment,
-            ),
-            "Service": (
-                core.list_namespaced_service,
-                core.patch_namespaced_service,
-                core.delete_namespaced_service,
-            ),
-            "PodDisruptionBudget": (
-                policy.list_namespaced_pod_disruption_budget,
-                policy.patch_namespaced_pod_disruption_budget,
-                policy.delete_namespaced_pod_disruption_budget,
-            ),
-            "ServiceAccount": (
-                core.list_namespaced_service_account,
-                core.patch_namespaced_service_account,
-                core.delete_namespaced_service_account,
-            ),
-        }
+        self.api = api_client or kubernetes.client.ApiClient()
+        self.custom = kubernetes.client.CustomObjectsApi(self.api)
 
     def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
         try:
             return _raw(fn(*args, _preload_content=False, **kwargs))
         except ApiException as exc:
-            if exc.status in TRANSIENT_STATUS or (exc.status or 500) >= 500:
-                raise TransientError(f"{fn.__name__}: HTTP {exc.status} {exc.reason}") from exc
-            raise PermanentApiError(f"{fn.__name__}: HTTP {exc.status} {exc.reason}: {exc.body}") from exc
+            raise _classified(exc, fn.__name__) from exc
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise TransientError(f"{fn.__name__}: {exc}") from exc
+
+    def _request(
+        self, what: str, method: str, path: str, query: dict[str, Any] | None = None, body: Any = None
+    ) -> dict[str, Any]:
+        """One REST call; `what` names it in errors (e.g. `apply Deployment`)."""
+        headers = {"Accept": "application/json"}
+        if method == "PATCH":
+            headers["Content-Type"] = "application/apply-patch+yaml"
+        request = self.api.param_serialize(
+            method, path, query_params=list((query or {}).items()), header_params=headers, body=body,
+            auth_settings=["BearerToken"],
+        )  # fmt: skip
+        try:
+            response = self.api.call_api(*request)
+            response.read()
+            if response.status >= 400:
+                raise ApiException(http_resp=response)
+        except ApiException as exc:
+            raise _classified(exc, what) from exc
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise TransientError(f"{what}: {exc}") from exc
+        return _raw(response)
 
     def read_children(self, isvc: InferenceService) -> list[dict[str, Any]]:
         """Children controlled by this InferenceService (by owner uid, not only by labels)."""
         selector = ",".join(f"{k}={v}" for k, v in selector_labels(isvc).items())
         children = []
-        for kind, (list_fn, _, _) in self.kinds.items():
-            listing = self._call(list_fn, isvc.metadata.namespace, label_selector=selector)
+        for kind, (api_version, plural) in CHILD_KINDS.items():
+            path = resource_path(api_version, plural, isvc.metadata.namespace)
+            listing = self._request(f"list {kind}", "GET", path, {"labelSelector": selector})
             for item in listing.get("items", []):
                 # A real API server sets apiVersion and kind on the List only, not on its items.
                 item.setdefault("kind", kind)
-                item.setdefault("apiVersion", listing.get("apiVersion"))
+                item.setdefault("apiVersion", api_version)
                 if isvc.metadata.uid and is_owned_by(item, isvc.metadata.uid):
                     children.append(item)
         return children
@@ -99,16 +119,20 @@ class KubeClient:
         """
         written = {}
         for obj in [*plan.create, *plan.update]:
-            _, patch, _ = self.kinds[obj["kind"]]
             meta = obj["metadata"]
-            written[obj["kind"], meta["name"]] = self._call(
-                patch, meta["name"], meta["namespace"], obj, **APPLY
+            path = self._child_path(obj)
+            written[obj["kind"], meta["name"]] = self._request(
+                f"apply {obj['kind']}", "PATCH", path, APPLY_QUERY, body=obj
             )
         for obj in plan.delete:
-            _, _, delete = self.kinds[obj["kind"]]
-            meta = obj["metadata"]
-            self._call(delete, meta["name"], meta["namespace"])
+            self._request(f"delete {obj['kind']}", "DELETE", self._child_path(obj))
         return written
+
+    @staticmethod
+    def _child_path(obj: dict[str, Any]) -> str:
+        api_version, plural = CHILD_KINDS[obj["kind"]]
+        meta = obj["metadata"]
+        return resource_path(api_version, plural, meta["namespace"], meta["name"])
 
     def get_inference_service(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:

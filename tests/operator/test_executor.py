@@ -54,7 +54,7 @@ def test_failures_are_classified(client, apiserver, status, error):
     apiserver.server[f"patch /api/v1/namespaces/{namespace}/services/chat"] << status
     service = build_children(isvc())[1]
     service["metadata"]["namespace"] = namespace
-    with pytest.raises(error, match=f"patch_namespaced_service: HTTP {status}"):
+    with pytest.raises(error, match=f"apply Service: HTTP {status}"):
         client.execute(Plan(create=[service]))
 
 
