@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from kvpilot.operator.api import InferenceService
 from kvpilot.operator.labels import (
     SERVICE_PORT,
     child_metadata,
@@ -14,7 +15,6 @@ from kvpilot.operator.labels import (
     selector_labels,
     with_spec_hash,
 )
-from kvpilot.operator.models import InferenceService
 from kvpilot.serving.contract import (
     DEFAULT_PORT,
     HEALTH_PATH,

@@ -23,8 +23,8 @@ def _crd(args: argparse.Namespace) -> int:
 
 
 def _render(args: argparse.Namespace) -> int:
+    from kvpilot.operator.api import API_VERSION, KIND, InferenceService
     from kvpilot.operator.builders import build_children
-    from kvpilot.operator.models import API_VERSION, KIND, InferenceService
     from kvpilot.operator.reconciler import describe_validation_error
 
     text = sys.stdin.read() if args.filename == "-" else Path(args.filename).read_text()

@@ -14,8 +14,8 @@ from typing import Any
 import kubernetes.client
 import urllib3.exceptions
 from kubernetes.client.exceptions import ApiException
+from kvpilot.operator.api import GROUP, PLURAL, VERSION, InferenceService
 from kvpilot.operator.labels import MANAGER, is_owned_by, selector_labels
-from kvpilot.operator.models import GROUP, PLURAL, VERSION, InferenceService
 from kvpilot.operator.planner import Plan
 
 TRANSIENT_STATUS = {404, 408, 409, 429}  # besides 5xx: conflicts, races with deletion, throttling

@@ -15,9 +15,9 @@ from contextlib import contextmanager
 from typing import Any
 
 import kopf
+from kvpilot.operator.api import GROUP, KIND, PLURAL, VERSION
 from kvpilot.operator.executor import KubeClient, PermanentApiError, TransientError
 from kvpilot.operator.labels import MANAGER
-from kvpilot.operator.models import GROUP, KIND, PLURAL, VERSION
 from kvpilot.operator.reconciler import reconcile
 
 MAX_BACKOFF_SECONDS = 60

@@ -6,7 +6,7 @@ import hashlib
 import json
 from typing import Any
 
-from kvpilot.operator.models import API_VERSION, GROUP, KIND, InferenceService
+from kvpilot.operator.api import API_VERSION, GROUP, KIND, InferenceService
 
 APP_NAME = "kvpilot"
 MANAGER = "kvpilot-operator"  # app.kubernetes.io/managed-by and the server-side-apply field manager

@@ -6,9 +6,9 @@ import datetime
 from dataclasses import dataclass
 from typing import Any
 
+from kvpilot.operator.api import InferenceService
 from kvpilot.operator.builders import build_children
 from kvpilot.operator.executor import KubeClient
-from kvpilot.operator.models import InferenceService
 from kvpilot.operator.planner import plan
 from kvpilot.operator.status import compute_status, invalid_spec_status, status_changed
 from kvpilot.serving.validation import problems

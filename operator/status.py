@@ -8,43 +8,63 @@ from __future__ import annotations
 
 from typing import Any
 
+from kvpilot.operator.api import Condition, InferenceService, InferenceServiceStatus
 from kvpilot.operator.builders import service_url
 from kvpilot.operator.labels import selector_string
-from kvpilot.operator.models import InferenceService
 
 READY, RECONCILING, STALLED = "Ready", "Reconciling", "Stalled"
-STATUS_FIELDS = ("observedGeneration", "conditions", "url", "replicas", "readyReplicas", "selector")
+# The status's fields as written (camelCase), from the typed model.
+STATUS_FIELDS = tuple(field.alias or name for name, field in InferenceServiceStatus.model_fields.items())
 
 
-def _condition(kind: str, status: bool, reason: str, message: str, generation: int | None) -> dict[str, Any]:
-    condition = {"type": kind, "status": "True" if status else "False", "reason": reason, "message": message}
-    if generation is not None:
-        condition["observedGeneration"] = generation
-    return condition
-
-
-def _stamp(conditions: list[dict[str, Any]], previous: dict[str, Any], now: str) -> list[dict[str, Any]]:
-    """lastTransitionTime moves only when a condition's status flips."""
+def _conditions(
+    states: dict[str, bool],
+    reasons: dict[str, tuple[str, str]],
+    generation: int | None,
+    previous: dict[str, Any],
+    now: str,
+) -> list[Condition]:
+    """One condition per type; lastTransitionTime moves only when a condition's status flips."""
     before = {c.get("type"): c for c in previous.get("conditions") or []}
-    stamped = []
-    for condition in conditions:
-        old = before.get(condition["type"])
-        same = old is not None and old.get("status") == condition["status"] and old.get("lastTransitionTime")
-        stamped.append({**condition, "lastTransitionTime": old["lastTransitionTime"] if same else now})
-    return stamped
+    conditions = []
+    for kind, state in states.items():
+        status = "True" if state else "False"
+        old = before.get(kind) or {}
+        same = old.get("status") == status and old.get("lastTransitionTime")
+        reason, message = reasons[kind]
+        conditions.append(
+            Condition(
+                type=kind,
+                status=status,
+                reason=reason,
+                message=message,
+                last_transition_time=old["lastTransitionTime"] if same else now,
+                observed_generation=generation,
+            )
+        )
+    return conditions
 
 
 def invalid_spec_status(
     generation: int | None, error: str, previous: dict[str, Any], now: str
 ) -> dict[str, Any]:
     """Stalled: the spec cannot work until someone changes it. What exists is still reported."""
-    conditions = [
-        _condition(READY, False, "InvalidSpec", error, generation),
-        _condition(RECONCILING, False, "InvalidSpec", "waiting for a valid spec", generation),
-        _condition(STALLED, True, "InvalidSpec", error, generation),
-    ]
-    kept = {k: previous[k] for k in ("url", "replicas", "readyReplicas", "selector") if k in previous}
-    return {"observedGeneration": generation, **kept, "conditions": _stamp(conditions, previous, now)}
+    reasons = {
+        READY: ("InvalidSpec", error),
+        RECONCILING: ("InvalidSpec", "waiting for a valid spec"),
+        STALLED: ("InvalidSpec", error),
+    }
+    states = {READY: False, RECONCILING: False, STALLED: True}
+    kept = InferenceServiceStatus.model_validate(
+        {k: previous[k] for k in ("url", "replicas", "readyReplicas", "selector") if k in previous}
+    )
+    status = kept.model_copy(
+        update={
+            "observed_generation": generation,
+            "conditions": _conditions(states, reasons, generation, previous, now),
+        }
+    )
+    return status.to_body()
 
 
 def _deployment_progress(deployment: dict[str, Any] | None, desired: int) -> tuple[str, str, str]:
@@ -77,20 +97,18 @@ def compute_status(
 ) -> dict[str, Any]:
     generation = isvc.metadata.generation
     state, reason, message = _deployment_progress(deployment, isvc.spec.effective_replicas)
-    conditions = [
-        _condition(READY, state == "ready", reason, message, generation),
-        _condition(RECONCILING, state == "reconciling", reason, message, generation),
-        _condition(STALLED, state == "stalled", reason, message, generation),
-    ]
+    states = {READY: state == "ready", RECONCILING: state == "reconciling", STALLED: state == "stalled"}
+    reasons = dict.fromkeys(states, (reason, message))
     observed = (deployment or {}).get("status") or {}
-    return {
-        "observedGeneration": generation,
-        "url": service_url(isvc),
-        "replicas": observed.get("replicas") or 0,
-        "readyReplicas": observed.get("readyReplicas") or 0,
-        "selector": selector_string(isvc),
-        "conditions": _stamp(conditions, previous, now),
-    }
+    status = InferenceServiceStatus(
+        observed_generation=generation,
+        url=service_url(isvc),
+        replicas=observed.get("replicas") or 0,
+        ready_replicas=observed.get("readyReplicas") or 0,
+        selector=selector_string(isvc),
+        conditions=_conditions(states, reasons, generation, previous, now),
+    )
+    return status.to_body()
 
 
 def status_changed(new: dict[str, Any], previous: dict[str, Any]) -> bool:

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from kvpilot.operator.api import InferenceService
 from kvpilot.operator.builders import build_deployment
-from kvpilot.operator.models import InferenceService
 from kvpilot.serving.api.settings import ServeSettings
 from kvpilot.serving.cli import build_parser
 from kvpilot.serving.contract import DEFAULT_PORT, HEALTH_PATH, READY_PATH, SERVE_SETTING
@@ -48,7 +48,7 @@ def test_every_engine_setting_is_reachable_from_the_cli_and_the_crd():
     field or server setting that is not wired through it fails here."""
     import dataclasses
 
-    from kvpilot.operator.models import EngineSpec
+    from kvpilot.operator.api import EngineSpec
     from kvpilot.serving.contract import NOT_IN_CRD, SERVE_SETTINGS
     from kvpilot.serving.engine.config import EngineConfig
 

@@ -4,6 +4,7 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
+from kvpilot.operator.api import InferenceService
 from kvpilot.operator.builders import (
     build_children,
     build_deployment,
@@ -13,7 +14,6 @@ from kvpilot.operator.builders import (
     serve_args,
 )
 from kvpilot.operator.labels import SPEC_HASH_ANNOTATION, spec_hash
-from kvpilot.operator.models import InferenceService
 
 K8S_VERSIONS = ["1.29.0", "1.33.0", "1.37.0"]  # oldest claimed, image volumes GA-ish, newest known
 UID = "1c0ffee0-0000-4000-8000-000000000001"

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 import yaml
+from kvpilot.operator.api import TENSOR_PARALLEL_UNSUPPORTED, InferenceService
 from kvpilot.operator.crd import CRD_PATH, build_crd, render_crd
-from kvpilot.operator.models import TENSOR_PARALLEL_UNSUPPORTED, InferenceService
 from kvpilot.operator.reconciler import describe_validation_error
 from pydantic import ValidationError
 

@@ -8,8 +8,8 @@ import json
 
 import pytest
 import yaml
+from kvpilot.operator.api import GROUP, PLURAL
 from kvpilot.operator.crd import CRD_PATH, build_crd
-from kvpilot.operator.models import GROUP, PLURAL
 
 from tests.cluster.harness import wait_for
 from tests.cluster.kubeapi import ApiError, KubeApi

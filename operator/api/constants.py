@@ -1,0 +1,31 @@
+"""Names and formats of the InferenceService API (kvpilot.dev/v1alpha1)."""
+
+from typing import Literal
+
+GROUP = "kvpilot.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "InferenceService"
+PLURAL = "inferenceservices"
+SINGULAR = "inferenceservice"
+SHORT_NAMES = ["isvc"]
+
+DEFAULT_IMAGE = "ghcr.io/kvpilot/kvpilot:0.1.0"
+DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
+
+# Kubernetes' own quantity grammar (resource.Quantity), e.g. 16Gi, 500m, 2.
+QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+MODEL_URI_PATTERN = (
+    r"^(pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/[^\s]*)?"
+    r"|hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9._-]+(@[A-Za-z0-9._/-]+)?"
+    r"|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?"
+    r"|gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9](/[^\s]*)?"
+    r"|oci://[a-z0-9][^\s]*)$"
+)
+DNS_LABEL_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+OPERATOR_LABEL_KEYS = tuple(f"app.kubernetes.io/{k}" for k in ("name", "instance", "component", "managed-by"))
+
+AutoscalingMetric = Literal["kvCacheUsage", "numRequestsWaiting", "numRequestsRunning"]

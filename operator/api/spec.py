@@ -1,0 +1,207 @@
+"""The parts of an InferenceService's spec: model, engine, resources, scheduling, autoscaling,
+rollout and the core/v1 types it embeds."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from kvpilot.operator.api.constants import DEFAULT_GPU_RESOURCE, MODEL_URI_PATTERN, AutoscalingMetric
+from kvpilot.operator.api.validation import (
+    AUTOSCALING_RULES,
+    MODEL_RULES,
+    Quantity,
+    cel_rules,
+    check_model_uri,
+    enforce,
+)
+from kvpilot.serving.contract import KV_CACHE_DTYPES, QUANTIZATION_MODES
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+
+
+class ModelSource(_Model):
+    """Which model to serve and where its weights come from."""
+
+    model_config = ConfigDict(json_schema_extra=cel_rules(MODEL_RULES))
+
+    name: str = Field(
+        description="Served model name: the `model` field clients send to the OpenAI-compatible API.",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:-]*$",
+        max_length=128,
+    )
+    uri: Annotated[str, AfterValidator(check_model_uri)] = Field(
+        description="Where the weights are: pvc://CLAIM/path (mounted read-only), "
+        "hf://org/repo[@revision], s3://bucket/path or gs://bucket/path (downloaded by an init "
+        "container), or oci://image:tag (an image volume, Kubernetes 1.33+).",
+        json_schema_extra={"pattern": MODEL_URI_PATTERN},
+        max_length=1024,
+    )
+    revision: str | None = Field(
+        default=None,
+        description="Revision (branch, tag or commit) of an hf:// model; same as hf://org/repo@revision.",
+        pattern=r"^[A-Za-z0-9._/-]+$",
+        max_length=256,
+    )
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> ModelSource:
+        return enforce(self, MODEL_RULES)
+
+
+class EngineSpec(_Model):
+    """Settings of the `kvpilot serve` engine; each maps to one server flag."""
+
+    quantization: Literal[QUANTIZATION_MODES] = Field(  # type: ignore[valid-type]
+        default="none", description="Weight quantization (`--quantization`)."
+    )
+    kv_cache_dtype: Literal[KV_CACHE_DTYPES] = Field(  # type: ignore[valid-type]
+        default="auto", description="KV cache element type (`--kv-cache-dtype`); auto follows the model."
+    )
+    max_model_len: int | None = Field(
+        default=None,
+        ge=16,
+        le=1_048_576,
+        description="Longest sequence (prompt + output) in tokens (`--max-model-len`); "
+        "unset: the model's own limit.",
+    )
+    max_num_seqs: int | None = Field(
+        default=None, ge=1, le=4096, description="Most requests batched in one step (`--max-num-seqs`)."
+    )
+    max_num_batched_tokens: int | None = Field(
+        default=None,
+        ge=16,
+        le=1_048_576,
+        description="Token budget of one scheduler step (`--max-num-batched-tokens`).",
+    )
+    enable_prefix_caching: bool = Field(
+        default=True, description="Reuse KV blocks of shared prompt prefixes (`--enable-prefix-caching`)."
+    )
+    tensor_parallel_size: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="GPUs one replica shards the model over (`--tensor-parallel-size`); only 1 until "
+        "the bundled server supports tensor parallelism.",
+    )
+    extra_args: list[Annotated[str, Field(max_length=1024, description="One argument.")]] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Extra `kvpilot serve` arguments, appended after the ones the operator sets.",
+    )
+
+
+class GPUResources(_Model):
+    """GPUs per replica."""
+
+    count: int = Field(default=0, ge=0, le=64, description="GPUs per replica (0: CPU only).")
+    resource_name: str = Field(
+        default=DEFAULT_GPU_RESOURCE,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[a-z0-9]([-a-z0-9._]*[a-z0-9])?$",
+        max_length=253,
+        description="Extended resource that schedules the GPUs, e.g. nvidia.com/gpu or amd.com/gpu.",
+    )
+
+
+class ResourcesSpec(_Model):
+    """Compute resources of one replica."""
+
+    gpu: GPUResources = Field(
+        default_factory=GPUResources,
+        json_schema_extra={"default": {}},
+        description="GPUs per replica.",
+    )
+    cpu: Quantity | None = Field(default=None, description="CPU request per replica, e.g. 4 or 500m.")
+    memory: Quantity | None = Field(
+        default=None, description="Memory per replica (request and limit), e.g. 16Gi."
+    )
+    shared_memory: Quantity = Field(
+        default="2Gi", description="Size of the in-memory /dev/shm volume (used by tensor parallelism)."
+    )
+
+
+class Toleration(_Model):
+    """A core/v1 Toleration."""
+
+    key: str | None = Field(default=None, max_length=316, description="Taint key the toleration applies to.")
+    operator: Literal["Exists", "Equal"] | None = Field(
+        default=None, description="Exists or Equal (default Equal)."
+    )
+    value: str | None = Field(default=None, max_length=63, description="Taint value to match.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect to match; empty matches all effects."
+    )
+    toleration_seconds: int | None = Field(
+        default=None, description="How long a NoExecute taint is tolerated before eviction."
+    )
+
+
+class SchedulingSpec(_Model):
+    """Where replicas may run."""
+
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Node labels a replica's node must carry."
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, max_length=32, description="Taints replicas tolerate."
+    )
+    affinity: dict[str, Any] | None = Field(
+        default=None,
+        description="A core/v1 Affinity, copied to the pods as is.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+    priority_class_name: str | None = Field(
+        default=None, max_length=253, description="PriorityClass of the pods."
+    )
+    runtime_class_name: str | None = Field(
+        default=None, max_length=253, description="RuntimeClass of the pods (e.g. nvidia)."
+    )
+
+
+class AutoscalingSpec(_Model):
+    """Replica bounds and the metric the autoscaler follows (mutually exclusive with spec.replicas)."""
+
+    model_config = ConfigDict(json_schema_extra=cel_rules(AUTOSCALING_RULES))
+
+    min_replicas: int = Field(default=1, ge=1, le=1000, description="Fewest replicas.")
+    max_replicas: int = Field(ge=1, le=1000, description="Most replicas.")
+    metric: AutoscalingMetric = Field(
+        default="kvCacheUsage",
+        description="Per-replica server metric to hold at the target: kvCacheUsage "
+        "(vllm:kv_cache_usage_perc, 0-1), numRequestsWaiting or numRequestsRunning.",
+    )
+    target: float = Field(gt=0, le=10_000, description="Target value of the metric, averaged over replicas.")
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> AutoscalingSpec:
+        return enforce(self, AUTOSCALING_RULES)
+
+
+class RolloutSpec(_Model):
+    """How a spec change reaches the pods."""
+
+    strategy: Literal["Rolling"] = Field(
+        default="Rolling",
+        description="Rolling: replace replicas one at a time, never below the desired count.",
+    )
+
+
+class LocalObjectReference(_Model):
+    """A reference to an object in the same namespace."""
+
+    name: str = Field(max_length=253, description="Name of the referenced object.")
+
+
+class EnvVar(_Model):
+    """A core/v1 EnvVar."""
+
+    name: str = Field(max_length=256, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$", description="Variable name.")
+    value: str | None = Field(default=None, description="Literal value.")
+    value_from: dict[str, Any] | None = Field(
+        default=None,
+        description="A core/v1 EnvVarSource (secretKeyRef, configMapKeyRef, fieldRef, ...).",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )

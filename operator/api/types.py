@@ -1,0 +1,121 @@
+"""The InferenceService object: its spec (one model served by N `kvpilot serve` replicas) and
+the metadata the operator reads."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvpilot.operator.api.constants import DEFAULT_IMAGE, DNS_LABEL_PATTERN
+from kvpilot.operator.api.spec import (
+    AutoscalingSpec,
+    EngineSpec,
+    EnvVar,
+    LocalObjectReference,
+    ModelSource,
+    ResourcesSpec,
+    RolloutSpec,
+    SchedulingSpec,
+    _Model,
+)
+from kvpilot.operator.api.validation import SPEC_RULES, cel_rules, enforce
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+
+class InferenceServiceSpec(_Model):
+    """Desired state of an InferenceService: one model served by N `kvpilot serve` replicas."""
+
+    model_config = ConfigDict(json_schema_extra=cel_rules(SPEC_RULES))
+
+    model: ModelSource = Field(description="The model to serve.")
+    engine: EngineSpec = Field(
+        default_factory=EngineSpec, json_schema_extra={"default": {}}, description="Engine settings."
+    )
+    resources: ResourcesSpec = Field(
+        default_factory=ResourcesSpec,
+        json_schema_extra={"default": {}},
+        description="Compute resources of one replica.",
+    )
+    scheduling: SchedulingSpec = Field(
+        default_factory=SchedulingSpec,
+        json_schema_extra={"default": {}},
+        description="Node selection and placement.",
+    )
+    replicas: int | None = Field(
+        default=None,
+        ge=0,
+        le=1000,
+        description="Fixed replica count (the scale subresource); 1 when neither this nor "
+        "autoscaling is set. Mutually exclusive with autoscaling.",
+    )
+    autoscaling: AutoscalingSpec | None = Field(
+        default=None,
+        description="Autoscaling bounds and metric; until the autoscaler ships, runs minReplicas.",
+    )
+    rollout: RolloutSpec = Field(
+        default_factory=RolloutSpec, json_schema_extra={"default": {}}, description="Rollout strategy."
+    )
+    image: str = Field(
+        default=DEFAULT_IMAGE, min_length=1, max_length=1024, description="kvpilot server image."
+    )
+    image_pull_secrets: list[LocalObjectReference] = Field(
+        default_factory=list, max_length=16, description="Secrets for pulling the image."
+    )
+    service_account_name: str | None = Field(
+        default=None,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        max_length=253,
+        description="ServiceAccount the pods run as (default: the namespace's default, or the one "
+        "created when createServiceAccount is true).",
+    )
+    create_service_account: bool = Field(
+        default=False,
+        description="Create a ServiceAccount named serviceAccountName (default: this object's name).",
+    )
+    service_account_annotations: dict[str, str] = Field(
+        default_factory=dict,
+        description="Annotations of the created ServiceAccount (e.g. cloud workload identity).",
+    )
+    env: list[EnvVar] = Field(
+        default_factory=list, max_length=128, description="Extra environment variables of the server."
+    )
+    pod_annotations: dict[str, str] = Field(default_factory=dict, description="Extra pod annotations.")
+    pod_labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra pod labels (not the operator's app.kubernetes.io/ name, instance, component, "
+        "managed-by).",
+    )
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> InferenceServiceSpec:
+        return enforce(self, SPEC_RULES)
+
+    @property
+    def effective_replicas(self) -> int:
+        if self.autoscaling is not None:
+            return self.autoscaling.min_replicas
+        return 1 if self.replicas is None else self.replicas
+
+
+class ObjectMeta(BaseModel):
+    """The parts of metadata the operator reads."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True, alias_generator=to_camel)
+
+    name: str = Field(max_length=63, pattern=DNS_LABEL_PATTERN)
+    namespace: str = "default"
+    uid: str | None = None
+    generation: int | None = None
+
+
+class InferenceService(BaseModel):
+    """A whole InferenceService object as the operator sees it."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    metadata: ObjectMeta
+    spec: InferenceServiceSpec
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> InferenceService:
+        return cls.model_validate({"metadata": body.get("metadata", {}), "spec": body.get("spec", {})})

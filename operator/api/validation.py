@@ -1,0 +1,112 @@
+"""Validation of the InferenceService API: field formats, and each cross-field rule written
+once as a pair, the CEL `x-kubernetes-validations` rule the API server enforces at admission and
+the same rule in Python, which the operator enforces on objects stored before a rule existed."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from kvpilot.operator.api.constants import MODEL_URI_PATTERN, OPERATOR_LABEL_KEYS, QUANTITY_PATTERN
+from pydantic import AfterValidator, BeforeValidator
+
+
+def _quantity_to_str(value: Any) -> Any:
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def check_quantity(value: str) -> str:
+    if not re.match(QUANTITY_PATTERN, value):
+        raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. 16Gi, 500m, 2)")
+    return value
+
+
+def check_model_uri(value: str) -> str:
+    if not re.match(MODEL_URI_PATTERN, value):
+        raise ValueError(
+            f"{value!r} is not pvc://CLAIM/path, hf://org/repo[@revision], s3://bucket/path, "
+            "gs://bucket/path or oci://image"
+        )
+    return value
+
+
+# int-or-string in the schema (`cpu: 2` and `cpu: "500m"` are both valid), always a string here.
+Quantity = Annotated[int | str, BeforeValidator(_quantity_to_str), AfterValidator(check_quantity)]
+
+
+@dataclass(frozen=True)
+class Rule:
+    cel: str
+    message: str
+    field_path: str
+    holds: Callable[[Any], bool]  # the same rule on the pydantic model
+
+    def schema(self) -> dict[str, str]:
+        return {"rule": self.cel, "message": self.message, "fieldPath": self.field_path}
+
+
+def cel_rules(rules: list[Rule]) -> dict[str, Any]:
+    """The `json_schema_extra` that puts these rules into the CRD."""
+    return {"x-kubernetes-validations": [rule.schema() for rule in rules]}
+
+
+def enforce(model: Any, rules: list[Rule]) -> Any:
+    for rule in rules:
+        if not rule.holds(model):
+            raise ValueError(rule.message)
+    return model
+
+
+TENSOR_PARALLEL_UNSUPPORTED = (
+    "spec.engine.tensorParallelSize: tensor parallelism is not supported yet (the bundled kvpilot server "
+    "runs one device per replica); use 1 and scale out with replicas"
+)
+
+MODEL_RULES = [
+    Rule(
+        "!has(self.revision) || self.uri.startsWith('hf://')",
+        "spec.model.revision applies to hf:// URIs only",
+        ".revision",
+        lambda model: model.revision is None or model.uri.startswith("hf://"),
+    ),
+    Rule(
+        "!has(self.revision) || !self.uri.contains('@')",
+        "set the revision either in spec.model.uri (@revision) or in spec.model.revision, not both",
+        ".revision",
+        lambda model: model.revision is None or "@" not in model.uri,
+    ),
+]
+
+AUTOSCALING_RULES = [
+    Rule(
+        "self.minReplicas <= self.maxReplicas",
+        "spec.autoscaling.minReplicas must not exceed spec.autoscaling.maxReplicas",
+        ".minReplicas",
+        lambda autoscaling: autoscaling.min_replicas <= autoscaling.max_replicas,
+    ),
+]
+
+SPEC_RULES = [
+    Rule(
+        "!(has(self.replicas) && has(self.autoscaling))",
+        "spec.replicas and spec.autoscaling are mutually exclusive",
+        ".replicas",
+        lambda spec: spec.replicas is None or spec.autoscaling is None,
+    ),
+    Rule(
+        "!has(self.engine) || !has(self.engine.tensorParallelSize) || self.engine.tensorParallelSize == 1",
+        TENSOR_PARALLEL_UNSUPPORTED,
+        ".engine.tensorParallelSize",
+        lambda spec: spec.engine.tensor_parallel_size == 1,
+    ),
+    Rule(
+        # Constant-cost `in` checks: a loop over the map's keys could exceed the CEL cost budget.
+        "!has(self.podLabels) || "
+        + " && ".join(f"!('{key}' in self.podLabels)" for key in OPERATOR_LABEL_KEYS),
+        "spec.podLabels must not set the operator's app.kubernetes.io/ labels",
+        ".podLabels",
+        lambda spec: not any(key in spec.pod_labels for key in OPERATOR_LABEL_KEYS),
+    ),
+]
