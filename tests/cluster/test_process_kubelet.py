@@ -113,6 +113,15 @@ def test_a_crashing_pod_shows_crash_loop_back_off_with_its_message(cluster, name
     assert terminated["reason"] == "Error"
     assert "cannot load the model: no such file" in terminated["message"]
     assert "back-off" in status["state"]["waiting"]["message"]
+    # After the back-off (10 s, then doubling) the kubelet restarts it and counts the restart.
+    restarted = wait_for(
+        lambda: container_status(cluster.api, namespace, "crash").get("restartCount", 0) >= 1, "a restart"
+    )
+    assert restarted
+    wait_for(
+        lambda: cluster.pod_logs(namespace, "crash", "main").count("cannot load the model") >= 2,
+        "the second run",
+    )
 
 
 def test_three_gpu_pods_on_two_one_gpu_nodes_leave_one_unschedulable(cluster, namespace):
