@@ -17,9 +17,9 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from kvpilot.operator.api import API_VERSION, GROUP, KIND, PLURAL
 from kvpilot.operator.crd import CRD_PATH, build_crd
 from kvpilot.operator.labels import MANAGER, SPEC_HASH_ANNOTATION
-from kvpilot.operator.api import API_VERSION, GROUP, KIND, PLURAL
 
 from tests.checkpoints import build_checkpoint
 from tests.cluster.harness import OperatorProcess, condition, provide_model_volume, wait_for
