@@ -214,7 +214,7 @@ def build_deployment(isvc: InferenceService) -> dict[str, Any]:
         "kind": "Deployment",
         "metadata": child_metadata(isvc),
         "spec": {
-            "replicas": isvc.spec.effective_replicas,
+            **({} if isvc.spec.managed_replicas is None else {"replicas": isvc.spec.managed_replicas}),
             "selector": {"matchLabels": selector_labels(isvc)},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
             "revisionHistoryLimit": 5,
@@ -270,6 +270,6 @@ def build_children(isvc: InferenceService) -> list[dict[str, Any]]:
     if isvc.spec.create_service_account:
         children.append(build_service_account(isvc))
     children += [build_deployment(isvc), build_service(isvc)]
-    if isvc.spec.effective_replicas > 1:
+    if isvc.spec.most_replicas > 1:
         children.append(build_pod_disruption_budget(isvc))
     return [with_spec_hash(child) for child in children]

@@ -92,11 +92,19 @@ def _deployment_progress(deployment: dict[str, Any] | None, desired: int) -> tup
     return "ready", "ReplicasReady", message
 
 
+def desired_replicas(isvc: InferenceService, deployment: dict[str, Any] | None) -> int:
+    """The spec's count, or with autoscaling what the autoscaler last set on the Deployment."""
+    if isvc.spec.managed_replicas is not None:
+        return isvc.spec.managed_replicas
+    scaled = ((deployment or {}).get("spec") or {}).get("replicas")
+    return isvc.spec.autoscaling.min_replicas if scaled is None else scaled
+
+
 def compute_status(
     isvc: InferenceService, deployment: dict[str, Any] | None, previous: dict[str, Any], now: str
 ) -> dict[str, Any]:
     generation = isvc.metadata.generation
-    state, reason, message = _deployment_progress(deployment, isvc.spec.effective_replicas)
+    state, reason, message = _deployment_progress(deployment, desired_replicas(isvc, deployment))
     states = {READY: state == "ready", RECONCILING: state == "reconciling", STALLED: state == "stalled"}
     reasons = dict.fromkeys(states, (reason, message))
     observed = (deployment or {}).get("status") or {}

@@ -41,16 +41,17 @@ class InferenceServiceSpec(_Model):
         json_schema_extra={"default": {}},
         description="Node selection and placement.",
     )
-    replicas: int | None = Field(
-        default=None,
+    replicas: int = Field(
+        default=1,
         ge=0,
         le=1000,
-        description="Fixed replica count (the scale subresource); 1 when neither this nor "
-        "autoscaling is set. Mutually exclusive with autoscaling.",
+        description="Replica count, also through the scale subresource (`kubectl scale isvc`). With "
+        "autoscaling set it does not reach the Deployment: the autoscaler owns the replicas there.",
     )
     autoscaling: AutoscalingSpec | None = Field(
         default=None,
-        description="Autoscaling bounds and metric; until the autoscaler ships, runs minReplicas.",
+        description="Autoscaling bounds and metric. The operator leaves the Deployment's replicas to "
+        "the autoscaler (an HPA or KEDA today; kvpilot's own autoscaler is coming).",
     )
     rollout: RolloutSpec = Field(
         default_factory=RolloutSpec, json_schema_extra={"default": {}}, description="Rollout strategy."
@@ -91,10 +92,13 @@ class InferenceServiceSpec(_Model):
         return enforce(self, SPEC_RULES)
 
     @property
-    def effective_replicas(self) -> int:
-        if self.autoscaling is not None:
-            return self.autoscaling.min_replicas
-        return 1 if self.replicas is None else self.replicas
+    def managed_replicas(self) -> int | None:
+        """The Deployment's replicas as the operator sets them; None when an autoscaler owns them."""
+        return None if self.autoscaling is not None else self.replicas
+
+    @property
+    def most_replicas(self) -> int:
+        return self.autoscaling.max_replicas if self.autoscaling is not None else self.replicas
 
 
 class ObjectMeta(BaseModel):

@@ -90,12 +90,6 @@ AUTOSCALING_RULES = [
 
 SPEC_RULES = [
     Rule(
-        "!(has(self.replicas) && has(self.autoscaling))",
-        "spec.replicas and spec.autoscaling are mutually exclusive",
-        ".replicas",
-        lambda spec: spec.replicas is None or spec.autoscaling is None,
-    ),
-    Rule(
         "!has(self.engine) || !has(self.engine.tensorParallelSize) || self.engine.tensorParallelSize == 1",
         TENSOR_PARALLEL_UNSUPPORTED,
         ".engine.tensorParallelSize",

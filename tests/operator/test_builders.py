@@ -251,10 +251,13 @@ def test_service_pdb_and_service_account():
         ({}, ["Deployment", "Service", "PodDisruptionBudget"]),
         ({"replicas": 1}, ["Deployment", "Service"]),
         ({"replicas": 0}, ["Deployment", "Service"]),
-        ({"replicas": None}, ["Deployment", "Service"]),
         (
-            {"replicas": None, "autoscaling": {"minReplicas": 2, "maxReplicas": 4, "target": 0.7}},
+            {"replicas": 1, "autoscaling": {"minReplicas": 1, "maxReplicas": 4, "target": 0.7}},
             ["Deployment", "Service", "PodDisruptionBudget"],
+        ),
+        (
+            {"autoscaling": {"minReplicas": 1, "maxReplicas": 1, "target": 0.7}},
+            ["Deployment", "Service"],
         ),
         ({"createServiceAccount": True}, ["ServiceAccount", "Deployment", "Service", "PodDisruptionBudget"]),
     ],
@@ -298,3 +301,9 @@ def test_oci_image_volume_needs_kubernetes_1_33(version):
     kubernetes_validate.validate(deployment, version, strict=True)
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, "1.29.0", strict=True)
+
+
+def test_with_autoscaling_the_deployment_leaves_replicas_to_the_autoscaler():
+    autoscaled = isvc(replicas=3, autoscaling={"minReplicas": 2, "maxReplicas": 4, "target": 0.7})
+    assert "replicas" not in build_deployment(autoscaled)["spec"]
+    assert build_deployment(isvc(replicas=3))["spec"]["replicas"] == 3

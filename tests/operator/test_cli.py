@@ -23,6 +23,7 @@ def test_render_prints_every_child(capsys):
         ("ServiceAccount", "qwen"),
         ("Deployment", "qwen"),
         ("Service", "qwen"),
+        ("PodDisruptionBudget", "qwen"),  # autoscaling up to 4 replicas
     ]
     deployment = objects[1]
     assert deployment["spec"]["template"]["spec"]["initContainers"][0]["name"] == "model-download"

@@ -144,11 +144,6 @@ BAD = [
     ),
     # Cross-field rules: CEL in the CRD, model validators in pydantic.
     (
-        "replicas and autoscaling",
-        {"spec.autoscaling": {"minReplicas": 1, "maxReplicas": 2, "target": 0.5}},
-        "spec.replicas and spec.autoscaling are mutually exclusive",
-    ),
-    (
         "tensor parallelism (not supported yet)",
         {"spec.engine.tensorParallelSize": 2, "spec.resources.gpu": {"count": 2}},
         "spec.engine.tensorParallelSize",

@@ -100,13 +100,18 @@ def test_every_cel_rule_rejects_a_manifest_at_admission_with_its_message(kubectl
         assert any(rule["message"] in message for message in rejected_messages), rule
 
 
-def test_replicas_and_autoscaling_are_rejected_by_the_cel_rule_with_its_message(kubectl, api):
-    manifest = _with({"spec.autoscaling": {"minReplicas": 1, "maxReplicas": 2, "target": 0.5}})
-    with pytest.raises(ApiError) as rejected:
-        api.create(ISVC_API, PLURAL, "team-a", manifest)
-    assert rejected.value.status_code == 422
-    assert "spec.replicas: Invalid value" in rejected.value.message
-    assert "spec.replicas and spec.autoscaling are mutually exclusive" in rejected.value.message
+def test_an_autoscaled_isvc_gets_default_replicas_so_its_scale_subresource_works(kubectl, api):
+    """Without a stored spec.replicas, GET /scale is a 500 ("the spec replicas field does not
+    exist"): an HPA or KEDA pointed at the InferenceService could not read it."""
+    manifest = _with(
+        {"spec.replicas": None, "spec.autoscaling": {"minReplicas": 1, "maxReplicas": 4, "target": 0.5}}
+    )
+    manifest["metadata"]["name"] = "autoscaled"
+    stored = api.create(ISVC_API, PLURAL, "team-a", manifest)
+    assert stored["spec"]["replicas"] == 1  # the CRD's default
+    scale = api.get(ISVC_API, PLURAL, "team-a", "autoscaled", sub="scale")
+    assert scale["kind"] == "Scale" and scale["spec"]["replicas"] == 1
+    api.delete(ISVC_API, PLURAL, "team-a", "autoscaled")
 
 
 def test_kubectl_scale_isvc_reads_and_writes_the_scale_subresource(kubectl, api):

@@ -202,13 +202,13 @@ def _crd_without_cel() -> dict[str, Any]:
 
 def test_an_object_stored_before_a_rule_existed_stalls_with_an_event_and_recovers(cluster, api, ns, kubectl):
     # An object the current CRD rejects can only exist from before its rule: store it that way.
-    bad = manifest(ns, replicas=0, autoscaling={"minReplicas": 1, "maxReplicas": 3, "target": 0.7})
+    bad = manifest(ns, podLabels={"app.kubernetes.io/name": "mine"})
     kubectl.apply("-f", "-", stdin=json.dumps(_crd_without_cel()))
     try:
         api.create(API_VERSION, ISVC, ns, bad)
     finally:
         kubectl.apply("-f", str(CRD_PATH))
-    with pytest.raises(ApiError, match="mutually exclusive"):  # the rule is back
+    with pytest.raises(ApiError, match="must not set the operator's"):  # the rule is back
         api.create(API_VERSION, ISVC, ns, {**bad, "metadata": {"name": "other", "namespace": ns}})
 
     with OperatorProcess(cluster.control_plane):
@@ -220,16 +220,16 @@ def test_an_object_stored_before_a_rule_existed_stalls_with_an_event_and_recover
             "Stalled=True",
         )
         assert stalled["reason"] == "InvalidSpec"
-        assert "spec.replicas and spec.autoscaling are mutually exclusive" in stalled["message"]
+        assert "spec.podLabels must not set the operator's" in stalled["message"]
         assert isvc_condition(api, ns, "Ready")["status"] == "False"
         events = wait_for(
             lambda: [e for e in api.list("v1", "events", ns) if e.get("reason") == "InvalidSpec"], "the Event"
         )
-        assert events[0]["type"] == "Warning" and "spec.replicas" in events[0]["message"]
+        assert events[0]["type"] == "Warning" and "spec.podLabels" in events[0]["message"]
         assert api.list("apps/v1", "deployments", ns) == []
 
         # Fixing the spec passes admission (CEL ratchets) and recovers.
-        api.patch(API_VERSION, ISVC, ns, "chat", {"spec": {"autoscaling": None}})
+        api.patch(API_VERSION, ISVC, ns, "chat", {"spec": {"podLabels": None}})
         wait_for(lambda: api.get("apps/v1", "deployments", ns, "chat"), "the Deployment")
         wait_for(lambda: isvc_condition(api, ns, "Stalled").get("status") == "False", "Stalled=False")
 
@@ -309,6 +309,25 @@ def test_scale_subresource_drives_the_deployment(api, ns, kubectl, operator):
     api.patch(API_VERSION, ISVC, ns, "chat", {"spec": {"replicas": 0}}, sub="scale")
     wait_for(lambda: api.get("apps/v1", "deployments", ns, "chat")["spec"]["replicas"] == 0, "scale down")
     wait_for(lambda: not api.list("v1", "pods", ns), "the engine pod to be gone", timeout=90)
+
+
+def test_with_autoscaling_the_operator_leaves_the_deployments_replicas_alone(api, ns, kubectl, operator):
+    """What an HPA does (scale the Deployment) survives the operator's reconciles, even after a
+    spec change that rewrites the Deployment."""
+    autoscaling = {"minReplicas": 1, "maxReplicas": 3, "target": 0.7}
+    api.create(API_VERSION, ISVC, ns, manifest(ns, autoscaling=autoscaling))
+    deployment = wait_for(lambda: api.get("apps/v1", "deployments", ns, "chat"), "the Deployment")
+    assert deployment["spec"]["replicas"] == 1  # the API server's default: nobody set it
+    kubectl.run("scale", "deployment", "chat", "-n", ns, "--replicas=2")
+    api.patch(API_VERSION, ISVC, ns, "chat", {"spec": {"podAnnotations": {"touched": "yes"}}})
+    wait_for(
+        lambda: api.get("apps/v1", "deployments", ns, "chat")["spec"]["template"]["metadata"][
+            "annotations"
+        ].get("touched"),
+        "the operator to apply the spec change",
+    )
+    time.sleep(2)
+    assert api.get("apps/v1", "deployments", ns, "chat")["spec"]["replicas"] == 2
 
 
 def test_the_operator_rides_out_an_api_server_outage(cluster, api, ns, operator):

@@ -41,6 +41,7 @@ def edit(observed: list[dict[str, Any]], kind: str, fn) -> list[dict[str, Any]]:
 
 DESIRED = build_children(isvc())
 OBSERVED = as_observed(DESIRED)
+AUTOSCALED = build_children(isvc(autoscaling={"minReplicas": 1, "maxReplicas": 8, "target": 0.7}))
 
 
 def _set_replicas(obj):
@@ -119,6 +120,12 @@ CASES = [
         build_children(isvc(replicas=3)),
         OBSERVED,
         ([], [("Deployment", "chat")], []),
+    ),
+    (
+        "autoscaled: an autoscaler's replicas are not reverted",
+        AUTOSCALED,
+        edit(as_observed(AUTOSCALED), "Deployment", _set_replicas),
+        ([], [], []),
     ),
     (
         "Service deleted by hand: recreated",

@@ -98,3 +98,16 @@ def test_invalid_spec_is_stalled_and_keeps_what_exists():
     assert stalled["message"] == "spec.model.uri: bad"
     assert status["observedGeneration"] == 4
     assert (status["url"], status["readyReplicas"]) == (previous["url"], 2)
+
+
+def test_with_autoscaling_the_deployments_own_count_is_desired():
+    from kvpilot.operator.status import desired_replicas
+
+    autoscaled = isvc(autoscaling={"minReplicas": 2, "maxReplicas": 8, "target": 0.7})
+    scaled = deployment(replicas=5, updated=5, ready=5)
+    scaled["spec"] = {"replicas": 5}  # what the autoscaler set
+    assert desired_replicas(autoscaled, scaled) == 5
+    assert desired_replicas(autoscaled, None) == 2  # nothing scaled yet: the lower bound
+    assert desired_replicas(isvc(replicas=3), scaled) == 3
+    status = compute_status(autoscaled, scaled, {}, T0)
+    assert summary(status)["Ready"] == ("True", "ReplicasReady")
