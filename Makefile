@@ -29,8 +29,8 @@ $(BENCH_STAMP): $(STAMP)
 
 bench: $(BENCH_STAMP)
 	class=$$($(BIN)/python -c 'from kvpilot.serving.bench.machine import machine_class; print(machine_class())'); \
-	$(BIN)/kvpilot bench throughput --json serving/bench/results/throughput-$$class.json \
-		--plot serving/bench/results/throughput-$$class.png
+	$(BIN)/kvpilot bench throughput --json docs/benchmarks/throughput-$$class.json \
+		--plot docs/benchmarks/throughput-$$class.png
 
 run: $(STAMP)
 	$(BIN)/kvpilot demo

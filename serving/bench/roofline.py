@@ -87,6 +87,12 @@ class Peaks:
     gemm_flops_per_s: float
     memory_bytes_per_s: float
 
+    def best_of(self, other: "Peaks") -> "Peaks":
+        return Peaks(
+            max(self.gemm_flops_per_s, other.gemm_flops_per_s),
+            max(self.memory_bytes_per_s, other.memory_bytes_per_s),
+        )
+
 
 @dataclass(frozen=True)
 class RooflineBound:

@@ -62,6 +62,10 @@ def test_bound_is_the_slower_term_of_each_step():
     assert mixed.seconds >= max(mixed.compute_s, mixed.memory_s)
 
 
+def test_peaks_keep_the_best_of_two_measurements():
+    assert Peaks(2.0, 5.0).best_of(Peaks(3.0, 4.0)) == Peaks(3.0, 5.0)
+
+
 def test_bound_rejects_what_it_cannot_bound():
     with pytest.raises(ValueError, match="lengths"):
         workload_bound(SHAPE, [], Peaks(1.0, 1.0))

@@ -37,7 +37,7 @@ def test_report_json_table_and_plot(tiny_llama, tmp_path, capsys):
     assert set(systems) == {"kvpilot_fp32", "kvpilot_best", "hf_sequential", "hf_static_batch"}
     # The best mode is measured among the exact modes on this machine; every candidate is reported.
     candidates = report["details"]["best_mode_candidates"]
-    assert set(candidates) == {"w8a8 + kv int8", "int8 + kv int8", "fp32 + kv int8"}
+    assert set(candidates) == {"w8a8 + kv int8", "int8 + kv int8", "fp32 + kv int8", "fp32"}
     assert systems["kvpilot_fp32"]["mode"] == "fp32"
     assert systems["kvpilot_best"]["mode"] == max(candidates, key=candidates.get)
     expected = {
@@ -136,8 +136,8 @@ def test_llama_cpp_batches_sequences(default_gguf, kv_unified):
     """A decode step of 8 sequences costs well under 8 single-sequence steps (it would cost about
     8 if llama.cpp split the batch per sequence, as it did with ids handed out last-in-first-out)."""
     config = llama_cpp.LlamaCppConfig(default_gguf, kv_unified)
-    with llama_cpp.open_context(config, num_seqs=8, max_len=64, num_batch=128) as context:
-        for seq_id in range(8):
+    with llama_cpp.open_context(config, num_seqs=9, max_len=64, num_batch=160) as context:
+        for seq_id in range(9):  # sequences 0-7 decode together, sequence 8 alone
             for pos, token in enumerate(range(10, 26)):
                 context.add(token, pos, seq_id, logits=False)
         context.decode()
@@ -149,9 +149,12 @@ def test_llama_cpp_batches_sequences(default_gguf, kv_unified):
             context.decode()
             return time.perf_counter() - start
 
-        batched = min(step(list(range(8)), pos) for pos in range(16, 24))
-        single = min(step([0], pos) for pos in range(24, 32))
-    assert batched < 0.5 * 8 * single, (batched, single)
+        # Interleaved, best of 12 each: a busy machine slows both alike.
+        batched, single = [], []
+        for pos in range(16, 28):
+            batched.append(step(list(range(8)), pos))
+            single.append(step([8], pos))
+    assert min(batched) < 0.5 * 8 * min(single), (min(batched), min(single))
 
 
 @requires_llama_cpp
