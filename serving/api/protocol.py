@@ -15,9 +15,6 @@ from pydantic import (
     model_serializer,
 )
 
-Probability = Annotated[float, Field(ge=0, le=1)]
-Penalty = Annotated[float, Field(ge=-2, le=2)]
-
 
 def _clean_union_error(message: str):
     """A wrap validator that replaces pydantic's one-error-per-union-member list with one message."""
@@ -36,29 +33,31 @@ class StreamOptions(BaseModel):
 
 
 class SamplingFields(BaseModel):
-    """Fields both endpoints share: OpenAI's sampling fields plus vLLM's extra ones."""
+    """Fields both endpoints share: OpenAI's sampling fields plus vLLM's extra ones. Bounds here
+    are the API's own policy (OpenAI's limits); whether a value can work at all is checked once,
+    by `SamplingParams` and the engine's input processing (a 400 naming the field either way)."""
 
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    n: StrictInt = Field(1, ge=1, le=64)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
+    n: StrictInt = Field(1, le=64)
+    temperature: float | None = Field(None, le=2)
+    top_p: float = 1.0
     stop: str | list[str] | None = None
     seed: StrictInt | None = None
-    presence_penalty: Penalty = 0.0
-    frequency_penalty: Penalty = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     user: str | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     # vLLM's extra sampling fields
-    top_k: StrictInt = Field(-1, ge=-1)
-    min_p: Probability = 0.0
-    repetition_penalty: float = Field(1.0, gt=0)
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    top_k: StrictInt = -1
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    stop_token_ids: list[StrictInt] | None = None
     ignore_eos: StrictBool = False
-    min_tokens: StrictInt = Field(0, ge=0)
+    min_tokens: StrictInt = 0
     include_stop_str_in_output: StrictBool = False
     skip_special_tokens: StrictBool = True
 

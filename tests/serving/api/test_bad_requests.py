@@ -27,6 +27,12 @@ CASES = [
     (COMPLETIONS, {"prompt": "hi", "logit_bias": {"99999999999999999999": 1}}, 400, "logit_bias", None),
     (COMPLETIONS, {"prompt": "hi", "logit_bias": {"5": 500}}, 400, "logit_bias.5", None),
     (COMPLETIONS, {"prompt": "hi", "presence_penalty": 3}, 400, "presence_penalty", None),
+    # Checked once, by the engine's input processing (SamplingParams), not the HTTP schema:
+    (COMPLETIONS, {"prompt": "hi", "top_k": -2}, 400, "top_k", None),
+    (COMPLETIONS, {"prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty", None),
+    (COMPLETIONS, {"prompt": "hi", "min_tokens": -1}, 400, "min_tokens", None),
+    (COMPLETIONS, {"prompt": "hi", "min_p": 1.5}, 400, "min_p", None),
+    (COMPLETIONS, {"prompt": "hi", "stop_token_ids": [-1]}, 400, "stop_token_ids", None),
     (COMPLETIONS, {"prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options", None),
     (COMPLETIONS, {"prompt": "hi " * 3000}, 400, "prompt", "context_length_exceeded"),
     (COMPLETIONS, {"prompt": "hi", "max_tokens": 5000}, 400, "max_tokens", "context_length_exceeded"),
