@@ -13,12 +13,14 @@ from pydantic import ValidationError
 
 
 class InvalidParameter(ValueError):
-    """`param` is the name the caller used (a request field, an engine setting)."""
+    """`param` is the name the caller used (a request field, an engine setting); `code` a
+    machine-readable kind where OpenAI's API has one (e.g. `context_length_exceeded`)."""
 
-    def __init__(self, param: str, message: str):
+    def __init__(self, param: str, message: str, code: str | None = None):
         super().__init__(f"{param}: {message}")
         self.param = param
         self.message = message
+        self.code = code
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from fastapi.responses import StreamingResponse
 from kvpilot.serving.api.completions import ABORTED_MESSAGE
 from kvpilot.serving.api.errors import APIError, bad_request, unavailable
 from kvpilot.serving.api.logprobs import chat_logprobs
-from kvpilot.serving.api.prompts import chat_prompt, resolve_max_tokens, sampling_params
+from kvpilot.serving.api.prompts import chat_prompt, sampling_params
 from kvpilot.serving.api.protocol import (
     SSE_DONE,
     ChatChoice,
@@ -43,12 +43,7 @@ async def create_chat_completion(request: ChatCompletionRequest, state: ServingS
     prompt = chat_prompt(request, model)
     max_tokens = request.max_completion_tokens or request.max_tokens
     num_top = (request.top_logprobs or 0) if request.logprobs else None
-    params = sampling_params(
-        request,
-        resolve_max_tokens(len(prompt.token_ids), max_tokens, model.max_model_len),
-        num_top,
-        model.vocab_size,
-    )
+    params = sampling_params(request, max_tokens, num_top, model.vocab_size)  # the engine fits it
     state.check_queue()
     request_id = random_id("chatcmpl")
     stream = state.generate(prompt.token_ids, params, request_id)

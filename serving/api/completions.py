@@ -5,7 +5,7 @@ from collections.abc import AsyncIterator
 from fastapi.responses import StreamingResponse
 from kvpilot.serving.api.errors import APIError, bad_request, unavailable
 from kvpilot.serving.api.logprobs import completion_logprobs
-from kvpilot.serving.api.prompts import completion_prompts, resolve_max_tokens, sampling_params
+from kvpilot.serving.api.prompts import completion_prompts, sampling_params
 from kvpilot.serving.api.protocol import (
     SSE_DONE,
     CompletionChoice,
@@ -32,12 +32,8 @@ async def create_completion(request: CompletionRequest, state: ServingState):
     model = state.model_info
     prompts = completion_prompts(request, model)
     params = [
-        sampling_params(
-            request,
-            resolve_max_tokens(len(p.token_ids), request.max_tokens, model.max_model_len),
-            request.logprobs,
-            model.vocab_size,
-        )
+        # max_tokens against the context (and None: what fits) is the engine's to check, once.
+        sampling_params(request, request.max_tokens, request.logprobs, model.vocab_size)
         for p in prompts
     ]
     state.check_queue()

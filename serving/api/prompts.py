@@ -66,25 +66,8 @@ def chat_prompt(request: ChatCompletionRequest, model: ModelInfo) -> EnginePromp
     return EnginePrompt(model.tokenizer.encode(text, add_special_tokens=False), text)
 
 
-def resolve_max_tokens(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> int:
-    """`max_tokens`, defaulting to what fits; 400 `context_length_exceeded` when prompt + max_tokens don't."""
-    room = max_model_len - num_prompt_tokens
-    if max_tokens is None and room >= 1:
-        return room
-    if max_tokens is None or max_tokens > room:
-        requested = num_prompt_tokens + (max_tokens or 1)
-        raise bad_request(
-            f"this model's maximum context length is {max_model_len} tokens, but {requested} were requested "
-            f"({num_prompt_tokens} in the prompt, {max_tokens or 1} to generate); "
-            "shorten the prompt or lower max_tokens",
-            param="max_tokens" if room >= 1 else "prompt",
-            code="context_length_exceeded",
-        )
-    return max_tokens
-
-
 def sampling_params(
-    request: SamplingFields, max_tokens: int, logprobs: int | None, vocab_size: int
+    request: SamplingFields, max_tokens: int | None, logprobs: int | None, vocab_size: int
 ) -> SamplingParams:
     stop = request.stop if request.stop is not None else ()
     try:

@@ -134,7 +134,7 @@ class ServingState:
                     yield output
         except InvalidParameter as exc:  # the engine's input processing validates every request
             rejected = True
-            raise bad_request(str(exc), param=exc.param) from None
+            raise bad_request(str(exc), param=exc.param, code=exc.code) from None
         except EngineDeadError as exc:
             rejected = True
             raise unavailable(f"the engine is not running: {exc}", code="engine_dead") from None

@@ -40,6 +40,9 @@ class UserRequest:
         return all(s.is_finished for s in self.sequences)
 
 
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # OpenAI's error code for it
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -259,6 +262,7 @@ class LLMEngine:
             raise InvalidParameter(
                 "prompt",
                 f"{num_prompt_tokens} tokens leave no room to generate within {limit_name} = {limit}",
+                code=CONTEXT_LENGTH_EXCEEDED,
             )
         if params.max_tokens is None:
             return limit - num_prompt_tokens
@@ -267,6 +271,7 @@ class LLMEngine:
                 "max_tokens",
                 f"prompt ({num_prompt_tokens} tokens) + max_tokens ({params.max_tokens}) "
                 f"exceeds {limit_name} = {limit}",
+                code=CONTEXT_LENGTH_EXCEEDED,
             )
         return params.max_tokens
 
