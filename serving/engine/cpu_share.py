@@ -67,6 +67,7 @@ class CpuShare:
         interval_s: float = 1.0,
         sample: Callable[[], CpuSample | None] = read_sample,
         cores: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.max_threads = max_threads
         self.threads = max_threads
@@ -74,14 +75,17 @@ class CpuShare:
         self._set_threads = set_threads
         self._sample = sample
         self._interval_s = interval_s
+        self._clock = clock
         self._last = sample()
 
     def adjust(self) -> int:
         """The thread count now in use (changed when the share of free cores changed)."""
         if self._last is None or self.max_threads <= 1:
             return self.threads
+        if self._clock() - self._last.wall_s < self._interval_s:
+            return self.threads  # the step loop pays one clock read, not a /proc read
         now = self._sample()
-        if now is None or now.wall_s - self._last.wall_s < self._interval_s:
+        if now is None:
             return self.threads
         others = others_busy_cores(self._last, now)
         self._last = now

@@ -59,9 +59,16 @@ class FakeClock:
 
 def test_controller_drops_a_thread_while_a_core_is_taken_and_takes_it_back():
     clock, applied = FakeClock(), []
-    share = CpuShare(2, applied.append, interval_s=1.0, sample=clock, cores=2)
+    reads = []
+
+    def sample():
+        reads.append(clock())
+        return clock()
+
+    share = CpuShare(2, applied.append, interval_s=1.0, sample=sample, cores=2, clock=lambda: clock().wall_s)
     clock.advance(0.5, others_s=0.5, own_s=1.0)
     assert share.adjust() == 2 and applied == []  # less than an interval: not measured yet
+    assert len(reads) == 1  # only the first sample: /proc/stat is not read on every step
     clock.advance(0.5, others_s=0.5, own_s=1.0)  # over 1 s: others used 1 core
     assert share.adjust() == 1 and applied == [1]
     clock.advance(1.0, others_s=1.0, own_s=1.0)
