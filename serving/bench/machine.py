@@ -4,8 +4,14 @@ import os
 import platform
 from pathlib import Path
 
+CPUINFO = Path("/proc/cpuinfo")
 # The CPU features that decide which kernels run (fbgemm, oneDNN, MKL, our C kernels).
 FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8")
+
+
+def read_cpuinfo(path: Path = CPUINFO) -> str:
+    """/proc/cpuinfo's text, or "" where there is none (not Linux)."""
+    return path.read_text() if path.exists() else ""
 
 
 def cpu_model(cpuinfo: str) -> str:
@@ -22,10 +28,7 @@ def cpu_flags(cpuinfo: str) -> dict[str, bool]:
 
 def all_cpu_flags(cpuinfo: str | None = None) -> set[str]:
     """Every flag /proc/cpuinfo lists for the first CPU."""
-    if cpuinfo is None:
-        path = Path("/proc/cpuinfo")
-        cpuinfo = path.read_text() if path.exists() else ""
-    for line in cpuinfo.splitlines():
+    for line in (read_cpuinfo() if cpuinfo is None else cpuinfo).splitlines():
         if line.startswith("flags"):
             return set(line.split(":", 1)[1].split())
     return set()
@@ -42,15 +45,15 @@ def cpu_class(flags: dict[str, bool]) -> str:
 
 def machine_class() -> str:
     """This machine's CPU class (names the committed results file)."""
-    return cpu_class(cpu_flags(Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""))
+    return cpu_class(cpu_flags(read_cpuinfo()))
 
 
-def describe_machine(cpuinfo_path: Path = Path("/proc/cpuinfo")) -> dict:
+def describe_machine(cpuinfo_path: Path = CPUINFO) -> dict:
     """CPU model, cores, ISA flags, torch version and threads, and the w8a8 GEMM path."""
     import torch
     from kvpilot.kernels.quant.int8 import one_pass_int8_is_exact
 
-    cpuinfo = cpuinfo_path.read_text() if cpuinfo_path.exists() else ""
+    cpuinfo = read_cpuinfo(cpuinfo_path)
     flags = cpu_flags(cpuinfo)
     return {
         "cpu": cpu_model(cpuinfo),

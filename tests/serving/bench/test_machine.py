@@ -1,0 +1,23 @@
+"""Where a benchmark ran: CPU model, flags and class read from /proc/cpuinfo's text."""
+
+from kvpilot.serving.bench.machine import cpu_class, cpu_flags, cpu_model, describe_machine
+
+ZEN3 = "processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu sse2 avx avx2 fma bmi2\n"
+ZEN4 = "model name\t: AMD EPYC 9B14\nflags\t\t: avx2 fma avx512f avx512_vnni avx512_bf16\n"
+
+
+def test_cpu_class_and_flags_from_cpuinfo():
+    assert cpu_model(ZEN3) == "AMD EPYC 7B13"
+    assert cpu_flags(ZEN3)["avx2"] and not cpu_flags(ZEN3)["avx512_vnni"]
+    assert cpu_class(cpu_flags(ZEN3)) == "avx2"
+    assert cpu_class(cpu_flags(ZEN4)) == "avx512-vnni"
+    assert cpu_class(cpu_flags("flags\t: avx512f avx2\n")) == "avx512"
+    assert cpu_class(cpu_flags("")) == "x86-64"
+
+
+def test_describe_machine_reads_the_given_cpuinfo(tmp_path):
+    path = tmp_path / "cpuinfo"
+    path.write_text(ZEN3)
+    machine = describe_machine(path)
+    assert (machine["cpu"], machine["cpu_class"]) == ("AMD EPYC 7B13", "avx2")
+    assert machine["cores"] >= 1 and isinstance(machine["w8a8_one_pass_exact"], bool)
