@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass, field
 
+from kvpilot.serving.structured_outputs import StructuredOutputsParams
 from kvpilot.serving.validation import InvalidParameter
 
 
@@ -25,6 +26,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top logprobs per sampled token
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None  # what the output must match
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -20,6 +20,7 @@ from kvpilot.serving.engine.sampler import Sampler, SamplerOutput
 from kvpilot.serving.engine.scheduler import Scheduler
 from kvpilot.serving.engine.scheduler_output import SchedulerOutput
 from kvpilot.serving.engine.stats import EngineStats
+from kvpilot.serving.engine.structured_output import StructuredOutputManager
 from kvpilot.serving.sampling_params import SamplingParams
 from kvpilot.serving.validation import InvalidParameter
 
@@ -65,11 +66,26 @@ class LLMEngine:
             runner.eos_token_ids,
         )
         self.sampler = Sampler(runner.eos_token_ids, torch.Generator().manual_seed(config.seed))
+        self._structured_output: StructuredOutputManager | None = None  # built on first use
         self._requests: dict[str, UserRequest] = {}
         # On CPU, threads follow the cores other processes leave free (see cpu_share.py).
         self.cpu_share = (
             CpuShare(torch.get_num_threads(), torch.set_num_threads) if runner.device.type == "cpu" else None
         )
+
+    @property
+    def structured_output(self) -> StructuredOutputManager:
+        """The grammar compiler and its cache, built when the first request needs it."""
+        if self.tokenizer is None:
+            raise InvalidParameter(
+                "structured_outputs", "structured outputs need a tokenizer; this model has none"
+            )
+        if self._structured_output is None:
+            self._structured_output = StructuredOutputManager(
+                self.tokenizer, self.vocab_size, self.eos_token_ids
+            )
+            self.sampler.structured_output = self._structured_output
+        return self._structured_output
 
     # Requests in and out
 
@@ -98,6 +114,7 @@ class LLMEngine:
         prompt_text, prompt_token_ids = self._tokenize(prompt)
         max_tokens = self._resolve_max_tokens(len(prompt_token_ids), params)
         self._validate_params(params)
+        structured = self.structured_output if params.structured_outputs is not None else None
         user = UserRequest(request_id, prompt_text, prompt_token_ids, arrival or time.monotonic())
         for index in range(params.n):
             generator = None
@@ -112,6 +129,7 @@ class LLMEngine:
                 parent_id=None if params.n == 1 else request_id,
                 index=index,
                 times=RequestTimes(arrival=user.arrival),
+                grammar=structured.new_matcher(params.structured_outputs) if structured else None,
             )
             user.sequences.append(sequence)
             user.detokenizers.append(IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params))
@@ -186,6 +204,8 @@ class LLMEngine:
         logprobs = {s.request_id: lp for s, lp in zip(sequences, sampled.logprobs, strict=True)}
         touched: dict[str, UserRequest] = {}
         for sequence in updated:
+            if sequence.grammar is not None and not sequence.is_finished:
+                self._advance_grammar(sequence)
             if logprobs[sequence.request_id] is not None:
                 sequence.output_logprobs.append(logprobs[sequence.request_id])
             user = self._requests[sequence.output_id]
@@ -197,6 +217,13 @@ class LLMEngine:
                     self.scheduler.finish_request(sequence, "stop", stop)
             touched[user.request_id] = user
         return [self._make_output(user) for user in touched.values()]
+
+    def _advance_grammar(self, sequence: Request) -> None:
+        """Feed the sampled token to the sequence's grammar. The mask allowed only tokens the
+        grammar accepts, so a refusal means the grammar is done (or broken): finish with "stop"
+        rather than generate unconstrained text."""
+        if not sequence.grammar.accept(sequence.output_token_ids[-1]):
+            self.scheduler.finish_request(sequence, "stop")
 
     def _make_output(self, user: UserRequest) -> RequestOutput:
         finished = user.finished

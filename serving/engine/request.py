@@ -42,6 +42,7 @@ class Request:
     # Arrival order decides preemption (latest first); ties never happen.
     arrival_seq: int = field(default_factory=lambda: next(_arrival_counter))
     block_hashes: list[bytes] = field(default_factory=list)  # of full blocks, filled as they appear
+    grammar: object | None = None  # structured_output.GrammarState when the output must match one
 
     @property
     def all_token_ids(self) -> list[int]:
