@@ -3,7 +3,8 @@
 - `hermes` (Hermes, Qwen 2/2.5/3): `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`,
   any number of them, after optional text.
 - `llama3_json` (Llama 3.1+): the whole reply is `{"name": ..., "parameters": {...}}`, several
-  separated by `;` (the `<|python_tag|>` before them is a special token, already left out).
+  separated by `;` (the `<|python_tag|>` before them is a special token, already left out). A
+  reply that starts with `{` is held back while streaming until it ends.
 - `required`: what `tool_choice: "required"` constrains the output to, a JSON array of
   `{"name": ..., "parameters": {...}}` (vLLM's format: the same for every model family).
 - `named`: a named `tool_choice`; the whole output is the arguments of that function.
@@ -68,9 +69,10 @@ def _parse_hermes(text: str, finished: bool) -> ParsedOutput:
     for block in blocks:
         value = _json_or_none(block)
         call = _as_call(value, "arguments") if value is not None else None
-        if call is None:  # not a call after all: show the model's text as it is
+        if call is None and not calls:  # not a call after all: show the model's text as it is
             return ParsedOutput(text) if finished else ParsedOutput(text[:start])
-        calls.append(call)
+        if call is not None:  # (a broken call after good ones is dropped: those were sent)
+            calls.append(call)
     return ParsedOutput(text[:start], calls)
 
 
@@ -80,9 +82,11 @@ def _parse_llama3(text: str, finished: bool) -> ParsedOutput:
         if not finished and not stripped:
             return ParsedOutput("")
         return ParsedOutput(text)
+    if not finished:  # whether it is all calls shows only at the end: held until then
+        return ParsedOutput("")
     values = _complete_values(stripped, ";")
     calls = _calls(values, "parameters")
-    if finished and (len(calls) != len(values) or not calls or _rest_after(stripped, len(values)).strip()):
+    if len(calls) != len(values) or not calls or _rest_after(stripped, len(values)).strip():
         return ParsedOutput(text)  # not (only) calls: the model's text as it is
     return ParsedOutput("", calls)
 
