@@ -75,16 +75,36 @@ def _schema(rng: random.Random, depth: int = 0) -> dict:
 
 SCHEMAS = [_schema(random.Random(seed)) for seed in range(46)] + [
     {  # $defs and $ref
-        "$defs": {"point": {"type": "object", "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["x"], "additionalProperties": False}},
+        "$defs": {
+            "point": {
+                "type": "object",
+                "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 9}},
+                "required": ["x"],
+                "additionalProperties": False,
+            }
+        },
         "type": "object",
-        "properties": {"a": {"$ref": "#/$defs/point"}, "b": {"type": "array", "items": {"$ref": "#/$defs/point"}, "maxItems": 2}},
+        "properties": {
+            "a": {"$ref": "#/$defs/point"},
+            "b": {"type": "array", "items": {"$ref": "#/$defs/point"}, "maxItems": 2},
+        },
         "required": ["a", "b"],
         "additionalProperties": False,
     },
-    {"type": "array", "items": {"enum": ["x", "y"]}, "minItems": 2, "maxItems": 4},  # not an object at the top
-    {"type": "object", "properties": {"when": {"type": "string", "format": "date"}}, "required": ["when"], "additionalProperties": False},
+    {
+        "type": "array",
+        "items": {"enum": ["x", "y"]},
+        "minItems": 2,
+        "maxItems": 4,
+    },  # not an object at the top
+    {
+        "type": "object",
+        "properties": {"when": {"type": "string", "format": "date"}},
+        "required": ["when"],
+        "additionalProperties": False,
+    },
     {"enum": ["only", "these", "three"]},
-]  # fmt: skip
+]
 
 
 async def test_every_json_schema_output_validates(async_client):
@@ -109,13 +129,21 @@ async def test_every_json_schema_output_validates(async_client):
 
 def test_json_object_on_completions_and_chat(client):
     completion = client.completions.create(
-        model="tiny-llama", prompt="JSON:", max_tokens=120, temperature=1.0, seed=3,
+        model="tiny-llama",
+        prompt="JSON:",
+        max_tokens=120,
+        temperature=1.0,
+        seed=3,
         extra_body={"response_format": {"type": "json_object"}},  # vLLM's extra on completions
-    )  # fmt: skip
+    )
     chat = client.chat.completions.create(
-        model="tiny-llama", messages=MESSAGES, max_tokens=120, temperature=1.0, seed=4,
+        model="tiny-llama",
+        messages=MESSAGES,
+        max_tokens=120,
+        temperature=1.0,
+        seed=4,
         response_format={"type": "json_object"},
-    )  # fmt: skip
+    )
     for choice, text in (
         (completion.choices[0], completion.choices[0].text),
         (chat.choices[0], chat.choices[0].message.content),
@@ -129,9 +157,14 @@ def test_json_object_on_completions_and_chat(client):
 def test_regex_choice_and_grammar(client):
     def complete(structured: dict, n: int = 4) -> list[str]:
         response = client.completions.create(
-            model="tiny-llama", prompt="Answer:", max_tokens=40, temperature=1.0, n=n, seed=7,
+            model="tiny-llama",
+            prompt="Answer:",
+            max_tokens=40,
+            temperature=1.0,
+            n=n,
+            seed=7,
             extra_body={"structured_outputs": structured},
-        )  # fmt: skip
+        )
         assert {c.finish_reason for c in response.choices} == {"stop"}
         return [c.text for c in response.choices]
 
@@ -145,9 +178,12 @@ def test_regex_choice_and_grammar(client):
 
 def test_a_grammar_that_cannot_finish_in_max_tokens_ends_with_length(client):
     response = client.completions.create(
-        model="tiny-llama", prompt="x", max_tokens=5, temperature=1.0,
+        model="tiny-llama",
+        prompt="x",
+        max_tokens=5,
+        temperature=1.0,
         extra_body={"structured_outputs": {"regex": "a{200}"}},
-    )  # fmt: skip
+    )
     choice = response.choices[0]
     assert choice.finish_reason == "length" and re.fullmatch("a+", choice.text)
     assert response.usage.completion_tokens == 5
@@ -155,9 +191,14 @@ def test_a_grammar_that_cannot_finish_in_max_tokens_ends_with_length(client):
 
 def test_streamed_structured_output_matches(client):
     stream = client.chat.completions.create(
-        model="tiny-llama", messages=MESSAGES, max_tokens=400, temperature=1.0, seed=11, stream=True,
+        model="tiny-llama",
+        messages=MESSAGES,
+        max_tokens=400,
+        temperature=1.0,
+        seed=11,
+        stream=True,
         response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMAS[0]}},
-    )  # fmt: skip
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert chunks[-1].choices[0].finish_reason == "stop"
@@ -185,9 +226,11 @@ def test_unsupported_schema_features_are_named(client):
     }
     with pytest.raises(openai.BadRequestError) as raised:
         client.chat.completions.create(
-            model="tiny-llama", messages=MESSAGES, max_tokens=5,
+            model="tiny-llama",
+            messages=MESSAGES,
+            max_tokens=5,
             response_format={"type": "json_schema", "json_schema": {"name": "u", "schema": schema}},
-        )  # fmt: skip
+        )
     error = raised.value.body
     assert error["param"] == "response_format.json_schema.schema"
     assert "uniqueItems (at $.properties.tags)" in error["message"]

@@ -48,9 +48,15 @@ def _check_call(call) -> None:
 
 def test_required_choice_always_gives_parsable_calls(client):
     response = client.chat.completions.create(
-        model="tiny-llama", messages=MESSAGES, tools=TOOLS, tool_choice="required",
-        temperature=1.0, n=4, seed=1, max_tokens=300,
-    )  # fmt: skip
+        model="tiny-llama",
+        messages=MESSAGES,
+        tools=TOOLS,
+        tool_choice="required",
+        temperature=1.0,
+        n=4,
+        seed=1,
+        max_tokens=300,
+    )
     for choice in response.choices:
         assert choice.finish_reason == "tool_calls", choice.message
         assert choice.message.tool_calls and choice.message.content is None
@@ -60,9 +66,15 @@ def test_required_choice_always_gives_parsable_calls(client):
 
 def test_named_choice_calls_that_function(client):
     response = client.chat.completions.create(
-        model="tiny-llama", messages=MESSAGES, tools=TOOLS, temperature=1.0, n=3, seed=2, max_tokens=200,
+        model="tiny-llama",
+        messages=MESSAGES,
+        tools=TOOLS,
+        temperature=1.0,
+        n=3,
+        seed=2,
+        max_tokens=200,
         tool_choice={"type": "function", "function": {"name": "get_weather"}},
-    )  # fmt: skip
+    )
     for choice in response.choices:
         assert choice.finish_reason == "stop"
         [call] = choice.message.tool_calls
@@ -173,13 +185,17 @@ def test_a_template_with_tools_support_renders_tools_calls_and_results(api_serve
                 "role": "assistant",
                 "content": None,
                 "tool_calls": [
-                    {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                    }
                 ],
             },
             {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 21}'},
         ],
         tools=TOOLS,
-    )  # fmt: skip
+    )
     text = chat_prompt(request, model, plan_tools(request, HERMES_TEMPLATE)).text
     assert '{"type": "function", "function": {"name": "get_weather"' in text  # the template's own tools block
     assert "# Tools\n\nYou may call" not in text  # not the fallback prompt

@@ -14,14 +14,25 @@ CASES = [
     ("hermes", f"<tool_call>\n{WEATHER}\n</tool_call>", "", [("get_weather", {"city": "Paris"})]),
     (
         "hermes",
-        f'Let me check.\n<tool_call>\n{WEATHER}\n</tool_call>\n<tool_call>\n{{"name": "now", "arguments": {{}}}}\n</tool_call>',
+        f"Let me check.\n<tool_call>\n{WEATHER}\n</tool_call>\n"
+        '<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>',
         "Let me check.\n",
         [("get_weather", {"city": "Paris"}), ("now", {})],
     ),
     ("hermes", f"<tool_call>\n{WEATHER}", "", [("get_weather", {"city": "Paris"})]),  # EOS before the end tag
     ("hermes", "<tool_call>\nnot json\n</tool_call>", "<tool_call>\nnot json\n</tool_call>", []),
-    ("hermes", f"<tool_call>{WEATHER}</tool_call><tool_call>{{broken</tool_call>", "", [("get_weather", {"city": "Paris"})]),
-    ("llama3_json", '{"name": "get_weather", "parameters": {"city": "Paris"}}', "", [("get_weather", {"city": "Paris"})]),
+    (
+        "hermes",
+        f"<tool_call>{WEATHER}</tool_call><tool_call>{{broken</tool_call>",
+        "",
+        [("get_weather", {"city": "Paris"})],
+    ),
+    (
+        "llama3_json",
+        '{"name": "get_weather", "parameters": {"city": "Paris"}}',
+        "",
+        [("get_weather", {"city": "Paris"})],
+    ),
     (
         "llama3_json",
         '{"name": "a", "parameters": {}}; {"name": "b", "parameters": {"x": 1}}',
@@ -30,9 +41,19 @@ CASES = [
     ),
     ("llama3_json", "The weather is fine.", "The weather is fine.", []),
     ("llama3_json", '{"no": "name"}', '{"no": "name"}', []),
-    ("llama3_json", '{"name": "a", "parameters": {}} and more', '{"name": "a", "parameters": {}} and more', []),
-    ("required", '[{"name": "a", "parameters": {"x": 1}}, {"name": "b", "parameters": {}}]', "", [("a", {"x": 1}), ("b", {})]),
-]  # fmt: skip
+    (
+        "llama3_json",
+        '{"name": "a", "parameters": {}} and more',
+        '{"name": "a", "parameters": {}} and more',
+        [],
+    ),
+    (
+        "required",
+        '[{"name": "a", "parameters": {"x": 1}}, {"name": "b", "parameters": {}}]',
+        "",
+        [("a", {"x": 1}), ("b", {})],
+    ),
+]
 
 
 @pytest.mark.parametrize(("kind", "text", "content", "calls"), CASES)
