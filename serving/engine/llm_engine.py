@@ -219,10 +219,12 @@ class LLMEngine:
         return [self._make_output(user) for user in touched.values()]
 
     def _advance_grammar(self, sequence: Request) -> None:
-        """Feed the sampled token to the sequence's grammar. The mask allowed only tokens the
-        grammar accepts, so a refusal means the grammar is done (or broken): finish with "stop"
+        """Feed the sampled token to the sequence's grammar. A grammar that took its stop token
+        (kept going only by ignore_eos) is complete: the sequence ends with "stop". The mask
+        allowed only tokens the grammar accepts, so a refusal means a broken grammar: end too,
         rather than generate unconstrained text."""
-        if not sequence.grammar.accept(sequence.output_token_ids[-1]):
+        grammar = sequence.grammar
+        if not grammar.accept(sequence.output_token_ids[-1]) or grammar.is_terminated:
             self.scheduler.finish_request(sequence, "stop")
 
     def _make_output(self, user: UserRequest) -> RequestOutput:
