@@ -6,9 +6,9 @@ flight, each streams `/v1/completions` (SSE) and the client records when each ch
 Metrics come from those timestamps (`metrics.py`).
 
 `--structured-output json` makes it a structured workload: every request also carries a
-`response_format` JSON Schema (`STRUCTURED_SCHEMA`, an open-ended list of records), so the server
-masks every token with a grammar; compare its throughput with the same run without it. A grammar
-may end a reply before `output_len` (the list closed): throughput counts the tokens generated.
+`response_format` JSON Schema (`STRUCTURED_SCHEMA`, a list of at least 64 records), so the server
+masks every token with a grammar; compare its throughput with the same run without it. The list
+cannot be complete within 512 tokens, so every request still generates exactly `output_len`.
 """
 
 import argparse
@@ -44,6 +44,7 @@ STRUCTURED_SCHEMA = {
         },
         "required": ["id", "title", "tags", "done"],
     },
+    "minItems": 64,  # > 512 tokens: never complete before max_tokens, so runs compare token for token
 }
 STRUCTURED_OUTPUTS = {
     "json": {"type": "json_schema", "json_schema": {"name": "records", "schema": STRUCTURED_SCHEMA}}
@@ -79,8 +80,7 @@ def arrival_delays(num_requests: int, request_rate: float, seed: int) -> list[fl
 
 
 def completion_body(model: str, request: WorkloadRequest, structured_output: str | None = None) -> dict:
-    """A streaming greedy completion that generates exactly `request.output_len` tokens (fewer
-    if a structured output's grammar completes first)."""
+    """A streaming greedy completion that generates exactly `request.output_len` tokens."""
     response_format = {"response_format": STRUCTURED_OUTPUTS[structured_output]} if structured_output else {}
     return response_format | {
         "model": model,

@@ -101,7 +101,7 @@ async def test_structured_workload_gets_valid_json(server):
     config = ServeBenchConfig(base_url=server.base_url, structured_output="json", seed=0)
     run = await run_benchmark(config, REQUESTS[:3], show_progress=False)
     assert [r.error for r in run.records] == [None] * 3
-    assert all(1 <= r.output_len <= q.output_len for r, q in zip(run.records, REQUESTS, strict=False))
+    assert [r.output_len for r in run.records] == [r.output_len for r in REQUESTS[:3]]
     with pytest.raises(ValueError, match="structured_output"):
         ServeBenchConfig(base_url=server.base_url, structured_output="xml")
 
