@@ -4,6 +4,7 @@
 becomes n sequences (children) that share the prompt's cached blocks and are reported together.
 """
 
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -67,6 +68,7 @@ class LLMEngine:
         )
         self.sampler = Sampler(runner.eos_token_ids, torch.Generator().manual_seed(config.seed))
         self._structured_output: StructuredOutputManager | None = None  # built on first use
+        self._structured_output_lock = threading.Lock()
         self._requests: dict[str, UserRequest] = {}
         # On CPU, threads follow the cores other processes leave free (see cpu_share.py).
         self.cpu_share = (
@@ -80,11 +82,12 @@ class LLMEngine:
             raise InvalidParameter(
                 "structured_outputs", "structured outputs need a tokenizer; this model has none"
             )
-        if self._structured_output is None:
-            self._structured_output = StructuredOutputManager(
-                self.tokenizer, self.vocab_size, self.eos_token_ids
-            )
-            self.sampler.structured_output = self._structured_output
+        with self._structured_output_lock:
+            if self._structured_output is None:
+                self._structured_output = StructuredOutputManager(
+                    self.tokenizer, self.vocab_size, self.eos_token_ids
+                )
+                self.sampler.structured_output = self._structured_output
         return self._structured_output
 
     # Requests in and out

@@ -10,6 +10,7 @@ the matcher (`accept`). A finished grammar allows only the stop tokens, so a gra
 with "stop" when the grammar is complete or with "length" at max_tokens, never waits.
 """
 
+import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
@@ -34,15 +35,17 @@ class StructuredOutputManager:
         )
         self.compiler = xgrammar.GrammarCompiler(info, max_threads=1, cache_enabled=False)
         self._cache: OrderedDict[StructuredOutputsParams, object] = OrderedDict()
+        self._lock = threading.Lock()  # requests may be processed on more than one thread
         self.num_compiled = 0  # cache misses, for tests and metrics
 
     def compile(self, params: StructuredOutputsParams):
         """The compiled grammar for `params`, from the cache when seen before; a spec the library
         rejects is an InvalidParameter naming the field."""
-        compiled = self._cache.get(params)
-        if compiled is not None:
-            self._cache.move_to_end(params)
-            return compiled
+        with self._lock:
+            compiled = self._cache.get(params)
+            if compiled is not None:
+                self._cache.move_to_end(params)
+                return compiled
         try:
             compiled = self._compile(params)
         except (RuntimeError, ValueError) as exc:
@@ -53,10 +56,11 @@ class StructuredOutputManager:
             )
             message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
             raise InvalidParameter(f"structured_outputs.{field}", f"cannot be compiled: {message}") from None
-        self.num_compiled += 1
-        self._cache[params] = compiled
-        if len(self._cache) > CACHE_SIZE:
-            self._cache.popitem(last=False)
+        with self._lock:
+            self.num_compiled += 1
+            self._cache[params] = compiled
+            if len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
         return compiled
 
     def _compile(self, params: StructuredOutputsParams):

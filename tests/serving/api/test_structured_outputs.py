@@ -131,7 +131,7 @@ def test_json_object_on_completions_and_chat(client):
     completion = client.completions.create(
         model="tiny-llama",
         prompt="JSON:",
-        max_tokens=120,
+        max_tokens=60,
         temperature=1.0,
         seed=3,
         extra_body={"response_format": {"type": "json_object"}},  # vLLM's extra on completions
@@ -139,7 +139,7 @@ def test_json_object_on_completions_and_chat(client):
     chat = client.chat.completions.create(
         model="tiny-llama",
         messages=MESSAGES,
-        max_tokens=120,
+        max_tokens=60,
         temperature=1.0,
         seed=4,
         response_format={"type": "json_object"},
