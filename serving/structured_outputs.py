@@ -7,7 +7,7 @@ grammar library): a malformed schema or one that uses a feature the grammar cann
 """
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kvpilot.serving.validation import InvalidParameter
@@ -39,6 +39,8 @@ class StructuredOutputsParams:
     regex: str | None = None
     choice: tuple[str, ...] | None = None
     grammar: str | None = None  # EBNF (GBNF)
+    # The request field it came from, for errors found later (compilation); not part of the key.
+    param: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         if self.choice is not None:
@@ -56,17 +58,22 @@ class StructuredOutputsParams:
     @property
     def kind(self) -> str:
         """Which one was given: json, json_object, regex, choice or grammar."""
-        return (
-            next(name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None)
-            if not self.json_object
-            else "json_object"
+        if self.json_object:
+            return "json_object"
+        return next(
+            name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None
         )
+
+    @property
+    def source(self) -> str:
+        """The request field to name in an error about this spec."""
+        return self.param or f"structured_outputs.{self.kind}"
 
     @classmethod
     def from_schema(cls, schema: Any, param: str) -> "StructuredOutputsParams":
         """A checked JSON Schema (see `check_json_schema`); `param` names it in errors."""
         check_json_schema(schema, param)
-        return cls(json=json.dumps(schema))  # key order kept: the grammar emits properties in it
+        return cls(json=json.dumps(schema), param=param)  # key order kept: the grammar emits properties in it
 
 
 def check_json_schema(schema: Any, param: str) -> None:

@@ -105,11 +105,13 @@ def plan_tools(request: ChatCompletionRequest, chat_template: str) -> ToolPlan |
         return ToolPlan(template_tools, system_prompt, ToolCallParser(native or "hermes"), None)
     if choice == "required":
         schema = _required_schema(parameters, request.parallel_tool_calls)
-        return ToolPlan(template_tools, system_prompt, ToolCallParser("required"), _params(schema))
+        structured = _params(schema, "tools")
+        return ToolPlan(template_tools, system_prompt, ToolCallParser("required"), structured)
     name = choice.function.name
     if name not in parameters:
         raise bad_request(f"tool_choice: no tool is named {name!r} (tools: {names})", param="tool_choice")
-    return ToolPlan(template_tools, system_prompt, ToolCallParser("named", name), _params(parameters[name]))
+    structured = _params(parameters[name], f"tools[{names.index(name)}].function.parameters")
+    return ToolPlan(template_tools, system_prompt, ToolCallParser("named", name), structured)
 
 
 def conversation(messages: list[ChatMessage], system_prompt: str | None) -> list[dict[str, Any]]:
@@ -171,8 +173,8 @@ def _required_schema(parameters: dict[str, dict], parallel: bool) -> dict:
     return {"type": "array", "items": call, "minItems": 1} | ({} if parallel else {"maxItems": 1})
 
 
-def _params(schema: dict) -> StructuredOutputsParams:
-    return StructuredOutputsParams(json=json.dumps(schema))
+def _params(schema: dict, param: str) -> StructuredOutputsParams:
+    return StructuredOutputsParams(json=json.dumps(schema), param=param)
 
 
 def message_parts(parser: ToolCallParser | None, text: str) -> tuple[str | None, list[ToolCall]]:

@@ -10,6 +10,7 @@ the matcher (`accept`). A finished grammar allows only the stop tokens, so a gra
 with "stop" when the grammar is complete or with "length" at max_tokens, never waits.
 """
 
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -49,13 +50,7 @@ class StructuredOutputManager:
         try:
             compiled = self._compile(params)
         except (RuntimeError, ValueError) as exc:
-            field = next(
-                name
-                for name in ("json", "regex", "choice", "grammar", "json_object")
-                if getattr(params, name)
-            )
-            message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-            raise InvalidParameter(f"structured_outputs.{field}", f"cannot be compiled: {message}") from None
+            raise InvalidParameter(params.source, f"cannot be compiled: {_library_message(exc)}") from None
         with self._lock:
             self.num_compiled += 1
             self._cache[params] = compiled
@@ -105,6 +100,14 @@ class GrammarState:
     @property
     def is_terminated(self) -> bool:
         return bool(self.matcher.is_terminated())
+
+
+def _library_message(exc: Exception) -> str:
+    """xgrammar's message without its `[time] file.cc:line:` prefix."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", lines[0])
 
 
 def _choice_grammar(choices: Sequence[str]) -> str:

@@ -72,6 +72,19 @@ CASES = [
         "response_format.json_schema.schema",
         None,
     ),
+    (  # a schema the grammar compiler rejects: the message is the compiler's, the field the request's
+        COMPLETIONS,
+        {
+            "prompt": "hi",
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"schema": {"type": "integer", "minimum": 5, "maximum": 1}},
+            },
+        },
+        400,
+        "response_format.json_schema.schema",
+        None,
+    ),
     (
         COMPLETIONS,
         {"prompt": "hi", "structured_outputs": {"regex": "a", "choice": ["b"]}},

@@ -139,3 +139,16 @@ def test_constrained_and_free_requests_share_a_batch(tiny_llama):
     assert all(
         re.fullmatch(r"[0-9]{3}-[a-z]{2}", c.text) and c.finish_reason == "stop" for c in outputs[1].outputs
     )
+
+
+def test_a_spec_the_compiler_rejects_names_the_request_field(manager):
+    schema = {"type": "string", "minLength": 10, "maxLength": 2}
+    with pytest.raises(InvalidParameter) as raised:
+        manager.compile(
+            StructuredOutputsParams(json=json.dumps(schema), param="response_format.json_schema.schema")
+        )
+    assert raised.value.param == "response_format.json_schema.schema"
+    assert raised.value.message == "cannot be compiled: minLength 10 is greater than maxLength 2"
+    with pytest.raises(InvalidParameter) as raised:
+        manager.compile(StructuredOutputsParams(regex="(?<=a)b"))
+    assert raised.value.param == "structured_outputs.regex" and "Lookbehind" in raised.value.message
