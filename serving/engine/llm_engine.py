@@ -87,7 +87,6 @@ class LLMEngine:
                 self._structured_output = StructuredOutputManager(
                     self.tokenizer, self.vocab_size, self.eos_token_ids
                 )
-                self.sampler.structured_output = self._structured_output
         return self._structured_output
 
     # Requests in and out

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from kvpilot.serving.engine.request import Request
+from kvpilot.serving.engine.structured_output import apply_grammar_masks
 
 NEG_INF = float("-inf")
 
@@ -32,7 +33,6 @@ class Sampler:
     def __init__(self, eos_token_ids: Iterable[int], generator: torch.Generator) -> None:
         self.eos_token_ids = tuple(sorted(eos_token_ids))
         self.generator = generator  # for requests without a seed
-        self.structured_output = None  # StructuredOutputManager, set by the engine when first needed
 
     def __call__(self, logits: torch.Tensor, requests: Sequence[Request]) -> SamplerOutput:
         """logits: float32 [len(requests), vocab_size], row i belongs to requests[i]."""
@@ -70,9 +70,7 @@ class Sampler:
             if stop_ids:
                 logits[i, sorted(stop_ids)] = NEG_INF
         if constrained:
-            self.structured_output.apply_masks(
-                logits, constrained, [requests[i].grammar for i in constrained]
-            )
+            apply_grammar_masks(logits, constrained, [requests[i].grammar for i in constrained])
         return logits
 
     def _sample(self, logits: torch.Tensor, requests: Sequence[Request]) -> list[int]:

@@ -4,7 +4,7 @@ Why xgrammar (measured at the default model's 49,152-token vocabulary, see READM
 outputs"): the cheapest per-token mask of the three libraries that install on this CPU build of
 torch, the fastest compilation, and JSON Schema, regex and EBNF (GBNF) grammars in one library.
 
-Each step, the sampler asks `apply_masks` to set every token a sequence's grammar forbids to
+Each step, the sampler asks `apply_grammar_masks` to set every token a sequence's grammar forbids to
 -inf in that sequence's row of the batch's logits; after sampling, the engine feeds the token to
 the matcher (`accept`). A finished grammar allows only the stop tokens, so a grammar request ends
 with "stop" when the grammar is complete or with "length" at max_tokens, never waits.
@@ -72,16 +72,18 @@ class StructuredOutputManager:
     def new_matcher(self, params: StructuredOutputsParams) -> "GrammarState":
         return GrammarState(self._xgr.GrammarMatcher(self.compile(params)))
 
-    def apply_masks(
-        self, logits: torch.Tensor, rows: Sequence[int], states: Sequence["GrammarState"]
-    ) -> None:
-        """In place: in each row, -inf for every token that row's grammar forbids now."""
-        bitmask = self._xgr.allocate_token_bitmask(len(rows), self.vocab_size)
-        for index, state in enumerate(states):
-            state.matcher.fill_next_token_bitmask(bitmask, index)
-        view = logits[list(rows)]
-        self._xgr.apply_token_bitmask_inplace(view, bitmask.to(logits.device), vocab_size=self.vocab_size)
-        logits[list(rows)] = view
+
+def apply_grammar_masks(logits: torch.Tensor, rows: Sequence[int], states: Sequence["GrammarState"]) -> None:
+    """In place: in each of `rows`, -inf for every token that row's grammar forbids now."""
+    import xgrammar
+
+    vocab_size = logits.shape[-1]
+    bitmask = xgrammar.allocate_token_bitmask(len(rows), vocab_size)
+    for index, state in enumerate(states):
+        state.matcher.fill_next_token_bitmask(bitmask, index)
+    view = logits[list(rows)]
+    xgrammar.apply_token_bitmask_inplace(view, bitmask.to(logits.device), vocab_size=vocab_size)
+    logits[list(rows)] = view
 
 
 class GrammarState:

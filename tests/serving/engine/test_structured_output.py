@@ -88,7 +88,6 @@ def test_the_mask_leaves_only_what_the_grammar_allows(manager, tokenizer_dir):
     )
     free = Request("f", [1], SamplingParams(temperature=1.0), max_tokens=10)
     sampler = Sampler({EOS}, torch.Generator().manual_seed(0))
-    sampler.structured_output = manager
     logits = torch.randn(2, 49152)
     processed = sampler.process_logits(logits, [free, constrained])
     assert torch.equal(processed[0], logits[0])  # the free row is untouched
