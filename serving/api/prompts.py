@@ -100,11 +100,19 @@ def sampling_params(
             include_stop_str_in_output=request.include_stop_str_in_output,
             ignore_eos=request.ignore_eos,
             logprobs=logprobs,
+            prompt_logprobs=_prompt_logprobs(request, logprobs),
             skip_special_tokens=request.skip_special_tokens,
             structured_outputs=structured,
         )
     except InvalidParameter as exc:
         raise bad_request(str(exc), param=exc.param) from None
+
+
+def _prompt_logprobs(request: SamplingFields, logprobs: int | None) -> int | None:
+    """vLLM's `prompt_logprobs`; `echo` with `logprobs` needs them too (for the echoed prompt)."""
+    if isinstance(request, CompletionRequest) and request.echo and logprobs is not None:
+        return max(logprobs, request.prompt_logprobs or 0)
+    return request.prompt_logprobs
 
 
 def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, float]:

@@ -132,6 +132,8 @@ class LLMEngine:
                 index=index,
                 times=RequestTimes(arrival=user.arrival),
                 grammar=structured.new_matcher(params.structured_outputs) if structured else None,
+                # one sequence computes them for all n (the others share the prompt's cached blocks)
+                prompt_logprobs=[None] if params.prompt_logprobs is not None and index == 0 else None,
             )
             user.sequences.append(sequence)
             user.detokenizers.append(IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params))
@@ -201,7 +203,8 @@ class LLMEngine:
         self, scheduler_output: SchedulerOutput, logits: torch.Tensor
     ) -> list[RequestOutput]:
         sequences = [self.scheduler.requests[c.request_id] for c in scheduler_output.chunks if c.sample]
-        sampled: SamplerOutput = self.sampler(logits, sequences)
+        self._record_prompt_logprobs(scheduler_output, logits[len(sequences) :])
+        sampled: SamplerOutput = self.sampler(logits[: len(sequences)], sequences)
         updated = self.scheduler.update_from_output(scheduler_output, sampled.token_ids)
         logprobs = {s.request_id: lp for s, lp in zip(sequences, sampled.logprobs, strict=True)}
         touched: dict[str, UserRequest] = {}
@@ -219,6 +222,29 @@ class LLMEngine:
                     self.scheduler.finish_request(sequence, "stop", stop)
             touched[user.request_id] = user
         return [self._make_output(user) for user in touched.values()]
+
+    def _record_prompt_logprobs(self, scheduler_output: SchedulerOutput, logits: torch.Tensor) -> None:
+        """Rows of `logits` are every position of the chunks flagged prompt_logprobs, in order;
+        position p scores prompt token p + 1. Tokens already recorded (a preempted request
+        recomputes its prompt) are skipped."""
+        offset = 0
+        for chunk in scheduler_output.chunks:
+            if not chunk.prompt_logprobs:
+                continue
+            rows, offset = logits[offset : offset + len(chunk.token_ids)], offset + len(chunk.token_ids)
+            request = self.scheduler.requests.get(chunk.request_id)
+            if request is None:
+                continue  # aborted while its step ran
+            first = len(request.prompt_logprobs) - 1 - chunk.num_computed_tokens  # first new row
+            last = min(len(rows), request.num_prompt_tokens - 1 - chunk.num_computed_tokens)
+            if first < 0 or first >= last:
+                continue
+            targets = request.prompt_token_ids[
+                chunk.num_computed_tokens + first + 1 : chunk.num_computed_tokens + last + 1
+            ]
+            request.prompt_logprobs += _logprob_entries(
+                rows[first:last], targets, request.sampling_params.prompt_logprobs
+            )
 
     def _advance_grammar(self, sequence: Request) -> None:
         """Feed the sampled token to the sequence's grammar. A grammar that took its stop token
@@ -254,6 +280,7 @@ class LLMEngine:
             outputs=completions,
             finished=finished,
             num_cached_tokens=user.sequences[0].num_cached_tokens,
+            prompt_logprobs=user.sequences[0].prompt_logprobs,
             times=_merge_times(user),
         )
 
@@ -317,6 +344,18 @@ class LLMEngine:
             raise InvalidParameter(
                 "stop", "stop strings need a tokenizer; this model has none (use stop_token_ids)"
             )
+
+
+def _logprob_entries(logits: torch.Tensor, token_ids: list[int], num_top: int) -> list[dict[int, float]]:
+    """Per row: {token_ids[row]: its logprob} plus the num_top most likely tokens."""
+    logprobs = torch.log_softmax(logits, dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(token_ids)[:, None])[:, 0].tolist()
+    entries = [{token_id: value} for token_id, value in zip(token_ids, chosen, strict=True)]
+    if num_top:
+        values, ids = logprobs.topk(num_top, dim=-1)
+        for entry, row_ids, row_values in zip(entries, ids.tolist(), values.tolist(), strict=True):
+            entry.update(zip(row_ids, row_values, strict=True))
+    return entries
 
 
 def _merge_times(user: UserRequest) -> RequestTimes:
