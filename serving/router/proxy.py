@@ -96,7 +96,7 @@ async def open_upstream(state: RouterState, call: Call) -> Upstream:
             raise model_not_found(call.model)
         activation = table.route.activation
         deadline = deadline or call.started + activation.timeout
-        revision = table.choose_revision(state.rng)
+        revision = table.choose_revision()
         if revision is not None:
             upstream = await _try_revision(state, call, revision)
             if upstream is not None:

@@ -1,17 +1,17 @@
 """The routing table of one config: models -> revisions (weight, endpoints, balancer).
 
 Built on each (re)load from the immutable config and the long-lived `EndpointRegistry`, so
-endpoint state survives a reload. Choosing is two steps: a revision by weight among those with an
-available endpoint, then an endpoint inside it by the model's balancing policy.
+endpoint state survives a reload. Choosing is two steps: a revision by weight (smooth weighted
+round-robin) among those with an available endpoint, then an endpoint inside it by the model's
+balancing policy.
 """
 
-import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvpilot.serving.router.balancing import Balancer, make_balancer
 from kvpilot.serving.router.config import ModelRoute, RouterConfig
 from kvpilot.serving.router.endpoints import Endpoint, EndpointRegistry
-from kvpilot.serving.router.weights import pick_revision
+from kvpilot.serving.router.weights import WeightedRoundRobin
 
 
 @dataclass
@@ -29,11 +29,12 @@ class RevisionRoute:
 class ModelTable:
     route: ModelRoute
     revisions: list[RevisionRoute]
+    weights: WeightedRoundRobin = field(default_factory=WeightedRoundRobin)
 
-    def choose_revision(self, rng: random.Random) -> RevisionRoute | None:
-        """A revision with an available endpoint, drawn by weight; None when there is none."""
+    def choose_revision(self) -> RevisionRoute | None:
+        """A revision with an available endpoint, by weight; None when there is none."""
         candidates = {revision.name: revision for revision in self.revisions if revision.available()}
-        name = pick_revision([(name, revision.weight) for name, revision in candidates.items()], rng)
+        name = self.weights.pick([(name, revision.weight) for name, revision in candidates.items()])
         return candidates.get(name) if name is not None else None
 
     def has_ready_endpoint(self) -> bool:

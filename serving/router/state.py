@@ -9,7 +9,6 @@ Requests in flight keep the endpoints and tenant they started with.
 import dataclasses
 import hashlib
 import logging
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +50,6 @@ class RouterState:
         self.metrics = RouterMetrics()
         self.registry = EndpointRegistry()
         self.activation = ActivationQueue(on_change=lambda model, n: self.metrics.queued.labels(model).set(n))
-        self.rng = random.Random()
         self.loaded: Loaded | None = None
         self.client: httpx.AsyncClient | None = None
         self.on_endpoints_changed = lambda: None  # set by the app: wake the prober

@@ -4,7 +4,7 @@ they within their requests-per-minute and tokens-per-minute budgets.
 Each limit is a token bucket holding up to one minute's budget and refilling at budget/60 per
 second, so over any 60 s window a tenant gets at most the budget plus what one bucket holds
 (plus, for tokens, the size of one request: its tokens are known only when it finishes, so the
-bucket may go below zero and the tenant waits until it is positive again).
+bucket may go below zero and the tenant waits until it is back at zero).
 """
 
 import hashlib
@@ -69,7 +69,7 @@ class TenantState:
     def admit(self, now: float | None = None) -> None:
         """Count one request, or raise RateLimited (nothing is spent then)."""
         now = time.monotonic() if now is None else now
-        if self.tokens is not None and (wait := self.tokens.retry_after(1e-9, now)) > 0:
+        if self.tokens is not None and (wait := self.tokens.retry_after(0.0, now)) > 0:
             raise RateLimited("tokens", wait)
         if self.requests is not None:
             if (wait := self.requests.retry_after(1.0, now)) > 0:
