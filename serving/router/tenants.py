@@ -38,7 +38,8 @@ class TokenBucket:
     def retry_after(self, needed: float, now: float) -> float:
         """Seconds until the bucket holds `needed` (0 when it does now)."""
         self.refill(now)
-        return max(0.0, (needed - self.level) / self.refill_per_second)
+        missing = needed - self.level
+        return missing / self.refill_per_second if missing > 1e-9 else 0.0  # 1e-9: float dust
 
     def take(self, amount: float, now: float) -> None:
         """Spend `amount`; the level may go below zero (tokens counted after the fact)."""
