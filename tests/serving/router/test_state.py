@@ -73,3 +73,20 @@ def test_a_changed_key_file_is_a_change(tmp_path):
     assert state.changed_on_disk() and state.reload()
     assert state.loaded.tenants.authenticate("Bearer old") is None
     assert state.loaded.tenants.authenticate("Bearer new").tenant.name == "t"
+
+
+def test_the_command_exits_2_naming_the_field_of_a_bad_config(tmp_path, capsys):
+    from kvpilot.serving.cli import main
+
+    write(tmp_path / "r.yaml", {"models": [{"name": "m", "revisions": [{"name": "r", "weight": "heavy"}]}]})
+    assert main(["router", "--config", str(tmp_path / "r.yaml")]) == 2
+    assert (
+        "kvpilot router: error: "
+        + str(tmp_path / "r.yaml")
+        + ": models[0].revisions[0].weight: Input should be a valid integer"
+        in capsys.readouterr().err
+    )
+    assert main(["router", "--config", str(tmp_path / "absent.yaml")]) == 2
+    assert "absent.yaml: cannot read" in capsys.readouterr().err
+    assert main(["router", "--config", str(tmp_path / "r.yaml"), "--max-body-bytes", "0"]) == 2
+    assert "--max-body-bytes: must be positive" in capsys.readouterr().err
