@@ -117,8 +117,11 @@ def _count_refusal(
 async def _watch_config(state: RouterState) -> None:
     while True:
         await asyncio.sleep(state.settings.reload_interval)
-        if state.changed_on_disk() and state.reload():
-            state.release_held()
+        try:
+            if state.changed_on_disk() and state.reload():
+                state.release_held()
+        except Exception:  # the watcher must outlive any surprise; the last good config stays
+            logger.exception("checking the config file failed")
 
 
 async def _api_error(request: Request, exc: APIError) -> Response:
