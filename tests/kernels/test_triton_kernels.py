@@ -226,7 +226,7 @@ HALF_TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 4e-3}  # a few units in t
 
 
 @interpreted
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8", "fp8"])
 def test_every_triton_path_takes_half_inputs(kernels, dtype, kv_cache_dtype):
     """`--dtype auto` serves bf16/fp16 on CUDA: cache writes, prefill and decode attention in the
@@ -275,7 +275,7 @@ def _as_float32(*caches):
 
 
 @interpreted
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_quantized_linears_take_half_activations(kernels, dtype):
     generator = torch.Generator().manual_seed(9)
     x = torch.randn(2, 3, 64, generator=generator).to(dtype)
