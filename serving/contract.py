@@ -71,7 +71,7 @@ SERVE_SETTINGS = (
     ),
     ServeSetting("block_size", int, 16, "tokens per KV block", 1, metavar="N", engine_field="block_size"),
     ServeSetting(
-        "num_kv_blocks", int, None, "KV blocks (default: sized from --kv-cache-memory)", 1, metavar="N",
+        "num_kv_blocks", int, None, "KV blocks (default: sized from the KV cache memory)", 1, metavar="N",
         engine_field="num_kv_blocks",
     ),
     ServeSetting(
