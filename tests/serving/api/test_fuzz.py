@@ -6,8 +6,8 @@ import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
-from schemathesis.generation.modes import GenerationMode
 
 from tests.serving.api.conftest import ServeProcess
 
