@@ -27,8 +27,8 @@ from kvpilot.operator.router_config import (
     router_config,
 )
 from kvpilot.serving.contract import DEFAULT_PORT, HEALTH_PATH, METRICS_PATH, PORT_NAME, READY_PATH
+from kvpilot.serving.router.cli import DEFAULT_PORT as ROUTER_PORT
 
-ROUTER_PORT = 8080
 CONTAINER_NAME = "router"
 PRESTOP_SLEEP_SECONDS = 5  # the Service stops sending before the router drains
 DRAIN_SECONDS = 30

@@ -7,9 +7,8 @@ from typing import Annotated, Literal
 from kvpilot.operator.api.constants import DNS_LABEL_PATTERN
 from kvpilot.operator.api.spec import _Model
 from kvpilot.operator.api.validation import Quantity
+from kvpilot.serving.router.config import BALANCING_POLICIES
 from pydantic import Field
-
-Balancing = Literal["prefix", "least-request", "random"]
 
 
 class RouterResources(_Model):
@@ -36,7 +35,7 @@ class RouterSpec(_Model):
         json_schema_extra={"default": {}},
         description="Compute resources of one router replica.",
     )
-    balancing: Balancing = Field(
+    balancing: Literal[BALANCING_POLICIES] = Field(  # type: ignore[valid-type]
         default="prefix",
         description="How the router spreads requests over engine pods: prefix (consistent hashing of "
         "the prompt's leading text with bounded loads, for prefix-cache hits), least-request or random.",

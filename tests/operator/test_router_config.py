@@ -125,3 +125,32 @@ def test_without_tenants_there_is_no_tenants_key():
     assert "tenants" not in config
     assert config["models"][0]["revisions"] == [{"name": "stable", "weight": 100, "endpoints": []}]
     assert config["models"][0]["balancing"] == "prefix"
+
+
+RENDERED_SPECS = [
+    {},
+    {"tenants": TENANTS},
+    {"router": {"balancing": "random", "replicas": 1}, "model": {"name": "org/model:v1", "uri": "pvc://m"}},
+    {"tenants": [{"name": "solo", "apiKeySecretRef": {"name": "k", "key": "k"}, "tokensPerMinute": 1}]},
+]
+ENDPOINT_SETS = [
+    [],
+    [endpoint_slice("chat-engine", [endpoint("10.0.0.6"), endpoint("10.0.0.7", ready=False)])],
+]
+
+
+@pytest.mark.parametrize("spec", RENDERED_SPECS, ids=range(len(RENDERED_SPECS)))
+@pytest.mark.parametrize("slices", ENDPOINT_SETS, ids=["no endpoints", "one ready"])
+def test_every_rendered_config_validates_with_the_routers_own_model(spec, slices):
+    from kvpilot.operator.router_builders import build_router_config_map
+    from kvpilot.serving.router.config import parse_config
+
+    service = isvc(**spec)
+    config_map = build_router_config_map(service, revision_endpoints(service, slices))
+    loaded = parse_config(config_map["data"]["router.yaml"])  # what `kvpilot router` reads
+    (model,) = loaded.models
+    assert model.name == service.spec.model.name
+    assert [r.endpoints for r in model.revisions] == [["http://10.0.0.6:8000"] if slices else []]
+    assert [t.key_file for t in loaded.tenants or []] == [
+        f"/etc/kvpilot/keys/{t.name}" for t in service.spec.tenants
+    ]
