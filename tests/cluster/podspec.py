@@ -2,12 +2,14 @@
 
 The kvpilot image's programs map to this machine's: `kvpilot` -> `python -m kvpilot.serving.cli`,
 `python` -> this interpreter; anything else runs from PATH (`sleep` in a preStop hook). Paths under
-a volumeMount are rewritten to the volume's local directory, and `--host` to the pod's address.
+a volumeMount are rewritten to the volume's local directory (in args, env values and the text of
+ConfigMap files), and `--host` to the pod's address.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +63,17 @@ def rewrite_path(value: str, mounts: list[tuple[str, str]]) -> str:
         if value == mount_path or value.startswith(mount_path + "/"):
             return local + value[len(mount_path) :]
     return value
+
+
+def rewrite_paths_in_text(text: str, mounts: list[tuple[str, str]]) -> str:
+    """Every `MOUNTPATH/...` in a file's text, as the pod would see it, to the local directory
+    (one pass, longest mountPath first, so a rewritten path is never rewritten again)."""
+    local_of = {mount_path: local for mount_path, local in mounts if mount_path != "/"}
+    if not local_of:
+        return text
+    alternatives = "|".join(re.escape(path) for path in sorted(local_of, key=len, reverse=True))
+    pattern = re.compile(rf"(?<![\w/.-])({alternatives})(?=/|\b|$)")
+    return pattern.sub(lambda match: local_of[match.group(1)], text)
 
 
 def container_argv(container: dict[str, Any], ctx: PodContext) -> list[str]:
