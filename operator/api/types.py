@@ -19,7 +19,7 @@ from kvpilot.operator.api.spec import (
     _Model,
 )
 from kvpilot.operator.api.validation import SPEC_RULES, cel_rules, enforce
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 
@@ -102,6 +102,16 @@ class InferenceServiceSpec(_Model):
     @model_validator(mode="after")
     def _check_rules(self) -> InferenceServiceSpec:
         return enforce(self, SPEC_RULES)
+
+    @field_validator("tenants")
+    @classmethod
+    def _unique_tenants(cls, tenants: list[TenantSpec]) -> list[TenantSpec]:
+        # The API server enforces it too: tenants is a list map keyed by name.
+        names = [tenant.name for tenant in tenants]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"tenant names must be unique: {', '.join(repeated)} repeated")
+        return tenants
 
     @property
     def managed_replicas(self) -> int | None:

@@ -110,10 +110,4 @@ SPEC_RULES = [
         ".tenants",
         lambda spec: not spec.tenants or spec.router.enabled,
     ),
-    Rule(
-        "!has(self.tenants) || self.tenants.all(t, self.tenants.exists_one(u, u.name == t.name))",
-        "spec.tenants: each tenant name must be unique",
-        ".tenants",
-        lambda spec: len({t.name for t in spec.tenants}) == len(spec.tenants),
-    ),
 ]
