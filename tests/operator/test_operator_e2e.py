@@ -535,3 +535,70 @@ def test_router_with_tenants_answers_through_the_service_and_follows_the_engine(
     assert {("watch", "discovery.k8s.io", "endpointslices"), ("patch", "", "configmaps")} <= used
     assert {verb for verb, _, resource in used if resource == "secrets"} == {"get"}
     assert used <= chart_rules(), sorted(used - chart_rules())
+
+
+# The Gateway API Inference Extension's CRD as far as this test needs it (the real one is not
+# available offline): the group, version, kind and plural the operator discovers and writes.
+INFERENCE_POOL_CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1",
+    "kind": "CustomResourceDefinition",
+    "metadata": {
+        "name": "inferencepools.inference.networking.k8s.io",
+        # *.k8s.io groups need it; the real CRD carries this one.
+        "annotations": {
+            "api-approved.kubernetes.io": "https://github.com/kubernetes-sigs/gateway-api-inference-extension/pull/1173"
+        },
+    },
+    "spec": {
+        "group": "inference.networking.k8s.io",
+        "scope": "Namespaced",
+        "names": {
+            "kind": "InferencePool",
+            "listKind": "InferencePoolList",
+            "plural": "inferencepools",
+            "singular": "inferencepool",
+        },
+        "versions": [
+            {
+                "name": "v1",
+                "served": True,
+                "storage": True,
+                "schema": {
+                    "openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+                },
+            }
+        ],
+    },
+}
+
+
+def test_inference_pool_is_rendered_only_where_its_crd_is_served(cluster, api, ns, kubectl):
+    """Without the CRD the spec's inferencePool is ignored (Ready all the same); with it, a fresh
+    operator writes the pool, and deletes it when the spec stops asking."""
+    api.create(
+        API_VERSION, ISVC, ns, manifest(ns, replicas=0, router={"enabled": False, "inferencePool": True})
+    )
+    with OperatorProcess(cluster.control_plane):
+        wait_for(lambda: isvc_condition(api, ns, "Ready").get("status") == "True", "Ready without the CRD")
+    kubectl.apply("-f", "-", stdin=json.dumps(INFERENCE_POOL_CRD))
+    try:
+        kubectl.run("wait", "--for=condition=Established", "crd/inferencepools.inference.networking.k8s.io")
+        with OperatorProcess(cluster.control_plane):  # a fresh operator discovers the CRD
+            pool = wait_for(
+                lambda: api.get("inference.networking.k8s.io/v1", "inferencepools", ns, "chat"), "the pool"
+            )
+            assert pool["spec"] == {
+                "selector": {
+                    "matchLabels": {"app.kubernetes.io/name": "kvpilot", "app.kubernetes.io/instance": "chat"}
+                },
+                "targetPorts": [{"number": 8000}],
+                "endpointPickerRef": {"name": "chat-epp", "port": {"number": 9002}},
+            }
+            assert pool["metadata"]["ownerReferences"][0]["kind"] == KIND
+            api.patch(API_VERSION, ISVC, ns, "chat", {"spec": {"router": {"inferencePool": False}}})
+            wait_for(
+                lambda: api.get("inference.networking.k8s.io/v1", "inferencepools", ns, "chat") is None,
+                "the pool to be deleted",
+            )
+    finally:
+        kubectl.run("delete", "crd", "inferencepools.inference.networking.k8s.io", "--wait=false")
