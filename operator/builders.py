@@ -72,6 +72,16 @@ def _env(isvc: InferenceService) -> list[dict[str, Any]]:
     return base + [env.model_dump(by_alias=True, exclude_none=True) for env in isvc.spec.env]
 
 
+def _server_env(isvc: InferenceService) -> list[dict[str, Any]]:
+    """The server's environment: with an upstream key, `--api-key` from the Secret (the operator
+    never reads it; the kubelet resolves the reference)."""
+    upstream = isvc.spec.router.upstream_api_key_secret_ref
+    if upstream is None:
+        return _env(isvc)
+    key = {"secretKeyRef": {"name": upstream.name, "key": upstream.key}}
+    return [*_env(isvc), {"name": SERVE_SETTING["api_key"].env, "valueFrom": key}]
+
+
 def _model_source(isvc: InferenceService) -> tuple[dict[str, Any], str, list[dict[str, Any]]]:
     """(model volume, model path in the server container, init containers) for spec.model.uri."""
     uri = isvc.spec.model.uri
@@ -137,7 +147,7 @@ def _pod_spec(isvc: InferenceService) -> dict[str, Any]:
         "command": ["kvpilot", "serve"],
         "args": serve_args(isvc, model_path),
         "ports": [{"name": PORT_NAME, "containerPort": DEFAULT_PORT, "protocol": "TCP"}],
-        "env": _env(isvc),
+        "env": _server_env(isvc),
         "resources": _resources(isvc),
         "volumeMounts": [
             model_mount,

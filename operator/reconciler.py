@@ -11,7 +11,7 @@ from kvpilot.operator.builders import build_children
 from kvpilot.operator.executor import KubeClient
 from kvpilot.operator.labels import router_name
 from kvpilot.operator.planner import plan
-from kvpilot.operator.router_config import revision_endpoints, revisions
+from kvpilot.operator.router_config import referenced_secrets, revision_endpoints, revisions
 from kvpilot.operator.status import (
     compute_status,
     invalid_spec_status,
@@ -68,7 +68,7 @@ def reconcile(body: dict[str, Any], client: KubeClient, now: str | None = None) 
     def deployment(name: str) -> dict[str, Any] | None:
         return written.get(("Deployment", name)) or deployments.get(name)
 
-    secrets = sorted({tenant.api_key_secret_ref.name for tenant in isvc.spec.tenants})
+    secrets = sorted(referenced_secrets(isvc))
     missing = client.missing_secrets(namespace, secrets) if secrets else []
     status = compute_status(
         isvc, deployment(isvc.metadata.name), previous, now, deployment(router_name(isvc)), missing

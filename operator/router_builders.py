@@ -23,6 +23,8 @@ from kvpilot.operator.router_config import (
     CONFIG_KEY,
     CONFIG_PATH,
     KEYS_DIR,
+    UPSTREAM_KEY_DIR,
+    UPSTREAM_KEY_FILE,
     RevisionEndpoints,
     router_config,
 )
@@ -75,6 +77,14 @@ def _pod_spec(isvc: InferenceService) -> dict[str, Any]:
     if isvc.spec.tenants:
         mounts.append({"name": "keys", "mountPath": KEYS_DIR, "readOnly": True})
         volumes.append(_keys_volume(isvc))
+    upstream = isvc.spec.router.upstream_api_key_secret_ref
+    if upstream is not None:
+        mounts.append({"name": "upstream-key", "mountPath": UPSTREAM_KEY_DIR, "readOnly": True})
+        item = {"key": upstream.key, "path": UPSTREAM_KEY_FILE.rpartition("/")[2]}
+        source = {"secret": {"name": upstream.name, "items": [item], "optional": False}}
+        volumes.append(
+            {"name": "upstream-key", "projected": {"sources": [source], "defaultMode": KEY_FILE_MODE}}
+        )
     container = {
         "name": CONTAINER_NAME,
         "image": isvc.spec.image,

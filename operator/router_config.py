@@ -22,6 +22,8 @@ CONFIG_DIR = "/etc/kvpilot/router"
 CONFIG_KEY = "router.yaml"
 CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_KEY}"
 KEYS_DIR = "/etc/kvpilot/keys"
+UPSTREAM_KEY_DIR = "/etc/kvpilot/upstream"
+UPSTREAM_KEY_FILE = f"{UPSTREAM_KEY_DIR}/key"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"  # set by the EndpointSlice controller
 
 
@@ -103,4 +105,17 @@ def router_config(isvc: InferenceService, revision_list: Sequence[RevisionEndpoi
     config: dict[str, Any] = {"models": [model]}
     if isvc.spec.tenants:
         config["tenants"] = [_tenant(tenant) for tenant in isvc.spec.tenants]
+    if isvc.spec.router.upstream_api_key_secret_ref is not None:
+        config["upstreamApiKeyFile"] = UPSTREAM_KEY_FILE
     return config
+
+
+def referenced_secrets(isvc: InferenceService) -> dict[str, list[str]]:
+    """Secret name -> the spec fields that reference it (tenants' keys, the upstream key)."""
+    fields: dict[str, list[str]] = {}
+    for index, tenant in enumerate(isvc.spec.tenants):
+        fields.setdefault(tenant.api_key_secret_ref.name, []).append(f"spec.tenants[{index}] ({tenant.name})")
+    upstream = isvc.spec.router.upstream_api_key_secret_ref
+    if upstream is not None:
+        fields.setdefault(upstream.name, []).append("spec.router.upstreamApiKeySecretRef")
+    return fields

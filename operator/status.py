@@ -12,6 +12,7 @@ from typing import Any
 from kvpilot.operator.api import Condition, InferenceService, InferenceServiceStatus
 from kvpilot.operator.builders import service_url
 from kvpilot.operator.labels import selector_string
+from kvpilot.operator.router_config import referenced_secrets
 
 READY, RECONCILING, STALLED = "Ready", "Reconciling", "Stalled"
 # The status's fields as written (camelCase), from the typed model.
@@ -116,18 +117,12 @@ def _with_router(
 
 
 def missing_secrets_message(isvc: InferenceService, missing: Sequence[str]) -> str:
-    """Names the Secrets and the tenants that need them (never anything from inside a Secret)."""
-    parts = []
-    for name in missing:
-        users = [
-            f"spec.tenants[{index}] ({tenant.name})"
-            for index, tenant in enumerate(isvc.spec.tenants)
-            if tenant.api_key_secret_ref.name == name
-        ]
-        parts.append(f"Secret {name} ({', '.join(users)})")
+    """Names the Secrets and the fields that need them (never anything from inside a Secret)."""
+    fields = referenced_secrets(isvc)
+    parts = [f"Secret {name} ({', '.join(fields.get(name, []))})" for name in missing]
     return (
         f"{'; '.join(parts)} not found in namespace {isvc.metadata.namespace}: "
-        "the router pods start once it exists"
+        "the pods that need it start once it exists"
     )
 
 

@@ -20,6 +20,19 @@ class RouterResources(_Model):
     )
 
 
+class SecretKeyReference(_Model):
+    """A key of a Secret in the InferenceService's namespace."""
+
+    name: str = Field(
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="Name of the Secret.",
+    )
+    key: str = Field(
+        max_length=253, pattern=r"^[-._a-zA-Z0-9]+$", description="Key in the Secret that holds the API key."
+    )
+
+
 class RouterSpec(_Model):
     """`kvpilot router`: the OpenAI-aware front door (tenant keys and quotas, prefix-aware balancing,
     requests held while the engine scales from zero). The `<name>` Service points at it."""
@@ -40,23 +53,16 @@ class RouterSpec(_Model):
         description="How the router spreads requests over engine pods: prefix (consistent hashing of "
         "the prompt's leading text with bounded loads, for prefix-cache hits), least-request or random.",
     )
+    upstream_api_key_secret_ref: SecretKeyReference | None = Field(
+        default=None,
+        description="A Secret key the engine pods require on /v1/* (KVPILOT_API_KEY) and the router "
+        "sends them, so that nobody in the cluster reaches the engine around the router's tenants "
+        "through `<name>-engine`. Unset: the engine pods take requests without a key.",
+    )
     inference_pool: bool = Field(
         default=False,
         description="Also render a Gateway API Inference Extension InferencePool selecting the engine "
         "pods, when the cluster has the inference.networking.k8s.io CRD (ignored otherwise).",
-    )
-
-
-class SecretKeyReference(_Model):
-    """A key of a Secret in the InferenceService's namespace."""
-
-    name: str = Field(
-        max_length=253,
-        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
-        description="Name of the Secret.",
-    )
-    key: str = Field(
-        max_length=253, pattern=r"^[-._a-zA-Z0-9]+$", description="Key in the Secret that holds the API key."
     )
 
 

@@ -110,6 +110,24 @@ def pod_mounts(pod: dict[str, Any], volumes: dict[str, Path]) -> list[tuple[str,
     return sorted({m for c in containers for m in mounts_of(c, ctx)}, key=lambda m: -len(m[0]))
 
 
+def env_references(api: KubeApi, pod: dict[str, Any]) -> dict[tuple[str, str, str], str]:
+    """The values of the containers' secretKeyRef / configMapKeyRef env, by (kind, name, key)."""
+    namespace, values = pod["metadata"]["namespace"], {}
+    containers = (pod["spec"].get("initContainers") or []) + pod["spec"]["containers"]
+    for var in (var for c in containers for var in c.get("env") or []):
+        for kind in ("secretKeyRef", "configMapKeyRef"):
+            ref = (var.get("valueFrom") or {}).get(kind)
+            if ref is None:
+                continue
+            source = {"name": ref["name"], "items": [{"key": ref["key"], "path": "value"}]}
+            files = _source_files(
+                api, namespace, kind.removesuffix("KeyRef"), source | {"optional": ref.get("optional")}
+            )
+            if "value" in files:
+                values[kind, ref["name"], ref["key"]] = files["value"].decode()
+    return values
+
+
 def local_volumes(api: KubeApi, pod: dict[str, Any], directory: Path) -> dict[str, Path]:
     """Each volume of the pod as a local directory (PVCs through their bound PV's hostPath)."""
     namespace = pod["metadata"]["namespace"]
@@ -183,18 +201,24 @@ class PodWorker(threading.Thread):
     def _run(self) -> None:
         spec, metadata = self.pod["spec"], self.pod["metadata"]
         self.directory.mkdir(parents=True, exist_ok=True)
-        volumes = None
-        while volumes is None and not self.gone.is_set() and self.delete_after is None:
+        volumes, env_refs = None, None
+        while env_refs is None and not self.gone.is_set() and self.delete_after is None:
             try:
-                volumes = local_volumes(self.api, self.pod, self.directory)
+                volumes = volumes or local_volumes(self.api, self.pod, self.directory)
             except VolumeError as error:
                 self.problem = ("ContainerCreating", str(error))
+            else:
+                try:
+                    env_refs = env_references(self.api, self.pod)
+                except VolumeError as error:
+                    self.problem = ("CreateContainerConfigError", str(error))
+            if env_refs is None:
                 self._report()
                 time.sleep(1)
-        if volumes is None:
+        if volumes is None or env_refs is None:
             self._finish()
             return
-        self.problem = None  # the volumes are there now
+        self.problem = None  # the volumes and the env's references are there now
         ctx = PodContext(
             metadata["name"],
             metadata["namespace"],
@@ -203,6 +227,7 @@ class PodWorker(threading.Thread):
             self.ip,
             self.directory,
             volumes,
+            env_refs,
         )
         images = [c.get("image", "") for c in spec.get("initContainers", []) + spec["containers"]]
         foreign = [image for image in images if not is_kvpilot_image(image)]

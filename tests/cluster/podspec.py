@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ class PodContext:
     ip: str
     directory: Path
     volumes: dict[str, Path]
+    env_refs: dict[tuple[str, str, str], str] = field(default_factory=dict)  # secretKeyRef values, ...
 
 
 def mounts_of(container: dict[str, Any], ctx: PodContext) -> list[tuple[str, str]]:
@@ -108,4 +109,9 @@ def container_env(container: dict[str, Any], ctx: PodContext) -> dict[str, str]:
             env[var["name"]] = rewrite_path(var["value"], mounts)
         elif "fieldRef" in (var.get("valueFrom") or {}):
             env[var["name"]] = _field_value(var["valueFrom"]["fieldRef"]["fieldPath"], ctx)
+        else:
+            for kind, ref in (var.get("valueFrom") or {}).items():
+                value = ctx.env_refs.get((kind, ref.get("name"), ref.get("key")))
+                if value is not None:
+                    env[var["name"]] = value
     return env

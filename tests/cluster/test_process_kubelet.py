@@ -162,7 +162,8 @@ def test_kubelet_and_control_plane_down_leave_no_process(tmp_path):
         os.kill(pod_pid, signal.SIG_DFL)
 
 
-# Serves the config file named by argv[1] at / and the file its `keyFile:` line names at /key.
+# Serves the config file named by argv[1] at /, the file its `keyFile:` line names at /key, and
+# $TOKEN at /env.
 FILE_SERVER = """
 import http.server, os, re, sys
 class Files(http.server.BaseHTTPRequestHandler):
@@ -170,6 +171,8 @@ class Files(http.server.BaseHTTPRequestHandler):
         text = open(sys.argv[1]).read()
         if self.path == "/key":
             text = open(re.search(r"keyFile: (\\S+)", text).group(1)).read()
+        if self.path == "/env":
+            text = os.environ["TOKEN"]
         self.send_response(200)
         self.end_headers()
         self.wfile.write(text.encode())
@@ -181,7 +184,8 @@ http.server.HTTPServer((os.environ["POD_IP"], 8000), Files).serve_forever()
 
 def test_config_map_and_projected_secret_volumes_follow_the_api(cluster, namespace):
     """A projected Secret key waits for its Secret (FailedMount), a ConfigMap naming a mounted
-    path finds it, and a changed ConfigMap reaches the running pod's file."""
+    path finds it, an env var takes a Secret's key, and a changed ConfigMap reaches the running
+    pod's file."""
     api = cluster.api
     api.create(
         "v1",
@@ -200,6 +204,8 @@ def test_config_map_and_projected_secret_volumes_follow_the_api(cluster, namespa
     ]
     spec = pod("files", ["python", "-c", FILE_SERVER, "/etc/conf/app.yaml"], volumes=volumes)
     spec["spec"]["containers"][0]["volumeMounts"] = mounts
+    token = {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "other"}}}
+    spec["spec"]["containers"][0]["env"].append(token)
     api.create("v1", "pods", namespace, spec)
     waiting = wait_for(
         lambda: container_status(api, namespace, "files").get("state", {}).get("waiting"), "FailedMount"
@@ -222,6 +228,7 @@ def test_config_map_and_projected_secret_volumes_follow_the_api(cluster, namespa
     assert wait_for(lambda: get("/key"), "the key through the config's path", timeout=60) == "s3cret"
     (keys,) = (cluster.workdir / "pods").glob(f"{namespace}_files_*/volumes/keys")
     assert sorted(p.name for p in keys.iterdir()) == ["alice"]  # only the projected item
+    assert get("/env") == "never-mounted"  # an env var from a secretKeyRef
     api.patch(
         "v1", "configmaps", namespace, "conf", {"data": {"app.yaml": "keyFile: /etc/keys/alice\nv: 2\n"}}
     )

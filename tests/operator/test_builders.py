@@ -301,7 +301,15 @@ def test_spec_hash_is_stable_and_follows_the_spec():
 
 ALL_SPECS = [
     {},
-    {"tenants": TENANTS, "router": {"replicas": 3, "balancing": "least-request", "inferencePool": True}},
+    {
+        "tenants": TENANTS,
+        "router": {
+            "replicas": 3,
+            "balancing": "least-request",
+            "inferencePool": True,
+            "upstreamApiKeySecretRef": {"name": "engine-key", "key": "key"},
+        },
+    },
     {"router": {"enabled": False}},
     {"replicas": 1, "resources": {"cpu": 4, "memory": "8Gi", "sharedMemory": "512Mi"}},
     {

@@ -434,7 +434,8 @@ def chart_rules() -> set[tuple[str, str, str]]:
 
 
 def resource_requests(requests: list[dict]) -> set[tuple[str, str, str]]:
-    """(verb, apiGroup, resource[/subresource]) of each API request (not discovery's)."""
+    """(verb, apiGroup, resource[/subresource]) of each completed API request (not discovery's;
+    a watch still open is not in the audit log yet, the list before it is)."""
     used = set()
     for request in requests:
         ref = request.get("objectRef") or {}
@@ -453,12 +454,14 @@ def router_config_in(api, ns: str) -> dict[str, Any]:
 
 
 def test_router_with_tenants_answers_through_the_service_and_follows_the_engine(api, ns, operator, cluster):
-    """Tenants from a real Secret (Stalled until it exists); router pods in front of the engine
-    answer the official client through the `chat` Service's endpoints; the router's endpoint list
-    follows the engine pods' readiness; the operator used only what the chart grants."""
-    key = f"sk-{uuid.uuid4().hex}"
+    """Tenants and the upstream key from a real Secret (Stalled until it exists); router pods in
+    front of the engine answer the official client through the `chat` Service's endpoints while
+    the engine refuses requests around them; the router's endpoint list follows the engine pods'
+    readiness; the operator used only what the chart grants."""
+    key, engine_key = f"sk-{uuid.uuid4().hex}", f"sk-{uuid.uuid4().hex}"
     tenants = [{"name": "team-a", "apiKeySecretRef": {"name": "chat-keys", "key": "team-a"}}]
-    api.create(API_VERSION, ISVC, ns, manifest(ns, router={"enabled": True}, tenants=tenants))
+    router = {"enabled": True, "upstreamApiKeySecretRef": {"name": "chat-keys", "key": "engine"}}
+    api.create(API_VERSION, ISVC, ns, manifest(ns, router=router, tenants=tenants))
     stalled = wait_for(
         lambda: (
             isvc_condition(api, ns, "Stalled").get("reason") == "SecretNotFound"
@@ -466,9 +469,13 @@ def test_router_with_tenants_answers_through_the_service_and_follows_the_engine(
         ),
         "Stalled naming the Secret",
     )
-    assert stalled["status"] == "True" and "Secret chat-keys (spec.tenants[0] (team-a))" in stalled["message"]
-    secret = {"metadata": {"name": "chat-keys"}, "stringData": {"team-a": key, "unused": "never-mounted"}}
-    api.create("v1", "secrets", ns, secret)
+    assert stalled["status"] == "True"
+    assert (
+        "Secret chat-keys (spec.tenants[0] (team-a), spec.router.upstreamApiKeySecretRef)"
+        in stalled["message"]
+    )
+    keys = {"team-a": key, "engine": engine_key, "unused": "never-mounted"}
+    api.create("v1", "secrets", ns, {"metadata": {"name": "chat-keys"}, "stringData": keys})
     wait_for(lambda: isvc_condition(api, ns, "Ready").get("status") == "True", "Ready=True", timeout=240)
 
     # The router's config lists the ready engine pod, and the tenant's key file, never the key.
@@ -486,6 +493,10 @@ def test_router_with_tenants_answers_through_the_service_and_follows_the_engine(
         {"name": "stable", "weight": 100, "endpoints": [f"http://{ip}:8000" for ip in engine_ips]}
     ]
     assert config["tenants"] == [{"name": "team-a", "keyFile": "/etc/kvpilot/keys/team-a"}]
+    assert config["upstreamApiKeyFile"] == "/etc/kvpilot/upstream/key"
+    # Around the router, the engine refuses a request without the upstream key.
+    direct = httpx.get(f"http://{engine_ips[0]}:8000/v1/models", headers={"Authorization": f"Bearer {key}"})
+    assert direct.status_code == 401
 
     # Through the `chat` Service: its endpoints are the router pods (no kube-proxy here, so the
     # client calls each endpoint of the Service).
@@ -530,9 +541,11 @@ def test_router_with_tenants_answers_through_the_service_and_follows_the_engine(
     # The key is nowhere the operator writes or logs; Secrets were only read one by one, by name.
     events = json.dumps(api.list("v1", "events", ns))
     written = json.dumps([api.get(API_VERSION, ISVC, ns, "chat"), api.list("v1", "configmaps", ns)])
-    assert key not in events and key not in written and key not in operator.output()
+    for secret_value in (key, engine_key):
+        assert secret_value not in events and secret_value not in written
+        assert secret_value not in operator.output()
     used = resource_requests(operator.requests())
-    assert {("watch", "discovery.k8s.io", "endpointslices"), ("patch", "", "configmaps")} <= used
+    assert {("list", "discovery.k8s.io", "endpointslices"), ("patch", "", "configmaps")} <= used
     assert {verb for verb, _, resource in used if resource == "secrets"} == {"get"}
     assert used <= chart_rules(), sorted(used - chart_rules())
 

@@ -152,3 +152,25 @@ def test_inference_pool_selects_the_engine_pods_on_port_8000():
     assert selects(pool["spec"]["selector"]["matchLabels"], engine_pods)
     assert pool["spec"]["targetPorts"] == [{"number": 8000}]
     assert pool["spec"]["endpointPickerRef"] == {"name": "chat-epp", "port": {"number": 9002}}
+
+
+def test_upstream_key_locks_the_engine_to_the_router():
+    service = isvc(router={"upstreamApiKeySecretRef": {"name": "engine-key", "key": "key"}})
+    engine_env = container(build_deployment(service))["env"]
+    assert engine_env[-1] == {
+        "name": "KVPILOT_API_KEY",  # `kvpilot serve --api-key`, resolved by the kubelet
+        "valueFrom": {"secretKeyRef": {"name": "engine-key", "key": "key"}},
+    }
+    router = build_router_deployment(service)
+    pod = router["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "upstream-key"]
+    assert volume["projected"]["sources"] == [
+        {"secret": {"name": "engine-key", "items": [{"key": "key", "path": "key"}], "optional": False}}
+    ]
+    mount = {"name": "upstream-key", "mountPath": "/etc/kvpilot/upstream", "readOnly": True}
+    assert mount in container(router)["volumeMounts"]
+    config = router_config(service, revision_endpoints(service, []))
+    assert config["upstreamApiKeyFile"] == "/etc/kvpilot/upstream/key"
+    # Without it: no key anywhere.
+    assert "KVPILOT_API_KEY" not in yaml.safe_dump(build_deployment(isvc()))
+    assert "upstreamApiKeyFile" not in router_config(isvc(), [])

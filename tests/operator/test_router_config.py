@@ -132,6 +132,7 @@ RENDERED_SPECS = [
     {"tenants": TENANTS},
     {"router": {"balancing": "random", "replicas": 1}, "model": {"name": "org/model:v1", "uri": "pvc://m"}},
     {"tenants": [{"name": "solo", "apiKeySecretRef": {"name": "k", "key": "k"}, "tokensPerMinute": 1}]},
+    {"tenants": TENANTS, "router": {"upstreamApiKeySecretRef": {"name": "engine-key", "key": "key"}}},
 ]
 ENDPOINT_SETS = [
     [],

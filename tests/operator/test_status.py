@@ -174,9 +174,13 @@ def test_router_messages_name_the_router_and_the_missing_secret():
         {"name": "team-a", "apiKeySecretRef": {"name": "shared", "key": "a"}},
         {"name": "team-b", "apiKeySecretRef": {"name": "shared", "key": "b"}},
     ]
-    stalled = compute_status(isvc(tenants=tenants), deployment(), {}, T0, deployment(), ["shared"])
+    upstream = {"upstreamApiKeySecretRef": {"name": "shared", "key": "engine"}}
+    stalled = compute_status(
+        isvc(tenants=tenants, router=upstream), deployment(), {}, T0, deployment(), ["shared"]
+    )
     message = next(c for c in stalled["conditions"] if c["type"] == "Stalled")["message"]
     assert message == (
-        "Secret shared (spec.tenants[0] (team-a), spec.tenants[1] (team-b)) not found in namespace "
-        "team-a: the router pods start once it exists"
+        "Secret shared (spec.tenants[0] (team-a), spec.tenants[1] (team-b), "
+        "spec.router.upstreamApiKeySecretRef) not found in namespace "
+        "team-a: the pods that need it start once it exists"
     )
