@@ -15,6 +15,7 @@ from kvpilot.serving.router.health import Prober
 from kvpilot.serving.router.metering import NO_TENANT
 from kvpilot.serving.router.proxy import UPSTREAM_TIMEOUT, Relay, open_upstream, read_whole, record
 from kvpilot.serving.router.state import RouterSettings, RouterState
+from kvpilot.serving.router.tenants import TenantState
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -46,7 +47,14 @@ def create_app(settings: RouterSettings) -> Starlette:
                 await asyncio.gather(*tasks, return_exceptions=True)
 
     async def completions(request: Request) -> Response:
-        return await cancel_on_disconnect(request, _forward(state, request))
+        tenant = None
+        try:  # the body is read before the disconnect watcher starts listening on the same channel
+            tenant = intake.authenticate(state.loaded.tenants, request.headers.get("authorization"))
+            body = await intake.read_body(request, settings.max_body_bytes)
+        except APIError as exc:
+            _count_refusal(state, None, tenant, exc.status_code)
+            raise
+        return await cancel_on_disconnect(request, _forward(state, request.url.path, tenant, body))
 
     async def models(request: Request) -> Response:
         tenant = intake.authenticate(state.loaded.tenants, request.headers.get("authorization"))
@@ -76,13 +84,10 @@ def create_app(settings: RouterSettings) -> Starlette:
     return app
 
 
-async def _forward(state: RouterState, request: Request) -> Response:
-    loaded = state.loaded
-    tenant = call = None
+async def _forward(state: RouterState, path: str, tenant: TenantState | None, body: bytes) -> Response:
+    call = None
     try:
-        tenant = intake.authenticate(loaded.tenants, request.headers.get("authorization"))
-        body = await intake.read_body(request, state.settings.max_body_bytes)
-        call = intake.parse_call(request.url.path, body, tenant, set(loaded.table.models))
+        call = intake.parse_call(path, body, tenant, set(state.loaded.table.models))
         intake.admit(tenant)
         upstream = await open_upstream(state, call)
     except APIError as exc:
@@ -98,7 +103,9 @@ async def _forward(state: RouterState, request: Request) -> Response:
     return Response(content, status_code=code, headers=upstream.header_dict())
 
 
-def _count_refusal(state: RouterState, call: intake.Call | None, tenant, code: int) -> None:
+def _count_refusal(
+    state: RouterState, call: intake.Call | None, tenant: TenantState | None, code: int
+) -> None:
     """A request answered by the router itself (no revision); unknown models are counted as model ""."""
     if call is not None:
         record(state, call, "", code)
@@ -110,8 +117,11 @@ def _count_refusal(state: RouterState, call: intake.Call | None, tenant, code: i
 async def _watch_config(state: RouterState) -> None:
     while True:
         await asyncio.sleep(state.settings.reload_interval)
-        if state.changed_on_disk() and state.reload():
-            state.release_held()
+        try:
+            if state.changed_on_disk() and state.reload():
+                state.release_held()
+        except Exception:  # the watcher must outlive any surprise; the last good config stays
+            logger.exception("checking the config file failed")
 
 
 async def _api_error(request: Request, exc: APIError) -> Response:

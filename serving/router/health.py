@@ -62,8 +62,10 @@ class Prober:
     async def run(self) -> None:
         while True:
             self.wake.clear()
-            endpoints = self.endpoints()
-            await asyncio.gather(*(probe(self.client, endpoint) for endpoint in endpoints))
-            self.on_round()
+            try:
+                await asyncio.gather(*(probe(self.client, endpoint) for endpoint in self.endpoints()))
+                self.on_round()
+            except Exception:  # never let one bad round stop the probing
+                logger.exception("probing the endpoints failed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), self.interval)

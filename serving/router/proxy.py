@@ -212,11 +212,19 @@ class Relay:
         finally:
             for task in (pump, watch):
                 task.cancel()
-            results = await asyncio.gather(pump, watch, return_exceptions=True)
-            broken = isinstance(results[0], Exception) and not isinstance(results[0], asyncio.CancelledError)
-            if broken:
-                logger.warning("stream from %s broke: %r", upstream.endpoint.url, results[0])
-            await upstream.finish(code if pump.done() and not pump.cancelled() and not broken else 499)
+            pumped, _ = await asyncio.gather(pump, watch, return_exceptions=True)
+            if isinstance(pumped, asyncio.CancelledError | OSError):
+                code = 499  # the client went away
+            elif isinstance(pumped, httpx.HTTPError):  # the upstream broke mid-stream: too late to retry
+                cool_down = upstream.endpoint.eject()
+                logger.warning(
+                    "stream from %s broke (%r): ejected for %.0f s", upstream.endpoint.url, pumped, cool_down
+                )
+                code = 502
+            elif isinstance(pumped, Exception):
+                logger.error("relaying from %s failed: %r", upstream.endpoint.url, pumped)
+                code = 500
+            await upstream.finish(code)
 
     async def _pump(self, send: Send) -> None:
         upstream = self.upstream

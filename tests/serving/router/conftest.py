@@ -144,7 +144,7 @@ def servers(tiny_llama, tmp_path_factory) -> list[Process]:
         yield started
     finally:
         for server in started:
-            server.stop()
+            server.kill()  # no drain to wait for: the tests are done with them
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +152,7 @@ def spare_server(tiny_llama, tmp_path_factory) -> Process:
     """A third server, not started: the tests start (scale from zero) and kill (failover) it."""
     server = serve_process(tiny_llama, tmp_path_factory.mktemp("spare"), "spare")
     yield server
-    server.stop()
+    server.kill()
 
 
 @pytest.fixture(scope="module")
