@@ -36,7 +36,7 @@ async def create_chat_completion(request: ChatCompletionRequest, state: ServingS
         raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
     model = state.model_info
     tools = plan_tools(request, model.chat_template or "")
-    prompt = chat_prompt(request, model, tools)
+    prompt = await state.off_loop(chat_prompt, request, model, tools)
     max_tokens = request.max_completion_tokens or request.max_tokens
     num_top = (request.top_logprobs or 0) if request.logprobs else None
     structured = tools.structured if tools else None
