@@ -91,8 +91,13 @@ def plan_tools(request: ChatCompletionRequest, chat_template: str) -> ToolPlan |
         except InvalidParameter as exc:
             raise bad_request(str(exc), param=exc.param) from None
         parameters[tool.function.name] = schema
-    if request.response_format is not None and request.response_format.type != "text" and enforced:
-        raise bad_request("response_format cannot be combined with a required tool_choice", "response_format")
+    wants_format = request.response_format is not None and request.response_format.type != "text"
+    if enforced and (wants_format or request.structured_outputs is not None):
+        raise bad_request(
+            "response_format / structured_outputs cannot be combined with tool_choice 'required' or a "
+            "named function (the tool call is the structured output)",
+            param="tool_choice",
+        )
     native = tool_format(chat_template)
     template_tools = [tool.model_dump(exclude_none=True) for tool in tools]
     system_prompt = None

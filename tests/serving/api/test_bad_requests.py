@@ -158,6 +158,18 @@ CASES = [
         None,
     ),
     (CHAT, {"messages": MESSAGES, "tool_choice": "required"}, 400, "tool_choice", None),
+    (
+        CHAT,
+        {
+            "messages": MESSAGES,
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+            "tool_choice": "required",
+            "structured_outputs": {"regex": "a+"},
+        },
+        400,
+        "tool_choice",
+        None,
+    ),
     (CHAT, {"messages": MESSAGES, "tool_choice": "sometimes"}, 400, "tool_choice", None),
     (CHAT, {"messages": MESSAGES, "top_logprobs": 2}, 400, "top_logprobs", None),
     (CHAT, {"messages": MESSAGES, "logprobs": "yes"}, 400, "logprobs", None),
