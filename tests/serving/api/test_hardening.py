@@ -136,8 +136,11 @@ SURROGATE_CASES = [
     (CHAT, {"messages": [{"role": "user", "content": "hi"}], "stop": ["\udfff"]}, "stop"),
     (
         CHAT,
-        {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "\ud800"}},
-        "response_format.type",
+        {
+            "messages": [{"role": "user", "content": "hi"}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "\ud800", "schema": {}}},
+        },
+        "response_format.json_schema.name",
     ),
 ]
 
