@@ -42,6 +42,11 @@ class Request:
     # Arrival order decides preemption (latest first); ties never happen.
     arrival_seq: int = field(default_factory=lambda: next(_arrival_counter))
     block_hashes: list[bytes] = field(default_factory=list)  # of full blocks, filled as they appear
+    # Draft tokens to verify in the next step (speculative decoding); never part of the tokens above.
+    spec_token_ids: list[int] = field(default_factory=list)
+    # Entry i: {prompt token i + 1: logprob, top ids: logprob}; None when not asked (or not this
+    # sequence's job: only the first of n sequences computes them).
+    prompt_logprobs: list[dict[int, float]] | None = None
 
     @property
     def all_token_ids(self) -> list[int]:
