@@ -4,7 +4,7 @@ from collections.abc import AsyncIterator
 
 from fastapi.responses import StreamingResponse
 from kvpilot.serving.api.errors import APIError, bad_request, unavailable
-from kvpilot.serving.api.logprobs import completion_logprobs
+from kvpilot.serving.api.logprobs import completion_logprobs, vllm_prompt_logprobs
 from kvpilot.serving.api.prompts import completion_prompts, sampling_params
 from kvpilot.serving.api.protocol import (
     SSE_DONE,
@@ -33,7 +33,9 @@ async def create_completion(request: CompletionRequest, state: ServingState):
     prompts = completion_prompts(request, model)
     params = [
         # max_tokens against the context (and None: what fits) is the engine's to check, once.
-        sampling_params(request, request.max_tokens, request.logprobs, model.vocab_size)
+        sampling_params(
+            request, request.max_tokens, request.logprobs, model.vocab_size, _prompt_logprobs(request)
+        )
         for p in prompts
     ]
     state.check_queue()
@@ -73,12 +75,14 @@ async def create_completion(request: CompletionRequest, state: ServingState):
                     request.logprobs,
                     text_offset=0,
                     prompt_token_ids=output.prompt_token_ids if request.echo else None,
+                    prompt_logprobs=output.prompt_logprobs,
                 )
             choices.append(
                 CompletionChoice(
                     index=index * n + seq.index,
                     text=text,
                     logprobs=logprobs,
+                    prompt_logprobs=_vllm_prompt_logprobs(request, model.tokenizer, output),
                     finish_reason=seq.finish_reason,
                     stop_reason=seq.stop_reason,
                 )
@@ -119,16 +123,21 @@ async def _stream(
                     if delta is None:
                         continue
                     text, new_tokens = delta
-                    if is_first and request.echo:
+                    echo_prompt = is_first and request.echo
+                    if echo_prompt:
                         text = prompt_texts[index] + text
                     logprobs = None
                     if request.logprobs is not None:
+                        # offsets count the echoed prompt; this chunk's text starts where the last ended
+                        sent = (len(prompt_texts[index]) if request.echo else 0) + tracker.text_sent[choice]
                         logprobs = completion_logprobs(
                             tokenizer,
                             seq.token_ids[new_tokens],
                             (seq.logprobs or [])[new_tokens],
                             request.logprobs,
-                            text_offset=tracker.text_sent[choice] - len(delta[0]),
+                            text_offset=sent - len(text),
+                            prompt_token_ids=output.prompt_token_ids if echo_prompt else None,
+                            prompt_logprobs=output.prompt_logprobs,
                         )
                     chunk = CompletionResponse(
                         id=request_id,
@@ -139,6 +148,9 @@ async def _stream(
                                 index=choice,
                                 text=text,
                                 logprobs=logprobs,
+                                prompt_logprobs=_vllm_prompt_logprobs(request, tokenizer, output)
+                                if is_first
+                                else None,
                                 finish_reason=seq.finish_reason,
                                 stop_reason=seq.stop_reason,
                             )
@@ -165,3 +177,18 @@ async def _stream(
         yield SSE_DONE
     finally:
         await merged.aclose()
+
+
+def _prompt_logprobs(request: CompletionRequest) -> int | None:
+    """Top-k the engine computes for prompt tokens: for vLLM's prompt_logprobs and for echo + logprobs."""
+    wanted = [request.prompt_logprobs] + ([request.logprobs] if request.echo else [])
+    wanted = [k for k in wanted if k is not None]
+    return max(wanted) if wanted else None
+
+
+def _vllm_prompt_logprobs(request: CompletionRequest, tokenizer, output: RequestOutput):
+    if request.prompt_logprobs is None or output.prompt_logprobs is None:
+        return None
+    return vllm_prompt_logprobs(
+        tokenizer, output.prompt_token_ids, output.prompt_logprobs, request.prompt_logprobs
+    )

@@ -1,6 +1,12 @@
 """The engine's per-token `{token_id: logprob}` maps, in OpenAI's two logprobs formats."""
 
-from kvpilot.serving.api.protocol import ChatLogprobs, ChatTokenLogprob, ChatTopLogprob, CompletionLogprobs
+from kvpilot.serving.api.protocol import (
+    ChatLogprobs,
+    ChatTokenLogprob,
+    ChatTopLogprob,
+    CompletionLogprobs,
+    PromptLogprob,
+)
 
 
 def _token_text(tokenizer, token_id: int) -> str:
@@ -19,15 +25,20 @@ def completion_logprobs(
     num_top: int,
     text_offset: int,
     prompt_token_ids: list[int] | None = None,
+    prompt_logprobs: list[dict[int, float] | None] | None = None,
 ) -> CompletionLogprobs:
-    """`/v1/completions` format; with `prompt_token_ids` (echo) the prompt tokens come first, logprob None."""
+    """`/v1/completions` format. With `prompt_token_ids` (echo) the prompt tokens come first, with
+    their `prompt_logprobs` (the first token has none, as in OpenAI's echo)."""
     result = CompletionLogprobs()
     offset = text_offset
-    for token_id in prompt_token_ids or []:
+    prompt_entries = prompt_logprobs or [None] * len(prompt_token_ids or [])
+    for token_id, entry in zip(prompt_token_ids or [], prompt_entries, strict=True):
         text = _token_text(tokenizer, token_id)
         result.tokens.append(text)
-        result.token_logprobs.append(None)
-        result.top_logprobs.append(None)
+        result.token_logprobs.append(None if entry is None else entry.get(token_id))
+        result.top_logprobs.append(
+            None if entry is None else {_token_text(tokenizer, t): lp for t, lp in _top(entry, num_top)}
+        )
         result.text_offset.append(offset)
         offset += len(text)
     for token_id, entry in zip(token_ids, logprobs, strict=False):
@@ -58,3 +69,25 @@ def chat_logprobs(
             )
         )
     return ChatLogprobs(content=content)
+
+
+def vllm_prompt_logprobs(
+    tokenizer, prompt_token_ids: list[int], prompt_logprobs: list[dict[int, float] | None], num_top: int
+) -> list[dict[str, PromptLogprob] | None]:
+    """vLLM's `prompt_logprobs`: per prompt token (None for the first) the token itself and the
+    `num_top` most likely ones, keyed by token id; rank is known for the top ones only."""
+    result: list[dict[str, PromptLogprob] | None] = []
+    for token_id, entry in zip(prompt_token_ids, prompt_logprobs, strict=True):
+        if entry is None:
+            result.append(None)
+            continue
+        top = _top(entry, num_top)
+        ranks = {t: rank for rank, (t, _) in enumerate(top, start=1)}
+        wanted = {token_id: entry[token_id]} | dict(top)
+        result.append(
+            {
+                str(t): PromptLogprob(logprob=lp, rank=ranks.get(t), decoded_token=_token_text(tokenizer, t))
+                for t, lp in wanted.items()
+            }
+        )
+    return result

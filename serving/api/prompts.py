@@ -67,7 +67,11 @@ def chat_prompt(request: ChatCompletionRequest, model: ModelInfo) -> EnginePromp
 
 
 def sampling_params(
-    request: SamplingFields, max_tokens: int | None, logprobs: int | None, vocab_size: int
+    request: SamplingFields,
+    max_tokens: int | None,
+    logprobs: int | None,
+    vocab_size: int,
+    prompt_logprobs: int | None = None,
 ) -> SamplingParams:
     stop = request.stop if request.stop is not None else ()
     try:
@@ -89,6 +93,7 @@ def sampling_params(
             include_stop_str_in_output=request.include_stop_str_in_output,
             ignore_eos=request.ignore_eos,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             skip_special_tokens=request.skip_special_tokens,
         )
     except InvalidParameter as exc:
