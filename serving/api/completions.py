@@ -75,7 +75,7 @@ async def create_completion(request: CompletionRequest, state: ServingState):
                     request.logprobs,
                     text_offset=0,
                     prompt_token_ids=output.prompt_token_ids if request.echo else None,
-                    prompt_logprobs=output.prompt_logprobs,
+                    prompt_logprobs=output.prompt_logprobs if request.echo else None,
                 )
             choices.append(
                 CompletionChoice(
@@ -137,7 +137,7 @@ async def _stream(
                             request.logprobs,
                             text_offset=sent - len(text),
                             prompt_token_ids=output.prompt_token_ids if echo_prompt else None,
-                            prompt_logprobs=output.prompt_logprobs,
+                            prompt_logprobs=output.prompt_logprobs if echo_prompt else None,
                         )
                     chunk = CompletionResponse(
                         id=request_id,
