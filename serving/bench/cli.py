@@ -1,12 +1,13 @@
 """`kvpilot bench ...`: one subcommand per benchmark module."""
 
-from kvpilot.serving.bench import quant, serve, throughput
+from kvpilot.serving.bench import quant, serve, spec, throughput
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "bench", help="benchmarks: offline throughput, online serving, quantization modes"
+        "bench",
+        help="benchmarks: offline throughput, online serving, quantization modes, speculative decoding",
     )
     benchmarks = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
-    for module in (throughput, serve, quant):
+    for module in (throughput, serve, quant, spec):
         module.add_parser(benchmarks)
