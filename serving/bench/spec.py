@@ -102,7 +102,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "spec", help="n-gram speculative decoding vs plain decoding on copy-heavy prompts"
     )
     parser.add_argument("--model", default=None, help="checkpoint directory or .gguf file (default: SmolLM2)")
-    parser.add_argument("--speculative-ngram", type=int, default=3, metavar="N")
+    parser.add_argument("--speculative-ngram", type=int, default=2, metavar="N")
     parser.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K")
     parser.add_argument("--batch-sizes", default="1,16", help="comma-separated (default 1,16)")
     parser.add_argument("--num-prompts", type=int, default=16, help="prompts per batch size > 1")

@@ -87,15 +87,14 @@ class Scheduler:
             self.waiting and not preempted_any and token_budget > 0 and len(self.running) < self.max_num_seqs
         ):
             request = self.waiting[0]
-            if _needs_prompt_logprobs(request):  # their logits are needed: recompute cached blocks
-                hits, num_hit_tokens = [], 0
-            else:
-                hits, num_hit_tokens = self.kv_cache_manager.get_computed_blocks(request)
+            # A request that needs its prompt's logits recomputes cached blocks: no lookup.
+            looks_up = self.kv_cache_manager.enable_caching and not _needs_prompt_logprobs(request)
+            hits, num_hit_tokens = self.kv_cache_manager.get_computed_blocks(request) if looks_up else ([], 0)
             num_new_tokens = min(request.num_tokens - num_hit_tokens, token_budget)
             if self.kv_cache_manager.allocate_slots(request, num_new_tokens, hits) is None:
                 break
             self.waiting.popleft()
-            if self.kv_cache_manager.enable_caching:
+            if looks_up:
                 self.prefix_cache_queries += request.num_tokens
                 self.prefix_cache_hits += num_hit_tokens
             if request.times.first_scheduled is None:
