@@ -4,7 +4,8 @@ The workload is the one prompt lookup is for: outputs that copy from the prompt.
 the (instruct) model to repeat a paragraph of the shipped English text or to return a function of
 kvpilot's own source with one name changed, through the model's chat template. Decoding is
 greedy, so both engines produce the same tokens (the table says whether they did) and the
-speed-up is time for time. Batch 1 runs the prompts one after another; batch B runs B at once.
+speed-up is time for time. Batch 1 runs the prompts one after another; batch B runs B at once;
+the two engines take turns on each batch.
 """
 
 import argparse
@@ -70,14 +71,12 @@ class Run:
         return sum(map(len, self.outputs))
 
 
-def run(llm, prompts: list[str], batch: int, max_tokens: int) -> Run:
-    """All prompts, `batch` at a time, greedy; counters are this run's."""
+def run(llm, prompts: list[str], max_tokens: int) -> Run:
+    """One batch of prompts, greedy; counters are this run's."""
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     before = llm.llm_engine.get_stats()
-    outputs = []
     started = time.perf_counter()
-    for start in range(0, len(prompts), batch):
-        outputs += [out.outputs[0].token_ids for out in llm.generate(prompts[start : start + batch], params)]
+    outputs = [out.outputs[0].token_ids for out in llm.generate(prompts, params)]
     seconds = time.perf_counter() - started
     after = llm.llm_engine.get_stats()
     return Run(
@@ -86,6 +85,22 @@ def run(llm, prompts: list[str], batch: int, max_tokens: int) -> Run:
         after.spec_decode_num_draft_tokens - before.spec_decode_num_draft_tokens,
         after.spec_decode_num_accepted_tokens - before.spec_decode_num_accepted_tokens,
     )
+
+
+def compare(plain, spec, prompts: list[str], batch: int, max_tokens: int) -> tuple[Run, Run]:
+    """Both engines on the same batches, alternating which goes first (a machine whose load drifts
+    then weighs on both alike)."""
+    plain_total, spec_total = Run(0.0, []), Run(0.0, [])
+    for i, start in enumerate(range(0, len(prompts), batch)):
+        chosen = prompts[start : start + batch]
+        order = [(plain, plain_total), (spec, spec_total)]
+        for llm, total in order if i % 2 == 0 else reversed(order):
+            result = run(llm, chosen, max_tokens)
+            total.seconds += result.seconds
+            total.outputs += result.outputs
+            total.num_draft_tokens += result.num_draft_tokens
+            total.num_accepted_tokens += result.num_accepted_tokens
+    return plain_total, spec_total
 
 
 def format_row(batch: int, plain: Run, spec: Run) -> str:
@@ -141,11 +156,8 @@ def main(args: argparse.Namespace) -> int:
     )
     print(f"{'batch':>5} {'prompts':>7} {'tokens':>7} {'plain tok/s':>11} {'spec tok/s':>10} {'speed-up':>9} "
           f"{'accepted':>10} {'identical':>9}")  # fmt: skip
-    run(plain, prompts[:1], 1, 8)  # warm-up: first-call costs out of the measurements
-    run(spec, prompts[:1], 1, 8)
+    compare(plain, spec, prompts[:1], 1, 8)  # warm-up: first-call costs out of the measurements
     for batch in batch_sizes:
         chosen = prompts[: args.num_prompts_batch_1 if batch == 1 else args.num_prompts]
-        plain_run = run(plain, chosen, batch, args.max_tokens)
-        spec_run = run(spec, chosen, batch, args.max_tokens)
-        print(format_row(batch, plain_run, spec_run), flush=True)
+        print(format_row(batch, *compare(plain, spec, chosen, batch, args.max_tokens)), flush=True)
     return 0

@@ -17,8 +17,7 @@ def test_a_row_compares_both_engines_on_the_same_prompts(tiny_llama):
     plain = LLM(model=str(tiny_llama), num_kv_blocks=256)
     speculative = LLM(model=str(tiny_llama), num_kv_blocks=256, speculative_ngram=1, num_speculative_tokens=2)
     prompts = spec.copy_prompts(3, plain.get_tokenizer(), plain.llm_engine.chat_template)
-    plain_run = spec.run(plain, prompts, batch=2, max_tokens=6)
-    spec_run = spec.run(speculative, prompts, batch=2, max_tokens=6)
+    plain_run, spec_run = spec.compare(plain, speculative, prompts, batch=2, max_tokens=6)
     assert len(plain_run.outputs) == 3 and plain_run.outputs == spec_run.outputs
     assert plain_run.num_draft_tokens == 0
     row = spec.format_row(2, plain_run, spec_run).split()
