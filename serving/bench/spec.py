@@ -3,9 +3,9 @@
 The workload is the one prompt lookup is for: outputs that copy from the prompt. Each prompt asks
 the (instruct) model to repeat a paragraph of the shipped English text or to return a function of
 kvpilot's own source with one name changed, through the model's chat template. Decoding is
-greedy, so both engines produce the same tokens (the table says whether they did) and the
+greedy, so both modes produce the same tokens (the table says whether they did) and the
 speed-up is time for time. Batch 1 runs the prompts one after another; batch B runs B at once;
-the two engines take turns on each batch.
+the two modes take turns on each batch, in one engine without prefix caching.
 """
 
 import argparse
@@ -71,14 +71,24 @@ class Run:
         return sum(map(len, self.outputs))
 
 
-def run(llm, prompts: list[str], max_tokens: int) -> Run:
-    """One batch of prompts, greedy; counters are this run's."""
+def run(llm, prompts: list[str], max_tokens: int, speculative: bool) -> Run:
+    """One batch of prompts, greedy, with or without the engine's drafts; counters are this run's.
+
+    One engine serves both modes (no second copy of the weights): without drafts it is exactly
+    the plain engine, since the proposer is the only thing speculative decoding adds to a step."""
+    engine = llm.llm_engine
+    proposer = engine.proposer
+    if not speculative:
+        engine.proposer = None
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-    before = llm.llm_engine.get_stats()
+    before = engine.get_stats()
     started = time.perf_counter()
-    outputs = [out.outputs[0].token_ids for out in llm.generate(prompts, params)]
+    try:
+        outputs = [out.outputs[0].token_ids for out in llm.generate(prompts, params)]
+    finally:
+        engine.proposer = proposer
     seconds = time.perf_counter() - started
-    after = llm.llm_engine.get_stats()
+    after = engine.get_stats()
     return Run(
         seconds,
         outputs,
@@ -87,20 +97,19 @@ def run(llm, prompts: list[str], max_tokens: int) -> Run:
     )
 
 
-def compare(plain, spec, prompts: list[str], batch: int, max_tokens: int) -> tuple[Run, Run]:
-    """Both engines on the same batches, alternating which goes first (a machine whose load drifts
-    then weighs on both alike)."""
-    plain_total, spec_total = Run(0.0, []), Run(0.0, [])
+def compare(llm, prompts: list[str], batch: int, max_tokens: int) -> tuple[Run, Run]:
+    """(plain, speculative) on the same batches, alternating which goes first (a machine whose
+    load drifts then weighs on both alike)."""
+    totals = {False: Run(0.0, []), True: Run(0.0, [])}
     for i, start in enumerate(range(0, len(prompts), batch)):
-        chosen = prompts[start : start + batch]
-        order = [(plain, plain_total), (spec, spec_total)]
-        for llm, total in order if i % 2 == 0 else reversed(order):
-            result = run(llm, chosen, max_tokens)
+        for speculative in (False, True) if i % 2 == 0 else (True, False):
+            result = run(llm, prompts[start : start + batch], max_tokens, speculative)
+            total = totals[speculative]
             total.seconds += result.seconds
             total.outputs += result.outputs
             total.num_draft_tokens += result.num_draft_tokens
             total.num_accepted_tokens += result.num_accepted_tokens
-    return plain_total, spec_total
+    return totals[False], totals[True]
 
 
 def format_row(batch: int, plain: Run, spec: Run) -> str:
@@ -138,17 +147,18 @@ def main(args: argparse.Namespace) -> int:
             f"kvpilot bench spec: error: --batch-sizes: expected integers, got {args.batch_sizes!r}"
         ) from None
     model = str(args.model or default_model_path())
-    engine = dict(num_kv_blocks=768, max_num_seqs=max(batch_sizes), max_num_batched_tokens=1024)
-    plain = LLM(model=model, **engine)
-    spec = LLM(
+    # No prefix caching: the second mode would otherwise find the first one's prompts cached.
+    llm = LLM(
         model=model,
+        num_kv_blocks=512,
+        max_num_seqs=max(batch_sizes),
+        max_num_batched_tokens=1024,
+        enable_prefix_caching=False,
         speculative_ngram=args.speculative_ngram,
         num_speculative_tokens=args.num_speculative_tokens,
-        **engine,
     )
-    prompts = copy_prompts(
-        max(args.num_prompts, args.num_prompts_batch_1), plain.get_tokenizer(), plain.llm_engine.chat_template
-    )
+    num_prompts = max(args.num_prompts, args.num_prompts_batch_1)
+    prompts = copy_prompts(num_prompts, llm.get_tokenizer(), llm.llm_engine.chat_template)
     print(format_machine(describe_machine()))
     print(
         f"{model}: greedy, max_tokens {args.max_tokens}, n-gram {args.speculative_ngram}, "
@@ -156,8 +166,8 @@ def main(args: argparse.Namespace) -> int:
     )
     print(f"{'batch':>5} {'prompts':>7} {'tokens':>7} {'plain tok/s':>11} {'spec tok/s':>10} {'speed-up':>9} "
           f"{'accepted':>10} {'identical':>9}")  # fmt: skip
-    compare(plain, spec, prompts[:1], 1, 8)  # warm-up: first-call costs out of the measurements
+    compare(llm, prompts[:1], 1, 8)  # warm-up: first-call costs out of the measurements
     for batch in batch_sizes:
         chosen = prompts[: args.num_prompts_batch_1 if batch == 1 else args.num_prompts]
-        print(format_row(batch, *compare(plain, spec, chosen, batch, args.max_tokens)), flush=True)
+        print(format_row(batch, *compare(llm, chosen, batch, args.max_tokens)), flush=True)
     return 0
