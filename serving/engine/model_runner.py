@@ -1,5 +1,6 @@
 """The model runner: owns the model, the paged KV cache and every tensor of a step."""
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -7,7 +8,7 @@ from kvpilot.kernels.attention import build_attention_metadata
 from kvpilot.kernels.quant.kv_cache import KVCache, kv_block_bytes
 from kvpilot.serving.engine.config import EngineConfig
 from kvpilot.serving.engine.logprobs import token_logprobs
-from kvpilot.serving.engine.scheduler_output import SchedulerOutput
+from kvpilot.serving.engine.scheduler_output import ScheduledChunk, SchedulerOutput
 from kvpilot.serving.loader import TORCH_DTYPES, load_model
 from kvpilot.serving.validation import InvalidParameter
 
@@ -83,6 +84,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        """One forward pass over the step's chunks; logits only where sampling or prompt
+        logprobs need them."""
         chunks = scheduler_output.chunks
         query_lens = [len(chunk.token_ids) for chunk in chunks]
         metadata = build_attention_metadata(
@@ -95,9 +98,7 @@ class ModelRunner:
         token_ids = [t for chunk in chunks for t in chunk.token_ids]
         input_ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
         hidden = self.model.forward(input_ids, metadata, self.kv_caches)
-        starts = [0]
-        for query_len in query_lens:
-            starts.append(starts[-1] + query_len)
+        starts = [0, *itertools.accumulate(query_lens)]
         sample_rows = [
             row
             for i, chunk in enumerate(chunks)
@@ -112,7 +113,7 @@ class ModelRunner:
         }
         return ModelRunnerOutput(logits, prompt_logprobs)
 
-    def _prompt_logprobs(self, hidden: torch.Tensor, chunk) -> list[dict[int, float]]:
+    def _prompt_logprobs(self, hidden: torch.Tensor, chunk: ScheduledChunk) -> list[dict[int, float]]:
         """Entries for the chunk's first positions (row j predicts prompt_logprob_token_ids[j])."""
         targets = chunk.prompt_logprob_token_ids
         entries: list[dict[int, float]] = []
