@@ -131,21 +131,36 @@ def paged_attention_reference(
     return out
 
 
+# Chunks of at most this many queries (decodes, and decodes with draft tokens to verify) run as
+# one decode row per query: each attends to its own prefix of the same block table.
+MAX_DECODE_QUERY_LEN = 16
+
+
 def paged_attention_cpu(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, metadata: AttentionMetadata, scale: float
 ) -> torch.Tensor:
-    """Decodes all at once (native kernel, or one padded SDPA); each prefill chunk in one SDPA."""
+    """Decode rows all at once (native kernel, or one padded SDPA); each longer chunk in one SDPA."""
     query_lens = metadata.query_lens_list
-    decodes = [i for i, n in enumerate(query_lens) if n == 1]
-    if len(decodes) == len(query_lens):  # a pure decode step: rows are already the sequences
-        return _decode(q, k_cache, v_cache, metadata, slice(None), scale)
+    if all(n == 1 for n in query_lens):  # a pure decode step: rows are already the sequences
+        return _decode(
+            q, k_cache, v_cache, metadata.block_tables, metadata.seq_lens, metadata.block_size, scale
+        )
     out = torch.empty_like(q)
-    if decodes:
-        rows = metadata.query_start_loc[decodes]
-        out[rows] = _decode(q[rows], k_cache, v_cache, metadata, decodes, scale)
     starts = metadata.query_start_loc.tolist()
+    short = [i for i, n in enumerate(query_lens) if n <= MAX_DECODE_QUERY_LEN]
+    if short:
+        rows = [starts[i] + j for i in short for j in range(query_lens[i])]
+        seqs = [i for i in short for _ in range(query_lens[i])]
+        seq_lens = [
+            metadata.seq_lens_list[i] - query_lens[i] + j + 1 for i in short for j in range(query_lens[i])
+        ]
+        tables = metadata.block_tables[seqs]
+        rows_t = torch.tensor(rows)
+        out[rows_t] = _decode(
+            q[rows_t], k_cache, v_cache, tables, torch.tensor(seq_lens), metadata.block_size, scale
+        )
     for i, query_len in enumerate(query_lens):
-        if query_len == 1:
+        if query_len <= MAX_DECODE_QUERY_LEN:
             continue
         seq_len = metadata.seq_lens_list[i]
         start, context_len = starts[i], seq_len - query_len
@@ -169,31 +184,32 @@ def _decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    metadata: AttentionMetadata,
-    seqs: list[int] | slice,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_size: int,
     scale: float,
 ) -> torch.Tensor:
-    """float32 or int8 caches: the native kernel reads K/V in place (no gather copy, no padding)."""
+    """One query per row, row i attending to keys [0, seq_lens[i]) of block_tables[i].
+    float32 or int8 caches: the native kernel reads K/V in place (no gather copy, no padding)."""
     if cpu_extension.supports(q, k_cache):
-        tables, seq_lens = metadata.block_tables[seqs], metadata.seq_lens[seqs]
-        return cpu_extension.paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, scale)
-    return _decode_batch(q, k_cache, v_cache, metadata, seqs, scale)
+        return cpu_extension.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale)
+    return _decode_batch(q, k_cache, v_cache, block_tables, seq_lens, block_size, scale)
 
 
 def _decode_batch(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    metadata: AttentionMetadata,
-    seqs: list[int] | slice,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_size: int,
     scale: float,
 ) -> torch.Tensor:
-    """q [D, num_heads, head_dim], one query per sequence -> [D, num_heads, head_dim]."""
+    """q [D, num_heads, head_dim], one query per row -> [D, num_heads, head_dim]."""
     num_seqs, num_heads, head_dim = q.shape
-    seq_lens = metadata.seq_lens[seqs]
     max_len = int(seq_lens.max())
-    num_blocks = -(-max_len // metadata.block_size)
-    tables = metadata.block_tables[seqs, :num_blocks]
+    num_blocks = -(-max_len // block_size)
+    tables = block_tables[:, :num_blocks]
     keys = k_cache[tables].flatten(1, 2)[:, :max_len].to(q.dtype).transpose(1, 2)  # [D, kv_heads, L, dim]
     values = v_cache[tables].flatten(1, 2)[:, :max_len].to(q.dtype).transpose(1, 2)
     # The query heads sharing a KV head become that head's query rows: SDPA without GQA expansion.

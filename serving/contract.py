@@ -105,6 +105,14 @@ SERVE_SETTINGS = (
         crd_field="tensor_parallel_size",
     ),
     ServeSetting("seed", int, 0, "engine seed for unseeded sampling", metavar="N", engine_field="seed"),
+    ServeSetting(
+        "speculative_ngram", int, None, "speculative decoding by prompt lookup: match the last N tokens",
+        1, metavar="N", engine_field="speculative_ngram",
+    ),
+    ServeSetting(
+        "num_speculative_tokens", int, None, "draft tokens per step (with --speculative-ngram)", 1,
+        metavar="K", engine_field="num_speculative_tokens",
+    ),
     ServeSetting("max_queue_len", int, 256, "waiting requests before 429", 0, metavar="N"),
     ServeSetting("shutdown_timeout", float, 30.0, "drain time on SIGTERM", 0, metavar="SECONDS"),
     ServeSetting("api_key", str, None, "require `Authorization: Bearer KEY` on /v1/*"),
@@ -137,6 +145,8 @@ NOT_IN_CRD = {
     "max_request_bytes": "spec.engine.extraArgs",
     "termination_log": "Kubernetes' default terminationMessagePath, /dev/termination-log",
     "seed": "spec.engine.extraArgs",
+    "speculative_ngram": "spec.engine.extraArgs (speculative decoding is a per-workload tuning knob)",
+    "num_speculative_tokens": "spec.engine.extraArgs, with --speculative-ngram",
     "max_queue_len": "spec.engine.extraArgs",
     "shutdown_timeout": "the operator sets it with the pod's termination grace period",
     "api_key": "tenants' keys belong to the router; a server key would sit in the pod spec",
@@ -157,6 +167,8 @@ METRIC_REQUEST_SUCCESS = "vllm:request_success"
 METRIC_NUM_PREEMPTIONS = "vllm:num_preemptions"
 METRIC_PREFIX_CACHE_QUERIES = "vllm:prefix_cache_queries"
 METRIC_PREFIX_CACHE_HITS = "vllm:prefix_cache_hits"
+METRIC_SPEC_DECODE_NUM_DRAFT_TOKENS = "vllm:spec_decode_num_draft_tokens"
+METRIC_SPEC_DECODE_NUM_ACCEPTED_TOKENS = "vllm:spec_decode_num_accepted_tokens"
 METRIC_TIME_TO_FIRST_TOKEN = "vllm:time_to_first_token_seconds"
 METRIC_INTER_TOKEN_LATENCY = "vllm:inter_token_latency_seconds"
 METRIC_E2E_REQUEST_LATENCY = "vllm:e2e_request_latency_seconds"

@@ -25,7 +25,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top logprobs per sampled token
-    prompt_logprobs: int | None = None  # number of top logprobs per prompt token (prefill recomputed)
+    prompt_logprobs: int | None = None  # number of top logprobs per prompt token (vLLM's extra)
     skip_special_tokens: bool = True
     structured_outputs: StructuredOutputsParams | None = None  # what the output must match
 

@@ -5,7 +5,7 @@ from collections.abc import AsyncIterator
 from fastapi.responses import StreamingResponse
 from kvpilot.serving.api.completions import ABORTED_MESSAGE
 from kvpilot.serving.api.errors import APIError, bad_request, unavailable
-from kvpilot.serving.api.logprobs import chat_logprobs, prompt_logprobs_body
+from kvpilot.serving.api.logprobs import chat_logprobs, vllm_prompt_logprobs
 from kvpilot.serving.api.prompts import chat_prompt, sampling_params
 from kvpilot.serving.api.protocol import (
     SSE_DONE,
@@ -76,7 +76,7 @@ async def create_chat_completion(request: ChatCompletionRequest, state: ServingS
         model=state.model_name,
         choices=choices,
         usage=_usage(final),
-        prompt_logprobs=prompt_logprobs_body(model.tokenizer, final.prompt_logprobs),
+        prompt_logprobs=vllm_prompt_logprobs(model.tokenizer, final, request.prompt_logprobs),
     )
 
 

@@ -4,7 +4,7 @@ from collections.abc import AsyncIterator
 
 from fastapi.responses import StreamingResponse
 from kvpilot.serving.api.errors import APIError, bad_request, unavailable
-from kvpilot.serving.api.logprobs import completion_logprobs, prompt_logprobs_body
+from kvpilot.serving.api.logprobs import completion_logprobs, vllm_prompt_logprobs
 from kvpilot.serving.api.prompts import completion_prompts, sampling_params
 from kvpilot.serving.api.protocol import (
     SSE_DONE,
@@ -73,16 +73,14 @@ async def create_completion(request: CompletionRequest, state: ServingState):
                     request.logprobs,
                     text_offset=0,
                     prompt_token_ids=output.prompt_token_ids if request.echo else None,
-                    prompt_logprobs=output.prompt_logprobs,
+                    prompt_logprobs=output.prompt_logprobs if request.echo else None,
                 )
             choices.append(
                 CompletionChoice(
                     index=index * n + seq.index,
                     text=text,
                     logprobs=logprobs,
-                    prompt_logprobs=prompt_logprobs_body(model.tokenizer, output.prompt_logprobs)
-                    if request.prompt_logprobs is not None
-                    else None,
+                    prompt_logprobs=vllm_prompt_logprobs(model.tokenizer, output, request.prompt_logprobs),
                     finish_reason=seq.finish_reason,
                     stop_reason=seq.stop_reason,
                 )
@@ -123,17 +121,25 @@ async def _stream(
                     if delta is None:
                         continue
                     text, new_tokens = delta
-                    if is_first and request.echo:
+                    echo_prompt = is_first and request.echo
+                    if echo_prompt:
                         text = prompt_texts[index] + text
                     logprobs = None
                     if request.logprobs is not None:
+                        # offsets count the echoed prompt; this chunk's text starts where the last ended
+                        sent = (len(prompt_texts[index]) if request.echo else 0) + tracker.text_sent[choice]
                         logprobs = completion_logprobs(
                             tokenizer,
                             seq.token_ids[new_tokens],
                             (seq.logprobs or [])[new_tokens],
                             request.logprobs,
-                            text_offset=tracker.text_sent[choice] - len(delta[0]),
+                            text_offset=sent - len(text),
+                            prompt_token_ids=output.prompt_token_ids if echo_prompt else None,
+                            prompt_logprobs=output.prompt_logprobs if echo_prompt else None,
                         )
+                    prompt_logprobs = (
+                        vllm_prompt_logprobs(tokenizer, output, request.prompt_logprobs) if is_first else None
+                    )
                     chunk = CompletionResponse(
                         id=request_id,
                         created=created,
@@ -143,6 +149,7 @@ async def _stream(
                                 index=choice,
                                 text=text,
                                 logprobs=logprobs,
+                                prompt_logprobs=prompt_logprobs,
                                 finish_reason=seq.finish_reason,
                                 stop_reason=seq.stop_reason,
                             )

@@ -8,6 +8,7 @@ from kvpilot.serving.api.protocol import (
     PromptLogprob,
     PromptLogprobs,
 )
+from kvpilot.serving.engine.outputs import RequestOutput
 
 
 def _token_text(tokenizer, token_id: int) -> str:
@@ -28,17 +29,18 @@ def completion_logprobs(
     prompt_token_ids: list[int] | None = None,
     prompt_logprobs: list[dict[int, float] | None] | None = None,
 ) -> CompletionLogprobs:
-    """`/v1/completions` format; with `prompt_token_ids` (echo) the prompt tokens come first, with
-    their `prompt_logprobs` (the first token has none)."""
+    """`/v1/completions` format. With `prompt_token_ids` (echo) the prompt tokens come first, with
+    their `prompt_logprobs` (the first token has none, as in OpenAI's echo)."""
     result = CompletionLogprobs()
     offset = text_offset
     prompt_entries = prompt_logprobs or [None] * len(prompt_token_ids or [])
-    for token_id, entry in zip(prompt_token_ids or [], prompt_entries, strict=False):
+    for token_id, entry in zip(prompt_token_ids or [], prompt_entries, strict=True):
         text = _token_text(tokenizer, token_id)
         result.tokens.append(text)
-        result.token_logprobs.append(entry.get(token_id) if entry else None)
-        top = {_token_text(tokenizer, t): lp for t, lp in _top(entry, num_top)} if entry else None
-        result.top_logprobs.append(top)
+        result.token_logprobs.append(None if entry is None else entry.get(token_id))
+        result.top_logprobs.append(
+            None if entry is None else {_token_text(tokenizer, t): lp for t, lp in _top(entry, num_top)}
+        )
         result.text_offset.append(offset)
         offset += len(text)
     for token_id, entry in zip(token_ids, logprobs, strict=False):
@@ -71,18 +73,24 @@ def chat_logprobs(
     return ChatLogprobs(content=content)
 
 
-def prompt_logprobs_body(
-    tokenizer, prompt_logprobs: list[dict[int, float] | None] | None
-) -> PromptLogprobs | None:
-    """vLLM's `prompt_logprobs`: per prompt token {token id: {logprob, decoded_token}}."""
-    if prompt_logprobs is None:
+def vllm_prompt_logprobs(tokenizer, output: RequestOutput, num_top: int | None) -> PromptLogprobs | None:
+    """vLLM's `prompt_logprobs` (None when not asked): per prompt token (None for the first) the
+    token itself and the `num_top` most likely ones, keyed by token id; rank is known for the top
+    ones only."""
+    if num_top is None or output.prompt_logprobs is None:
         return None
-    return [
-        None
-        if entry is None
-        else {
-            str(t): PromptLogprob(logprob=lp, decoded_token=_token_text(tokenizer, t))
-            for t, lp in entry.items()
-        }
-        for entry in prompt_logprobs
-    ]
+    result: PromptLogprobs = []
+    for token_id, entry in zip(output.prompt_token_ids, output.prompt_logprobs, strict=True):
+        if entry is None:
+            result.append(None)
+            continue
+        top = _top(entry, num_top)
+        ranks = {t: rank for rank, (t, _) in enumerate(top, start=1)}
+        wanted = {token_id: entry[token_id]} | dict(top)
+        result.append(
+            {
+                str(t): PromptLogprob(logprob=lp, rank=ranks.get(t), decoded_token=_token_text(tokenizer, t))
+                for t, lp in wanted.items()
+            }
+        )
+    return result

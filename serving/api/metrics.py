@@ -72,6 +72,10 @@ class EngineStatsCollector(Collector):
              stats.prefix_cache_queries),
             (c.METRIC_PREFIX_CACHE_HITS, "Prefix cache hits, in terms of number of cached tokens.",
              stats.prefix_cache_hits),
+            (c.METRIC_SPEC_DECODE_NUM_DRAFT_TOKENS, "Number of draft tokens.",
+             stats.spec_decode_num_draft_tokens),
+            (c.METRIC_SPEC_DECODE_NUM_ACCEPTED_TOKENS, "Number of accepted tokens.",
+             stats.spec_decode_num_accepted_tokens),
         )  # fmt: skip
         for name, documentation, value in counters:
             family = CounterMetricFamily(name, documentation, labels=label)

@@ -249,8 +249,11 @@ class CompletionLogprobs(BaseModel):
 
 
 class PromptLogprob(BaseModel):
+    """One entry of vLLM's `prompt_logprobs`."""
+
     logprob: float
-    decoded_token: str
+    rank: int | None = None
+    decoded_token: str | None = None
 
 
 PromptLogprobs = list[dict[str, PromptLogprob] | None]  # vLLM's: per prompt token, by token id

@@ -25,6 +25,9 @@ class EngineConfig:
     quantization: str = "none"
     kv_cache_dtype: str = "auto"
     seed: int = 0
+    # n-gram speculative decoding (prompt lookup): both set, or neither
+    speculative_ngram: int | None = None  # tokens matched against earlier prompt + output
+    num_speculative_tokens: int | None = None  # draft tokens proposed per step
 
     def __post_init__(self) -> None:
         _require(self.block_size > 0, "block_size", "must be > 0")
@@ -45,6 +48,23 @@ class EngineConfig:
         _require(
             self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype", f"must be one of {KV_CACHE_DTYPES}"
         )
+        _require(
+            self.speculative_ngram is None or self.speculative_ngram > 0, "speculative_ngram", "must be > 0"
+        )
+        _require(
+            self.num_speculative_tokens is None or self.num_speculative_tokens > 0,
+            "num_speculative_tokens",
+            "must be > 0",
+        )
+        _require(
+            (self.speculative_ngram is None) == (self.num_speculative_tokens is None),
+            "num_speculative_tokens" if self.speculative_ngram is not None else "speculative_ngram",
+            "speculative decoding needs both speculative_ngram and num_speculative_tokens",
+        )
+
+    @property
+    def speculative(self) -> bool:
+        return self.speculative_ngram is not None
 
 
 def _require(ok: bool, field: str, message: str) -> None:

@@ -2,8 +2,9 @@
 
 Reference-count ownership: every block in a request's table holds exactly one reference for
 that request; `free` drops them all. Blocks are registered in the prefix cache as soon as the
-tokens that fill them are scheduled: the model runner writes a step's K/V into the cache before
-any attention of that step reads it, so a request scheduled in the same step may already hit them.
+tokens that fill them are scheduled (draft tokens excepted: they may be rejected): the model
+runner writes a step's K/V into the cache before any attention of that step reads it, so a
+request scheduled in the same step may already hit them.
 """
 
 from collections.abc import Sequence
@@ -66,8 +67,18 @@ class KVCacheManager:
         new_blocks = self.block_pool.get_new_blocks(max(num_required, 0))
         blocks.extend(new_blocks)
         num_tokens = request.num_computed_tokens + len(new_computed_blocks) * self.block_size + num_new_tokens
-        self._cache_full_blocks(request, blocks, num_tokens)
+        # Draft tokens (beyond request.num_tokens) may yet be rejected: their blocks are not cached.
+        self._cache_full_blocks(request, blocks, min(num_tokens, request.num_tokens))
         return new_blocks
+
+    def free_slots_after(self, request: Request, num_tokens: int) -> None:
+        """Give back the tail blocks that hold no token before `num_tokens` (the slots of rejected
+        draft tokens). They were never cached, so they are plain free blocks again."""
+        blocks = self.req_to_blocks.get(request.request_id, [])
+        num_needed = -(-num_tokens // self.block_size)
+        if len(blocks) > num_needed:
+            self.block_pool.free_blocks(reversed(blocks[num_needed:]))
+            del blocks[num_needed:]
 
     def free(self, request: Request) -> None:
         """Drop the request's references. Tail blocks are freed first so they are evicted before

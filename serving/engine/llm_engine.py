@@ -14,12 +14,14 @@ from kvpilot.serving.engine.config import EngineConfig
 from kvpilot.serving.engine.cpu_share import CpuShare
 from kvpilot.serving.engine.detokenizer import IncrementalDetokenizer
 from kvpilot.serving.engine.kv_cache_manager import KVCacheManager
-from kvpilot.serving.engine.model_runner import ModelRunner
+from kvpilot.serving.engine.model_runner import ModelRunner, ModelRunnerOutput
+from kvpilot.serving.engine.ngram_proposer import NgramProposer
 from kvpilot.serving.engine.outputs import CompletionOutput, RequestOutput, RequestTimes
 from kvpilot.serving.engine.request import Request
-from kvpilot.serving.engine.sampler import Sampler, SamplerOutput
+from kvpilot.serving.engine.sampler import Sampler
 from kvpilot.serving.engine.scheduler import Scheduler
 from kvpilot.serving.engine.scheduler_output import SchedulerOutput
+from kvpilot.serving.engine.spec_decode import RejectionSampler
 from kvpilot.serving.engine.stats import EngineStats
 from kvpilot.serving.engine.structured_output import StructuredOutputManager
 from kvpilot.serving.sampling_params import SamplingParams
@@ -66,6 +68,10 @@ class LLMEngine:
         self.sampler = Sampler(runner.eos_token_ids, torch.Generator().manual_seed(config.seed))
         self._structured_output: StructuredOutputManager | None = None  # built on first use
         self._structured_output_lock = threading.Lock()
+        self.proposer = None
+        if config.speculative:
+            self.proposer = NgramProposer(config.speculative_ngram, config.num_speculative_tokens)
+        self.rejection_sampler = RejectionSampler(self.sampler)
         self._requests: dict[str, UserRequest] = {}
         # On CPU, threads follow the cores other processes leave free (see cpu_share.py).
         self.cpu_share = (
@@ -129,8 +135,8 @@ class LLMEngine:
                 index=index,
                 times=RequestTimes(arrival=user.arrival),
                 grammar=structured.new_matcher(params.structured_outputs) if structured else None,
-                # one sequence computes them for all n (the others share the prompt's cached blocks)
-                prompt_logprobs=[None] if params.prompt_logprobs is not None and index == 0 else None,
+                # the n sequences share the prompt: the first one computes its logprobs
+                prompt_logprobs=[] if params.prompt_logprobs is not None and index == 0 else None,
             )
             user.sequences.append(sequence)
             user.detokenizers.append(IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params))
@@ -182,66 +188,75 @@ class LLMEngine:
             prefix_cache_hits=s.prefix_cache_hits,
             prompt_tokens=s.prompt_tokens,
             generation_tokens=s.generation_tokens,
+            spec_decode_num_draft_tokens=s.num_draft_tokens,
+            spec_decode_num_accepted_tokens=s.num_accepted_tokens,
         )
 
     # The step
 
     def step(self) -> list[RequestOutput]:
         """One engine iteration; returns the cumulative outputs of the requests that advanced."""
+        if self.proposer is not None:
+            self._propose_drafts()
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty:
             return []
         if self.cpu_share is not None:
             self.cpu_share.adjust()
-        logits = self.model_runner.execute_model(scheduler_output)
-        return self._update_from_output(scheduler_output, logits)
+        runner_output = self.model_runner.execute_model(scheduler_output)
+        return self._update_from_output(scheduler_output, runner_output)
+
+    def _propose_drafts(self) -> None:
+        """Drafts for every decoding request, never more than its max_tokens and the context allow
+        (the step emits up to drafts + 1 tokens)."""
+        for request in self.scheduler.running:
+            request.spec_token_ids = []
+            # a grammar's matcher advances one sampled token at a time: no drafts to verify for it
+            if request.num_tokens - request.num_computed_tokens == 1 and request.grammar is None:
+                room = min(
+                    request.max_tokens - request.num_output_tokens, self.max_model_len - request.num_tokens
+                )
+                request.spec_token_ids = self.proposer.propose(request, room - 1)
+
+    def _sample(
+        self, scheduler_output: SchedulerOutput, logits: torch.Tensor
+    ) -> tuple[list[list[int]], list[list[dict[int, float]] | None]]:
+        """New tokens (and their logprobs) of each sampling chunk, in chunk order."""
+        chunks = [c for c in scheduler_output.chunks if c.sample]
+        sequences = [self.scheduler.requests[c.request_id] for c in chunks]
+        if any(c.spec_token_ids for c in chunks):
+            verified = self.rejection_sampler(logits, sequences, [c.spec_token_ids for c in chunks])
+            return verified.token_ids, verified.logprobs
+        sampled = self.sampler(logits, sequences)
+        return [[t] for t in sampled.token_ids], [None if lp is None else [lp] for lp in sampled.logprobs]
 
     def _update_from_output(
-        self, scheduler_output: SchedulerOutput, logits: torch.Tensor
+        self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput
     ) -> list[RequestOutput]:
-        sequences = [self.scheduler.requests[c.request_id] for c in scheduler_output.chunks if c.sample]
-        self._record_prompt_logprobs(scheduler_output, logits[len(sequences) :])
-        sampled: SamplerOutput = self.sampler(logits[: len(sequences)], sequences)
-        updated = self.scheduler.update_from_output(scheduler_output, sampled.token_ids)
-        logprobs = {s.request_id: lp for s, lp in zip(sequences, sampled.logprobs, strict=True)}
         touched: dict[str, UserRequest] = {}
-        for sequence in updated:
+        for chunk in scheduler_output.chunks:
+            entries = runner_output.prompt_logprobs.get(chunk.request_id)
+            sequence = self.scheduler.requests.get(chunk.request_id)
+            if entries is not None and sequence is not None:
+                # entry i is prompt token i + 1's; a preempted request recomputes the same values
+                start = chunk.num_computed_tokens
+                sequence.prompt_logprobs[start : start + len(entries)] = entries
+        token_ids, logprobs = self._sample(scheduler_output, runner_output.logits)
+        sample_ids = [c.request_id for c in scheduler_output.chunks if c.sample]
+        logprobs_by_id = dict(zip(sample_ids, logprobs, strict=True))
+
+        def check_stop_string(sequence: Request) -> str | None:
+            user = self._requests[sequence.output_id]
+            return user.detokenizers[sequence.index].append(sequence.output_token_ids[-1])
+
+        updated = self.scheduler.update_from_output(scheduler_output, token_ids, check_stop_string)
+        for sequence, num_appended in updated:
             if sequence.grammar is not None and not sequence.is_finished:
                 self._advance_grammar(sequence)
-            if logprobs[sequence.request_id] is not None:
-                sequence.output_logprobs.append(logprobs[sequence.request_id])
-            user = self._requests[sequence.output_id]
-            stop = user.detokenizers[sequence.index].append(sequence.output_token_ids[-1])
-            if stop is not None:
-                if sequence.is_finished:  # the same token also hit a length limit: the stop string wins
-                    sequence.finish_reason, sequence.stop_reason = "stop", stop
-                else:
-                    self.scheduler.finish_request(sequence, "stop", stop)
-            touched[user.request_id] = user
+            if logprobs_by_id[sequence.request_id] is not None:
+                sequence.output_logprobs += logprobs_by_id[sequence.request_id][:num_appended]
+            touched[sequence.output_id] = self._requests[sequence.output_id]
         return [self._make_output(user) for user in touched.values()]
-
-    def _record_prompt_logprobs(self, scheduler_output: SchedulerOutput, logits: torch.Tensor) -> None:
-        """Rows of `logits` are every position of the chunks flagged prompt_logprobs, in order;
-        position p scores prompt token p + 1. Tokens already recorded (a preempted request
-        recomputes its prompt) are skipped."""
-        offset = 0
-        for chunk in scheduler_output.chunks:
-            if not chunk.prompt_logprobs:
-                continue
-            rows, offset = logits[offset : offset + len(chunk.token_ids)], offset + len(chunk.token_ids)
-            request = self.scheduler.requests.get(chunk.request_id)
-            if request is None:
-                continue  # aborted while its step ran
-            first = len(request.prompt_logprobs) - 1 - chunk.num_computed_tokens  # first new row
-            last = min(len(rows), request.num_prompt_tokens - 1 - chunk.num_computed_tokens)
-            if first < 0 or first >= last:
-                continue
-            targets = request.prompt_token_ids[
-                chunk.num_computed_tokens + first + 1 : chunk.num_computed_tokens + last + 1
-            ]
-            request.prompt_logprobs += _logprob_entries(
-                rows[first:last], targets, request.sampling_params.prompt_logprobs
-            )
 
     def _advance_grammar(self, sequence: Request) -> None:
         """Feed the sampled token to the sequence's grammar. A grammar that took its stop token
@@ -270,14 +285,15 @@ class LLMEngine:
                     stop_reason=sequence.stop_reason,
                 )
             )
+        first = user.sequences[0]
         return RequestOutput(
             request_id=user.request_id,
             prompt=user.prompt,
             prompt_token_ids=list(user.prompt_token_ids),
+            prompt_logprobs=None if first.prompt_logprobs is None else [None, *first.prompt_logprobs],
             outputs=completions,
             finished=finished,
             num_cached_tokens=user.sequences[0].num_cached_tokens,
-            prompt_logprobs=user.sequences[0].prompt_logprobs,
             times=_merge_times(user),
         )
 
@@ -341,18 +357,6 @@ class LLMEngine:
             raise InvalidParameter(
                 "stop", "stop strings need a tokenizer; this model has none (use stop_token_ids)"
             )
-
-
-def _logprob_entries(logits: torch.Tensor, token_ids: list[int], num_top: int) -> list[dict[int, float]]:
-    """Per row: {token_ids[row]: its logprob} plus the num_top most likely tokens."""
-    logprobs = torch.log_softmax(logits, dim=-1)
-    chosen = logprobs.gather(1, torch.tensor(token_ids)[:, None])[:, 0].tolist()
-    entries = [{token_id: value} for token_id, value in zip(token_ids, chosen, strict=True)]
-    if num_top:
-        values, ids = logprobs.topk(num_top, dim=-1)
-        for entry, row_ids, row_values in zip(entries, ids.tolist(), values.tolist(), strict=True):
-            entry.update(zip(row_ids, row_values, strict=True))
-    return entries
 
 
 def _merge_times(user: UserRequest) -> RequestTimes:

@@ -1,13 +1,28 @@
 """The model runner: owns the model, the paged KV cache and every tensor of a step."""
 
+import itertools
+from dataclasses import dataclass, field
+
 import torch
 from kvpilot.kernels.attention import build_attention_metadata
 from kvpilot.kernels.quant.kv_cache import KVCache, kv_block_bytes
 from kvpilot.serving.engine.config import EngineConfig
 from kvpilot.serving.engine.kv_cache_sizing import DeviceMemory, plan_kv_cache
+from kvpilot.serving.engine.logprobs import token_logprobs
 from kvpilot.serving.engine.scheduler_output import ScheduledChunk, SchedulerOutput
 from kvpilot.serving.loader import TORCH_DTYPES, checkpoint_dtype, load_model, resolve_dtype
 from kvpilot.serving.validation import InvalidParameter
+
+PROMPT_LOGITS_ROWS = 256  # prompt-logprob rows turned into logits at once (bounds a [rows, vocab] tensor)
+
+
+@dataclass
+class ModelRunnerOutput:
+    # float32 on the CPU, [sum of the chunks' num_sample_rows, vocab]: per sampling chunk, in chunk
+    # order, its last token's logits and then one row per draft token.
+    logits: torch.Tensor
+    # request id -> one entry per token of the chunk's prompt_logprob_token_ids
+    prompt_logprobs: dict[str, list[dict[int, float]]] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -116,9 +131,9 @@ class ModelRunner:
         ]
 
     @torch.inference_mode()
-    def execute_model(self, scheduler_output: SchedulerOutput) -> torch.Tensor:
-        """float32 logits, rows in chunk order: the last token of every chunk with sample=True,
-        then every token of every chunk with prompt_logprobs=True."""
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        """One forward pass over the step's chunks; logits only where sampling or prompt
+        logprobs need them."""
         chunks = scheduler_output.chunks
         query_lens = [len(chunk.token_ids) for chunk in chunks]
         metadata = build_attention_metadata(
@@ -131,11 +146,27 @@ class ModelRunner:
         token_ids = [t for chunk in chunks for t in chunk.token_ids]
         input_ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
         hidden = self.model.forward(input_ids, metadata, self.kv_caches)
-        sample_rows = [i for i, chunk in enumerate(chunks) if chunk.sample]
-        rows = metadata.query_start_loc[1:][sample_rows] - 1
-        prompt_chunks = [i for i, chunk in enumerate(chunks) if chunk.prompt_logprobs]
-        if prompt_chunks:
-            starts = metadata.query_start_loc.tolist()
-            positions = [p for i in prompt_chunks for p in range(starts[i], starts[i + 1])]
-            rows = torch.cat([rows, torch.tensor(positions, device=rows.device, dtype=rows.dtype)])
-        return self.model.compute_logits(hidden[rows]).float().cpu()  # the sampler runs on CPU
+        starts = [0, *itertools.accumulate(query_lens)]
+        sample_rows = [
+            row
+            for i, chunk in enumerate(chunks)
+            for row in range(starts[i + 1] - chunk.num_sample_rows, starts[i + 1])
+        ]
+        rows = torch.tensor(sample_rows, dtype=torch.int64, device=self.device)
+        logits = self.model.compute_logits(hidden[rows]).float().cpu()  # the sampler runs on CPU
+        prompt_logprobs = {
+            chunk.request_id: self._prompt_logprobs(hidden[starts[i] :], chunk)
+            for i, chunk in enumerate(chunks)
+            if chunk.prompt_logprob_token_ids
+        }
+        return ModelRunnerOutput(logits, prompt_logprobs)
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, chunk: ScheduledChunk) -> list[dict[int, float]]:
+        """Entries for the chunk's first positions (row j predicts prompt_logprob_token_ids[j])."""
+        targets = chunk.prompt_logprob_token_ids
+        entries: list[dict[int, float]] = []
+        for begin in range(0, len(targets), PROMPT_LOGITS_ROWS):
+            part = targets[begin : begin + PROMPT_LOGITS_ROWS]
+            logits = self.model.compute_logits(hidden[begin : begin + len(part)])
+            entries += token_logprobs(logits, part, chunk.num_prompt_logprobs)
+        return entries

@@ -43,9 +43,11 @@ class Request:
     arrival_seq: int = field(default_factory=lambda: next(_arrival_counter))
     block_hashes: list[bytes] = field(default_factory=list)  # of full blocks, filled as they appear
     grammar: object | None = None  # structured_output.GrammarState when the output must match one
-    # Per prompt token {token_id: logprob, top ids: logprob} (None for the first), filled during
-    # the prefill when asked for; None when not asked.
-    prompt_logprobs: list[dict[int, float] | None] | None = None
+    # Draft tokens to verify in the next step (speculative decoding); never part of the tokens above.
+    spec_token_ids: list[int] = field(default_factory=list)
+    # Entry i: {prompt token i + 1: logprob, top ids: logprob}; None when not asked (or not this
+    # sequence's job: only the first of n sequences computes them).
+    prompt_logprobs: list[dict[int, float]] | None = None
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -62,10 +64,6 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
-
-    @property
-    def needs_prompt_logprobs(self) -> bool:
-        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
 
     @property
     def is_finished(self) -> bool:

@@ -16,3 +16,5 @@ class EngineStats:
     prefix_cache_hits: int  # of those, tokens found
     prompt_tokens: int  # prompt tokens of requests whose prefill finished
     generation_tokens: int
+    spec_decode_num_draft_tokens: int = 0  # draft tokens verified (speculative decoding)
+    spec_decode_num_accepted_tokens: int = 0  # of those, accepted

@@ -52,6 +52,19 @@ def test_cpu_path_matches_reference_on_mixed_batches(block_size, num_heads, num_
     torch.testing.assert_close(paged_attention(q, k_cache, v_cache, metadata, 0.3), expected)
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_short_chunks_run_as_decode_rows(native, monkeypatch):
+    """Decodes with draft tokens (2..16 queries after a context) go through the decode path, one
+    row per query; without the native kernel, through the padded SDPA fallback."""
+    if not native:
+        monkeypatch.setattr("kvpilot.kernels.cpu_extension.supports", lambda q, cache: False)
+    generator = torch.Generator().manual_seed(11)
+    query_lens, context_lens = [5, 1, 2, 16, 17], [12, 9, 0, 40, 3]
+    q, k_cache, v_cache, metadata = random_batch(generator, 4, 6, 2, query_lens, context_lens, num_blocks=100)
+    expected = paged_attention_reference(q, k_cache, v_cache, metadata, scale=0.3)
+    torch.testing.assert_close(paged_attention_cpu(q, k_cache, v_cache, metadata, 0.3), expected)
+
+
 def test_cpu_path_matches_reference_on_decode_only_batch():
     generator = torch.Generator().manual_seed(7)
     q, k_cache, v_cache, metadata = random_batch(generator, 4, 4, 2, [1] * 6, [0, 1, 3, 4, 11, 30])

@@ -23,7 +23,7 @@ def dense(weight) -> torch.Tensor:
 
 def logits_for(runner: ModelRunner, token_ids: list[int]) -> torch.Tensor:
     chunk = ScheduledChunk("r", token_ids, 0, list(range(-(-len(token_ids) // runner.block_size))), True)
-    return runner.execute_model(SchedulerOutput([chunk], len(token_ids)))
+    return runner.execute_model(SchedulerOutput([chunk], len(token_ids))).logits
 
 
 def model_only_copy(src, dst):

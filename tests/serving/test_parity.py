@@ -86,3 +86,60 @@ def test_preemption_under_a_small_kv_pool(case):
     llm = LLM(model=str(case.checkpoint), num_kv_blocks=24, block_size=4, enable_prefix_caching=False)
     assert continuations(llm, case.prompts) == expected_for(case, case.prompts)
     assert llm.llm_engine.get_stats().num_preemptions > 0
+
+
+class ReferenceDrafts:
+    """Drafts taken from transformers' continuation with about one token in three replaced, so
+    verification sees accepted drafts, rejected ones and budget-truncated ones."""
+
+    def __init__(self, expected: dict[tuple[int, ...], list[int]], k: int):
+        self.expected, self.k, self.rng = expected, k, random.Random(0)
+
+    def propose(self, request, max_tokens: int) -> list[int]:
+        reference = self.expected[tuple(request.prompt_token_ids)]
+        drafts = reference[request.num_output_tokens :][: min(self.k, max_tokens)]
+        return [t if self.rng.random() < 0.7 else (t + 1) % 49152 for t in drafts]
+
+
+def test_speculative_decoding_is_token_identical(case):
+    # chunked prefill (budget 32 < 71), preemption (24 blocks of 4) and prefix caching, with drafts
+    llm = LLM(
+        model=str(case.checkpoint),
+        num_kv_blocks=24,
+        block_size=4,
+        max_num_batched_tokens=32,
+        speculative_ngram=2,
+        num_speculative_tokens=3,
+    )
+    llm.llm_engine.proposer = ReferenceDrafts(case.expected, k=3)
+    assert continuations(llm, case.prompts) == expected_for(case, case.prompts)
+    stats = llm.llm_engine.get_stats()
+    assert 0 < stats.spec_decode_num_accepted_tokens < stats.spec_decode_num_draft_tokens
+    assert stats.num_preemptions > 0
+    assert llm.llm_engine.scheduler.kv_cache_manager.block_pool.num_free_blocks == 24
+
+
+def test_ngram_drafts_match_plain_decoding_with_biases_and_penalties(case):
+    """The real n-gram proposer. logit_bias makes the output a mix of two tokens (so n-grams
+    repeat and drafts are partly right); the frequency penalty makes each draft position's
+    logits depend on the drafts before it."""
+    params = SamplingParams(
+        temperature=0.0,
+        max_tokens=24,
+        ignore_eos=True,
+        logit_bias={101: 30.0, 202: 30.0},
+        frequency_penalty=0.3,
+    )
+    plain = LLM(model=str(case.checkpoint), num_kv_blocks=128, block_size=4)
+    spec = LLM(
+        model=str(case.checkpoint),
+        num_kv_blocks=128,
+        block_size=4,
+        speculative_ngram=2,
+        num_speculative_tokens=4,
+    )
+    prompts = case.prompts[:4]
+    expected = [out.outputs[0].token_ids for out in plain.generate(prompts, params)]
+    assert [out.outputs[0].token_ids for out in spec.generate(prompts, params)] == expected
+    stats = spec.llm_engine.get_stats()
+    assert 0 < stats.spec_decode_num_accepted_tokens < stats.spec_decode_num_draft_tokens

@@ -21,6 +21,9 @@ from kvpilot.serving import cli
         (["--max-request-bytes", "lots"], {}, "--max-request-bytes"),
         ([], {"KVPILOT_MAX_QUEUE_LEN": "-3"}, "KVPILOT_MAX_QUEUE_LEN"),
         ([], {"KVPILOT_BLOCK_SIZE": "sixteen"}, "KVPILOT_BLOCK_SIZE"),
+        (["--speculative-ngram", "2"], {}, "--num-speculative-tokens"),  # needs both
+        (["--speculative-ngram", "2", "--num-speculative-tokens", "0"], {}, "--num-speculative-tokens"),
+        ([], {"KVPILOT_NUM_SPECULATIVE_TOKENS": "3"}, "--speculative-ngram"),
     ],
 )
 def test_bad_value_is_one_line_naming_the_flag(argv, env, named, monkeypatch, capsys):

@@ -105,5 +105,5 @@ def test_the_profiling_batch_is_the_largest_step_and_runs(tiny_llama, max_num_se
     assert tables == list(range(num_blocks))  # each sequence its own blocks
     assert all(chunk.sample and chunk.num_computed_tokens == 0 for chunk in batch.chunks)
     runner.kv_caches = runner._allocate_kv_caches(num_blocks)
-    logits = runner.execute_model(batch)
+    logits = runner.execute_model(batch).logits
     assert logits.shape == (len(lengths), runner.vocab_size) and torch.isfinite(logits).all()

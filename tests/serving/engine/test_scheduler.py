@@ -31,7 +31,7 @@ def step(scheduler, token=7):
     """One engine step with the model replaced by a constant sampled token; returns the chunks as
     (request_id, num_tokens, num_computed_tokens, sample)."""
     output = scheduler.schedule()
-    scheduler.update_from_output(output, [token] * sum(c.sample for c in output.chunks))
+    scheduler.update_from_output(output, [[token]] * sum(c.sample for c in output.chunks))
     return [(c.request_id, len(c.token_ids), c.num_computed_tokens, c.sample) for c in output.chunks]
 
 

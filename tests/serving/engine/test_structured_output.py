@@ -2,6 +2,7 @@
 the real tokenizer, and a batch where constrained and free requests run together."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -133,11 +134,31 @@ def test_constrained_and_free_requests_share_a_batch(tiny_llama):
     assert [o.outputs[0].token_ids for o in (outputs[0], outputs[2])] == [
         o.outputs[0].token_ids for o in alone
     ]
-    import re
-
     assert all(
         re.fullmatch(r"[0-9]{3}-[a-z]{2}", c.text) and c.finish_reason == "stop" for c in outputs[1].outputs
     )
+
+
+def test_requests_with_a_grammar_get_no_drafts(tiny_llama):
+    """With speculative decoding on, a constrained request is never drafted for (its matcher
+    advances one sampled token at a time) and decodes as without drafts, also in a batch where a
+    free request is being verified; the free request's repetitive text does get drafts."""
+    regex = r"(ab){3,12}"
+    constrained = SamplingParams(
+        temperature=0.0, max_tokens=24, structured_outputs=StructuredOutputsParams(regex=regex)
+    )
+    free = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logit_bias={101: 30.0, 202: 30.0})
+    prompt = "ab ab ab ab ab ab ab ab"
+    plain = LLM(str(tiny_llama), num_kv_blocks=128)
+    expected = plain.generate([prompt], constrained)[0].outputs[0]
+    spec = LLM(str(tiny_llama), num_kv_blocks=128, speculative_ngram=1, num_speculative_tokens=4)
+    alone = spec.generate([prompt], constrained)[0].outputs[0]
+    assert spec.llm_engine.get_stats().spec_decode_num_draft_tokens == 0
+    mixed = spec.generate([prompt, prompt], [constrained, free])
+    assert spec.llm_engine.get_stats().spec_decode_num_draft_tokens > 0
+    for output in (alone, mixed[0].outputs[0]):
+        assert output.token_ids == expected.token_ids and output.finish_reason == expected.finish_reason
+        assert re.fullmatch(regex, output.text)
 
 
 def test_a_spec_the_compiler_rejects_names_the_request_field(manager):
