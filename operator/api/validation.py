@@ -118,21 +118,22 @@ SPEC_RULES = [
     ),
 ]
 
+# A missing strategy is the default, Rolling (the CRD's default `{}` is checked before defaulting).
 ROLLOUT_RULES = [
     Rule(
-        "!has(self.steps) || size(self.steps) == 0 || self.strategy == 'Canary'",
+        "!has(self.steps) || size(self.steps) == 0 || (has(self.strategy) && self.strategy == 'Canary')",
         "spec.rollout.steps apply to strategy Canary only",
         ".steps",
         lambda rollout: not rollout.steps or rollout.strategy == "Canary",
     ),
     Rule(
-        "self.strategy != 'Canary' || (has(self.steps) && size(self.steps) > 0)",
+        "!has(self.strategy) || self.strategy != 'Canary' || (has(self.steps) && size(self.steps) > 0)",
         "spec.rollout.steps: strategy Canary needs at least one step",
         ".steps",
         lambda rollout: rollout.strategy != "Canary" or bool(rollout.steps),
     ),
     Rule(
-        "!has(self.analysis) || self.strategy != 'Rolling'",
+        "!has(self.analysis) || (has(self.strategy) && self.strategy != 'Rolling')",
         "spec.rollout.analysis applies to strategies Canary and BlueGreen",
         ".analysis",
         lambda rollout: rollout.analysis is None or rollout.strategy != "Rolling",

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from kvpilot.operator.api import AnalysisResult, AnalysisSpec
 from kvpilot.operator.api.validation import parse_duration
-from kvpilot.operator.rollout.planner import parse_time, rfc3339
+from kvpilot.operator.rollout.state import parse_time, rfc3339
 from prometheus_client.parser import text_string_to_metric_families
 
 REQUESTS_METRIC = "kvpilot_router_requests_total"

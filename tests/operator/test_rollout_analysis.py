@@ -1,0 +1,102 @@
+"""Analysis of a revision's traffic from real Prometheus text as the router exports it."""
+
+import datetime
+
+import pytest
+from kvpilot.operator.api import AnalysisSpec
+from kvpilot.operator.rollout.analysis import (
+    RevisionCounters,
+    analyze,
+    histogram_quantile,
+    is_due,
+    revision_counters,
+)
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+NOW = datetime.datetime(2026, 12, 1, 12, 0, tzinfo=datetime.UTC)
+BUCKETS = (0.1, 0.5, 1.0, 2.0, 5.0)
+
+
+def router_page(requests: dict[tuple[str, str], int], ttfts: dict[str, list[float]]) -> str:
+    """A router's /metrics page, written by prometheus-client: requests by (revision, code)."""
+    registry = CollectorRegistry()
+    counter = Counter(
+        "kvpilot_router_requests", "requests", ["model", "revision", "tenant", "code"], registry=registry
+    )
+    histogram = Histogram(
+        "kvpilot_router_time_to_first_token_seconds",
+        "ttft",
+        ["model", "revision"],
+        buckets=BUCKETS,
+        registry=registry,
+    )
+    for (revision, code), count in requests.items():
+        counter.labels("smollm2", revision, "team-a", code).inc(count)
+    for revision, values in ttfts.items():
+        for value in values:
+            histogram.labels("smollm2", revision).observe(value)
+    return generate_latest(registry).decode()
+
+
+def test_counters_are_summed_over_router_replicas_for_one_revision_only():
+    pages = [
+        router_page({("b", "200"): 30, ("b", "500"): 2, ("a", "200"): 500}, {"b": [0.05] * 30}),
+        router_page({("b", "200"): 18}, {"b": [0.7] * 18, "a": [3.0] * 10}),
+    ]
+    counters = revision_counters(pages, "smollm2", "b")
+    assert counters.requests == {"200": 48.0, "500": 2.0}
+    assert counters.ttft_buckets[0.1] == 30 and counters.ttft_buckets[1.0] == 48
+    assert counters.ttft_buckets[float("inf")] == 48
+
+
+def test_histogram_quantile_interpolates_inside_the_bucket():
+    buckets = {0.1: 50.0, 0.5: 90.0, 1.0: 100.0, float("inf"): 100.0}
+    # rank 95 of 100 lies halfway through (0.5, 1.0], which holds ranks 90..100.
+    assert histogram_quantile(0.95, buckets) == pytest.approx(0.75)
+    assert histogram_quantile(0.5, buckets) == pytest.approx(0.1)
+    assert histogram_quantile(0.95, {1.0: 0.0, float("inf"): 0.0}) is None
+    assert histogram_quantile(0.95, {1.0: 1.0, float("inf"): 100.0}) == 1.0  # beyond the last bound
+
+
+SPEC = AnalysisSpec.model_validate(
+    {"maxErrorRate": 0.02, "maxTTFTSeconds": {"p95": 2.0}, "minRequests": 50, "failureLimit": 2}
+)
+
+
+def test_a_check_measures_the_interval_since_its_baseline():
+    before = revision_counters([router_page({("b", "200"): 100, ("b", "503"): 50}, {})], "smollm2", "b")
+    after = revision_counters(
+        [router_page({("b", "200"): 197, ("b", "503"): 53}, {"b": [0.3] * 100})], "smollm2", "b"
+    )
+    result = analyze(SPEC, after, before, NOW)
+    assert (result.requests, result.passed) == (100, False)
+    assert result.error_rate == pytest.approx(0.03)
+    assert "error rate 0.030 > maxErrorRate 0.02" in result.message
+    # The counters are the next baseline, and survive the status's JSON.
+    assert RevisionCounters.from_status(result.counters) == after
+
+
+def test_slow_first_tokens_fail_and_a_healthy_interval_passes():
+    slow = revision_counters([router_page({("b", "200"): 60}, {"b": [4.0] * 60})], "smollm2", "b")
+    result = analyze(SPEC, slow, None, NOW)
+    assert result.passed is False and "TTFT p95 4.850s > maxTTFTSeconds.p95 2.0" in result.message
+    fast = revision_counters([router_page({("b", "200"): 60}, {"b": [0.2] * 60})], "smollm2", "b")
+    result = analyze(SPEC, fast, None, NOW)
+    assert result.passed is True and result.error_rate == 0.0 and result.ttft_p95 < 0.5
+
+
+def test_too_few_requests_are_inconclusive_and_a_reset_counter_counts_from_zero():
+    baseline = RevisionCounters({"200": 1000.0, "500": 10.0}, {})
+    restarted = RevisionCounters({"200": 20.0, "500": 20.0}, {})  # a router replica restarted
+    result = analyze(SPEC, restarted, baseline, NOW)
+    assert result.requests == 40 and result.passed is None
+    assert "fewer than minRequests 50, inconclusive" in result.message
+
+
+def test_a_check_is_due_once_the_revision_has_traffic_and_an_interval_passed():
+    assert not is_due(None, SPEC, canary_weight=0, now=NOW)
+    assert is_due(None, SPEC, canary_weight=10, now=NOW)
+    last = analyze(SPEC, RevisionCounters({}, {}), None, NOW)
+    assert not is_due(last, SPEC, 10, NOW + datetime.timedelta(seconds=59))
+    assert is_due(last, SPEC, 10, NOW + datetime.timedelta(seconds=60))
+    assert not is_due(last, None, 10, NOW + datetime.timedelta(hours=1))
