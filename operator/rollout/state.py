@@ -11,6 +11,9 @@ from kvpilot.operator.api import AnalysisResult, HistoryEntry, RolloutSpec, Roll
 from kvpilot.operator.api.rollout import RevisionPhase
 
 HISTORY_LIMIT = 10
+# Manual commands (`kvpilot rollout promote|abort`), as annotations on the InferenceService.
+PROMOTE_ANNOTATION = "kvpilot.dev/promote"
+ABORT_ANNOTATION = "kvpilot.dev/abort"
 PROMOTE_FULL = "full"
 
 
@@ -32,6 +35,11 @@ class Commands:
 
     promote: str | None = None  # "<revision>/<step>" or "<revision>/full"
     abort: str | None = None  # "<revision>"
+
+    @classmethod
+    def from_annotations(cls, annotations: dict[str, str] | None) -> Commands:
+        annotations = annotations or {}
+        return cls(promote=annotations.get(PROMOTE_ANNOTATION), abort=annotations.get(ABORT_ANNOTATION))
 
 
 @dataclass(frozen=True)

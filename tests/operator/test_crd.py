@@ -75,6 +75,8 @@ def test_crd_subresources_and_printer_columns():
         "Ready",
         "Model",
         "Replicas",
+        "Rollout",
+        "Canary",
         "URL",
         "Age",
     ]
