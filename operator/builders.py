@@ -9,12 +9,15 @@ from typing import Any
 
 from kvpilot.operator.api import InferenceService
 from kvpilot.operator.labels import (
+    REVISION_LABEL,
     SERVICE_PORT,
     child_metadata,
     common_labels,
+    revision_selector,
     selector_labels,
     with_spec_hash,
 )
+from kvpilot.operator.revision import revision_deployment_name, revision_hash
 from kvpilot.serving.contract import (
     DEFAULT_PORT,
     HEALTH_PATH,
@@ -202,7 +205,16 @@ def _pod_spec(isvc: InferenceService) -> dict[str, Any]:
     return pod
 
 
-def build_deployment(isvc: InferenceService) -> dict[str, Any]:
+SPEC_REPLICAS = "spec"  # replicas as the spec says (spec.replicas, or none with autoscaling)
+
+
+def build_deployment(
+    isvc: InferenceService, revision: str | None = None, replicas: int | str | None = SPEC_REPLICAS
+) -> dict[str, Any]:
+    """The Deployment of one revision, `<name>-<revision>` (default: the spec's own revision)."""
+    revision = revision or revision_hash(isvc.spec)
+    if replicas == SPEC_REPLICAS:
+        replicas = isvc.spec.managed_replicas
     annotations = {
         "prometheus.io/scrape": "true",
         "prometheus.io/port": str(DEFAULT_PORT),
@@ -212,16 +224,18 @@ def build_deployment(isvc: InferenceService) -> dict[str, Any]:
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": child_metadata(isvc),
+        "metadata": child_metadata(
+            isvc, name=revision_deployment_name(isvc, revision), labels={REVISION_LABEL: revision}
+        ),
         "spec": {
-            **({} if isvc.spec.managed_replicas is None else {"replicas": isvc.spec.managed_replicas}),
-            "selector": {"matchLabels": selector_labels(isvc)},
+            **({} if replicas is None else {"replicas": replicas}),
+            "selector": {"matchLabels": revision_selector(isvc, revision)},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
             "revisionHistoryLimit": 5,
             "progressDeadlineSeconds": PROGRESS_DEADLINE_SECONDS,
             "template": {
                 "metadata": {
-                    "labels": {**isvc.spec.pod_labels, **common_labels(isvc)},
+                    "labels": {**isvc.spec.pod_labels, **common_labels(isvc), REVISION_LABEL: revision},
                     "annotations": annotations,
                 },
                 "spec": _pod_spec(isvc),
@@ -264,12 +278,16 @@ def build_service_account(isvc: InferenceService) -> dict[str, Any]:
     }
 
 
-def build_children(isvc: InferenceService) -> list[dict[str, Any]]:
-    """Every object the InferenceService should own, each stamped with its spec hash."""
+def build_children(
+    isvc: InferenceService, revision: str | None = None, replicas: int | str | None = SPEC_REPLICAS
+) -> list[dict[str, Any]]:
+    """Every object the InferenceService should own, each stamped with its spec hash: the
+    Deployment of the revision being served (other revisions' Deployments are only scaled and
+    deleted, see operator/rollout)."""
     children = []
     if isvc.spec.create_service_account:
         children.append(build_service_account(isvc))
-    children += [build_deployment(isvc), build_service(isvc)]
+    children += [build_deployment(isvc, revision, replicas), build_service(isvc)]
     if isvc.spec.most_replicas > 1:
         children.append(build_pod_disruption_budget(isvc))
     return [with_spec_hash(child) for child in children]

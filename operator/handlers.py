@@ -1,7 +1,8 @@
 """Thin kopf handlers: `kopf run -m kvpilot.operator.handlers` (or `kvpilot operator`).
 
-Every path ends in the same reconcile: the InferenceService's own create/update/resume, and
-changes of its Deployment or Service (readiness moving, drift, deletion). There is no
+Every path ends in the same reconcile: the InferenceService's own create/update/resume,
+changes of its Deployments or Service (readiness moving, drift, deletion), and a timer while a
+rollout is under way. There is no
 finalizer: children carry ownerReferences and the garbage collector removes them, so
 deleting an InferenceService never waits for the operator.
 """
@@ -21,6 +22,8 @@ from kvpilot.operator.labels import MANAGER
 from kvpilot.operator.reconciler import reconcile
 
 MAX_BACKOFF_SECONDS = 60
+ROLLOUT_TICK_SECONDS = 5.0  # how often a rollout in progress is looked at (pauses, deadlines, capacity)
+ACTIVE_ROLLOUT_PHASES = ("Progressing", "Paused")
 CHILD_LABELS = {"app.kubernetes.io/managed-by": MANAGER}
 
 
@@ -97,6 +100,20 @@ def reconcile_inference_service(body: kopf.Body, retry: int, memo: kopf.Memo, **
         raise kopf.TemporaryError(str(exc), delay=backoff(retry)) from exc
     except PermanentApiError as exc:
         raise kopf.PermanentError(str(exc)) from exc
+
+
+def _rollout_active(status: kopf.Status, **_: Any) -> bool:
+    return (status.get("rollout") or {}).get("phase") in ACTIVE_ROLLOUT_PHASES
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=ROLLOUT_TICK_SECONDS, when=_rollout_active)
+def rollout_tick(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+    """A rollout moves with time too (a pause ends, a deadline passes, a pod stays Unschedulable):
+    reconcile it while it is under way. The decision still comes from the object alone."""
+    try:
+        _reconcile_and_report(dict(body), memo)
+    except (TransientError, PermanentApiError, kopf.PermanentError) as exc:
+        logger.warning(f"rollout reconcile of {body.metadata.name} failed: {exc}")
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=CHILD_LABELS)

@@ -12,6 +12,7 @@ APP_NAME = "kvpilot"
 MANAGER = "kvpilot-operator"  # app.kubernetes.io/managed-by and the server-side-apply field manager
 COMPONENT = "inference-server"
 SPEC_HASH_ANNOTATION = f"{GROUP}/spec-hash"
+REVISION_LABEL = f"{GROUP}/revision"  # on a revision's Deployment and its pods
 SERVICE_PORT = 80
 
 
@@ -26,6 +27,11 @@ def common_labels(isvc: InferenceService) -> dict[str, str]:
         "app.kubernetes.io/component": COMPONENT,
         "app.kubernetes.io/managed-by": MANAGER,
     }
+
+
+def revision_selector(isvc: InferenceService, revision: str) -> dict[str, str]:
+    """The pod selector of one revision's Deployment."""
+    return {**selector_labels(isvc), REVISION_LABEL: revision}
 
 
 def selector_string(isvc: InferenceService) -> str:
@@ -44,12 +50,14 @@ def owner_reference(isvc: InferenceService) -> dict[str, Any]:
     }
 
 
-def child_metadata(isvc: InferenceService, name: str | None = None) -> dict[str, Any]:
+def child_metadata(
+    isvc: InferenceService, name: str | None = None, labels: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Metadata of a child; without a uid (e.g. `kvpilot render`) there is no owner reference."""
     metadata: dict[str, Any] = {
         "name": name or isvc.metadata.name,
         "namespace": isvc.metadata.namespace,
-        "labels": common_labels(isvc),
+        "labels": {**common_labels(isvc), **(labels or {})},
     }
     if isvc.metadata.uid:
         metadata["ownerReferences"] = [owner_reference(isvc)]

@@ -1,16 +1,21 @@
-"""One reconcile of one InferenceService: parse, build, plan, execute, report status."""
+"""One reconcile of one InferenceService: parse, plan the rollout, build, plan, execute, report
+status."""
 
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from kvpilot.operator.api import InferenceService
-from kvpilot.operator.builders import build_children
+from kvpilot.operator.api import InferenceService, RevisionStatus, RolloutStatus
+from kvpilot.operator.builders import SPEC_REPLICAS, build_children
 from kvpilot.operator.executor import KubeClient
-from kvpilot.operator.planner import plan
-from kvpilot.operator.status import compute_status, invalid_spec_status, status_changed
+from kvpilot.operator.planner import Plan, plan
+from kvpilot.operator.revision import revision_deployment_name, revision_hash, with_pod_fields
+from kvpilot.operator.rollout.observe import observe_revisions, revision_of, revision_statuses
+from kvpilot.operator.rollout.planner import Commands, Event, ObservedRevision, RolloutInputs, plan_rollout
+from kvpilot.operator.rollout.state import rfc3339
+from kvpilot.operator.status import RolloutReport, compute_status, invalid_spec_status, status_changed
 from kvpilot.serving.validation import problems
 from pydantic import ValidationError
 
@@ -19,6 +24,8 @@ from pydantic import ValidationError
 class Outcome:
     status_written: bool
     error: str | None = None  # the invalid-spec message, naming the field
+    requeue_after: float | None = None  # seconds until the rollout needs another look
+    events: list[Event] = field(default_factory=list)
 
 
 def describe_validation_error(error: ValidationError) -> str:
@@ -31,30 +38,114 @@ def describe_validation_error(error: ValidationError) -> str:
 
 
 def now_rfc3339() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return rfc3339(datetime.datetime.now(datetime.UTC))
 
 
-def reconcile(body: dict[str, Any], client: KubeClient, now: str | None = None) -> Outcome:
-    now = now or now_rfc3339()
+def serving_revision(isvc: InferenceService, remembered: list[RevisionStatus]) -> InferenceService:
+    """The InferenceService as it should run: its own pods, or a remembered revision's (rollbackTo)."""
+    wanted = isvc.spec.rollout.rollback_to
+    if wanted is None:
+        return isvc
+    known = next((r for r in remembered if r.hash == wanted and r.spec), None)
+    if known is None:
+        names = ", ".join(r.hash for r in remembered if r.spec) or "none"
+        raise ValueError(f"spec.rollout.rollbackTo: revision {wanted} is not remembered (known: {names})")
+    return with_pod_fields(isvc, known.spec)
+
+
+def desired_total(
+    isvc: InferenceService, previous: RolloutStatus | None, revisions: dict[str, ObservedRevision]
+) -> int:
+    """The replicas the revisions share: spec.replicas; with autoscaling, what the autoscaler set on
+    the stable revision's Deployment (clamped to the bounds), held while a rollout runs."""
+    if isvc.spec.managed_replicas is not None:
+        return isvc.spec.managed_replicas
+    bounds = isvc.spec.autoscaling
+    if previous is not None and previous.phase in ("Progressing", "Paused") and previous.replicas:
+        return previous.replicas
+    stable = revisions.get(previous.stable_revision) if previous else None
+    scaled = stable.replicas if stable and stable.replicas else bounds.min_replicas
+    return min(max(scaled, bounds.min_replicas), bounds.max_replicas)
+
+
+def _invalid(body: dict[str, Any], client: KubeClient, error: str, now: str) -> Outcome:
+    metadata, previous = body.get("metadata", {}), body.get("status") or {}
+    status = invalid_spec_status(metadata.get("generation"), error, previous, now)
+    changed = status_changed(status, previous)
+    if changed:
+        client.patch_status(metadata["namespace"], metadata["name"], status)
+    return Outcome(status_written=changed, error=error)
+
+
+def reconcile(body: dict[str, Any], client: KubeClient, now: datetime.datetime | None = None) -> Outcome:
+    moment = now or datetime.datetime.now(datetime.UTC)
+    stamp = rfc3339(moment)
     metadata = body.get("metadata", {})
     previous = body.get("status") or {}
     try:
         isvc = InferenceService.from_body(body)
+        previous_rollout = (
+            RolloutStatus.model_validate(previous["rollout"]) if previous.get("rollout") else None
+        )
+        remembered = [RevisionStatus.model_validate(r) for r in previous.get("revisions") or []]
+        serving = serving_revision(isvc, remembered)
     except ValidationError as exc:
-        error = describe_validation_error(exc)
-        status = invalid_spec_status(metadata.get("generation"), error, previous, now)
-        changed = status_changed(status, previous)
-        if changed:
-            client.patch_status(metadata["namespace"], metadata["name"], status)
-        return Outcome(status_written=changed, error=error)
+        return _invalid(body, client, describe_validation_error(exc), stamp)
+    except ValueError as exc:
+        return _invalid(body, client, str(exc), stamp)
 
+    target = revision_hash(serving.spec)
     observed = client.read_children(isvc)
-    the_plan = plan(build_children(isvc), observed)
+    deployments = [o for o in observed if o["kind"] == "Deployment" and revision_of(o)]
+    revisions = observe_revisions(deployments, client.read_pods(isvc) if deployments else [])
+    total = desired_total(isvc, previous_rollout, revisions)
+    rollout = plan_rollout(
+        RolloutInputs(
+            spec=isvc.spec.rollout,
+            target=target,
+            total=total,
+            revisions=revisions,
+            now=moment,
+            previous=previous_rollout,
+            commands=Commands.from_annotations(metadata.get("annotations")),
+        )
+    )
+    steady = rollout.status.phase == "Promoted"
+    replicas = SPEC_REPLICAS if steady else rollout.revisions[target].replicas
+    # The serving revision's Deployment is applied whole; other revisions' are only scaled or deleted.
+    others = [o for o in deployments if revision_of(o) != target]
+    the_plan = plan(build_children(serving, target, replicas), [o for o in observed if o not in others])
     written = client.execute(the_plan)
-    deployments = {obj["metadata"]["name"]: obj for obj in observed if obj["kind"] == "Deployment"}
-    deployment = written.get(("Deployment", isvc.metadata.name)) or deployments.get(isvc.metadata.name)
-    status = compute_status(isvc, deployment, previous, now)
+    namespace = isvc.metadata.namespace
+    for revision, planned in rollout.revisions.items():
+        seen = revisions.get(revision)
+        if revision != target and seen is not None and seen.replicas != planned.replicas:
+            client.scale_deployment(namespace, revision_deployment_name(isvc, revision), planned.replicas)
+    gone = [o for o in others if revision_of(o) in rollout.delete]
+    if gone:
+        client.execute(Plan(delete=gone))
+    for event in rollout.events:
+        client.post_event(isvc, event.type, event.reason, event.message, stamp)
+
+    by_revision = {revision_of(o): o for o in deployments}
+    by_revision.update(
+        {
+            revision_of(o): o
+            for o in written.values()
+            if o.get("kind", "Deployment") == "Deployment" and revision_of(o)
+        }
+    )
+    stable = by_revision.get(rollout.status.stable_revision)
+    counted = [o for r, o in by_revision.items() if r not in rollout.delete]
+    report = RolloutReport(
+        rollout=rollout.status.model_copy(update={"replicas": total}),
+        revisions=revision_statuses(isvc, serving, target, rollout, revisions, remembered, moment),
+        replicas=sum((o.get("status") or {}).get("replicas") or 0 for o in counted),
+        ready_replicas=sum((o.get("status") or {}).get("readyReplicas") or 0 for o in counted),
+        desired=total,
+    )
+    status = compute_status(isvc, stable, previous, stamp, report)
     changed = status_changed(status, previous)
     if changed:
-        client.patch_status(isvc.metadata.namespace, isvc.metadata.name, status)
-    return Outcome(status_written=changed)
+        client.patch_status(namespace, isvc.metadata.name, status)
+    return Outcome(status_written=changed, requeue_after=rollout.requeue_after, events=rollout.events)

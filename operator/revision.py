@@ -12,9 +12,16 @@ import hashlib
 import json
 from typing import Any
 
-from kvpilot.operator.api import GROUP, InferenceService, InferenceServiceSpec
+from kvpilot.operator.api import InferenceService, InferenceServiceSpec
+from kvpilot.operator.labels import REVISION_LABEL
 
-REVISION_LABEL = f"{GROUP}/revision"
+__all__ = [
+    "REVISION_LABEL",
+    "pod_spec_fields",
+    "revision_deployment_name",
+    "revision_hash",
+    "with_pod_fields",
+]
 REVISION_HASH_LENGTH = 10
 # Every spec field is one or the other (a test keeps this true for new fields).
 POD_FIELDS = (

@@ -157,6 +157,9 @@ class RolloutStatus(_Model):
         default=None, description="When the new revision last gained a Ready replica or a step."
     )
     ready_replicas: int = Field(default=0, description="Ready replicas of the new revision, last seen.")
+    replicas: int | None = Field(
+        default=None, description="The total replicas the revisions share (spec or autoscaler)."
+    )
     failed_checks: int = Field(default=0, description="Consecutive failed analysis checks.")
     last_analysis: AnalysisResult | None = Field(default=None, description="The latest analysis check.")
     history: list[HistoryEntry] = Field(

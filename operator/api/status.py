@@ -38,8 +38,8 @@ class InferenceServiceStatus(_Model):
     replicas: int | None = Field(default=None, description="Replicas that exist (scale subresource).")
     ready_replicas: int | None = Field(default=None, description="Replicas passing their readiness probe.")
     selector: str | None = Field(default=None, description="Label selector of the pods (scale subresource).")
-    revisions: list[RevisionStatus] = Field(
-        default_factory=list,
+    revisions: list[RevisionStatus] | None = Field(
+        default=None,
         description="The serving revisions, then the last retired or failed ones (newest first).",
     )
     rollout: RolloutStatus | None = Field(default=None, description="The latest rollout.")

@@ -142,7 +142,8 @@ def _progress(tick: Tick) -> RolloutPlan:
     if failure:
         return _fail(tick, "AnalysisFailed", failure, rollback)
     deadline = parse_duration(spec.progress_deadline)
-    stuck_for = tick.since(tick.status.progress_at)
+    # The deadline runs only while the new revision is short of the pods it was given.
+    stuck_for = tick.since(tick.status.progress_at) if new.ready < max(new.replicas, 1) else 0.0
     if stuck_for >= deadline:
         detail = new.failure or (
             f"Unschedulable: {new.unschedulable_message}" if new.unschedulable_since else ""
@@ -162,11 +163,10 @@ def _progress(tick: Tick) -> RolloutPlan:
 
 
 def _track_progress(tick: Tick, new: ObservedRevision) -> None:
-    """progressAt moves whenever the new revision gains a ready replica or has all it was given."""
-    gained = new.ready > tick.status.ready_replicas
-    complete = new.replicas > 0 and new.ready >= new.replicas
+    """progressAt moves whenever the new revision gains a ready replica (and when it is asked for
+    more pods, see state.finish)."""
     update: dict = {"ready_replicas": new.ready}
-    if gained or complete:
+    if new.ready > tick.status.ready_replicas:
         update["progress_at"] = rfc3339(tick.inputs.now)
     tick.status = tick.status.model_copy(update=update)
 

@@ -152,6 +152,13 @@ def finish(tick: Tick, serving: dict[str, tuple[int, int]], phases: dict[str, Re
         name: RevisionPlan(replicas, weight, phases[name]) for name, (replicas, weight) in serving.items()
     }
     revisions.update({name: RevisionPlan(0, 0, "Retired") for name in scale_down})
+    new = tick.status.revision
+    if (
+        tick.status.phase in ("Progressing", "Paused")
+        and revisions[new].replicas > tick.observed(new).replicas
+    ):
+        # The new revision is asked for more pods: the progress deadline runs from now.
+        tick.status = tick.status.model_copy(update={"progress_at": rfc3339(tick.inputs.now)})
     requeue = min(tick.waits) if tick.waits else None
     return RolloutPlan(revisions, delete, tick.status, tick.events, requeue)
 

@@ -3,6 +3,8 @@ Rolling pod by pod, BlueGreen preview then switch."""
 
 from __future__ import annotations
 
+import datetime
+
 from kvpilot.operator.api import RolloutStep
 from kvpilot.operator.api.rollout import MANUAL_PAUSE, RevisionPhase
 from kvpilot.operator.api.validation import parse_duration
@@ -13,6 +15,7 @@ from kvpilot.operator.rollout.state import (
     Tick,
     canary_steps,
     finish,
+    parse_time,
     rfc3339,
     steady,
 )
@@ -115,7 +118,11 @@ def _step_done(tick: Tick, step: RolloutStep, index: int, label: str) -> bool:
     if step.pause and step.pause != MANUAL_PAUSE and not promoted:
         remaining = parse_duration(step.pause) - tick.since(tick.status.step_reached_at)
         if remaining > 0:
-            tick.note("Progressing", "StepPause", f"{label}: pausing, {int(remaining)}s left of {step.pause}")
+            until = rfc3339(
+                parse_time(tick.status.step_reached_at)
+                + datetime.timedelta(seconds=parse_duration(step.pause))
+            )
+            tick.note("Progressing", "StepPause", f"{label}: pausing {step.pause}, until {until}")
             tick.wait(remaining)
             return False
     return True

@@ -6,6 +6,7 @@ from kvpilot.operator.builders import build_children
 from kvpilot.operator.executor import KubeClient, PermanentApiError, TransientError
 from kvpilot.operator.handlers import backoff
 from kvpilot.operator.planner import Plan, plan
+from kvpilot.operator.revision import revision_hash
 
 from tests.operator.test_builders import isvc
 
@@ -28,7 +29,8 @@ def owned_in(kubectl, namespace: str):
 def test_create_then_read_back_only_owned_children(client, kubectl):
     service = owned_in(kubectl, "exec-own")
     written = client.execute(plan(build_children(service), []))
-    assert sorted(written) == [("Deployment", "chat"), ("PodDisruptionBudget", "chat"), ("Service", "chat")]
+    engine = f"chat-{revision_hash(service.spec)}"
+    assert sorted(written) == [("Deployment", engine), ("PodDisruptionBudget", "chat"), ("Service", "chat")]
     # A look-alike with the same labels but another owner is not ours.
     foreign = build_children(owned_in(kubectl, "exec-foreign"))[1]
     foreign["metadata"].update(name="other", namespace="exec-own")

@@ -90,7 +90,8 @@ def test_operator_deployment_is_single_hardened_and_least_privileged(helm):
         ("apiextensions.k8s.io", "customresourcedefinitions"): ["list", "watch"],
         ("kvpilot.dev", "inferenceservices"): ["get", "list", "patch", "watch"],
         ("kvpilot.dev", "inferenceservices/status"): ["patch"],
-        ("apps", "deployments"): ["create", "list", "patch", "watch"],
+        ("apps", "deployments"): ["create", "delete", "list", "patch", "watch"],
+        ("", "pods"): ["list"],
         ("", "services"): ["create", "list", "patch", "watch"],
         ("policy", "poddisruptionbudgets"): ["create", "delete", "list", "patch"],
         ("", "serviceaccounts"): ["create", "delete", "list", "patch"],
@@ -111,7 +112,7 @@ def test_namespaced_install_uses_roles(helm):
     deployments_rule = {
         "apiGroups": ["apps"],
         "resources": ["deployments"],
-        "verbs": ["list", "watch", "create", "patch"],
+        "verbs": ["list", "watch", "create", "patch", "delete"],
     }
     assert deployments_rule in role["rules"]
     (deployment,) = [d for d in docs if d["kind"] == "Deployment"]

@@ -44,11 +44,15 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
   verbs: ["patch"]
 # Children: listed by selector and written by server-side apply (a PATCH that creates a missing
 # object is authorized as create too); Deployments and Services are watched to follow readiness
-# and revert drift. The operator never deletes Deployments and Services (the garbage collector
-# does, through ownerReferences); it deletes a PDB or ServiceAccount the spec no longer asks for.
+# and revert drift. The operator deletes a retired revision's Deployment (scaled to 0 first), a
+# PDB or ServiceAccount the spec no longer asks for; the garbage collector deletes the rest.
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["list", "watch", "create", "patch"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
+# Pods are listed (never written) to see a rollout's Unschedulable pods and crash loops.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list"]
 - apiGroups: [""]
   resources: ["services"]
   verbs: ["list", "watch", "create", "patch"]
@@ -58,7 +62,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 - apiGroups: [""]
   resources: ["serviceaccounts"]
   verbs: ["list", "create", "patch", "delete"]
-# Warning events (invalid specs, failed handlers).
+# Events: invalid specs, failed handlers, rollout transitions.
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
