@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvpilot.operator.api import InferenceService, RevisionStatus, RolloutStatus
-from kvpilot.operator.builders import SPEC_REPLICAS, build_children
+from kvpilot.operator.builders import build_children
 from kvpilot.operator.executor import KubeClient
 from kvpilot.operator.planner import Plan, plan
 from kvpilot.operator.revision import revision_deployment_name, revision_hash, with_pod_fields
@@ -56,8 +56,9 @@ def serving_revision(isvc: InferenceService, remembered: list[RevisionStatus]) -
 def desired_total(
     isvc: InferenceService, previous: RolloutStatus | None, revisions: dict[str, ObservedRevision]
 ) -> int:
-    """The replicas the revisions share: spec.replicas; with autoscaling, what the autoscaler set on
-    the stable revision's Deployment (clamped to the bounds), held while a rollout runs."""
+    """The replicas the revisions share: spec.replicas; with autoscaling, what the autoscaler (an
+    HPA, KEDA) set on the stable revision's Deployment, clamped to the bounds and held while a
+    rollout runs (the operator writes that same count back, so the autoscaler's value stays)."""
     if isvc.spec.managed_replicas is not None:
         return isvc.spec.managed_replicas
     bounds = isvc.spec.autoscaling
@@ -110,8 +111,7 @@ def reconcile(body: dict[str, Any], client: KubeClient, now: datetime.datetime |
             commands=Commands.from_annotations(metadata.get("annotations")),
         )
     )
-    steady = rollout.status.phase == "Promoted"
-    replicas = SPEC_REPLICAS if steady else rollout.revisions[target].replicas
+    replicas = rollout.revisions[target].replicas
     # The serving revision's Deployment is applied whole; other revisions' are only scaled or deleted.
     others = [o for o in deployments if revision_of(o) != target]
     the_plan = plan(build_children(serving, target, replicas), [o for o in observed if o not in others])
