@@ -257,6 +257,18 @@ def build_service(isvc: InferenceService) -> dict[str, Any]:
     }
 
 
+PREVIEW_SUFFIX = "-preview"
+
+
+def build_preview_service(isvc: InferenceService, revision: str) -> dict[str, Any]:
+    """`<name>-preview`: only the new revision's pods, while a BlueGreen rollout waits for a promote."""
+    name = f"{isvc.metadata.name[: 63 - len(PREVIEW_SUFFIX)]}{PREVIEW_SUFFIX}"
+    service = build_service(isvc)
+    service["metadata"] = child_metadata(isvc, name=name, labels={REVISION_LABEL: revision})
+    service["spec"]["selector"] = revision_selector(isvc, revision)
+    return service
+
+
 def build_pod_disruption_budget(isvc: InferenceService) -> dict[str, Any]:
     return {
         "apiVersion": "policy/v1",
@@ -279,15 +291,21 @@ def build_service_account(isvc: InferenceService) -> dict[str, Any]:
 
 
 def build_children(
-    isvc: InferenceService, revision: str | None = None, replicas: int | str | None = SPEC_REPLICAS
+    isvc: InferenceService,
+    revision: str | None = None,
+    replicas: int | str | None = SPEC_REPLICAS,
+    preview: bool = False,
 ) -> list[dict[str, Any]]:
     """Every object the InferenceService should own, each stamped with its spec hash: the
-    Deployment of the revision being served (other revisions' Deployments are only scaled and
-    deleted, see operator/rollout)."""
+    Deployment of the revision being rolled out or served (other revisions' Deployments are only
+    scaled and deleted, see operator/rollout), and with `preview` its preview Service."""
+    revision = revision or revision_hash(isvc.spec)
     children = []
     if isvc.spec.create_service_account:
         children.append(build_service_account(isvc))
     children += [build_deployment(isvc, revision, replicas), build_service(isvc)]
+    if preview:
+        children.append(build_preview_service(isvc, revision))
     if isvc.spec.most_replicas > 1:
         children.append(build_pod_disruption_budget(isvc))
     return [with_spec_hash(child) for child in children]

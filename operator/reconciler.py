@@ -114,7 +114,10 @@ def reconcile(body: dict[str, Any], client: KubeClient, now: datetime.datetime |
     replicas = rollout.revisions[target].replicas
     # The serving revision's Deployment is applied whole; other revisions' are only scaled or deleted.
     others = [o for o in deployments if revision_of(o) != target]
-    the_plan = plan(build_children(serving, target, replicas), [o for o in observed if o not in others])
+    status = rollout.status
+    preview = status.strategy == "BlueGreen" and status.phase in ("Progressing", "Paused")
+    desired = build_children(serving, target, replicas, preview=preview)
+    the_plan = plan(desired, [o for o in observed if o not in others])
     written = client.execute(the_plan)
     namespace = isvc.metadata.namespace
     for revision, planned in rollout.revisions.items():
@@ -144,8 +147,8 @@ def reconcile(body: dict[str, Any], client: KubeClient, now: datetime.datetime |
         ready_replicas=sum((o.get("status") or {}).get("readyReplicas") or 0 for o in counted),
         desired=total,
     )
-    status = compute_status(isvc, stable, previous, stamp, report)
-    changed = status_changed(status, previous)
+    new_status = compute_status(isvc, stable, previous, stamp, report)
+    changed = status_changed(new_status, previous)
     if changed:
-        client.patch_status(namespace, isvc.metadata.name, status)
+        client.patch_status(namespace, isvc.metadata.name, new_status)
     return Outcome(status_written=changed, requeue_after=rollout.requeue_after, events=rollout.events)

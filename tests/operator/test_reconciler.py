@@ -104,3 +104,27 @@ def test_rollback_to_an_unknown_revision_stalls_naming_the_field(client, kubectl
     assert outcome.error.startswith("spec.rollout.rollbackTo: revision 0123456789 is not remembered")
     stalled = kubectl.get(*ISVC, "rec-unknown", "chat")["status"]["conditions"]
     assert ("Stalled", "True", "InvalidSpec") in [(c["type"], c["status"], c["reason"]) for c in stalled]
+
+
+def test_blue_green_serves_a_preview_service_until_the_promote(client, kubectl):
+    ns = "rec-bg"
+    reconcile(stored(kubectl, ns, rollout={"strategy": "BlueGreen"}), client, NOW)
+    (old,) = deployments(kubectl, ns)
+    mark_ready(kubectl, ns, old, 2)
+    kubectl.patch(*ISVC, ns, "chat", {"spec": {"image": "kvpilot:0.2"}})
+    reconcile(kubectl.get(*ISVC, ns, "chat"), client, NOW)
+    (new,) = set(deployments(kubectl, ns)) - {old}
+    assert deployments(kubectl, ns) == {old: 2, new: 2}  # the full count, at weight 0
+    preview = kubectl.get("v1", "services", ns, "chat-preview")
+    assert preview["spec"]["selector"]["kvpilot.dev/revision"] == new.removeprefix("chat-")
+    mark_ready(kubectl, ns, new, 2)
+    reconcile(kubectl.get(*ISVC, ns, "chat"), client, NOW)
+    rollout = kubectl.get(*ISVC, ns, "chat")["status"]["rollout"]
+    assert (rollout["phase"], rollout["reason"]) == ("Paused", "AwaitingPromote")
+    kubectl.patch(
+        *ISVC, ns, "chat", {"metadata": {"annotations": {"kvpilot.dev/promote": f"{rollout['revision']}/0"}}}
+    )
+    reconcile(kubectl.get(*ISVC, ns, "chat"), client, NOW)
+    assert kubectl.get(*ISVC, ns, "chat")["status"]["rollout"]["phase"] == "Promoted"
+    assert deployments(kubectl, ns) == {old: 0, new: 2}
+    assert kubectl.get("v1", "services", ns, "chat-preview") is None

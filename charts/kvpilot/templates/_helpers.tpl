@@ -45,7 +45,8 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 # Children: listed by selector and written by server-side apply (a PATCH that creates a missing
 # object is authorized as create too); Deployments and Services are watched to follow readiness
 # and revert drift. The operator deletes a retired revision's Deployment (scaled to 0 first), a
-# PDB or ServiceAccount the spec no longer asks for; the garbage collector deletes the rest.
+# BlueGreen preview Service after the promote, a PDB or ServiceAccount the spec no longer asks
+# for; the garbage collector deletes the rest.
 - apiGroups: ["apps"]
   resources: ["deployments"]
   verbs: ["list", "watch", "create", "patch", "delete"]
@@ -55,7 +56,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
   verbs: ["list"]
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["list", "watch", "create", "patch"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
   verbs: ["list", "create", "patch", "delete"]
