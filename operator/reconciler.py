@@ -7,13 +7,15 @@ import datetime
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvpilot.operator.api import InferenceService, RevisionStatus, RolloutStatus
+from kvpilot.operator.api import AnalysisResult, InferenceService, RevisionStatus, RolloutStatus
 from kvpilot.operator.builders import build_children
 from kvpilot.operator.executor import KubeClient
 from kvpilot.operator.planner import Plan, plan
 from kvpilot.operator.revision import revision_deployment_name, revision_hash, with_pod_fields
+from kvpilot.operator.rollout.analysis import RevisionCounters, analyze, engine_counters, is_due
 from kvpilot.operator.rollout.observe import observe_revisions, revision_of, revision_statuses
 from kvpilot.operator.rollout.planner import Commands, Event, ObservedRevision, RolloutInputs, plan_rollout
+from kvpilot.operator.rollout.scrape import ready_pod_metrics_urls, scrape
 from kvpilot.operator.rollout.state import rfc3339
 from kvpilot.operator.status import RolloutReport, compute_status, invalid_spec_status, status_changed
 from kvpilot.serving.validation import problems
@@ -69,6 +71,26 @@ def desired_total(
     return min(max(scaled, bounds.min_replicas), bounds.max_replicas)
 
 
+def _analysis_check(
+    isvc: InferenceService,
+    previous: RolloutStatus | None,
+    target: str,
+    pods: list[dict[str, Any]],
+    now: datetime.datetime,
+) -> AnalysisResult | None:
+    """A check of the new revision when one is due: its engine pods' metrics since the last check
+    (the router's per-revision metrics replace them once the router is in front)."""
+    spec = isvc.spec.rollout.analysis
+    if previous is None or previous.revision != target or previous.phase not in ("Progressing", "Paused"):
+        return None
+    last = previous.last_analysis
+    if not is_due(last, spec, previous.canary_weight, now):
+        return None
+    pages = scrape(ready_pod_metrics_urls([p for p in pods if revision_of(p) == target]))
+    baseline = RevisionCounters.from_status(last.counters) if last else None
+    return analyze(spec, engine_counters(pages), baseline, now)
+
+
 def _invalid(body: dict[str, Any], client: KubeClient, error: str, now: str) -> Outcome:
     metadata, previous = body.get("metadata", {}), body.get("status") or {}
     status = invalid_spec_status(metadata.get("generation"), error, previous, now)
@@ -98,7 +120,8 @@ def reconcile(body: dict[str, Any], client: KubeClient, now: datetime.datetime |
     target = revision_hash(serving.spec)
     observed = client.read_children(isvc)
     deployments = [o for o in observed if o["kind"] == "Deployment" and revision_of(o)]
-    revisions = observe_revisions(deployments, client.read_pods(isvc) if deployments else [])
+    pods = client.read_pods(isvc) if deployments else []
+    revisions = observe_revisions(deployments, pods)
     total = desired_total(isvc, previous_rollout, revisions)
     rollout = plan_rollout(
         RolloutInputs(
@@ -108,6 +131,7 @@ def reconcile(body: dict[str, Any], client: KubeClient, now: datetime.datetime |
             revisions=revisions,
             now=moment,
             previous=previous_rollout,
+            analysis=_analysis_check(isvc, previous_rollout, target, pods, moment),
             commands=Commands.from_annotations(metadata.get("annotations")),
         )
     )

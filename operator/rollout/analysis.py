@@ -1,8 +1,10 @@
-"""Analysis of one revision's traffic from the router's Prometheus metrics (pure).
+"""Analysis of one revision's traffic from Prometheus metrics (pure).
 
-From `kvpilot_router_requests_total{model,revision,code}` and the
+From the router (`kvpilot_router_requests_total{model,revision,code}` and the
 `kvpilot_router_time_to_first_token_seconds{model,revision}` histogram, summed over the router
-replicas: the requests answered since the previous check, the share of 5xx answers, and the 95th
+replicas), or, without a router, from the revision's own engine pods (`vllm:request_success_total`
+and `vllm:time_to_first_token_seconds`, summed over its pods; no status codes there, so no error
+rate): the requests answered since the previous check, the share of 5xx answers, and the 95th
 percentile time to first token (interpolated inside its bucket, as Prometheus'
 `histogram_quantile` does). The cumulative counters at a check are kept in the status
 (`lastAnalysis.counters`) as the next check's baseline, so the interval survives a restart.
@@ -17,10 +19,13 @@ from dataclasses import dataclass
 from kvpilot.operator.api import AnalysisResult, AnalysisSpec
 from kvpilot.operator.api.validation import parse_duration
 from kvpilot.operator.rollout.state import parse_time, rfc3339
+from kvpilot.serving.contract import METRIC_REQUEST_SUCCESS, METRIC_TIME_TO_FIRST_TOKEN
 from prometheus_client.parser import text_string_to_metric_families
 
 REQUESTS_METRIC = "kvpilot_router_requests_total"
 TTFT_METRIC = "kvpilot_router_time_to_first_token_seconds"
+ENGINE_REQUESTS_METRIC = f"{METRIC_REQUEST_SUCCESS}_total"
+ENGINE_REQUESTS_KEY = "engine"  # requests counted by an engine: finished, with no status code
 TTFT_QUANTILE = 0.95
 
 
@@ -77,6 +82,21 @@ def revision_counters(metrics_texts: list[str], model: str, revision: str) -> Re
     return RevisionCounters(requests, buckets)
 
 
+def engine_counters(metrics_texts: list[str]) -> RevisionCounters:
+    """A revision's counters summed over its engine pods' /metrics pages."""
+    requests: dict[str, float] = {}
+    buckets: dict[float, float] = {}
+    for text in metrics_texts:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == ENGINE_REQUESTS_METRIC:
+                    requests[ENGINE_REQUESTS_KEY] = requests.get(ENGINE_REQUESTS_KEY, 0.0) + sample.value
+                elif sample.name == f"{METRIC_TIME_TO_FIRST_TOKEN}_bucket":
+                    le = float(sample.labels["le"])
+                    buckets[le] = buckets.get(le, 0.0) + sample.value
+    return RevisionCounters(requests, buckets)
+
+
 def histogram_quantile(quantile: float, buckets: dict[float, float]) -> float | None:
     """Prometheus' histogram_quantile over cumulative buckets; None without observations."""
     bounds = sorted(buckets)
@@ -106,7 +126,8 @@ def analyze(
     delta = current.minus(baseline)
     requests = sum(delta.requests.values())
     errors = sum(n for code, n in delta.requests.items() if code.startswith("5"))
-    error_rate = errors / requests if requests else None
+    has_codes = any(code[:1].isdigit() for code in delta.requests)
+    error_rate = errors / requests if requests and has_codes else None
     ttft_p95 = histogram_quantile(TTFT_QUANTILE, delta.ttft_buckets)
     measured = f"{int(requests)} requests, error rate {_fmt(error_rate)}, TTFT p95 {_fmt(ttft_p95)}s"
     failures = []

@@ -7,10 +7,12 @@ from kvpilot.operator.api import AnalysisSpec
 from kvpilot.operator.rollout.analysis import (
     RevisionCounters,
     analyze,
+    engine_counters,
     histogram_quantile,
     is_due,
     revision_counters,
 )
+from kvpilot.serving.contract import METRIC_REQUEST_SUCCESS, METRIC_TIME_TO_FIRST_TOKEN
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 NOW = datetime.datetime(2026, 12, 1, 12, 0, tzinfo=datetime.UTC)
@@ -100,3 +102,24 @@ def test_a_check_is_due_once_the_revision_has_traffic_and_an_interval_passed():
     assert not is_due(last, SPEC, 10, NOW + datetime.timedelta(seconds=59))
     assert is_due(last, SPEC, 10, NOW + datetime.timedelta(seconds=60))
     assert not is_due(last, None, 10, NOW + datetime.timedelta(hours=1))
+
+
+def engine_page(finished: int, ttft: float) -> str:
+    """An engine pod's /metrics, with the server's metric names (serving/contract.py)."""
+    registry = CollectorRegistry()
+    success = Counter(METRIC_REQUEST_SUCCESS, "ok", ["model_name", "finished_reason"], registry=registry)
+    success.labels("smollm2", "length").inc(finished)
+    histogram = Histogram(
+        METRIC_TIME_TO_FIRST_TOKEN, "ttft", ["model_name"], buckets=BUCKETS, registry=registry
+    )
+    for _ in range(finished):
+        histogram.labels("smollm2").observe(ttft)
+    return generate_latest(registry).decode()
+
+
+def test_engine_pages_give_requests_and_ttft_but_no_error_rate():
+    counters = engine_counters([engine_page(40, 0.05), engine_page(20, 3.0)])
+    assert counters.requests == {"engine": 60.0}
+    result = analyze(SPEC, counters, None, NOW)
+    assert result.error_rate is None and "error rate n/a" in result.message
+    assert result.passed is False and "TTFT p95" in result.message  # 20 of 60 slower than 2 s
