@@ -90,7 +90,8 @@ def test_a_canary_walks_its_steps_and_the_cli_promotes_it(cluster, api, ns, oper
     rollout = rollout_of(api, ns)
     assert rollout["stableRevision"] == canary
     assert [h["reason"] for h in rollout["history"]] == [
-        "FirstRevision", "RolloutStarted", "StepReached", "AwaitingPromote", "StepReached", "Promoted",
+        "FirstRevision", "RolloutStarted", "StepReached", "AwaitingPromote", "WaitingForReplicas", "StepReached",
+        "Promoted",
     ]  # fmt: skip
     wait_for(lambda: revision_deployments(api, ns) == {canary: 2}, "the old revision deleted", timeout=60)
     wait_for(lambda: isvc_condition(api, ns, "Ready").get("status") == "True", "Ready=True", timeout=60)
@@ -139,3 +140,38 @@ def test_a_revision_that_does_not_load_is_rolled_back_while_the_stable_one_serve
     wait_for(lambda: isvc_condition(api, ns, "Stalled").get("status") == "False", "Stalled=False", timeout=60)
     assert rollout_of(api, ns)["reason"] == "BackToStable"
     wait_for(lambda: revision_deployments(api, ns) == {stable: 1}, "the failed revision deleted", timeout=60)
+
+
+def test_a_canary_failing_its_analysis_is_rolled_back(cluster, api, ns, operator):
+    """The engine pods' own TTFT histogram, against a limit no real engine meets: two failed checks
+    in a row roll the canary back, with the measured numbers in the status."""
+    analysis = {"interval": "5s", "maxTTFTSeconds": {"p95": 0.000001}, "minRequests": 2, "failureLimit": 2}
+    rollout = {"strategy": "Canary", "steps": [{"weight": 50, "pause": "10m"}], "analysis": analysis}
+    api.create(API_VERSION, ISVC, ns, manifest(ns, replicas=1, rollout=rollout))
+    wait_for(lambda: isvc_condition(api, ns, "Ready").get("status") == "True", "Ready=True", timeout=180)
+    api.patch(API_VERSION, ISVC, ns, "chat", {"spec": {"engine": {"maxNumSeqs": 8}}})
+    wait_for(lambda: rollout_of(api, ns).get("canaryWeight") == 50, "the canary at 50%", timeout=180)
+    canary = rollout_of(api, ns)["revision"]
+    (pod,) = [
+        p for p in api.list("v1", "pods", ns) if p["metadata"]["labels"]["kvpilot.dev/revision"] == canary
+    ]
+
+    def traffic_until_rolled_back() -> dict[str, Any] | None:
+        for _ in range(3):
+            response = httpx.post(
+                f"http://{pod['status']['podIP']}:8000/v1/completions",
+                json={"model": "smollm2", "prompt": "Hello", "max_tokens": 2},
+                timeout=60,
+            )
+            assert response.status_code == 200, response.text
+        rollout = rollout_of(api, ns)
+        return rollout if rollout.get("phase") == "RolledBack" else None
+
+    rolled_back = wait_for(traffic_until_rolled_back, "the rollback by analysis", timeout=120, interval=1)
+    assert rolled_back["reason"] == "AnalysisFailed"
+    assert "2 failed analysis checks in a row" in rolled_back["message"]
+    assert "maxTTFTSeconds.p95 1e-06" in rolled_back["message"]
+    last = rolled_back["lastAnalysis"]
+    assert last["passed"] is False and last["requests"] >= 2 and last["ttftP95"] > 0.000001
+    assert isvc_condition(api, ns, "Stalled")["reason"] == "RolloutAborted"
+    assert ("Warning", "AnalysisFailed") in events(api, ns)
