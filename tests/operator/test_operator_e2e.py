@@ -336,9 +336,8 @@ def test_with_autoscaling_the_operator_keeps_the_autoscalers_count(api, ns, kube
     assert deployment["spec"]["replicas"] == 1  # minReplicas
     kubectl.run("scale", "deployment", deployment["metadata"]["name"], "-n", ns, "--replicas=2")
     wait_for(
-        lambda: isvc_condition(api, ns, "Ready").get("message") == "2/2 replicas ready",
-        "2 ready",
-        timeout=180,
+        lambda: api.get(API_VERSION, ISVC, ns, "chat")["status"]["rollout"].get("replicas") == 2,
+        "the operator to take the autoscaler's count",
     )
     api.patch(API_VERSION, ISVC, ns, "chat", {"spec": {"podAnnotations": {"touched": "yes"}}})
     wait_for(
@@ -346,7 +345,7 @@ def test_with_autoscaling_the_operator_keeps_the_autoscalers_count(api, ns, kube
             "touched"
         ),
         "the new revision to be promoted",
-        timeout=180,
+        timeout=300,
     )
     time.sleep(2)
     assert engine_deployment(api, ns)["spec"]["replicas"] == 2

@@ -90,8 +90,8 @@ def test_a_canary_walks_its_steps_and_the_cli_promotes_it(cluster, api, ns, oper
     rollout = rollout_of(api, ns)
     assert rollout["stableRevision"] == canary
     assert [h["reason"] for h in rollout["history"]] == [
-        "FirstRevision", "RolloutStarted", "StepReached", "AwaitingPromote", "WaitingForReplicas", "StepReached",
-        "Promoted",
+        "FirstRevision", "RolloutStarted", "StepReached", "AwaitingPromote",
+        "WaitingForReplicas", "StepReached", "Promoted",
     ]  # fmt: skip
     wait_for(lambda: revision_deployments(api, ns) == {canary: 2}, "the old revision deleted", timeout=60)
     wait_for(lambda: isvc_condition(api, ns, "Ready").get("status") == "True", "Ready=True", timeout=60)
