@@ -136,8 +136,14 @@ def reconcile(body: dict[str, Any], client: KubeClient, now: datetime.datetime |
         )
     )
     replicas = rollout.revisions[target].replicas
-    # The serving revision's Deployment is applied whole; other revisions' are only scaled or deleted.
-    others = [o for o in deployments if revision_of(o) != target]
+    # The serving revision's Deployment is applied whole; other revisions' are only scaled or
+    # deleted. A Deployment from before revisions (`<name>`, no revision label) serves until the
+    # first revision is ready, so an operator upgrade never leaves the model without pods.
+    legacy = [o for o in observed if o["kind"] == "Deployment" and not revision_of(o)]
+    first = revisions.get(rollout.status.stable_revision)
+    if legacy and first is not None and first.ready >= total:
+        client.execute(Plan(delete=legacy))
+    others = [o for o in deployments if revision_of(o) != target] + legacy
     status = rollout.status
     preview = status.strategy == "BlueGreen" and status.phase in ("Progressing", "Paused")
     desired = build_children(serving, target, replicas, preview=preview)

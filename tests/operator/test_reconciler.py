@@ -128,3 +128,29 @@ def test_blue_green_serves_a_preview_service_until_the_promote(client, kubectl):
     assert kubectl.get(*ISVC, ns, "chat")["status"]["rollout"]["phase"] == "Promoted"
     assert deployments(kubectl, ns) == {old: 0, new: 2}
     assert kubectl.get("v1", "services", ns, "chat-preview") is None
+
+
+def test_a_deployment_from_before_revisions_serves_until_the_first_revision_is_ready(client, kubectl):
+    ns = "rec-legacy"
+    body = stored(kubectl, ns)
+    legacy = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": "chat",
+            "labels": {"app.kubernetes.io/name": "kvpilot", "app.kubernetes.io/instance": "chat"},
+            "ownerReferences": [{"apiVersion": ISVC[0], "kind": "InferenceService", "name": "chat",
+                                 "uid": body["metadata"]["uid"], "controller": True}],
+        },
+        "spec": {"replicas": 2},
+    }  # fmt: skip
+    kubectl.create("apps/v1", "deployments", ns, legacy)
+    reconcile(body, client, NOW)
+    (new,) = set(deployments(kubectl, ns)) - {"chat"}
+    assert deployments(kubectl, ns) == {"chat": 2, new: 2}
+    mark_ready(kubectl, ns, new, 1)
+    reconcile(kubectl.get(*ISVC, ns, "chat"), client, NOW)
+    assert "chat" in deployments(kubectl, ns)
+    mark_ready(kubectl, ns, new, 2)
+    reconcile(kubectl.get(*ISVC, ns, "chat"), client, NOW)
+    assert deployments(kubectl, ns) == {new: 2}
