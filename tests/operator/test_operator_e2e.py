@@ -45,7 +45,9 @@ def model_dir(tmp_path_factory, tokenizer_dir) -> Path:
 def kubectl(cluster) -> Kubectl:
     kubectl = Kubectl(cluster.kubeconfig)
     kubectl.apply("-f", str(CRD_PATH))
-    kubectl.run("wait", "--for=condition=Established", f"crd/{PLURAL}.{GROUP}", "--timeout=60s")
+    # Polled here: `kubectl wait` fails outright on a CRD whose status has no conditions yet.
+    crd = ("apiextensions.k8s.io/v1", "customresourcedefinitions", None, f"{PLURAL}.{GROUP}")
+    wait_for(lambda: condition(cluster.api.get(*crd), "Established").get("status") == "True", "the CRD")
     return kubectl
 
 
