@@ -69,14 +69,25 @@ def _client(memo: kopf.Memo) -> KubeClient:
     return memo["client"]
 
 
-def _reconcile_and_report(body: dict[str, Any], memo: kopf.Memo) -> None:
-    metadata = body["metadata"]
-    with _locks.hold((metadata["namespace"], metadata["name"])):
-        outcome = reconcile(body, _client(memo))
+def _reconcile_and_report(namespace: str, name: str, uid: str | None, memo: kopf.Memo) -> None:
+    """Reconcile the InferenceService as the API has it now: read inside the lock, so a rollout
+    always plans from the status the previous reconcile wrote (kopf's event body, or a timer's,
+    can be older than that)."""
+    client = _client(memo)
+    with _locks.hold((namespace, name)):
+        body = client.get_inference_service(namespace, name)
+        if body is None or body["metadata"].get("uid") != uid or body["metadata"].get("deletionTimestamp"):
+            return  # gone, replaced or going: the garbage collector takes the children
+        outcome = reconcile(body, client)
     if outcome.error is not None:
         if outcome.status_written:
             kopf.warn(body, reason="InvalidSpec", message=outcome.error)
         raise kopf.PermanentError(outcome.error)
+
+
+def _reconcile_body(body: kopf.Body, memo: kopf.Memo) -> None:
+    metadata = body.metadata
+    _reconcile_and_report(metadata.namespace, metadata.name, metadata.uid, memo)
 
 
 @kopf.on.startup()
@@ -95,7 +106,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 @kopf.on.update(GROUP, VERSION, PLURAL)
 def reconcile_inference_service(body: kopf.Body, retry: int, memo: kopf.Memo, **_: Any) -> None:
     try:
-        _reconcile_and_report(dict(body), memo)
+        _reconcile_body(body, memo)
     except TransientError as exc:
         raise kopf.TemporaryError(str(exc), delay=backoff(retry)) from exc
     except PermanentApiError as exc:
@@ -111,7 +122,7 @@ def rollout_tick(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any
     """A rollout moves with time too (a pause ends, a deadline passes, a pod stays Unschedulable):
     reconcile it while it is under way. The decision still comes from the object alone."""
     try:
-        _reconcile_and_report(dict(body), memo)
+        _reconcile_body(body, memo)
     except (TransientError, PermanentApiError, kopf.PermanentError) as exc:
         logger.warning(f"rollout reconcile of {body.metadata.name} failed: {exc}")
 
@@ -131,12 +142,7 @@ def child_changed(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: An
     if owner is None:
         return
     try:
-        parent = _client(memo).get_inference_service(body.metadata.namespace, owner["name"])
-        if parent is None or parent["metadata"].get("uid") != owner.get("uid"):
-            return  # the owner is gone; the garbage collector takes the child
-        if parent["metadata"].get("deletionTimestamp"):
-            return
-        _reconcile_and_report(parent, memo)
+        _reconcile_and_report(body.metadata.namespace, owner["name"], owner.get("uid"), memo)
     except (TransientError, PermanentApiError, kopf.PermanentError) as exc:
         # The InferenceService's own handler retries with backoff; the next child event retries too.
-        logger.warning(f"reconcile of {owner['name']} after a {body.kind} change failed: {exc}")
+        logger.warning(f"reconcile of {owner['name']} after a {body.get('kind')} change failed: {exc}")
