@@ -17,7 +17,13 @@ from kvpilot.operator.rollout.observe import observe_revisions, revision_of, rev
 from kvpilot.operator.rollout.planner import Commands, Event, ObservedRevision, RolloutInputs, plan_rollout
 from kvpilot.operator.rollout.scrape import ready_pod_metrics_urls, scrape
 from kvpilot.operator.rollout.state import rfc3339
-from kvpilot.operator.status import RolloutReport, compute_status, invalid_spec_status, status_changed
+from kvpilot.operator.status import (
+    RolloutReport,
+    compute_status,
+    invalid_spec_status,
+    status_changed,
+    status_patch,
+)
 from kvpilot.serving.validation import problems
 from pydantic import ValidationError
 
@@ -96,7 +102,7 @@ def _invalid(body: dict[str, Any], client: KubeClient, error: str, now: str) -> 
     status = invalid_spec_status(metadata.get("generation"), error, previous, now)
     changed = status_changed(status, previous)
     if changed:
-        client.patch_status(metadata["namespace"], metadata["name"], status)
+        client.patch_status(metadata["namespace"], metadata["name"], status_patch(status, previous))
     return Outcome(status_written=changed, error=error)
 
 
@@ -180,5 +186,5 @@ def reconcile(body: dict[str, Any], client: KubeClient, now: datetime.datetime |
     new_status = compute_status(isvc, stable, previous, stamp, report)
     changed = status_changed(new_status, previous)
     if changed:
-        client.patch_status(namespace, isvc.metadata.name, new_status)
+        client.patch_status(namespace, isvc.metadata.name, status_patch(new_status, previous))
     return Outcome(status_written=changed, requeue_after=rollout.requeue_after, events=rollout.events)

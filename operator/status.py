@@ -160,5 +160,18 @@ def compute_status(
     return status.to_body()
 
 
+def status_patch(new: dict[str, Any], previous: dict[str, Any]) -> dict[str, Any]:
+    """The JSON merge patch from `previous` to `new`: a key `new` no longer has is sent as null,
+    so the API server removes it (a merge patch leaves keys it does not mention, e.g. a finished
+    rollout's `step`, in place). Lists are replaced whole."""
+    patch = dict(new)
+    for key, old in previous.items():
+        if key not in new:
+            patch[key] = None
+        elif isinstance(old, dict) and isinstance(new[key], dict):
+            patch[key] = status_patch(new[key], old)
+    return patch
+
+
 def status_changed(new: dict[str, Any], previous: dict[str, Any]) -> bool:
     return any(new.get(k) != previous.get(k) for k in STATUS_FIELDS)

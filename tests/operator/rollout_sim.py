@@ -16,8 +16,22 @@ from kvpilot.operator.rollout.planner import (
     RolloutPlan,
     plan_rollout,
 )
+from kvpilot.operator.status import status_patch
 
 T0 = datetime.datetime(2026, 12, 1, 12, 0, tzinfo=datetime.UTC)
+
+
+def merge_patch(target: dict, patch: dict) -> dict:
+    """RFC 7386, as the API server applies a merge patch: null removes a key."""
+    merged = dict(target)
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_patch(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 @dataclass
@@ -34,6 +48,7 @@ class Sim:
     ready: dict[str, int] = field(default_factory=dict)
     pending_since: dict[str, datetime.datetime] = field(default_factory=dict)
     min_ready_seen: int | None = None  # fewest ready pods over all revisions after the first tick
+    stored: dict = field(default_factory=dict)  # status.rollout as the API server holds it
 
     def observed(self) -> dict[str, ObservedRevision]:
         return {
@@ -64,7 +79,10 @@ class Sim:
                 commands=commands or Commands(),
             )
         )
-        self.status = RolloutStatus.model_validate(plan.status.model_dump(by_alias=True, mode="json"))
+        # Written as the operator writes it: a JSON merge patch onto what the API stored.
+        written = plan.status.model_dump(by_alias=True, mode="json", exclude_none=True)
+        self.stored = merge_patch(self.stored, status_patch(written, self.stored))
+        self.status = RolloutStatus.model_validate(self.stored)
         for name, revision in plan.revisions.items():
             self.replicas[name] = revision.replicas
         for name in plan.delete:

@@ -309,3 +309,21 @@ def test_shift_in_place_waits_for_the_pod_on_its_way():
         4, goal, new_replicas=2, new_ready=2, stable_ready=2, mode="InPlace", one_at_a_time=True
     )
     assert (shift.new, shift.stable) == (3, 1)
+
+
+def test_after_a_promote_the_next_step_times_its_own_pause():
+    # The step before left stepReachedAt in the stored status: the write that clears it must
+    # remove it there (a merge patch keeps a key it does not mention).
+    steps = [{"weight": 50, "pause": "manual"}, {"weight": 100, "pause": "30s"}]
+    sim = started(Sim(spec(strategy="Canary", steps=steps), total=2))
+    sim.tick("b")
+    sim.tick("b")
+    sim.advance(600)
+    sim.tick("b", commands=Commands(promote="b/0"))
+    plan = sim.tick("b", commands=Commands(promote="b/0"))
+    assert (plan.status.step, plan.status.canary_weight, plan.status.reason) == (1, 100, "StepPause")
+    assert plan.requeue_after == 30
+    sim.advance(30)
+    assert sim.tick("b").status.phase == "Promoted"
+    reasons = [h.reason for h in sim.status.history]
+    assert reasons[-3:] == ["WaitingForReplicas", "StepReached", "Promoted"]

@@ -111,3 +111,15 @@ def test_with_autoscaling_the_deployments_own_count_is_desired():
     assert desired_replicas(isvc(replicas=3), scaled) == 3
     status = compute_status(autoscaled, scaled, {}, T0)
     assert summary(status)["Ready"] == ("True", "ReplicasReady")
+
+
+def test_status_patch_removes_what_the_new_status_no_longer_has():
+    from kvpilot.operator.status import status_patch
+
+    previous = {"replicas": 2, "rollout": {"phase": "Progressing", "step": 1, "history": [1, 2]}, "url": "u"}
+    new = {"replicas": 2, "rollout": {"phase": "Promoted", "history": [1, 2, 3]}}
+    assert status_patch(new, previous) == {
+        "replicas": 2,
+        "rollout": {"phase": "Promoted", "step": None, "history": [1, 2, 3]},
+        "url": None,
+    }
