@@ -1,15 +1,17 @@
-"""What the planner needs to know about each revision, read from its Deployment and pods (pure),
-and `status.revisions` built from the plan."""
+"""What the planner needs to know about each revision, read from its Deployment and pods (pure);
+`status.revisions` and the router's per-revision weights and endpoints, built from the plan."""
 
 from __future__ import annotations
 
 import datetime
+from dataclasses import dataclass
 from typing import Any
 
 from kvpilot.operator.api import InferenceService, RevisionStatus
 from kvpilot.operator.labels import REVISION_LABEL
 from kvpilot.operator.revision import pod_spec_fields, revision_deployment_name
 from kvpilot.operator.rollout.state import ObservedRevision, RolloutPlan, parse_time
+from kvpilot.serving.contract import DEFAULT_PORT
 
 REMEMBERED_REVISIONS = 3  # retired or failed revisions kept in status.revisions (for rollbackTo)
 FAILING_REASONS = {
@@ -82,6 +84,37 @@ def observe_revisions(
             failure=failure,
         )
     return observed
+
+
+@dataclass(frozen=True)
+class RevisionTraffic:
+    """What the router needs of one revision: its weight and its ready endpoints."""
+
+    name: str
+    weight: int
+    endpoints: tuple[str, ...]  # http://ADDRESS:PORT, sorted
+
+
+def pod_is_ready(pod: dict[str, Any]) -> bool:
+    status = pod.get("status") or {}
+    ready = any(
+        c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []
+    )
+    return ready and bool(status.get("podIP")) and not pod["metadata"].get("deletionTimestamp")
+
+
+def revision_traffic(plan: RolloutPlan, pods: list[dict[str, Any]]) -> list[RevisionTraffic]:
+    """Each revision the plan keeps, with its weight and the ready endpoints of its pods (the
+    router config's `revisions`); a retired revision gets weight 0 so it drains."""
+    traffic = []
+    for revision, planned in plan.revisions.items():
+        endpoints = sorted(
+            f"http://{pod['status']['podIP']}:{DEFAULT_PORT}"
+            for pod in pods
+            if revision_of(pod) == revision and pod_is_ready(pod)
+        )
+        traffic.append(RevisionTraffic(revision, planned.weight, tuple(endpoints)))
+    return traffic
 
 
 def revision_statuses(

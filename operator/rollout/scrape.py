@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+from kvpilot.operator.rollout.observe import pod_is_ready
 from kvpilot.serving.contract import DEFAULT_PORT, METRICS_PATH
 
 SCRAPE_TIMEOUT_SECONDS = 3.0
@@ -12,15 +13,9 @@ SCRAPE_TIMEOUT_SECONDS = 3.0
 
 def ready_pod_metrics_urls(pods: list[dict[str, Any]]) -> list[str]:
     """The /metrics URL of each ready engine pod among `pods`."""
-    urls = []
-    for pod in pods:
-        status = pod.get("status") or {}
-        ready = any(
-            c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []
-        )
-        if ready and status.get("podIP") and not pod["metadata"].get("deletionTimestamp"):
-            urls.append(f"http://{status['podIP']}:{DEFAULT_PORT}{METRICS_PATH}")
-    return urls
+    return [
+        f"http://{pod['status']['podIP']}:{DEFAULT_PORT}{METRICS_PATH}" for pod in pods if pod_is_ready(pod)
+    ]
 
 
 def scrape(urls: list[str]) -> list[str]:

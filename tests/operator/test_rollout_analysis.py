@@ -115,3 +115,36 @@ def test_engine_pages_give_requests_and_ttft_but_no_error_rate():
     result = analyze(SPEC, counters, None, NOW)
     assert result.error_rate is None and "error rate n/a" in result.message
     assert result.passed is False and "TTFT p95" in result.message  # 20 of 60 slower than 2 s
+
+
+def pod(name: str, revision: str, ip: str, ready: bool = True, terminating: bool = False) -> dict:
+    metadata = {"name": name, "labels": {"kvpilot.dev/revision": revision}}
+    if terminating:
+        metadata["deletionTimestamp"] = "2026-12-01T12:00:00Z"
+    conditions = [{"type": "Ready", "status": "True" if ready else "False"}]
+    return {"metadata": metadata, "status": {"podIP": ip, "conditions": conditions}}
+
+
+def test_router_traffic_lists_each_kept_revision_with_its_weight_and_ready_endpoints():
+    from kvpilot.operator.rollout.observe import RevisionTraffic, revision_traffic
+    from kvpilot.operator.rollout.scrape import ready_pod_metrics_urls
+    from kvpilot.operator.rollout.state import RevisionPlan, RolloutPlan
+
+    plan = RolloutPlan(
+        revisions={"a": RevisionPlan(3, 90, "Active"), "b": RevisionPlan(1, 10, "Canary")},
+        delete=[],
+        status=None,
+        events=[],
+        requeue_after=None,
+    )
+    pods = [
+        pod("a-1", "a", "10.0.0.2"),
+        pod("a-2", "a", "10.0.0.1"),
+        pod("a-3", "a", "10.0.0.3", terminating=True),  # draining: no new requests
+        pod("b-1", "b", "10.0.0.7", ready=False),
+    ]
+    assert revision_traffic(plan, pods) == [
+        RevisionTraffic("a", 90, ("http://10.0.0.1:8000", "http://10.0.0.2:8000")),
+        RevisionTraffic("b", 10, ()),  # not ready yet: the router gives its share to the others
+    ]
+    assert ready_pod_metrics_urls(pods) == ["http://10.0.0.2:8000/metrics", "http://10.0.0.1:8000/metrics"]
