@@ -5,19 +5,24 @@ No client calls, no globals: each function maps a parsed InferenceService to one
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from kvpilot.operator.api import InferenceService
+from kvpilot.operator.containers import http_probe, pod_security_context, security_context
 from kvpilot.operator.labels import (
     REVISION_LABEL,
     SERVICE_PORT,
     child_metadata,
     common_labels,
+    engine_service_name,
     revision_selector,
     selector_labels,
     with_spec_hash,
 )
 from kvpilot.operator.revision import revision_deployment_name, revision_hash
+from kvpilot.operator.router_builders import build_inference_pool, build_router_children
+from kvpilot.operator.router_config import RevisionEndpoints, revision_endpoints
 from kvpilot.serving.contract import (
     DEFAULT_PORT,
     HEALTH_PATH,
@@ -36,7 +41,6 @@ TERMINATION_GRACE_SECONDS = PRESTOP_SLEEP_SECONDS + DRAIN_SECONDS + 10
 STARTUP_PROBE_PERIOD_SECONDS = 10
 STARTUP_PROBE_FAILURES = 180  # 30 minutes for download + load + warm-up before liveness starts
 PROGRESS_DEADLINE_SECONDS = 2400
-RUN_AS_USER = 1000
 AWS_CLI_IMAGE = "public.ecr.aws/aws-cli/aws-cli:2.22.35"
 GCLOUD_IMAGE = "gcr.io/google.com/cloudsdktool/google-cloud-cli:502.0.0-slim"
 
@@ -66,19 +70,19 @@ def serve_args(isvc: InferenceService, model_path: str) -> list[str]:
     return args + list(engine.extra_args)
 
 
-def _security_context() -> dict[str, Any]:
-    return {
-        "allowPrivilegeEscalation": False,
-        "readOnlyRootFilesystem": True,
-        "runAsNonRoot": True,
-        "capabilities": {"drop": ["ALL"]},
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
-
-
 def _env(isvc: InferenceService) -> list[dict[str, Any]]:
     base = [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HOME", "value": "/tmp/hf-home"}]
     return base + [env.model_dump(by_alias=True, exclude_none=True) for env in isvc.spec.env]
+
+
+def _server_env(isvc: InferenceService) -> list[dict[str, Any]]:
+    """The server's environment: with an upstream key, `--api-key` from the Secret (the operator
+    never reads it; the kubelet resolves the reference)."""
+    upstream = isvc.spec.router.upstream_api_key_secret_ref
+    if upstream is None:
+        return _env(isvc)
+    key = {"secretKeyRef": {"name": upstream.name, "key": upstream.key}}
+    return [*_env(isvc), {"name": SERVE_SETTING["api_key"].env, "valueFrom": key}]
 
 
 def _model_source(isvc: InferenceService) -> tuple[dict[str, Any], str, list[dict[str, Any]]]:
@@ -108,7 +112,7 @@ def _model_source(isvc: InferenceService) -> tuple[dict[str, Any], str, list[dic
         "command": command,
         "env": [*_env(isvc), {"name": "CLOUDSDK_CONFIG", "value": "/tmp/gcloud"}],
         "volumeMounts": [{"name": "model", "mountPath": MODEL_DIR}, {"name": "tmp", "mountPath": "/tmp"}],
-        "securityContext": _security_context(),
+        "securityContext": security_context(),
     }
     return {"name": "model", "emptyDir": {}}, MODEL_DIR, [download]
 
@@ -124,15 +128,6 @@ def _resources(isvc: InferenceService) -> dict[str, Any]:
     if spec.gpu.count:
         limits[spec.gpu.resource_name] = str(spec.gpu.count)
     return {k: v for k, v in {"requests": requests, "limits": limits}.items() if v}
-
-
-def _http_probe(path: str, period: int, failures: int, timeout: int) -> dict[str, Any]:
-    return {
-        "httpGet": {"path": path, "port": PORT_NAME},
-        "periodSeconds": period,
-        "failureThreshold": failures,
-        "timeoutSeconds": timeout,
-    }
 
 
 def service_account_name(isvc: InferenceService) -> str | None:
@@ -155,32 +150,26 @@ def _pod_spec(isvc: InferenceService) -> dict[str, Any]:
         "command": ["kvpilot", "serve"],
         "args": serve_args(isvc, model_path),
         "ports": [{"name": PORT_NAME, "containerPort": DEFAULT_PORT, "protocol": "TCP"}],
-        "env": _env(isvc),
+        "env": _server_env(isvc),
         "resources": _resources(isvc),
         "volumeMounts": [
             model_mount,
             {"name": "dshm", "mountPath": "/dev/shm"},
             {"name": "tmp", "mountPath": "/tmp"},
         ],
-        "readinessProbe": _http_probe(READY_PATH, period=5, failures=3, timeout=2),
-        "livenessProbe": _http_probe(HEALTH_PATH, period=10, failures=6, timeout=5),
-        "startupProbe": _http_probe(
+        "readinessProbe": http_probe(READY_PATH, period=5, failures=3, timeout=2),
+        "livenessProbe": http_probe(HEALTH_PATH, period=10, failures=6, timeout=5),
+        "startupProbe": http_probe(
             HEALTH_PATH, period=STARTUP_PROBE_PERIOD_SECONDS, failures=STARTUP_PROBE_FAILURES, timeout=5
         ),
         "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRESTOP_SLEEP_SECONDS)]}}},
-        "securityContext": _security_context(),
+        "securityContext": security_context(),
     }
     pod: dict[str, Any] = {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": RUN_AS_USER,
-            "runAsGroup": RUN_AS_USER,
-            "fsGroup": RUN_AS_USER,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": pod_security_context(),
         "containers": [container],
         "volumes": [
             model_volume,
@@ -225,7 +214,9 @@ def build_deployment(
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": child_metadata(
-            isvc, name=revision_deployment_name(isvc, revision), labels={REVISION_LABEL: revision}
+            isvc,
+            name=revision_deployment_name(isvc, revision),
+            labels={**common_labels(isvc), REVISION_LABEL: revision},
         ),
         "spec": {
             **({} if replicas is None else {"replicas": replicas}),
@@ -245,10 +236,11 @@ def build_deployment(
 
 
 def build_service(isvc: InferenceService) -> dict[str, Any]:
+    """The engine pods' Service (`engine_service_name`: `<name>` itself when there is no router)."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": child_metadata(isvc),
+        "metadata": child_metadata(isvc, name=engine_service_name(isvc)),
         "spec": {
             "type": "ClusterIP",
             "selector": selector_labels(isvc),
@@ -264,7 +256,8 @@ def build_preview_service(isvc: InferenceService, revision: str) -> dict[str, An
     """`<name>-preview`: only the new revision's pods, while a BlueGreen rollout waits for a promote."""
     name = f"{isvc.metadata.name[: 63 - len(PREVIEW_SUFFIX)]}{PREVIEW_SUFFIX}"
     service = build_service(isvc)
-    service["metadata"] = child_metadata(isvc, name=name, labels={REVISION_LABEL: revision})
+    labels = {**common_labels(isvc), REVISION_LABEL: revision}
+    service["metadata"] = child_metadata(isvc, name=name, labels=labels)
     service["spec"]["selector"] = revision_selector(isvc, revision)
     return service
 
@@ -295,10 +288,17 @@ def build_children(
     revision: str | None = None,
     replicas: int | str | None = SPEC_REPLICAS,
     preview: bool = False,
+    revision_list: Sequence[RevisionEndpoints] | None = None,
+    inference_pool_served: bool = True,
 ) -> list[dict[str, Any]]:
     """Every object the InferenceService should own, each stamped with its spec hash: the
     Deployment of the revision being rolled out or served (other revisions' Deployments are only
-    scaled and deleted, see operator/rollout), and with `preview` its preview Service."""
+    scaled and deleted, see operator/rollout), with `preview` its preview Service.
+
+    `revision_list`: the model's revisions with their weights and ready endpoints, for the
+    router (default: none ready yet); `inference_pool_served`: whether the cluster serves the
+    InferencePool CRD.
+    """
     revision = revision or revision_hash(isvc.spec)
     children = []
     if isvc.spec.create_service_account:
@@ -308,4 +308,9 @@ def build_children(
         children.append(build_preview_service(isvc, revision))
     if isvc.spec.most_replicas > 1:
         children.append(build_pod_disruption_budget(isvc))
+    if isvc.spec.router.enabled:
+        endpoints = revision_endpoints(isvc, []) if revision_list is None else revision_list
+        children += build_router_children(isvc, endpoints)
+    if isvc.spec.router.inference_pool and inference_pool_served:
+        children.append(build_inference_pool(isvc))
     return [with_spec_hash(child) for child in children]

@@ -1,8 +1,9 @@
 """Thin kopf handlers: `kopf run -m kvpilot.operator.handlers` (or `kvpilot operator`).
 
-Every path ends in the same reconcile: the InferenceService's own create/update/resume,
-changes of its Deployments or Service (readiness moving, drift, deletion), and a timer while a
-rollout is under way. There is no
+Every path ends in the same reconcile: the InferenceService's own create/update/resume, changes
+of its Deployments or Services (readiness moving, drift, deletion), changes of its engine pods'
+EndpointSlices (which keep the router's endpoint lists current), and a timer while a rollout is
+under way. There is no
 finalizer: children carry ownerReferences and the garbage collector removes them, so
 deleting an InferenceService never waits for the operator.
 """
@@ -18,13 +19,15 @@ from typing import Any
 import kopf
 from kvpilot.operator.api import GROUP, KIND, PLURAL, VERSION
 from kvpilot.operator.executor import KubeClient, PermanentApiError, TransientError
-from kvpilot.operator.labels import MANAGER
+from kvpilot.operator.labels import COMPONENT, MANAGER
 from kvpilot.operator.reconciler import reconcile
 
 MAX_BACKOFF_SECONDS = 60
 ROLLOUT_TICK_SECONDS = 5.0  # how often a rollout in progress is looked at (pauses, deadlines, capacity)
 ACTIVE_ROLLOUT_PHASES = ("Progressing", "Paused")
 CHILD_LABELS = {"app.kubernetes.io/managed-by": MANAGER}
+# The EndpointSlice controller copies a Service's labels to its slices: these are the engine's.
+ENGINE_SLICE_LABELS = {"app.kubernetes.io/managed-by": MANAGER, "app.kubernetes.io/component": COMPONENT}
 
 
 class KeyedLocks:
@@ -69,6 +72,10 @@ def _client(memo: kopf.Memo) -> KubeClient:
     return memo["client"]
 
 
+class WaitingError(Exception):
+    """The reconcile went through but needs something that does not exist yet (a Secret)."""
+
+
 def _reconcile_and_report(namespace: str, name: str, uid: str | None, memo: kopf.Memo) -> None:
     """Reconcile the InferenceService as the API has it now: read inside the lock, so a rollout
     always plans from the status the previous reconcile wrote (kopf's event body, or a timer's,
@@ -76,13 +83,19 @@ def _reconcile_and_report(namespace: str, name: str, uid: str | None, memo: kopf
     client = _client(memo)
     with _locks.hold((namespace, name)):
         body = client.get_inference_service(namespace, name)
-        if body is None or body["metadata"].get("uid") != uid or body["metadata"].get("deletionTimestamp"):
-            return  # gone, replaced or going: the garbage collector takes the children
+        if body is None or (uid is not None and body["metadata"].get("uid") != uid):
+            return  # the owner is gone; the garbage collector takes the children
+        if body["metadata"].get("deletionTimestamp"):
+            return
         outcome = reconcile(body, client)
     if outcome.error is not None:
         if outcome.status_written:
             kopf.warn(body, reason="InvalidSpec", message=outcome.error)
         raise kopf.PermanentError(outcome.error)
+    if outcome.waiting is not None:
+        if outcome.status_written:
+            kopf.warn(body, reason="SecretNotFound", message=outcome.waiting)
+        raise WaitingError(outcome.waiting)
 
 
 def _reconcile_body(body: kopf.Body, memo: kopf.Memo) -> None:
@@ -107,7 +120,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 def reconcile_inference_service(body: kopf.Body, retry: int, memo: kopf.Memo, **_: Any) -> None:
     try:
         _reconcile_body(body, memo)
-    except TransientError as exc:
+    except (TransientError, WaitingError) as exc:
         raise kopf.TemporaryError(str(exc), delay=backoff(retry)) from exc
     except PermanentApiError as exc:
         raise kopf.PermanentError(str(exc)) from exc
@@ -123,7 +136,7 @@ def rollout_tick(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any
     reconcile it while it is under way. The decision still comes from the object alone."""
     try:
         _reconcile_body(body, memo)
-    except (TransientError, PermanentApiError, kopf.PermanentError) as exc:
+    except (TransientError, PermanentApiError, WaitingError, kopf.PermanentError) as exc:
         logger.warning(f"rollout reconcile of {body.metadata.name} failed: {exc}")
 
 
@@ -139,10 +152,23 @@ def child_changed(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: An
         ),
         None,
     )
-    if owner is None:
-        return
+    if owner is not None:
+        _reconcile_parent(body, owner["name"], owner.get("uid"), memo, logger)
+
+
+@kopf.on.event("discovery.k8s.io", "v1", "endpointslices", labels=ENGINE_SLICE_LABELS)
+def engine_endpoints_changed(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+    """An engine pod became ready or unready: the router's endpoint lists follow (ConfigMap)."""
+    name = (body.metadata.labels or {}).get("app.kubernetes.io/instance")
+    if name:
+        _reconcile_parent(body, name, None, memo, logger)
+
+
+def _reconcile_parent(
+    body: kopf.Body, name: str, uid: str | None, memo: kopf.Memo, logger: kopf.Logger
+) -> None:
     try:
-        _reconcile_and_report(body.metadata.namespace, owner["name"], owner.get("uid"), memo)
-    except (TransientError, PermanentApiError, kopf.PermanentError) as exc:
+        _reconcile_and_report(body.metadata.namespace, name, uid, memo)
+    except (TransientError, PermanentApiError, WaitingError, kopf.PermanentError) as exc:
         # The InferenceService's own handler retries with backoff; the next child event retries too.
-        logger.warning(f"reconcile of {owner['name']} after a {body.get('kind')} change failed: {exc}")
+        logger.warning(f"reconcile of {name} after a {body.get('kind')} change failed: {exc}")

@@ -10,17 +10,25 @@ from typing import Any
 from kvpilot.operator.api import AnalysisResult, InferenceService, RevisionStatus, RolloutStatus
 from kvpilot.operator.builders import build_children
 from kvpilot.operator.executor import KubeClient
+from kvpilot.operator.labels import router_name
 from kvpilot.operator.planner import Plan, plan
 from kvpilot.operator.revision import revision_deployment_name, revision_hash, with_pod_fields
 from kvpilot.operator.rollout.analysis import RevisionCounters, analyze, engine_counters, is_due
-from kvpilot.operator.rollout.observe import observe_revisions, revision_of, revision_statuses
+from kvpilot.operator.rollout.observe import (
+    observe_revisions,
+    revision_of,
+    revision_statuses,
+    revision_traffic,
+)
 from kvpilot.operator.rollout.planner import Commands, Event, ObservedRevision, RolloutInputs, plan_rollout
 from kvpilot.operator.rollout.scrape import ready_pod_metrics_urls, scrape
 from kvpilot.operator.rollout.state import rfc3339
+from kvpilot.operator.router_config import referenced_secrets
 from kvpilot.operator.status import (
     RolloutReport,
     compute_status,
     invalid_spec_status,
+    missing_secrets_message,
     status_changed,
     status_patch,
 )
@@ -32,6 +40,7 @@ from pydantic import ValidationError
 class Outcome:
     status_written: bool
     error: str | None = None  # the invalid-spec message, naming the field
+    waiting: str | None = None  # what a later reconcile must find (a tenant's Secret), to retry
     requeue_after: float | None = None  # seconds until the rollout needs another look
     events: list[Event] = field(default_factory=list)
 
@@ -145,14 +154,29 @@ def reconcile(body: dict[str, Any], client: KubeClient, now: datetime.datetime |
     # The serving revision's Deployment is applied whole; other revisions' are only scaled or
     # deleted. A Deployment from before revisions (`<name>`, no revision label) serves until the
     # first revision is ready, so an operator upgrade never leaves the model without pods.
-    legacy = [o for o in observed if o["kind"] == "Deployment" and not revision_of(o)]
+    name = isvc.metadata.name
+    legacy = [
+        o
+        for o in observed
+        if (o["kind"], o["metadata"]["name"]) == ("Deployment", name) and not revision_of(o)
+    ]
     first = revisions.get(rollout.status.stable_revision)
     if legacy and first is not None and first.ready >= total:
         client.execute(Plan(delete=legacy))
     others = [o for o in deployments if revision_of(o) != target] + legacy
     status = rollout.status
     preview = status.strategy == "BlueGreen" and status.phase in ("Progressing", "Paused")
-    desired = build_children(serving, target, replicas, preview=preview)
+    traffic = None
+    if isvc.spec.router.enabled:  # the router splits new requests by the planner's weights
+        traffic = revision_traffic(rollout, pods)
+    desired = build_children(
+        serving,
+        target,
+        replicas,
+        preview=preview,
+        revision_list=traffic,
+        inference_pool_served=client.serves("InferencePool"),
+    )
     the_plan = plan(desired, [o for o in observed if o not in others])
     written = client.execute(the_plan)
     namespace = isvc.metadata.namespace
@@ -183,8 +207,16 @@ def reconcile(body: dict[str, Any], client: KubeClient, now: datetime.datetime |
         ready_replicas=sum((o.get("status") or {}).get("readyReplicas") or 0 for o in counted),
         desired=total,
     )
-    new_status = compute_status(isvc, stable, previous, stamp, report)
+    router = written.get(("Deployment", router_name(isvc))) or next(
+        (o for o in observed if (o["kind"], o["metadata"]["name"]) == ("Deployment", router_name(isvc))), None
+    )
+    secrets = sorted(referenced_secrets(isvc))
+    missing = client.missing_secrets(namespace, secrets) if secrets else []
+    new_status = compute_status(isvc, stable, previous, stamp, router, missing, report)
     changed = status_changed(new_status, previous)
     if changed:
         client.patch_status(namespace, isvc.metadata.name, status_patch(new_status, previous))
-    return Outcome(status_written=changed, requeue_after=rollout.requeue_after, events=rollout.events)
+    waiting = missing_secrets_message(isvc, missing) if missing else None
+    return Outcome(
+        status_written=changed, waiting=waiting, requeue_after=rollout.requeue_after, events=rollout.events
+    )

@@ -38,7 +38,10 @@ POD_FIELDS = (
     "pod_annotations",
     "pod_labels",
 )
-NON_POD_FIELDS = ("replicas", "autoscaling", "rollout")
+# The router's and tenants' settings reach the router pods, not the engine's; the one router
+# field the engine pods see (upstreamApiKeySecretRef, an env var) updates the serving revision's
+# Deployment in place.
+NON_POD_FIELDS = ("replicas", "autoscaling", "rollout", "router", "tenants")
 
 
 def pod_spec_fields(spec: InferenceServiceSpec) -> dict[str, Any]:

@@ -4,13 +4,13 @@
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass
 from typing import Any
 
 from kvpilot.operator.api import InferenceService, RevisionStatus
 from kvpilot.operator.labels import REVISION_LABEL
 from kvpilot.operator.revision import pod_spec_fields, revision_deployment_name
 from kvpilot.operator.rollout.state import ObservedRevision, RolloutPlan, parse_time
+from kvpilot.operator.router_config import RevisionEndpoints
 from kvpilot.serving.contract import DEFAULT_PORT
 
 REMEMBERED_REVISIONS = 3  # retired or failed revisions kept in status.revisions (for rollbackTo)
@@ -86,15 +86,6 @@ def observe_revisions(
     return observed
 
 
-@dataclass(frozen=True)
-class RevisionTraffic:
-    """What the router needs of one revision: its weight and its ready endpoints."""
-
-    name: str
-    weight: int
-    endpoints: tuple[str, ...]  # http://ADDRESS:PORT, sorted
-
-
 def pod_is_ready(pod: dict[str, Any]) -> bool:
     status = pod.get("status") or {}
     ready = any(
@@ -103,7 +94,7 @@ def pod_is_ready(pod: dict[str, Any]) -> bool:
     return ready and bool(status.get("podIP")) and not pod["metadata"].get("deletionTimestamp")
 
 
-def revision_traffic(plan: RolloutPlan, pods: list[dict[str, Any]]) -> list[RevisionTraffic]:
+def revision_traffic(plan: RolloutPlan, pods: list[dict[str, Any]]) -> list[RevisionEndpoints]:
     """Each revision the plan keeps, with its weight and the ready endpoints of its pods (the
     router config's `revisions`); a retired revision gets weight 0 so it drains."""
     traffic = []
@@ -113,7 +104,7 @@ def revision_traffic(plan: RolloutPlan, pods: list[dict[str, Any]]) -> list[Revi
             for pod in pods
             if revision_of(pod) == revision and pod_is_ready(pod)
         )
-        traffic.append(RevisionTraffic(revision, planned.weight, tuple(endpoints)))
+        traffic.append(RevisionEndpoints(revision, planned.weight, tuple(endpoints)))
     return traffic
 
 

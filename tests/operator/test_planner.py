@@ -8,6 +8,7 @@ from kvpilot.operator.builders import build_children
 from kvpilot.operator.labels import SPEC_HASH_ANNOTATION
 from kvpilot.operator.planner import drifted_fields, parse_quantity, plan
 from kvpilot.operator.revision import revision_hash
+from kvpilot.operator.router_config import RevisionEndpoints
 
 from tests.operator.test_builders import isvc
 
@@ -97,13 +98,13 @@ CASES = [
         "service port removed: update",
         DESIRED,
         edit(OBSERVED, "Service", _drop_port),
-        ([], [("Service", "chat")], []),
+        ([], [("Service", "chat-engine")], []),
     ),
     (
         "spec changed (hash): update",
         DESIRED,
         edit(OBSERVED, "Service", _old_hash),
-        ([], [("Service", "chat")], []),
+        ([], [("Service", "chat-engine")], []),
     ),
     (
         "same quantity, other units: no writes",
@@ -130,10 +131,43 @@ CASES = [
         ([], [], []),
     ),
     (
-        "Service deleted by hand: recreated",
+        "Services deleted by hand: recreated",
         DESIRED,
         [o for o in OBSERVED if o["kind"] != "Service"],
-        ([("Service", "chat")], [], []),
+        ([("Service", "chat-engine"), ("Service", "chat")], [], []),
+    ),
+    (
+        "an engine pod became ready: only the router's ConfigMap",
+        build_children(isvc(), revision_list=[RevisionEndpoints("stable", 100, ("http://10.0.0.5:8000",))]),
+        OBSERVED,
+        ([], [("ConfigMap", "chat-router")], []),
+    ),
+    (
+        "router turned off: its children go, the engine's Service becomes `chat`",
+        build_children(isvc(router={"enabled": False})),
+        OBSERVED,
+        (
+            [],
+            [("Service", "chat")],
+            [
+                ("Service", "chat-engine"),
+                ("ConfigMap", "chat-router"),
+                ("Deployment", "chat-router"),
+                ("PodDisruptionBudget", "chat-router"),
+            ],
+        ),
+    ),
+    (
+        "InferencePool asked for, CRD served: created",
+        build_children(isvc(router={"inferencePool": True}), inference_pool_served=True),
+        OBSERVED,
+        ([("InferencePool", "chat")], [], []),
+    ),
+    (
+        "InferencePool asked for, CRD not served: nothing",
+        build_children(isvc(router={"inferencePool": True}), inference_pool_served=False),
+        OBSERVED,
+        ([], [], []),
     ),
 ]
 

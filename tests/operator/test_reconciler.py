@@ -32,7 +32,11 @@ def test_the_first_revision_gets_its_deployment_and_status_then_nothing_more_is_
     body = stored(kubectl, "rec-idem")
     outcome = reconcile(body, client, NOW)
     assert outcome.status_written and [e.reason for e in outcome.events] == ["FirstRevision"]
-    (deployment,) = kubectl.list("apps/v1", "deployments", "rec-idem")
+    (deployment,) = [
+        d
+        for d in kubectl.list("apps/v1", "deployments", "rec-idem")
+        if d["metadata"]["name"] != "chat-router"
+    ]
     revision = deployment["metadata"]["labels"]["kvpilot.dev/revision"]
     assert deployment["metadata"]["name"] == f"chat-{revision}" and deployment["spec"]["replicas"] == 2
     (event,) = [e for e in kubectl.list("v1", "events", "rec-idem") if e["reason"] == "FirstRevision"]
@@ -57,9 +61,11 @@ def mark_ready(kubectl, namespace: str, name: str, ready: int) -> None:
 
 
 def deployments(kubectl, namespace: str) -> dict[str, int]:
+    """The engine's Deployments (not the router's)."""
     return {
         d["metadata"]["name"]: d["spec"]["replicas"]
         for d in kubectl.list("apps/v1", "deployments", namespace)
+        if d["metadata"]["name"] != "chat-router"
     }
 
 
@@ -138,7 +144,8 @@ def test_a_deployment_from_before_revisions_serves_until_the_first_revision_is_r
         "kind": "Deployment",
         "metadata": {
             "name": "chat",
-            "labels": {"app.kubernetes.io/name": "kvpilot", "app.kubernetes.io/instance": "chat"},
+            "labels": {"app.kubernetes.io/name": "kvpilot", "app.kubernetes.io/instance": "chat",
+                       "app.kubernetes.io/managed-by": "kvpilot-operator"},
             "ownerReferences": [{"apiVersion": ISVC[0], "kind": "InferenceService", "name": "chat",
                                  "uid": body["metadata"]["uid"], "controller": True}],
         },

@@ -61,7 +61,7 @@ def test_replicas_rollout_settings_and_spelled_out_defaults_keep_the_revision(ch
 def test_names_and_labels_fit_kubernetes_limits():
     revision = revision_hash(isvc().spec)
     assert len(revision) == REVISION_HASH_LENGTH and revision.isalnum() and revision.islower()
-    assert revision_deployment_name(isvc(name="x" * 63), revision) == "x" * 63 + "-" + revision
+    assert revision_deployment_name(isvc(name="x" * 56), revision) == "x" * 56 + "-" + revision
 
 
 def test_a_remembered_revision_restores_the_pods_but_not_the_replicas():

@@ -126,9 +126,10 @@ def pod(name: str, revision: str, ip: str, ready: bool = True, terminating: bool
 
 
 def test_router_traffic_lists_each_kept_revision_with_its_weight_and_ready_endpoints():
-    from kvpilot.operator.rollout.observe import RevisionTraffic, revision_traffic
+    from kvpilot.operator.rollout.observe import revision_traffic
     from kvpilot.operator.rollout.scrape import ready_pod_metrics_urls
     from kvpilot.operator.rollout.state import RevisionPlan, RolloutPlan
+    from kvpilot.operator.router_config import RevisionEndpoints
 
     plan = RolloutPlan(
         revisions={"a": RevisionPlan(3, 90, "Active"), "b": RevisionPlan(1, 10, "Canary")},
@@ -144,7 +145,7 @@ def test_router_traffic_lists_each_kept_revision_with_its_weight_and_ready_endpo
         pod("b-1", "b", "10.0.0.7", ready=False),
     ]
     assert revision_traffic(plan, pods) == [
-        RevisionTraffic("a", 90, ("http://10.0.0.1:8000", "http://10.0.0.2:8000")),
-        RevisionTraffic("b", 10, ()),  # not ready yet: the router gives its share to the others
+        RevisionEndpoints("a", 90, ("http://10.0.0.1:8000", "http://10.0.0.2:8000")),
+        RevisionEndpoints("b", 10, ()),  # not ready yet: the router gives its share to the others
     ]
     assert ready_pod_metrics_urls(pods) == ["http://10.0.0.2:8000/metrics", "http://10.0.0.1:8000/metrics"]
