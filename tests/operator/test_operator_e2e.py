@@ -513,7 +513,11 @@ def test_router_with_tenants_answers_through_the_service_and_follows_the_engine(
         "the engine endpoint in the router config",
     )
     assert config["models"][0]["revisions"] == [
-        {"name": "stable", "weight": 100, "endpoints": [f"http://{ip}:8000" for ip in engine_ips]}
+        {
+            "name": api.get(API_VERSION, ISVC, ns, "chat")["status"]["rollout"]["stableRevision"],
+            "weight": 100,
+            "endpoints": [f"http://{ip}:8000" for ip in engine_ips],
+        }
     ]
     assert config["tenants"] == [{"name": "team-a", "keyFile": "/etc/kvpilot/keys/team-a"}]
     assert config["upstreamApiKeyFile"] == "/etc/kvpilot/upstream/key"
