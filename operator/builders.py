@@ -11,13 +11,16 @@ from typing import Any
 from kvpilot.operator.api import InferenceService
 from kvpilot.operator.containers import http_probe, pod_security_context, security_context
 from kvpilot.operator.labels import (
+    REVISION_LABEL,
     SERVICE_PORT,
     child_metadata,
     common_labels,
     engine_service_name,
+    revision_selector,
     selector_labels,
     with_spec_hash,
 )
+from kvpilot.operator.revision import revision_deployment_name, revision_hash
 from kvpilot.operator.router_builders import build_inference_pool, build_router_children
 from kvpilot.operator.router_config import RevisionEndpoints, revision_endpoints
 from kvpilot.serving.contract import (
@@ -191,7 +194,16 @@ def _pod_spec(isvc: InferenceService) -> dict[str, Any]:
     return pod
 
 
-def build_deployment(isvc: InferenceService) -> dict[str, Any]:
+SPEC_REPLICAS = "spec"  # replicas as the spec says (spec.replicas, or none with autoscaling)
+
+
+def build_deployment(
+    isvc: InferenceService, revision: str | None = None, replicas: int | str | None = SPEC_REPLICAS
+) -> dict[str, Any]:
+    """The Deployment of one revision, `<name>-<revision>` (default: the spec's own revision)."""
+    revision = revision or revision_hash(isvc.spec)
+    if replicas == SPEC_REPLICAS:
+        replicas = isvc.spec.managed_replicas
     annotations = {
         "prometheus.io/scrape": "true",
         "prometheus.io/port": str(DEFAULT_PORT),
@@ -201,16 +213,20 @@ def build_deployment(isvc: InferenceService) -> dict[str, Any]:
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": child_metadata(isvc),
+        "metadata": child_metadata(
+            isvc,
+            name=revision_deployment_name(isvc, revision),
+            labels={**common_labels(isvc), REVISION_LABEL: revision},
+        ),
         "spec": {
-            **({} if isvc.spec.managed_replicas is None else {"replicas": isvc.spec.managed_replicas}),
-            "selector": {"matchLabels": selector_labels(isvc)},
+            **({} if replicas is None else {"replicas": replicas}),
+            "selector": {"matchLabels": revision_selector(isvc, revision)},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
             "revisionHistoryLimit": 5,
             "progressDeadlineSeconds": PROGRESS_DEADLINE_SECONDS,
             "template": {
                 "metadata": {
-                    "labels": {**isvc.spec.pod_labels, **common_labels(isvc)},
+                    "labels": {**isvc.spec.pod_labels, **common_labels(isvc), REVISION_LABEL: revision},
                     "annotations": annotations,
                 },
                 "spec": _pod_spec(isvc),
@@ -231,6 +247,19 @@ def build_service(isvc: InferenceService) -> dict[str, Any]:
             "ports": [{"name": PORT_NAME, "port": SERVICE_PORT, "targetPort": PORT_NAME, "protocol": "TCP"}],
         },
     }
+
+
+PREVIEW_SUFFIX = "-preview"
+
+
+def build_preview_service(isvc: InferenceService, revision: str) -> dict[str, Any]:
+    """`<name>-preview`: only the new revision's pods, while a BlueGreen rollout waits for a promote."""
+    name = f"{isvc.metadata.name[: 63 - len(PREVIEW_SUFFIX)]}{PREVIEW_SUFFIX}"
+    service = build_service(isvc)
+    labels = {**common_labels(isvc), REVISION_LABEL: revision}
+    service["metadata"] = child_metadata(isvc, name=name, labels=labels)
+    service["spec"]["selector"] = revision_selector(isvc, revision)
+    return service
 
 
 def build_pod_disruption_budget(isvc: InferenceService) -> dict[str, Any]:
@@ -256,18 +285,27 @@ def build_service_account(isvc: InferenceService) -> dict[str, Any]:
 
 def build_children(
     isvc: InferenceService,
+    revision: str | None = None,
+    replicas: int | str | None = SPEC_REPLICAS,
+    preview: bool = False,
     revision_list: Sequence[RevisionEndpoints] | None = None,
     inference_pool_served: bool = True,
 ) -> list[dict[str, Any]]:
-    """Every object the InferenceService should own, each stamped with its spec hash.
+    """Every object the InferenceService should own, each stamped with its spec hash: the
+    Deployment of the revision being rolled out or served (other revisions' Deployments are only
+    scaled and deleted, see operator/rollout), with `preview` its preview Service.
 
-    `revision_list`: the model's revisions with their ready endpoints (default: none ready yet);
-    `inference_pool_served`: whether the cluster serves the InferencePool CRD.
+    `revision_list`: the model's revisions with their weights and ready endpoints, for the
+    router (default: none ready yet); `inference_pool_served`: whether the cluster serves the
+    InferencePool CRD.
     """
+    revision = revision or revision_hash(isvc.spec)
     children = []
     if isvc.spec.create_service_account:
         children.append(build_service_account(isvc))
-    children += [build_deployment(isvc), build_service(isvc)]
+    children += [build_deployment(isvc, revision, replicas), build_service(isvc)]
+    if preview:
+        children.append(build_preview_service(isvc, revision))
     if isvc.spec.most_replicas > 1:
         children.append(build_pod_disruption_budget(isvc))
     if isvc.spec.router.enabled:

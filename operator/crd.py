@@ -38,6 +38,13 @@ PRINTER_COLUMNS = [
     {"name": "Ready", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status'},
     {"name": "Model", "type": "string", "jsonPath": ".spec.model.name"},
     {"name": "Replicas", "type": "integer", "jsonPath": ".status.readyReplicas"},
+    {"name": "Rollout", "type": "string", "jsonPath": ".status.rollout.phase"},
+    {
+        "name": "Canary",
+        "type": "integer",
+        "jsonPath": ".status.rollout.canaryWeight",
+        "description": "Percent of new requests to the revision being rolled out.",
+    },
     {"name": "URL", "type": "string", "jsonPath": ".status.url"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]

@@ -15,14 +15,15 @@ from typing import Any
 import kubernetes.client
 import urllib3.exceptions
 from kubernetes.client.exceptions import ApiException
-from kvpilot.operator.api import GROUP, PLURAL, VERSION, InferenceService
-from kvpilot.operator.labels import MANAGER, is_owned_by, owned_selector
+from kvpilot.operator.api import API_VERSION, GROUP, KIND, PLURAL, VERSION, InferenceService
+from kvpilot.operator.labels import MANAGER, is_owned_by, owned_selector, selector_labels
 from kvpilot.operator.planner import Plan
 from kvpilot.operator.router_builders import INFERENCE_POOL_API_VERSION
 from kvpilot.operator.router_config import SERVICE_NAME_LABEL
 
 TRANSIENT_STATUS = {404, 408, 409, 429}  # besides 5xx: conflicts, races with deletion, throttling
 APPLY_QUERY = {"fieldManager": MANAGER, "force": "true"}  # server-side apply, taking ownership
+MERGE_PATCH = "application/merge-patch+json"
 
 
 class TransientError(Exception):
@@ -96,11 +97,13 @@ class KubeClient:
         query: dict[str, Any] | None = None,
         body: Any = None,
         accept: str = "application/json",
+        content_type: str = "application/apply-patch+yaml",
     ) -> dict[str, Any]:
-        """One REST call; `what` names it in errors (e.g. `apply Deployment`)."""
+        """One REST call; `what` names it in errors (e.g. `apply Deployment`). A PATCH is a
+        server-side apply unless another content type is given."""
         headers = {"Accept": accept}
         if method == "PATCH":
-            headers["Content-Type"] = "application/apply-patch+yaml"
+            headers["Content-Type"] = content_type
         request = self.api.param_serialize(
             method, path, query_params=list((query or {}).items()), header_params=headers, body=body,
             auth_settings=["BearerToken"],
@@ -150,6 +153,37 @@ class KubeClient:
                 if isvc.metadata.uid and is_owned_by(item, isvc.metadata.uid):
                     children.append(item)
         return children
+
+    def read_pods(self, isvc: InferenceService) -> list[dict[str, Any]]:
+        """The InferenceService's pods, every revision's (by the selector labels)."""
+        selector = ",".join(f"{k}={v}" for k, v in selector_labels(isvc).items())
+        path = resource_path("v1", "pods", isvc.metadata.namespace)
+        return self._request("list Pod", "GET", path, {"labelSelector": selector}).get("items", [])
+
+    def scale_deployment(self, namespace: str, name: str, replicas: int) -> None:
+        """Set only the replicas of a revision's Deployment (one that is no longer re-applied)."""
+        path = resource_path("apps/v1", "deployments", namespace, name)
+        body = {"spec": {"replicas": replicas}}
+        self._request(
+            "scale Deployment", "PATCH", path, {"fieldManager": MANAGER}, body, content_type=MERGE_PATCH
+        )
+
+    def post_event(
+        self, isvc: InferenceService, event_type: str, reason: str, message: str, now: str
+    ) -> None:
+        """A core/v1 Event on the InferenceService (kubectl describe, `kubectl get events`)."""
+        meta = isvc.metadata
+        body = {
+            "metadata": {"generateName": f"{meta.name}.", "namespace": meta.namespace},
+            "involvedObject": {
+                "apiVersion": API_VERSION, "kind": KIND, "name": meta.name,
+                "namespace": meta.namespace, "uid": meta.uid,
+            },
+            "type": event_type, "reason": reason, "message": message[:1024],
+            "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+            "source": {"component": MANAGER}, "reportingComponent": MANAGER,
+        }  # fmt: skip
+        self._request("post Event", "POST", resource_path("v1", "events", meta.namespace), body=body)
 
     def execute(self, plan: Plan) -> dict[tuple[str, str], dict[str, Any]]:
         """Apply the plan; returns the objects as the server answered, by (kind, name).

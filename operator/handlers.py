@@ -1,8 +1,9 @@
 """Thin kopf handlers: `kopf run -m kvpilot.operator.handlers` (or `kvpilot operator`).
 
 Every path ends in the same reconcile: the InferenceService's own create/update/resume, changes
-of its Deployments or Services (readiness moving, drift, deletion), and changes of its engine
-pods' EndpointSlices (which keep the router's endpoint lists current). There is no
+of its Deployments or Services (readiness moving, drift, deletion), changes of its engine pods'
+EndpointSlices (which keep the router's endpoint lists current), and a timer while a rollout is
+under way. There is no
 finalizer: children carry ownerReferences and the garbage collector removes them, so
 deleting an InferenceService never waits for the operator.
 """
@@ -22,6 +23,8 @@ from kvpilot.operator.labels import COMPONENT, MANAGER
 from kvpilot.operator.reconciler import reconcile
 
 MAX_BACKOFF_SECONDS = 60
+ROLLOUT_TICK_SECONDS = 5.0  # how often a rollout in progress is looked at (pauses, deadlines, capacity)
+ACTIVE_ROLLOUT_PHASES = ("Progressing", "Paused")
 CHILD_LABELS = {"app.kubernetes.io/managed-by": MANAGER}
 # The EndpointSlice controller copies a Service's labels to its slices: these are the engine's.
 ENGINE_SLICE_LABELS = {"app.kubernetes.io/managed-by": MANAGER, "app.kubernetes.io/component": COMPONENT}
@@ -73,10 +76,18 @@ class WaitingError(Exception):
     """The reconcile went through but needs something that does not exist yet (a Secret)."""
 
 
-def _reconcile_and_report(body: dict[str, Any], memo: kopf.Memo) -> None:
-    metadata = body["metadata"]
-    with _locks.hold((metadata["namespace"], metadata["name"])):
-        outcome = reconcile(body, _client(memo))
+def _reconcile_and_report(namespace: str, name: str, uid: str | None, memo: kopf.Memo) -> None:
+    """Reconcile the InferenceService as the API has it now: read inside the lock, so a rollout
+    always plans from the status the previous reconcile wrote (kopf's event body, or a timer's,
+    can be older than that)."""
+    client = _client(memo)
+    with _locks.hold((namespace, name)):
+        body = client.get_inference_service(namespace, name)
+        if body is None or (uid is not None and body["metadata"].get("uid") != uid):
+            return  # the owner is gone; the garbage collector takes the children
+        if body["metadata"].get("deletionTimestamp"):
+            return
+        outcome = reconcile(body, client)
     if outcome.error is not None:
         if outcome.status_written:
             kopf.warn(body, reason="InvalidSpec", message=outcome.error)
@@ -85,6 +96,11 @@ def _reconcile_and_report(body: dict[str, Any], memo: kopf.Memo) -> None:
         if outcome.status_written:
             kopf.warn(body, reason="SecretNotFound", message=outcome.waiting)
         raise WaitingError(outcome.waiting)
+
+
+def _reconcile_body(body: kopf.Body, memo: kopf.Memo) -> None:
+    metadata = body.metadata
+    _reconcile_and_report(metadata.namespace, metadata.name, metadata.uid, memo)
 
 
 @kopf.on.startup()
@@ -103,11 +119,25 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 @kopf.on.update(GROUP, VERSION, PLURAL)
 def reconcile_inference_service(body: kopf.Body, retry: int, memo: kopf.Memo, **_: Any) -> None:
     try:
-        _reconcile_and_report(dict(body), memo)
+        _reconcile_body(body, memo)
     except (TransientError, WaitingError) as exc:
         raise kopf.TemporaryError(str(exc), delay=backoff(retry)) from exc
     except PermanentApiError as exc:
         raise kopf.PermanentError(str(exc)) from exc
+
+
+def _rollout_active(status: kopf.Status, **_: Any) -> bool:
+    return (status.get("rollout") or {}).get("phase") in ACTIVE_ROLLOUT_PHASES
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=ROLLOUT_TICK_SECONDS, when=_rollout_active)
+def rollout_tick(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+    """A rollout moves with time too (a pause ends, a deadline passes, a pod stays Unschedulable):
+    reconcile it while it is under way. The decision still comes from the object alone."""
+    try:
+        _reconcile_body(body, memo)
+    except (TransientError, PermanentApiError, WaitingError, kopf.PermanentError) as exc:
+        logger.warning(f"rollout reconcile of {body.metadata.name} failed: {exc}")
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=CHILD_LABELS)
@@ -138,12 +168,7 @@ def _reconcile_parent(
     body: kopf.Body, name: str, uid: str | None, memo: kopf.Memo, logger: kopf.Logger
 ) -> None:
     try:
-        parent = _client(memo).get_inference_service(body.metadata.namespace, name)
-        if parent is None or (uid is not None and parent["metadata"].get("uid") != uid):
-            return  # the owner is gone; the garbage collector takes the child
-        if parent["metadata"].get("deletionTimestamp"):
-            return
-        _reconcile_and_report(parent, memo)
+        _reconcile_and_report(body.metadata.namespace, name, uid, memo)
     except (TransientError, PermanentApiError, WaitingError, kopf.PermanentError) as exc:
         # The InferenceService's own handler retries with backoff; the next child event retries too.
-        logger.warning(f"reconcile of {name} after a {body.kind} change failed: {exc}")
+        logger.warning(f"reconcile of {name} after a {body.get('kind')} change failed: {exc}")

@@ -14,6 +14,7 @@ COMPONENT = "inference-server"
 ROUTER_NAME = "kvpilot-router"  # router pods: never matched by the engine pods' selector
 ROUTER_COMPONENT = "router"
 SPEC_HASH_ANNOTATION = f"{GROUP}/spec-hash"
+REVISION_LABEL = f"{GROUP}/revision"  # on a revision's Deployment and its pods
 SERVICE_PORT = 80
 
 
@@ -28,6 +29,11 @@ def common_labels(isvc: InferenceService) -> dict[str, str]:
         "app.kubernetes.io/component": COMPONENT,
         "app.kubernetes.io/managed-by": MANAGER,
     }
+
+
+def revision_selector(isvc: InferenceService, revision: str) -> dict[str, str]:
+    """The pod selector of one revision's Deployment."""
+    return {**selector_labels(isvc), REVISION_LABEL: revision}
 
 
 def router_selector_labels(isvc: InferenceService) -> dict[str, str]:

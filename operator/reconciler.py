@@ -1,22 +1,36 @@
-"""One reconcile of one InferenceService: parse, build, plan, execute, report status."""
+"""One reconcile of one InferenceService: parse, plan the rollout, build, plan, execute, report
+status."""
 
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from kvpilot.operator.api import InferenceService
+from kvpilot.operator.api import AnalysisResult, InferenceService, RevisionStatus, RolloutStatus
 from kvpilot.operator.builders import build_children
 from kvpilot.operator.executor import KubeClient
 from kvpilot.operator.labels import router_name
-from kvpilot.operator.planner import plan
-from kvpilot.operator.router_config import referenced_secrets, revision_endpoints, revisions
+from kvpilot.operator.planner import Plan, plan
+from kvpilot.operator.revision import revision_deployment_name, revision_hash, with_pod_fields
+from kvpilot.operator.rollout.analysis import RevisionCounters, analyze, engine_counters, is_due
+from kvpilot.operator.rollout.observe import (
+    observe_revisions,
+    revision_of,
+    revision_statuses,
+    revision_traffic,
+)
+from kvpilot.operator.rollout.planner import Commands, Event, ObservedRevision, RolloutInputs, plan_rollout
+from kvpilot.operator.rollout.scrape import ready_pod_metrics_urls, scrape
+from kvpilot.operator.rollout.state import rfc3339
+from kvpilot.operator.router_config import referenced_secrets
 from kvpilot.operator.status import (
+    RolloutReport,
     compute_status,
     invalid_spec_status,
     missing_secrets_message,
     status_changed,
+    status_patch,
 )
 from kvpilot.serving.validation import problems
 from pydantic import ValidationError
@@ -27,6 +41,8 @@ class Outcome:
     status_written: bool
     error: str | None = None  # the invalid-spec message, naming the field
     waiting: str | None = None  # what a later reconcile must find (a tenant's Secret), to retry
+    requeue_after: float | None = None  # seconds until the rollout needs another look
+    events: list[Event] = field(default_factory=list)
 
 
 def describe_validation_error(error: ValidationError) -> str:
@@ -39,42 +55,168 @@ def describe_validation_error(error: ValidationError) -> str:
 
 
 def now_rfc3339() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return rfc3339(datetime.datetime.now(datetime.UTC))
 
 
-def reconcile(body: dict[str, Any], client: KubeClient, now: str | None = None) -> Outcome:
-    now = now or now_rfc3339()
+def serving_revision(isvc: InferenceService, remembered: list[RevisionStatus]) -> InferenceService:
+    """The InferenceService as it should run: its own pods, or a remembered revision's (rollbackTo)."""
+    wanted = isvc.spec.rollout.rollback_to
+    if wanted is None:
+        return isvc
+    known = next((r for r in remembered if r.hash == wanted and r.spec), None)
+    if known is None:
+        names = ", ".join(r.hash for r in remembered if r.spec) or "none"
+        raise ValueError(f"spec.rollout.rollbackTo: revision {wanted} is not remembered (known: {names})")
+    return with_pod_fields(isvc, known.spec)
+
+
+def desired_total(
+    isvc: InferenceService, previous: RolloutStatus | None, revisions: dict[str, ObservedRevision]
+) -> int:
+    """The replicas the revisions share: spec.replicas; with autoscaling, what the autoscaler (an
+    HPA, KEDA) set on the stable revision's Deployment, clamped to the bounds and held while a
+    rollout runs (the operator writes that same count back, so the autoscaler's value stays)."""
+    if isvc.spec.managed_replicas is not None:
+        return isvc.spec.managed_replicas
+    bounds = isvc.spec.autoscaling
+    if previous is not None and previous.phase in ("Progressing", "Paused") and previous.replicas:
+        return previous.replicas
+    stable = revisions.get(previous.stable_revision) if previous else None
+    scaled = stable.replicas if stable and stable.replicas else bounds.min_replicas
+    return min(max(scaled, bounds.min_replicas), bounds.max_replicas)
+
+
+def _analysis_check(
+    isvc: InferenceService,
+    previous: RolloutStatus | None,
+    target: str,
+    pods: list[dict[str, Any]],
+    now: datetime.datetime,
+) -> AnalysisResult | None:
+    """A check of the new revision when one is due: its engine pods' metrics since the last check
+    (the router's per-revision metrics replace them once the router is in front)."""
+    spec = isvc.spec.rollout.analysis
+    if previous is None or previous.revision != target or previous.phase not in ("Progressing", "Paused"):
+        return None
+    last = previous.last_analysis
+    if not is_due(last, spec, previous.canary_weight, now):
+        return None
+    pages = scrape(ready_pod_metrics_urls([p for p in pods if revision_of(p) == target]))
+    baseline = RevisionCounters.from_status(last.counters) if last else None
+    return analyze(spec, engine_counters(pages), baseline, now)
+
+
+def _invalid(body: dict[str, Any], client: KubeClient, error: str, now: str) -> Outcome:
+    metadata, previous = body.get("metadata", {}), body.get("status") or {}
+    status = invalid_spec_status(metadata.get("generation"), error, previous, now)
+    changed = status_changed(status, previous)
+    if changed:
+        client.patch_status(metadata["namespace"], metadata["name"], status_patch(status, previous))
+    return Outcome(status_written=changed, error=error)
+
+
+def reconcile(body: dict[str, Any], client: KubeClient, now: datetime.datetime | None = None) -> Outcome:
+    moment = now or datetime.datetime.now(datetime.UTC)
+    stamp = rfc3339(moment)
     metadata = body.get("metadata", {})
     previous = body.get("status") or {}
     try:
         isvc = InferenceService.from_body(body)
+        previous_rollout = (
+            RolloutStatus.model_validate(previous["rollout"]) if previous.get("rollout") else None
+        )
+        remembered = [RevisionStatus.model_validate(r) for r in previous.get("revisions") or []]
+        serving = serving_revision(isvc, remembered)
     except ValidationError as exc:
-        error = describe_validation_error(exc)
-        status = invalid_spec_status(metadata.get("generation"), error, previous, now)
-        changed = status_changed(status, previous)
-        if changed:
-            client.patch_status(metadata["namespace"], metadata["name"], status)
-        return Outcome(status_written=changed, error=error)
+        return _invalid(body, client, describe_validation_error(exc), stamp)
+    except ValueError as exc:
+        return _invalid(body, client, str(exc), stamp)
 
-    namespace = isvc.metadata.namespace
+    target = revision_hash(serving.spec)
     observed = client.read_children(isvc)
-    slices = []
-    if isvc.spec.router.enabled:
-        slices = client.read_endpoint_slices(namespace, [r.service for r in revisions(isvc)])
-    desired = build_children(isvc, revision_endpoints(isvc, slices), client.serves("InferencePool"))
-    written = client.execute(plan(desired, observed))
-    deployments = {obj["metadata"]["name"]: obj for obj in observed if obj["kind"] == "Deployment"}
+    deployments = [o for o in observed if o["kind"] == "Deployment" and revision_of(o)]
+    pods = client.read_pods(isvc) if deployments else []
+    revisions = observe_revisions(deployments, pods)
+    total = desired_total(isvc, previous_rollout, revisions)
+    rollout = plan_rollout(
+        RolloutInputs(
+            spec=isvc.spec.rollout,
+            target=target,
+            total=total,
+            revisions=revisions,
+            now=moment,
+            previous=previous_rollout,
+            analysis=_analysis_check(isvc, previous_rollout, target, pods, moment),
+            commands=Commands.from_annotations(metadata.get("annotations")),
+        )
+    )
+    replicas = rollout.revisions[target].replicas
+    # The serving revision's Deployment is applied whole; other revisions' are only scaled or
+    # deleted. A Deployment from before revisions (`<name>`, no revision label) serves until the
+    # first revision is ready, so an operator upgrade never leaves the model without pods.
+    name = isvc.metadata.name
+    legacy = [
+        o
+        for o in observed
+        if (o["kind"], o["metadata"]["name"]) == ("Deployment", name) and not revision_of(o)
+    ]
+    first = revisions.get(rollout.status.stable_revision)
+    if legacy and first is not None and first.ready >= total:
+        client.execute(Plan(delete=legacy))
+    others = [o for o in deployments if revision_of(o) != target] + legacy
+    status = rollout.status
+    preview = status.strategy == "BlueGreen" and status.phase in ("Progressing", "Paused")
+    traffic = None
+    if isvc.spec.router.enabled:  # the router splits new requests by the planner's weights
+        traffic = revision_traffic(rollout, pods)
+    desired = build_children(
+        serving,
+        target,
+        replicas,
+        preview=preview,
+        revision_list=traffic,
+        inference_pool_served=client.serves("InferencePool"),
+    )
+    the_plan = plan(desired, [o for o in observed if o not in others])
+    written = client.execute(the_plan)
+    namespace = isvc.metadata.namespace
+    for revision, planned in rollout.revisions.items():
+        seen = revisions.get(revision)
+        if revision != target and seen is not None and seen.replicas != planned.replicas:
+            client.scale_deployment(namespace, revision_deployment_name(isvc, revision), planned.replicas)
+    gone = [o for o in others if revision_of(o) in rollout.delete]
+    if gone:
+        client.execute(Plan(delete=gone))
+    for event in rollout.events:
+        client.post_event(isvc, event.type, event.reason, event.message, stamp)
 
-    def deployment(name: str) -> dict[str, Any] | None:
-        return written.get(("Deployment", name)) or deployments.get(name)
-
+    by_revision = {revision_of(o): o for o in deployments}
+    by_revision.update(
+        {
+            revision_of(o): o
+            for o in written.values()
+            if o.get("kind", "Deployment") == "Deployment" and revision_of(o)
+        }
+    )
+    stable = by_revision.get(rollout.status.stable_revision)
+    counted = [o for r, o in by_revision.items() if r not in rollout.delete]
+    report = RolloutReport(
+        rollout=rollout.status.model_copy(update={"replicas": total}),
+        revisions=revision_statuses(isvc, serving, target, rollout, revisions, remembered, moment),
+        replicas=sum((o.get("status") or {}).get("replicas") or 0 for o in counted),
+        ready_replicas=sum((o.get("status") or {}).get("readyReplicas") or 0 for o in counted),
+        desired=total,
+    )
+    router = written.get(("Deployment", router_name(isvc))) or next(
+        (o for o in observed if (o["kind"], o["metadata"]["name"]) == ("Deployment", router_name(isvc))), None
+    )
     secrets = sorted(referenced_secrets(isvc))
     missing = client.missing_secrets(namespace, secrets) if secrets else []
-    status = compute_status(
-        isvc, deployment(isvc.metadata.name), previous, now, deployment(router_name(isvc)), missing
-    )
-    changed = status_changed(status, previous)
+    new_status = compute_status(isvc, stable, previous, stamp, router, missing, report)
+    changed = status_changed(new_status, previous)
     if changed:
-        client.patch_status(namespace, isvc.metadata.name, status)
+        client.patch_status(namespace, isvc.metadata.name, status_patch(new_status, previous))
     waiting = missing_secrets_message(isvc, missing) if missing else None
-    return Outcome(status_written=changed, waiting=waiting)
+    return Outcome(
+        status_written=changed, waiting=waiting, requeue_after=rollout.requeue_after, events=rollout.events
+    )

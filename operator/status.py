@@ -7,9 +7,16 @@ on; `Reconciling` and `Stalled` are "abnormal-true" and are False when all is we
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from kvpilot.operator.api import Condition, InferenceService, InferenceServiceStatus
+from kvpilot.operator.api import (
+    Condition,
+    InferenceService,
+    InferenceServiceStatus,
+    RevisionStatus,
+    RolloutStatus,
+)
 from kvpilot.operator.builders import service_url
 from kvpilot.operator.labels import selector_string
 from kvpilot.operator.router_config import referenced_secrets
@@ -58,7 +65,11 @@ def invalid_spec_status(
     }
     states = {READY: False, RECONCILING: False, STALLED: True}
     kept = InferenceServiceStatus.model_validate(
-        {k: previous[k] for k in ("url", "replicas", "readyReplicas", "selector") if k in previous}
+        {
+            k: previous[k]
+            for k in ("url", "replicas", "readyReplicas", "selector", "revisions", "rollout")
+            if k in previous
+        }
     )
     status = kept.model_copy(
         update={
@@ -102,6 +113,18 @@ def desired_replicas(isvc: InferenceService, deployment: dict[str, Any] | None) 
     return isvc.spec.autoscaling.min_replicas if scaled is None else scaled
 
 
+@dataclass(frozen=True)
+class RolloutReport:
+    """What a reconcile's rollout adds to the status: its state, the revisions, the replica
+    counts summed over every revision's Deployment, and the total the revisions share."""
+
+    rollout: RolloutStatus
+    revisions: list[RevisionStatus]
+    replicas: int
+    ready_replicas: int
+    desired: int
+
+
 _SEVERITY = {"ready": 0, "reconciling": 1, "stalled": 2}
 
 
@@ -133,27 +156,55 @@ def compute_status(
     now: str,
     router: dict[str, Any] | None = None,
     missing_secrets: Sequence[str] = (),
+    report: RolloutReport | None = None,
 ) -> dict[str, Any]:
-    """`router`: the router's Deployment as observed; `missing_secrets`: tenants' Secrets that
-    do not exist (Stalled until someone creates them)."""
+    """`deployment`: the stable revision's; `router`: the router's Deployment as observed;
+    `missing_secrets`: tenants' Secrets that do not exist (Stalled until someone creates them).
+    During a rollout Ready is False and Reconciling True (the spec's revision is not serving all
+    traffic yet); a rollout rolled back or failed is Stalled (a human must change the spec) while
+    Ready follows the stable revision."""
     generation = isvc.metadata.generation
-    state, reason, message = _deployment_progress(deployment, desired_replicas(isvc, deployment))
+    desired = report.desired if report else desired_replicas(isvc, deployment)
+    state, reason, message = _deployment_progress(deployment, desired)
     if isvc.spec.router.enabled:
         state, reason, message = _with_router((state, reason, message), router, isvc.spec.router.replicas)
     if missing_secrets:
         state, reason, message = "stalled", "SecretNotFound", missing_secrets_message(isvc, missing_secrets)
     states = {READY: state == "ready", RECONCILING: state == "reconciling", STALLED: state == "stalled"}
     reasons = dict.fromkeys(states, (reason, message))
+    rollout = report.rollout if report else None
+    if rollout is not None and rollout.phase in ("Progressing", "Paused") and state != "stalled":
+        states = {READY: False, RECONCILING: True, STALLED: False}
+        reasons = dict.fromkeys(states, (f"Rollout{rollout.phase}", rollout.message))
+    elif rollout is not None and rollout.phase in ("RolledBack", "Failed"):
+        states[STALLED] = True
+        kind = "RolloutAborted" if rollout.phase == "RolledBack" else "RolloutFailed"
+        reasons[STALLED] = (kind, f"revision {rollout.revision}: {rollout.message}")
     observed = (deployment or {}).get("status") or {}
     status = InferenceServiceStatus(
         observed_generation=generation,
         url=service_url(isvc),
-        replicas=observed.get("replicas") or 0,
-        ready_replicas=observed.get("readyReplicas") or 0,
+        replicas=report.replicas if report else observed.get("replicas") or 0,
+        ready_replicas=report.ready_replicas if report else observed.get("readyReplicas") or 0,
         selector=selector_string(isvc),
         conditions=_conditions(states, reasons, generation, previous, now),
+        revisions=report.revisions if report else None,
+        rollout=rollout,
     )
     return status.to_body()
+
+
+def status_patch(new: dict[str, Any], previous: dict[str, Any]) -> dict[str, Any]:
+    """The JSON merge patch from `previous` to `new`: a key `new` no longer has is sent as null,
+    so the API server removes it (a merge patch leaves keys it does not mention, e.g. a finished
+    rollout's `step`, in place). Lists are replaced whole."""
+    patch = dict(new)
+    for key, old in previous.items():
+        if key not in new:
+            patch[key] = None
+        elif isinstance(old, dict) and isinstance(new[key], dict):
+            patch[key] = status_patch(new[key], old)
+    return patch
 
 
 def status_changed(new: dict[str, Any], previous: dict[str, Any]) -> bool:

@@ -19,6 +19,7 @@ COMMANDS = {
     "crd": "kvpilot.operator.cli",
     "render": "kvpilot.operator.cli",
     "operator": "kvpilot.operator.cli",
+    "rollout": "kvpilot.operator.rollout.cli",
 }
 
 

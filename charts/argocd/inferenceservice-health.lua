@@ -1,6 +1,7 @@
--- Argo CD health check for kvpilot.dev/InferenceService (kstatus conditions).
--- Degraded: Stalled=True (invalid spec, stuck rollout). Healthy: Ready=True for the current
--- generation. Progressing: anything else, including a status not yet written for this generation.
+-- Argo CD health check for kvpilot.dev/InferenceService (kstatus conditions and status.rollout).
+-- Degraded: Stalled=True (invalid spec, a rollout rolled back or failed: a human must change the
+-- spec). Suspended: a rollout paused (spec.rollout.paused, or waiting for `kvpilot rollout promote`).
+-- Progressing: a rollout under way, or anything not yet Ready for this generation. Healthy: Ready=True.
 local hs = {}
 hs.status = "Progressing"
 hs.message = "Waiting for the operator"
@@ -20,6 +21,25 @@ for _, condition in ipairs(obj.status.conditions) do
   end
   if condition.type == "Ready" then
     ready = condition
+  end
+end
+local rollout = obj.status.rollout
+if rollout ~= nil then
+  local detail = "revision " .. tostring(rollout.revision) .. " at " .. tostring(rollout.canaryWeight or 0)
+    .. "%: " .. (rollout.message or "")
+  if rollout.phase == "RolledBack" or rollout.phase == "Failed" then
+    hs.status = "Degraded"
+    hs.message = "Rollout " .. rollout.phase .. " (" .. (rollout.reason or "") .. "): " .. (rollout.message or "")
+    return hs
+  end
+  if rollout.phase == "Paused" then
+    hs.status = "Suspended"
+    hs.message = "Rollout paused (" .. (rollout.reason or "") .. "), " .. detail
+    return hs
+  end
+  if rollout.phase == "Progressing" then
+    hs.message = "Rollout progressing, " .. detail
+    return hs
   end
 end
 if ready ~= nil and ready.status == "True" then

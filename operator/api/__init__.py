@@ -3,8 +3,8 @@ generated from these models (`kvpilot crd`), and the operator parses every objec
 
 - `constants`: group, version, kind, defaults and formats;
 - `validation`: field formats and each cross-field rule as a CEL rule beside its Python twin;
-- `spec`: the parts of the spec; `types`: the spec and the object; `status`: what the operator
-  writes back.
+- `spec`: the parts of the spec; `rollout`: spec.rollout and the rollout's status;
+  `types`: the spec and the object; `status`: what the operator writes back.
 """
 
 from kvpilot.operator.api.constants import (
@@ -21,6 +21,15 @@ from kvpilot.operator.api.constants import (
     SHORT_NAMES,
     SINGULAR,
     VERSION,
+)
+from kvpilot.operator.api.rollout import (
+    AnalysisResult,
+    AnalysisSpec,
+    HistoryEntry,
+    RevisionStatus,
+    RolloutSpec,
+    RolloutStatus,
+    RolloutStep,
 )
 from kvpilot.operator.api.spec import EngineSpec
 from kvpilot.operator.api.status import Condition, InferenceServiceStatus
@@ -42,9 +51,16 @@ __all__ = [
     "SINGULAR",
     "TENSOR_PARALLEL_UNSUPPORTED",
     "VERSION",
+    "AnalysisResult",
+    "AnalysisSpec",
     "Condition",
     "EngineSpec",
+    "HistoryEntry",
     "InferenceService",
     "InferenceServiceSpec",
     "InferenceServiceStatus",
+    "RevisionStatus",
+    "RolloutSpec",
+    "RolloutStatus",
+    "RolloutStep",
 ]

@@ -1,5 +1,5 @@
-"""The parts of an InferenceService's spec: model, engine, resources, scheduling, autoscaling,
-rollout and the core/v1 types it embeds."""
+"""The parts of an InferenceService's spec: model, engine, resources, scheduling, autoscaling and
+the core/v1 types it embeds (the rollout's are in rollout.py)."""
 
 from __future__ import annotations
 
@@ -178,15 +178,6 @@ class AutoscalingSpec(_Model):
     @model_validator(mode="after")
     def _check_rules(self) -> AutoscalingSpec:
         return enforce(self, AUTOSCALING_RULES)
-
-
-class RolloutSpec(_Model):
-    """How a spec change reaches the pods."""
-
-    strategy: Literal["Rolling"] = Field(
-        default="Rolling",
-        description="Rolling: replace replicas one at a time, never below the desired count.",
-    )
 
 
 class LocalObjectReference(_Model):

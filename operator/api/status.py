@@ -1,9 +1,11 @@
-"""The InferenceService's status, written by the operator (kstatus conditions)."""
+"""The InferenceService's status, written by the operator (kstatus conditions, revisions and the
+rollout's state)."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
+from kvpilot.operator.api.rollout import RevisionStatus, RolloutStatus
 from kvpilot.operator.api.spec import _Model
 from pydantic import Field
 
@@ -36,6 +38,11 @@ class InferenceServiceStatus(_Model):
     replicas: int | None = Field(default=None, description="Replicas that exist (scale subresource).")
     ready_replicas: int | None = Field(default=None, description="Replicas passing their readiness probe.")
     selector: str | None = Field(default=None, description="Label selector of the pods (scale subresource).")
+    revisions: list[RevisionStatus] | None = Field(
+        default=None,
+        description="The serving revisions, then the last retired or failed ones (newest first).",
+    )
+    rollout: RolloutStatus | None = Field(default=None, description="The latest rollout.")
 
     def to_body(self) -> dict[str, Any]:
         """The status as written to the API: camelCase, unset fields left out."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from kvpilot.operator.api.constants import DEFAULT_IMAGE, DNS_LABEL_PATTERN, NAME_MAX_LENGTH
+from kvpilot.operator.api.rollout import RolloutSpec
 from kvpilot.operator.api.router import RouterSpec, TenantSpec
 from kvpilot.operator.api.spec import (
     AutoscalingSpec,
@@ -14,7 +15,6 @@ from kvpilot.operator.api.spec import (
     LocalObjectReference,
     ModelSource,
     ResourcesSpec,
-    RolloutSpec,
     SchedulingSpec,
     _Model,
 )
@@ -55,7 +55,9 @@ class InferenceServiceSpec(_Model):
         "the autoscaler (an HPA or KEDA today; kvpilot's own autoscaler is coming).",
     )
     rollout: RolloutSpec = Field(
-        default_factory=RolloutSpec, json_schema_extra={"default": {}}, description="Rollout strategy."
+        default_factory=RolloutSpec,
+        json_schema_extra={"default": {}},
+        description="How a change of the pods reaches the traffic: strategy, steps, analysis, capacity.",
     )
     image: str = Field(
         default=DEFAULT_IMAGE, min_length=1, max_length=1024, description="kvpilot server image."

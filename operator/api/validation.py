@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from kvpilot.operator.api.constants import MODEL_URI_PATTERN, OPERATOR_LABEL_KEYS, QUANTITY_PATTERN
-from pydantic import AfterValidator, BeforeValidator
+from pydantic import AfterValidator, BeforeValidator, Field
 
 
 def _quantity_to_str(value: Any) -> Any:
@@ -31,6 +31,19 @@ def check_model_uri(value: str) -> str:
         )
     return value
 
+
+DURATION_PATTERN = r"^([0-9]+(s|m|h))+$"
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration such as 30s, 5m or 1h30m (DURATION_PATTERN)."""
+    if not re.match(DURATION_PATTERN, text):
+        raise ValueError(f"{text!r} is not a duration (e.g. 30s, 5m, 1h30m)")
+    return float(sum(int(n) * _DURATION_UNITS[unit] for n, unit in re.findall(r"([0-9]+)([smh])", text)))
+
+
+Duration = Annotated[str, Field(pattern=DURATION_PATTERN, max_length=32)]
 
 # int-or-string in the schema (`cpu: 2` and `cpu: "500m"` are both valid), always a string here.
 Quantity = Annotated[int | str, BeforeValidator(_quantity_to_str), AfterValidator(check_quantity)]
@@ -109,5 +122,27 @@ SPEC_RULES = [
         "spec.tenants need the router: remove spec.router.enabled: false",
         ".tenants",
         lambda spec: not spec.tenants or spec.router.enabled,
+    ),
+]
+
+# A missing strategy is the default, Rolling (the CRD's default `{}` is checked before defaulting).
+ROLLOUT_RULES = [
+    Rule(
+        "!has(self.steps) || size(self.steps) == 0 || (has(self.strategy) && self.strategy == 'Canary')",
+        "spec.rollout.steps apply to strategy Canary only",
+        ".steps",
+        lambda rollout: not rollout.steps or rollout.strategy == "Canary",
+    ),
+    Rule(
+        "!has(self.strategy) || self.strategy != 'Canary' || (has(self.steps) && size(self.steps) > 0)",
+        "spec.rollout.steps: strategy Canary needs at least one step",
+        ".steps",
+        lambda rollout: rollout.strategy != "Canary" or bool(rollout.steps),
+    ),
+    Rule(
+        "!has(self.analysis) || (has(self.strategy) && self.strategy != 'Rolling')",
+        "spec.rollout.analysis applies to strategies Canary and BlueGreen",
+        ".analysis",
+        lambda rollout: rollout.analysis is None or rollout.strategy != "Rolling",
     ),
 ]

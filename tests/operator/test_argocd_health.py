@@ -77,6 +77,36 @@ def test_health_table(status, generation, expected):
     assert health(isvc_object(status, generation))[0] == expected
 
 
+def with_rollout(phase: str, reason: str, message: str = "", weight: int = 0) -> dict:
+    rollout = {"phase": phase, "revision": "b0b0b0b0b0", "stableRevision": "a0a0a0a0a0", "reason": reason}
+    return {
+        **compute_status(isvc(), deployment(), {}, T0, router=deployment()),
+        "rollout": {**rollout, "message": message, "canaryWeight": weight},
+    }
+
+
+ROLLOUT_CASES = [
+    ("promoted", with_rollout("Promoted", "Promoted"), "Healthy", "replicas ready"),
+    ("canary step", with_rollout("Progressing", "StepPause", "step 1/3 (10%)", 10), "Progressing",
+     "Rollout progressing, revision b0b0b0b0b0 at 10%: step 1/3 (10%)"),
+    ("waiting for a promote", with_rollout("Paused", "AwaitingPromote", "step 2/3", 50), "Suspended",
+     "Rollout paused (AwaitingPromote), revision b0b0b0b0b0 at 50%: step 2/3"),
+    ("rolled back", with_rollout("RolledBack", "AnalysisFailed", "error rate 0.5"), "Degraded",
+     "Rollout RolledBack (AnalysisFailed): error rate 0.5"),
+    ("failed, held", with_rollout("Failed", "ProgressDeadlineExceeded", "no progress", 10), "Degraded",
+     "Rollout Failed (ProgressDeadlineExceeded): no progress"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("status", "expected", "message"), [c[1:] for c in ROLLOUT_CASES], ids=[c[0] for c in ROLLOUT_CASES]
+)
+def test_rollout_phases(status, expected, message):
+    got = health(isvc_object(status))
+    assert got[0] == expected
+    assert message in got[1]
+
+
 def test_degraded_message_carries_the_reason():
     status = invalid_spec_status(3, "spec.model.uri: bad", {}, T0)
     assert health(isvc_object(status)) == ("Degraded", "InvalidSpec: spec.model.uri: bad")

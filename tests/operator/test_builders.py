@@ -14,6 +14,7 @@ from kvpilot.operator.builders import (
     serve_args,
 )
 from kvpilot.operator.labels import SPEC_HASH_ANNOTATION, spec_hash
+from kvpilot.operator.revision import revision_hash
 
 K8S_VERSIONS = ["1.29.0", "1.33.0", "1.37.0"]  # oldest claimed, image volumes GA-ish, newest known
 UID = "1c0ffee0-0000-4000-8000-000000000001"
@@ -99,16 +100,26 @@ def test_deployment_runs_kvpilot_serve_with_the_spec():
 
 def test_labels_selector_and_owner_reference():
     deployment = build_deployment(isvc())
+    revision = revision_hash(isvc().spec)
+    assert deployment["metadata"]["name"] == f"chat-{revision}"  # one Deployment per revision
     labels = {
         "app.kubernetes.io/name": "kvpilot",
         "app.kubernetes.io/instance": "chat",
         "app.kubernetes.io/component": "inference-server",
         "app.kubernetes.io/managed-by": "kvpilot-operator",
+        "kvpilot.dev/revision": revision,
     }
     assert deployment["metadata"]["labels"] == labels
     assert deployment["spec"]["selector"] == {
-        "matchLabels": {"app.kubernetes.io/name": "kvpilot", "app.kubernetes.io/instance": "chat"}
+        "matchLabels": {
+            "app.kubernetes.io/name": "kvpilot",
+            "app.kubernetes.io/instance": "chat",
+            "kvpilot.dev/revision": revision,
+        }
     }
+    # The Service and the PDB select every revision's pods.
+    service = next(c for c in build_children(isvc()) if c["kind"] == "Service")
+    assert "kvpilot.dev/revision" not in service["spec"]["selector"]
     assert deployment["spec"]["template"]["metadata"]["labels"] == labels
     assert deployment["metadata"]["ownerReferences"] == [
         {

@@ -21,7 +21,7 @@ def test_render_prints_every_child(capsys):
     objects = list(yaml.safe_load_all(capsys.readouterr().out))
     assert [(o["kind"], o["metadata"]["name"]) for o in objects] == [
         ("ServiceAccount", "qwen"),
-        ("Deployment", "qwen"),
+        ("Deployment", f"qwen-{objects[1]['metadata']['labels']['kvpilot.dev/revision']}"),
         ("Service", "qwen-engine"),
         ("PodDisruptionBudget", "qwen"),  # autoscaling up to 4 replicas
         ("ConfigMap", "qwen-router"),

@@ -76,6 +76,8 @@ def test_crd_subresources_and_printer_columns():
         "Ready",
         "Model",
         "Replicas",
+        "Rollout",
+        "Canary",
         "URL",
         "Age",
     ]
@@ -91,7 +93,14 @@ def test_the_issue_manifest_is_accepted_exactly_and_defaulted():
     assert spec["engine"]["enablePrefixCaching"] is True
     assert spec["resources"]["gpu"] == {"count": 1, "resourceName": "nvidia.com/gpu"}
     assert spec["resources"]["sharedMemory"] == "2Gi"
-    assert spec["rollout"] == {"strategy": "Rolling"}
+    assert spec["rollout"] == {
+        "strategy": "Rolling",
+        "autoRollback": True,
+        "capacity": "Auto",
+        "capacityTimeout": "2m",
+        "progressDeadline": "15m",
+        "paused": False,
+    }
     assert "autoscaling" not in spec
     # The operator's parse of the undefaulted manifest agrees with the API server's defaults.
     parsed = InferenceService.from_body(manifest).spec.model_dump(by_alias=True, exclude_none=True)
@@ -137,7 +146,31 @@ BAD = [
     ("negative replicas", {"spec.replicas": -1}, "spec.replicas"),
     ("memory not a quantity", {"spec.resources.memory": "16 GB"}, "spec.resources.memory"),
     ("too many GPUs", {"spec.resources.gpu": {"count": 100}}, "spec.resources.gpu.count"),
-    ("unknown rollout strategy", {"spec.rollout": {"strategy": "Canary"}}, "spec.rollout.strategy"),
+    ("unknown rollout strategy", {"spec.rollout": {"strategy": "Shadow"}}, "spec.rollout.strategy"),
+    ("canary without steps", {"spec.rollout": {"strategy": "Canary"}}, "spec.rollout.steps"),
+    (
+        "steps with Rolling",
+        {"spec.rollout": {"strategy": "Rolling", "steps": [{"weight": 10}]}},
+        "spec.rollout.steps",
+    ),
+    (
+        "analysis with Rolling",
+        {"spec.rollout": {"analysis": {"maxErrorRate": 0.1}}},
+        "spec.rollout.analysis",
+    ),
+    (
+        "step weight over 100",
+        {"spec.rollout": {"strategy": "Canary", "steps": [{"weight": 101}]}},
+        "spec.rollout.steps.0.weight",
+    ),
+    (
+        "pause not a duration",
+        {"spec.rollout": {"strategy": "Canary", "steps": [{"weight": 10, "pause": "5 minutes"}]}},
+        "spec.rollout.steps.0.pause",
+    ),
+    ("capacityTimeout not a duration", {"spec.rollout": {"capacityTimeout": "2"}}, "capacityTimeout"),
+    ("unknown capacity", {"spec.rollout": {"capacity": "Borrow"}}, "spec.rollout.capacity"),
+    ("rollbackTo not a revision", {"spec.rollout": {"rollbackTo": "Chat-1"}}, "spec.rollout.rollbackTo"),
     (
         "bad toleration operator",
         {"spec.scheduling": {"tolerations": [{"key": "k", "operator": "Maybe"}]}},
@@ -190,6 +223,26 @@ def test_bad_manifests_are_rejected_by_the_crd_and_the_models(change, field):
         InferenceService.from_body(manifest)
     message = describe_validation_error(raised.value)
     assert field.split(".")[-1] in message or field in message, message
+
+
+ROLLOUT = {
+    "strategy": "Canary",
+    "steps": [{"weight": 10, "pause": "5m"}, {"weight": 50, "pause": "manual"}, {"weight": 100}],
+    "analysis": {"interval": "1m", "maxErrorRate": 0.02, "maxTTFTSeconds": {"p95": 2.0}, "minRequests": 50},
+    "capacity": "Auto",
+    "progressDeadline": "10m",
+}
+
+
+def test_a_canary_rollout_is_accepted_and_defaulted_alike():
+    manifest = _with({"spec.rollout": ROLLOUT})
+    defaulted, errors = admit(manifest)
+    assert errors == []
+    rollout = defaulted["spec"]["rollout"]
+    assert rollout["analysis"]["failureLimit"] == 2
+    assert (rollout["autoRollback"], rollout["capacityTimeout"], rollout["paused"]) == (True, "2m", False)
+    parsed = InferenceService.from_body(manifest).spec.rollout.model_dump(by_alias=True, exclude_none=True)
+    assert parsed == rollout
 
 
 def test_cel_rule_messages_name_their_fields():

@@ -11,7 +11,7 @@ import yaml
 from kvpilot.operator.api import GROUP, PLURAL
 from kvpilot.operator.crd import CRD_PATH, build_crd
 
-from tests.cluster.harness import wait_for
+from tests.cluster.harness import condition, wait_for
 from tests.cluster.kubeapi import ApiError, KubeApi
 from tests.cluster.kubectl import Kubectl, helm
 from tests.operator.admission import admit, crd_schema
@@ -37,7 +37,9 @@ def api(control_plane):
 def kubectl(control_plane, api) -> Kubectl:
     kubectl = Kubectl(control_plane.kubeconfig)
     kubectl.apply("-f", str(CRD_PATH))
-    kubectl.run("wait", "--for=condition=Established", f"crd/{PLURAL}.{GROUP}", "--timeout=60s")
+    # Polled here: `kubectl wait` fails outright on a CRD whose status has no conditions yet.
+    crd = ("apiextensions.k8s.io/v1", "customresourcedefinitions", None, f"{PLURAL}.{GROUP}")
+    wait_for(lambda: condition(api.get(*crd), "Established").get("status") == "True", "the CRD")
     for namespace in sorted(NAMESPACES):
         if api.get("v1", "namespaces", None, namespace) is None:
             api.create("v1", "namespaces", None, {"metadata": {"name": namespace}})

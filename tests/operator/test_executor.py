@@ -6,6 +6,7 @@ from kvpilot.operator.builders import build_children
 from kvpilot.operator.executor import KubeClient, PermanentApiError, TransientError
 from kvpilot.operator.handlers import backoff
 from kvpilot.operator.planner import Plan, plan
+from kvpilot.operator.revision import revision_hash
 
 from tests.operator.test_builders import isvc
 
@@ -28,9 +29,10 @@ def owned_in(kubectl, namespace: str):
 def test_create_then_read_back_only_owned_children(client, kubectl):
     service = owned_in(kubectl, "exec-own")
     written = client.execute(plan(build_children(service), []))
+    engine = f"chat-{revision_hash(service.spec)}"
     assert sorted(written) == [
         ("ConfigMap", "chat-router"),
-        ("Deployment", "chat"),
+        ("Deployment", engine),
         ("Deployment", "chat-router"),
         ("PodDisruptionBudget", "chat"),
         ("PodDisruptionBudget", "chat-router"),

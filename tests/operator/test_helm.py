@@ -91,6 +91,7 @@ def test_operator_deployment_is_single_hardened_and_least_privileged(helm):
         ("kvpilot.dev", "inferenceservices"): ["get", "list", "patch", "watch"],
         ("kvpilot.dev", "inferenceservices/status"): ["patch"],
         ("apps", "deployments"): ["create", "delete", "list", "patch", "watch"],
+        ("", "pods"): ["list"],
         ("", "services"): ["create", "delete", "list", "patch", "watch"],
         ("policy", "poddisruptionbudgets"): ["create", "delete", "list", "patch"],
         ("", "serviceaccounts"): ["create", "delete", "list", "patch"],

@@ -46,7 +46,9 @@ def model_dir(tmp_path_factory, tokenizer_dir) -> Path:
 def kubectl(cluster) -> Kubectl:
     kubectl = Kubectl(cluster.kubeconfig)
     kubectl.apply("-f", str(CRD_PATH))
-    kubectl.run("wait", "--for=condition=Established", f"crd/{PLURAL}.{GROUP}", "--timeout=60s")
+    # Polled here: `kubectl wait` fails outright on a CRD whose status has no conditions yet.
+    crd = ("apiextensions.k8s.io/v1", "customresourcedefinitions", None, f"{PLURAL}.{GROUP}")
+    wait_for(lambda: condition(cluster.api.get(*crd), "Established").get("status") == "True", "the CRD")
     return kubectl
 
 
@@ -100,6 +102,13 @@ def engine_pids(api, ns: str) -> list[int]:
     return [int(i.removeprefix("process://")) for i in ids if i]
 
 
+def engine_deployment(api, ns: str, name: str = "chat") -> dict[str, Any] | None:
+    """The Deployment of the revision serving now (status.rollout.stableRevision)."""
+    isvc = api.get(API_VERSION, ISVC, ns, name) or {}
+    stable = ((isvc.get("status") or {}).get("rollout") or {}).get("stableRevision")
+    return api.get("apps/v1", "deployments", ns, f"{name}-{stable}") if stable else None
+
+
 def server_args(deployment: dict[str, Any]) -> list[str]:
     return deployment["spec"]["template"]["spec"]["containers"][0]["args"]
 
@@ -109,7 +118,9 @@ def test_create_ready_roll_drift_and_delete(api, ns, operator):
     uid = created["metadata"]["uid"]
     assert created["spec"]["engine"]["tensorParallelSize"] == 1  # defaulted by the API server
 
-    deployment = wait_for(lambda: api.get("apps/v1", "deployments", ns, "chat"), "the Deployment")
+    deployment = wait_for(lambda: engine_deployment(api, ns), "the Deployment")
+    first_revision = deployment["metadata"]["labels"]["kvpilot.dev/revision"]
+    assert deployment["metadata"]["name"] == f"chat-{first_revision}"
     service = wait_for(lambda: api.get("v1", "services", ns, "chat"), "the Service")
     pdb = wait_for(lambda: api.get("policy/v1", "poddisruptionbudgets", ns, "chat"), "the PDB")
     for child in (deployment, service, pdb):
@@ -138,12 +149,8 @@ def test_create_ready_roll_drift_and_delete(api, ns, operator):
     listed = {address for s in slices for e in s.get("endpoints") or [] for address in e["addresses"]}
     assert listed == {p["status"]["podIP"] for p in pods}
 
-    # A spec change rolls the Deployment for real; observedGeneration and Ready follow.
+    # A spec change is a new revision, rolled pod by pod; observedGeneration and Ready follow.
     api.patch(API_VERSION, ISVC, ns, "chat", {"spec": {"engine": {"maxNumSeqs": 8}}})
-    rolled = wait_for(
-        lambda: "8" in server_args(api.get("apps/v1", "deployments", ns, "chat")), "the Deployment to roll"
-    )
-    assert rolled
     wait_for(
         lambda: (
             isvc_condition(api, ns, "Ready").get("observedGeneration") == 2
@@ -152,12 +159,23 @@ def test_create_ready_roll_drift_and_delete(api, ns, operator):
         "Ready for generation 2",
         timeout=240,
     )
+    assert "8" in server_args(engine_deployment(api, ns))
+    isvc = api.get(API_VERSION, ISVC, ns, "chat")
+    rollout = isvc["status"]["rollout"]
+    assert rollout["phase"] == "Promoted" and rollout["stableRevision"] != first_revision
+    assert [h["reason"] for h in rollout["history"]] == ["FirstRevision", "RolloutStarted", "Promoted"]
+    assert [(r["hash"], r["phase"]) for r in isvc["status"]["revisions"]][-1] == (first_revision, "Retired")
+    wait_for(
+        lambda: not api.get("apps/v1", "deployments", ns, f"chat-{first_revision}"),
+        "the retired revision's Deployment to be deleted",
+    )
+    engine = engine_deployment(api, ns)["metadata"]["name"]
 
     # Drift by a second field manager: the operator's field is taken back, the other field stays.
     drift = {"metadata": {"labels": {"team": "a"}}, "spec": {"replicas": 5}}
-    api.patch("apps/v1", "deployments", ns, "chat", drift, fieldManager="someone-else")
-    wait_for(lambda: api.get("apps/v1", "deployments", ns, "chat")["spec"]["replicas"] == 2, "drift revert")
-    deployment = api.get("apps/v1", "deployments", ns, "chat")
+    api.patch("apps/v1", "deployments", ns, engine, drift, fieldManager="someone-else")
+    wait_for(lambda: api.get("apps/v1", "deployments", ns, engine)["spec"]["replicas"] == 2, "drift revert")
+    deployment = api.get("apps/v1", "deployments", ns, engine)
     assert deployment["metadata"]["labels"]["team"] == "a"
     owners = {
         entry["manager"]: json.dumps(entry.get("fieldsV1"))
@@ -168,7 +186,7 @@ def test_create_ready_roll_drift_and_delete(api, ns, operator):
     # Server-side apply by another manager conflicts on the operator's field unless forced.
     with pytest.raises(ApiError) as conflict:
         api.apply(
-            {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "chat", "namespace": ns},
+            {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": engine, "namespace": ns},
              "spec": {"replicas": 3}},
             field_manager="someone-else",
         )  # fmt: skip
@@ -233,7 +251,7 @@ def test_an_object_stored_before_a_rule_existed_stalls_with_an_event_and_recover
 
         # Fixing the spec passes admission (CEL ratchets) and recovers.
         api.patch(API_VERSION, ISVC, ns, "chat", {"spec": {"podLabels": None}})
-        wait_for(lambda: api.get("apps/v1", "deployments", ns, "chat"), "the Deployment")
+        wait_for(lambda: engine_deployment(api, ns), "the Deployment")
         wait_for(lambda: isvc_condition(api, ns, "Stalled").get("status") == "False", "Stalled=False")
 
 
@@ -265,7 +283,7 @@ def test_restart_makes_no_writes(cluster, api, ns):
         wait_for(lambda: isvc_condition(api, ns, "Ready").get("status") == "True", "Ready=True", timeout=180)
         _settle(first)
     before = len(first.requests())
-    deployment_before = api.get("apps/v1", "deployments", ns, "chat")
+    deployment_before = engine_deployment(api, ns)
     isvc_before = api.get(API_VERSION, ISVC, ns, "chat")
 
     with OperatorProcess(cluster.control_plane) as second:
@@ -280,7 +298,7 @@ def test_restart_makes_no_writes(cluster, api, ns):
         _settle(second)
         # ... and writes nothing: no child, no status, no annotation.
         assert _writes(second.requests()[before:], ns) == []
-    deployment_after = api.get("apps/v1", "deployments", ns, "chat")
+    deployment_after = engine_deployment(api, ns)
     assert deployment_after["metadata"]["resourceVersion"] == deployment_before["metadata"]["resourceVersion"]
     assert deployment_after["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
     assert (
@@ -293,9 +311,9 @@ def test_scale_subresource_drives_the_deployment(api, ns, kubectl, operator):
     """`kubectl scale isvc` (what an HPA or KEDA does) writes spec.replicas through /scale; the
     operator follows, and /scale reads back the observed replicas and the pods' selector."""
     api.create(API_VERSION, ISVC, ns, manifest(ns, replicas=0))
-    wait_for(lambda: api.get("apps/v1", "deployments", ns, "chat"), "the Deployment")
+    wait_for(lambda: engine_deployment(api, ns), "the Deployment")
     kubectl.run("scale", "isvc", "chat", "-n", ns, "--replicas=1")
-    wait_for(lambda: api.get("apps/v1", "deployments", ns, "chat")["spec"]["replicas"] == 1, "scale up")
+    wait_for(lambda: engine_deployment(api, ns)["spec"]["replicas"] == 1, "scale up")
     scale = wait_for(
         lambda: (
             (api.get(API_VERSION, ISVC, ns, "chat", sub="scale") or {}).get("status", {}).get("replicas") == 1
@@ -310,32 +328,37 @@ def test_scale_subresource_drives_the_deployment(api, ns, kubectl, operator):
     assert len(selected) == 1
 
     api.patch(API_VERSION, ISVC, ns, "chat", {"spec": {"replicas": 0}}, sub="scale")
-    wait_for(lambda: api.get("apps/v1", "deployments", ns, "chat")["spec"]["replicas"] == 0, "scale down")
+    wait_for(lambda: engine_deployment(api, ns)["spec"]["replicas"] == 0, "scale down")
     wait_for(lambda: not api.list("v1", "pods", ns), "the engine pod to be gone", timeout=90)
 
 
-def test_with_autoscaling_the_operator_leaves_the_deployments_replicas_alone(api, ns, kubectl, operator):
-    """What an HPA does (scale the Deployment) survives the operator's reconciles, even after a
-    spec change that rewrites the Deployment."""
+def test_with_autoscaling_the_operator_keeps_the_autoscalers_count(api, ns, kubectl, operator):
+    """What an HPA does (scale the serving Deployment) survives the operator's reconciles, and a
+    spec change (a new revision) rolls out with that count."""
     autoscaling = {"minReplicas": 1, "maxReplicas": 3, "target": 0.7}
     api.create(API_VERSION, ISVC, ns, manifest(ns, autoscaling=autoscaling))
-    deployment = wait_for(lambda: api.get("apps/v1", "deployments", ns, "chat"), "the Deployment")
-    assert deployment["spec"]["replicas"] == 1  # the API server's default: nobody set it
-    kubectl.run("scale", "deployment", "chat", "-n", ns, "--replicas=2")
+    deployment = wait_for(lambda: engine_deployment(api, ns), "the Deployment")
+    assert deployment["spec"]["replicas"] == 1  # minReplicas
+    kubectl.run("scale", "deployment", deployment["metadata"]["name"], "-n", ns, "--replicas=2")
+    wait_for(
+        lambda: api.get(API_VERSION, ISVC, ns, "chat")["status"]["rollout"].get("replicas") == 2,
+        "the operator to take the autoscaler's count",
+    )
     api.patch(API_VERSION, ISVC, ns, "chat", {"spec": {"podAnnotations": {"touched": "yes"}}})
     wait_for(
-        lambda: api.get("apps/v1", "deployments", ns, "chat")["spec"]["template"]["metadata"][
-            "annotations"
-        ].get("touched"),
-        "the operator to apply the spec change",
+        lambda: (engine_deployment(api, ns) or {})["spec"]["template"]["metadata"]["annotations"].get(
+            "touched"
+        ),
+        "the new revision to be promoted",
+        timeout=300,
     )
     time.sleep(2)
-    assert api.get("apps/v1", "deployments", ns, "chat")["spec"]["replicas"] == 2
+    assert engine_deployment(api, ns)["spec"]["replicas"] == 2
 
 
 def test_the_operator_rides_out_an_api_server_outage(cluster, api, ns, operator):
     api.create(API_VERSION, ISVC, ns, manifest(ns, replicas=0))
-    wait_for(lambda: api.get("apps/v1", "deployments", ns, "chat"), "the Deployment")
+    wait_for(lambda: engine_deployment(api, ns), "the Deployment")
 
     cluster.control_plane.stop_api_server()
     time.sleep(3)  # the operator's watches and requests fail meanwhile
@@ -346,9 +369,9 @@ def test_the_operator_rides_out_an_api_server_outage(cluster, api, ns, operator)
     second = {**manifest(ns, replicas=0), "metadata": {"name": "second", "namespace": ns}}
     api.create(API_VERSION, ISVC, ns, second)
     api.patch(API_VERSION, ISVC, ns, "chat", {"spec": {"engine": {"maxNumSeqs": 4}}})
-    wait_for(lambda: api.get("apps/v1", "deployments", ns, "second"), "the second Deployment", timeout=90)
+    wait_for(lambda: engine_deployment(api, ns, "second"), "the second Deployment", timeout=90)
     wait_for(
-        lambda: "4" in server_args(api.get("apps/v1", "deployments", ns, "chat")),
+        lambda: "4" in server_args(engine_deployment(api, ns)),
         "the update after the outage",
     )
     assert operator.healthz() == 200
@@ -490,7 +513,11 @@ def test_router_with_tenants_answers_through_the_service_and_follows_the_engine(
         "the engine endpoint in the router config",
     )
     assert config["models"][0]["revisions"] == [
-        {"name": "stable", "weight": 100, "endpoints": [f"http://{ip}:8000" for ip in engine_ips]}
+        {
+            "name": api.get(API_VERSION, ISVC, ns, "chat")["status"]["rollout"]["stableRevision"],
+            "weight": 100,
+            "endpoints": [f"http://{ip}:8000" for ip in engine_ips],
+        }
     ]
     assert config["tenants"] == [{"name": "team-a", "keyFile": "/etc/kvpilot/keys/team-a"}]
     assert config["upstreamApiKeyFile"] == "/etc/kvpilot/upstream/key"

@@ -7,6 +7,7 @@ import pytest
 from kvpilot.operator.builders import build_children
 from kvpilot.operator.labels import SPEC_HASH_ANNOTATION
 from kvpilot.operator.planner import drifted_fields, parse_quantity, plan
+from kvpilot.operator.revision import revision_hash
 from kvpilot.operator.router_config import RevisionEndpoints
 
 from tests.operator.test_builders import isvc
@@ -41,6 +42,7 @@ def edit(observed: list[dict[str, Any]], kind: str, fn) -> list[dict[str, Any]]:
 
 
 DESIRED = build_children(isvc())
+ENGINE = f"chat-{revision_hash(isvc().spec)}"  # the revision's Deployment
 OBSERVED = as_observed(DESIRED)
 AUTOSCALED = build_children(isvc(autoscaling={"minReplicas": 1, "maxReplicas": 8, "target": 0.7}))
 
@@ -78,13 +80,13 @@ CASES = [
         "owned field drifted: update",
         DESIRED,
         edit(OBSERVED, "Deployment", _set_replicas),
-        ([], [("Deployment", "chat")], []),
+        ([], [("Deployment", ENGINE)], []),
     ),
     (
         "container image edited: update",
         DESIRED,
         edit(OBSERVED, "Deployment", _set_image),
-        ([], [("Deployment", "chat")], []),
+        ([], [("Deployment", ENGINE)], []),
     ),
     (
         "foreign labels and annotations: left alone",
@@ -114,13 +116,13 @@ CASES = [
         "scaled to 1: PDB deleted",
         build_children(isvc(replicas=1)),
         OBSERVED,
-        ([], [("Deployment", "chat")], [("PodDisruptionBudget", "chat")]),
+        ([], [("Deployment", ENGINE)], [("PodDisruptionBudget", "chat")]),
     ),
     (
         "scaled to 3: Deployment updated",
         build_children(isvc(replicas=3)),
         OBSERVED,
-        ([], [("Deployment", "chat")], []),
+        ([], [("Deployment", ENGINE)], []),
     ),
     (
         "autoscaled: an autoscaler's replicas are not reverted",
@@ -136,7 +138,7 @@ CASES = [
     ),
     (
         "an engine pod became ready: only the router's ConfigMap",
-        build_children(isvc(), [RevisionEndpoints("stable", 100, ("http://10.0.0.5:8000",))]),
+        build_children(isvc(), revision_list=[RevisionEndpoints("stable", 100, ("http://10.0.0.5:8000",))]),
         OBSERVED,
         ([], [("ConfigMap", "chat-router")], []),
     ),

@@ -139,7 +139,7 @@ def test_config_map_holds_the_config_and_endpoints_never_roll_the_router():
     assert config_map["metadata"]["name"] == "chat-router"
     assert yaml.safe_load(config_map["data"]["router.yaml"]) == router_config(service, ready)
     before = {(c["kind"], c["metadata"]["name"]): c for c in build_children(service)}
-    after = {(c["kind"], c["metadata"]["name"]): c for c in build_children(service, ready)}
+    after = {(c["kind"], c["metadata"]["name"]): c for c in build_children(service, revision_list=ready)}
     changed = sorted(key for key in before if before[key] != after[key])
     assert changed == [("ConfigMap", "chat-router")]
 

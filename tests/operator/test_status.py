@@ -184,3 +184,15 @@ def test_router_messages_name_the_router_and_the_missing_secret():
         "spec.router.upstreamApiKeySecretRef) not found in namespace "
         "team-a: the pods that need it start once it exists"
     )
+
+
+def test_status_patch_removes_what_the_new_status_no_longer_has():
+    from kvpilot.operator.status import status_patch
+
+    previous = {"replicas": 2, "rollout": {"phase": "Progressing", "step": 1, "history": [1, 2]}, "url": "u"}
+    new = {"replicas": 2, "rollout": {"phase": "Promoted", "history": [1, 2, 3]}}
+    assert status_patch(new, previous) == {
+        "replicas": 2,
+        "rollout": {"phase": "Promoted", "step": None, "history": [1, 2, 3]},
+        "url": None,
+    }

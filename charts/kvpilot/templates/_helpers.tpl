@@ -45,12 +45,17 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 # Children: listed by selector and written by server-side apply (a PATCH that creates a missing
 # object is authorized as create too); Deployments and Services are watched to follow readiness
 # and revert drift. The garbage collector deletes children with their InferenceService (through
-# ownerReferences); the operator deletes a child the spec no longer asks for (the router's
+# ownerReferences); the operator deletes a child the spec no longer asks for (a retired revision's
+# Deployment, scaled to 0 first; a BlueGreen preview Service after the promote; the router's
 # Deployment, ConfigMap, PDB and the engine's own Service when spec.router.enabled turns false;
 # a PDB, ServiceAccount or InferencePool).
 - apiGroups: ["apps"]
   resources: ["deployments"]
   verbs: ["list", "watch", "create", "patch", "delete"]
+# Pods are listed (never written) to see a rollout's Unschedulable pods and crash loops.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list"]
 - apiGroups: [""]
   resources: ["services"]
   verbs: ["list", "watch", "create", "patch", "delete"]
@@ -73,7 +78,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get"]
-# Warning events (invalid specs, failed handlers).
+# Events: invalid specs, failed handlers, rollout transitions.
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]

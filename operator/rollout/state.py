@@ -1,0 +1,168 @@
+"""The rollout planner's inputs and outputs, and one planning pass (`Tick`) that gathers the
+new status, Events and wake-up times."""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvpilot.operator.api import AnalysisResult, HistoryEntry, RolloutSpec, RolloutStatus, RolloutStep
+from kvpilot.operator.api.rollout import RevisionPhase
+
+HISTORY_LIMIT = 10
+# Manual commands (`kvpilot rollout promote|abort`), as annotations on the InferenceService.
+PROMOTE_ANNOTATION = "kvpilot.dev/promote"
+ABORT_ANNOTATION = "kvpilot.dev/abort"
+PROMOTE_FULL = "full"
+
+
+@dataclass(frozen=True)
+class ObservedRevision:
+    """A revision's Deployment and pods as observed."""
+
+    replicas: int = 0  # the Deployment's spec.replicas
+    ready: int = 0
+    unschedulable_since: datetime.datetime | None = None  # oldest pod Pending with Unschedulable
+    unschedulable_message: str = ""
+    failure: str = ""  # e.g. "CrashLoopBackOff: container server exited 1 (3 restarts)"
+
+
+@dataclass(frozen=True)
+class Commands:
+    """Manual commands from annotations (`kvpilot rollout promote|abort`): each names the
+    revision (and step) it was given for, so a stale one does nothing."""
+
+    promote: str | None = None  # "<revision>/<step>" or "<revision>/full"
+    abort: str | None = None  # "<revision>"
+
+    @classmethod
+    def from_annotations(cls, annotations: dict[str, str] | None) -> Commands:
+        annotations = annotations or {}
+        return cls(promote=annotations.get(PROMOTE_ANNOTATION), abort=annotations.get(ABORT_ANNOTATION))
+
+
+@dataclass(frozen=True)
+class RolloutInputs:
+    spec: RolloutSpec
+    target: str
+    total: int
+    revisions: dict[str, ObservedRevision]
+    now: datetime.datetime
+    previous: RolloutStatus | None = None
+    analysis: AnalysisResult | None = None
+    commands: Commands = field(default_factory=Commands)
+
+
+@dataclass(frozen=True)
+class RevisionPlan:
+    replicas: int
+    weight: int
+    phase: RevisionPhase
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal or Warning
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class RolloutPlan:
+    revisions: dict[str, RevisionPlan]  # every revision to keep, with its replicas and weight
+    delete: list[str]  # retired revisions already at zero: their Deployments go
+    status: RolloutStatus
+    events: list[Event]
+    requeue_after: float | None  # seconds until a pause, a deadline or an analysis is due
+
+
+def rfc3339(moment: datetime.datetime) -> str:
+    return moment.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(text: str) -> datetime.datetime:
+    return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC)
+
+
+def canary_steps(spec: RolloutSpec) -> list[RolloutStep]:
+    """The spec's steps, ending at weight 100 (appended when the last step stops short)."""
+    steps = list(spec.steps)
+    if not steps or steps[-1].weight < 100:
+        steps.append(RolloutStep(weight=100))
+    return steps
+
+
+class Tick:
+    """One planning pass: status and events accumulate here, then become the RolloutPlan."""
+
+    def __init__(self, inputs: RolloutInputs, status: RolloutStatus) -> None:
+        self.inputs = inputs
+        self.status = status
+        self.events: list[Event] = []
+        self.waits: list[float] = []
+
+    def observed(self, revision: str) -> ObservedRevision:
+        return self.inputs.revisions.get(revision, ObservedRevision())
+
+    def transition(
+        self, phase: str, reason: str, message: str, warning: bool = False, **changes: Any
+    ) -> None:
+        """Enter a phase (or record a step within one): history, an Event."""
+        now = rfc3339(self.inputs.now)
+        entry = HistoryEntry(
+            time=now, phase=phase, revision=self.status.revision, reason=reason, message=message
+        )
+        history = [*self.status.history, entry][-HISTORY_LIMIT:]
+        self.status = self.status.model_copy(
+            update={"phase": phase, "reason": reason, "message": message, "history": history, **changes}
+        )
+        self.events.append(Event("Warning" if warning else "Normal", reason, message))
+
+    def note(self, phase: str, reason: str, message: str) -> None:
+        """Report the state; only a change of phase is a transition (history, Event)."""
+        if self.status.phase != phase:
+            self.transition(phase, reason, message)
+        else:
+            self.status = self.status.model_copy(update={"reason": reason, "message": message})
+
+    def wait(self, seconds: float) -> None:
+        self.waits.append(max(1.0, seconds))
+
+    def since(self, text: str | None) -> float:
+        return 0.0 if text is None else (self.inputs.now - parse_time(text)).total_seconds()
+
+
+def retired(tick: Tick, keep: set[str]) -> tuple[dict[str, int], list[str]]:
+    """Revisions outside `keep`: scaled to 0 first, deleted once they are at 0."""
+    scale_down, delete = {}, []
+    for name, observed in tick.inputs.revisions.items():
+        if name in keep:
+            continue
+        if observed.replicas == 0 and observed.ready == 0:
+            delete.append(name)
+        else:
+            scale_down[name] = 0
+    return scale_down, sorted(delete)
+
+
+def finish(tick: Tick, serving: dict[str, tuple[int, int]], phases: dict[str, RevisionPhase]) -> RolloutPlan:
+    scale_down, delete = retired(tick, set(serving))
+    revisions = {
+        name: RevisionPlan(replicas, weight, phases[name]) for name, (replicas, weight) in serving.items()
+    }
+    revisions.update({name: RevisionPlan(0, 0, "Retired") for name in scale_down})
+    new = tick.status.revision
+    if (
+        tick.status.phase in ("Progressing", "Paused")
+        and revisions[new].replicas > tick.observed(new).replicas
+    ):
+        # The new revision is asked for more pods: the progress deadline runs from now.
+        tick.status = tick.status.model_copy(update={"progress_at": rfc3339(tick.inputs.now)})
+    requeue = min(tick.waits) if tick.waits else None
+    return RolloutPlan(revisions, delete, tick.status, tick.events, requeue)
+
+
+def steady(tick: Tick) -> RolloutPlan:
+    stable = tick.status.stable_revision
+    return finish(tick, {stable: (tick.inputs.total, 100)}, {stable: "Active"})

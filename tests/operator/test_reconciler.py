@@ -1,0 +1,163 @@
+"""One reconcile against the API emulator: revisions, status, idempotence."""
+
+import datetime
+
+import kubernetes.client
+import pytest
+from kvpilot.operator.executor import KubeClient
+from kvpilot.operator.reconciler import reconcile
+
+ISVC = ("kvpilot.dev/v1alpha1", "inferenceservices")
+NOW = datetime.datetime(2026, 12, 1, 12, 0, tzinfo=datetime.UTC)
+
+
+@pytest.fixture(scope="module")
+def client(apiserver) -> KubeClient:
+    configuration = kubernetes.client.Configuration(host=apiserver.url)
+    return KubeClient(kubernetes.client.ApiClient(configuration))
+
+
+def stored(kubectl, namespace: str, **spec) -> dict:
+    body = {
+        "apiVersion": ISVC[0],
+        "kind": "InferenceService",
+        "metadata": {"name": "chat", "namespace": namespace},
+    }
+    body["spec"] = {"model": {"name": "smollm2", "uri": "pvc://models/smollm2"}, "replicas": 2, **spec}
+    kubectl.create(*ISVC, namespace, body)
+    return kubectl.get(*ISVC, namespace, "chat")
+
+
+def test_the_first_revision_gets_its_deployment_and_status_then_nothing_more_is_written(client, kubectl):
+    body = stored(kubectl, "rec-idem")
+    outcome = reconcile(body, client, NOW)
+    assert outcome.status_written and [e.reason for e in outcome.events] == ["FirstRevision"]
+    (deployment,) = [
+        d
+        for d in kubectl.list("apps/v1", "deployments", "rec-idem")
+        if d["metadata"]["name"] != "chat-router"
+    ]
+    revision = deployment["metadata"]["labels"]["kvpilot.dev/revision"]
+    assert deployment["metadata"]["name"] == f"chat-{revision}" and deployment["spec"]["replicas"] == 2
+    (event,) = [e for e in kubectl.list("v1", "events", "rec-idem") if e["reason"] == "FirstRevision"]
+    assert (event["type"], event["involvedObject"]["name"]) == ("Normal", "chat")
+    # The Deployment controller reports the pods ready: status follows once, then stays put.
+    ready = {"replicas": 2, "readyReplicas": 2, "updatedReplicas": 2, "observedGeneration": 1}
+    kubectl.patch("apps/v1", "deployments", "rec-idem", f"chat-{revision}", {"status": ready}, sub="status")
+    assert reconcile(kubectl.get(*ISVC, "rec-idem", "chat"), client, NOW).status_written
+    status = kubectl.get(*ISVC, "rec-idem", "chat")["status"]
+    assert (status["rollout"]["phase"], status["rollout"]["stableRevision"]) == ("Promoted", revision)
+    assert [(r["hash"], r["phase"], r["readyReplicas"], r["weight"]) for r in status["revisions"]] == [
+        (revision, "Active", 2, 100)
+    ]
+    again = reconcile(kubectl.get(*ISVC, "rec-idem", "chat"), client, NOW + datetime.timedelta(seconds=30))
+    assert not again.status_written and again.events == []
+
+
+def mark_ready(kubectl, namespace: str, name: str, ready: int) -> None:
+    """What the Deployment controller would report."""
+    status = {"replicas": ready, "readyReplicas": ready, "updatedReplicas": ready, "observedGeneration": 1}
+    kubectl.patch("apps/v1", "deployments", namespace, name, {"status": status}, sub="status")
+
+
+def deployments(kubectl, namespace: str) -> dict[str, int]:
+    """The engine's Deployments (not the router's)."""
+    return {
+        d["metadata"]["name"]: d["spec"]["replicas"]
+        for d in kubectl.list("apps/v1", "deployments", namespace)
+        if d["metadata"]["name"] != "chat-router"
+    }
+
+
+def test_a_spec_change_rolls_through_revisions_and_retires_the_old_one(client, kubectl):
+    ns = "rec-roll"
+    reconcile(stored(kubectl, ns), client, NOW)
+    (old,) = deployments(kubectl, ns)
+    mark_ready(kubectl, ns, old, 2)
+    reconcile(kubectl.get(*ISVC, ns, "chat"), client, NOW)
+    kubectl.patch(*ISVC, ns, "chat", {"spec": {"engine": {"maxNumSeqs": 8}}})
+    outcome = reconcile(kubectl.get(*ISVC, ns, "chat"), client, NOW)
+    assert [e.reason for e in outcome.events] == ["RolloutStarted"]
+    (new,) = set(deployments(kubectl, ns)) - {old}
+    assert deployments(kubectl, ns) == {old: 2, new: 1}  # one surge pod
+    status = kubectl.get(*ISVC, ns, "chat")["status"]
+    assert status["rollout"]["phase"] == "Progressing"
+    assert {c["type"]: c["status"] for c in status["conditions"]} == {
+        "Ready": "False", "Reconciling": "True", "Stalled": "False",
+    }  # fmt: skip
+    for ready_new, expected in ((1, {old: 1, new: 2}), (2, {old: 0, new: 2})):
+        mark_ready(kubectl, ns, new, ready_new)
+        mark_ready(kubectl, ns, old, 2 - ready_new)
+        reconcile(kubectl.get(*ISVC, ns, "chat"), client, NOW)
+        assert deployments(kubectl, ns) == expected
+    assert kubectl.get(*ISVC, ns, "chat")["status"]["rollout"]["phase"] == "Promoted"
+    reconcile(kubectl.get(*ISVC, ns, "chat"), client, NOW)
+    assert deployments(kubectl, ns) == {new: 2}  # the retired revision's Deployment, at 0, is deleted
+    revisions = kubectl.get(*ISVC, ns, "chat")["status"]["revisions"]
+    assert [(r["name"], r["phase"]) for r in revisions] == [(new, "Active"), (old, "Retired")]
+
+    # rollbackTo the remembered revision: its pods come back, from its remembered spec.
+    old_hash = revisions[1]["hash"]
+    kubectl.patch(*ISVC, ns, "chat", {"spec": {"rollout": {"rollbackTo": old_hash}}})
+    reconcile(kubectl.get(*ISVC, ns, "chat"), client, NOW)
+    assert deployments(kubectl, ns)[old] == 1
+    args = kubectl.get("apps/v1", "deployments", ns, old)["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--max-num-seqs" not in args
+
+
+def test_rollback_to_an_unknown_revision_stalls_naming_the_field(client, kubectl):
+    outcome = reconcile(stored(kubectl, "rec-unknown", rollout={"rollbackTo": "0123456789"}), client, NOW)
+    assert outcome.error.startswith("spec.rollout.rollbackTo: revision 0123456789 is not remembered")
+    stalled = kubectl.get(*ISVC, "rec-unknown", "chat")["status"]["conditions"]
+    assert ("Stalled", "True", "InvalidSpec") in [(c["type"], c["status"], c["reason"]) for c in stalled]
+
+
+def test_blue_green_serves_a_preview_service_until_the_promote(client, kubectl):
+    ns = "rec-bg"
+    reconcile(stored(kubectl, ns, rollout={"strategy": "BlueGreen"}), client, NOW)
+    (old,) = deployments(kubectl, ns)
+    mark_ready(kubectl, ns, old, 2)
+    kubectl.patch(*ISVC, ns, "chat", {"spec": {"image": "kvpilot:0.2"}})
+    reconcile(kubectl.get(*ISVC, ns, "chat"), client, NOW)
+    (new,) = set(deployments(kubectl, ns)) - {old}
+    assert deployments(kubectl, ns) == {old: 2, new: 2}  # the full count, at weight 0
+    preview = kubectl.get("v1", "services", ns, "chat-preview")
+    assert preview["spec"]["selector"]["kvpilot.dev/revision"] == new.removeprefix("chat-")
+    mark_ready(kubectl, ns, new, 2)
+    reconcile(kubectl.get(*ISVC, ns, "chat"), client, NOW)
+    rollout = kubectl.get(*ISVC, ns, "chat")["status"]["rollout"]
+    assert (rollout["phase"], rollout["reason"]) == ("Paused", "AwaitingPromote")
+    kubectl.patch(
+        *ISVC, ns, "chat", {"metadata": {"annotations": {"kvpilot.dev/promote": f"{rollout['revision']}/0"}}}
+    )
+    reconcile(kubectl.get(*ISVC, ns, "chat"), client, NOW)
+    assert kubectl.get(*ISVC, ns, "chat")["status"]["rollout"]["phase"] == "Promoted"
+    assert deployments(kubectl, ns) == {old: 0, new: 2}
+    assert kubectl.get("v1", "services", ns, "chat-preview") is None
+
+
+def test_a_deployment_from_before_revisions_serves_until_the_first_revision_is_ready(client, kubectl):
+    ns = "rec-legacy"
+    body = stored(kubectl, ns)
+    legacy = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": "chat",
+            "labels": {"app.kubernetes.io/name": "kvpilot", "app.kubernetes.io/instance": "chat",
+                       "app.kubernetes.io/managed-by": "kvpilot-operator"},
+            "ownerReferences": [{"apiVersion": ISVC[0], "kind": "InferenceService", "name": "chat",
+                                 "uid": body["metadata"]["uid"], "controller": True}],
+        },
+        "spec": {"replicas": 2},
+    }  # fmt: skip
+    kubectl.create("apps/v1", "deployments", ns, legacy)
+    reconcile(body, client, NOW)
+    (new,) = set(deployments(kubectl, ns)) - {"chat"}
+    assert deployments(kubectl, ns) == {"chat": 2, new: 2}
+    mark_ready(kubectl, ns, new, 1)
+    reconcile(kubectl.get(*ISVC, ns, "chat"), client, NOW)
+    assert "chat" in deployments(kubectl, ns)
+    mark_ready(kubectl, ns, new, 2)
+    reconcile(kubectl.get(*ISVC, ns, "chat"), client, NOW)
+    assert deployments(kubectl, ns) == {new: 2}
