@@ -50,8 +50,8 @@ class InferenceServiceSpec(_Model):
     )
     autoscaling: AutoscalingSpec | None = Field(
         default=None,
-        description="Autoscaling bounds and metric. The operator leaves the Deployment's replicas to "
-        "the autoscaler (an HPA or KEDA today; kvpilot's own autoscaler is coming).",
+        description="Autoscaling bounds, metric and policy. The operator then leaves the Deployment's "
+        "replicas to the autoscaler (its own, an HPA or KEDA: spec.autoscaling.engine).",
     )
     rollout: RolloutSpec = Field(
         default_factory=RolloutSpec, json_schema_extra={"default": {}}, description="Rollout strategy."
