@@ -34,6 +34,11 @@ def _raw(response: Any) -> dict[str, Any]:
     return json.loads(response.data or b"{}")
 
 
+def _status_of(exc: Exception) -> int | None:
+    cause = exc.__cause__
+    return cause.status if isinstance(cause, ApiException) else None
+
+
 def _classified(exc: ApiException, what: str) -> Exception:
     if exc.status in TRANSIENT_STATUS or (exc.status or 500) >= 500:
         return TransientError(f"{what}: HTTP {exc.status} {exc.reason}")
@@ -47,7 +52,11 @@ CHILD_KINDS: dict[str, tuple[str, str]] = {
     "Service": ("v1", "services"),
     "PodDisruptionBudget": ("policy/v1", "poddisruptionbudgets"),
     "ServiceAccount": ("v1", "serviceaccounts"),
+    "HorizontalPodAutoscaler": ("autoscaling/v2", "horizontalpodautoscalers"),
+    "ScaledObject": ("keda.sh/v1alpha1", "scaledobjects"),
 }
+# Kinds from a CRD that may not be installed: listing them finds none, applying one says what is missing.
+OPTIONAL_KINDS = {"ScaledObject": "KEDA (keda.sh/v1alpha1 ScaledObject) is not installed in the cluster"}
 
 
 def resource_path(api_version: str, plural: str, namespace: str, name: str | None = None) -> str:
@@ -80,6 +89,8 @@ class KubeClient:
         headers = {"Accept": "application/json"}
         if method == "PATCH":
             headers["Content-Type"] = "application/apply-patch+yaml"
+        elif body is not None:
+            headers["Content-Type"] = "application/json"
         request = self.api.param_serialize(
             method, path, query_params=list((query or {}).items()), header_params=headers, body=body,
             auth_settings=["BearerToken"],
@@ -101,7 +112,12 @@ class KubeClient:
         children = []
         for kind, (api_version, plural) in CHILD_KINDS.items():
             path = resource_path(api_version, plural, isvc.metadata.namespace)
-            listing = self._request(f"list {kind}", "GET", path, {"labelSelector": selector})
+            try:
+                listing = self._request(f"list {kind}", "GET", path, {"labelSelector": selector})
+            except TransientError as exc:
+                if kind in OPTIONAL_KINDS and _status_of(exc) == 404:
+                    continue
+                raise
             for item in listing.get("items", []):
                 # A real API server sets apiVersion and kind on the List only, not on its items.
                 item.setdefault("kind", kind)
@@ -121,9 +137,14 @@ class KubeClient:
         for obj in [*plan.create, *plan.update]:
             meta = obj["metadata"]
             path = self._child_path(obj)
-            written[obj["kind"], meta["name"]] = self._request(
-                f"apply {obj['kind']}", "PATCH", path, APPLY_QUERY, body=obj
-            )
+            try:
+                written[obj["kind"], meta["name"]] = self._request(
+                    f"apply {obj['kind']}", "PATCH", path, APPLY_QUERY, body=obj
+                )
+            except TransientError as exc:
+                if obj["kind"] in OPTIONAL_KINDS and _status_of(exc) == 404:
+                    raise PermanentApiError(f"apply {obj['kind']}: {OPTIONAL_KINDS[obj['kind']]}") from exc
+                raise
         for obj in plan.delete:
             self._request(f"delete {obj['kind']}", "DELETE", self._child_path(obj))
         return written
@@ -140,9 +161,38 @@ class KubeClient:
                 self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name
             )
         except TransientError as exc:
-            if isinstance(exc.__cause__, ApiException) and exc.__cause__.status == 404:
+            if _status_of(exc) == 404:
                 return None
             raise
+
+    def get_deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
+        path = resource_path("apps/v1", "deployments", namespace, name)
+        try:
+            return self._request("get Deployment", "GET", path)
+        except TransientError as exc:
+            if _status_of(exc) == 404:
+                return None
+            raise
+
+    def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        path = resource_path("v1", "pods", namespace)
+        return self._request("list Pod", "GET", path, {"labelSelector": selector}).get("items", [])
+
+    def apply_replicas(self, namespace: str, name: str, replicas: int, manager: str) -> dict[str, Any]:
+        """Server-side apply of a Deployment's spec.replicas alone, as `manager` (who then owns it)."""
+        body = {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"replicas": replicas},
+        }
+        path = resource_path("apps/v1", "deployments", namespace, name)
+        query = {"fieldManager": manager, "force": "true"}
+        return self._request("scale Deployment", "PATCH", path, query, body=body)
+
+    def create_event(self, event: dict[str, Any]) -> None:
+        path = resource_path("v1", "events", event["metadata"]["namespace"])
+        self._request("create Event", "POST", path, body=event)
 
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         self._call(

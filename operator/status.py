@@ -13,11 +13,14 @@ from kvpilot.operator.builders import service_url
 from kvpilot.operator.labels import selector_string
 
 READY, RECONCILING, STALLED = "Ready", "Reconciling", "Stalled"
-# The status's fields as written (camelCase), from the typed model.
-STATUS_FIELDS = tuple(field.alias or name for name, field in InferenceServiceStatus.model_fields.items())
+AUTOSCALING = "autoscaling"  # written by the autoscaler (operator/autoscaler/), not by the reconciler
+# The status's fields the reconciler writes (camelCase), from the typed model.
+STATUS_FIELDS = tuple(
+    field.alias or name for name, field in InferenceServiceStatus.model_fields.items() if name != AUTOSCALING
+)
 
 
-def _conditions(
+def build_conditions(
     states: dict[str, bool],
     reasons: dict[str, tuple[str, str]],
     generation: int | None,
@@ -56,12 +59,12 @@ def invalid_spec_status(
     }
     states = {READY: False, RECONCILING: False, STALLED: True}
     kept = InferenceServiceStatus.model_validate(
-        {k: previous[k] for k in ("url", "replicas", "readyReplicas", "selector") if k in previous}
+        {k: previous[k] for k in ("url", "replicas", "readyReplicas", "selector", "desiredReplicas") if k in previous}
     )
     status = kept.model_copy(
         update={
             "observed_generation": generation,
-            "conditions": _conditions(states, reasons, generation, previous, now),
+            "conditions": build_conditions(states, reasons, generation, previous, now),
         }
     )
     return status.to_body()
@@ -104,7 +107,8 @@ def compute_status(
     isvc: InferenceService, deployment: dict[str, Any] | None, previous: dict[str, Any], now: str
 ) -> dict[str, Any]:
     generation = isvc.metadata.generation
-    state, reason, message = _deployment_progress(deployment, desired_replicas(isvc, deployment))
+    desired = desired_replicas(isvc, deployment)
+    state, reason, message = _deployment_progress(deployment, desired)
     states = {READY: state == "ready", RECONCILING: state == "reconciling", STALLED: state == "stalled"}
     reasons = dict.fromkeys(states, (reason, message))
     observed = (deployment or {}).get("status") or {}
@@ -114,10 +118,15 @@ def compute_status(
         replicas=observed.get("replicas") or 0,
         ready_replicas=observed.get("readyReplicas") or 0,
         selector=selector_string(isvc),
-        conditions=_conditions(states, reasons, generation, previous, now),
+        desired_replicas=desired,
+        conditions=build_conditions(states, reasons, generation, previous, now),
     )
-    return status.to_body()
+    body = status.to_body()
+    if previous.get(AUTOSCALING) is not None and not isvc.spec.uses_own_autoscaler:
+        body[AUTOSCALING] = None  # the autoscaler's record goes with it (a merge patch removes it)
+    return body
 
 
 def status_changed(new: dict[str, Any], previous: dict[str, Any]) -> bool:
-    return any(new.get(k) != previous.get(k) for k in STATUS_FIELDS)
+    stale_autoscaling = AUTOSCALING in new and new[AUTOSCALING] != previous.get(AUTOSCALING)
+    return stale_autoscaling or any(new.get(k) != previous.get(k) for k in STATUS_FIELDS)

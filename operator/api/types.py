@@ -97,6 +97,11 @@ class InferenceServiceSpec(_Model):
         return None if self.autoscaling is not None else self.replicas
 
     @property
+    def uses_own_autoscaler(self) -> bool:
+        """kvpilot's autoscaler (operator/autoscaler/) scales this InferenceService."""
+        return self.autoscaling is not None and self.autoscaling.engine == "kvpilot"
+
+    @property
     def most_replicas(self) -> int:
         return self.autoscaling.max_replicas if self.autoscaling is not None else self.replicas
 

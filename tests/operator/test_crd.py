@@ -74,7 +74,9 @@ def test_crd_subresources_and_printer_columns():
     assert [c["name"] for c in version["additionalPrinterColumns"]] == [
         "Ready",
         "Model",
-        "Replicas",
+        "Desired",
+        "Current",
+        "Mode",
         "URL",
         "Age",
     ]
