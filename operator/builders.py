@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from kvpilot.operator.api import InferenceService
+from kvpilot.operator.autoscaler.external import build_external_autoscaler
 from kvpilot.operator.labels import (
     SERVICE_PORT,
     child_metadata,
@@ -272,4 +273,5 @@ def build_children(isvc: InferenceService) -> list[dict[str, Any]]:
     children += [build_deployment(isvc), build_service(isvc)]
     if isvc.spec.most_replicas > 1:
         children.append(build_pod_disruption_budget(isvc))
+    children += build_external_autoscaler(isvc)
     return [with_spec_hash(child) for child in children]

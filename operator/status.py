@@ -58,9 +58,8 @@ def invalid_spec_status(
         STALLED: ("InvalidSpec", error),
     }
     states = {READY: False, RECONCILING: False, STALLED: True}
-    kept = InferenceServiceStatus.model_validate(
-        {k: previous[k] for k in ("url", "replicas", "readyReplicas", "selector", "desiredReplicas") if k in previous}
-    )
+    kept_fields = ("url", "replicas", "readyReplicas", "selector", "desiredReplicas")
+    kept = InferenceServiceStatus.model_validate({k: previous[k] for k in kept_fields if k in previous})
     status = kept.model_copy(
         update={
             "observed_generation": generation,

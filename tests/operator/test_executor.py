@@ -92,3 +92,22 @@ def test_keyed_locks_serialize_one_key_and_forget_it_when_released():
     thread.join(5)
     assert order == ["first", "second"]
     assert len(locks) == 0
+
+
+def test_a_scaled_object_without_keda_is_a_permanent_error_naming_keda(client, kubectl, apiserver):
+    scaled_objects = "/apis/keda.sh/v1alpha1/namespaces/exec-keda/scaledobjects"
+    apiserver.server[f"list {scaled_objects}"] << 404  # no KEDA CRD in this cluster
+    apiserver.server[f"patch {scaled_objects}/chat"] << 404
+    keda = {"engine": "keda", "maxReplicas": 3, "target": 2, "prometheus": {"address": "http://prom:9090"}}
+    service = owned_in(kubectl, "exec-keda").model_copy(update={"spec": isvc(autoscaling=keda).spec})
+    assert client.read_children(service) == []  # ScaledObjects are not served here: none, no error
+    desired = build_children(service)
+    with pytest.raises(PermanentApiError, match=r"KEDA .* is not installed"):
+        client.execute(plan(desired, []))
+    hpa = [
+        c
+        for c in build_children(isvc(autoscaling={**keda, "engine": "hpa"}))
+        if c["kind"].startswith("Horiz")
+    ]
+    hpa[0]["metadata"]["namespace"] = "exec-keda"
+    assert client.execute(Plan(create=hpa))[("HorizontalPodAutoscaler", "chat")]["spec"]["maxReplicas"] == 3
