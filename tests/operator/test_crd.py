@@ -155,6 +155,23 @@ BAD = [
         {"spec.replicas": None, "spec.autoscaling": {"minReplicas": 3, "maxReplicas": 2, "target": 1}},
         "spec.autoscaling.minReplicas",
     ),
+    *[
+        (name, {"spec.replicas": None, "spec.autoscaling": {"maxReplicas": 4, "target": 1, **fields}}, field)
+        for name, fields, field in [
+            ("panic window above the stable window", {"panicWindow": "2m"}, "spec.autoscaling.panicWindow"),
+            (
+                "an HPA cannot scale to zero",
+                {"engine": "hpa", "minReplicas": 0},
+                "spec.autoscaling.minReplicas",
+            ),
+            ("keda without prometheus", {"engine": "keda"}, "spec.autoscaling.prometheus"),
+            ("duration not Go's", {"scaleDownDelay": "5 minutes"}, "spec.autoscaling.scaleDownDelay"),
+            ("tolerance of 1", {"tolerance": 1}, "spec.autoscaling.tolerance"),
+            ("panic threshold of 1", {"panicThreshold": 1}, "spec.autoscaling.panicThreshold"),
+            ("unknown autoscaler", {"engine": "vpa"}, "spec.autoscaling.engine"),
+            ("unknown metric", {"metric": "cpu"}, "spec.autoscaling.metric"),
+        ]
+    ],
     ("revision on a PVC", {"spec.model.revision": "main"}, "spec.model.revision"),
     (
         "revision twice",
@@ -179,6 +196,24 @@ def test_bad_manifests_are_rejected_by_the_crd_and_the_models(change, field):
         InferenceService.from_body(manifest)
     message = describe_validation_error(raised.value)
     assert field.split(".")[-1] in message or field in message, message
+
+
+def test_an_autoscaling_policy_is_defaulted_alike_by_the_crd_and_the_models():
+    manifest = _with(
+        {"spec.autoscaling": {"minReplicas": 0, "maxReplicas": 4, "target": 2, "panicWindow": "1m"}}
+    )
+    defaulted, errors = admit(manifest)
+    assert errors == []
+    assert defaulted["spec"]["autoscaling"] == {
+        "minReplicas": 0, "maxReplicas": 4, "target": 2, "metric": "kvCacheUsage", "engine": "kvpilot",
+        "scaleToZeroAfter": "5m", "stableWindow": "60s", "panicWindow": "1m", "panicThreshold": 2.0,
+        "maxScaleUpRate": 2.0, "maxScaleDownRate": 2.0, "scaleDownDelay": "5m", "tolerance": 0.1,
+        "initialDelay": "0s",
+    }  # fmt: skip
+    parsed = InferenceService.from_body(manifest).spec.autoscaling.model_dump(
+        by_alias=True, exclude_none=True
+    )
+    assert parsed == defaulted["spec"]["autoscaling"]
 
 
 def test_cel_rule_messages_name_their_fields():

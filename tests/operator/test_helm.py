@@ -90,10 +90,13 @@ def test_operator_deployment_is_single_hardened_and_least_privileged(helm):
         ("apiextensions.k8s.io", "customresourcedefinitions"): ["list", "watch"],
         ("kvpilot.dev", "inferenceservices"): ["get", "list", "patch", "watch"],
         ("kvpilot.dev", "inferenceservices/status"): ["patch"],
-        ("apps", "deployments"): ["create", "list", "patch", "watch"],
+        ("apps", "deployments"): ["create", "get", "list", "patch", "watch"],
         ("", "services"): ["create", "list", "patch", "watch"],
         ("policy", "poddisruptionbudgets"): ["create", "delete", "list", "patch"],
         ("", "serviceaccounts"): ["create", "delete", "list", "patch"],
+        ("autoscaling", "horizontalpodautoscalers"): ["create", "delete", "list", "patch"],
+        ("keda.sh", "scaledobjects"): ["create", "delete", "list", "patch"],
+        ("", "pods"): ["list"],
         ("", "events"): ["create"],
     }
 
@@ -111,7 +114,7 @@ def test_namespaced_install_uses_roles(helm):
     deployments_rule = {
         "apiGroups": ["apps"],
         "resources": ["deployments"],
-        "verbs": ["list", "watch", "create", "patch"],
+        "verbs": ["get", "list", "watch", "create", "patch"],
     }
     assert deployments_rule in role["rules"]
     (deployment,) = [d for d in docs if d["kind"] == "Deployment"]

@@ -46,9 +46,10 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 # object is authorized as create too); Deployments and Services are watched to follow readiness
 # and revert drift. The operator never deletes Deployments and Services (the garbage collector
 # does, through ownerReferences); it deletes a PDB or ServiceAccount the spec no longer asks for.
+# The autoscaler (autoscaling.engine: kvpilot) also gets the engine Deployment and applies its replicas.
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["list", "watch", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: [""]
   resources: ["services"]
   verbs: ["list", "watch", "create", "patch"]
@@ -58,7 +59,18 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 - apiGroups: [""]
   resources: ["serviceaccounts"]
   verbs: ["list", "create", "patch", "delete"]
-# Warning events (invalid specs, failed handlers).
+# autoscaling.engine hpa / keda: the HorizontalPodAutoscaler or ScaledObject the spec asks for.
+- apiGroups: ["autoscaling"]
+  resources: ["horizontalpodautoscalers"]
+  verbs: ["list", "create", "patch", "delete"]
+- apiGroups: ["keda.sh"]
+  resources: ["scaledobjects"]
+  verbs: ["list", "create", "patch", "delete"]
+# The autoscaler lists the engine and router pods to read their /metrics.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list"]
+# Warning events (invalid specs, failed handlers); Normal events of the autoscaler's scales.
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
