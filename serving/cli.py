@@ -18,6 +18,7 @@ COMMANDS = {
     "crd": "kvpilot.operator.cli",
     "render": "kvpilot.operator.cli",
     "operator": "kvpilot.operator.cli",
+    "autoscale": "kvpilot.operator.autoscaler.replay",
 }
 
 
