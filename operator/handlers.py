@@ -11,14 +11,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import kopf
 from kvpilot.operator.api import GROUP, KIND, PLURAL, VERSION
-from kvpilot.operator.autoscaler.loop import Autoscaler
+from kvpilot.operator.autoscaler.loop import RECORD_ENV, Autoscaler
 from kvpilot.operator.executor import KubeClient, PermanentApiError, TransientError
 from kvpilot.operator.labels import MANAGER
 from kvpilot.operator.reconciler import reconcile
@@ -100,7 +102,8 @@ async def start_autoscaler(memo: kopf.Memo, **_: Any) -> None:
             clients.append(KubeClient())
         return clients[0]
 
-    memo["autoscaler"] = autoscaler = Autoscaler(client)
+    record_dir = os.environ.get(RECORD_ENV)
+    memo["autoscaler"] = autoscaler = Autoscaler(client, record_dir=Path(record_dir) if record_dir else None)
     memo["autoscaler_task"] = asyncio.create_task(autoscaler.run(), name="kvpilot-autoscaler")
 
 

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import json
 import logging
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -41,6 +43,7 @@ INTERVAL_SECONDS = 2.0
 FIELD_MANAGER = "kvpilot-autoscaler"
 VALUE_REFRESH_SECONDS = 10.0  # a status write for a changed currentValue alone, at most this often
 ROUTER_NAME = "kvpilot-router"  # app.kubernetes.io/name of the router pods
+RECORD_ENV = "KVPILOT_AUTOSCALER_RECORD_DIR"  # `kvpilot operator --record-samples DIR`
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +105,12 @@ class Autoscaler:
         client: Callable[[], KubeClient],
         clock: Callable[[], float] = time.time,
         interval: float = INTERVAL_SECONDS,
+        record_dir: Path | None = None,
     ) -> None:
         self.client = client
         self.clock = clock
         self.interval = interval
+        self.record_dir = record_dir  # each sample appended to NAMESPACE_NAME.jsonl, for the replay
         self.tracked: dict[tuple[str, str], Tracked] = {}
 
     def observe(self, event_type: str | None, body: dict[str, Any]) -> None:
@@ -150,7 +155,11 @@ class Autoscaler:
             return  # the reconciler creates it; nothing to scale yet
         current = (deployment.get("spec") or {}).get("replicas", 1)
         now = self.clock()
-        tracked.samples.append(await self._sample(http, client, isvc, policy, current, now))
+        sample = await self._sample(http, client, isvc, policy, current, now)
+        tracked.samples.append(sample)
+        if self.record_dir is not None:
+            with (self.record_dir / f"{key[0]}_{key[1]}.jsonl").open("a") as record:
+                record.write(json.dumps(sample.to_record()) + "\n")
         while tracked.samples and tracked.samples[0].t <= now - policy.stable_window:
             tracked.samples.popleft()
 

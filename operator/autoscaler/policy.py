@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from kvpilot.operator.api.spec import AutoscalingSpec
 from kvpilot.operator.api.validation import duration_seconds
@@ -66,6 +66,10 @@ class Sample:
         if self.running is None or self.waiting is None:  # concurrency
             return None
         return self.running + self.waiting + (self.queued or 0.0)
+
+    def to_record(self) -> dict[str, float]:
+        """The sample as a line of `kvpilot autoscale replay --metrics` (unmeasured keys left out)."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
     @property
     def is_idle(self) -> bool | None:

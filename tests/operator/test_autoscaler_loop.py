@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import json
 import socket
 
 import httpx
@@ -13,6 +14,7 @@ import kubernetes.client
 import pytest
 from kvpilot.operator.autoscaler.decision import Decision, State
 from kvpilot.operator.autoscaler.loop import FIELD_MANAGER, Autoscaler
+from kvpilot.operator.autoscaler.replay import RecordedSample
 from kvpilot.operator.autoscaler.report import ScaleWrite, autoscaling_status, worth_writing
 from kvpilot.operator.autoscaler.scrape import (
     EngineReading,
@@ -213,10 +215,10 @@ async def ticks(autoscaler: Autoscaler, clock: Clock, key: tuple[str, str], coun
             clock.now += 2
 
 
-def test_tick_scales_the_deployment_from_a_real_metrics_endpoint(kube, kubectl):
+def test_tick_scales_the_deployment_from_a_real_metrics_endpoint(kube, kubectl, tmp_path):
     namespace = "loop-scale"
     clock = Clock()
-    autoscaler = Autoscaler(lambda: kube, clock=clock)
+    autoscaler = Autoscaler(lambda: kube, clock=clock, record_dir=tmp_path)
     autoscaler.observe(None, stored_isvc(kubectl, namespace))
     server, thread = start_http_server(0, addr="127.0.0.1", registry=engine_metrics(6, 2, 0.9).registry)
     try:
@@ -237,6 +239,16 @@ def test_tick_scales_the_deployment_from_a_real_metrics_endpoint(kube, kubectl):
     (event,) = kubectl.list("v1", "events", namespace)
     assert event["reason"] == "SuccessfulRescale" and event["source"]["component"] == FIELD_MANAGER
     assert event["involvedObject"]["kind"] == "InferenceService" and "from 1 to 2" in event["message"]
+    # The sample is recorded in the replay's format (no router here: no queued key).
+    (line,) = (tmp_path / "loop-scale_chat.jsonl").read_text().splitlines()
+    assert json.loads(line) == {
+        "t": T0,
+        "ready_replicas": 1,
+        "running": 6.0,
+        "waiting": 2.0,
+        "kv_cache_usage": 0.9,
+    }
+    assert RecordedSample.model_validate_json(line).sample().total("concurrency") == 8.0
 
 
 def test_tick_holds_when_no_pod_answers(kube, kubectl):
