@@ -9,6 +9,10 @@ user only. Each test uses its own namespace; one operator process runs at a time
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -409,3 +413,100 @@ def test_live_example_serves_a_chat_completion_through_its_endpoints(
         kubectl.run("delete", "--ignore-not-found", "-f", str(EXAMPLE))
         api.delete("v1", "persistentvolumeclaims", ns, claim)
         api.delete("v1", "persistentvolumes", None, f"{claim}-{ns}")
+
+
+# Short windows so the whole cycle fits in about a minute; target 1 request per replica.
+AUTOSCALING = {
+    "minReplicas": 1,
+    "maxReplicas": 3,
+    "metric": "concurrency",
+    "target": 1,
+    "stableWindow": "10s",
+    "panicWindow": "4s",
+    "scaleDownDelay": "6s",
+}
+
+
+def _autoscaling_status(api, ns: str) -> dict[str, Any]:
+    return ((api.get(API_VERSION, ISVC, ns, "chat") or {}).get("status") or {}).get("autoscaling") or {}
+
+
+def _deployment_replicas(api, ns: str) -> int | None:
+    return ((api.get("apps/v1", "deployments", ns, "chat") or {}).get("spec") or {}).get("replicas")
+
+
+def _load(base_url: str, tokenizer: Path, concurrency: int) -> subprocess.Popen:
+    """`kvpilot bench serve` with `concurrency` long streams in flight until it is stopped."""
+    command = [
+        sys.executable, "-m", "kvpilot.serving.cli", "bench", "serve", "--base-url", base_url,
+        "--tokenizer", str(tokenizer), "--num-prompts", "400", "--max-concurrency", str(concurrency),
+        "--input-len", "16", "--output-len", "512",
+    ]  # fmt: skip
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_the_autoscaler_follows_real_engine_load_up_and_down(cluster, api, ns, kubectl, model_dir, tmp_path):
+    """The operator's own autoscaler scrapes the real engine pods' /metrics: 4 streams in flight at a
+    target of 1 per replica scale 1 -> 3 (panic); when the load stops it comes back to 1. Each
+    decision is in status.autoscaling and an Event, and replaying the recorded samples through
+    `kvpilot autoscale replay` makes the same decisions."""
+    samples_dir = tmp_path / "samples"
+    with OperatorProcess(cluster.control_plane, "--record-samples", str(samples_dir)):
+        api.create(API_VERSION, ISVC, ns, manifest(ns, autoscaling=AUTOSCALING))
+        wait_for(lambda: isvc_condition(api, ns, "Ready").get("status") == "True", "Ready=True", timeout=180)
+        # ScalingActive once the engine pod is Ready and its /metrics answers (False while it loads).
+        wait_for(
+            lambda: (
+                condition({"status": _autoscaling_status(api, ns)}, "ScalingActive").get("status") == "True"
+            ),
+            "ScalingActive=True",
+        )
+        assert _autoscaling_status(api, ns)["desiredReplicas"] == 1
+
+        (pod,) = api.list("v1", "pods", ns)
+        load = _load(f"http://{pod['status']['podIP']}:8000", model_dir / "smollm2", concurrency=4)
+        try:
+            wait_for(lambda: (_deployment_replicas(api, ns) or 0) >= 2, "a scale-up under load", timeout=60)
+            wait_for(lambda: _deployment_replicas(api, ns) == 3, "3 replicas (the max)", timeout=60)
+            wait_for(  # real pods: scheduled, started, loaded, Ready
+                lambda: api.get(API_VERSION, ISVC, ns, "chat")["status"].get("readyReplicas") == 3,
+                "3 ready replicas",
+                timeout=120,
+            )
+        finally:
+            load.terminate()
+            load.wait(timeout=30)
+        up = _autoscaling_status(api, ns)["history"]
+        assert up[0]["from"] == 1 and up[0]["to"] >= 2 and up[0]["mode"] == "panic"
+        assert "concurrency" in up[0]["reason"]
+        wait_for(lambda: _deployment_replicas(api, ns) == 1, "the scale-down after the load", timeout=90)
+        status = _autoscaling_status(api, ns)
+        assert status["history"][-1]["to"] == 1 and status["history"][-1]["mode"] == "stable"
+        assert (status["desiredReplicas"], status["mode"]) == (1, "stable")
+        events = [e for e in api.list("v1", "events", ns) if e.get("reason") == "SuccessfulRescale"]
+        assert len(events) == len(status["history"])
+        wait_for(  # the reconciler follows the Deployment's count (kubectl get isvc: Desired)
+            lambda: api.get(API_VERSION, ISVC, ns, "chat")["status"].get("desiredReplicas") == 1, "Desired 1"
+        )
+        fields = api.get("apps/v1", "deployments", ns, "chat")["metadata"]["managedFields"]
+        managers = {
+            e["manager"] for e in fields if "f:replicas" in (e.get("fieldsV1") or {}).get("f:spec", {})
+        }
+        assert managers == {"kvpilot-autoscaler"}
+
+    # The recording replays to the same decisions (open-loop, but the load was real).
+    (recording,) = samples_dir.glob(f"{ns}_chat.jsonl")
+    manifest_file = tmp_path / "isvc.yaml"
+    manifest_file.write_text(yaml.safe_dump(manifest(ns, autoscaling=AUTOSCALING)))
+    replayed = subprocess.run(
+        [sys.executable, "-m", "kvpilot.serving.cli", "autoscale", "replay", "-f", str(manifest_file),
+         "--metrics", str(recording), "--json"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    *changes, final = [json.loads(line) for line in replayed.stdout.splitlines()]
+    assert [(c["from"], c["to"], c["mode"]) for c in changes] == [
+        (h["from"], h["to"], h["mode"]) for h in status["history"]
+    ]
+    assert final["desired"] == 1
+    if os.environ.get("KVPILOT_AUTOSCALER_TIMELINE"):  # keep the recording (the README's plot)
+        shutil.copy(recording, os.environ["KVPILOT_AUTOSCALER_TIMELINE"])
