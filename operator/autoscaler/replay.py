@@ -126,11 +126,16 @@ def plot(steps: list[Step], samples: list[Sample], policy: Policy, path: str) ->
     times = [s.t - t0 for s in samples]
     figure, (replicas, metric) = plt.subplots(2, 1, sharex=True, figsize=(9, 5.5))
     replicas.step(times, [s.after for s in steps], where="post", label="desired (replayed)", color="C0")
-    replicas.plot(times, [s.ready_replicas for s in samples], ":", label="ready (recorded)", color="C1")
+    replicas.step(times, [s.ready_replicas for s in samples], ":", where="post", label="ready (recorded)",
+                  color="C1")  # fmt: skip
     replicas.set_ylabel("replicas")
-    values = [s.value for s in steps]
-    metric.plot(times, [v if v is not None else float("nan") for v in values], color="C2",
-                label=f"{policy.metric} per replica ({policy.stable_window:g}s window)")  # fmt: skip
+    replicas.yaxis.get_major_locator().set_params(integer=True)
+    nan = float("nan")
+    totals = [s.total(policy.metric) for s in samples]
+    metric.plot(times, [nan if v is None else v for v in totals], color="C7", linewidth=0.8,
+                label=f"{policy.metric}, all replicas (recorded)")  # fmt: skip
+    metric.plot(times, [nan if s.value is None else s.value for s in steps], color="C2",
+                label=f"per replica, {policy.stable_window:g}s average")  # fmt: skip
     metric.axhline(policy.target, linestyle="--", color="grey", label=f"target {policy.target:g}")
     metric.set_ylabel(policy.metric)
     metric.set_xlabel("seconds")
@@ -138,7 +143,7 @@ def plot(steps: list[Step], samples: list[Sample], policy: Policy, path: str) ->
         for step, t in zip(steps, times, strict=True):
             if step.mode == "panic":
                 axes.axvspan(t - 1, t + 1, color="red", alpha=0.08, linewidth=0)
-        axes.legend(loc="upper right", fontsize=8)
+        axes.legend(loc="upper left", fontsize=8)
     replicas.set_title("kvpilot autoscale replay (open-loop; red: panic mode)")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -169,9 +174,9 @@ def _run(args: argparse.Namespace) -> int:
         else:
             value = "-" if step.value is None else f"{step.value:.3g}"
             change = f"{step.before:>3} -> {step.after:<3}"
-            print(f"t={step.t:<10g} {change} {step.mode:<6} {value:>6}  {step.reason}")
+            print(f"t={step.t:<12.1f} {change} {step.mode:<6} {value:>6}  {step.reason}")
     final = {"t": steps[-1].t, "desired": steps[-1].after}
-    print(json.dumps(final) if args.json else f"final: {final['desired']} replicas at t={final['t']:g}")
+    print(json.dumps(final) if args.json else f"final: {final['desired']} replicas at t={final['t']:.1f}")
     if args.plot:
         try:
             plot(steps, samples, policy, args.plot)

@@ -318,9 +318,11 @@ def test_scale_subresource_drives_the_deployment(api, ns, kubectl, operator):
 def test_with_autoscaling_the_operator_leaves_the_deployments_replicas_alone(api, ns, kubectl, operator):
     """What an HPA does (scale the Deployment) survives the operator's reconciles, even after a
     spec change that rewrites the Deployment."""
-    autoscaling = {"minReplicas": 1, "maxReplicas": 3, "target": 0.7}
+    autoscaling = {"minReplicas": 1, "maxReplicas": 3, "target": 0.7, "engine": "hpa"}
     api.create(API_VERSION, ISVC, ns, manifest(ns, autoscaling=autoscaling))
     deployment = wait_for(lambda: api.get("apps/v1", "deployments", ns, "chat"), "the Deployment")
+    hpa = wait_for(lambda: api.get("autoscaling/v2", "horizontalpodautoscalers", ns, "chat"), "the HPA")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "chat" and hpa["spec"]["maxReplicas"] == 3
     assert deployment["spec"]["replicas"] == 1  # the API server's default: nobody set it
     kubectl.run("scale", "deployment", "chat", "-n", ns, "--replicas=2")
     api.patch(API_VERSION, ISVC, ns, "chat", {"spec": {"podAnnotations": {"touched": "yes"}}})
@@ -418,7 +420,7 @@ def test_live_example_serves_a_chat_completion_through_its_endpoints(
 # Short windows so the whole cycle fits in about a minute; target 1 request per replica.
 AUTOSCALING = {
     "minReplicas": 1,
-    "maxReplicas": 3,
+    "maxReplicas": 2,
     "metric": "concurrency",
     "target": 1,
     "stableWindow": "10s",
@@ -447,7 +449,8 @@ def _load(base_url: str, tokenizer: Path, concurrency: int) -> subprocess.Popen:
 
 def test_the_autoscaler_follows_real_engine_load_up_and_down(cluster, api, ns, kubectl, model_dir, tmp_path):
     """The operator's own autoscaler scrapes the real engine pods' /metrics: 4 streams in flight at a
-    target of 1 per replica scale 1 -> 3 (panic); when the load stops it comes back to 1. Each
+    target of 1 per replica scale 1 -> 2 (panic, clamped at the max); when the load stops it comes
+    back to 1. Each
     decision is in status.autoscaling and an Event, and replaying the recorded samples through
     `kvpilot autoscale replay` makes the same decisions."""
     samples_dir = tmp_path / "samples"
@@ -466,19 +469,25 @@ def test_the_autoscaler_follows_real_engine_load_up_and_down(cluster, api, ns, k
         (pod,) = api.list("v1", "pods", ns)
         load = _load(f"http://{pod['status']['podIP']}:8000", model_dir / "smollm2", concurrency=4)
         try:
-            wait_for(lambda: (_deployment_replicas(api, ns) or 0) >= 2, "a scale-up under load", timeout=60)
-            wait_for(lambda: _deployment_replicas(api, ns) == 3, "3 replicas (the max)", timeout=60)
-            wait_for(  # real pods: scheduled, started, loaded, Ready
-                lambda: api.get(API_VERSION, ISVC, ns, "chat")["status"].get("readyReplicas") == 3,
-                "3 ready replicas",
+            wait_for(lambda: _deployment_replicas(api, ns) == 2, "a scale-up under load", timeout=60)
+            wait_for(  # a real pod: scheduled, started, loaded, Ready
+                lambda: api.get(API_VERSION, ISVC, ns, "chat")["status"].get("readyReplicas") == 2,
+                "2 ready replicas",
                 timeout=120,
+            )
+            wait_for(  # 4 in flight want 4 replicas: held at the max
+                lambda: (
+                    condition({"status": _autoscaling_status(api, ns)}, "ScalingLimited").get("reason")
+                    == "TooManyReplicas"
+                ),
+                "ScalingLimited=TooManyReplicas",
             )
         finally:
             load.terminate()
             load.wait(timeout=30)
         up = _autoscaling_status(api, ns)["history"]
-        assert up[0]["from"] == 1 and up[0]["to"] >= 2 and up[0]["mode"] == "panic"
-        assert "concurrency" in up[0]["reason"]
+        assert (up[0]["from"], up[0]["to"], up[0]["mode"]) == (1, 2, "panic")
+        assert "panic: concurrency" in up[0]["reason"]
         wait_for(lambda: _deployment_replicas(api, ns) == 1, "the scale-down after the load", timeout=90)
         status = _autoscaling_status(api, ns)
         assert status["history"][-1]["to"] == 1 and status["history"][-1]["mode"] == "stable"
