@@ -72,7 +72,7 @@ def test_text_output_names_every_change_and_the_final_count(files, capsys):
     assert main(["autoscale", "replay", "-f", str(manifest), "--metrics", str(metrics)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("t=40") and "2 -> 4" in out[0] and "panic" in out[0]
-    assert out[-1] == "final: 2 replicas at t=218"
+    assert out[-1] == "final: 2 replicas at t=218.0"
 
 
 def test_help_says_open_loop(capsys):
