@@ -9,7 +9,8 @@ from typing import Any
 from kvpilot.operator.api import InferenceService
 from kvpilot.operator.builders import build_children
 from kvpilot.operator.executor import KubeClient
-from kvpilot.operator.planner import plan
+from kvpilot.operator.labels import AUTOSCALER_MANAGER, MANAGER
+from kvpilot.operator.planner import plan, replicas_handoff
 from kvpilot.operator.status import compute_status, invalid_spec_status, status_changed
 from kvpilot.serving.validation import problems
 from pydantic import ValidationError
@@ -49,7 +50,10 @@ def reconcile(body: dict[str, Any], client: KubeClient, now: str | None = None) 
         return Outcome(status_written=changed, error=error)
 
     observed = client.read_children(isvc)
-    the_plan = plan(build_children(isvc), observed)
+    desired = build_children(isvc)
+    for name, replicas in replicas_handoff(desired, observed, MANAGER).items():
+        client.apply_replicas(isvc.metadata.namespace, name, replicas, AUTOSCALER_MANAGER)
+    the_plan = plan(desired, observed)
     written = client.execute(the_plan)
     deployments = {obj["metadata"]["name"]: obj for obj in observed if obj["kind"] == "Deployment"}
     deployment = written.get(("Deployment", isvc.metadata.name)) or deployments.get(isvc.metadata.name)

@@ -36,11 +36,10 @@ from kvpilot.operator.autoscaler.scrape import (
 )
 from kvpilot.operator.autoscaler.shares import share_replicas
 from kvpilot.operator.executor import KubeClient, PermanentApiError, TransientError
-from kvpilot.operator.labels import selector_string
+from kvpilot.operator.labels import AUTOSCALER_MANAGER, selector_string
 from pydantic import ValidationError
 
 INTERVAL_SECONDS = 2.0
-FIELD_MANAGER = "kvpilot-autoscaler"
 VALUE_REFRESH_SECONDS = 10.0  # a status write for a changed currentValue alone, at most this often
 ROUTER_NAME = "kvpilot-router"  # app.kubernetes.io/name of the router pods
 RECORD_ENV = "KVPILOT_AUTOSCALER_RECORD_DIR"  # `kvpilot operator --record-samples DIR`
@@ -78,7 +77,7 @@ def scale_event(isvc: InferenceService, before: int, after: int, mode: str, reas
         "type": "Normal",
         "reason": "SuccessfulRescale",
         "message": f"scaled from {before} to {after} ({mode}): {reason}"[:1024],
-        "source": {"component": FIELD_MANAGER},
+        "source": {"component": AUTOSCALER_MANAGER},
         "firstTimestamp": stamp,
         "lastTimestamp": stamp,
         "count": 1,
@@ -208,7 +207,9 @@ class Autoscaler:
         namespace, name = isvc.metadata.namespace, isvc.metadata.name
         try:
             for deployment, replicas in share_replicas(decision.desired, {name: 1.0}).items():
-                await asyncio.to_thread(client.apply_replicas, namespace, deployment, replicas, FIELD_MANAGER)
+                await asyncio.to_thread(
+                    client.apply_replicas, namespace, deployment, replicas, AUTOSCALER_MANAGER
+                )
         except (TransientError, PermanentApiError) as exc:
             return ScaleWrite(False, "FailedUpdateScale", str(exc))
         log.info(f"autoscaler: {namespace}/{name}: {current} -> {decision.desired}: {decision.reason}")

@@ -13,7 +13,7 @@ import httpx
 import kubernetes.client
 import pytest
 from kvpilot.operator.autoscaler.decision import Decision, State
-from kvpilot.operator.autoscaler.loop import FIELD_MANAGER, Autoscaler
+from kvpilot.operator.autoscaler.loop import Autoscaler
 from kvpilot.operator.autoscaler.replay import RecordedSample
 from kvpilot.operator.autoscaler.report import ScaleWrite, autoscaling_status, worth_writing
 from kvpilot.operator.autoscaler.scrape import (
@@ -26,6 +26,7 @@ from kvpilot.operator.autoscaler.scrape import (
 )
 from kvpilot.operator.autoscaler.shares import share_replicas
 from kvpilot.operator.executor import KubeClient
+from kvpilot.operator.labels import AUTOSCALER_MANAGER
 from kvpilot.serving.api.metrics import ServerMetrics
 from kvpilot.serving.engine.stats import EngineStats
 from prometheus_client import CollectorRegistry, Gauge, generate_latest, start_http_server
@@ -237,7 +238,7 @@ def test_tick_scales_the_deployment_from_a_real_metrics_endpoint(kube, kubectl, 
     (entry,) = status["history"]
     assert (entry["from"], entry["to"]) == (1, 2) and "maxScaleUpRate 2 allows 2" in entry["reason"]
     (event,) = kubectl.list("v1", "events", namespace)
-    assert event["reason"] == "SuccessfulRescale" and event["source"]["component"] == FIELD_MANAGER
+    assert event["reason"] == "SuccessfulRescale" and event["source"]["component"] == AUTOSCALER_MANAGER
     assert event["involvedObject"]["kind"] == "InferenceService" and "from 1 to 2" in event["message"]
     # The sample is recorded in the replay's format (no router here: no queued key).
     (line,) = (tmp_path / "loop-scale_chat.jsonl").read_text().splitlines()

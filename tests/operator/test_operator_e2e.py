@@ -316,15 +316,22 @@ def test_scale_subresource_drives_the_deployment(api, ns, kubectl, operator):
 
 
 def test_with_autoscaling_the_operator_leaves_the_deployments_replicas_alone(api, ns, kubectl, operator):
-    """What an HPA does (scale the Deployment) survives the operator's reconciles, even after a
-    spec change that rewrites the Deployment."""
+    """Turning autoscaling on keeps the running count (the operator hands spec.replicas to the
+    autoscaler's field manager before it stops applying it, which would reset it to 1); then what
+    an HPA does (scale the Deployment) survives reconciles, even a spec change that rewrites it."""
+    api.create(API_VERSION, ISVC, ns, manifest(ns, replicas=2))
+    wait_for(lambda: _deployment_replicas(api, ns) == 2, "the Deployment with 2 replicas")
     autoscaling = {"minReplicas": 1, "maxReplicas": 3, "target": 0.7, "engine": "hpa"}
-    api.create(API_VERSION, ISVC, ns, manifest(ns, autoscaling=autoscaling))
-    deployment = wait_for(lambda: api.get("apps/v1", "deployments", ns, "chat"), "the Deployment")
+    api.patch(API_VERSION, ISVC, ns, "chat", {"spec": {"autoscaling": autoscaling}})
     hpa = wait_for(lambda: api.get("autoscaling/v2", "horizontalpodautoscalers", ns, "chat"), "the HPA")
     assert hpa["spec"]["scaleTargetRef"]["name"] == "chat" and hpa["spec"]["maxReplicas"] == 3
-    assert deployment["spec"]["replicas"] == 1  # the API server's default: nobody set it
-    kubectl.run("scale", "deployment", "chat", "-n", ns, "--replicas=2")
+    time.sleep(2)
+    assert _deployment_replicas(api, ns) == 2
+    fields = api.get("apps/v1", "deployments", ns, "chat")["metadata"]["managedFields"]
+    managers = {e["manager"] for e in fields if "f:replicas" in (e.get("fieldsV1") or {}).get("f:spec", {})}
+    assert managers == {"kvpilot-autoscaler"}
+
+    kubectl.run("scale", "deployment", "chat", "-n", ns, "--replicas=0")
     api.patch(API_VERSION, ISVC, ns, "chat", {"spec": {"podAnnotations": {"touched": "yes"}}})
     wait_for(
         lambda: api.get("apps/v1", "deployments", ns, "chat")["spec"]["template"]["metadata"][
@@ -333,7 +340,7 @@ def test_with_autoscaling_the_operator_leaves_the_deployments_replicas_alone(api
         "the operator to apply the spec change",
     )
     time.sleep(2)
-    assert api.get("apps/v1", "deployments", ns, "chat")["spec"]["replicas"] == 2
+    assert _deployment_replicas(api, ns) == 0
 
 
 def test_the_operator_rides_out_an_api_server_outage(cluster, api, ns, operator):
