@@ -457,9 +457,8 @@ def _load(base_url: str, tokenizer: Path, concurrency: int) -> subprocess.Popen:
 def test_the_autoscaler_follows_real_engine_load_up_and_down(cluster, api, ns, kubectl, model_dir, tmp_path):
     """The operator's own autoscaler scrapes the real engine pods' /metrics: 4 streams in flight at a
     target of 1 per replica scale 1 -> 2 (panic, clamped at the max); when the load stops it comes
-    back to 1. Each
-    decision is in status.autoscaling and an Event, and replaying the recorded samples through
-    `kvpilot autoscale replay` makes the same decisions."""
+    back to 1. Each decision is in status.autoscaling and an Event, and replaying the recorded
+    samples through `kvpilot autoscale replay` makes the same decisions."""
     samples_dir = tmp_path / "samples"
     with OperatorProcess(cluster.control_plane, "--record-samples", str(samples_dir)):
         api.create(API_VERSION, ISVC, ns, manifest(ns, autoscaling=AUTOSCALING))
