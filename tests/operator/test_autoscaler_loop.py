@@ -29,7 +29,8 @@ from kvpilot.operator.executor import KubeClient
 from kvpilot.operator.labels import AUTOSCALER_MANAGER
 from kvpilot.serving.api.metrics import ServerMetrics
 from kvpilot.serving.engine.stats import EngineStats
-from prometheus_client import CollectorRegistry, Gauge, generate_latest, start_http_server
+from kvpilot.serving.router.metering import RouterMetrics
+from prometheus_client import generate_latest, start_http_server
 
 T0 = 1_800_000_000.0
 
@@ -50,11 +51,10 @@ def test_engine_gauges_are_read_from_the_servers_own_metrics():
 
 
 def test_router_queue_is_read_for_this_model_only():
-    registry = CollectorRegistry()
-    queued = Gauge("kvpilot_router_queued_requests", "Requests held", ["model"], registry=registry)
-    queued.labels("smollm2").set(3)
-    queued.labels("other").set(7)
-    text = generate_latest(registry).decode()
+    metrics = RouterMetrics()  # the router's own /metrics registry
+    metrics.queued.labels("smollm2").set(3)
+    metrics.queued.labels("other").set(7)
+    text = generate_latest(metrics.registry).decode()
     assert parse_router_queued(text, "smollm2") == 3.0
     assert parse_router_queued(text, "absent") == 0.0
     assert parse_router_queued("vllm:num_requests_running 1\n", "smollm2") is None
