@@ -5,17 +5,22 @@ No client calls, no globals: each function maps a parsed InferenceService to one
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from kvpilot.operator.api import InferenceService
 from kvpilot.operator.autoscaler.external import build_external_autoscaler
+from kvpilot.operator.containers import http_probe, pod_security_context, security_context
 from kvpilot.operator.labels import (
     SERVICE_PORT,
     child_metadata,
     common_labels,
+    engine_service_name,
     selector_labels,
     with_spec_hash,
 )
+from kvpilot.operator.router_builders import build_inference_pool, build_router_children
+from kvpilot.operator.router_config import RevisionEndpoints, revision_endpoints
 from kvpilot.serving.contract import (
     DEFAULT_PORT,
     HEALTH_PATH,
@@ -34,7 +39,6 @@ TERMINATION_GRACE_SECONDS = PRESTOP_SLEEP_SECONDS + DRAIN_SECONDS + 10
 STARTUP_PROBE_PERIOD_SECONDS = 10
 STARTUP_PROBE_FAILURES = 180  # 30 minutes for download + load + warm-up before liveness starts
 PROGRESS_DEADLINE_SECONDS = 2400
-RUN_AS_USER = 1000
 AWS_CLI_IMAGE = "public.ecr.aws/aws-cli/aws-cli:2.22.35"
 GCLOUD_IMAGE = "gcr.io/google.com/cloudsdktool/google-cloud-cli:502.0.0-slim"
 
@@ -64,19 +68,19 @@ def serve_args(isvc: InferenceService, model_path: str) -> list[str]:
     return args + list(engine.extra_args)
 
 
-def _security_context() -> dict[str, Any]:
-    return {
-        "allowPrivilegeEscalation": False,
-        "readOnlyRootFilesystem": True,
-        "runAsNonRoot": True,
-        "capabilities": {"drop": ["ALL"]},
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
-
-
 def _env(isvc: InferenceService) -> list[dict[str, Any]]:
     base = [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HOME", "value": "/tmp/hf-home"}]
     return base + [env.model_dump(by_alias=True, exclude_none=True) for env in isvc.spec.env]
+
+
+def _server_env(isvc: InferenceService) -> list[dict[str, Any]]:
+    """The server's environment: with an upstream key, `--api-key` from the Secret (the operator
+    never reads it; the kubelet resolves the reference)."""
+    upstream = isvc.spec.router.upstream_api_key_secret_ref
+    if upstream is None:
+        return _env(isvc)
+    key = {"secretKeyRef": {"name": upstream.name, "key": upstream.key}}
+    return [*_env(isvc), {"name": SERVE_SETTING["api_key"].env, "valueFrom": key}]
 
 
 def _model_source(isvc: InferenceService) -> tuple[dict[str, Any], str, list[dict[str, Any]]]:
@@ -106,7 +110,7 @@ def _model_source(isvc: InferenceService) -> tuple[dict[str, Any], str, list[dic
         "command": command,
         "env": [*_env(isvc), {"name": "CLOUDSDK_CONFIG", "value": "/tmp/gcloud"}],
         "volumeMounts": [{"name": "model", "mountPath": MODEL_DIR}, {"name": "tmp", "mountPath": "/tmp"}],
-        "securityContext": _security_context(),
+        "securityContext": security_context(),
     }
     return {"name": "model", "emptyDir": {}}, MODEL_DIR, [download]
 
@@ -122,15 +126,6 @@ def _resources(isvc: InferenceService) -> dict[str, Any]:
     if spec.gpu.count:
         limits[spec.gpu.resource_name] = str(spec.gpu.count)
     return {k: v for k, v in {"requests": requests, "limits": limits}.items() if v}
-
-
-def _http_probe(path: str, period: int, failures: int, timeout: int) -> dict[str, Any]:
-    return {
-        "httpGet": {"path": path, "port": PORT_NAME},
-        "periodSeconds": period,
-        "failureThreshold": failures,
-        "timeoutSeconds": timeout,
-    }
 
 
 def service_account_name(isvc: InferenceService) -> str | None:
@@ -153,32 +148,26 @@ def _pod_spec(isvc: InferenceService) -> dict[str, Any]:
         "command": ["kvpilot", "serve"],
         "args": serve_args(isvc, model_path),
         "ports": [{"name": PORT_NAME, "containerPort": DEFAULT_PORT, "protocol": "TCP"}],
-        "env": _env(isvc),
+        "env": _server_env(isvc),
         "resources": _resources(isvc),
         "volumeMounts": [
             model_mount,
             {"name": "dshm", "mountPath": "/dev/shm"},
             {"name": "tmp", "mountPath": "/tmp"},
         ],
-        "readinessProbe": _http_probe(READY_PATH, period=5, failures=3, timeout=2),
-        "livenessProbe": _http_probe(HEALTH_PATH, period=10, failures=6, timeout=5),
-        "startupProbe": _http_probe(
+        "readinessProbe": http_probe(READY_PATH, period=5, failures=3, timeout=2),
+        "livenessProbe": http_probe(HEALTH_PATH, period=10, failures=6, timeout=5),
+        "startupProbe": http_probe(
             HEALTH_PATH, period=STARTUP_PROBE_PERIOD_SECONDS, failures=STARTUP_PROBE_FAILURES, timeout=5
         ),
         "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRESTOP_SLEEP_SECONDS)]}}},
-        "securityContext": _security_context(),
+        "securityContext": security_context(),
     }
     pod: dict[str, Any] = {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": RUN_AS_USER,
-            "runAsGroup": RUN_AS_USER,
-            "fsGroup": RUN_AS_USER,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": pod_security_context(),
         "containers": [container],
         "volumes": [
             model_volume,
@@ -232,10 +221,11 @@ def build_deployment(isvc: InferenceService) -> dict[str, Any]:
 
 
 def build_service(isvc: InferenceService) -> dict[str, Any]:
+    """The engine pods' Service (`engine_service_name`: `<name>` itself when there is no router)."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": child_metadata(isvc),
+        "metadata": child_metadata(isvc, name=engine_service_name(isvc)),
         "spec": {
             "type": "ClusterIP",
             "selector": selector_labels(isvc),
@@ -265,8 +255,16 @@ def build_service_account(isvc: InferenceService) -> dict[str, Any]:
     }
 
 
-def build_children(isvc: InferenceService) -> list[dict[str, Any]]:
-    """Every object the InferenceService should own, each stamped with its spec hash."""
+def build_children(
+    isvc: InferenceService,
+    revision_list: Sequence[RevisionEndpoints] | None = None,
+    inference_pool_served: bool = True,
+) -> list[dict[str, Any]]:
+    """Every object the InferenceService should own, each stamped with its spec hash.
+
+    `revision_list`: the model's revisions with their ready endpoints (default: none ready yet);
+    `inference_pool_served`: whether the cluster serves the InferencePool CRD.
+    """
     children = []
     if isvc.spec.create_service_account:
         children.append(build_service_account(isvc))
@@ -274,4 +272,9 @@ def build_children(isvc: InferenceService) -> list[dict[str, Any]]:
     if isvc.spec.most_replicas > 1:
         children.append(build_pod_disruption_budget(isvc))
     children += build_external_autoscaler(isvc)
+    if isvc.spec.router.enabled:
+        endpoints = revision_endpoints(isvc, []) if revision_list is None else revision_list
+        children += build_router_children(isvc, endpoints)
+    if isvc.spec.router.inference_pool and inference_pool_served:
+        children.append(build_inference_pool(isvc))
     return [with_spec_hash(child) for child in children]

@@ -6,11 +6,13 @@ on; `Reconciling` and `Stalled` are "abnormal-true" and are False when all is we
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from kvpilot.operator.api import Condition, InferenceService, InferenceServiceStatus
 from kvpilot.operator.builders import service_url
 from kvpilot.operator.labels import selector_string
+from kvpilot.operator.router_config import referenced_secrets
 
 READY, RECONCILING, STALLED = "Ready", "Reconciling", "Stalled"
 AUTOSCALING = "autoscaling"  # written by the autoscaler (operator/autoscaler/), not by the reconciler
@@ -102,12 +104,47 @@ def desired_replicas(isvc: InferenceService, deployment: dict[str, Any] | None) 
     return isvc.spec.autoscaling.min_replicas if scaled is None else scaled
 
 
+_SEVERITY = {"ready": 0, "reconciling": 1, "stalled": 2}
+
+
+def _with_router(
+    engine: tuple[str, str, str], router: dict[str, Any] | None, replicas: int
+) -> tuple[str, str, str]:
+    """The engine's progress and the router's: the worse one wins; both ready is ready."""
+    state, reason, message = _deployment_progress(router, replicas)
+    routed = (state, reason, f"router: {message}")
+    if _SEVERITY[engine[0]] == _SEVERITY[state] == 0:
+        return engine[0], engine[1], f"{engine[2]}; {routed[2]}"
+    return routed if _SEVERITY[state] > _SEVERITY[engine[0]] else engine
+
+
+def missing_secrets_message(isvc: InferenceService, missing: Sequence[str]) -> str:
+    """Names the Secrets and the fields that need them (never anything from inside a Secret)."""
+    fields = referenced_secrets(isvc)
+    parts = [f"Secret {name} ({', '.join(fields.get(name, []))})" for name in missing]
+    return (
+        f"{'; '.join(parts)} not found in namespace {isvc.metadata.namespace}: "
+        "the pods that need it start once it exists"
+    )
+
+
 def compute_status(
-    isvc: InferenceService, deployment: dict[str, Any] | None, previous: dict[str, Any], now: str
+    isvc: InferenceService,
+    deployment: dict[str, Any] | None,
+    previous: dict[str, Any],
+    now: str,
+    router: dict[str, Any] | None = None,
+    missing_secrets: Sequence[str] = (),
 ) -> dict[str, Any]:
+    """`router`: the router's Deployment as observed; `missing_secrets`: tenants' Secrets that
+    do not exist (Stalled until someone creates them)."""
     generation = isvc.metadata.generation
     desired = desired_replicas(isvc, deployment)
     state, reason, message = _deployment_progress(deployment, desired)
+    if isvc.spec.router.enabled:
+        state, reason, message = _with_router((state, reason, message), router, isvc.spec.router.replicas)
+    if missing_secrets:
+        state, reason, message = "stalled", "SecretNotFound", missing_secrets_message(isvc, missing_secrets)
     states = {READY: state == "ready", RECONCILING: state == "reconciling", STALLED: state == "stalled"}
     reasons = dict.fromkeys(states, (reason, message))
     observed = (deployment or {}).get("status") or {}

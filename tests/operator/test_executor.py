@@ -28,7 +28,15 @@ def owned_in(kubectl, namespace: str):
 def test_create_then_read_back_only_owned_children(client, kubectl):
     service = owned_in(kubectl, "exec-own")
     written = client.execute(plan(build_children(service), []))
-    assert sorted(written) == [("Deployment", "chat"), ("PodDisruptionBudget", "chat"), ("Service", "chat")]
+    assert sorted(written) == [
+        ("ConfigMap", "chat-router"),
+        ("Deployment", "chat"),
+        ("Deployment", "chat-router"),
+        ("PodDisruptionBudget", "chat"),
+        ("PodDisruptionBudget", "chat-router"),
+        ("Service", "chat"),
+        ("Service", "chat-engine"),
+    ]
     # A look-alike with the same labels but another owner is not ours.
     foreign = build_children(owned_in(kubectl, "exec-foreign"))[1]
     foreign["metadata"].update(name="other", namespace="exec-own")
@@ -52,7 +60,9 @@ def test_create_then_read_back_only_owned_children(client, kubectl):
 def test_failures_are_classified(client, apiserver, status, error):
     namespace = f"exec-fail-{status}"
     apiserver.server[f"patch /api/v1/namespaces/{namespace}/services/chat"] << status
-    service = build_children(isvc())[1]
+    (service,) = [
+        c for c in build_children(isvc()) if c["metadata"]["name"] == "chat" and c["kind"] == "Service"
+    ]
     service["metadata"]["namespace"] = namespace
     with pytest.raises(error, match=f"apply Service: HTTP {status}"):
         client.execute(Plan(create=[service]))
@@ -94,13 +104,11 @@ def test_keyed_locks_serialize_one_key_and_forget_it_when_released():
     assert len(locks) == 0
 
 
-def test_a_scaled_object_without_keda_is_a_permanent_error_naming_keda(client, kubectl, apiserver):
-    scaled_objects = "/apis/keda.sh/v1alpha1/namespaces/exec-keda/scaledobjects"
-    apiserver.server[f"list {scaled_objects}"] << 404  # no KEDA CRD in this cluster
-    apiserver.server[f"patch {scaled_objects}/chat"] << 404
+def test_a_scaled_object_without_keda_is_a_permanent_error_naming_keda(client, kubectl):
     keda = {"engine": "keda", "maxReplicas": 3, "target": 2, "prometheus": {"address": "http://prom:9090"}}
     service = owned_in(kubectl, "exec-keda").model_copy(update={"spec": isvc(autoscaling=keda).spec})
-    assert client.read_children(service) == []  # ScaledObjects are not served here: none, no error
+    assert not client.serves("ScaledObject")  # the emulator serves no keda.sh
+    assert client.read_children(service) == []  # so none are listed, and that is no error
     desired = build_children(service)
     with pytest.raises(PermanentApiError, match=r"KEDA .* is not installed"):
         client.execute(plan(desired, []))

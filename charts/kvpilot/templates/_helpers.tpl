@@ -44,20 +44,25 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
   verbs: ["patch"]
 # Children: listed by selector and written by server-side apply (a PATCH that creates a missing
 # object is authorized as create too); Deployments and Services are watched to follow readiness
-# and revert drift. The operator never deletes Deployments and Services (the garbage collector
-# does, through ownerReferences); it deletes a PDB or ServiceAccount the spec no longer asks for.
-# The autoscaler (autoscaling.engine: kvpilot) also gets the engine Deployment and applies its replicas.
+# and revert drift. The garbage collector deletes children with their InferenceService (through
+# ownerReferences); the operator deletes a child the spec no longer asks for (the router's
+# Deployment, ConfigMap, PDB and the engine's own Service when spec.router.enabled turns false;
+# a PDB, ServiceAccount or InferencePool). The autoscaler (autoscaling.engine: kvpilot) also gets
+# the engine Deployment and applies its replicas.
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["get", "list", "watch", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["list", "watch", "create", "patch"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
   verbs: ["list", "create", "patch", "delete"]
 - apiGroups: [""]
-  resources: ["serviceaccounts"]
+  resources: ["serviceaccounts", "configmaps"]
+  verbs: ["list", "create", "patch", "delete"]
+- apiGroups: ["inference.networking.k8s.io"]
+  resources: ["inferencepools"]
   verbs: ["list", "create", "patch", "delete"]
 # autoscaling.engine hpa / keda: the HorizontalPodAutoscaler or ScaledObject the spec asks for.
 - apiGroups: ["autoscaling"]
@@ -66,10 +71,20 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 - apiGroups: ["keda.sh"]
   resources: ["scaledobjects"]
   verbs: ["list", "create", "patch", "delete"]
+# The engine pods' EndpointSlices: the router's endpoint lists follow them.
+- apiGroups: ["discovery.k8s.io"]
+  resources: ["endpointslices"]
+  verbs: ["list", "watch"]
 # The autoscaler lists the engine and router pods to read their /metrics.
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list"]
+# Whether each tenant's Secret exists (Stalled naming it otherwise): a GET of one named Secret
+# asking for metadata only, so no key ever reaches the operator. No list or watch: the operator
+# cannot enumerate Secrets.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get"]
 # Warning events (invalid specs, failed handlers); Normal events of the autoscaler's scales.
 - apiGroups: [""]
   resources: ["events"]
