@@ -8,6 +8,7 @@ user only. Each test uses its own namespace; one operator process runs at a time
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import shutil
@@ -458,14 +459,26 @@ def _load(base_url: str, tokenizer: Path, concurrency: int) -> subprocess.Popen:
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def test_the_autoscaler_follows_real_engine_load_up_and_down(cluster, api, ns, kubectl, model_dir, tmp_path):
-    """The operator's own autoscaler scrapes the real engine pods' /metrics: 4 streams in flight at a
-    target of 1 per replica scale 1 -> 2 (panic, clamped at the max); when the load stops it comes
-    back to 1. Each decision is in status.autoscaling and an Event, and replaying the recorded
-    samples through `kvpilot autoscale replay` makes the same decisions."""
+def _router_url(api, ns: str) -> str:
+    pods = api.list("v1", "pods", ns, labelSelector="app.kubernetes.io/name=kvpilot-router")
+    ready = [p for p in pods if condition(p, "Ready").get("status") == "True"]
+    port = ready[0]["spec"]["containers"][0]["ports"][0]["containerPort"]
+    return f"http://{ready[0]['status']['podIP']}:{port}"
+
+
+def test_the_autoscaler_follows_real_engine_load_up_down_and_to_zero(
+    cluster, api, ns, kubectl, model_dir, tmp_path
+):
+    """The operator's own autoscaler scrapes the real engine pods' /metrics: 4 streams in flight
+    through the router at a target of 1 per replica scale 1 -> 2 (panic, clamped at the max); when
+    the load stops it comes back to 1; with minReplicas 0 it goes to zero, and a request sent to
+    the router at zero is held, scales the engine 0 -> 1 and is answered. Each decision is in
+    status.autoscaling and an Event, and replaying the recorded samples through `kvpilot autoscale
+    replay` makes the same decisions."""
     samples_dir = tmp_path / "samples"
+    router = {"enabled": True, "replicas": 1}
     with OperatorProcess(cluster.control_plane, "--record-samples", str(samples_dir)):
-        api.create(API_VERSION, ISVC, ns, manifest(ns, autoscaling=AUTOSCALING))
+        api.create(API_VERSION, ISVC, ns, manifest(ns, autoscaling=AUTOSCALING, router=router))
         wait_for(lambda: isvc_condition(api, ns, "Ready").get("status") == "True", "Ready=True", timeout=180)
         # ScalingActive once the engine pod is Ready and its /metrics answers (False while it loads).
         wait_for(
@@ -476,8 +489,8 @@ def test_the_autoscaler_follows_real_engine_load_up_and_down(cluster, api, ns, k
         )
         assert _autoscaling_status(api, ns)["desiredReplicas"] == 1
 
-        (pod,) = api.list("v1", "pods", ns)
-        load = _load(f"http://{pod['status']['podIP']}:8000", model_dir / "smollm2", concurrency=4)
+        router_url = _router_url(api, ns)
+        load = _load(router_url, model_dir / "smollm2", concurrency=4)
         try:
             wait_for(lambda: _deployment_replicas(api, ns) == 2, "a scale-up under load", timeout=60)
             wait_for(  # a real pod: scheduled, started, loaded, Ready
@@ -502,8 +515,6 @@ def test_the_autoscaler_follows_real_engine_load_up_and_down(cluster, api, ns, k
         status = _autoscaling_status(api, ns)
         assert status["history"][-1]["to"] == 1 and status["history"][-1]["mode"] == "stable"
         assert (status["desiredReplicas"], status["mode"]) == (1, "stable")
-        events = [e for e in api.list("v1", "events", ns) if e.get("reason") == "SuccessfulRescale"]
-        assert len(events) == len(status["history"])
         wait_for(  # the reconciler follows the Deployment's count (kubectl get isvc: Desired)
             lambda: api.get(API_VERSION, ISVC, ns, "chat")["status"].get("desiredReplicas") == 1, "Desired 1"
         )
@@ -513,7 +524,31 @@ def test_the_autoscaler_follows_real_engine_load_up_and_down(cluster, api, ns, k
         }
         assert managers == {"kvpilot-autoscaler"}
 
-    # The recording replays to the same decisions (open-loop, but the load was real).
+        # Idle with minReplicas 0: to zero; a request at zero is held by the router and answered.
+        to_zero = {**AUTOSCALING, "minReplicas": 0, "scaleToZeroAfter": "4s"}
+        api.patch(API_VERSION, ISVC, ns, "chat", {"spec": {"autoscaling": to_zero}})
+        wait_for(lambda: _deployment_replicas(api, ns) == 0, "scale to zero", timeout=60)
+        engine = "app.kubernetes.io/name=kvpilot"
+        wait_for(lambda: not api.list("v1", "pods", ns, labelSelector=engine), "no engine pod", timeout=90)
+        client = openai.OpenAI(base_url=f"{router_url}/v1", api_key="none", timeout=240, max_retries=0)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(
+                client.chat.completions.create,
+                model="smollm2",
+                messages=[{"role": "user", "content": "What is the capital of France?"}],
+                max_tokens=8,
+                temperature=0,
+            )
+            wait_for(lambda: _deployment_replicas(api, ns) == 1, "the scale from zero", timeout=60)
+            completion = answer.result(timeout=240)
+        assert completion.choices[0].message.content.strip() and completion.usage.completion_tokens > 0
+        history = _autoscaling_status(api, ns)["history"]
+        assert (history[-2]["to"], history[-1]["from"], history[-1]["to"]) == (0, 0, 1)
+        assert "requests queued at the router at zero replicas" in history[-1]["reason"]
+        events = [e for e in api.list("v1", "events", ns) if e.get("reason") == "SuccessfulRescale"]
+        assert len(events) == len(history)
+
+    # The recording (up to the policy change) replays to the same decisions.
     (recording,) = samples_dir.glob(f"{ns}_chat.jsonl")
     manifest_file = tmp_path / "isvc.yaml"
     manifest_file.write_text(yaml.safe_dump(manifest(ns, autoscaling=AUTOSCALING)))
@@ -522,11 +557,10 @@ def test_the_autoscaler_follows_real_engine_load_up_and_down(cluster, api, ns, k
          "--metrics", str(recording), "--json"],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
-    *changes, final = [json.loads(line) for line in replayed.stdout.splitlines()]
-    assert [(c["from"], c["to"], c["mode"]) for c in changes] == [
+    changes = [json.loads(line) for line in replayed.stdout.splitlines()][:-1]
+    assert [(c["from"], c["to"], c["mode"]) for c in changes[: len(status["history"])]] == [
         (h["from"], h["to"], h["mode"]) for h in status["history"]
     ]
-    assert final["desired"] == 1
     if os.environ.get("KVPILOT_AUTOSCALER_TIMELINE"):  # keep the recording (the README's plot)
         shutil.copy(recording, os.environ["KVPILOT_AUTOSCALER_TIMELINE"])
 
