@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass, field
 
+from kvpilot.serving.structured_outputs import StructuredOutputsParams
 from kvpilot.serving.validation import InvalidParameter
 
 
@@ -24,7 +25,9 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top logprobs per sampled token
+    prompt_logprobs: int | None = None  # number of top logprobs per prompt token (prefill recomputed)
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None  # what the output must match
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -43,6 +46,7 @@ class SamplingParams:
             (self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "must be >= 1"),
             (self.min_tokens >= 0, "min_tokens", "must be >= 0"),
             (self.logprobs is None or self.logprobs >= 0, "logprobs", "must be >= 0"),
+            (self.prompt_logprobs is None or self.prompt_logprobs >= 0, "prompt_logprobs", "must be >= 0"),
         ]
         for ok, name, message in checks:
             if not ok:

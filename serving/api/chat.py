@@ -5,7 +5,7 @@ from collections.abc import AsyncIterator
 from fastapi.responses import StreamingResponse
 from kvpilot.serving.api.completions import ABORTED_MESSAGE
 from kvpilot.serving.api.errors import APIError, bad_request, unavailable
-from kvpilot.serving.api.logprobs import chat_logprobs
+from kvpilot.serving.api.logprobs import chat_logprobs, prompt_logprobs_body
 from kvpilot.serving.api.prompts import chat_prompt, sampling_params
 from kvpilot.serving.api.protocol import (
     SSE_DONE,
@@ -23,34 +23,32 @@ from kvpilot.serving.api.protocol import (
 )
 from kvpilot.serving.api.state import ServingState
 from kvpilot.serving.api.streams import DeltaTracker
+from kvpilot.serving.api.tool_parsers import ToolCallParser
+from kvpilot.serving.api.tools import ToolCallDeltas, finish_reason, message_parts, plan_tools
 from kvpilot.serving.engine.outputs import RequestOutput
 
 
 async def create_chat_completion(request: ChatCompletionRequest, state: ServingState):
     state.check_model(request.model)
-    if request.response_format is not None and request.response_format.type != "text":
-        raise bad_request(
-            f"response_format: type {request.response_format.type!r} is not supported yet; only 'text'",
-            param="response_format",
-        )
-    if request.tools:
-        raise bad_request("tools: function calling is not supported", param="tools")
     if request.stream_options is not None and not request.stream:
         raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
     if request.top_logprobs is not None and not request.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
     model = state.model_info
-    prompt = await state.off_loop(chat_prompt, request, model)
+    tools = plan_tools(request, model.chat_template or "")
+    prompt = await state.off_loop(chat_prompt, request, model, tools)
     max_tokens = request.max_completion_tokens or request.max_tokens
     num_top = (request.top_logprobs or 0) if request.logprobs else None
-    params = sampling_params(request, max_tokens, num_top, model.vocab_size)  # the engine fits it
+    structured = tools.structured if tools else None
+    params = sampling_params(request, max_tokens, num_top, model.vocab_size, structured)  # the engine fits it
+    parser = tools.parser if tools else None
     state.check_queue()
     request_id = random_id("chatcmpl")
     stream = state.generate(prompt.token_ids, params, request_id)
     if request.stream:
         first = await anext(stream)  # engine-side validation errors surface here, before the 200
         return StreamingResponse(
-            _stream(request, state, request_id, first, stream), media_type="text/event-stream"
+            _stream(request, state, request_id, first, stream, parser), media_type="text/event-stream"
         )
     final = None
     async for output in stream:
@@ -62,17 +60,23 @@ async def create_chat_completion(request: ChatCompletionRequest, state: ServingS
         logprobs = None
         if num_top is not None:
             logprobs = chat_logprobs(model.tokenizer, seq.token_ids, seq.logprobs or [], num_top)
+        content, tool_calls = message_parts(parser, seq.text)
         choices.append(
             ChatChoice(
                 index=seq.index,
-                message=ChatResponseMessage(content=seq.text),
+                message=ChatResponseMessage(content=content, tool_calls=tool_calls),
                 logprobs=logprobs,
-                finish_reason=seq.finish_reason,
+                finish_reason=finish_reason(parser, seq.finish_reason, bool(tool_calls)),
                 stop_reason=seq.stop_reason,
             )
         )
     return ChatCompletionResponse(
-        id=request_id, created=now(), model=state.model_name, choices=choices, usage=_usage(final)
+        id=request_id,
+        created=now(),
+        model=state.model_name,
+        choices=choices,
+        usage=_usage(final),
+        prompt_logprobs=prompt_logprobs_body(model.tokenizer, final.prompt_logprobs),
     )
 
 
@@ -92,8 +96,10 @@ async def _stream(
     request_id: str,
     first: RequestOutput,
     stream: AsyncIterator[RequestOutput],
+    parser: ToolCallParser | None,
 ) -> AsyncIterator[str]:
     created, tracker = now(), DeltaTracker()
+    tool_deltas = {index: ToolCallDeltas(parser) for index in range(request.n)} if parser else {}
     tokenizer = state.model_info.tokenizer
     num_top = (request.top_logprobs or 0) if request.logprobs else None
 
@@ -121,12 +127,16 @@ async def _stream(
                     logprobs = chat_logprobs(
                         tokenizer, seq.token_ids[new_tokens], (seq.logprobs or [])[new_tokens], num_top
                     )
+                delta_message = DeltaMessage(content=text)
+                reason = seq.finish_reason
+                if parser is not None:
+                    deltas = tool_deltas[seq.index]
+                    content, calls = deltas.delta(seq.text, seq.finished)
+                    delta_message = DeltaMessage(content=content, tool_calls=calls or None)
+                    reason = finish_reason(parser, reason, deltas.has_calls)
                 yield chunk(
                     ChatChunkChoice(
-                        index=seq.index,
-                        delta=DeltaMessage(content=text),
-                        logprobs=logprobs,
-                        finish_reason=seq.finish_reason,
+                        index=seq.index, delta=delta_message, logprobs=logprobs, finish_reason=reason
                     )
                 )
             last, output = output, await anext(stream, None)

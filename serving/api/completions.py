@@ -4,7 +4,7 @@ from collections.abc import AsyncIterator
 
 from fastapi.responses import StreamingResponse
 from kvpilot.serving.api.errors import APIError, bad_request, unavailable
-from kvpilot.serving.api.logprobs import completion_logprobs
+from kvpilot.serving.api.logprobs import completion_logprobs, prompt_logprobs_body
 from kvpilot.serving.api.prompts import completion_prompts, sampling_params
 from kvpilot.serving.api.protocol import (
     SSE_DONE,
@@ -73,12 +73,16 @@ async def create_completion(request: CompletionRequest, state: ServingState):
                     request.logprobs,
                     text_offset=0,
                     prompt_token_ids=output.prompt_token_ids if request.echo else None,
+                    prompt_logprobs=output.prompt_logprobs,
                 )
             choices.append(
                 CompletionChoice(
                     index=index * n + seq.index,
                     text=text,
                     logprobs=logprobs,
+                    prompt_logprobs=prompt_logprobs_body(model.tokenizer, output.prompt_logprobs)
+                    if request.prompt_logprobs is not None
+                    else None,
                     finish_reason=seq.finish_reason,
                     stop_reason=seq.stop_reason,
                 )

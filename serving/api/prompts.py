@@ -10,7 +10,10 @@ from dataclasses import dataclass
 import jinja2
 from kvpilot.serving.api.errors import bad_request
 from kvpilot.serving.api.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from kvpilot.serving.api.structured import structured_outputs_params
+from kvpilot.serving.api.tools import ToolPlan, conversation
 from kvpilot.serving.sampling_params import SamplingParams
+from kvpilot.serving.structured_outputs import StructuredOutputsParams
 from kvpilot.serving.validation import CONTEXT_LENGTH_EXCEEDED, InvalidParameter
 
 # A tokenizer's normalizer may join characters (NFC) before the vocabulary sees them: leave room.
@@ -81,20 +84,21 @@ def _one_prompt(prompt: str | list[int], model: ModelInfo) -> EnginePrompt:
     return EnginePrompt(list(prompt), text)
 
 
-def chat_prompt(request: ChatCompletionRequest, model: ModelInfo) -> EnginePrompt:
+def chat_prompt(
+    request: ChatCompletionRequest, model: ModelInfo, tools: ToolPlan | None = None
+) -> EnginePrompt:
     if model.tokenizer is None or not model.chat_template:
         raise bad_request(
             "this model has no chat template (tokenizer_config.json has no chat_template): "
             "use /v1/completions",
             param="messages",
         )
-    conversation = [
-        {"role": m.role, "content": m.text} | ({"name": m.name} if m.name else {}) for m in request.messages
-    ]
-    check_text_length(sum(len(m["content"]) for m in conversation), model, "messages")
+    messages = conversation(request.messages, tools.system_prompt if tools else None)
+    check_text_length(sum(len(m["content"]) for m in messages), model, "messages")
     try:
         text = model.tokenizer.apply_chat_template(
-            conversation,
+            messages,
+            tools=tools.template_tools if tools else None,
             chat_template=model.chat_template,
             add_generation_prompt=request.add_generation_prompt,
             tokenize=False,
@@ -106,8 +110,15 @@ def chat_prompt(request: ChatCompletionRequest, model: ModelInfo) -> EnginePromp
 
 
 def sampling_params(
-    request: SamplingFields, max_tokens: int | None, logprobs: int | None, vocab_size: int
+    request: SamplingFields,
+    max_tokens: int | None,
+    logprobs: int | None,
+    vocab_size: int,
+    structured: StructuredOutputsParams | None = None,
 ) -> SamplingParams:
+    """`structured`: a grammar the caller imposes (tool calling); else the request's own
+    response_format / structured_outputs."""
+    structured = structured or structured_outputs_params(request)
     stop = request.stop if request.stop is not None else ()
     try:
         return SamplingParams(
@@ -128,10 +139,19 @@ def sampling_params(
             include_stop_str_in_output=request.include_stop_str_in_output,
             ignore_eos=request.ignore_eos,
             logprobs=logprobs,
+            prompt_logprobs=_prompt_logprobs(request, logprobs),
             skip_special_tokens=request.skip_special_tokens,
+            structured_outputs=structured,
         )
     except InvalidParameter as exc:
         raise bad_request(str(exc), param=exc.param) from None
+
+
+def _prompt_logprobs(request: SamplingFields, logprobs: int | None) -> int | None:
+    """vLLM's `prompt_logprobs`; `echo` with `logprobs` needs them too (for the echoed prompt)."""
+    if isinstance(request, CompletionRequest) and request.echo and logprobs is not None:
+        return max(logprobs, request.prompt_logprobs or 0)
+    return request.prompt_logprobs
 
 
 def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, float]:

@@ -4,6 +4,11 @@ Like vLLM's `benchmark_serving`: requests from the seeded workload arrive as a P
 process at `--request-rate` (or all at once with `inf`), at most `--max-concurrency` are in
 flight, each streams `/v1/completions` (SSE) and the client records when each chunk arrives.
 Metrics come from those timestamps (`metrics.py`).
+
+`--structured-output json` makes it a structured workload: every request also carries a
+`response_format` JSON Schema (`STRUCTURED_SCHEMA`, a list of at least 64 records), so the server
+masks every token with a grammar; compare its throughput with the same run without it. The list
+cannot be complete within 512 tokens, so every request still generates exactly `output_len`.
 """
 
 import argparse
@@ -27,6 +32,24 @@ from kvpilot.serving.bench.workload import (
 )
 from tqdm import tqdm
 
+STRUCTURED_SCHEMA = {
+    "type": "array",
+    "items": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "integer"},
+            "title": {"type": "string"},
+            "tags": {"type": "array", "items": {"type": "string"}},
+            "done": {"type": "boolean"},
+        },
+        "required": ["id", "title", "tags", "done"],
+    },
+    "minItems": 64,  # > 512 tokens: never complete before max_tokens, so runs compare token for token
+}
+STRUCTURED_OUTPUTS = {
+    "json": {"type": "json_schema", "json_schema": {"name": "records", "schema": STRUCTURED_SCHEMA}}
+}
+
 
 @dataclass(frozen=True)
 class ServeBenchConfig:
@@ -36,12 +59,15 @@ class ServeBenchConfig:
     max_concurrency: int | None = None  # None: no cap
     api_key: str | None = None
     seed: int = 0
+    structured_output: str | None = None  # a key of STRUCTURED_OUTPUTS: every request gets that format
 
     def __post_init__(self) -> None:
         if not self.request_rate > 0:
             raise ValueError(f"request_rate: must be > 0 or inf, got {self.request_rate}")
         if self.max_concurrency is not None and self.max_concurrency < 1:
             raise ValueError(f"max_concurrency: must be >= 1, got {self.max_concurrency}")
+        if self.structured_output is not None and self.structured_output not in STRUCTURED_OUTPUTS:
+            raise ValueError(f"structured_output: must be one of {sorted(STRUCTURED_OUTPUTS)} or None")
 
 
 def arrival_delays(num_requests: int, request_rate: float, seed: int) -> list[float]:
@@ -53,9 +79,10 @@ def arrival_delays(num_requests: int, request_rate: float, seed: int) -> list[fl
     return [float(g) for g in gaps]
 
 
-def completion_body(model: str, request: WorkloadRequest) -> dict:
+def completion_body(model: str, request: WorkloadRequest, structured_output: str | None = None) -> dict:
     """A streaming greedy completion that generates exactly `request.output_len` tokens."""
-    return {
+    response_format = {"response_format": STRUCTURED_OUTPUTS[structured_output]} if structured_output else {}
+    return response_format | {
         "model": model,
         "prompt": list(request.prompt_token_ids),
         "max_tokens": request.output_len,
@@ -66,11 +93,14 @@ def completion_body(model: str, request: WorkloadRequest) -> dict:
     }
 
 
-async def send_request(client: httpx.AsyncClient, model: str, request: WorkloadRequest) -> RequestRecord:
+async def send_request(
+    client: httpx.AsyncClient, model: str, request: WorkloadRequest, structured_output: str | None = None
+) -> RequestRecord:
     record = RequestRecord(start=time.perf_counter(), prompt_len=request.prompt_len)
     num_chunks = 0
+    body = completion_body(model, request, structured_output)
     try:
-        async with client.stream("POST", "/v1/completions", json=completion_body(model, request)) as response:
+        async with client.stream("POST", "/v1/completions", json=body) as response:
             if response.status_code != 200:
                 detail = (await response.aread()).decode(errors="replace")[:300]
                 record.error = f"HTTP {response.status_code}: {detail}"
@@ -132,7 +162,7 @@ async def run_benchmark(
 
         async def limited(request: WorkloadRequest) -> RequestRecord:
             async with semaphore:
-                record = await send_request(client, model, request)
+                record = await send_request(client, model, request, config.structured_output)
             progress.update(1)
             return record
 
@@ -156,6 +186,7 @@ def result_document(config: ServeBenchConfig, run: ServeRun, metrics: ServingMet
         "num_prompts": len(run.records),
         "request_rate": "inf" if math.isinf(config.request_rate) else config.request_rate,
         "max_concurrency": config.max_concurrency,
+        "structured_output": config.structured_output,
         **metrics.to_dict(),
     }
 
@@ -187,6 +218,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--dataset", type=Path, default=None, help="English text file to cut prompts from")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--structured-output",
+        choices=sorted(STRUCTURED_OUTPUTS),
+        default=None,
+        help="a structured workload: every request carries this response_format (json: a JSON Schema)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the results as JSON to this file")
     parser.set_defaults(run=main)
     return parser
@@ -212,6 +249,7 @@ def main(args: argparse.Namespace) -> int:
         max_concurrency=args.max_concurrency,
         api_key=args.api_key,
         seed=args.seed,
+        structured_output=args.structured_output,
     )
     tokenizer = load_tokenizer(args.tokenizer)
     text_token_ids = tokenize_text(tokenizer, read_text(args.dataset))

@@ -4,6 +4,7 @@
 becomes n sequences (children) that share the prompt's cached blocks and are reported together.
 """
 
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -20,6 +21,7 @@ from kvpilot.serving.engine.sampler import Sampler, SamplerOutput
 from kvpilot.serving.engine.scheduler import Scheduler
 from kvpilot.serving.engine.scheduler_output import SchedulerOutput
 from kvpilot.serving.engine.stats import EngineStats
+from kvpilot.serving.engine.structured_output import StructuredOutputManager
 from kvpilot.serving.sampling_params import SamplingParams
 from kvpilot.serving.validation import CONTEXT_LENGTH_EXCEEDED, InvalidParameter
 
@@ -62,11 +64,27 @@ class LLMEngine:
             runner.eos_token_ids,
         )
         self.sampler = Sampler(runner.eos_token_ids, torch.Generator().manual_seed(config.seed))
+        self._structured_output: StructuredOutputManager | None = None  # built on first use
+        self._structured_output_lock = threading.Lock()
         self._requests: dict[str, UserRequest] = {}
         # On CPU, threads follow the cores other processes leave free (see cpu_share.py).
         self.cpu_share = (
             CpuShare(torch.get_num_threads(), torch.set_num_threads) if runner.device.type == "cpu" else None
         )
+
+    @property
+    def structured_output(self) -> StructuredOutputManager:
+        """The grammar compiler and its cache, built when the first request needs it."""
+        if self.tokenizer is None:
+            raise InvalidParameter(
+                "structured_outputs", "structured outputs need a tokenizer; this model has none"
+            )
+        with self._structured_output_lock:
+            if self._structured_output is None:
+                self._structured_output = StructuredOutputManager(
+                    self.tokenizer, self.vocab_size, self.eos_token_ids
+                )
+        return self._structured_output
 
     # Requests in and out
 
@@ -95,6 +113,7 @@ class LLMEngine:
         prompt_text, prompt_token_ids = self._tokenize(prompt)
         max_tokens = self._resolve_max_tokens(len(prompt_token_ids), params)
         self._validate_params(params)
+        structured = self.structured_output if params.structured_outputs is not None else None
         user = UserRequest(request_id, prompt_text, prompt_token_ids, arrival or time.monotonic())
         for index in range(params.n):
             generator = None
@@ -109,6 +128,9 @@ class LLMEngine:
                 parent_id=None if params.n == 1 else request_id,
                 index=index,
                 times=RequestTimes(arrival=user.arrival),
+                grammar=structured.new_matcher(params.structured_outputs) if structured else None,
+                # one sequence computes them for all n (the others share the prompt's cached blocks)
+                prompt_logprobs=[None] if params.prompt_logprobs is not None and index == 0 else None,
             )
             user.sequences.append(sequence)
             user.detokenizers.append(IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params))
@@ -178,11 +200,14 @@ class LLMEngine:
         self, scheduler_output: SchedulerOutput, logits: torch.Tensor
     ) -> list[RequestOutput]:
         sequences = [self.scheduler.requests[c.request_id] for c in scheduler_output.chunks if c.sample]
-        sampled: SamplerOutput = self.sampler(logits, sequences)
+        self._record_prompt_logprobs(scheduler_output, logits[len(sequences) :])
+        sampled: SamplerOutput = self.sampler(logits[: len(sequences)], sequences)
         updated = self.scheduler.update_from_output(scheduler_output, sampled.token_ids)
         logprobs = {s.request_id: lp for s, lp in zip(sequences, sampled.logprobs, strict=True)}
         touched: dict[str, UserRequest] = {}
         for sequence in updated:
+            if sequence.grammar is not None and not sequence.is_finished:
+                self._advance_grammar(sequence)
             if logprobs[sequence.request_id] is not None:
                 sequence.output_logprobs.append(logprobs[sequence.request_id])
             user = self._requests[sequence.output_id]
@@ -194,6 +219,38 @@ class LLMEngine:
                     self.scheduler.finish_request(sequence, "stop", stop)
             touched[user.request_id] = user
         return [self._make_output(user) for user in touched.values()]
+
+    def _record_prompt_logprobs(self, scheduler_output: SchedulerOutput, logits: torch.Tensor) -> None:
+        """Rows of `logits` are every position of the chunks flagged prompt_logprobs, in order;
+        position p scores prompt token p + 1. Tokens already recorded (a preempted request
+        recomputes its prompt) are skipped."""
+        offset = 0
+        for chunk in scheduler_output.chunks:
+            if not chunk.prompt_logprobs:
+                continue
+            rows, offset = logits[offset : offset + len(chunk.token_ids)], offset + len(chunk.token_ids)
+            request = self.scheduler.requests.get(chunk.request_id)
+            if request is None:
+                continue  # aborted while its step ran
+            first = len(request.prompt_logprobs) - 1 - chunk.num_computed_tokens  # first new row
+            last = min(len(rows), request.num_prompt_tokens - 1 - chunk.num_computed_tokens)
+            if first < 0 or first >= last:
+                continue
+            targets = request.prompt_token_ids[
+                chunk.num_computed_tokens + first + 1 : chunk.num_computed_tokens + last + 1
+            ]
+            request.prompt_logprobs += _logprob_entries(
+                rows[first:last], targets, request.sampling_params.prompt_logprobs
+            )
+
+    def _advance_grammar(self, sequence: Request) -> None:
+        """Feed the sampled token to the sequence's grammar. A grammar that took its stop token
+        (kept going only by ignore_eos) is complete: the sequence ends with "stop". The mask
+        allowed only tokens the grammar accepts, so a refusal means a broken grammar: end too,
+        rather than generate unconstrained text."""
+        grammar = sequence.grammar
+        if not grammar.accept(sequence.output_token_ids[-1]) or grammar.is_terminated:
+            self.scheduler.finish_request(sequence, "stop")
 
     def _make_output(self, user: UserRequest) -> RequestOutput:
         finished = user.finished
@@ -220,6 +277,7 @@ class LLMEngine:
             outputs=completions,
             finished=finished,
             num_cached_tokens=user.sequences[0].num_cached_tokens,
+            prompt_logprobs=user.sequences[0].prompt_logprobs,
             times=_merge_times(user),
         )
 
@@ -283,6 +341,18 @@ class LLMEngine:
             raise InvalidParameter(
                 "stop", "stop strings need a tokenizer; this model has none (use stop_token_ids)"
             )
+
+
+def _logprob_entries(logits: torch.Tensor, token_ids: list[int], num_top: int) -> list[dict[int, float]]:
+    """Per row: {token_ids[row]: its logprob} plus the num_top most likely tokens."""
+    logprobs = torch.log_softmax(logits, dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(token_ids)[:, None])[:, 0].tolist()
+    entries = [{token_id: value} for token_id, value in zip(token_ids, chosen, strict=True)]
+    if num_top:
+        values, ids = logprobs.topk(num_top, dim=-1)
+        for entry, row_ids, row_values in zip(entries, ids.tolist(), values.tolist(), strict=True):
+            entry.update(zip(row_ids, row_values, strict=True))
+    return entries
 
 
 def _merge_times(user: UserRequest) -> RequestTimes:

@@ -117,7 +117,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> torch.Tensor:
-        """float32 logits [number of chunks with sample=True, vocab_size], rows in chunk order."""
+        """float32 logits, rows in chunk order: the last token of every chunk with sample=True,
+        then every token of every chunk with prompt_logprobs=True."""
         chunks = scheduler_output.chunks
         query_lens = [len(chunk.token_ids) for chunk in chunks]
         metadata = build_attention_metadata(
@@ -131,5 +132,10 @@ class ModelRunner:
         input_ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
         hidden = self.model.forward(input_ids, metadata, self.kv_caches)
         sample_rows = [i for i, chunk in enumerate(chunks) if chunk.sample]
-        last_tokens = metadata.query_start_loc[1:][sample_rows] - 1
-        return self.model.compute_logits(hidden[last_tokens]).float().cpu()  # the sampler runs on CPU
+        rows = metadata.query_start_loc[1:][sample_rows] - 1
+        prompt_chunks = [i for i, chunk in enumerate(chunks) if chunk.prompt_logprobs]
+        if prompt_chunks:
+            starts = metadata.query_start_loc.tolist()
+            positions = [p for i in prompt_chunks for p in range(starts[i], starts[i + 1])]
+            rows = torch.cat([rows, torch.tensor(positions, device=rows.device, dtype=rows.dtype)])
+        return self.model.compute_logits(hidden[rows]).float().cpu()  # the sampler runs on CPU

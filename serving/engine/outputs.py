@@ -35,4 +35,6 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    # Per prompt token {token_id: logprob, top ids: logprob}, None for the first; when asked for.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
     times: RequestTimes | None = None

@@ -42,6 +42,10 @@ class Request:
     # Arrival order decides preemption (latest first); ties never happen.
     arrival_seq: int = field(default_factory=lambda: next(_arrival_counter))
     block_hashes: list[bytes] = field(default_factory=list)  # of full blocks, filled as they appear
+    grammar: object | None = None  # structured_output.GrammarState when the output must match one
+    # Per prompt token {token_id: logprob, top ids: logprob} (None for the first), filled during
+    # the prefill when asked for; None when not asked.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -58,6 +62,10 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
 
     @property
     def is_finished(self) -> bool:

@@ -2,8 +2,10 @@
 
 Order of operations (as in vLLM): logprobs are taken from the *raw* model logits (log-softmax
 before penalties, bias or temperature: vLLM's default `raw_logprobs`); then repetition /
-presence / frequency penalties, logit_bias and the min_tokens mask; then greedy rows take the
-argmax, and random rows apply temperature, min-p, top-k and top-p and sample.
+presence / frequency penalties, logit_bias, the min_tokens mask and the grammar masks of
+structured-output requests (a grammar decides alone when its output may end, so min_tokens does
+not apply to it); then greedy rows take the argmax, and random rows apply temperature, min-p,
+top-k and top-p and sample.
 
 Sampling uses the exponential race (argmax of p / q with q ~ Exp(1) draws from p): each seeded
 request fills its own row of q from its own generator, so its tokens do not depend on what
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from kvpilot.serving.engine.request import Request
+from kvpilot.serving.engine.structured_output import apply_grammar_masks
 
 NEG_INF = float("-inf")
 
@@ -42,11 +45,17 @@ class Sampler:
         return SamplerOutput(token_ids, self._logprobs(raw_logits, requests, token_ids))
 
     def process_logits(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
-        """Penalties, logit_bias and the min_tokens mask; the input tensor is never modified."""
+        """Penalties, logit_bias, the min_tokens mask and grammar masks; the input tensor is
+        never modified."""
         penalized = [i for i, r in enumerate(requests) if _has_penalties(r)]
         biased = [i for i, r in enumerate(requests) if r.sampling_params.logit_bias]
-        masked = [i for i, r in enumerate(requests) if r.num_output_tokens < r.sampling_params.min_tokens]
-        if not (penalized or biased or masked):
+        constrained = [i for i, r in enumerate(requests) if r.grammar is not None]
+        masked = [
+            i
+            for i, r in enumerate(requests)
+            if r.num_output_tokens < r.sampling_params.min_tokens and r.grammar is None
+        ]
+        if not (penalized or biased or masked or constrained):
             return logits
         logits = logits.clone()
         if penalized:
@@ -60,6 +69,8 @@ class Sampler:
             stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
             if stop_ids:
                 logits[i, sorted(stop_ids)] = NEG_INF
+        if constrained:
+            apply_grammar_masks(logits, constrained, [requests[i].grammar for i in constrained])
         return logits
 
     def _sample(self, logits: torch.Tensor, requests: Sequence[Request]) -> list[int]:

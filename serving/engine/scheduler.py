@@ -77,7 +77,12 @@ class Scheduler:
             self.waiting and not preempted_any and token_budget > 0 and len(self.running) < self.max_num_seqs
         ):
             request = self.waiting[0]
-            hits, num_hit_tokens = self.kv_cache_manager.get_computed_blocks(request)
+            # Prompt logprobs need the prefill's logits: a request that asks recomputes its prefix.
+            hits, num_hit_tokens = (
+                ([], 0)
+                if request.needs_prompt_logprobs
+                else self.kv_cache_manager.get_computed_blocks(request)
+            )
             num_new_tokens = min(request.num_tokens - num_hit_tokens, token_budget)
             if self.kv_cache_manager.allocate_slots(request, num_new_tokens, hits) is None:
                 break
@@ -105,6 +110,7 @@ class Scheduler:
                     num_computed_tokens=start,
                     block_table=self.kv_cache_manager.get_block_ids(request.request_id),
                     sample=end == request.num_tokens,
+                    prompt_logprobs=request.needs_prompt_logprobs,
                 )
             )
             request.num_computed_tokens = end

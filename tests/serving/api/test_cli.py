@@ -53,6 +53,16 @@ def test_serving_defaults_and_sizes(tiny_llama):
     assert ServeSettings(model=str(tiny_llama), max_request_bytes="512KiB").max_request_bytes == 512 << 10
 
 
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [("1073741824", 1 << 30), ("2GiB", 2 << 30), ("2Gi", 2 << 30), ("512Mi", 512 << 20), ("2G", 2 * 10**9)],
+)
+def test_sizes_take_kubernetes_quantities(size, expected):
+    from kvpilot.serving.api.settings import parse_bytes
+
+    assert parse_bytes(size) == expected
+
+
 def test_default_model_is_the_bundled_smollm2(default_gguf):
     from kvpilot.serving.api.settings import ServeSettings
 

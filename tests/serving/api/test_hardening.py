@@ -109,11 +109,12 @@ def test_a_long_prompt_being_tokenized_does_not_delay_a_small_request(server, ht
     thread.join()
     assert_openai_error(big["response"], 400, "prompt", "context_length_exceeded")
     # Tokenizing on the event loop would hold the small request in flight until the long one is
-    # done (one answer taking about as long as it). Off the loop they come at about their own pace.
+    # done: one answer taking about as long as it. Off the loop they keep coming, each slowed only
+    # by the tokenizer's thread sharing the CPU (a generous factor: the test machine may be busy).
     print(f"alone {alone:.3f} s; long prompt {big['seconds']:.2f} s; during: {sorted(during)}")
     assert len(during) >= 3, f"{len(during)} small requests answered while the long prompt was tokenized"
-    assert statistics.median(during) < 10 * alone, (alone, sorted(during))
     assert max(during) < big["seconds"] / 3, (big["seconds"], sorted(during))
+    assert statistics.median(during) < 30 * alone, (alone, sorted(during))
 
 
 SURROGATE_CASES = [
@@ -135,8 +136,11 @@ SURROGATE_CASES = [
     (CHAT, {"messages": [{"role": "user", "content": "hi"}], "stop": ["\udfff"]}, "stop"),
     (
         CHAT,
-        {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "\ud800"}},
-        "response_format.type",
+        {
+            "messages": [{"role": "user", "content": "hi"}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "\ud800", "schema": {}}},
+        },
+        "response_format.json_schema.name",
     ),
 ]
 

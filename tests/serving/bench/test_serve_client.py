@@ -5,6 +5,7 @@ import math
 import pytest
 from kvpilot.serving.bench.metrics import compute_metrics
 from kvpilot.serving.bench.serve import (
+    STRUCTURED_SCHEMA,
     ServeBenchConfig,
     add_parser,
     arrival_delays,
@@ -91,6 +92,18 @@ async def test_benchmark_against_a_real_server(server):
     assert (metrics.completed, metrics.errors) == (6, 0)
     assert metrics.total_output_tokens == sum(r.output_len for r in REQUESTS)
     assert 0 < metrics.ttft_s.p50 <= metrics.e2e_s.p50 <= duration
+
+
+async def test_structured_workload_gets_valid_json(server):
+    """Every request of the structured workload carries the schema; the server enforces it."""
+    body = completion_body("m", REQUESTS[0], "json")
+    assert body["response_format"]["json_schema"]["schema"] == STRUCTURED_SCHEMA
+    config = ServeBenchConfig(base_url=server.base_url, structured_output="json", seed=0)
+    run = await run_benchmark(config, REQUESTS[:3], show_progress=False)
+    assert [r.error for r in run.records] == [None] * 3
+    assert [r.output_len for r in run.records] == [r.output_len for r in REQUESTS[:3]]
+    with pytest.raises(ValueError, match="structured_output"):
+        ServeBenchConfig(base_url=server.base_url, structured_output="xml")
 
 
 async def test_server_errors_are_counted_not_raised(server):
