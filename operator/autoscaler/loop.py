@@ -36,12 +36,11 @@ from kvpilot.operator.autoscaler.scrape import (
 )
 from kvpilot.operator.autoscaler.shares import share_replicas
 from kvpilot.operator.executor import KubeClient, PermanentApiError, TransientError
-from kvpilot.operator.labels import AUTOSCALER_MANAGER, selector_string
+from kvpilot.operator.labels import AUTOSCALER_MANAGER, router_selector_labels, selector_string
 from pydantic import ValidationError
 
 INTERVAL_SECONDS = 2.0
 VALUE_REFRESH_SECONDS = 10.0  # a status write for a changed currentValue alone, at most this often
-ROUTER_NAME = "kvpilot-router"  # app.kubernetes.io/name of the router pods
 RECORD_ENV = "KVPILOT_AUTOSCALER_RECORD_DIR"  # `kvpilot operator --record-samples DIR`
 
 log = logging.getLogger(__name__)
@@ -54,7 +53,7 @@ def _wants_autoscaler(body: dict[str, Any]) -> bool:
 
 
 def router_selector(isvc: InferenceService) -> str:
-    return f"app.kubernetes.io/name={ROUTER_NAME},app.kubernetes.io/instance={isvc.metadata.name}"
+    return ",".join(f"{k}={v}" for k, v in router_selector_labels(isvc).items())
 
 
 def rfc3339(t: float) -> str:
