@@ -10,14 +10,19 @@ deleting an InferenceService never waits for the operator.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import kopf
 from kvpilot.operator.api import GROUP, KIND, PLURAL, VERSION
+from kvpilot.operator.autoscaler.loop import RECORD_ENV, Autoscaler
 from kvpilot.operator.executor import KubeClient, PermanentApiError, TransientError
 from kvpilot.operator.labels import COMPONENT, MANAGER
 from kvpilot.operator.reconciler import reconcile
@@ -112,6 +117,36 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.WARNING  # post Warning events only, not every success
     settings.watching.server_timeout = 600
     settings.execution.max_workers = 8
+
+
+@kopf.on.startup()
+async def start_autoscaler(memo: kopf.Memo, **_: Any) -> None:
+    """kvpilot's autoscaler: one task for every InferenceService with `autoscaling.engine: kvpilot`."""
+    clients: list[KubeClient] = []
+
+    def client() -> KubeClient:  # built on first use, once kopf has logged in
+        if not clients:
+            clients.append(KubeClient())
+        return clients[0]
+
+    record_dir = os.environ.get(RECORD_ENV)
+    memo["autoscaler"] = autoscaler = Autoscaler(client, record_dir=Path(record_dir) if record_dir else None)
+    memo["autoscaler_task"] = asyncio.create_task(autoscaler.run(), name="kvpilot-autoscaler")
+
+
+@kopf.on.cleanup()
+async def stop_autoscaler(memo: kopf.Memo, **_: Any) -> None:
+    task = memo.get("autoscaler_task")
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def track_for_autoscaling(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Every InferenceService event updates what the autoscaler tracks (added, changed, deleted)."""
+    memo["autoscaler"].observe(event.get("type"), dict(body))
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)
