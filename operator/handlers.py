@@ -21,11 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import kopf
-from kvpilot.operator.api import GROUP, KIND, PLURAL, VERSION
+from kvpilot.operator.api import GROUP, KIND, PLURAL, VERSION, RolloutStatus
 from kvpilot.operator.autoscaler.loop import RECORD_ENV, Autoscaler
 from kvpilot.operator.executor import KubeClient, PermanentApiError, TransientError
 from kvpilot.operator.labels import COMPONENT, MANAGER
 from kvpilot.operator.reconciler import reconcile
+from kvpilot.operator.rollout.state import autoscaled_revision
+from pydantic import ValidationError
 
 MAX_BACKOFF_SECONDS = 60
 ROLLOUT_TICK_SECONDS = 5.0  # how often a rollout in progress is looked at (pauses, deadlines, capacity)
@@ -161,8 +163,17 @@ def reconcile_inference_service(body: kopf.Body, retry: int, memo: kopf.Memo, **
         raise kopf.PermanentError(str(exc)) from exc
 
 
-def _rollout_active(status: kopf.Status, **_: Any) -> bool:
-    return (status.get("rollout") or {}).get("phase") in ACTIVE_ROLLOUT_PHASES
+def _rollout_active(spec: kopf.Spec, status: kopf.Status, **_: Any) -> bool:
+    """A rollout under way, or revisions whose replicas the operator shares out of the autoscaler's
+    total (a rolled-back revision kept): the autoscaler's decisions reach them on the next tick."""
+    rollout = status.get("rollout") or {}
+    if rollout.get("phase") in ACTIVE_ROLLOUT_PHASES:
+        return True
+    try:
+        parsed = RolloutStatus.model_validate(rollout) if rollout else None
+    except ValidationError:
+        return False
+    return spec.get("autoscaling") is not None and parsed is not None and autoscaled_revision(parsed) is None
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=ROLLOUT_TICK_SECONDS, when=_rollout_active)
