@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from kvpilot.operator.api import InferenceService
+from kvpilot.operator.autoscaler.external import build_external_autoscaler
 from kvpilot.operator.containers import http_probe, pod_security_context, security_context
 from kvpilot.operator.labels import (
     REVISION_LABEL,
@@ -290,6 +291,7 @@ def build_children(
     preview: bool = False,
     revision_list: Sequence[RevisionEndpoints] | None = None,
     inference_pool_served: bool = True,
+    external_autoscaler: bool = True,
 ) -> list[dict[str, Any]]:
     """Every object the InferenceService should own, each stamped with its spec hash: the
     Deployment of the revision being rolled out or served (other revisions' Deployments are only
@@ -297,7 +299,8 @@ def build_children(
 
     `revision_list`: the model's revisions with their weights and ready endpoints, for the
     router (default: none ready yet); `inference_pool_served`: whether the cluster serves the
-    InferencePool CRD.
+    InferencePool CRD; `external_autoscaler`: render the HPA or ScaledObject the spec asks for
+    (not while a rollout owns the revisions' replicas).
     """
     revision = revision or revision_hash(isvc.spec)
     children = []
@@ -308,6 +311,8 @@ def build_children(
         children.append(build_preview_service(isvc, revision))
     if isvc.spec.most_replicas > 1:
         children.append(build_pod_disruption_budget(isvc))
+    if external_autoscaler:
+        children += build_external_autoscaler(isvc, revision_deployment_name(isvc, revision))
     if isvc.spec.router.enabled:
         endpoints = revision_endpoints(isvc, []) if revision_list is None else revision_list
         children += build_router_children(isvc, endpoints)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -62,6 +63,11 @@ def _operator(args: argparse.Namespace) -> int:
     import kopf
     import kvpilot.operator.handlers  # noqa: F401  (registers the handlers)
 
+    if args.record_samples:
+        from kvpilot.operator.autoscaler.loop import RECORD_ENV
+
+        Path(args.record_samples).mkdir(parents=True, exist_ok=True)
+        os.environ[RECORD_ENV] = str(Path(args.record_samples).resolve())
     kopf.configure(verbose=args.verbose)
     kopf.run(
         standalone=True,
@@ -91,6 +97,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     operator.add_argument(
         "--liveness", default="http://0.0.0.0:8080/healthz", help="kopf liveness endpoint (empty: none)"
+    )
+    operator.add_argument(
+        "--record-samples",
+        metavar="DIR",
+        help="append the autoscaler's samples to DIR/NAMESPACE_NAME.jsonl (for `kvpilot autoscale replay`)",
     )
     operator.add_argument("-v", "--verbose", action="store_true")
     operator.set_defaults(run=_operator)

@@ -37,7 +37,9 @@ METADATA_SCHEMA = {
 PRINTER_COLUMNS = [
     {"name": "Ready", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status'},
     {"name": "Model", "type": "string", "jsonPath": ".spec.model.name"},
-    {"name": "Replicas", "type": "integer", "jsonPath": ".status.readyReplicas"},
+    {"name": "Desired", "type": "integer", "jsonPath": ".status.desiredReplicas"},
+    {"name": "Current", "type": "integer", "jsonPath": ".status.readyReplicas"},
+    {"name": "Mode", "type": "string", "jsonPath": ".status.autoscaling.mode", "priority": 1},
     {"name": "Rollout", "type": "string", "jsonPath": ".status.rollout.phase"},
     {
         "name": "Canary",
@@ -87,6 +89,8 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
         node["enum"] = [node.pop("const")]
     if "exclusiveMinimum" in node:  # OpenAPI 3.0 (Kubernetes): a boolean next to minimum
         node["minimum"], node["exclusiveMinimum"] = node["exclusiveMinimum"], True
+    if "exclusiveMaximum" in node:
+        node["maximum"], node["exclusiveMaximum"] = node["exclusiveMaximum"], True
     return {k: _structural(v, defs) for k, v in node.items()}
 
 

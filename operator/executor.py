@@ -57,9 +57,13 @@ CHILD_KINDS: dict[str, tuple[str, str]] = {
     "ServiceAccount": ("v1", "serviceaccounts"),
     "ConfigMap": ("v1", "configmaps"),
     "InferencePool": (INFERENCE_POOL_API_VERSION, "inferencepools"),
+    "HorizontalPodAutoscaler": ("autoscaling/v2", "horizontalpodautoscalers"),
+    "ScaledObject": ("keda.sh/v1alpha1", "scaledobjects"),
 }
 # Kinds from CRDs a cluster may not have: listed and written only where discovery shows them.
-OPTIONAL_KINDS = {"InferencePool"}
+OPTIONAL_KINDS = {"InferencePool", "ScaledObject"}
+# What a missing one means, when the spec asks for it (an InferencePool is only built where served).
+MISSING_KINDS = {"ScaledObject": "KEDA (keda.sh/v1alpha1 ScaledObject) is not installed in the cluster"}
 DISCOVERY_TTL_SECONDS = 60.0
 # Metadata only: the API server leaves out a Secret's data (the operator never sees a key).
 METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
@@ -104,6 +108,8 @@ class KubeClient:
         headers = {"Accept": accept}
         if method == "PATCH":
             headers["Content-Type"] = content_type
+        elif body is not None:
+            headers["Content-Type"] = "application/json"
         request = self.api.param_serialize(
             method, path, query_params=list((query or {}).items()), header_params=headers, body=body,
             auth_settings=["BearerToken"],
@@ -194,6 +200,11 @@ class KubeClient:
         """
         written = {}
         for obj in [*plan.create, *plan.update]:
+            kind = obj["kind"]
+            if not self.serves(kind):
+                raise PermanentApiError(
+                    f"apply {kind}: {MISSING_KINDS.get(kind, 'not served by the cluster')}"
+                )
             meta = obj["metadata"]
             path = self._child_path(obj)
             written[obj["kind"], meta["name"]] = self._request(
@@ -237,6 +248,35 @@ class KubeClient:
             if _is_not_found(exc):
                 return None
             raise
+
+    def get_deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
+        path = resource_path("apps/v1", "deployments", namespace, name)
+        try:
+            return self._request("get Deployment", "GET", path)
+        except TransientError as exc:
+            if _is_not_found(exc):
+                return None
+            raise
+
+    def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        path = resource_path("v1", "pods", namespace)
+        return self._request("list Pod", "GET", path, {"labelSelector": selector}).get("items", [])
+
+    def apply_replicas(self, namespace: str, name: str, replicas: int, manager: str) -> dict[str, Any]:
+        """Server-side apply of a Deployment's spec.replicas alone, as `manager` (who then owns it)."""
+        body = {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"replicas": replicas},
+        }
+        path = resource_path("apps/v1", "deployments", namespace, name)
+        query = {"fieldManager": manager, "force": "true"}
+        return self._request("scale Deployment", "PATCH", path, query, body=body)
+
+    def create_event(self, event: dict[str, Any]) -> None:
+        path = resource_path("v1", "events", event["metadata"]["namespace"])
+        self._request("create Event", "POST", path, body=event)
 
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         self._call(

@@ -10,17 +10,24 @@ deleting an InferenceService never waits for the operator.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import kopf
-from kvpilot.operator.api import GROUP, KIND, PLURAL, VERSION
+from kvpilot.operator.api import GROUP, KIND, PLURAL, VERSION, RolloutStatus
+from kvpilot.operator.autoscaler.loop import RECORD_ENV, Autoscaler
 from kvpilot.operator.executor import KubeClient, PermanentApiError, TransientError
 from kvpilot.operator.labels import COMPONENT, MANAGER
 from kvpilot.operator.reconciler import reconcile
+from kvpilot.operator.rollout.state import autoscaled_revision
+from pydantic import ValidationError
 
 MAX_BACKOFF_SECONDS = 60
 ROLLOUT_TICK_SECONDS = 5.0  # how often a rollout in progress is looked at (pauses, deadlines, capacity)
@@ -114,6 +121,36 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.execution.max_workers = 8
 
 
+@kopf.on.startup()
+async def start_autoscaler(memo: kopf.Memo, **_: Any) -> None:
+    """kvpilot's autoscaler: one task for every InferenceService with `autoscaling.engine: kvpilot`."""
+    clients: list[KubeClient] = []
+
+    def client() -> KubeClient:  # built on first use, once kopf has logged in
+        if not clients:
+            clients.append(KubeClient())
+        return clients[0]
+
+    record_dir = os.environ.get(RECORD_ENV)
+    memo["autoscaler"] = autoscaler = Autoscaler(client, record_dir=Path(record_dir) if record_dir else None)
+    memo["autoscaler_task"] = asyncio.create_task(autoscaler.run(), name="kvpilot-autoscaler")
+
+
+@kopf.on.cleanup()
+async def stop_autoscaler(memo: kopf.Memo, **_: Any) -> None:
+    task = memo.get("autoscaler_task")
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def track_for_autoscaling(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Every InferenceService event updates what the autoscaler tracks (added, changed, deleted)."""
+    memo["autoscaler"].observe(event.get("type"), dict(body))
+
+
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL)
@@ -126,8 +163,17 @@ def reconcile_inference_service(body: kopf.Body, retry: int, memo: kopf.Memo, **
         raise kopf.PermanentError(str(exc)) from exc
 
 
-def _rollout_active(status: kopf.Status, **_: Any) -> bool:
-    return (status.get("rollout") or {}).get("phase") in ACTIVE_ROLLOUT_PHASES
+def _rollout_active(spec: kopf.Spec, status: kopf.Status, **_: Any) -> bool:
+    """A rollout under way, or revisions whose replicas the operator shares out of the autoscaler's
+    total (a rolled-back revision kept): the autoscaler's decisions reach them on the next tick."""
+    rollout = status.get("rollout") or {}
+    if rollout.get("phase") in ACTIVE_ROLLOUT_PHASES:
+        return True
+    try:
+        parsed = RolloutStatus.model_validate(rollout) if rollout else None
+    except ValidationError:
+        return False
+    return spec.get("autoscaling") is not None and parsed is not None and autoscaled_revision(parsed) is None
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=ROLLOUT_TICK_SECONDS, when=_rollout_active)

@@ -10,6 +10,7 @@ from kvpilot.operator.api import API_VERSION, GROUP, KIND, InferenceService
 
 APP_NAME = "kvpilot"
 MANAGER = "kvpilot-operator"  # app.kubernetes.io/managed-by and the server-side-apply field manager
+AUTOSCALER_MANAGER = "kvpilot-autoscaler"  # the field manager of the engine Deployments' replicas
 COMPONENT = "inference-server"
 ROUTER_NAME = "kvpilot-router"  # router pods: never matched by the engine pods' selector
 ROUTER_COMPONENT = "router"

@@ -101,3 +101,30 @@ def plan(desired: list[dict[str, Any]], observed: list[dict[str, Any]]) -> Plan:
     ]
     delete = [obj for key, obj in observed_by_key.items() if key not in desired_keys]
     return Plan(create=create, update=update, delete=delete)
+
+
+def replicas_handoff(
+    desired: list[dict[str, Any]], observed: list[dict[str, Any]], manager: str
+) -> dict[str, int]:
+    """Deployments whose replicas `manager` set by server-side apply but no longer sets (autoscaling
+    was turned on): name -> the observed count. A field its only owner stops applying is removed,
+    which resets the replicas to 1; another manager applying the count first keeps it."""
+    wanted = {
+        obj["metadata"]["name"]
+        for obj in desired
+        if obj["kind"] == "Deployment" and "replicas" not in obj["spec"]
+    }
+    handoff = {}
+    for obj in observed:
+        name = obj["metadata"]["name"]
+        if obj["kind"] != "Deployment" or name not in wanted or "replicas" not in (obj.get("spec") or {}):
+            continue
+        for entry in obj["metadata"].get("managedFields") or []:
+            owned = (entry.get("fieldsV1") or {}).get("f:spec") or {}
+            if (
+                entry.get("manager") == manager
+                and entry.get("operation") == "Apply"
+                and "f:replicas" in owned
+            ):
+                handoff[name] = obj["spec"]["replicas"]
+    return handoff

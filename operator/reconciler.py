@@ -10,8 +10,8 @@ from typing import Any
 from kvpilot.operator.api import AnalysisResult, InferenceService, RevisionStatus, RolloutStatus
 from kvpilot.operator.builders import build_children
 from kvpilot.operator.executor import KubeClient
-from kvpilot.operator.labels import router_name
-from kvpilot.operator.planner import Plan, plan
+from kvpilot.operator.labels import AUTOSCALER_MANAGER, MANAGER, router_name
+from kvpilot.operator.planner import Plan, plan, replicas_handoff
 from kvpilot.operator.revision import revision_deployment_name, revision_hash, with_pod_fields
 from kvpilot.operator.rollout.analysis import RevisionCounters, analyze, engine_counters, is_due
 from kvpilot.operator.rollout.observe import (
@@ -22,7 +22,7 @@ from kvpilot.operator.rollout.observe import (
 )
 from kvpilot.operator.rollout.planner import Commands, Event, ObservedRevision, RolloutInputs, plan_rollout
 from kvpilot.operator.rollout.scrape import ready_pod_metrics_urls, scrape
-from kvpilot.operator.rollout.state import rfc3339
+from kvpilot.operator.rollout.state import autoscaled_revision, rfc3339
 from kvpilot.operator.router_config import referenced_secrets
 from kvpilot.operator.status import (
     RolloutReport,
@@ -71,14 +71,21 @@ def serving_revision(isvc: InferenceService, remembered: list[RevisionStatus]) -
 
 
 def desired_total(
-    isvc: InferenceService, previous: RolloutStatus | None, revisions: dict[str, ObservedRevision]
+    isvc: InferenceService,
+    previous: RolloutStatus | None,
+    revisions: dict[str, ObservedRevision],
+    autoscaling: dict[str, Any] | None = None,
 ) -> int:
-    """The replicas the revisions share: spec.replicas; with autoscaling, what the autoscaler (an
-    HPA, KEDA) set on the stable revision's Deployment, clamped to the bounds and held while a
-    rollout runs (the operator writes that same count back, so the autoscaler's value stays)."""
+    """The replicas the revisions share: spec.replicas; with kvpilot's autoscaler, its decision
+    (`status.autoscaling.desiredReplicas`, shared by weight during a rollout); with an HPA or
+    KEDA, what it set on the stable revision's Deployment, held while a rollout runs (the HPA is
+    not rendered then), all clamped to the bounds."""
     if isvc.spec.managed_replicas is not None:
         return isvc.spec.managed_replicas
     bounds = isvc.spec.autoscaling
+    decided = (autoscaling or {}).get("desiredReplicas")
+    if isvc.spec.uses_own_autoscaler and decided is not None:
+        return min(max(decided, bounds.min_replicas), bounds.max_replicas)
     if previous is not None and previous.phase in ("Progressing", "Paused") and previous.replicas:
         return previous.replicas
     stable = revisions.get(previous.stable_revision) if previous else None
@@ -137,7 +144,7 @@ def reconcile(body: dict[str, Any], client: KubeClient, now: datetime.datetime |
     deployments = [o for o in observed if o["kind"] == "Deployment" and revision_of(o)]
     pods = client.read_pods(isvc) if deployments else []
     revisions = observe_revisions(deployments, pods)
-    total = desired_total(isvc, previous_rollout, revisions)
+    total = desired_total(isvc, previous_rollout, revisions, previous.get("autoscaling"))
     rollout = plan_rollout(
         RolloutInputs(
             spec=isvc.spec.rollout,
@@ -151,6 +158,11 @@ def reconcile(body: dict[str, Any], client: KubeClient, now: datetime.datetime |
         )
     )
     replicas = rollout.revisions[target].replicas
+    # One owner of each Deployment's replicas at a time: the reconciler while the revisions share
+    # the total (a rollout, or a first revision being created), otherwise the autoscaler when
+    # `autoscaling` is set (kvpilot's under its own field manager, or the HPA/ScaledObject).
+    autoscaled = autoscaled_revision(rollout.status) if isvc.spec.autoscaling else None
+    owns_replicas = autoscaled != target or target not in revisions
     # The serving revision's Deployment is applied whole; other revisions' are only scaled or
     # deleted. A Deployment from before revisions (`<name>`, no revision label) serves until the
     # first revision is ready, so an operator upgrade never leaves the model without pods.
@@ -172,14 +184,18 @@ def reconcile(body: dict[str, Any], client: KubeClient, now: datetime.datetime |
     desired = build_children(
         serving,
         target,
-        replicas,
+        replicas if owns_replicas else None,
         preview=preview,
         revision_list=traffic,
         inference_pool_served=client.serves("InferencePool"),
+        external_autoscaler=autoscaled is not None,
     )
-    the_plan = plan(desired, [o for o in observed if o not in others])
-    written = client.execute(the_plan)
+    current = [o for o in observed if o not in others]
     namespace = isvc.metadata.namespace
+    for deployment, count in replicas_handoff(desired, current, MANAGER).items():
+        client.apply_replicas(namespace, deployment, count, AUTOSCALER_MANAGER)
+    the_plan = plan(desired, current)
+    written = client.execute(the_plan)
     for revision, planned in rollout.revisions.items():
         seen = revisions.get(revision)
         if revision != target and seen is not None and seen.replicas != planned.replicas:

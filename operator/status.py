@@ -22,11 +22,14 @@ from kvpilot.operator.labels import selector_string
 from kvpilot.operator.router_config import referenced_secrets
 
 READY, RECONCILING, STALLED = "Ready", "Reconciling", "Stalled"
-# The status's fields as written (camelCase), from the typed model.
-STATUS_FIELDS = tuple(field.alias or name for name, field in InferenceServiceStatus.model_fields.items())
+AUTOSCALING = "autoscaling"  # written by the autoscaler (operator/autoscaler/), not by the reconciler
+# The status's fields the reconciler writes (camelCase), from the typed model.
+STATUS_FIELDS = tuple(
+    field.alias or name for name, field in InferenceServiceStatus.model_fields.items() if name != AUTOSCALING
+)
 
 
-def _conditions(
+def build_conditions(
     states: dict[str, bool],
     reasons: dict[str, tuple[str, str]],
     generation: int | None,
@@ -64,17 +67,12 @@ def invalid_spec_status(
         STALLED: ("InvalidSpec", error),
     }
     states = {READY: False, RECONCILING: False, STALLED: True}
-    kept = InferenceServiceStatus.model_validate(
-        {
-            k: previous[k]
-            for k in ("url", "replicas", "readyReplicas", "selector", "revisions", "rollout")
-            if k in previous
-        }
-    )
+    kept_fields = ("url", "replicas", "readyReplicas", "selector", "desiredReplicas", "revisions", "rollout")
+    kept = InferenceServiceStatus.model_validate({k: previous[k] for k in kept_fields if k in previous})
     status = kept.model_copy(
         update={
             "observed_generation": generation,
-            "conditions": _conditions(states, reasons, generation, previous, now),
+            "conditions": build_conditions(states, reasons, generation, previous, now),
         }
     )
     return status.to_body()
@@ -187,11 +185,15 @@ def compute_status(
         replicas=report.replicas if report else observed.get("replicas") or 0,
         ready_replicas=report.ready_replicas if report else observed.get("readyReplicas") or 0,
         selector=selector_string(isvc),
-        conditions=_conditions(states, reasons, generation, previous, now),
+        desired_replicas=desired,
+        conditions=build_conditions(states, reasons, generation, previous, now),
         revisions=report.revisions if report else None,
         rollout=rollout,
     )
-    return status.to_body()
+    body = status.to_body()
+    if previous.get(AUTOSCALING) is not None and not isvc.spec.uses_own_autoscaler:
+        body[AUTOSCALING] = None  # the autoscaler's record goes with it (a merge patch removes it)
+    return body
 
 
 def status_patch(new: dict[str, Any], previous: dict[str, Any]) -> dict[str, Any]:
@@ -200,6 +202,8 @@ def status_patch(new: dict[str, Any], previous: dict[str, Any]) -> dict[str, Any
     rollout's `step`, in place). Lists are replaced whole."""
     patch = dict(new)
     for key, old in previous.items():
+        if key == AUTOSCALING and key not in new:
+            continue  # the autoscaler's own record: the reconciler removes it only by naming it
         if key not in new:
             patch[key] = None
         elif isinstance(old, dict) and isinstance(new[key], dict):
@@ -208,4 +212,5 @@ def status_patch(new: dict[str, Any], previous: dict[str, Any]) -> dict[str, Any
 
 
 def status_changed(new: dict[str, Any], previous: dict[str, Any]) -> bool:
-    return any(new.get(k) != previous.get(k) for k in STATUS_FIELDS)
+    stale_autoscaling = AUTOSCALING in new and new[AUTOSCALING] != previous.get(AUTOSCALING)
+    return stale_autoscaling or any(new.get(k) != previous.get(k) for k in STATUS_FIELDS)

@@ -20,6 +20,7 @@ COMMANDS = {
     "render": "kvpilot.operator.cli",
     "operator": "kvpilot.operator.cli",
     "rollout": "kvpilot.operator.rollout.cli",
+    "autoscale": "kvpilot.operator.autoscaler.replay",
 }
 
 

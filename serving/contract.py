@@ -176,3 +176,7 @@ METRIC_REQUEST_QUEUE_TIME = "vllm:request_queue_time_seconds"
 METRIC_REQUEST_PROMPT_TOKENS = "vllm:request_prompt_tokens"
 METRIC_REQUEST_GENERATION_TOKENS = "vllm:request_generation_tokens"
 METRIC_MODEL_WEIGHT_BYTES = "kvpilot_model_weight_bytes"
+# The router's gauge of requests it holds for a model (no ready engine, or all engines busy); the
+# operator's autoscaler reads it to scale from zero. Label: `model`.
+METRIC_ROUTER_QUEUED_REQUESTS = "kvpilot_router_queued_requests"
+ROUTER_MODEL_LABEL = "model"

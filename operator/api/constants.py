@@ -30,4 +30,7 @@ DNS_LABEL_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 NAME_MAX_LENGTH = 63 - len("-engine")
 OPERATOR_LABEL_KEYS = tuple(f"app.kubernetes.io/{k}" for k in ("name", "instance", "component", "managed-by"))
 
-AutoscalingMetric = Literal["kvCacheUsage", "numRequestsWaiting", "numRequestsRunning"]
+AutoscalingMetric = Literal["kvCacheUsage", "numRequestsWaiting", "numRequestsRunning", "concurrency"]
+AutoscalingEngine = Literal["kvpilot", "hpa", "keda"]
+# A Go duration as Kubernetes' CEL `duration()` reads it (e.g. 60s, 5m, 1m30s, 500ms).
+DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"

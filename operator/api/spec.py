@@ -5,10 +5,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from kvpilot.operator.api.constants import DEFAULT_GPU_RESOURCE, MODEL_URI_PATTERN, AutoscalingMetric
+from kvpilot.operator.api.constants import (
+    DEFAULT_GPU_RESOURCE,
+    MODEL_URI_PATTERN,
+    AutoscalingEngine,
+    AutoscalingMetric,
+)
 from kvpilot.operator.api.validation import (
     AUTOSCALING_RULES,
     MODEL_RULES,
+    Duration,
     Quantity,
     cel_rules,
     check_model_uri,
@@ -161,19 +167,85 @@ class SchedulingSpec(_Model):
     )
 
 
+class PrometheusSpec(_Model):
+    """The Prometheus server a KEDA ScaledObject queries."""
+
+    address: str = Field(
+        description="Server address, e.g. http://prometheus.monitoring:9090.",
+        pattern=r"^https?://[^\s]+$",
+        max_length=1024,
+    )
+    query: str | None = Field(
+        default=None,
+        max_length=4096,
+        description="PromQL whose value, divided by the replicas, is held at the target (default: the "
+        "metric summed over this model's pods, see the README).",
+    )
+
+
 class AutoscalingSpec(_Model):
-    """Replica bounds and the metric the autoscaler follows (mutually exclusive with spec.replicas)."""
+    """Replica bounds, the metric and the policy of the autoscaler (KPA-style: a stable and a panic
+    window). With it, spec.replicas does not reach the Deployment: the autoscaler owns its replicas."""
 
     model_config = ConfigDict(json_schema_extra=cel_rules(AUTOSCALING_RULES))
 
-    min_replicas: int = Field(default=1, ge=1, le=1000, description="Fewest replicas.")
+    min_replicas: int = Field(
+        default=1,
+        ge=0,
+        le=1000,
+        description="Fewest replicas; 0: scale to zero when idle (needs the router).",
+    )
     max_replicas: int = Field(ge=1, le=1000, description="Most replicas.")
     metric: AutoscalingMetric = Field(
         default="kvCacheUsage",
-        description="Per-replica server metric to hold at the target: kvCacheUsage "
-        "(vllm:kv_cache_usage_perc, 0-1), numRequestsWaiting or numRequestsRunning.",
+        description="Per-replica metric held at the target: kvCacheUsage (vllm:kv_cache_usage_perc, 0-1), "
+        "numRequestsWaiting, numRequestsRunning, or concurrency (running + waiting + queued at the router).",
     )
-    target: float = Field(gt=0, le=10_000, description="Target value of the metric, averaged over replicas.")
+    target: float = Field(gt=0, le=10_000, description="Target value of the metric per replica.")
+    engine: AutoscalingEngine = Field(
+        default="kvpilot",
+        description="Who scales: kvpilot (the operator's own autoscaler, from the pods' /metrics), hpa (an "
+        "autoscaling/v2 HorizontalPodAutoscaler through a metrics adapter) or keda (a KEDA ScaledObject "
+        "with a Prometheus trigger).",
+    )
+    scale_to_zero_after: Duration = Field(
+        default="5m", description="Idle time (nothing running, waiting or queued) before 1 -> 0 replicas."
+    )
+    stable_window: Duration = Field(default="60s", description="Averaging window of the stable mode.")
+    panic_window: Duration = Field(
+        default="6s", description="Averaging window of the panic mode (at most stableWindow)."
+    )
+    panic_threshold: float = Field(
+        default=2.0,
+        gt=1,
+        le=10,
+        description="Panic when the panic window's demand reaches this multiple of the ready replicas' "
+        "capacity; while panicking the autoscaler never scales down.",
+    )
+    max_scale_up_rate: float = Field(
+        default=2.0,
+        gt=1,
+        le=1000,
+        description="At most this factor more replicas per decision (always allowing one more).",
+    )
+    max_scale_down_rate: float = Field(
+        default=2.0, gt=1, le=1000, description="At most this factor fewer replicas per decision."
+    )
+    scale_down_delay: Duration = Field(
+        default="5m",
+        description="Scale-down stabilization: the highest recommendation of this window wins.",
+    )
+    tolerance: float = Field(
+        default=0.1, ge=0, lt=1, description="No change while the metric is within this fraction of target."
+    )
+    initial_delay: Duration = Field(
+        default="0s",
+        description="Ignore a pod's metrics until it has been Ready this long (model loads take minutes; "
+        "a pod that is not Ready never counts).",
+    )
+    prometheus: PrometheusSpec | None = Field(
+        default=None, description="The Prometheus server of engine keda (required there)."
+    )
 
     @model_validator(mode="after")
     def _check_rules(self) -> AutoscalingSpec:

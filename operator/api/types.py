@@ -51,8 +51,8 @@ class InferenceServiceSpec(_Model):
     )
     autoscaling: AutoscalingSpec | None = Field(
         default=None,
-        description="Autoscaling bounds and metric. The operator leaves the Deployment's replicas to "
-        "the autoscaler (an HPA or KEDA today; kvpilot's own autoscaler is coming).",
+        description="Autoscaling bounds, metric and policy. The operator then leaves the Deployment's "
+        "replicas to the autoscaler (its own, an HPA or KEDA: spec.autoscaling.engine).",
     )
     rollout: RolloutSpec = Field(
         default_factory=RolloutSpec,
@@ -119,6 +119,11 @@ class InferenceServiceSpec(_Model):
     def managed_replicas(self) -> int | None:
         """The Deployment's replicas as the operator sets them; None when an autoscaler owns them."""
         return None if self.autoscaling is not None else self.replicas
+
+    @property
+    def uses_own_autoscaler(self) -> bool:
+        """kvpilot's autoscaler (operator/autoscaler/) scales this InferenceService."""
+        return self.autoscaling is not None and self.autoscaling.engine == "kvpilot"
 
     @property
     def most_replicas(self) -> int:

@@ -9,7 +9,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from kvpilot.operator.api.constants import MODEL_URI_PATTERN, OPERATOR_LABEL_KEYS, QUANTITY_PATTERN
+from kvpilot.operator.api.constants import (
+    DURATION_PATTERN,
+    MODEL_URI_PATTERN,
+    OPERATOR_LABEL_KEYS,
+    QUANTITY_PATTERN,
+)
 from pydantic import AfterValidator, BeforeValidator, Field
 
 
@@ -32,18 +37,25 @@ def check_model_uri(value: str) -> str:
     return value
 
 
-DURATION_PATTERN = r"^([0-9]+(s|m|h))+$"
-_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
-def parse_duration(text: str) -> float:
-    """Seconds in a duration such as 30s, 5m or 1h30m (DURATION_PATTERN)."""
-    if not re.match(DURATION_PATTERN, text):
-        raise ValueError(f"{text!r} is not a duration (e.g. 30s, 5m, 1h30m)")
-    return float(sum(int(n) * _DURATION_UNITS[unit] for n, unit in re.findall(r"([0-9]+)([smh])", text)))
+def check_duration(value: str) -> str:
+    if not re.match(DURATION_PATTERN, value):
+        raise ValueError(f"{value!r} is not a duration (e.g. 60s, 5m, 1m30s, 500ms)")
+    return value
 
 
-Duration = Annotated[str, Field(pattern=DURATION_PATTERN, max_length=32)]
+def duration_seconds(value: str) -> float:
+    """Seconds of a Go duration such as `1m30s` (already checked by `check_duration`)."""
+    return sum(
+        float(number) * _DURATION_UNITS[unit] for number, unit in re.findall(r"([0-9.]+)(ms|s|m|h)", value)
+    )
+
+
+Duration = Annotated[
+    str, AfterValidator(check_duration), Field(max_length=32, json_schema_extra={"pattern": DURATION_PATTERN})
+]
 
 # int-or-string in the schema (`cpu: 2` and `cpu: "500m"` are both valid), always a string here.
 Quantity = Annotated[int | str, BeforeValidator(_quantity_to_str), AfterValidator(check_quantity)]
@@ -98,6 +110,25 @@ AUTOSCALING_RULES = [
         "spec.autoscaling.minReplicas must not exceed spec.autoscaling.maxReplicas",
         ".minReplicas",
         lambda autoscaling: autoscaling.min_replicas <= autoscaling.max_replicas,
+    ),
+    Rule(
+        "!has(self.panicWindow) || !has(self.stableWindow) || "
+        "duration(self.panicWindow) <= duration(self.stableWindow)",
+        "spec.autoscaling.panicWindow must not exceed spec.autoscaling.stableWindow",
+        ".panicWindow",
+        lambda a: duration_seconds(a.panic_window) <= duration_seconds(a.stable_window),
+    ),
+    Rule(
+        "!has(self.engine) || self.engine != 'hpa' || self.minReplicas >= 1",
+        "spec.autoscaling.minReplicas 0 needs engine kvpilot or keda: an HPA cannot scale to zero",
+        ".minReplicas",
+        lambda a: a.engine != "hpa" or a.min_replicas >= 1,
+    ),
+    Rule(
+        "!has(self.engine) || self.engine != 'keda' || has(self.prometheus)",
+        "spec.autoscaling.prometheus.address is required with engine keda (the ScaledObject's trigger)",
+        ".prometheus",
+        lambda a: a.engine != "keda" or a.prometheus is not None,
     ),
 ]
 

@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 
 from kvpilot.operator.api import AnalysisResult, AnalysisSpec
-from kvpilot.operator.api.validation import parse_duration
+from kvpilot.operator.api.validation import duration_seconds
 from kvpilot.operator.rollout.state import parse_time, rfc3339
 from kvpilot.serving.contract import METRIC_REQUEST_SUCCESS, METRIC_TIME_TO_FIRST_TOKEN
 from prometheus_client.parser import text_string_to_metric_families
@@ -158,7 +158,7 @@ def is_due(
     """Whether a check is due: the new revision gets traffic and an interval has passed."""
     if spec is None or canary_weight <= 0:
         return False
-    return last is None or (now - parse_time(last.time)).total_seconds() >= parse_duration(spec.interval)
+    return last is None or (now - parse_time(last.time)).total_seconds() >= duration_seconds(spec.interval)
 
 
 def _fmt(value: float | None) -> str:

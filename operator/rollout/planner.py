@@ -11,7 +11,7 @@ returns, so a restarted operator carries on from the object alone.
 from __future__ import annotations
 
 from kvpilot.operator.api import RolloutStatus
-from kvpilot.operator.api.validation import parse_duration
+from kvpilot.operator.api.validation import duration_seconds
 from kvpilot.operator.rollout.state import (
     Commands,
     Event,
@@ -141,7 +141,7 @@ def _progress(tick: Tick) -> RolloutPlan:
     failure = _analysis_failure(tick)
     if failure:
         return _fail(tick, "AnalysisFailed", failure, rollback)
-    deadline = parse_duration(spec.progress_deadline)
+    deadline = duration_seconds(spec.progress_deadline)
     # The deadline runs only while the new revision is short of the pods it was given.
     stuck_for = tick.since(tick.status.progress_at) if new.ready < max(new.replicas, 1) else 0.0
     if stuck_for >= deadline:
@@ -176,7 +176,7 @@ def _maybe_go_in_place(tick: Tick, new: ObservedRevision) -> None:
     if status.capacity_mode != "Surge" or spec.capacity != "Auto" or new.unschedulable_since is None:
         return
     pending_for = (tick.inputs.now - new.unschedulable_since).total_seconds()
-    timeout = parse_duration(spec.capacity_timeout)
+    timeout = duration_seconds(spec.capacity_timeout)
     if pending_for < timeout:
         tick.wait(timeout - pending_for)
         return
@@ -201,7 +201,7 @@ def _analysis_failure(tick: Tick) -> str:
     if result is None:
         last = tick.status.last_analysis
         if tick.status.canary_weight > 0 and last is not None:
-            tick.wait(parse_duration(analysis.interval) - tick.since(last.time))
+            tick.wait(duration_seconds(analysis.interval) - tick.since(last.time))
         return ""
     failed = (
         tick.status.failed_checks + 1
@@ -211,7 +211,7 @@ def _analysis_failure(tick: Tick) -> str:
         else tick.status.failed_checks
     )
     tick.status = tick.status.model_copy(update={"last_analysis": result, "failed_checks": failed})
-    tick.wait(parse_duration(analysis.interval))
+    tick.wait(duration_seconds(analysis.interval))
     if failed >= analysis.failure_limit:
         return f"{failed} failed analysis checks in a row, the last: {result.message}"
     return ""

@@ -85,6 +85,20 @@ def parse_time(text: str) -> datetime.datetime:
     return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC)
 
 
+def autoscaled_revision(rollout: RolloutStatus | None) -> str | None:
+    """The revision whose Deployment an autoscaler scales itself: the stable one while it serves
+    alone. None while a rollout runs or a rolled-back revision is kept (and before the first
+    reconcile): then the rollout planner sets every revision's replicas, sharing the autoscaler's
+    total by weight, so `replicas` has one owner at any time."""
+    if (
+        rollout is None
+        or rollout.phase in ("Progressing", "Paused")
+        or rollout.revision != rollout.stable_revision
+    ):
+        return None
+    return rollout.stable_revision
+
+
 def canary_steps(spec: RolloutSpec) -> list[RolloutStep]:
     """The spec's steps, ending at weight 100 (appended when the last step stops short)."""
     steps = list(spec.steps)

@@ -7,7 +7,7 @@ import datetime
 
 from kvpilot.operator.api import RolloutStep
 from kvpilot.operator.api.rollout import MANUAL_PAUSE, RevisionPhase
-from kvpilot.operator.api.validation import parse_duration
+from kvpilot.operator.api.validation import duration_seconds
 from kvpilot.operator.rollout.replicas import shift_replicas, split_replicas
 from kvpilot.operator.rollout.state import (
     PROMOTE_FULL,
@@ -116,11 +116,11 @@ def _step_done(tick: Tick, step: RolloutStep, index: int, label: str) -> bool:
         tick.note("Paused", "AwaitingPromote", f"{label}: waiting for `kvpilot rollout promote`")
         return False
     if step.pause and step.pause != MANUAL_PAUSE and not promoted:
-        remaining = parse_duration(step.pause) - tick.since(tick.status.step_reached_at)
+        remaining = duration_seconds(step.pause) - tick.since(tick.status.step_reached_at)
         if remaining > 0:
             until = rfc3339(
                 parse_time(tick.status.step_reached_at)
-                + datetime.timedelta(seconds=parse_duration(step.pause))
+                + datetime.timedelta(seconds=duration_seconds(step.pause))
             )
             tick.note("Progressing", "StepPause", f"{label}: pausing {step.pause}, until {until}")
             tick.wait(remaining)

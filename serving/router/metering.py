@@ -1,6 +1,7 @@
 """The router's /metrics (prometheus-client, its own registry). Tenants appear by name only,
 never by key."""
 
+from kvpilot.serving.contract import METRIC_ROUTER_QUEUED_REQUESTS, ROUTER_MODEL_LABEL
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -43,10 +44,10 @@ class RouterMetrics:
             ["model", "revision", "endpoint"],
             registry=r,
         )
-        self.queued = Gauge(
-            "kvpilot_router_queued_requests",
+        self.queued = Gauge(  # the operator's autoscaler scales from zero on it
+            METRIC_ROUTER_QUEUED_REQUESTS,
             "Requests held while the model has no ready endpoint",
-            ["model"],
+            [ROUTER_MODEL_LABEL],
             registry=r,
         )
         self.config_reloads = Counter(

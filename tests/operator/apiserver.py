@@ -59,7 +59,15 @@ RESOURCES = {
         namespaced=True,
         verbs={"get", "list", "watch", "create", "patch", "delete"},
     ),
-    "v1/pods": kmock.ResourceInfo(kind="Pod", namespaced=True, verbs={"get", "list", "watch", "create"}),
+    "autoscaling/v2/horizontalpodautoscalers": kmock.ResourceInfo(
+        kind="HorizontalPodAutoscaler",
+        namespaced=True,
+        verbs={"get", "list", "watch", "create", "patch", "delete"},
+    ),
+    # keda.sh ScaledObjects are not served: a cluster without KEDA.
+    "v1/pods": kmock.ResourceInfo(
+        kind="Pod", namespaced=True, verbs={"get", "list", "watch", "create", "delete"}
+    ),
     "v1/events": kmock.ResourceInfo(kind="Event", namespaced=True, verbs={"create", "list"}),
     "v1/namespaces": kmock.ResourceInfo(kind="Namespace", namespaced=False, verbs={"get", "list", "watch"}),
     "apiextensions.k8s.io/v1/customresourcedefinitions": kmock.ResourceInfo(

@@ -75,7 +75,9 @@ def test_crd_subresources_and_printer_columns():
     assert [c["name"] for c in version["additionalPrinterColumns"]] == [
         "Ready",
         "Model",
-        "Replicas",
+        "Desired",
+        "Current",
+        "Mode",
         "Rollout",
         "Canary",
         "URL",
@@ -187,6 +189,23 @@ BAD = [
         {"spec.replicas": None, "spec.autoscaling": {"minReplicas": 3, "maxReplicas": 2, "target": 1}},
         "spec.autoscaling.minReplicas",
     ),
+    *[
+        (name, {"spec.replicas": None, "spec.autoscaling": {"maxReplicas": 4, "target": 1, **fields}}, field)
+        for name, fields, field in [
+            ("panic window above the stable window", {"panicWindow": "2m"}, "spec.autoscaling.panicWindow"),
+            (
+                "an HPA cannot scale to zero",
+                {"engine": "hpa", "minReplicas": 0},
+                "spec.autoscaling.minReplicas",
+            ),
+            ("keda without prometheus", {"engine": "keda"}, "spec.autoscaling.prometheus"),
+            ("duration not Go's", {"scaleDownDelay": "5 minutes"}, "spec.autoscaling.scaleDownDelay"),
+            ("tolerance of 1", {"tolerance": 1}, "spec.autoscaling.tolerance"),
+            ("panic threshold of 1", {"panicThreshold": 1}, "spec.autoscaling.panicThreshold"),
+            ("unknown autoscaler", {"engine": "vpa"}, "spec.autoscaling.engine"),
+            ("unknown metric", {"metric": "cpu"}, "spec.autoscaling.metric"),
+        ]
+    ],
     ("revision on a PVC", {"spec.model.revision": "main"}, "spec.model.revision"),
     (
         "revision twice",
@@ -243,6 +262,24 @@ def test_a_canary_rollout_is_accepted_and_defaulted_alike():
     assert (rollout["autoRollback"], rollout["capacityTimeout"], rollout["paused"]) == (True, "2m", False)
     parsed = InferenceService.from_body(manifest).spec.rollout.model_dump(by_alias=True, exclude_none=True)
     assert parsed == rollout
+
+
+def test_an_autoscaling_policy_is_defaulted_alike_by_the_crd_and_the_models():
+    manifest = _with(
+        {"spec.autoscaling": {"minReplicas": 0, "maxReplicas": 4, "target": 2, "panicWindow": "1m"}}
+    )
+    defaulted, errors = admit(manifest)
+    assert errors == []
+    assert defaulted["spec"]["autoscaling"] == {
+        "minReplicas": 0, "maxReplicas": 4, "target": 2, "metric": "kvCacheUsage", "engine": "kvpilot",
+        "scaleToZeroAfter": "5m", "stableWindow": "60s", "panicWindow": "1m", "panicThreshold": 2.0,
+        "maxScaleUpRate": 2.0, "maxScaleDownRate": 2.0, "scaleDownDelay": "5m", "tolerance": 0.1,
+        "initialDelay": "0s",
+    }  # fmt: skip
+    parsed = InferenceService.from_body(manifest).spec.autoscaling.model_dump(
+        by_alias=True, exclude_none=True
+    )
+    assert parsed == defaulted["spec"]["autoscaling"]
 
 
 def test_cel_rule_messages_name_their_fields():

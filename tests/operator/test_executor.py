@@ -104,3 +104,20 @@ def test_keyed_locks_serialize_one_key_and_forget_it_when_released():
     thread.join(5)
     assert order == ["first", "second"]
     assert len(locks) == 0
+
+
+def test_a_scaled_object_without_keda_is_a_permanent_error_naming_keda(client, kubectl):
+    keda = {"engine": "keda", "maxReplicas": 3, "target": 2, "prometheus": {"address": "http://prom:9090"}}
+    service = owned_in(kubectl, "exec-keda").model_copy(update={"spec": isvc(autoscaling=keda).spec})
+    assert not client.serves("ScaledObject")  # the emulator serves no keda.sh
+    assert client.read_children(service) == []  # so none are listed, and that is no error
+    desired = build_children(service)
+    with pytest.raises(PermanentApiError, match=r"KEDA .* is not installed"):
+        client.execute(plan(desired, []))
+    hpa = [
+        c
+        for c in build_children(isvc(autoscaling={**keda, "engine": "hpa"}))
+        if c["kind"].startswith("Horiz")
+    ]
+    hpa[0]["metadata"]["namespace"] = "exec-keda"
+    assert client.execute(Plan(create=hpa))[("HorizontalPodAutoscaler", "chat")]["spec"]["maxReplicas"] == 3

@@ -90,14 +90,16 @@ def test_operator_deployment_is_single_hardened_and_least_privileged(helm):
         ("apiextensions.k8s.io", "customresourcedefinitions"): ["list", "watch"],
         ("kvpilot.dev", "inferenceservices"): ["get", "list", "patch", "watch"],
         ("kvpilot.dev", "inferenceservices/status"): ["patch"],
-        ("apps", "deployments"): ["create", "delete", "list", "patch", "watch"],
-        ("", "pods"): ["list"],
+        ("apps", "deployments"): ["create", "delete", "get", "list", "patch", "watch"],
         ("", "services"): ["create", "delete", "list", "patch", "watch"],
         ("policy", "poddisruptionbudgets"): ["create", "delete", "list", "patch"],
         ("", "serviceaccounts"): ["create", "delete", "list", "patch"],
         ("", "configmaps"): ["create", "delete", "list", "patch"],
         ("inference.networking.k8s.io", "inferencepools"): ["create", "delete", "list", "patch"],
+        ("autoscaling", "horizontalpodautoscalers"): ["create", "delete", "list", "patch"],
+        ("keda.sh", "scaledobjects"): ["create", "delete", "list", "patch"],
         ("discovery.k8s.io", "endpointslices"): ["list", "watch"],
+        ("", "pods"): ["list"],
         ("", "secrets"): ["get"],
         ("", "events"): ["create"],
     }
@@ -116,7 +118,7 @@ def test_namespaced_install_uses_roles(helm):
     deployments_rule = {
         "apiGroups": ["apps"],
         "resources": ["deployments"],
-        "verbs": ["list", "watch", "create", "patch", "delete"],
+        "verbs": ["get", "list", "watch", "create", "patch", "delete"],
     }
     assert deployments_rule in role["rules"]
     (deployment,) = [d for d in docs if d["kind"] == "Deployment"]

@@ -6,7 +6,7 @@ from typing import Any
 import pytest
 from kvpilot.operator.builders import build_children
 from kvpilot.operator.labels import SPEC_HASH_ANNOTATION
-from kvpilot.operator.planner import drifted_fields, parse_quantity, plan
+from kvpilot.operator.planner import drifted_fields, parse_quantity, plan, replicas_handoff
 from kvpilot.operator.revision import revision_hash
 from kvpilot.operator.router_config import RevisionEndpoints
 
@@ -202,3 +202,30 @@ def test_drifted_fields_names_the_paths():
 def test_parse_quantity(text, value):
     parsed = parse_quantity(text)
     assert (parsed if parsed is None else float(parsed)) == value
+
+
+def _owning_replicas(obj: dict[str, Any], manager: str, operation: str = "Apply") -> dict[str, Any]:
+    fields = {"f:spec": {"f:replicas": {}, "f:template": {}}}
+    obj["metadata"]["managedFields"] = [{"manager": manager, "operation": operation, "fieldsV1": fields}]
+    return obj
+
+
+@pytest.mark.parametrize(
+    ("case", "spec", "owner", "operation", "expected"),
+    [
+        ("autoscaling turned on: hand the count over", {"autoscaling": {"maxReplicas": 4, "target": 1}},
+         "kvpilot-operator", "Apply", 2),
+        ("already handed over", {"autoscaling": {"maxReplicas": 4, "target": 1}},
+         "kvpilot-autoscaler", "Apply", None),
+        ("an HPA's update owns it", {"autoscaling": {"maxReplicas": 4, "target": 1, "engine": "hpa"}},
+         "kube-controller-manager", "Update", None),
+        ("no autoscaling: the operator keeps setting it", {}, "kvpilot-operator", "Apply", None),
+    ],
+)  # fmt: skip
+def test_replicas_handoff(case, spec, owner, operation, expected):
+    before = build_children(isvc(replicas=2))
+    observed = [_owning_replicas(obj, owner, operation) if obj["kind"] == "Deployment" else obj
+                for obj in as_observed(before)]  # fmt: skip
+    deployment = next(obj["metadata"]["name"] for obj in observed if obj["kind"] == "Deployment")
+    handoff = replicas_handoff(build_children(isvc(replicas=2, **spec)), observed, "kvpilot-operator")
+    assert handoff == ({} if expected is None else {deployment: expected}), case

@@ -161,3 +161,50 @@ def test_a_deployment_from_before_revisions_serves_until_the_first_revision_is_r
     mark_ready(kubectl, ns, new, 2)
     reconcile(kubectl.get(*ISVC, ns, "chat"), client, NOW)
     assert deployments(kubectl, ns) == {new: 2}
+
+
+def autoscaler_decides(kubectl, client: KubeClient, namespace: str, desired: int) -> None:
+    """What kvpilot's autoscaler does: record its total; outside a rollout also apply it to the
+    serving revision's Deployment as its own field manager."""
+    kubectl.patch(
+        *ISVC, namespace, "chat", {"status": {"autoscaling": {"desiredReplicas": desired}}}, sub="status"
+    )
+    rollout = kubectl.get(*ISVC, namespace, "chat")["status"]["rollout"]
+    if rollout["phase"] not in ("Progressing", "Paused") and rollout["revision"] == rollout["stableRevision"]:
+        client.apply_replicas(namespace, f"chat-{rollout['stableRevision']}", desired, "kvpilot-autoscaler")
+
+
+def test_the_autoscalers_total_is_left_alone_then_shared_by_weight_during_a_canary(client, kubectl):
+    ns = "rec-autoscale"
+    autoscaling = {"minReplicas": 1, "maxReplicas": 8, "target": 1}
+    canary = {"strategy": "Canary", "steps": [{"weight": 25, "pause": "manual"}]}
+    reconcile(stored(kubectl, ns, autoscaling=autoscaling, rollout=canary), client, NOW)
+    (old,) = deployments(kubectl, ns)
+    assert deployments(kubectl, ns) == {old: 1}  # created at minReplicas
+    mark_ready(kubectl, ns, old, 1)
+    reconcile(kubectl.get(*ISVC, ns, "chat"), client, NOW)
+    # Outside a rollout the autoscaler sets the serving revision's replicas; reconciles keep them.
+    autoscaler_decides(kubectl, client, ns, 4)
+    mark_ready(kubectl, ns, old, 4)
+    reconcile(kubectl.get(*ISVC, ns, "chat"), client, NOW)
+    assert deployments(kubectl, ns) == {old: 4}
+    assert kubectl.get(*ISVC, ns, "chat")["status"]["desiredReplicas"] == 4
+
+    # A canary at 25%: the planner shares the autoscaler's total, ceil(N x weight / 100) each.
+    kubectl.patch(*ISVC, ns, "chat", {"spec": {"engine": {"maxNumSeqs": 8}}})
+    reconcile(kubectl.get(*ISVC, ns, "chat"), client, NOW)
+    (new,) = set(deployments(kubectl, ns)) - {old}
+    assert deployments(kubectl, ns) == {old: 4, new: 1}
+    mark_ready(kubectl, ns, new, 1)
+    reconcile(kubectl.get(*ISVC, ns, "chat"), client, NOW)
+    assert deployments(kubectl, ns) == {old: 3, new: 1}
+    assert kubectl.get(*ISVC, ns, "chat")["status"]["rollout"]["canaryWeight"] == 25
+    # The autoscaler decides 8 mid-canary: it writes no Deployment; the planner shares 8 by weight.
+    autoscaler_decides(kubectl, client, ns, 8)
+    assert deployments(kubectl, ns) == {old: 3, new: 1}
+    reconcile(kubectl.get(*ISVC, ns, "chat"), client, NOW)
+    assert deployments(kubectl, ns)[new] == 2  # ceil(8 x 25 / 100)
+    assert deployments(kubectl, ns)[old] >= 6  # ceil(8 x 75 / 100), more while new pods load
+    status = kubectl.get(*ISVC, ns, "chat")["status"]
+    assert status["rollout"]["replicas"] == status["desiredReplicas"] == 8
+    assert status["autoscaling"] == {"desiredReplicas": 8}  # the reconciler leaves the autoscaler's record

@@ -293,6 +293,12 @@ def test_canary_steps_end_at_100():
         (1, {"a": 99, "b": 1}, {"a": 1, "b": 1}),
         (3, {"a": 100, "b": 0}, {"a": 3, "b": 0}),
         (0, {"a": 50, "b": 50}, {"a": 0, "b": 0}),
+        (5, {"stable": 100}, {"stable": 5}),  # no rollout: the serving revision takes all
+        (5, {"stable": 80, "canary": 20}, {"stable": 4, "canary": 1}),
+        (3, {"stable": 50, "canary": 50}, {"stable": 2, "canary": 2}),  # Surge: one over the total
+        (1, {"stable": 90, "canary": 10}, {"stable": 1, "canary": 1}),  # a canary never at 0 pods
+        (4, {"a": 0, "b": 0}, {"a": 0, "b": 0}),
+        (3, {}, {}),
     ],
 )
 def test_split_replicas_gives_each_weighted_revision_its_ceiling(total, weights, expected):

@@ -75,6 +75,7 @@ def test_status_fields():
         "replicas": 2,
         "readyReplicas": 1,
         "selector": "app.kubernetes.io/name=kvpilot,app.kubernetes.io/instance=chat",
+        "desiredReplicas": 2,
     }
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert ready["message"] == "1/2 replicas ready"
@@ -116,6 +117,18 @@ def test_with_autoscaling_the_deployments_own_count_is_desired():
     assert desired_replicas(engine_only(replicas=3), scaled) == 3
     status = compute_status(autoscaled, scaled, {}, T0)
     assert summary(status)["Ready"] == ("True", "ReplicasReady")
+    assert status["desiredReplicas"] == 5
+
+
+def test_the_autoscalers_record_is_left_to_it_and_removed_with_it():
+    autoscaled = isvc(autoscaling={"minReplicas": 1, "maxReplicas": 8, "target": 0.7})
+    previous = {**compute_status(autoscaled, deployment(), {}, T0), "autoscaling": {"desiredReplicas": 2}}
+    kept = compute_status(autoscaled, deployment(), previous, T1)
+    assert "autoscaling" not in kept and not status_changed(kept, previous)  # not the reconciler's field
+    by_hpa = isvc(autoscaling={"minReplicas": 1, "maxReplicas": 8, "target": 0.7, "engine": "hpa"})
+    for other in (isvc(), by_hpa):  # autoscaling removed, or handed to an HPA
+        cleared = compute_status(other, deployment(), previous, T1)
+        assert cleared["autoscaling"] is None and status_changed(cleared, previous)
 
 
 ROUTER_CASES = [

@@ -48,11 +48,13 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 # ownerReferences); the operator deletes a child the spec no longer asks for (a retired revision's
 # Deployment, scaled to 0 first; a BlueGreen preview Service after the promote; the router's
 # Deployment, ConfigMap, PDB and the engine's own Service when spec.router.enabled turns false;
-# a PDB, ServiceAccount or InferencePool).
+# a PDB, ServiceAccount or InferencePool). The autoscaler (autoscaling.engine: kvpilot) also gets
+# the engine Deployment and applies its replicas.
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["list", "watch", "create", "patch", "delete"]
-# Pods are listed (never written) to see a rollout's Unschedulable pods and crash loops.
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# Pods are listed (never written): a rollout's Unschedulable pods and crash loops; the autoscaler
+# reads the engine and router pods' /metrics.
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list"]
@@ -68,6 +70,13 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 - apiGroups: ["inference.networking.k8s.io"]
   resources: ["inferencepools"]
   verbs: ["list", "create", "patch", "delete"]
+# autoscaling.engine hpa / keda: the HorizontalPodAutoscaler or ScaledObject the spec asks for.
+- apiGroups: ["autoscaling"]
+  resources: ["horizontalpodautoscalers"]
+  verbs: ["list", "create", "patch", "delete"]
+- apiGroups: ["keda.sh"]
+  resources: ["scaledobjects"]
+  verbs: ["list", "create", "patch", "delete"]
 # The engine pods' EndpointSlices: the router's endpoint lists follow them.
 - apiGroups: ["discovery.k8s.io"]
   resources: ["endpointslices"]
@@ -78,7 +87,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get"]
-# Events: invalid specs, failed handlers, rollout transitions.
+# Events: invalid specs, failed handlers, rollout transitions, the autoscaler's scales.
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]

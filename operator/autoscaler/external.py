@@ -1,0 +1,154 @@
+"""Pure builders for `autoscaling.engine: hpa | keda`: someone else's autoscaler scales the engine
+Deployment from the same metric, target and policy (as far as each can express it).
+
+- hpa: an autoscaling/v2 HorizontalPodAutoscaler with a Pods metric, served by a metrics adapter
+  (prometheus-adapter: the rule in the README exposes the engine gauges under `HPA_METRIC_NAMES`);
+- keda: a KEDA ScaledObject with a Prometheus trigger (`spec.autoscaling.prometheus`), which can
+  also scale to and from zero.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvpilot.operator.api import InferenceService
+from kvpilot.operator.api.spec import AutoscalingSpec
+from kvpilot.operator.api.validation import duration_seconds
+from kvpilot.operator.labels import child_metadata
+from kvpilot.serving.contract import (
+    METRIC_KV_CACHE_USAGE,
+    METRIC_NUM_REQUESTS_RUNNING,
+    METRIC_NUM_REQUESTS_WAITING,
+    METRIC_ROUTER_QUEUED_REQUESTS,
+    MODEL_NAME_LABEL,
+    ROUTER_MODEL_LABEL,
+)
+
+# The custom-metrics names the README's prometheus-adapter rules give the engine's gauges.
+HPA_METRIC_NAMES = {
+    "kvCacheUsage": "vllm_kv_cache_usage_perc",
+    "numRequestsWaiting": "vllm_num_requests_waiting",
+    "numRequestsRunning": "vllm_num_requests_running",
+    "concurrency": "kvpilot_concurrency",  # running + waiting per pod (the router's queue is not per pod)
+}
+POLICY_PERIOD_SECONDS = 15  # HPA's sync period: the rates apply per this period
+MAX_STABILIZATION_SECONDS = 3600  # HPA's limit
+KEDA_POLLING_SECONDS = 15
+
+
+def target_quantity(value: float) -> str:
+    """A resource.Quantity for a target (0.7 -> 700m), exact to a thousandth."""
+    milli = round(value * 1000)
+    return str(milli // 1000) if milli % 1000 == 0 else f"{milli}m"
+
+
+def behavior(spec: AutoscalingSpec) -> dict[str, Any]:
+    """HPA's behaviour block from the policy: the up/down rates per sync period, and scaleDownDelay as
+    the scale-down stabilization window."""
+    up_percent = max(1, round((spec.max_scale_up_rate - 1) * 100))
+    down_percent = min(100, max(1, round((1 - 1 / spec.max_scale_down_rate) * 100)))
+    period = POLICY_PERIOD_SECONDS
+    return {
+        "scaleUp": {
+            "stabilizationWindowSeconds": 0,
+            "selectPolicy": "Max",
+            "policies": [
+                {"type": "Percent", "value": up_percent, "periodSeconds": period},
+                {"type": "Pods", "value": 1, "periodSeconds": period},
+            ],
+        },
+        "scaleDown": {
+            "stabilizationWindowSeconds": min(
+                MAX_STABILIZATION_SECONDS, round(duration_seconds(spec.scale_down_delay))
+            ),
+            "policies": [{"type": "Percent", "value": down_percent, "periodSeconds": period}],
+        },
+    }
+
+
+def _target_ref(deployment: str) -> dict[str, str]:
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment}
+
+
+def build_horizontal_pod_autoscaler(isvc: InferenceService, deployment: str) -> dict[str, Any]:
+    spec = isvc.spec.autoscaling
+    assert spec is not None
+    metric = {
+        "type": "Pods",
+        "pods": {
+            "metric": {"name": HPA_METRIC_NAMES[spec.metric]},
+            "target": {"type": "AverageValue", "averageValue": target_quantity(spec.target)},
+        },
+    }
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": child_metadata(isvc),
+        "spec": {
+            "scaleTargetRef": _target_ref(deployment),
+            "minReplicas": spec.min_replicas,
+            "maxReplicas": spec.max_replicas,
+            "metrics": [metric],
+            "behavior": behavior(spec),
+        },
+    }
+
+
+def prometheus_query(isvc: InferenceService) -> str:
+    """The metric summed over this model's engine pods in the namespace (KEDA divides by replicas)."""
+    spec = isvc.spec.autoscaling
+    assert spec is not None
+    if spec.prometheus is not None and spec.prometheus.query:
+        return spec.prometheus.query
+    namespace, model = isvc.metadata.namespace, isvc.spec.model.name
+    engine = f'{{namespace="{namespace}",{MODEL_NAME_LABEL}="{model}"}}'
+    gauges = {
+        "kvCacheUsage": [METRIC_KV_CACHE_USAGE],
+        "numRequestsWaiting": [METRIC_NUM_REQUESTS_WAITING],
+        "numRequestsRunning": [METRIC_NUM_REQUESTS_RUNNING],
+        "concurrency": [METRIC_NUM_REQUESTS_RUNNING, METRIC_NUM_REQUESTS_WAITING],
+    }[spec.metric]
+    terms = [f"sum({gauge}{engine})" for gauge in gauges]
+    if spec.metric == "concurrency":
+        router = f'{{namespace="{namespace}",{ROUTER_MODEL_LABEL}="{model}"}}'
+        terms.append(f"(sum({METRIC_ROUTER_QUEUED_REQUESTS}{router}) or vector(0))")
+    return " + ".join(terms)
+
+
+def build_scaled_object(isvc: InferenceService, deployment: str) -> dict[str, Any]:
+    spec = isvc.spec.autoscaling
+    assert spec is not None and spec.prometheus is not None
+    trigger = {
+        "type": "prometheus",
+        "metricType": "AverageValue",
+        "metadata": {
+            "serverAddress": spec.prometheus.address,
+            "query": prometheus_query(isvc),
+            "threshold": f"{spec.target:g}",
+        },
+    }
+    return {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledObject",
+        "metadata": child_metadata(isvc),
+        "spec": {
+            "scaleTargetRef": _target_ref(deployment),
+            "minReplicaCount": spec.min_replicas,
+            "maxReplicaCount": spec.max_replicas,
+            "pollingInterval": KEDA_POLLING_SECONDS,
+            "cooldownPeriod": round(duration_seconds(spec.scale_to_zero_after)),
+            "advanced": {"horizontalPodAutoscalerConfig": {"behavior": behavior(spec)}},
+            "triggers": [trigger],
+        },
+    }
+
+
+def build_external_autoscaler(isvc: InferenceService, deployment: str) -> list[dict[str, Any]]:
+    """The HPA or ScaledObject that `autoscaling.engine` asks for (none for kvpilot's own), scaling
+    `deployment` (the serving revision's)."""
+    engine = isvc.spec.autoscaling.engine if isvc.spec.autoscaling else None
+    if engine == "hpa":
+        return [build_horizontal_pod_autoscaler(isvc, deployment)]
+    if engine == "keda":
+        return [build_scaled_object(isvc, deployment)]
+    return []
