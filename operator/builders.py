@@ -10,10 +10,9 @@ from typing import Any
 
 from kvpilot.operator.api import InferenceService
 from kvpilot.operator.autoscaler.external import build_external_autoscaler
-from kvpilot.operator.containers import http_probe, pod_security_context, security_context
+from kvpilot.operator.containers import cluster_ip_service, http_probe, pod_security_context, security_context
 from kvpilot.operator.labels import (
     REVISION_LABEL,
-    SERVICE_PORT,
     child_metadata,
     common_labels,
     engine_service_name,
@@ -238,16 +237,7 @@ def build_deployment(
 
 def build_service(isvc: InferenceService) -> dict[str, Any]:
     """The engine pods' Service (`engine_service_name`: `<name>` itself when there is no router)."""
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": child_metadata(isvc, name=engine_service_name(isvc)),
-        "spec": {
-            "type": "ClusterIP",
-            "selector": selector_labels(isvc),
-            "ports": [{"name": PORT_NAME, "port": SERVICE_PORT, "targetPort": PORT_NAME, "protocol": "TCP"}],
-        },
-    }
+    return cluster_ip_service(child_metadata(isvc, name=engine_service_name(isvc)), selector_labels(isvc))
 
 
 PREVIEW_SUFFIX = "-preview"

@@ -8,9 +8,8 @@ from typing import Any
 
 import yaml
 from kvpilot.operator.api import InferenceService
-from kvpilot.operator.containers import http_probe, pod_security_context, security_context
+from kvpilot.operator.containers import cluster_ip_service, http_probe, pod_security_context, security_context
 from kvpilot.operator.labels import (
-    SERVICE_PORT,
     child_metadata,
     common_labels,
     router_labels,
@@ -140,16 +139,7 @@ def build_router_deployment(isvc: InferenceService) -> dict[str, Any]:
 
 def build_router_service(isvc: InferenceService) -> dict[str, Any]:
     """`<name>`: what clients call, in front of the router pods."""
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": child_metadata(isvc, labels=router_labels(isvc)),
-        "spec": {
-            "type": "ClusterIP",
-            "selector": router_selector_labels(isvc),
-            "ports": [{"name": PORT_NAME, "port": SERVICE_PORT, "targetPort": PORT_NAME, "protocol": "TCP"}],
-        },
-    }
+    return cluster_ip_service(child_metadata(isvc, labels=router_labels(isvc)), router_selector_labels(isvc))
 
 
 def build_router_config_map(
