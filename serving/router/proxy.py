@@ -76,6 +76,7 @@ def enter(state: RouterState, call: Call, revision: RevisionRoute, endpoint: End
 def leave(state: RouterState, call: Call, revision: RevisionRoute, endpoint: Endpoint) -> None:
     endpoint.in_flight -= 1
     state.metrics.upstream_inflight.labels(call.model, revision.name, endpoint.url).dec()
+    state.forget_if_gone(model=call.model, revision=revision.name, endpoint=endpoint.url)
 
 
 def record(state: RouterState, call: Call, revision: str, code: int, first_byte: float | None = None) -> None:
@@ -85,6 +86,7 @@ def record(state: RouterState, call: Call, revision: str, code: int, first_byte:
         metrics.duration.labels(call.model, revision).observe(time.monotonic() - call.started)
         if first_byte is not None:
             metrics.time_to_first_token.labels(call.model, revision).observe(first_byte - call.started)
+    state.forget_if_gone(model=call.model, revision=revision, tenant=call.tenant_name)
 
 
 async def open_upstream(state: RouterState, call: Call) -> Upstream:

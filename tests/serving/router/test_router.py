@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.serving.router.conftest import MODEL, free_port, metric, model_config, successes, wait_for
 
@@ -166,6 +167,51 @@ def test_config_reload_keeps_requests_in_flight_and_a_bad_config_keeps_the_last_
     assert router.metric("kvpilot_router_config_last_reload_successful") == 0
     assert "keeping the last good config" in router.log() and "models[0].revisions[0].weight" in router.log()
     assert complete(client, "still served").choices[0].finish_reason == "length"
+
+
+def router_series(router) -> list[dict[str, str]]:
+    """The labels of every kvpilot_router_* sample on the router's /metrics."""
+    text = httpx.get(f"{router.url}/metrics", timeout=10).text
+    return [
+        sample.labels | {"__name__": sample.name}
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name.startswith("kvpilot_router_")
+    ]
+
+
+def test_a_reload_removes_the_series_of_endpoints_and_revisions_it_took_away(router, servers):
+    first, second = servers
+    router.configure({"models": [model_config(("a", 0, [first.url]), ("b", 100, [second.url]))]})
+    client = router.client()
+    complete(client, "series")
+    stream = complete(client, "Keep talking", max_tokens=1500, stream=True, ignore_eos=True)
+    next(iter(stream))
+    assert router.metric("kvpilot_router_upstream_inflight", revision="b", endpoint=second.url) == 1
+    assert router.metric("kvpilot_router_requests_total", revision="b") == 1
+
+    router.configure({"models": [model_config(("a", 100, [first.url]))]})  # b and its endpoint leave
+    of_b = [s for s in router_series(router) if s.get("revision") == "b" or s.get("endpoint") == second.url]
+    # Only the in-flight gauge of the stream still running stays, at its true value.
+    assert [(s["__name__"], s["endpoint"]) for s in of_b] == [
+        ("kvpilot_router_upstream_inflight", second.url)
+    ]
+    assert router.metric("kvpilot_router_upstream_inflight", endpoint=second.url) == 1
+
+    stream.close()  # its last request gone: so is the gauge's series (and the 499 it was metered as)
+    wait_for(
+        lambda: (
+            not [
+                s
+                for s in router_series(router)
+                if s.get("endpoint") == second.url or s.get("revision") == "b"
+            ]
+        ),
+        30,
+        "the series of b gone",
+    )
+    complete(client, "series again")
+    assert router.metric("kvpilot_router_requests_total", revision="a", code="200") == 1
 
 
 def test_scale_from_zero_holds_requests_until_a_server_is_ready(router, spare_server):
