@@ -1,14 +1,20 @@
 """`kvpilot router` in front of real `kvpilot serve` processes, driven with the official openai client."""
 
+import asyncio
 import hashlib
 import math
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
 
 import httpx
 import openai
 import pytest
+from kvpilot.serving.router.endpoints import Endpoint
+from kvpilot.serving.router.health import probe
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.serving.router.conftest import MODEL, free_port, metric, model_config, successes, wait_for
@@ -59,6 +65,8 @@ def test_revision_weights_split_requests_counted_at_the_servers(router, servers)
     counted = successes(first) - before[0], successes(second) - before[1]
     assert abs(counted[0] - 35) <= 2 and sum(counted) == 50, counted
     assert router.metric("kvpilot_router_requests_total", revision="canary", code="200") == counted[1]
+    for histogram in ("request_duration_seconds", "time_to_first_token_seconds"):
+        assert router.metric(f"kvpilot_router_{histogram}_count", revision="canary") == counted[1]
 
     router.configure({"models": [model_config(("stable", 100, [first.url]), ("canary", 0, [second.url]))]})
     before = successes(first), successes(second)
@@ -262,6 +270,118 @@ def test_failover_when_a_server_is_killed(router, servers, spare_server):
     assert "ejected" in router.log()
 
 
+class FailingUpstream(BaseHTTPRequestHandler):
+    """An upstream that is ready but fails every completion: `500` answers 500 before any byte,
+    `break` starts a 200 event stream and drops the connection after its first event."""
+
+    protocol_version = "HTTP/1.1"
+    mode = "500"
+    posts: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:  # /ready and /metrics
+        self.send_response(200)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["content-length"]))
+        self.posts.append(self.mode)
+        if self.mode == "500":
+            body = b'{"error": {"message": "boom", "type": "server_error"}}'
+            self.send_response(500)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        event = b'data: {"id": "x", "object": "text_completion", "choices": [{"index": 0, "text": "Hi"}]}\n\n'
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))  # no closing chunk: a broken stream
+        self.wfile.flush()
+        self.connection.shutdown(socket.SHUT_RDWR)
+        self.close_connection = True
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+class QuietHTTPServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        pass  # the connections this upstream breaks on purpose
+
+
+@pytest.fixture
+def failing_upstream():
+    server = QuietHTTPServer(("127.0.0.1", 0), FailingUpstream)
+    FailingUpstream.mode, FailingUpstream.posts = "500", []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def configure_beside(router, failing_upstream: str, server) -> None:
+    """One revision of the failing upstream and a real server (least-request: ties go at random)."""
+    config = model_config(("r", 100, [failing_upstream, server.url]), balancing="least-request")
+    router.configure({"models": [config]})
+    wait_for(lambda: f"endpoint {failing_upstream} is ready" in router.log(), 30, "probed")
+
+
+def test_a_5xx_before_the_first_byte_is_retried_once_on_another_endpoint(router, servers, failing_upstream):
+    configure_beside(router, failing_upstream, servers[0])
+    before, sent = successes(servers[0]), 0
+    while not FailingUpstream.posts and sent < 50:
+        sent += 1
+        assert complete(router.client(), f"retry me {sent}").choices[0].finish_reason == "length"
+    assert FailingUpstream.posts and set(FailingUpstream.posts) == {"500"}
+    assert successes(servers[0]) == before + sent  # every request answered, the failed ones retried
+    assert f"endpoint {failing_upstream} answered 500: ejected for 1 s" in router.log()
+
+
+def test_nothing_is_retried_once_the_response_has_started(router, servers, failing_upstream):
+    FailingUpstream.mode = "break"
+    configure_beside(router, failing_upstream, servers[0])
+    before = successes(servers[0]), router.metric("kvpilot_router_requests_total", code="502")
+    body = {"model": MODEL, "prompt": "break me", "max_tokens": 4, "stream": True}
+    sent, broken = 0, []
+    while not FailingUpstream.posts and sent < 50:
+        sent += 1
+        events = []
+        try:
+            with httpx.stream("POST", f"{router.url}/v1/completions", json=body, timeout=60) as response:
+                for line in response.iter_lines():
+                    events += [line] if line.startswith("data: {") else []
+        except httpx.HTTPError:
+            broken.append(events)
+    assert FailingUpstream.posts == ["break"] and len(broken) == 1
+    assert len(broken[0]) == 1 and '"text": "Hi"' in broken[0][0]  # the event sent before the break
+    wait_for(lambda: router.metric("kvpilot_router_requests_total", code="502") == before[1] + 1, 10, "502")
+    assert successes(servers[0]) == before[0] + sent - 1  # the broken one was not sent again
+    assert f"stream from {failing_upstream} broke" in router.log()
+
+
+async def probed(url: str, ready: bool = False) -> Endpoint:
+    endpoint = Endpoint(url, ready=ready)
+    async with httpx.AsyncClient() as client:
+        await probe(client, endpoint)
+    return endpoint
+
+
+def test_the_prober_reads_readiness_and_load_from_a_real_server(servers):
+    server = servers[1]
+    body = {"model": MODEL, "prompt": "Keep going", "max_tokens": 1500, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as response:
+        chunks = response.iter_raw()  # kept: a dropped iterator closes the stream
+        next(chunks)  # running: it holds KV blocks
+        endpoint = asyncio.run(probed(server.url))
+    assert endpoint.ready and endpoint.kv_cache_usage > 0 and endpoint.num_requests_waiting == 0
+    assert not asyncio.run(probed(f"http://127.0.0.1:{free_port()}", ready=True)).ready  # nobody there
+
+
 def test_tenants_keys_models_and_rate_limits(router, servers, tmp_path):
     keys = {"rpm": "sk-rpm-0123456789", "tpm": "sk-tpm-abcdefghij", "scoped": "sk-scoped-zyxwvut"}
     (tmp_path / "tpm-key").write_text(keys["tpm"] + "\n")
@@ -304,6 +424,7 @@ def test_tenants_keys_models_and_rate_limits(router, servers, tmp_path):
         headers={"Authorization": f"Bearer {keys['scoped']}"},
     )
     assert hidden.status_code == absent.status_code == 404
+    assert absent.json()["error"]["code"] == "model_not_found"
     assert hidden.json()["error"] == absent.json()["error"] | {
         "message": absent.json()["error"]["message"].replace("tiny-nope", "tiny-other")
     }
