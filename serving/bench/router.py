@@ -69,12 +69,12 @@ def prefix_cache_counts(base_url: str) -> tuple[float, float]:
 
 
 @contextlib.contextmanager
-def started(command: list[str], base_url: str, log: Path, timeout: float = 600) -> Iterator[None]:
+def started(command: list[str], base_url: str, log: Path, timeout: float = 600) -> Iterator[subprocess.Popen]:
     with log.open("ab") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_until_ready(base_url, process, timeout)
-        yield
+        yield process
     finally:
         process.terminate()
         try:
@@ -86,43 +86,40 @@ def started(command: list[str], base_url: str, log: Path, timeout: float = 600) 
 CLI = [sys.executable, "-m", "kvpilot.serving.cli"]
 
 
-def start_server(stack: contextlib.ExitStack, model: str | None, log: Path, *extra: str) -> str:
-    """A `kvpilot serve` on a free port, ready; its base URL. Stopped when `stack` closes."""
+def start_server(
+    stack: contextlib.ExitStack, model: str | None, log: Path, *extra: str
+) -> tuple[str, subprocess.Popen]:
+    """A `kvpilot serve` on a free port, ready: its base URL and process. Stopped when `stack` closes."""
     url = f"http://127.0.0.1:{free_port()}"
     command = [*CLI, "serve", "--port", url.rsplit(":", 1)[1], "--served-model-name", MODEL_NAME]
     command += ["--no-access-log", *extra] + (["--model", model] if model else [])
-    stack.enter_context(started(command, url, log))
-    return url
+    return url, stack.enter_context(started(command, url, log))
 
 
-def start_router(stack: contextlib.ExitStack, config: dict, config_path: Path, log: Path) -> str:
-    """`kvpilot router` with this config on a free port, ready; its base URL."""
+def start_router(
+    stack: contextlib.ExitStack, config: dict, config_path: Path, log: Path
+) -> tuple[str, subprocess.Popen]:
+    """`kvpilot router` with this config on a free port, ready: its base URL and process."""
     config_path.write_text(yaml.safe_dump(config))
     url = f"http://127.0.0.1:{free_port()}"
     command = [*CLI, "router", "--config", str(config_path), "--host", "127.0.0.1"]
     command += ["--port", url.rsplit(":", 1)[1], "--no-access-log"]
-    stack.enter_context(started(command, url, log))
-    return url
+    return url, stack.enter_context(started(command, url, log))
 
 
 def run_policy(args: argparse.Namespace, policy: str, requests, workdir: Path) -> PolicyResult:
     with contextlib.ExitStack() as stack:
-        urls = [
-            start_server(
-                stack,
-                args.model,
-                workdir / f"{policy}-server{i}.log",
-                "--num-kv-blocks",
-                str(args.num_kv_blocks),
-            )
-            for i in range(args.num_servers)
-        ]
+        blocks = ("--num-kv-blocks", str(args.num_kv_blocks))
+        logs = [workdir / f"{policy}-server{i}.log" for i in range(args.num_servers)]
+        urls = [start_server(stack, args.model, log, *blocks)[0] for log in logs]
         config = {
             "models": [
                 {"name": MODEL_NAME, "balancing": policy, "revisions": [{"name": "r", "endpoints": urls}]}
             ]
         }
-        router_url = start_router(stack, config, workdir / f"{policy}.yaml", workdir / f"{policy}-router.log")
+        router_url, _ = start_router(
+            stack, config, workdir / f"{policy}.yaml", workdir / f"{policy}-router.log"
+        )
         bench = ServeBenchConfig(base_url=router_url, model=MODEL_NAME, max_concurrency=args.max_concurrency)
         run = asyncio.run(run_benchmark(bench, requests, show_progress=False))
         counts = [prefix_cache_counts(url) for url in urls]

@@ -4,7 +4,10 @@ Starts one `kvpilot serve` and `kvpilot router` in front of it, then sends the s
 completion, one at a time, alternately straight to the server and through the router (each round
 switches which goes first, so a drift in the machine's load hits both alike). The time to first
 byte is from sending the request to the first byte of the response body (the first token's
-event). Prints median and p95 each way, their difference and ratio, and where it ran.
+event). Prints median and p95 each way, their difference and ratio, where it ran and how loaded
+the machine was, and the router process's own CPU time per routed request (from /proc, its
+probing of the server included): on a shared machine the latency figures move with the load, the
+CPU time much less.
 """
 
 import argparse
@@ -58,6 +61,17 @@ def format_ttfb(direct: TTFBStats, routed: TTFBStats) -> str:
     return "\n".join(lines)
 
 
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process from /proc/PID/stat; None where there is no /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
+    return (utime + stime) / os.sysconf("SC_CLK_TCK")
+
+
 def time_to_first_byte(client: httpx.Client, base_url: str, body: dict) -> float:
     """Seconds from sending one streamed completion to its first body byte; the rest is read too."""
     started = time.perf_counter()
@@ -72,16 +86,30 @@ def time_to_first_byte(client: httpx.Client, base_url: str, body: dict) -> float
     return first - started
 
 
-def measure(direct_url: str, router_url: str, body: dict, rounds: int) -> tuple[TTFBStats, TTFBStats]:
+@dataclass(frozen=True)
+class Measured:
+    direct: TTFBStats
+    routed: TTFBStats
+    router_cpu_ms_per_request: float | None
+
+
+def measure(direct_url: str, router_url: str, router_pid: int, body: dict, rounds: int) -> Measured:
     samples: dict[str, list[float]] = {"direct": [], "router": []}
     urls = {"direct": direct_url, "router": router_url}
+    cpu_before = None
     with httpx.Client(timeout=120) as client:  # keep-alive on both paths: no connect in the figure
         for i in range(WARMUP_ROUNDS + rounds):
+            if i == WARMUP_ROUNDS:
+                cpu_before = process_cpu_seconds(router_pid)
             for path in ("direct", "router") if i % 2 == 0 else ("router", "direct"):
                 seconds = time_to_first_byte(client, urls[path], body)
                 if i >= WARMUP_ROUNDS:
                     samples[path].append(seconds * 1000)
-    return TTFBStats("direct", tuple(samples["direct"])), TTFBStats("router", tuple(samples["router"]))
+    cpu_after = process_cpu_seconds(router_pid)
+    cpu_ms = None if cpu_before is None or cpu_after is None else (cpu_after - cpu_before) * 1000 / rounds
+    return Measured(
+        TTFBStats("direct", tuple(samples["direct"])), TTFBStats("router", tuple(samples["router"])), cpu_ms
+    )
 
 
 def _load(averages: tuple[float, float, float]) -> str:
@@ -103,17 +131,24 @@ def main(args: argparse.Namespace) -> int:
     )
     with tempfile.TemporaryDirectory(prefix="kvpilot-bench-ttfb-") as tmp, contextlib.ExitStack() as stack:
         workdir = Path(tmp)
-        server_url = start_server(stack, args.model, workdir / "server.log")
+        server_url, _ = start_server(stack, args.model, workdir / "server.log")
         config = {"models": [{"name": MODEL_NAME, "revisions": [{"name": "r", "endpoints": [server_url]}]}]}
-        router_url = start_router(stack, config, workdir / "router.yaml", workdir / "router.log")
-        direct, routed = measure(server_url, router_url, body, args.ttfb_requests)
+        router_url, router = start_router(stack, config, workdir / "router.yaml", workdir / "router.log")
+        measured = measure(server_url, router_url, router.pid, body, args.ttfb_requests)
     load_after = os.getloadavg()
+    direct, routed = measured.direct, measured.routed
     print(f"load average (1, 5, 15 min): {_load(load_before)} before, {_load(load_after)} after")
     print(format_ttfb(direct, routed))
+    if measured.router_cpu_ms_per_request is not None:
+        print(
+            f"router CPU time: {measured.router_cpu_ms_per_request:.2f} ms per routed request "
+            "(its probing included)"
+        )
     if args.json:
         document = {
             "machine": machine,
             "load_average": {"before": load_before, "after": load_after},
+            "router_cpu_ms_per_request": measured.router_cpu_ms_per_request,
             "args": {"model": args.model, "requests": args.ttfb_requests, "output_len": args.output_len},
             "results": [
                 {"path": s.path, "median_ms": s.median_ms, "p95_ms": s.p95_ms, "samples_ms": s.samples_ms}

@@ -1,7 +1,10 @@
-"""`kvpilot bench router`'s pure parts: the shared-prefix workload and the table."""
+"""`kvpilot bench router`'s pure parts: the shared-prefix workload, the tables, the TTFB statistics."""
+
+import os
+import time
 
 from kvpilot.serving.bench.router import PolicyResult, format_results
-from kvpilot.serving.bench.router_ttfb import TTFBStats, format_ttfb
+from kvpilot.serving.bench.router_ttfb import TTFBStats, format_ttfb, process_cpu_seconds
 from kvpilot.serving.bench.workload import build_shared_prefix_workload
 
 
@@ -54,3 +57,13 @@ def test_bench_router_ttfb_is_a_mode_of_bench_router():
     cli.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["bench", "router", "--ttfb", "--ttfb-requests", "7", "--output-len", "2"])
     assert (args.ttfb, args.ttfb_requests, args.output_len) == (True, 7, 2)
+
+
+def test_process_cpu_seconds_reads_proc_and_grows_with_work():
+    before = process_cpu_seconds(os.getpid())
+    deadline = time.process_time() + 0.2
+    while time.process_time() < deadline:  # 0.2 s of CPU
+        pass
+    after = process_cpu_seconds(os.getpid())
+    assert before is not None and after is not None and after - before >= 0.15
+    assert process_cpu_seconds(2**22 + 1) is None  # no such process (above the kernel's pid_max)
