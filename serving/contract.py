@@ -75,13 +75,19 @@ SERVE_SETTINGS = (
     ),
     ServeSetting(
         "kv_cache_memory", int, 1 << 30, "KV cache budget, e.g. 2GiB or a number of bytes (default 1GiB)", 1,
-        metavar="SIZE", engine_field="kv_cache_memory_bytes",
+        metavar="SIZE", engine_field="kv_cache_memory_bytes", crd_field="kv_cache_memory",
     ),
     ServeSetting(
         "enable_prefix_caching", bool, True, "automatic prefix caching", engine_field="enable_prefix_caching",
         crd_field="enable_prefix_caching",
     ),
-    ServeSetting("dtype", str, "float32", "model dtype", choices=DTYPES, engine_field="dtype"),
+    ServeSetting(
+        "dtype", str, "float32", "model dtype", choices=DTYPES, engine_field="dtype", crd_field="dtype"
+    ),
+    ServeSetting(
+        "gpu_memory_utilization", float, 0.9, "share of the GPU's memory the server may use", 0,
+        metavar="FRACTION", crd_field="gpu_memory_utilization",
+    ),
     ServeSetting(
         "quantization", str, "none", "weight format", choices=QUANTIZATION_MODES, engine_field="quantization",
         crd_field="quantization",
@@ -96,7 +102,10 @@ SERVE_SETTINGS = (
     ),
     ServeSetting("seed", int, 0, "engine seed for unseeded sampling", metavar="N", engine_field="seed"),
     ServeSetting("max_queue_len", int, 256, "waiting requests before 429", 0, metavar="N"),
-    ServeSetting("shutdown_timeout", float, 30.0, "drain time on SIGTERM", 0, metavar="SECONDS"),
+    ServeSetting(
+        "shutdown_timeout", float, 30.0, "drain time on SIGTERM", 0, metavar="SECONDS",
+        crd_field="drain_timeout",
+    ),
     ServeSetting("api_key", str, None, "require `Authorization: Bearer KEY` on /v1/*"),
     ServeSetting("access_log", bool, True, "log every HTTP request"),
 )  # fmt: skip
@@ -111,11 +120,8 @@ NOT_IN_CRD = {
     "port": "the operator uses DEFAULT_PORT, the Service's target port",
     "block_size": "an engine tuning knob; spec.engine.extraArgs",
     "num_kv_blocks": "sized from the KV cache memory; spec.engine.extraArgs",
-    "kv_cache_memory": "spec.engine.extraArgs until the GPU settings issue adds engine.kvCacheMemory",
-    "dtype": "spec.engine.extraArgs until the GPU settings issue adds engine.dtype",
     "seed": "spec.engine.extraArgs",
     "max_queue_len": "spec.engine.extraArgs",
-    "shutdown_timeout": "the operator sets it with the pod's termination grace period",
     "api_key": "tenants' keys belong to the router; a server key would sit in the pod spec",
     "access_log": "spec.engine.extraArgs",
 }

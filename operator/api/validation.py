@@ -32,8 +32,25 @@ def check_model_uri(value: str) -> str:
     return value
 
 
+DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(h|m|s))+$"
+_DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0}
+
+
+def check_duration(value: str) -> str:
+    if not re.match(DURATION_PATTERN, value):
+        raise ValueError(f"{value!r} is not a duration such as 30s, 30m or 1h30m")
+    return value
+
+
+def duration_seconds(value: str) -> float:
+    """`1h30m` -> 5400.0 (a Go-style duration of h, m and s parts, as Knative and KServe take)."""
+    parts = re.findall(r"([0-9]+(?:\.[0-9]+)?)(h|m|s)", value)
+    return sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)
+
+
 # int-or-string in the schema (`cpu: 2` and `cpu: "500m"` are both valid), always a string here.
 Quantity = Annotated[int | str, BeforeValidator(_quantity_to_str), AfterValidator(check_quantity)]
+Duration = Annotated[str, AfterValidator(check_duration)]
 
 
 @dataclass(frozen=True)
@@ -76,6 +93,13 @@ MODEL_RULES = [
         "set the revision either in spec.model.uri (@revision) or in spec.model.revision, not both",
         ".revision",
         lambda model: model.revision is None or "@" not in model.uri,
+    ),
+    Rule(
+        "!has(self.cache) || self.uri.startsWith('hf://') || self.uri.startsWith('s3://') "
+        "|| self.uri.startsWith('gs://')",
+        "spec.model.cache applies to hf://, s3:// and gs:// models (the others are not downloaded)",
+        ".cache",
+        lambda model: model.cache is None or model.uri.split("://")[0] in ("hf", "s3", "gs"),
     ),
 ]
 
