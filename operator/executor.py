@@ -27,17 +27,27 @@ class TransientError(Exception):
 
 
 class PermanentApiError(Exception):
-    """The API rejected what we sent (400, 422): retrying the same request cannot help."""
+    """The API rejected what we sent (400, 403, 422): retrying the same request cannot help.
+    The message carries the API server's own, which names the field."""
 
 
 def _raw(response: Any) -> dict[str, Any]:
     return json.loads(response.data or b"{}")
 
 
+def api_message(body: Any) -> str:
+    """The `message` of a metav1.Status body, or the body as text."""
+    text = body.decode(errors="replace") if isinstance(body, bytes) else str(body or "")
+    try:
+        return json.loads(text).get("message") or text
+    except (ValueError, AttributeError):
+        return text
+
+
 def _classified(exc: ApiException, what: str) -> Exception:
     if exc.status in TRANSIENT_STATUS or (exc.status or 500) >= 500:
         return TransientError(f"{what}: HTTP {exc.status} {exc.reason}")
-    return PermanentApiError(f"{what}: HTTP {exc.status} {exc.reason}: {exc.body}")
+    return PermanentApiError(f"{what}: HTTP {exc.status} {exc.reason}: {api_message(exc.body)}")
 
 
 # Every namespaced child kind the operator owns: kind -> (apiVersion, plural). A new child kind
@@ -47,7 +57,10 @@ CHILD_KINDS: dict[str, tuple[str, str]] = {
     "Service": ("v1", "services"),
     "PodDisruptionBudget": ("policy/v1", "poddisruptionbudgets"),
     "ServiceAccount": ("v1", "serviceaccounts"),
+    "PersistentVolumeClaim": ("v1", "persistentvolumeclaims"),
+    "Job": ("batch/v1", "jobs"),
 }
+MERGE_PATCH = "application/merge-patch+json"
 
 
 def resource_path(api_version: str, plural: str, namespace: str, name: str | None = None) -> str:
@@ -74,12 +87,18 @@ class KubeClient:
             raise TransientError(f"{fn.__name__}: {exc}") from exc
 
     def _request(
-        self, what: str, method: str, path: str, query: dict[str, Any] | None = None, body: Any = None
+        self,
+        what: str,
+        method: str,
+        path: str,
+        query: dict[str, Any] | None = None,
+        body: Any = None,
+        content_type: str = "application/apply-patch+yaml",
     ) -> dict[str, Any]:
         """One REST call; `what` names it in errors (e.g. `apply Deployment`)."""
         headers = {"Accept": "application/json"}
         if method == "PATCH":
-            headers["Content-Type"] = "application/apply-patch+yaml"
+            headers["Content-Type"] = content_type
         request = self.api.param_serialize(
             method, path, query_params=list((query or {}).items()), header_params=headers, body=body,
             auth_settings=["BearerToken"],
@@ -110,6 +129,12 @@ class KubeClient:
                     children.append(item)
         return children
 
+    def read_pods(self, isvc: InferenceService) -> list[dict[str, Any]]:
+        """The InferenceService's pods: engine replicas and model downloads (by instance label)."""
+        selector = f"app.kubernetes.io/instance={isvc.metadata.name},app.kubernetes.io/managed-by={MANAGER}"
+        path = resource_path("v1", "pods", isvc.metadata.namespace)
+        return self._request("list Pod", "GET", path, {"labelSelector": selector}).get("items", [])
+
     def execute(self, plan: Plan) -> dict[tuple[str, str], dict[str, Any]]:
         """Apply the plan; returns the objects as the server answered, by (kind, name).
 
@@ -118,6 +143,9 @@ class KubeClient:
         the desired object is removed, and one someone else added is left alone.
         """
         written = {}
+        for patch in plan.reset:  # list entries the apply cannot merge away (planner.list_resets)
+            self._request(f"reset {patch['kind']}", "PATCH", self._child_path(patch), body=patch,
+                          content_type=MERGE_PATCH)  # fmt: skip
         for obj in [*plan.create, *plan.update]:
             meta = obj["metadata"]
             path = self._child_path(obj)

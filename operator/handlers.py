@@ -22,6 +22,7 @@ from kvpilot.operator.reconciler import reconcile
 
 MAX_BACKOFF_SECONDS = 60
 CHILD_LABELS = {"app.kubernetes.io/managed-by": MANAGER}
+INSTANCE_LABEL = "app.kubernetes.io/instance"
 
 
 class KeyedLocks:
@@ -71,8 +72,8 @@ def _reconcile_and_report(body: dict[str, Any], memo: kopf.Memo) -> None:
     with _locks.hold((metadata["namespace"], metadata["name"])):
         outcome = reconcile(body, _client(memo))
     if outcome.error is not None:
-        if outcome.status_written:
-            kopf.warn(body, reason="InvalidSpec", message=outcome.error)
+        if outcome.status_written:  # one Warning Event per new problem, not one per retry
+            kopf.warn(body, reason=outcome.reason, message=outcome.error)
         raise kopf.PermanentError(outcome.error)
 
 
@@ -99,10 +100,27 @@ def reconcile_inference_service(body: kopf.Body, retry: int, memo: kopf.Memo, **
         raise kopf.PermanentError(str(exc)) from exc
 
 
+def _reconcile_parent(
+    body: kopf.Body, name: str, uid: str | None, memo: kopf.Memo, logger: kopf.Logger
+) -> None:
+    try:
+        parent = _client(memo).get_inference_service(body.metadata.namespace, name)
+        if parent is None or (uid is not None and parent["metadata"].get("uid") != uid):
+            return  # the owner is gone; the garbage collector takes the child
+        if parent["metadata"].get("deletionTimestamp"):
+            return
+        _reconcile_and_report(parent, memo)
+    except (TransientError, PermanentApiError, kopf.PermanentError) as exc:
+        # The InferenceService's own handler retries with backoff; the next child event retries too.
+        logger.warning(f"reconcile of {name} after a {body.kind} change failed: {exc}")
+
+
 @kopf.on.event("apps", "v1", "deployments", labels=CHILD_LABELS)
 @kopf.on.event("", "v1", "services", labels=CHILD_LABELS)
+@kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS)
 def child_changed(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
-    """A child moved (readiness, drift, deletion): reconcile its InferenceService again."""
+    """A child moved (readiness, drift, deletion, a download's progress): reconcile its
+    InferenceService again."""
     owner = next(
         (
             ref
@@ -111,15 +129,12 @@ def child_changed(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: An
         ),
         None,
     )
-    if owner is None:
-        return
-    try:
-        parent = _client(memo).get_inference_service(body.metadata.namespace, owner["name"])
-        if parent is None or parent["metadata"].get("uid") != owner.get("uid"):
-            return  # the owner is gone; the garbage collector takes the child
-        if parent["metadata"].get("deletionTimestamp"):
-            return
-        _reconcile_and_report(parent, memo)
-    except (TransientError, PermanentApiError, kopf.PermanentError) as exc:
-        # The InferenceService's own handler retries with backoff; the next child event retries too.
-        logger.warning(f"reconcile of {owner['name']} after a {body.kind} change failed: {exc}")
+    if owner is not None:
+        _reconcile_parent(body, owner["name"], owner.get("uid"), memo, logger)
+
+
+@kopf.on.event("", "v1", "pods", labels={**CHILD_LABELS, INSTANCE_LABEL: kopf.PRESENT})
+def pod_changed(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+    """A pod of an InferenceService moved (scheduled or not, pulling, crashing): its status says why
+    replicas wait. Pods are owned by ReplicaSets and Jobs, so the instance label names the parent."""
+    _reconcile_parent(body, body.metadata.labels[INSTANCE_LABEL], None, memo, logger)

@@ -8,9 +8,19 @@ from typing import Any
 
 from kvpilot.operator.api import InferenceService
 from kvpilot.operator.builders import build_children
-from kvpilot.operator.executor import KubeClient
+from kvpilot.operator.executor import KubeClient, PermanentApiError
+from kvpilot.operator.fit import estimate
+from kvpilot.operator.model_cache import job_name
 from kvpilot.operator.planner import plan
-from kvpilot.operator.status import compute_status, invalid_spec_status, status_changed
+from kvpilot.operator.status import (
+    APPLY_REJECTED,
+    DOES_NOT_FIT,
+    INVALID_SPEC,
+    compute_status,
+    invalid_spec_status,
+    rejected_for_generation,
+    status_changed,
+)
 from kvpilot.serving.validation import problems
 from pydantic import ValidationError
 
@@ -18,7 +28,8 @@ from pydantic import ValidationError
 @dataclass(frozen=True)
 class Outcome:
     status_written: bool
-    error: str | None = None  # the invalid-spec message, naming the field
+    error: str | None = None  # why the spec cannot work: the message names the field
+    reason: str = INVALID_SPEC  # InvalidSpec, ApplyRejected or InsufficientGPUMemory
 
 
 def describe_validation_error(error: ValidationError) -> str:
@@ -38,22 +49,36 @@ def reconcile(body: dict[str, Any], client: KubeClient, now: str | None = None) 
     now = now or now_rfc3339()
     metadata = body.get("metadata", {})
     previous = body.get("status") or {}
-    try:
-        isvc = InferenceService.from_body(body)
-    except ValidationError as exc:
-        error = describe_validation_error(exc)
-        status = invalid_spec_status(metadata.get("generation"), error, previous, now)
+    generation = metadata.get("generation")
+
+    def stall(error: str, reason: str, fit: str | None = None) -> Outcome:
+        status = invalid_spec_status(generation, error, previous, now, reason=reason, fit=fit)
         changed = status_changed(status, previous)
         if changed:
             client.patch_status(metadata["namespace"], metadata["name"], status)
-        return Outcome(status_written=changed, error=error)
+        return Outcome(status_written=changed, error=error, reason=reason)
+
+    try:
+        isvc = InferenceService.from_body(body)
+    except ValidationError as exc:
+        return stall(describe_validation_error(exc), INVALID_SPEC)
+    held = rejected_for_generation(previous, generation)
+    if held is not None:  # rejected for this very spec: wait for a change, never retry in a loop
+        return Outcome(status_written=False, error=held, reason=APPLY_REJECTED)
+    fit = estimate(isvc)
+    if fit is not None and fit.fits is False:
+        return stall(f"spec.resources.gpu.memory: {fit.message()}", DOES_NOT_FIT, fit.message())
 
     observed = client.read_children(isvc)
-    the_plan = plan(build_children(isvc), observed)
-    written = client.execute(the_plan)
-    deployments = {obj["metadata"]["name"]: obj for obj in observed if obj["kind"] == "Deployment"}
-    deployment = written.get(("Deployment", isvc.metadata.name)) or deployments.get(isvc.metadata.name)
-    status = compute_status(isvc, deployment, previous, now)
+    try:
+        written = client.execute(plan(build_children(isvc), observed))
+    except PermanentApiError as exc:
+        return stall(str(exc), APPLY_REJECTED)
+    by_key = {(obj["kind"], obj["metadata"]["name"]): obj for obj in observed} | written
+    deployment = by_key.get(("Deployment", isvc.metadata.name))
+    job = by_key.get(("Job", job_name(isvc))) if isvc.spec.model.cache is not None else None
+    pods = client.read_pods(isvc)
+    status = compute_status(isvc, deployment, previous, now, pods=pods, job=job, fit=fit)
     changed = status_changed(status, previous)
     if changed:
         client.patch_status(isvc.metadata.namespace, isvc.metadata.name, status)

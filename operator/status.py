@@ -10,9 +10,14 @@ from typing import Any
 
 from kvpilot.operator.api import Condition, InferenceService, InferenceServiceStatus
 from kvpilot.operator.builders import service_url
-from kvpilot.operator.labels import selector_string
+from kvpilot.operator.fit import FitEstimate
+from kvpilot.operator.labels import APP_NAME, selector_string
+from kvpilot.operator.model_cache import DOWNLOAD_POD_NAME, cache_state
+from kvpilot.operator.pod_status import failed_download, pod_problem
 
-READY, RECONCILING, STALLED = "Ready", "Reconciling", "Stalled"
+READY, RECONCILING, STALLED, MODEL_CACHED = "Ready", "Reconciling", "Stalled", "ModelCached"
+# Stalled reasons that only a spec change can clear.
+INVALID_SPEC, APPLY_REJECTED, DOES_NOT_FIT = "InvalidSpec", "ApplyRejected", "InsufficientGPUMemory"
 # The status's fields as written (camelCase), from the typed model.
 STATUS_FIELDS = tuple(field.alias or name for name, field in InferenceServiceStatus.model_fields.items())
 
@@ -46,13 +51,19 @@ def _conditions(
 
 
 def invalid_spec_status(
-    generation: int | None, error: str, previous: dict[str, Any], now: str
+    generation: int | None,
+    error: str,
+    previous: dict[str, Any],
+    now: str,
+    reason: str = INVALID_SPEC,
+    fit: str | None = None,
 ) -> dict[str, Any]:
-    """Stalled: the spec cannot work until someone changes it. What exists is still reported."""
+    """Stalled: the spec cannot work until someone changes it (an invalid spec, an apply the API
+    server rejected, a model that does not fit). What exists is still reported."""
     reasons = {
-        READY: ("InvalidSpec", error),
-        RECONCILING: ("InvalidSpec", "waiting for a valid spec"),
-        STALLED: ("InvalidSpec", error),
+        READY: (reason, error),
+        RECONCILING: (reason, "waiting for a spec change"),
+        STALLED: (reason, error),
     }
     states = {READY: False, RECONCILING: False, STALLED: True}
     kept = InferenceServiceStatus.model_validate(
@@ -62,9 +73,24 @@ def invalid_spec_status(
         update={
             "observed_generation": generation,
             "conditions": _conditions(states, reasons, generation, previous, now),
+            "fit": fit,
         }
     )
     return status.to_body()
+
+
+def rejected_for_generation(previous: dict[str, Any], generation: int | None) -> str | None:
+    """The message of Stalled=True/ApplyRejected if it is for this generation: the API server
+    would reject the same objects again, so only a spec change retries."""
+    for condition in previous.get("conditions") or []:
+        if (
+            condition.get("type") == STALLED
+            and condition.get("status") == "True"
+            and condition.get("reason") == APPLY_REJECTED
+            and condition.get("observedGeneration") == generation
+        ):
+            return condition.get("message", "")
+    return None
 
 
 def _deployment_progress(deployment: dict[str, Any] | None, desired: int) -> tuple[str, str, str]:
@@ -100,13 +126,38 @@ def desired_replicas(isvc: InferenceService, deployment: dict[str, Any] | None) 
     return isvc.spec.autoscaling.min_replicas if scaled is None else scaled
 
 
+def _pods_named(pods: list[dict[str, Any]], app: str) -> list[dict[str, Any]]:
+    return [p for p in pods if (p["metadata"].get("labels") or {}).get("app.kubernetes.io/name") == app]
+
+
 def compute_status(
-    isvc: InferenceService, deployment: dict[str, Any] | None, previous: dict[str, Any], now: str
+    isvc: InferenceService,
+    deployment: dict[str, Any] | None,
+    previous: dict[str, Any],
+    now: str,
+    pods: list[dict[str, Any]] = (),
+    job: dict[str, Any] | None = None,
+    fit: FitEstimate | None = None,
 ) -> dict[str, Any]:
+    """pods: the InferenceService's engine and download pods; job: its download Job, if any."""
     generation = isvc.metadata.generation
     state, reason, message = _deployment_progress(deployment, desired_replicas(isvc, deployment))
+    if state == "reconciling":
+        reason, message = pod_problem(_pods_named(list(pods), APP_NAME)) or (reason, message)
+    cached = None
+    if isvc.spec.model.cache is not None:
+        cached, cache_reason, cache_message = cache_state(job)
+        if cached == "failed":
+            detail = failed_download(_pods_named(list(pods), DOWNLOAD_POD_NAME))
+            cache_message += f"; {detail}" if detail else ""
+            state, reason, message = "stalled", cache_reason, cache_message
+        elif cached == "downloading" and state != "ready":
+            reason, message = cache_reason, cache_message
     states = {READY: state == "ready", RECONCILING: state == "reconciling", STALLED: state == "stalled"}
     reasons = dict.fromkeys(states, (reason, message))
+    if cached is not None:
+        states[MODEL_CACHED] = cached == "cached"
+        reasons[MODEL_CACHED] = (cache_reason, cache_message)
     observed = (deployment or {}).get("status") or {}
     status = InferenceServiceStatus(
         observed_generation=generation,
@@ -115,6 +166,7 @@ def compute_status(
         ready_replicas=observed.get("readyReplicas") or 0,
         selector=selector_string(isvc),
         conditions=_conditions(states, reasons, generation, previous, now),
+        fit=fit.message() if fit is not None else None,
     )
     return status.to_body()
 

@@ -61,6 +61,13 @@ _REQUIRED_FIELDS = (
     "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"
 )  # fmt: skip
 _REQUIRED = tuple(to_camel(name) for name in _REQUIRED_FIELDS)
+
+
+def _required_given(arch: ModelArchitecture) -> str:
+    given = [getattr(arch, name) is not None for name in _REQUIRED_FIELDS]
+    return "all" if all(given) else "some" if any(given) else "none"
+
+
 ARCHITECTURE_RULES = [
     Rule(
         "has(self.known) ? !("
@@ -70,9 +77,7 @@ ARCHITECTURE_RULES = [
         + ")",
         "spec.model.architecture: set either known or all of " + ", ".join(_REQUIRED),
         ".known",
-        lambda arch: (
-            (arch.known is not None) != all(getattr(arch, name) is not None for name in _REQUIRED_FIELDS)
-        ),
+        lambda arch: _required_given(arch) == ("none" if arch.known else "all"),
     ),
 ]
 
