@@ -321,6 +321,8 @@ ALL_SPECS = [
     },
     {"model": {"name": "q", "uri": "s3://bucket/q"}, "scheduling": {"tolerations": [{"operator": "Exists"}]}},
     {"model": {"name": "q", "uri": "gs://bucket/q"}, "env": [{"name": "A", "value": "1"}]},
+    {"model": {"name": "q", "uri": "hf://Qwen/Qwen3-32B", "cache": {"size": "80Gi", "storageClassName": ""}}},
+    {"model": {"name": "q", "uri": "s3://bucket/q", "size": "20Gi"}},
 ]
 
 

@@ -58,6 +58,18 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 - apiGroups: [""]
   resources: ["serviceaccounts"]
   verbs: ["list", "create", "patch", "delete"]
+# spec.model.cache: the claim and the one-shot download Job (watched to follow the download); a
+# new model revision replaces both.
+- apiGroups: [""]
+  resources: ["persistentvolumeclaims"]
+  verbs: ["list", "create", "patch", "delete"]
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
+# Pods are only read: status names why replicas wait (unschedulable, image pulls, crash loops).
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list", "watch"]
 # Warning events (invalid specs, failed handlers).
 - apiGroups: [""]
   resources: ["events"]
