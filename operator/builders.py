@@ -25,6 +25,7 @@ from kvpilot.operator.model_cache import (
     model_source,
     pod_security_context,
     security_context,
+    server_image,
 )
 from kvpilot.operator.planner import parse_quantity
 from kvpilot.serving.contract import (
@@ -144,7 +145,7 @@ def _pod_spec(isvc: InferenceService) -> dict[str, Any]:
         model_mount["readOnly"] = True
     container = {
         "name": CONTAINER_NAME,
-        "image": spec.image,
+        "image": server_image(isvc),
         "imagePullPolicy": "IfNotPresent",
         "command": ["kvpilot", "serve"],
         "args": serve_args(isvc, model_path),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from kvpilot.operator.api import InferenceService
+from kvpilot.operator.api import DEFAULT_CUDA_IMAGE, DEFAULT_IMAGE, InferenceService
 from kvpilot.operator.labels import MANAGER, child_metadata
 
 MODEL_DIR = "/mnt/models"
@@ -59,6 +59,16 @@ def base_env(isvc: InferenceService) -> list[dict[str, Any]]:
     return base + [env.model_dump(by_alias=True, exclude_none=True) for env in isvc.spec.env]
 
 
+def server_image(isvc: InferenceService) -> str:
+    """spec.image, or the CUDA variant of the kvpilot image for GPU replicas."""
+    return isvc.spec.image or (DEFAULT_CUDA_IMAGE if isvc.spec.resources.gpu.count else DEFAULT_IMAGE)
+
+
+def tool_image(isvc: InferenceService) -> str:
+    """The image of the download, wait and marker containers: spec.image, or the CPU variant."""
+    return isvc.spec.image or DEFAULT_IMAGE
+
+
 def is_downloaded(isvc: InferenceService) -> bool:
     return isvc.spec.model.uri.partition("://")[0] in ("hf", "s3", "gs")
 
@@ -93,7 +103,7 @@ def download_container(isvc: InferenceService) -> dict[str, Any]:
     scheme = uri.partition("://")[0]
     if scheme == "hf":
         repo, _, revision = model_revision(isvc).removeprefix("hf://").partition("@")
-        image = isvc.spec.image
+        image = tool_image(isvc)
         command = ["hf", "download", repo, "--revision", revision, "--local-dir", MODEL_DIR]
     elif scheme == "s3":
         image, command = AWS_CLI_IMAGE, ["aws", "s3", "sync", uri, MODEL_DIR]
@@ -114,7 +124,7 @@ def wait_container(isvc: InferenceService) -> dict[str, Any]:
     """The engine pod's init container: done once the download Job wrote its marker."""
     return {
         "name": "wait-for-model",
-        "image": isvc.spec.image,
+        "image": tool_image(isvc),
         "command": ["python", "-c", _WAIT, COMPLETE_MARKER],
         "volumeMounts": [{"name": "model", "mountPath": MODEL_DIR, "readOnly": True}],
         "securityContext": security_context(),
@@ -163,7 +173,7 @@ def build_download_job(isvc: InferenceService) -> dict[str, Any]:
     }
     mark = {
         "name": "mark-complete",
-        "image": isvc.spec.image,
+        "image": tool_image(isvc),
         "command": ["python", "-c", _MARK, COMPLETE_MARKER, model_revision(isvc)],
         "volumeMounts": [{"name": "model", "mountPath": MODEL_DIR}],
         "securityContext": security_context(),

@@ -1,7 +1,7 @@
 """How a container of a pod maps to a local process (the process kubelet's "image" and "runtime").
 
 The kvpilot image's programs map to this machine's: `kvpilot` -> `python -m kvpilot.serving.cli`,
-`python` -> this interpreter; anything else runs from PATH (`sleep` in a preStop hook). Paths under
+`python` -> this interpreter, `hf` -> this virtualenv's; anything else runs from PATH (`sleep` in a preStop hook). Paths under
 a volumeMount are rewritten to the volume's local directory, and `--host` to the pod's address.
 """
 
@@ -29,6 +29,9 @@ def program(argv: list[str]) -> list[str]:
         return [sys.executable, "-m", "kvpilot.serving.cli", *rest]
     if head in ("python", "python3"):
         return [sys.executable, *rest]
+    beside = Path(sys.executable).parent / head  # the image's other Python tools (`hf`): this venv's
+    if "/" not in head and beside.exists():
+        return [str(beside), *rest]
     return argv
 
 
