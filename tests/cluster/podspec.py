@@ -1,8 +1,9 @@
 """How a container of a pod maps to a local process (the process kubelet's "image" and "runtime").
 
 The kvpilot image's programs map to this machine's: `kvpilot` -> `python -m kvpilot.serving.cli`,
-`python` -> this interpreter, `hf` -> this virtualenv's; anything else runs from PATH (`sleep` in a preStop hook). Paths under
-a volumeMount are rewritten to the volume's local directory, and `--host` to the pod's address.
+`python` -> this interpreter, `hf` -> this virtualenv's; anything else runs from PATH (`sleep` in
+a preStop hook). Paths under a volumeMount are rewritten to the volume's local directory, and
+`--host` to the pod's address.
 """
 
 from __future__ import annotations
