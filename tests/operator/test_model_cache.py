@@ -193,3 +193,27 @@ def test_a_download_job_is_never_updated():
     desired = [c for c in build_children(isvc(model={**HF, "cache": CACHE})) if c["kind"] == "Job"]
     changed = [{**desired[0], "spec": {"backoffLimit": 9}}]
     assert plan(desired, changed).update == []
+
+
+def test_the_wait_container_finishes_once_the_job_marks_the_download_complete(tmp_path):
+    """The two helper commands as the pods run them (the image's python), on a local directory."""
+    import subprocess
+    import sys
+
+    service = isvc(model={**HF, "cache": CACHE})
+    children = {c["kind"]: c for c in build_children(service)}
+    (mark,) = children["Job"]["spec"]["template"]["spec"]["containers"]
+    (wait,) = pod_spec(children["Deployment"])["initContainers"]
+
+    def local(argv: list[str]) -> list[str]:
+        return [sys.executable if a == "python" else a.replace("/mnt/models", str(tmp_path)) for a in argv]
+
+    waiting = subprocess.Popen(local(wait["command"]), stdout=subprocess.PIPE, text=True)
+    try:
+        assert waiting.stdout.readline().startswith("waiting for the model download Job")
+        assert waiting.poll() is None
+        subprocess.run(local(mark["command"]), check=True)
+        assert waiting.wait(timeout=30) == 0
+    finally:
+        waiting.kill()
+    assert (tmp_path / ".kvpilot-download-complete").read_text() == "hf://meta-llama/Meta-Llama-3-8B@v1\n"
