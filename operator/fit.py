@@ -29,6 +29,7 @@ GiB = 1 << 30
 INT4_GROUP_SIZE = 32  # kernels/quant/quantize.py DEFAULT_GROUP_SIZE
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GPU_CHECKPOINT_DTYPE_BYTES = 2  # `--dtype auto` on a GPU: the checkpoint's bf16/fp16
+CPU_DTYPE_BYTES = 4  # float32: the server's default (and `auto`) on CPU
 
 
 def linear_bytes(out_features: int, in_features: int, quantization: str, dtype_bytes: int) -> int:
@@ -159,7 +160,7 @@ def estimate(isvc: InferenceService) -> FitEstimate | None:
         return None
     shape = architecture.shape()
     engine, gpu = isvc.spec.engine, isvc.spec.resources.gpu
-    default_bytes = GPU_CHECKPOINT_DTYPE_BYTES if gpu.count else DTYPE_BYTES[SERVE_SETTING["dtype"].default]
+    default_bytes = GPU_CHECKPOINT_DTYPE_BYTES if gpu.count else CPU_DTYPE_BYTES
     dtype_bytes = DTYPE_BYTES.get(engine.dtype or "auto", default_bytes)
     return FitEstimate(
         weight_bytes=weight_bytes(shape, engine.quantization, dtype_bytes),

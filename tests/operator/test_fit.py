@@ -134,6 +134,9 @@ def test_without_gpu_memory_or_architecture_the_fit_is_unknown():
     )
     body = {"metadata": {"name": "m"}, "spec": {"model": {"name": "m", "uri": "hf://org/m"}}}
     assert estimate(InferenceService.from_body(body)) is None
+    body["spec"]["model"]["architecture"] = {"known": "Llama-3-8B"}  # a CPU replica: float32, no GPU
+    cpu = estimate(InferenceService.from_body(body))
+    assert (cpu.weight_bytes, cpu.fits) == (8_030_261_248 * 4, None)
 
 
 def test_explicit_config_sizes_equal_the_known_architecture():

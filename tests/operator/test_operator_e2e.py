@@ -527,3 +527,22 @@ def test_a_failing_model_download_job_stalls_the_inference_service(api, ns, oper
     finally:
         api.delete(API_VERSION, ISVC, ns, "chat")
         api.delete("v1", "persistentvolumes", None, volume)
+
+
+def test_a_service_port_edited_by_hand_is_put_back(api, ns, operator):
+    """`kubectl edit` moves the Service's port 80 to 8080 (still named http): a plain server-side
+    apply would add port 80 beside it and fail with 422 (duplicate port name) on every retry."""
+    api.create(API_VERSION, ISVC, ns, manifest(ns, replicas=0))
+    service = wait_for(lambda: api.get("v1", "services", ns, "chat"), "the Service")
+    service["spec"]["ports"][0]["port"] = 8080
+    api.replace("v1", "services", ns, "chat", service)
+    wait_for(
+        lambda: (
+            [(p["name"], p["port"]) for p in api.get("v1", "services", ns, "chat")["spec"]["ports"]]
+            == [("http", 80)]
+        ),
+        "port 80 back",
+        timeout=60,
+    )
+    _settle(operator)
+    assert isvc_condition(api, ns, "Stalled").get("status") == "False"
