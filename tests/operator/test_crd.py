@@ -165,6 +165,29 @@ BAD = [
         "spec.podLabels",
     ),
     ("name not a DNS label", {"metadata.name": "Chat_1"}, "metadata.name"),
+    ("cache of a PVC model", {"spec.model.cache": {"size": "10Gi"}}, "spec.model.cache"),
+    (
+        "architecture both known and given",
+        {"spec.model.architecture": {"known": "Llama-3-8B", "hiddenSize": 4096}},
+        "spec.model.architecture.known",
+    ),
+    (
+        "architecture incomplete",
+        {"spec.model.architecture": {"hiddenSize": 4096}},
+        "spec.model.architecture.known",
+    ),
+    (
+        "unknown architecture",
+        {"spec.model.architecture": {"known": "GPT-5"}},
+        "spec.model.architecture.known",
+    ),
+    ("load timeout not a duration", {"spec.engine.loadTimeout": "30 minutes"}, "spec.engine.loadTimeout"),
+    ("GPU share above 1", {"spec.engine.gpuMemoryUtilization": 1.5}, "spec.engine.gpuMemoryUtilization"),
+    (
+        "GPU memory not a quantity",
+        {"spec.resources.gpu": {"count": 1, "memory": "80 GB"}},
+        "spec.resources.gpu.memory",
+    ),
 ]
 
 
