@@ -164,3 +164,12 @@ def test_architecture_is_either_known_or_complete(architecture):
     }
     with pytest.raises(ValueError, match="set either known or all of"):
         InferenceService.from_body(body)
+
+
+def test_status_carries_the_estimate():
+    from kvpilot.operator.status import compute_status
+
+    service = isvc("Llama-3-8B", maxModelLen=8192, kvCacheDtype="int8")
+    status = compute_status(service, None, {}, "2026-12-01T12:00:00Z", fit=estimate(service))
+    assert status["fit"] == estimate(service).message()
+    assert status["fit"].startswith("fits: weights 15.0 GiB + KV cache 33.0 GiB")
