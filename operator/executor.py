@@ -143,9 +143,9 @@ class KubeClient:
         the desired object is removed, and one someone else added is left alone.
         """
         written = {}
-        for patch in plan.reset:  # list entries the apply cannot merge away (planner.list_resets)
-            self._request(f"reset {patch['kind']}", "PATCH", self._child_path(patch), body=patch,
-                          content_type=MERGE_PATCH)  # fmt: skip
+        for patch in plan.reset:  # list entries an apply cannot merge away (planner.list_reset)
+            path = self._child_path(patch)
+            self._request(f"reset {patch['kind']}", "PATCH", path, body=patch, content_type=MERGE_PATCH)
         for obj in [*plan.create, *plan.update]:
             meta = obj["metadata"]
             path = self._child_path(obj)

@@ -6,6 +6,7 @@ on; `Reconciling` and `Stalled` are "abnormal-true" and are False when all is we
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from kvpilot.operator.api import Condition, InferenceService, InferenceServiceStatus
@@ -126,7 +127,7 @@ def desired_replicas(isvc: InferenceService, deployment: dict[str, Any] | None) 
     return isvc.spec.autoscaling.min_replicas if scaled is None else scaled
 
 
-def _pods_named(pods: list[dict[str, Any]], app: str) -> list[dict[str, Any]]:
+def _pods_named(pods: Sequence[dict[str, Any]], app: str) -> list[dict[str, Any]]:
     return [p for p in pods if (p["metadata"].get("labels") or {}).get("app.kubernetes.io/name") == app]
 
 
@@ -135,7 +136,7 @@ def compute_status(
     deployment: dict[str, Any] | None,
     previous: dict[str, Any],
     now: str,
-    pods: list[dict[str, Any]] = (),
+    pods: Sequence[dict[str, Any]] = (),
     job: dict[str, Any] | None = None,
     fit: FitEstimate | None = None,
 ) -> dict[str, Any]:
@@ -143,12 +144,12 @@ def compute_status(
     generation = isvc.metadata.generation
     state, reason, message = _deployment_progress(deployment, desired_replicas(isvc, deployment))
     if state == "reconciling":
-        reason, message = pod_problem(_pods_named(list(pods), APP_NAME)) or (reason, message)
+        reason, message = pod_problem(_pods_named(pods, APP_NAME)) or (reason, message)
     cached = None
     if isvc.spec.model.cache is not None:
         cached, cache_reason, cache_message = cache_state(job)
         if cached == "failed":
-            detail = failed_download(_pods_named(list(pods), DOWNLOAD_POD_NAME))
+            detail = failed_download(_pods_named(pods, DOWNLOAD_POD_NAME))
             cache_message += f"; {detail}" if detail else ""
             state, reason, message = "stalled", cache_reason, cache_message
         elif cached == "downloading" and state != "ready":
