@@ -546,3 +546,19 @@ def test_a_service_port_edited_by_hand_is_put_back(api, ns, operator):
     )
     _settle(operator)
     assert isvc_condition(api, ns, "Stalled").get("status") == "False"
+
+
+def test_status_names_a_crash_loop_with_the_servers_last_words(api, ns, operator):
+    """A model path that is not in the claim: the server exits at start-up, the kubelet backs off,
+    and the InferenceService says which pod, and what the server said before it exited."""
+    api.create(API_VERSION, ISVC, ns, manifest(ns, model={"name": "smollm2", "uri": "pvc://models/missing"}))
+    waiting = wait_for(
+        lambda: (
+            isvc_condition(api, ns, "Reconciling").get("reason") == "CrashLoopBackOff"
+            and isvc_condition(api, ns, "Reconciling")
+        ),
+        "Reconciling=CrashLoopBackOff",
+        timeout=180,
+    )
+    assert "container server keeps crashing, last exit code" in waiting["message"]
+    assert "no such checkpoint directory" in waiting["message"] and "/missing" in waiting["message"]
