@@ -133,7 +133,13 @@ def child_changed(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: An
         _reconcile_parent(body, owner["name"], owner.get("uid"), memo, logger)
 
 
-@kopf.on.event("", "v1", "pods", labels={**CHILD_LABELS, INSTANCE_LABEL: kopf.PRESENT})
+def _pod_waits(body: kopf.Body, **_: Any) -> bool:
+    """A ready pod has nothing to explain (and its readiness reaches the Deployment's status)."""
+    conditions = (body.get("status") or {}).get("conditions") or []
+    return not any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
+@kopf.on.event("", "v1", "pods", labels={**CHILD_LABELS, INSTANCE_LABEL: kopf.PRESENT}, when=_pod_waits)
 def pod_changed(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     """A pod of an InferenceService moved (scheduled or not, pulling, crashing): its status says why
     replicas wait. Pods are owned by ReplicaSets and Jobs, so the instance label names the parent."""
