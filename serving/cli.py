@@ -13,6 +13,7 @@ import sys
 
 COMMANDS = {
     "serve": "kvpilot.serving.api.cli",
+    "router": "kvpilot.serving.router.cli",
     "demo": "kvpilot.serving.demo",
     "bench": "kvpilot.serving.bench.cli",
     "crd": "kvpilot.operator.cli",

@@ -4,6 +4,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable
 
 from fastapi import Request, Response
+from starlette.types import Receive
 
 _END = object()
 
@@ -46,8 +47,9 @@ async def merge_streams(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _wait_for_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
+async def wait_for_disconnect(receive: Receive) -> None:
+    """Return when the client has gone away (the request body must already have been read)."""
+    while (await receive())["type"] != "http.disconnect":
         pass
 
 
@@ -57,7 +59,7 @@ async def cancel_on_disconnect(request: Request, handler: Awaitable[Response]) -
     Once a StreamingResponse is returned, Starlette itself watches for the disconnect.
     """
     handler_task = asyncio.ensure_future(handler)
-    disconnect_task = asyncio.ensure_future(_wait_for_disconnect(request))
+    disconnect_task = asyncio.ensure_future(wait_for_disconnect(request.receive))
     try:
         await asyncio.wait({handler_task, disconnect_task}, return_when=asyncio.FIRST_COMPLETED)
     finally:

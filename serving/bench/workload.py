@@ -118,3 +118,31 @@ def load_tokenizer(model: str | Path | None = None):
 
 def tokenize_text(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def build_shared_prefix_workload(
+    text_token_ids: Sequence[int],
+    num_prompts: int,
+    num_prefixes: int,
+    prefix_len: int,
+    suffix_len: int,
+    output_len: int,
+    seed: int = 0,
+) -> list[WorkloadRequest]:
+    """Requests that share a few long "system prompts": each is one of `num_prefixes` prefixes of
+    `prefix_len` tokens (picked at random) plus its own `suffix_len` tokens, cut from the text."""
+    if len(text_token_ids) < prefix_len + suffix_len:
+        raise ValueError(
+            f"dataset: the text has {len(text_token_ids)} tokens, fewer than prefix_len + suffix_len"
+        )
+    rng = random.Random(seed)
+
+    def window(length: int) -> tuple[int, ...]:
+        start = rng.randint(0, len(text_token_ids) - length)
+        return tuple(int(t) for t in text_token_ids[start : start + length])
+
+    prefixes = [window(prefix_len) for _ in range(num_prefixes)]
+    return [
+        WorkloadRequest(f"req-{i}", rng.choice(prefixes) + window(suffix_len), output_len)
+        for i in range(num_prompts)
+    ]

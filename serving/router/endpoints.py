@@ -1,0 +1,55 @@
+"""One upstream server as the router sees it: in-flight count, health, and its scraped load.
+
+Health has two inputs: the active probe (`/ready` polled, `ready`) and passive ejection (a
+connect error or a 5xx before the first byte ejects the endpoint for a cool-down that doubles
+with each consecutive failure, up to a cap; a success resets it).
+"""
+
+import time
+from dataclasses import dataclass, field
+
+EJECT_BASE_SECONDS = 1.0
+EJECT_MAX_SECONDS = 60.0
+
+
+@dataclass
+class Endpoint:
+    url: str
+    ready: bool = False  # the last /ready probe answered 200
+    in_flight: int = 0
+    consecutive_failures: int = 0
+    ejected_until: float = 0.0  # time.monotonic() before which the endpoint gets no request
+    num_requests_waiting: float = 0.0  # scraped vllm:num_requests_waiting
+    kv_cache_usage: float = 0.0  # scraped vllm:kv_cache_usage_perc
+
+    def is_available(self, now: float | None = None) -> bool:
+        return self.ready and (time.monotonic() if now is None else now) >= self.ejected_until
+
+    def eject(self, now: float | None = None) -> float:
+        """A failure: out for EJECT_BASE_SECONDS * 2^(failures-1), capped; returns the cool-down."""
+        self.consecutive_failures += 1
+        cool_down = min(EJECT_BASE_SECONDS * 2 ** (self.consecutive_failures - 1), EJECT_MAX_SECONDS)
+        self.ejected_until = (time.monotonic() if now is None else now) + cool_down
+        return cool_down
+
+    def succeed(self) -> None:
+        self.consecutive_failures = 0
+        self.ejected_until = 0.0
+
+
+@dataclass
+class EndpointRegistry:
+    """Endpoints by URL, kept across config reloads so a reload keeps their state (in-flight
+    counts of running requests, ejections)."""
+
+    endpoints: dict[str, Endpoint] = field(default_factory=dict)
+
+    def get(self, url: str) -> Endpoint:
+        if url not in self.endpoints:
+            self.endpoints[url] = Endpoint(url)
+        return self.endpoints[url]
+
+    def retain(self, urls: set[str]) -> None:
+        """Forget endpoints no longer configured (their running requests keep their own reference)."""
+        for url in set(self.endpoints) - urls:
+            del self.endpoints[url]

@@ -1,0 +1,92 @@
+"""Loading and reloading without a network: what a reload keeps, what a bad reload leaves alone."""
+
+import pytest
+import yaml
+from kvpilot.serving.router.config import ConfigError
+from kvpilot.serving.router.proxy import _upstream_headers
+from kvpilot.serving.router.state import RouterSettings, RouterState
+
+
+def write(path, config: dict) -> None:
+    path.write_text(yaml.safe_dump(config))
+
+
+def config(endpoints: list[str], **extra) -> dict:
+    return {"models": [{"name": "m", "revisions": [{"name": "r", "endpoints": endpoints}]}], **extra}
+
+
+def test_upstream_key_is_read_from_its_file_and_sent_instead_of_the_tenant_key(tmp_path):
+    (tmp_path / "upstream").write_text("server-key\n")
+    write(tmp_path / "r.yaml", config(["http://a:1"], upstreamApiKeyFile=str(tmp_path / "upstream")))
+    state = RouterState(RouterSettings(tmp_path / "r.yaml"))
+    state.reload()
+    assert _upstream_headers(state) == {
+        "content-type": "application/json",
+        "authorization": "Bearer server-key",
+    }
+    write(tmp_path / "r.yaml", config(["http://a:1"], upstreamApiKeyFile=str(tmp_path / "missing")))
+    with pytest.raises(ConfigError, match="upstreamApiKeyFile: cannot read"):
+        RouterState(RouterSettings(tmp_path / "r.yaml")).reload()
+
+
+def test_reload_keeps_endpoint_state_and_a_bad_file_keeps_the_last_good_config(tmp_path):
+    path = tmp_path / "r.yaml"
+    write(path, config(["http://a:1", "http://b:1"]))
+    state = RouterState(RouterSettings(path))
+    state.reload()
+    a = state.registry.get("http://a:1")
+    a.in_flight, a.ready = 2, True
+    assert not state.changed_on_disk()
+
+    write(path, config(["http://a:1", "http://c:1"]))
+    assert state.changed_on_disk() and state.reload()
+    revision = state.loaded.table.models["m"].revisions[0]
+    assert [e.url for e in revision.endpoints] == ["http://a:1", "http://c:1"] and revision.endpoints[0] is a
+    assert set(state.registry.endpoints) == {"http://a:1", "http://c:1"}
+
+    path.write_text("models: [")
+    assert state.changed_on_disk() and not state.reload()
+    assert [e.url for e in state.loaded.table.models["m"].revisions[0].endpoints] == [
+        "http://a:1",
+        "http://c:1",
+    ]
+    assert not state.changed_on_disk()  # the bad file is not retried until it changes again
+    samples = {
+        s.name + str(sorted(s.labels.items())): s.value
+        for m in state.metrics.registry.collect()
+        for s in m.samples
+    }
+    assert samples["kvpilot_router_config_reloads_total[('result', 'error')]"] == 1
+    assert samples["kvpilot_router_config_reloads_total[('result', 'ok')]"] == 2
+    assert samples["kvpilot_router_config_last_reload_successful[]"] == 0
+
+
+def test_a_changed_key_file_is_a_change(tmp_path):
+    (tmp_path / "key").write_text("old")
+    write(
+        tmp_path / "r.yaml", config(["http://a:1"], tenants=[{"name": "t", "keyFile": str(tmp_path / "key")}])
+    )
+    state = RouterState(RouterSettings(tmp_path / "r.yaml"))
+    state.reload()
+    assert state.loaded.tenants.authenticate("Bearer old") is not None
+    (tmp_path / "key").write_text("new")  # a rotated Secret
+    assert state.changed_on_disk() and state.reload()
+    assert state.loaded.tenants.authenticate("Bearer old") is None
+    assert state.loaded.tenants.authenticate("Bearer new").tenant.name == "t"
+
+
+def test_the_command_exits_2_naming_the_field_of_a_bad_config(tmp_path, capsys):
+    from kvpilot.serving.cli import main
+
+    write(tmp_path / "r.yaml", {"models": [{"name": "m", "revisions": [{"name": "r", "weight": "heavy"}]}]})
+    assert main(["router", "--config", str(tmp_path / "r.yaml")]) == 2
+    assert (
+        "kvpilot router: error: "
+        + str(tmp_path / "r.yaml")
+        + ": models[0].revisions[0].weight: Input should be a valid integer"
+        in capsys.readouterr().err
+    )
+    assert main(["router", "--config", str(tmp_path / "absent.yaml")]) == 2
+    assert "absent.yaml: cannot read" in capsys.readouterr().err
+    assert main(["router", "--config", str(tmp_path / "r.yaml"), "--max-body-bytes", "0"]) == 2
+    assert "--max-body-bytes: must be positive" in capsys.readouterr().err
