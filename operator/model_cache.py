@@ -30,7 +30,7 @@ _WAIT = (
     "import os, sys, time\n"
     "while not os.path.exists(sys.argv[1]):\n"
     "    print('waiting for the model download Job to finish', flush=True)\n"
-    f"    time.sleep({WAIT_SECONDS})\n"
+    "    time.sleep(float(sys.argv[2]))\n"
 )
 
 
@@ -125,7 +125,7 @@ def wait_container(isvc: InferenceService) -> dict[str, Any]:
     return {
         "name": "wait-for-model",
         "image": tool_image(isvc),
-        "command": ["python", "-c", _WAIT, COMPLETE_MARKER],
+        "command": ["python", "-c", _WAIT, COMPLETE_MARKER, str(WAIT_SECONDS)],
         "volumeMounts": [{"name": "model", "mountPath": MODEL_DIR, "readOnly": True}],
         "securityContext": security_context(),
     }
