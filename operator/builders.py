@@ -30,19 +30,18 @@ from kvpilot.operator.model_cache import (
 from kvpilot.operator.planner import parse_quantity
 from kvpilot.serving.contract import (
     DEFAULT_PORT,
-    DTYPES,
     HEALTH_PATH,
     METRICS_PATH,
     PORT_NAME,
     READY_PATH,
     SERVE_SETTING,
     SERVE_SETTINGS,
+    TERMINATION_LOG,
     ServeSetting,
 )
 
 # A GPU replica's dtype unless the spec sets one: the checkpoint's (bf16/fp16), never float32.
-# ("bfloat16" only while the server does not take `--dtype auto` yet: issue 17's server half.)
-GPU_DEFAULT_DTYPE = "auto" if "auto" in DTYPES else "bfloat16"
+GPU_DEFAULT_DTYPE = "auto"
 
 # spec.engine fields whose CRD form (a quantity, a duration) is not the server flag's.
 _FLAG_VALUE = {
@@ -56,7 +55,6 @@ PRESTOP_SLEEP_SECONDS = 5  # endpoints controllers and proxies stop sending befo
 EXIT_GRACE_SECONDS = 10
 STARTUP_PROBE_PERIOD_SECONDS = 10
 PROGRESS_DEADLINE_SECONDS = 2400
-TERMINATION_LOG = "/dev/termination-log"  # the server writes a one-line reason there on a fatal error
 
 
 def service_url(isvc: InferenceService) -> str:

@@ -19,7 +19,8 @@ ENV_PREFIX = "KVPILOT_"  # every `kvpilot serve --some-flag` is also KVPILOT_SOM
 
 QUANTIZATION_MODES = ("none", "int8", "w8a8", "int4", "fp8")
 KV_CACHE_DTYPES = ("auto", "int8", "fp8")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: the checkpoint's on CUDA, float32 on CPU
+TERMINATION_LOG = "/dev/termination-log"  # Kubernetes' terminationMessagePath default
 
 
 @dataclass(frozen=True)
@@ -70,23 +71,27 @@ SERVE_SETTINGS = (
     ),
     ServeSetting("block_size", int, 16, "tokens per KV block", 1, metavar="N", engine_field="block_size"),
     ServeSetting(
-        "num_kv_blocks", int, None, "KV blocks (default: sized from --kv-cache-memory)", 1, metavar="N",
+        "num_kv_blocks", int, None, "KV blocks (default: sized from the KV cache memory)", 1, metavar="N",
         engine_field="num_kv_blocks",
     ),
     ServeSetting(
-        "kv_cache_memory", int, 1 << 30, "KV cache budget, e.g. 2GiB or a number of bytes (default 1GiB)", 1,
-        metavar="SIZE", engine_field="kv_cache_memory_bytes", crd_field="kv_cache_memory",
+        "kv_cache_memory", int, None,
+        "KV cache budget, e.g. 2GiB or a number of bytes (default: on CUDA what --gpu-memory-utilization "
+        "leaves, on CPU 1GiB)", 1, metavar="SIZE", engine_field="kv_cache_memory_bytes",
+        crd_field="kv_cache_memory",
+    ),
+    ServeSetting(
+        "gpu_memory_utilization", float, 0.9,
+        "share of the GPU's memory for weights, activations and the KV cache (0 < x <= 1; CUDA only)",
+        metavar="FRACTION", engine_field="gpu_memory_utilization", crd_field="gpu_memory_utilization",
     ),
     ServeSetting(
         "enable_prefix_caching", bool, True, "automatic prefix caching", engine_field="enable_prefix_caching",
         crd_field="enable_prefix_caching",
     ),
     ServeSetting(
-        "dtype", str, "float32", "model dtype", choices=DTYPES, engine_field="dtype", crd_field="dtype"
-    ),
-    ServeSetting(
-        "gpu_memory_utilization", float, 0.9, "share of the GPU's memory the server may use", 0,
-        metavar="FRACTION", crd_field="gpu_memory_utilization",
+        "dtype", str, "auto", "model dtype (auto: the checkpoint's bfloat16/float16 on CUDA, float32 on CPU)",
+        choices=DTYPES, engine_field="dtype", crd_field="dtype",
     ),
     ServeSetting(
         "quantization", str, "none", "weight format", choices=QUANTIZATION_MODES, engine_field="quantization",
@@ -108,6 +113,15 @@ SERVE_SETTINGS = (
     ),
     ServeSetting("api_key", str, None, "require `Authorization: Bearer KEY` on /v1/*"),
     ServeSetting("access_log", bool, True, "log every HTTP request"),
+    ServeSetting(
+        "max_request_bytes", int, 4 << 20, "largest request body, e.g. 4MiB; larger ones get 413", 1,
+        metavar="SIZE",
+    ),
+    ServeSetting(
+        "termination_log", str, None,
+        f"file for a one-line reason of a fatal start-up error (default {TERMINATION_LOG} when it exists "
+        "and is writable; '' for none)", metavar="PATH",
+    ),
 )  # fmt: skip
 SERVE_SETTING = {setting.name: setting for setting in SERVE_SETTINGS}
 
@@ -120,6 +134,8 @@ NOT_IN_CRD = {
     "port": "the operator uses DEFAULT_PORT, the Service's target port",
     "block_size": "an engine tuning knob; spec.engine.extraArgs",
     "num_kv_blocks": "sized from the KV cache memory; spec.engine.extraArgs",
+    "max_request_bytes": "spec.engine.extraArgs",
+    "termination_log": "Kubernetes' default terminationMessagePath, /dev/termination-log",
     "seed": "spec.engine.extraArgs",
     "max_queue_len": "spec.engine.extraArgs",
     "api_key": "tenants' keys belong to the router; a server key would sit in the pod spec",

@@ -11,6 +11,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # OpenAI's error code for a prompt too long
+
 
 class InvalidParameter(ValueError):
     """`param` is the name the caller used (a request field, an engine setting); `code` a

@@ -21,8 +21,6 @@ from kvpilot.operator.api.validation import (
 from kvpilot.serving.contract import DTYPES, KV_CACHE_DTYPES, QUANTIZATION_MODES
 from pydantic import AfterValidator, ConfigDict, Field, model_validator
 
-ENGINE_DTYPES = tuple(dict.fromkeys(("auto", *DTYPES)))
-
 
 class ModelSource(_Model):
     """Which model to serve and where its weights come from."""
@@ -104,7 +102,7 @@ class EngineSpec(_Model):
         description="GPUs one replica shards the model over (`--tensor-parallel-size`); only 1 until "
         "the bundled server supports tensor parallelism.",
     )
-    dtype: Literal[ENGINE_DTYPES] | None = Field(  # type: ignore[valid-type]
+    dtype: Literal[DTYPES] | None = Field(  # type: ignore[valid-type]
         default=None,
         description="Model dtype (`--dtype`); auto: the checkpoint's (bf16/fp16) on a GPU, float32 on "
         "CPU. Unset: auto on GPU replicas, the server's default otherwise.",

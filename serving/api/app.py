@@ -8,6 +8,7 @@ from importlib.metadata import PackageNotFoundError, version
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from kvpilot.serving import contract
+from kvpilot.serving.api.body_limit import BodyLimitMiddleware
 from kvpilot.serving.api.chat import create_chat_completion
 from kvpilot.serving.api.completions import create_completion
 from kvpilot.serving.api.errors import install_error_handlers
@@ -46,6 +47,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app = FastAPI(title="kvpilot", version=kvpilot_version(), lifespan=lifespan)
     app.state.serving = state
     install_error_handlers(app)
+    # The last added runs first: the gate (API key, readiness) before any body is read.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(GateMiddleware, state=state)
 
     @app.post("/v1/completions")

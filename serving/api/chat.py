@@ -40,7 +40,7 @@ async def create_chat_completion(request: ChatCompletionRequest, state: ServingS
     if request.top_logprobs is not None and not request.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
     model = state.model_info
-    prompt = chat_prompt(request, model)
+    prompt = await state.off_loop(chat_prompt, request, model)
     max_tokens = request.max_completion_tokens or request.max_tokens
     num_top = (request.top_logprobs or 0) if request.logprobs else None
     params = sampling_params(request, max_tokens, num_top, model.vocab_size)  # the engine fits it

@@ -1,6 +1,7 @@
 """`kvpilot serve`: flags generated from `contract.SERVE_SETTINGS`, validated once by `ServeSettings`."""
 
 import argparse
+import os
 import sys
 
 from kvpilot.serving.contract import ENV_PREFIX, SERVE_SETTING, SERVE_SETTINGS, ServeSetting
@@ -45,16 +46,20 @@ def settings_error_line(error: ValidationError, given: set[str]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from kvpilot.serving.api.settings import ServeSettings
+    from kvpilot.serving.api.termination import write_termination_reason
 
     given = {name: value for name, value in vars(args).items() if name in SERVE_SETTING}
     try:
         settings = ServeSettings(**given)
         settings.model_path  # noqa: B018 - resolves the default model, fails early when it is missing
-    except ValidationError as exc:
-        print(f"kvpilot serve: error: {settings_error_line(exc, set(given))}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as exc:
-        print(f"kvpilot serve: error: --model: {exc}", file=sys.stderr)
+    except (ValidationError, FileNotFoundError) as exc:
+        if isinstance(exc, ValidationError):
+            line = f"kvpilot serve: error: {settings_error_line(exc, set(given))}"
+        else:
+            line = f"kvpilot serve: error: --model: {exc}"
+        print(line, file=sys.stderr)
+        termination_log = given.get("termination_log", os.environ.get(SERVE_SETTING["termination_log"].env))
+        write_termination_reason(termination_log, line)
         return 2
     from kvpilot.serving.api.server import run_server
 

@@ -30,7 +30,7 @@ async def create_completion(request: CompletionRequest, state: ServingState):
     if request.stream_options is not None and not request.stream:
         raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
     model = state.model_info
-    prompts = completion_prompts(request, model)
+    prompts = await state.off_loop(completion_prompts, request, model)
     params = [
         # max_tokens against the context (and None: what fits) is the engine's to check, once.
         sampling_params(request, request.max_tokens, request.logprobs, model.vocab_size)

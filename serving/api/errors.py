@@ -23,6 +23,7 @@ class APIError(Exception):
         code: str | None = None,
         headers: dict[str, str] | None = None,
     ):
+        message, param = _printable(message), _printable(param)
         super().__init__(message)
         self.status_code = status_code
         self.message = message
@@ -36,6 +37,21 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status_code, headers=self.headers)
+
+
+def _printable(text: str | None) -> str | None:
+    """Text that encodes as UTF-8 (a lone surrogate a client sent becomes `?`), so that an error
+    quoting the client's input can always be sent."""
+    return text if text is None else text.encode("utf-8", "replace").decode("utf-8")
+
+
+def payload_too_large(size: int | None, limit: int) -> APIError:
+    got = f"{size} bytes" if size is not None else "more"
+    return APIError(
+        413,
+        f"the request body is too large ({got}; --max-request-bytes is {limit})",
+        code="request_too_large",
+    )
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:

@@ -44,6 +44,7 @@ class EngineStatsCollector(Collector):
         self.model_name = model_name
         self.get_stats: Callable[[], EngineStats] | None = None  # set once the engine has loaded
         self.weight_bytes: int | None = None
+        self.cache_labels: dict[str, str] = {}  # more cache_config_info labels, e.g. why this many blocks
 
     def collect(self) -> Iterator[Metric]:
         if self.get_stats is None:
@@ -79,9 +80,11 @@ class EngineStatsCollector(Collector):
         info = GaugeMetricFamily(
             c.METRIC_CACHE_CONFIG_INFO,
             "Information of the KV cache configuration.",
-            labels=[*label, "block_size", "num_gpu_blocks"],
+            labels=[*label, "block_size", "num_gpu_blocks", *self.cache_labels],
         )
-        info.add_metric([self.model_name, str(stats.block_size), str(stats.num_kv_blocks)], 1)
+        info.add_metric(
+            [self.model_name, str(stats.block_size), str(stats.num_kv_blocks), *self.cache_labels.values()], 1
+        )
         yield info
         if self.weight_bytes is not None:
             weights = GaugeMetricFamily(
@@ -135,9 +138,15 @@ class ServerMetrics:
             token_buckets,
         )
 
-    def attach_engine(self, get_stats: Callable[[], EngineStats], weight_bytes: int | None) -> None:
+    def attach_engine(
+        self,
+        get_stats: Callable[[], EngineStats],
+        weight_bytes: int | None,
+        cache_labels: dict[str, str] | None = None,
+    ) -> None:
         self.engine_collector.get_stats = get_stats
         self.engine_collector.weight_bytes = weight_bytes
+        self.engine_collector.cache_labels = dict(cache_labels or {})
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

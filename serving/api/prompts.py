@@ -1,4 +1,9 @@
-"""From request bodies to engine inputs: prompts as token ids, and `SamplingParams`."""
+"""From request bodies to engine inputs: prompts as token ids, and `SamplingParams`.
+
+Tokenizing and template rendering are slow on long text, so the endpoints run `completion_prompts`
+and `chat_prompt` off the event loop (`ServingState.off_loop`); both first reject text that
+cannot fit the context by its length alone, before any tokenizer sees it.
+"""
 
 from dataclasses import dataclass
 
@@ -6,7 +11,10 @@ import jinja2
 from kvpilot.serving.api.errors import bad_request
 from kvpilot.serving.api.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from kvpilot.serving.sampling_params import SamplingParams
-from kvpilot.serving.validation import InvalidParameter
+from kvpilot.serving.validation import CONTEXT_LENGTH_EXCEEDED, InvalidParameter
+
+# A tokenizer's normalizer may join characters (NFC) before the vocabulary sees them: leave room.
+CHARS_PER_TOKEN_MARGIN = 2
 
 
 @dataclass(frozen=True)
@@ -23,12 +31,42 @@ class ModelInfo:
     chat_template: str | None
     max_model_len: int
     vocab_size: int
+    max_prompt_chars: int | None = None  # more characters cannot fit max_model_len tokens
+
+
+def max_prompt_chars(tokenizer, max_model_len: int) -> int | None:
+    """max_model_len x the longest vocabulary entry (no token spells more characters than its
+    entry has, byte-level or SentencePiece) x a margin; None without a tokenizer."""
+    if tokenizer is None:
+        return None
+    longest = max(map(len, tokenizer.get_vocab()), default=1)
+    return max_model_len * longest * CHARS_PER_TOKEN_MARGIN
+
+
+def check_text_length(num_chars: int, model: ModelInfo, param: str) -> None:
+    """A 400 at once for text far longer than the context can hold (no tokenizing needed)."""
+    if model.max_prompt_chars is not None and num_chars > model.max_prompt_chars:
+        raise bad_request(
+            f"{param}: {num_chars} characters cannot fit max_model_len = {model.max_model_len} tokens "
+            f"(at most {model.max_prompt_chars} characters)",
+            param=param,
+            code=CONTEXT_LENGTH_EXCEEDED,
+        )
 
 
 def completion_prompts(request: CompletionRequest, model: ModelInfo) -> list[EnginePrompt]:
     prompt = request.prompt
     if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
         prompt = [prompt]
+    for p in prompt:
+        if isinstance(p, str):
+            check_text_length(len(p), model, "prompt")
+        elif len(p) > model.max_model_len:
+            raise bad_request(
+                f"prompt: {len(p)} token ids exceed max_model_len = {model.max_model_len}",
+                param="prompt",
+                code=CONTEXT_LENGTH_EXCEEDED,
+            )
     return [_one_prompt(p, model) for p in prompt]
 
 
@@ -53,6 +91,7 @@ def chat_prompt(request: ChatCompletionRequest, model: ModelInfo) -> EnginePromp
     conversation = [
         {"role": m.role, "content": m.text} | ({"name": m.name} if m.name else {}) for m in request.messages
     ]
+    check_text_length(sum(len(m["content"]) for m in conversation), model, "messages")
     try:
         text = model.tokenizer.apply_chat_template(
             conversation,

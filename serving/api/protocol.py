@@ -1,5 +1,6 @@
 """OpenAI request and response bodies (with vLLM's extra sampling fields), validated at the edge."""
 
+import re
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -14,25 +15,63 @@ from pydantic import (
     field_validator,
     model_serializer,
 )
+from pydantic_core import PydanticCustomError
+
+LONE_SURROGATE = "lone_surrogate"  # pydantic error type of a str that is not valid Unicode
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _first_lone_surrogate(value: Any) -> PydanticCustomError | None:
+    """JSON may carry `"\\ud800"`: a UTF-16 half that no tokenizer or UTF-8 encoder accepts.
+    (A valid pair such as `"\\ud83d\\ude00"` arrives joined into one character.)"""
+    if isinstance(value, str):
+        if (match := _SURROGATE.search(value)) is None:
+            return None
+        return PydanticCustomError(
+            LONE_SURROGATE,
+            "contains a lone UTF-16 surrogate (\\u{code}) at character {index}; send valid Unicode",
+            {"code": f"{ord(match.group()):04x}", "index": match.start()},
+        )
+    if isinstance(value, dict):
+        value = [item for pair in value.items() for item in pair]
+    # Validated lists are of one type: a list of numbers (token ids) has no text to look at.
+    if isinstance(value, list | tuple) and value and not isinstance(value[0], int | float):
+        return next(filter(None, map(_first_lone_surrogate, value)), None)
+    return None
+
+
+class RequestModel(BaseModel):
+    """A request body (or part of one): every text in every field must be valid Unicode (a 400
+    naming the field, rather than a tokenizer's TypeError or a response that cannot be encoded)."""
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_unicode(cls, value: Any) -> Any:
+        if isinstance(value, str | list | tuple | dict) and (error := _first_lone_surrogate(value)):
+            raise error
+        return value
 
 
 def _clean_union_error(message: str):
-    """A wrap validator that replaces pydantic's one-error-per-union-member list with one message."""
+    """A wrap validator that replaces pydantic's one-error-per-union-member list with one message
+    (a lone surrogate keeps its own message)."""
 
     def validate(cls, value, handler):
         try:
             return handler(value)
         except ValidationError:
+            if error := _first_lone_surrogate(value):
+                raise error from None
             raise ValueError(message) from None
 
     return classmethod(validate)
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(RequestModel):
     include_usage: StrictBool = False
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(RequestModel):
     """Fields both endpoints share: OpenAI's sampling fields plus vLLM's extra ones. Bounds here
     are the API's own policy (OpenAI's limits); whether a value can work at all is checked once,
     by `SamplingParams` and the engine's input processing (a 400 naming the field either way)."""
@@ -85,12 +124,12 @@ class CompletionRequest(SamplingFields):
         return prompt
 
 
-class TextContentPart(BaseModel):
+class TextContentPart(RequestModel):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(RequestModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
@@ -106,7 +145,7 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
-class ResponseFormat(BaseModel):
+class ResponseFormat(RequestModel):
     model_config = ConfigDict(extra="allow")
     type: str
 

@@ -9,6 +9,7 @@ import socket
 import uvicorn
 from kvpilot.serving.api.app import create_app
 from kvpilot.serving.api.settings import ServeSettings
+from kvpilot.serving.api.termination import write_termination_reason
 
 logger = logging.getLogger("kvpilot.serving.api")
 
@@ -22,7 +23,8 @@ class _Server(uvicorn.Server):
 
 
 def run_server(settings: ServeSettings, sock: socket.socket | None = None) -> int:
-    """Serve until SIGTERM/SIGINT (drained) or a failed model load; the process exit code."""
+    """Serve until SIGTERM/SIGINT (drained) or a failed model load; the process exit code. A failed
+    load leaves its reason in the termination log."""
     return asyncio.run(serve(settings, sock))
 
 
@@ -69,4 +71,8 @@ async def serve(settings: ServeSettings, sock: socket.socket | None = None) -> i
         watcher.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-    return 1 if state.load_error is not None else 0
+    if state.load_error is not None:
+        reason = f"kvpilot serve: cannot load the model {settings.model_path}: {state.load_error}"
+        write_termination_reason(settings.termination_log, reason)
+        return 1
+    return 0

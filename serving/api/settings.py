@@ -43,10 +43,10 @@ class ServeSettings(_DeclaredSettings):
         env_prefix=ENV_PREFIX, frozen=True, extra="forbid", protected_namespaces=()
     )
 
-    @field_validator("kv_cache_memory", mode="before")
+    @field_validator("kv_cache_memory", "max_request_bytes", mode="before")
     @classmethod
-    def _parse_size(cls, value: int | str) -> int:
-        return parse_bytes(value)
+    def _parse_size(cls, value: int | str | None) -> int | None:
+        return value if value is None else parse_bytes(value)
 
     @field_validator("tensor_parallel_size")
     @classmethod

@@ -3,12 +3,15 @@
 import asyncio
 import contextlib
 import logging
+import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 from kvpilot.serving.api.errors import APIError, bad_request, unavailable
 from kvpilot.serving.api.metrics import RequestObserver, ServerMetrics
-from kvpilot.serving.api.prompts import ModelInfo
+from kvpilot.serving.api.prompts import ModelInfo, max_prompt_chars
 from kvpilot.serving.api.settings import ServeSettings
 from kvpilot.serving.engine.outputs import RequestOutput
 from kvpilot.serving.sampling_params import SamplingParams
@@ -17,6 +20,7 @@ from kvpilot.serving.validation import InvalidParameter
 logger = logging.getLogger("kvpilot.serving.api")
 
 RETRY_AFTER_SECONDS = 1
+T = TypeVar("T")
 
 
 class ServingState:
@@ -31,6 +35,9 @@ class ServingState:
         self.load_error: BaseException | None = None
         self.num_accepted = 0  # HTTP requests past the gate whose responses have not completed
         self.engine_request_ids: set[str] = set()  # engine requests still producing output
+        # Tokenizing, chat templates and prompt decoding: never on the event loop (a long prompt
+        # would stall every other request); the tokenizer releases the GIL while it encodes.
+        self.text_workers = ThreadPoolExecutor(max(4, os.cpu_count() or 1), thread_name_prefix="kvpilot-text")
 
     # Start-up
 
@@ -52,21 +59,35 @@ class ServingState:
             raise
         self.engine = engine
         stats = engine.get_stats()
+        # a request must fit the model's context and, alone, the KV pool
+        max_model_len = min(engine.max_model_len, stats.num_kv_blocks * stats.block_size)
         self.model_info = ModelInfo(
             engine.tokenizer,
             engine.chat_template,
-            # a request must fit the model's context and, alone, the KV pool
-            min(engine.max_model_len, stats.num_kv_blocks * stats.block_size),
+            max_model_len,
             engine.vocab_size,
+            await asyncio.to_thread(max_prompt_chars, engine.tokenizer, max_model_len),
         )
-        self.metrics.attach_engine(engine.get_stats, getattr(engine, "weight_bytes", None))
+        plan = engine.kv_cache_plan
+        self.metrics.attach_engine(
+            engine.get_stats,
+            engine.weight_bytes,
+            {
+                "cache_dtype": config.kv_cache_dtype,
+                "gpu_memory_utilization": str(config.gpu_memory_utilization),
+                "num_gpu_blocks_reason": plan.reason,
+            },
+        )
         logger.info(
-            "model loaded in %.1f s: %.1f MiB of weights, max_model_len %d, %d KV blocks of %d tokens",
+            "model loaded in %.1f s: dtype %s, %.1f MiB of weights, max_model_len %d, "
+            "%d KV blocks of %d tokens (%s)",
             time.monotonic() - started,
-            getattr(engine, "weight_bytes", 0) / 2**20,
+            engine.dtype,
+            engine.weight_bytes / 2**20,
             engine.max_model_len,
             stats.num_kv_blocks,
             stats.block_size,
+            plan.reason,
         )
         await self._warm_up()
         if not self.draining:
@@ -83,6 +104,11 @@ class ServingState:
     async def shutdown(self) -> None:
         if self.engine is not None:
             await self.engine.shutdown()
+        self.text_workers.shutdown(wait=False, cancel_futures=True)
+
+    async def off_loop(self, function: Callable[..., T], *args) -> T:
+        """`function(*args)` on a text worker thread (tokenizing, templates, decoding)."""
+        return await asyncio.get_running_loop().run_in_executor(self.text_workers, function, *args)
 
     # Admission
 

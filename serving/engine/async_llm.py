@@ -47,6 +47,8 @@ class AsyncLLM:
         self.vocab_size = self.engine.vocab_size
         self.eos_token_ids = self.engine.eos_token_ids
         self.weight_bytes = runner.weight_bytes
+        self.dtype = runner.dtype_name  # --dtype auto resolved
+        self.kv_cache_plan = runner.kv_cache_plan
         self._cond = threading.Condition()
         self._adds: list[UserRequest] = []  # guarded by _cond, applied by the step loop
         self._aborts: list[tuple[str, asyncio.Future | None, asyncio.AbstractEventLoop | None]] = []

@@ -15,12 +15,13 @@ class EngineConfig:
     model: str  # checkpoint directory or .gguf file
     block_size: int = 16
     num_kv_blocks: int | None = None  # None: sized from kv_cache_memory_bytes
-    kv_cache_memory_bytes: int = 1 << 30
+    kv_cache_memory_bytes: int | None = None  # None: CUDA from gpu_memory_utilization, CPU 1 GiB
+    gpu_memory_utilization: float = 0.9
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     max_model_len: int | None = None  # None: the model's own context length
     enable_prefix_caching: bool = True
-    dtype: str = "float32"
+    dtype: str = "auto"  # the runner resolves it (loader.resolve_dtype)
     quantization: str = "none"
     kv_cache_dtype: str = "auto"
     seed: int = 0
@@ -28,7 +29,12 @@ class EngineConfig:
     def __post_init__(self) -> None:
         _require(self.block_size > 0, "block_size", "must be > 0")
         _require(self.num_kv_blocks is None or self.num_kv_blocks > 0, "num_kv_blocks", "must be > 0")
-        _require(self.kv_cache_memory_bytes > 0, "kv_cache_memory_bytes", "must be > 0")
+        _require(
+            self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0,
+            "kv_cache_memory_bytes",
+            "must be > 0",
+        )
+        _require(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]")
         _require(self.max_num_seqs > 0, "max_num_seqs", "must be > 0")
         _require(self.max_num_batched_tokens > 0, "max_num_batched_tokens", "must be > 0")
         _require(self.max_model_len is None or self.max_model_len > 0, "max_model_len", "must be > 0")

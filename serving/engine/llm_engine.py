@@ -21,7 +21,7 @@ from kvpilot.serving.engine.scheduler import Scheduler
 from kvpilot.serving.engine.scheduler_output import SchedulerOutput
 from kvpilot.serving.engine.stats import EngineStats
 from kvpilot.serving.sampling_params import SamplingParams
-from kvpilot.serving.validation import InvalidParameter
+from kvpilot.serving.validation import CONTEXT_LENGTH_EXCEEDED, InvalidParameter
 
 
 @dataclass
@@ -38,9 +38,6 @@ class UserRequest:
     @property
     def finished(self) -> bool:
         return all(s.is_finished for s in self.sequences)
-
-
-CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # OpenAI's error code for it
 
 
 class LLMEngine:

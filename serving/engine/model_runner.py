@@ -4,8 +4,9 @@ import torch
 from kvpilot.kernels.attention import build_attention_metadata
 from kvpilot.kernels.quant.kv_cache import KVCache, kv_block_bytes
 from kvpilot.serving.engine.config import EngineConfig
-from kvpilot.serving.engine.scheduler_output import SchedulerOutput
-from kvpilot.serving.loader import TORCH_DTYPES, load_model
+from kvpilot.serving.engine.kv_cache_sizing import DeviceMemory, plan_kv_cache
+from kvpilot.serving.engine.scheduler_output import ScheduledChunk, SchedulerOutput
+from kvpilot.serving.loader import TORCH_DTYPES, checkpoint_dtype, load_model, resolve_dtype
 from kvpilot.serving.validation import InvalidParameter
 
 
@@ -14,7 +15,12 @@ class ModelRunner:
         self.config = config
         # CUDA tensors make kvpilot.kernels.backend pick the Triton kernels; CPU ones the CPU path.
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        loaded = load_model(config.model, config.dtype, config.quantization, self.device)
+        is_cuda = self.device.type == "cuda"
+        bf16_supported = not is_cuda or torch.cuda.is_bf16_supported()
+        self.dtype_name = resolve_dtype(
+            config.dtype, checkpoint_dtype(config.model), self.device.type, bf16_supported
+        )
+        loaded = load_model(config.model, self.dtype_name, config.quantization, self.device)
         self.model = loaded.model
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
@@ -22,7 +28,7 @@ class ModelRunner:
         self.eos_token_ids = loaded.eos_token_ids
         self.vocab_size = loaded.config.vocab_size
         self.block_size = config.block_size
-        self.dtype = TORCH_DTYPES[config.dtype]
+        self.dtype = TORCH_DTYPES[self.dtype_name]
         self.weight_bytes = self.model.weight_bytes
 
         model_len = loaded.config.max_position_embeddings
@@ -32,14 +38,16 @@ class ModelRunner:
             )
         self.max_model_len = config.max_model_len or model_len
 
-        bytes_per_block = self.kv_cache_bytes_per_block()
-        self.num_kv_blocks = config.num_kv_blocks or config.kv_cache_memory_bytes // bytes_per_block
-        if self.num_kv_blocks < 1:
-            raise InvalidParameter(
-                "kv_cache_memory_bytes",
-                f"{config.kv_cache_memory_bytes} is less than one KV block ({bytes_per_block} bytes)",
-            )
-        self.kv_caches = self._allocate_kv_caches()
+        sized_by_device = is_cuda and config.num_kv_blocks is None and config.kv_cache_memory_bytes is None
+        self.kv_cache_plan = plan_kv_cache(
+            self.kv_cache_bytes_per_block(),
+            config.num_kv_blocks,
+            config.kv_cache_memory_bytes,
+            config.gpu_memory_utilization,
+            self._measure_cuda_memory() if sized_by_device else None,
+        )
+        self.num_kv_blocks = self.kv_cache_plan.num_blocks
+        self.kv_caches = self._allocate_kv_caches(self.num_kv_blocks)
 
     def kv_cache_bytes_per_block(self) -> int:
         """One block in every layer, K and V (and int8 scales), in the kv_cache_dtype."""
@@ -49,9 +57,49 @@ class ModelRunner:
         )
         return c.num_hidden_layers * per_layer
 
-    def _allocate_kv_caches(self) -> list[tuple[torch.Tensor | KVCache, torch.Tensor | KVCache]]:
+    def _measure_cuda_memory(self) -> DeviceMemory:
+        """The figures `plan_kv_cache` needs, measured around a profiling forward."""
+        torch.cuda.synchronize(self.device)
+        weights = torch.cuda.memory_allocated(self.device)
+        activation_peak = self.profile_activation_peak()
+        free, total = torch.cuda.mem_get_info(self.device)
+        non_torch = max(0, total - free - torch.cuda.memory_reserved(self.device))
+        return DeviceMemory(total, weights, activation_peak, non_torch)
+
+    def profiling_batch(self) -> tuple[SchedulerOutput, int]:
+        """The largest step the scheduler can hand over: max_num_batched_tokens prompt tokens over
+        max_num_seqs sequences, each sampled; and the KV blocks it needs."""
+        config = self.config
+        num_tokens = min(config.max_num_batched_tokens, config.max_num_seqs * self.max_model_len)
+        num_seqs = min(config.max_num_seqs, num_tokens)
+        chunks, next_block = [], 0
+        for index in range(num_seqs):
+            length = num_tokens // num_seqs + (index < num_tokens % num_seqs)
+            num_blocks = -(-length // self.block_size)
+            table = list(range(next_block, next_block + num_blocks))
+            next_block += num_blocks
+            chunks.append(ScheduledChunk(f"profile-{index}", [0] * length, 0, table, sample=True))
+        return SchedulerOutput(chunks, num_tokens), next_block
+
+    def profile_activation_peak(self) -> int:
+        """Bytes a forward at the largest batch allocates above what is held before it (CUDA)."""
+        batch, num_blocks = self.profiling_batch()
+        self.kv_caches = self._allocate_kv_caches(num_blocks)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        self.execute_model(batch)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - before
+        del self.kv_caches
+        torch.cuda.empty_cache()
+        return peak
+
+    def _allocate_kv_caches(
+        self, num_blocks: int
+    ) -> list[tuple[torch.Tensor | KVCache, torch.Tensor | KVCache]]:
         c = self.model_config
-        shape = (self.num_kv_blocks, self.block_size, c.num_key_value_heads, c.head_dim)
+        shape = (num_blocks, self.block_size, c.num_key_value_heads, c.head_dim)
         kv_cache_dtype = self.config.kv_cache_dtype
         if kv_cache_dtype != "auto":  # int8/fp8: quantized on write (zero-filled too)
             return [

@@ -13,11 +13,45 @@ from kvpilot.serving.models.config import ModelConfig
 from kvpilot.serving.models.llama import LlamaForCausalLM
 from kvpilot.serving.validation import InvalidParameter
 
-__all__ = ["TORCH_DTYPES", "CheckpointError", "LoadedModel", "load_model"]
+__all__ = [
+    "TORCH_DTYPES",
+    "CheckpointError",
+    "LoadedModel",
+    "checkpoint_dtype",
+    "load_model",
+    "resolve_dtype",
+]
 
 logger = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HALF_DTYPES = ("bfloat16", "float16")
+
+
+def resolve_dtype(
+    requested: str, checkpoint: str | None, device_type: str, bf16_supported: bool = True
+) -> str:
+    """`--dtype auto`: float32 on CPU; on CUDA the checkpoint's own half dtype, and for a float32
+    (or unknown, e.g. GGUF) checkpoint bfloat16 where the GPU has it, else float16. Anything
+    else is taken as given."""
+    if requested != "auto":
+        return requested
+    if device_type != "cuda":
+        return "float32"
+    if checkpoint in HALF_DTYPES and (checkpoint != "bfloat16" or bf16_supported):
+        return checkpoint
+    return "bfloat16" if bf16_supported else "float16"
+
+
+def checkpoint_dtype(path: str | Path) -> str | None:
+    """The dtype a checkpoint directory's config.json names (`dtype`, or `torch_dtype` before
+    transformers 5); None for a GGUF file or when it names none."""
+    path = Path(path)
+    if not path.is_dir() or not (path / hf.CONFIG).is_file():
+        return None
+    raw = hf.read_json(path / hf.CONFIG)
+    named = raw.get("dtype") or raw.get("torch_dtype")
+    return named if named in TORCH_DTYPES else None
 
 
 @dataclass

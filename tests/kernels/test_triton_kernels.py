@@ -220,3 +220,70 @@ def test_triton_backend_quantized_linear_keeps_leading_dimensions(kernels):
         got = kernels.backend.TRITON_BACKEND.quantized_linear(x, weight)
         assert got.shape == (2, 3, 48)
         assert torch.allclose(got, x @ weight.dequantize().t(), atol=1e-4)
+
+
+HALF_TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 4e-3}  # a few units in the last place
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8", "fp8"])
+def test_every_triton_path_takes_half_inputs(kernels, dtype, kv_cache_dtype):
+    """`--dtype auto` serves bf16/fp16 on CUDA: cache writes, prefill and decode attention in the
+    model dtype give what the CPU backend and the float32 definition give for the same inputs."""
+    from kvpilot.kernels.attention import build_attention_metadata, paged_attention_reference
+    from kvpilot.kernels.backend import select_backend
+
+    triton_backend, cpu_backend = kernels.backend.TRITON_BACKEND, select_backend("cpu")
+    generator = torch.Generator().manual_seed(8)
+    metadata = build_attention_metadata([5, 1, 17], [0, 20, 3], [[4, 0], [1, 2], [3, 5]], BLOCK)
+    k, v = torch.randn(2, 23, KV_HEADS, DIM, generator=generator).to(dtype)
+    q = torch.randn(23, HEADS, DIM, generator=generator).to(dtype)
+    caches = {}
+    for name, backend in (("cpu", cpu_backend), ("triton", triton_backend)):
+        if kv_cache_dtype == "auto":
+            k_cache, v_cache = torch.zeros(2, 6, BLOCK, KV_HEADS, DIM, dtype=dtype)
+        else:
+            k_cache, v_cache = (
+                KVCache.allocate(6, BLOCK, KV_HEADS, DIM, kv_cache_dtype, dtype) for _ in "kv"
+            )
+        backend.write_kv_cache(k, v, k_cache, v_cache, metadata.slot_mapping)
+        caches[name] = (k_cache, v_cache)
+    for a, b in zip(caches["cpu"], caches["triton"], strict=True):
+        assert torch.equal(a[torch.arange(6)], b[torch.arange(6)])
+    k_cache, v_cache = caches["triton"]
+    decodes = build_attention_metadata([1, 1], [4, 30], [[4, 0], [1, 2]], BLOCK)
+    for batch in (metadata, decodes):
+        rows = q[: int(batch.query_start_loc[-1])]
+        got = triton_backend.paged_attention(rows, k_cache, v_cache, batch, DIM**-0.5)
+        assert got.dtype == dtype
+        expected = paged_attention_reference(rows.float(), *_as_float32(k_cache, v_cache), batch, DIM**-0.5)
+        assert torch.allclose(got.float(), expected, atol=HALF_TOLERANCE[dtype]), (
+            (got.float() - expected).abs().max()
+        )
+
+
+def _as_float32(*caches):
+    """Float32 copies of caches (dequantized), so the reference runs in float32 throughout."""
+    copies = []
+    for cache in caches:
+        if isinstance(cache, KVCache):
+            blocks = torch.arange(cache.shape[0])
+            cache = cache[blocks]
+        copies.append(cache.float())
+    return copies
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_quantized_linears_take_half_activations(kernels, dtype):
+    generator = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 3, 64, generator=generator).to(dtype)
+    for mode in ("int8", "int4", "fp8"):
+        weight = quantize(torch.randn(48, 64, generator=generator), mode)
+        got = kernels.backend.TRITON_BACKEND.quantized_linear(x, weight)
+        assert got.shape == (2, 3, 48) and got.dtype == dtype
+        expected = x.float() @ weight.dequantize().float().t()
+        assert torch.allclose(
+            got.float(), expected, rtol=HALF_TOLERANCE[dtype], atol=HALF_TOLERANCE[dtype] * 8
+        )

@@ -6,7 +6,6 @@ import kubernetes_validate
 import pytest
 from kvpilot.operator.api import InferenceService
 from kvpilot.operator.builders import (
-    GPU_DEFAULT_DTYPE,
     build_children,
     build_deployment,
     build_pod_disruption_budget,
@@ -50,9 +49,9 @@ def test_deployment_runs_kvpilot_serve_with_the_spec():
         "--host", "0.0.0.0",
         "--port", "8000",
         "--max-model-len", "4096",
+        "--gpu-memory-utilization", "0.9",  # a GPU replica: the server's default, spelled out
         "--enable-prefix-caching",
-        "--dtype", GPU_DEFAULT_DTYPE,  # a GPU replica: the checkpoint's bf16/fp16, not float32
-        "--gpu-memory-utilization", "0.9",
+        "--dtype", "auto",  # a GPU replica: the checkpoint's bf16/fp16, not float32
         "--quantization", "int4",
         "--kv-cache-dtype", "int8",
         "--tensor-parallel-size", "1",

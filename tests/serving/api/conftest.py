@@ -3,6 +3,8 @@
 import asyncio
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -50,6 +52,36 @@ class ServerThread:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServeProcess:
+    """`kvpilot serve` as a real process on 127.0.0.1 (its own GIL and event loop), output to a log."""
+
+    def __init__(self, args: list[str], log: Path):
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, "-m", "kvpilot.serving.cli", "serve", "--port", str(self.port), *args]
+        self.log = log
+        self.process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+    def start(self, timeout: float = 120) -> "ServeProcess":
+        try:
+            wait_ready(self.base_url, timeout)
+        except TimeoutError:
+            self.stop()
+            raise TimeoutError(self.log.read_text()[-3000:]) from None
+        return self
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+        return self.process.wait(timeout=60)
 
 
 def wait_ready(base_url: str, timeout: float = 120) -> list[int]:

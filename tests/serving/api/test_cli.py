@@ -15,6 +15,10 @@ from kvpilot.serving import cli
         (["--kv-cache-memory", "lots"], {}, "--kv-cache-memory"),
         (["--model", "/no/such/checkpoint"], {}, "--model"),
         (["--shutdown-timeout", "-1"], {}, "--shutdown-timeout"),
+        (["--gpu-memory-utilization", "1.5"], {}, "--gpu-memory-utilization"),
+        (["--gpu-memory-utilization", "0"], {}, "--gpu-memory-utilization"),
+        (["--dtype", "fp8"], {}, "--dtype"),
+        (["--max-request-bytes", "lots"], {}, "--max-request-bytes"),
         ([], {"KVPILOT_MAX_QUEUE_LEN": "-3"}, "KVPILOT_MAX_QUEUE_LEN"),
         ([], {"KVPILOT_BLOCK_SIZE": "sixteen"}, "KVPILOT_BLOCK_SIZE"),
     ],
@@ -37,6 +41,16 @@ def test_flags_override_env_and_reach_the_engine_config(monkeypatch, tiny_llama)
     assert (config.max_num_seqs, config.enable_prefix_caching) == (5, False)
     assert (config.kv_cache_memory_bytes, config.max_num_batched_tokens) == (64 << 20, 128)
     assert settings.model_name == str(tiny_llama)
+
+
+def test_serving_defaults_and_sizes(tiny_llama):
+    from kvpilot.serving.api.settings import ServeSettings
+
+    defaults = ServeSettings(model=str(tiny_llama))
+    config = defaults.engine_config()
+    assert (config.dtype, config.gpu_memory_utilization, config.kv_cache_memory_bytes) == ("auto", 0.9, None)
+    assert (defaults.max_request_bytes, defaults.termination_log) == (4 << 20, None)
+    assert ServeSettings(model=str(tiny_llama), max_request_bytes="512KiB").max_request_bytes == 512 << 10
 
 
 def test_default_model_is_the_bundled_smollm2(default_gguf):

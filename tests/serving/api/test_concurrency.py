@@ -53,7 +53,15 @@ async def test_32_concurrent_streams_and_metrics_add_up(api_server):
     assert delta["vllm:inter_token_latency_seconds_count"] == sum(n - 1 for n in lengths)
     assert after["vllm:num_requests_running"] == 0 and after["vllm:num_requests_waiting"] == 0
     assert after["vllm:prefix_cache_hits_total"] <= after["vllm:prefix_cache_queries_total"]
-    assert after[f'vllm:cache_config_info{{block_size="16",{model},num_gpu_blocks="512"}}'] == 1
+    (info,) = [key for key in after if key.startswith("vllm:cache_config_info{")]
+    assert after[info] == 1
+    for label in (
+        'block_size="16"',
+        model,
+        'num_gpu_blocks="512"',
+        'num_gpu_blocks_reason="--num-kv-blocks 512"',
+    ):
+        assert label in info, info
     assert after["kvpilot_model_weight_bytes"] > 0
 
 

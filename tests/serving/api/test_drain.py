@@ -9,18 +9,10 @@ import time
 
 import httpx
 
-from tests.serving.api.conftest import wait_ready
+from tests.serving.api.conftest import free_port, wait_ready
 
 NUM_STREAMS = 8
 MAX_TOKENS = 40
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_sigterm_drains_in_flight_streams_then_exits_0(tiny_llama, tmp_path):
