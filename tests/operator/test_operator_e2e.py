@@ -208,8 +208,18 @@ def test_an_object_stored_before_a_rule_existed_stalls_with_an_event_and_recover
         api.create(API_VERSION, ISVC, ns, bad)
     finally:
         kubectl.apply("-f", str(CRD_PATH))
+    other = {**bad, "metadata": {"name": "other", "namespace": ns}}
+
+    def rule_is_back() -> bool:  # the API server compiles the re-applied CRD's rules asynchronously
+        try:
+            api.create(API_VERSION, ISVC, ns, other, dryRun="All")
+        except ApiError as error:
+            return "must not set the operator's" in error.message
+        return False
+
+    wait_for(rule_is_back, "the CRD's rules to be enforced again")
     with pytest.raises(ApiError, match="must not set the operator's"):  # the rule is back
-        api.create(API_VERSION, ISVC, ns, {**bad, "metadata": {"name": "other", "namespace": ns}})
+        api.create(API_VERSION, ISVC, ns, other)
 
     with OperatorProcess(cluster.control_plane):
         stalled = wait_for(
