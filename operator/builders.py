@@ -6,14 +6,17 @@ No client calls, no globals: each function maps a parsed InferenceService to one
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from kvpilot.operator.api import InferenceService
 from kvpilot.operator.api.validation import duration_seconds
+from kvpilot.operator.containers import http_probe, pod_security_context, security_context
 from kvpilot.operator.labels import (
     SERVICE_PORT,
     child_metadata,
     common_labels,
+    engine_service_name,
     selector_labels,
     with_spec_hash,
 )
@@ -23,11 +26,11 @@ from kvpilot.operator.model_cache import (
     build_cache_children,
     is_downloaded,
     model_source,
-    pod_security_context,
-    security_context,
     server_image,
 )
 from kvpilot.operator.planner import parse_quantity
+from kvpilot.operator.router_builders import build_inference_pool, build_router_children
+from kvpilot.operator.router_config import RevisionEndpoints, revision_endpoints
 from kvpilot.serving.contract import (
     DEFAULT_PORT,
     HEALTH_PATH,
@@ -93,6 +96,16 @@ def serve_args(isvc: InferenceService, model_path: str) -> list[str]:
     return args + list(isvc.spec.engine.extra_args)
 
 
+def _server_env(isvc: InferenceService) -> list[dict[str, Any]]:
+    """The server's environment: with an upstream key, `--api-key` from the Secret (the operator
+    never reads it; the kubelet resolves the reference)."""
+    upstream = isvc.spec.router.upstream_api_key_secret_ref
+    if upstream is None:
+        return base_env(isvc)
+    key = {"secretKeyRef": {"name": upstream.name, "key": upstream.key}}
+    return [*base_env(isvc), {"name": SERVE_SETTING["api_key"].env, "valueFrom": key}]
+
+
 def _resources(isvc: InferenceService) -> dict[str, Any]:
     spec = isvc.spec.resources
     requests: dict[str, str] = {}
@@ -107,15 +120,6 @@ def _resources(isvc: InferenceService) -> dict[str, Any]:
     if model.size is not None and model.cache is None and is_downloaded(isvc):
         requests["ephemeral-storage"] = model.size  # the per-pod download lands on the node's disk
     return {k: v for k, v in {"requests": requests, "limits": limits}.items() if v}
-
-
-def _http_probe(path: str, period: int, failures: int, timeout: int) -> dict[str, Any]:
-    return {
-        "httpGet": {"path": path, "port": PORT_NAME},
-        "periodSeconds": period,
-        "failureThreshold": failures,
-        "timeoutSeconds": timeout,
-    }
 
 
 def termination_grace_seconds(isvc: InferenceService) -> int:
@@ -148,17 +152,17 @@ def _pod_spec(isvc: InferenceService) -> dict[str, Any]:
         "command": ["kvpilot", "serve"],
         "args": serve_args(isvc, model_path),
         "ports": [{"name": PORT_NAME, "containerPort": DEFAULT_PORT, "protocol": "TCP"}],
-        "env": base_env(isvc),
+        "env": _server_env(isvc),
         "resources": _resources(isvc),
         "volumeMounts": [
             model_mount,
             {"name": "dshm", "mountPath": "/dev/shm"},
             {"name": "tmp", "mountPath": "/tmp"},
         ],
-        "readinessProbe": _http_probe(READY_PATH, period=5, failures=3, timeout=2),
-        "livenessProbe": _http_probe(HEALTH_PATH, period=10, failures=6, timeout=5),
+        "readinessProbe": http_probe(READY_PATH, period=5, failures=3, timeout=2),
+        "livenessProbe": http_probe(HEALTH_PATH, period=10, failures=6, timeout=5),
         # /ready answers only once the model is loaded and warmed up: the startup probe bounds loading.
-        "startupProbe": _http_probe(
+        "startupProbe": http_probe(
             READY_PATH, period=STARTUP_PROBE_PERIOD_SECONDS, failures=startup_probe_failures(isvc), timeout=5
         ),
         "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRESTOP_SLEEP_SECONDS)]}}},
@@ -224,10 +228,11 @@ def build_deployment(isvc: InferenceService) -> dict[str, Any]:
 
 
 def build_service(isvc: InferenceService) -> dict[str, Any]:
+    """The engine pods' Service (`engine_service_name`: `<name>` itself when there is no router)."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": child_metadata(isvc),
+        "metadata": child_metadata(isvc, name=engine_service_name(isvc)),
         "spec": {
             "type": "ClusterIP",
             "selector": selector_labels(isvc),
@@ -257,12 +262,25 @@ def build_service_account(isvc: InferenceService) -> dict[str, Any]:
     }
 
 
-def build_children(isvc: InferenceService) -> list[dict[str, Any]]:
-    """Every object the InferenceService should own, each stamped with its spec hash."""
+def build_children(
+    isvc: InferenceService,
+    revision_list: Sequence[RevisionEndpoints] | None = None,
+    inference_pool_served: bool = True,
+) -> list[dict[str, Any]]:
+    """Every object the InferenceService should own, each stamped with its spec hash.
+
+    `revision_list`: the model's revisions with their ready endpoints (default: none ready yet);
+    `inference_pool_served`: whether the cluster serves the InferencePool CRD.
+    """
     children = build_cache_children(isvc)
     if isvc.spec.create_service_account:
         children.append(build_service_account(isvc))
     children += [build_deployment(isvc), build_service(isvc)]
     if isvc.spec.most_replicas > 1:
         children.append(build_pod_disruption_budget(isvc))
+    if isvc.spec.router.enabled:
+        endpoints = revision_endpoints(isvc, []) if revision_list is None else revision_list
+        children += build_router_children(isvc, endpoints)
+    if isvc.spec.router.inference_pool and inference_pool_served:
+        children.append(build_inference_pool(isvc))
     return [with_spec_hash(child) for child in children]

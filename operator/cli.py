@@ -53,8 +53,20 @@ def _render(args: argparse.Namespace) -> int:
                 return 2
             print(f"InferenceService {name}: GPU memory {fit.message()}", file=sys.stderr)
         rendered += build_children(isvc)
-    sys.stdout.write(yaml.safe_dump_all(rendered, sort_keys=False))
+    sys.stdout.write(yaml.dump_all(rendered, Dumper=_BlockDumper, sort_keys=False))
     return 0
+
+
+class _BlockDumper(yaml.SafeDumper):
+    """Multi-line strings (the router's config in its ConfigMap) as readable `|` blocks."""
+
+
+def _block_str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_BlockDumper.add_representer(str, _block_str)
 
 
 def _operator(args: argparse.Namespace) -> int:
@@ -76,7 +88,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     crd.add_argument("-o", "--output", help="write to this file instead of stdout")
     crd.set_defaults(run=_crd)
 
-    render = subparsers.add_parser("render", help="print the objects the operator creates for a manifest")
+    render = subparsers.add_parser(
+        "render",
+        help="print the objects the operator creates for a manifest (the router with no endpoints yet; "
+        "an InferencePool as if the cluster served its CRD)",
+    )
     render.add_argument("-f", "--filename", required=True, help="InferenceService manifest(s), '-' for stdin")
     render.set_defaults(run=_render)
 

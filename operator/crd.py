@@ -27,8 +27,8 @@ METADATA_SCHEMA = {
     "properties": {
         "name": {
             "type": "string",
-            "description": "Name of the InferenceService and of its Deployment and Service.",
-            "maxLength": 63,
+            "description": "Name of the InferenceService and of its Deployments and Services.",
+            "maxLength": api.NAME_MAX_LENGTH,
             "pattern": api.DNS_LABEL_PATTERN,
         }
     },

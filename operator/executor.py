@@ -8,6 +8,7 @@ surface as TransientError; the handlers turn them into kopf.TemporaryError with 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -15,8 +16,10 @@ import kubernetes.client
 import urllib3.exceptions
 from kubernetes.client.exceptions import ApiException
 from kvpilot.operator.api import GROUP, PLURAL, VERSION, InferenceService
-from kvpilot.operator.labels import MANAGER, is_owned_by, selector_labels
+from kvpilot.operator.labels import MANAGER, is_owned_by, owned_selector
 from kvpilot.operator.planner import Plan
+from kvpilot.operator.router_builders import INFERENCE_POOL_API_VERSION
+from kvpilot.operator.router_config import SERVICE_NAME_LABEL
 
 TRANSIENT_STATUS = {404, 408, 409, 429}  # besides 5xx: conflicts, races with deletion, throttling
 APPLY_QUERY = {"fieldManager": MANAGER, "force": "true"}  # server-side apply, taking ownership
@@ -50,6 +53,10 @@ def _classified(exc: ApiException, what: str) -> Exception:
     return PermanentApiError(f"{what}: HTTP {exc.status} {exc.reason}: {api_message(exc.body)}")
 
 
+def _is_not_found(exc: TransientError) -> bool:
+    return isinstance(exc.__cause__, ApiException) and exc.__cause__.status == 404
+
+
 # Every namespaced child kind the operator owns: kind -> (apiVersion, plural). A new child kind
 # (an HPA, a ConfigMap, an InferencePool) is one more row here and nothing else.
 CHILD_KINDS: dict[str, tuple[str, str]] = {
@@ -57,10 +64,17 @@ CHILD_KINDS: dict[str, tuple[str, str]] = {
     "Service": ("v1", "services"),
     "PodDisruptionBudget": ("policy/v1", "poddisruptionbudgets"),
     "ServiceAccount": ("v1", "serviceaccounts"),
+    "ConfigMap": ("v1", "configmaps"),
+    "InferencePool": (INFERENCE_POOL_API_VERSION, "inferencepools"),
     "PersistentVolumeClaim": ("v1", "persistentvolumeclaims"),
     "Job": ("batch/v1", "jobs"),
 }
 MERGE_PATCH = "application/merge-patch+json"
+# Kinds from CRDs a cluster may not have: listed and written only where discovery shows them.
+OPTIONAL_KINDS = {"InferencePool"}
+DISCOVERY_TTL_SECONDS = 60.0
+# Metadata only: the API server leaves out a Secret's data (the operator never sees a key).
+METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
 
 
 def resource_path(api_version: str, plural: str, namespace: str, name: str | None = None) -> str:
@@ -77,6 +91,7 @@ class KubeClient:
     def __init__(self, api_client: kubernetes.client.ApiClient | None = None) -> None:
         self.api = api_client or kubernetes.client.ApiClient()
         self.custom = kubernetes.client.CustomObjectsApi(self.api)
+        self._discovered: dict[str, tuple[float, bool]] = {}  # kind -> (when, served)
 
     def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
         try:
@@ -94,9 +109,10 @@ class KubeClient:
         query: dict[str, Any] | None = None,
         body: Any = None,
         content_type: str = "application/apply-patch+yaml",
+        accept: str = "application/json",
     ) -> dict[str, Any]:
         """One REST call; `what` names it in errors (e.g. `apply Deployment`)."""
-        headers = {"Accept": "application/json"}
+        headers = {"Accept": accept}
         if method == "PATCH":
             headers["Content-Type"] = content_type
         request = self.api.param_serialize(
@@ -114,11 +130,31 @@ class KubeClient:
             raise TransientError(f"{what}: {exc}") from exc
         return _raw(response)
 
+    def serves(self, kind: str) -> bool:
+        """Whether the cluster serves this child kind (discovery, remembered for a minute)."""
+        if kind not in OPTIONAL_KINDS:
+            return True
+        when, served = self._discovered.get(kind, (0.0, False))
+        if time.monotonic() - when < DISCOVERY_TTL_SECONDS:
+            return served
+        api_version, plural = CHILD_KINDS[kind]
+        try:
+            listing = self._request(f"discover {kind}", "GET", f"/apis/{api_version}")
+            served = any(resource.get("name") == plural for resource in listing.get("resources", []))
+        except TransientError as exc:
+            if not _is_not_found(exc):
+                raise
+            served = False
+        self._discovered[kind] = (time.monotonic(), served)
+        return served
+
     def read_children(self, isvc: InferenceService) -> list[dict[str, Any]]:
         """Children controlled by this InferenceService (by owner uid, not only by labels)."""
-        selector = ",".join(f"{k}={v}" for k, v in selector_labels(isvc).items())
+        selector = owned_selector(isvc)
         children = []
         for kind, (api_version, plural) in CHILD_KINDS.items():
+            if not self.serves(kind):
+                continue
             path = resource_path(api_version, plural, isvc.metadata.namespace)
             listing = self._request(f"list {kind}", "GET", path, {"labelSelector": selector})
             for item in listing.get("items", []):
@@ -162,13 +198,32 @@ class KubeClient:
         meta = obj["metadata"]
         return resource_path(api_version, plural, meta["namespace"], meta["name"])
 
+    def read_endpoint_slices(self, namespace: str, services: list[str]) -> list[dict[str, Any]]:
+        """The EndpointSlices of these Services (the EndpointSlice controller labels each)."""
+        path = resource_path("discovery.k8s.io/v1", "endpointslices", namespace)
+        selector = f"{SERVICE_NAME_LABEL} in ({','.join(services)})"
+        return self._request("list EndpointSlice", "GET", path, {"labelSelector": selector}).get("items", [])
+
+    def missing_secrets(self, namespace: str, names: list[str]) -> list[str]:
+        """Which of these Secrets do not exist. Asked for metadata only: no key reaches the operator."""
+        missing = []
+        for name in names:
+            path = resource_path("v1", "secrets", namespace, name)
+            try:
+                self._request("get Secret", "GET", path, accept=METADATA_ONLY)
+            except TransientError as exc:
+                if not _is_not_found(exc):
+                    raise
+                missing.append(name)
+        return missing
+
     def get_inference_service(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
             return self._call(
                 self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name
             )
         except TransientError as exc:
-            if isinstance(exc.__cause__, ApiException) and exc.__cause__.status == 404:
+            if _is_not_found(exc):
                 return None
             raise
 

@@ -1,7 +1,8 @@
 """Thin kopf handlers: `kopf run -m kvpilot.operator.handlers` (or `kvpilot operator`).
 
-Every path ends in the same reconcile: the InferenceService's own create/update/resume, and
-changes of its Deployment or Service (readiness moving, drift, deletion). There is no
+Every path ends in the same reconcile: the InferenceService's own create/update/resume, changes
+of its Deployments or Services (readiness moving, drift, deletion), and changes of its engine
+pods' EndpointSlices (which keep the router's endpoint lists current). There is no
 finalizer: children carry ownerReferences and the garbage collector removes them, so
 deleting an InferenceService never waits for the operator.
 """
@@ -17,12 +18,14 @@ from typing import Any
 import kopf
 from kvpilot.operator.api import GROUP, KIND, PLURAL, VERSION
 from kvpilot.operator.executor import KubeClient, PermanentApiError, TransientError
-from kvpilot.operator.labels import MANAGER
+from kvpilot.operator.labels import COMPONENT, MANAGER
 from kvpilot.operator.reconciler import reconcile
 
 MAX_BACKOFF_SECONDS = 60
 CHILD_LABELS = {"app.kubernetes.io/managed-by": MANAGER}
 INSTANCE_LABEL = "app.kubernetes.io/instance"
+# The EndpointSlice controller copies a Service's labels to its slices: these are the engine's.
+ENGINE_SLICE_LABELS = {"app.kubernetes.io/managed-by": MANAGER, "app.kubernetes.io/component": COMPONENT}
 
 
 class KeyedLocks:
@@ -67,6 +70,10 @@ def _client(memo: kopf.Memo) -> KubeClient:
     return memo["client"]
 
 
+class WaitingError(Exception):
+    """The reconcile went through but needs something that does not exist yet (a Secret)."""
+
+
 def _reconcile_and_report(body: dict[str, Any], memo: kopf.Memo) -> None:
     metadata = body["metadata"]
     with _locks.hold((metadata["namespace"], metadata["name"])):
@@ -75,6 +82,10 @@ def _reconcile_and_report(body: dict[str, Any], memo: kopf.Memo) -> None:
         if outcome.status_written:  # one Warning Event per new problem, not one per retry
             kopf.warn(body, reason=outcome.reason, message=outcome.error)
         raise kopf.PermanentError(outcome.error)
+    if outcome.waiting is not None:
+        if outcome.status_written:
+            kopf.warn(body, reason="SecretNotFound", message=outcome.waiting)
+        raise WaitingError(outcome.waiting)
 
 
 @kopf.on.startup()
@@ -94,25 +105,10 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 def reconcile_inference_service(body: kopf.Body, retry: int, memo: kopf.Memo, **_: Any) -> None:
     try:
         _reconcile_and_report(dict(body), memo)
-    except TransientError as exc:
+    except (TransientError, WaitingError) as exc:
         raise kopf.TemporaryError(str(exc), delay=backoff(retry)) from exc
     except PermanentApiError as exc:
         raise kopf.PermanentError(str(exc)) from exc
-
-
-def _reconcile_parent(
-    body: kopf.Body, name: str, uid: str | None, memo: kopf.Memo, logger: kopf.Logger
-) -> None:
-    try:
-        parent = _client(memo).get_inference_service(body.metadata.namespace, name)
-        if parent is None or (uid is not None and parent["metadata"].get("uid") != uid):
-            return  # the owner is gone; the garbage collector takes the child
-        if parent["metadata"].get("deletionTimestamp"):
-            return
-        _reconcile_and_report(parent, memo)
-    except (TransientError, PermanentApiError, kopf.PermanentError) as exc:
-        # The InferenceService's own handler retries with backoff; the next child event retries too.
-        logger.warning(f"reconcile of {name} after a {body.kind} change failed: {exc}")
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=CHILD_LABELS)
@@ -144,3 +140,26 @@ def pod_changed(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any)
     """A pod of an InferenceService moved (scheduled or not, pulling, crashing): its status says why
     replicas wait. Pods are owned by ReplicaSets and Jobs, so the instance label names the parent."""
     _reconcile_parent(body, body.metadata.labels[INSTANCE_LABEL], None, memo, logger)
+
+
+@kopf.on.event("discovery.k8s.io", "v1", "endpointslices", labels=ENGINE_SLICE_LABELS)
+def engine_endpoints_changed(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+    """An engine pod became ready or unready: the router's endpoint lists follow (ConfigMap)."""
+    name = (body.metadata.labels or {}).get("app.kubernetes.io/instance")
+    if name:
+        _reconcile_parent(body, name, None, memo, logger)
+
+
+def _reconcile_parent(
+    body: kopf.Body, name: str, uid: str | None, memo: kopf.Memo, logger: kopf.Logger
+) -> None:
+    try:
+        parent = _client(memo).get_inference_service(body.metadata.namespace, name)
+        if parent is None or (uid is not None and parent["metadata"].get("uid") != uid):
+            return  # the owner is gone; the garbage collector takes the child
+        if parent["metadata"].get("deletionTimestamp"):
+            return
+        _reconcile_and_report(parent, memo)
+    except (TransientError, PermanentApiError, WaitingError, kopf.PermanentError) as exc:
+        # The InferenceService's own handler retries with backoff; the next child event retries too.
+        logger.warning(f"reconcile of {name} after a {body.kind} change failed: {exc}")

@@ -11,6 +11,8 @@ from kvpilot.operator.api import API_VERSION, GROUP, KIND, InferenceService
 APP_NAME = "kvpilot"
 MANAGER = "kvpilot-operator"  # app.kubernetes.io/managed-by and the server-side-apply field manager
 COMPONENT = "inference-server"
+ROUTER_NAME = "kvpilot-router"  # router pods: never matched by the engine pods' selector
+ROUTER_COMPONENT = "router"
 SPEC_HASH_ANNOTATION = f"{GROUP}/spec-hash"
 SERVICE_PORT = 80
 
@@ -26,6 +28,32 @@ def common_labels(isvc: InferenceService) -> dict[str, str]:
         "app.kubernetes.io/component": COMPONENT,
         "app.kubernetes.io/managed-by": MANAGER,
     }
+
+
+def router_selector_labels(isvc: InferenceService) -> dict[str, str]:
+    return {"app.kubernetes.io/name": ROUTER_NAME, "app.kubernetes.io/instance": isvc.metadata.name}
+
+
+def router_labels(isvc: InferenceService) -> dict[str, str]:
+    return {
+        **router_selector_labels(isvc),
+        "app.kubernetes.io/component": ROUTER_COMPONENT,
+        "app.kubernetes.io/managed-by": MANAGER,
+    }
+
+
+def owned_selector(isvc: InferenceService) -> str:
+    """What every child of the InferenceService carries, engine's and router's alike."""
+    return f"app.kubernetes.io/instance={isvc.metadata.name},app.kubernetes.io/managed-by={MANAGER}"
+
+
+def router_name(isvc: InferenceService) -> str:
+    return f"{isvc.metadata.name}-router"
+
+
+def engine_service_name(isvc: InferenceService) -> str:
+    """The engine pods' Service: `<name>` itself without the router, `<name>-engine` behind it."""
+    return f"{isvc.metadata.name}-engine" if isvc.spec.router.enabled else isvc.metadata.name
 
 
 def selector_string(isvc: InferenceService) -> str:
@@ -44,12 +72,14 @@ def owner_reference(isvc: InferenceService) -> dict[str, Any]:
     }
 
 
-def child_metadata(isvc: InferenceService, name: str | None = None) -> dict[str, Any]:
+def child_metadata(
+    isvc: InferenceService, name: str | None = None, labels: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Metadata of a child; without a uid (e.g. `kvpilot render`) there is no owner reference."""
     metadata: dict[str, Any] = {
         "name": name or isvc.metadata.name,
         "namespace": isvc.metadata.namespace,
-        "labels": common_labels(isvc),
+        "labels": labels or common_labels(isvc),
     }
     if isvc.metadata.uid:
         metadata["ownerReferences"] = [owner_reference(isvc)]

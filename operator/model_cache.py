@@ -13,11 +13,11 @@ import hashlib
 from typing import Any
 
 from kvpilot.operator.api import DEFAULT_CUDA_IMAGE, DEFAULT_IMAGE, InferenceService
+from kvpilot.operator.containers import pod_security_context, security_context
 from kvpilot.operator.labels import MANAGER, child_metadata
 
 MODEL_DIR = "/mnt/models"
 COMPLETE_MARKER = f"{MODEL_DIR}/.kvpilot-download-complete"
-RUN_AS_USER = 65532  # the kvpilot image's user (Dockerfile), and the download Job's
 AWS_CLI_IMAGE = "public.ecr.aws/aws-cli/aws-cli:2.22.35"
 GCLOUD_IMAGE = "gcr.io/google.com/cloudsdktool/google-cloud-cli:502.0.0-slim"
 DOWNLOAD_POD_NAME = "kvpilot-model-download"  # app.kubernetes.io/name of the Job's pods
@@ -32,26 +32,6 @@ _WAIT = (
     "    print('waiting for the model download Job to finish', flush=True)\n"
     "    time.sleep(float(sys.argv[2]))\n"
 )
-
-
-def security_context() -> dict[str, Any]:
-    return {
-        "allowPrivilegeEscalation": False,
-        "readOnlyRootFilesystem": True,
-        "runAsNonRoot": True,
-        "capabilities": {"drop": ["ALL"]},
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
-
-
-def pod_security_context() -> dict[str, Any]:
-    return {
-        "runAsNonRoot": True,
-        "runAsUser": RUN_AS_USER,
-        "runAsGroup": RUN_AS_USER,
-        "fsGroup": RUN_AS_USER,
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
 
 
 def base_env(isvc: InferenceService) -> list[dict[str, Any]]:

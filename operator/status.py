@@ -15,6 +15,7 @@ from kvpilot.operator.fit import FitEstimate
 from kvpilot.operator.labels import APP_NAME, selector_string
 from kvpilot.operator.model_cache import DOWNLOAD_POD_NAME, cache_state
 from kvpilot.operator.pod_status import failed_download, pod_problem
+from kvpilot.operator.router_config import referenced_secrets
 
 READY, RECONCILING, STALLED, MODEL_CACHED = "Ready", "Reconciling", "Stalled", "ModelCached"
 # Stalled reasons that only a spec change can clear.
@@ -131,20 +132,51 @@ def _pods_named(pods: Sequence[dict[str, Any]], app: str) -> list[dict[str, Any]
     return [p for p in pods if (p["metadata"].get("labels") or {}).get("app.kubernetes.io/name") == app]
 
 
+_SEVERITY = {"ready": 0, "reconciling": 1, "stalled": 2}
+
+
+def _with_router(
+    engine: tuple[str, str, str], router: dict[str, Any] | None, replicas: int
+) -> tuple[str, str, str]:
+    """The engine's progress and the router's: the worse one wins; both ready is ready."""
+    state, reason, message = _deployment_progress(router, replicas)
+    routed = (state, reason, f"router: {message}")
+    if _SEVERITY[engine[0]] == _SEVERITY[state] == 0:
+        return engine[0], engine[1], f"{engine[2]}; {routed[2]}"
+    return routed if _SEVERITY[state] > _SEVERITY[engine[0]] else engine
+
+
+def missing_secrets_message(isvc: InferenceService, missing: Sequence[str]) -> str:
+    """Names the Secrets and the fields that need them (never anything from inside a Secret)."""
+    fields = referenced_secrets(isvc)
+    parts = [f"Secret {name} ({', '.join(fields.get(name, []))})" for name in missing]
+    return (
+        f"{'; '.join(parts)} not found in namespace {isvc.metadata.namespace}: "
+        "the pods that need it start once it exists"
+    )
+
+
 def compute_status(
     isvc: InferenceService,
     deployment: dict[str, Any] | None,
     previous: dict[str, Any],
     now: str,
+    router: dict[str, Any] | None = None,
+    missing_secrets: Sequence[str] = (),
+    *,
     pods: Sequence[dict[str, Any]] = (),
     job: dict[str, Any] | None = None,
     fit: FitEstimate | None = None,
 ) -> dict[str, Any]:
-    """pods: the InferenceService's engine and download pods; job: its download Job, if any."""
+    """`router`: the router's Deployment as observed; `missing_secrets`: tenants' Secrets that
+    do not exist (Stalled until someone creates them); `pods`: the InferenceService's engine and
+    download pods (why replicas wait); `job`: its model download Job, if any."""
     generation = isvc.metadata.generation
     state, reason, message = _deployment_progress(deployment, desired_replicas(isvc, deployment))
     if state == "reconciling":
         reason, message = pod_problem(_pods_named(pods, APP_NAME)) or (reason, message)
+    if isvc.spec.router.enabled:
+        state, reason, message = _with_router((state, reason, message), router, isvc.spec.router.replicas)
     cached = None
     if isvc.spec.model.cache is not None:
         cached, cache_reason, cache_message = cache_state(job)
@@ -154,6 +186,8 @@ def compute_status(
             state, reason, message = "stalled", cache_reason, cache_message
         elif cached == "downloading" and state != "ready":
             reason, message = cache_reason, cache_message
+    if missing_secrets:
+        state, reason, message = "stalled", "SecretNotFound", missing_secrets_message(isvc, missing_secrets)
     states = {READY: state == "ready", RECONCILING: state == "reconciling", STALLED: state == "stalled"}
     reasons = dict.fromkeys(states, (reason, message))
     if cached is not None:

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from kvpilot.operator.api import DEFAULT_CUDA_IMAGE, DEFAULT_IMAGE, InferenceService
 from kvpilot.operator.builders import build_deployment
-from kvpilot.operator.model_cache import RUN_AS_USER
+from kvpilot.operator.containers import RUN_AS_USER
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())

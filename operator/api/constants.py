@@ -28,6 +28,8 @@ MODEL_URI_PATTERN = (
     r"|oci://[a-z0-9][^\s]*)$"
 )
 DNS_LABEL_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+# A Service name is a DNS label (63 characters); the engine's is `<name>-engine`.
+NAME_MAX_LENGTH = 63 - len("-engine")
 OPERATOR_LABEL_KEYS = tuple(f"app.kubernetes.io/{k}" for k in ("name", "instance", "component", "managed-by"))
 
 AutoscalingMetric = Literal["kvCacheUsage", "numRequestsWaiting", "numRequestsRunning"]

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvpilot.operator.api.constants import DEFAULT_CUDA_IMAGE, DEFAULT_IMAGE, DNS_LABEL_PATTERN
+from kvpilot.operator.api.constants import (
+    DEFAULT_CUDA_IMAGE,
+    DEFAULT_IMAGE,
+    DNS_LABEL_PATTERN,
+    NAME_MAX_LENGTH,
+)
+from kvpilot.operator.api.router import RouterSpec, TenantSpec
 from kvpilot.operator.api.spec import (
     AutoscalingSpec,
     EngineSpec,
@@ -18,7 +24,7 @@ from kvpilot.operator.api.spec import (
     _Model,
 )
 from kvpilot.operator.api.validation import SPEC_RULES, cel_rules, enforce
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 
@@ -90,10 +96,31 @@ class InferenceServiceSpec(_Model):
         description="Extra pod labels (not the operator's app.kubernetes.io/ name, instance, component, "
         "managed-by).",
     )
+    router: RouterSpec = Field(
+        default_factory=RouterSpec,
+        json_schema_extra={"default": {}},
+        description="The router in front of the engine pods (on by default).",
+    )
+    tenants: list[TenantSpec] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Tenants the router admits, each with its own API key and quotas (none: no auth).",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
 
     @model_validator(mode="after")
     def _check_rules(self) -> InferenceServiceSpec:
         return enforce(self, SPEC_RULES)
+
+    @field_validator("tenants")
+    @classmethod
+    def _unique_tenants(cls, tenants: list[TenantSpec]) -> list[TenantSpec]:
+        # The API server enforces it too: tenants is a list map keyed by name.
+        names = [tenant.name for tenant in tenants]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"tenant names must be unique: {', '.join(repeated)} repeated")
+        return tenants
 
     @property
     def managed_replicas(self) -> int | None:
@@ -110,7 +137,7 @@ class ObjectMeta(BaseModel):
 
     model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True, alias_generator=to_camel)
 
-    name: str = Field(max_length=63, pattern=DNS_LABEL_PATTERN)
+    name: str = Field(max_length=NAME_MAX_LENGTH, pattern=DNS_LABEL_PATTERN)
     namespace: str = "default"
     uid: str | None = None
     generation: int | None = None

@@ -127,4 +127,11 @@ SPEC_RULES = [
         ".podLabels",
         lambda spec: not any(key in spec.pod_labels for key in OPERATOR_LABEL_KEYS),
     ),
+    Rule(
+        "!has(self.tenants) || size(self.tenants) == 0 || !has(self.router) || !has(self.router.enabled) "
+        "|| self.router.enabled",
+        "spec.tenants need the router: remove spec.router.enabled: false",
+        ".tenants",
+        lambda spec: not spec.tenants or spec.router.enabled,
+    ),
 ]

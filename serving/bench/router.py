@@ -156,16 +156,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", default=None, help="checkpoint dir or .gguf (default: the default model)")
     parser.add_argument("--num-servers", type=positive_int, default=2)
-    parser.add_argument("--num-prompts", type=positive_int, default=96)
-    parser.add_argument("--num-prefixes", type=positive_int, default=8, help="distinct shared system prompts")
-    parser.add_argument("--prefix-len", type=positive_int, default=384, help="tokens of each shared prompt")
+    parser.add_argument("--num-prompts", type=positive_int, default=128)
+    parser.add_argument("--num-prefixes", type=positive_int, default=16, help="shared system prompts")
+    parser.add_argument("--prefix-len", type=positive_int, default=256, help="tokens of each shared prompt")
     parser.add_argument("--suffix-len", type=positive_int, default=16, help="each request's own tokens")
     parser.add_argument("--output-len", type=positive_int, default=8)
     parser.add_argument(
-        "--num-kv-blocks", type=positive_int, default=128,
-        help="KV blocks of 16 tokens per server; the default holds about half of the shared prompts",
+        "--num-kv-blocks", type=positive_int, default=192,
+        help="KV blocks of 16 tokens per server; the default holds about 3/4 of the shared prompts",
     )  # fmt: skip
-    parser.add_argument("--max-concurrency", type=positive_int, default=8)
+    parser.add_argument("--max-concurrency", type=positive_int, default=4)
     parser.add_argument("--policies", default="prefix,random", help="comma-separated balancing policies")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="write the results as JSON to this file")

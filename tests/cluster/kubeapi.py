@@ -63,7 +63,8 @@ def path(
 
 
 class KubeApi:
-    def __init__(self, kubeconfig: Path, timeout: float = 10) -> None:
+    # Generous: on a loaded shared machine (load 15 on 2 cores) kube-apiserver has taken over 10 s.
+    def __init__(self, kubeconfig: Path, timeout: float = 60) -> None:
         server, context = ssl_context_from_kubeconfig(yaml.safe_load(Path(kubeconfig).read_text()))
         self.url = server
         self.http = httpx.Client(base_url=server, verify=context, timeout=timeout)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import os
 import shutil
 import signal
 import subprocess
@@ -19,13 +20,112 @@ import httpx
 from tests.cluster.containers import Container
 from tests.cluster.kubeapi import ApiError, KubeApi
 from tests.cluster.nodes import now_rfc3339
-from tests.cluster.podspec import PodContext, container_argv, is_kvpilot_image
+from tests.cluster.podspec import (
+    PodContext,
+    container_argv,
+    is_kvpilot_image,
+    mounts_of,
+    rewrite_paths_in_text,
+)
 
 TICK_SECONDS = 0.2
+VOLUME_SYNC_SECONDS = 2.0  # the real kubelet: about a minute; tests would rather not wait
 
 
 class VolumeError(RuntimeError):
     pass
+
+
+def _source_files(api: KubeApi, namespace: str, kind: str, source: dict[str, Any]) -> dict[str, bytes]:
+    """A configMap or secret volume source as {path: content}, honouring items and optional."""
+    plural, decode = ("configmaps", str.encode) if kind == "configMap" else ("secrets", base64.b64decode)
+    name = source.get("name") or source.get("secretName")
+    obj = api.get("v1", plural, namespace, name)
+    if obj is None:
+        if source.get("optional"):
+            return {}
+        raise VolumeError(f'{kind} "{name}" not found')  # the kubelet's FailedMount, retried
+    data = {key: decode(value) for key, value in (obj.get("data") or {}).items()}
+    data.update({key: base64.b64decode(value) for key, value in (obj.get("binaryData") or {}).items()})
+    if not source.get("items"):
+        return data
+    files = {}
+    for item in source["items"]:
+        if item["key"] in data:
+            files[item["path"]] = data[item["key"]]
+        elif not source.get("optional"):
+            raise VolumeError(f'{kind} "{name}": no key "{item["key"]}"')
+    return files
+
+
+def volume_files(
+    api: KubeApi, namespace: str, volume: dict[str, Any], mounts: list[tuple[str, str]]
+) -> dict[str, bytes] | None:
+    """The files of a configMap, secret or projected volume (None for other kinds). Paths under
+    the pod's mounts inside a ConfigMap's text are rewritten to their local directories, as args
+    are: a config file naming /etc/kvpilot/keys/x finds the projected key there."""
+    sources = []
+    if "configMap" in volume:
+        sources = [("configMap", volume["configMap"])]
+    elif "secret" in volume:
+        sources = [("secret", volume["secret"])]
+    elif "projected" in volume:
+        sources = [
+            (kind, source[kind])
+            for source in volume["projected"].get("sources") or []
+            for kind in ("configMap", "secret")
+            if kind in source
+        ]
+    else:
+        return None
+    files: dict[str, bytes] = {}
+    for kind, source in sources:
+        for path, content in _source_files(api, namespace, kind, source).items():
+            if kind == "configMap":
+                with contextlib.suppress(UnicodeDecodeError):
+                    content = rewrite_paths_in_text(content.decode(), mounts).encode()
+            files[path] = content
+    return files
+
+
+def write_volume(local: Path, files: dict[str, bytes]) -> bool:
+    """Write what changed, each file replaced atomically (a reader never sees half a file)."""
+    changed = False
+    for path, content in files.items():
+        target = local / path
+        if target.exists() and target.read_bytes() == content:
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.with_name(f".{target.name}.tmp")
+        staging.write_bytes(content)
+        os.replace(staging, target)
+        changed = True
+    return changed
+
+
+def pod_mounts(pod: dict[str, Any], volumes: dict[str, Path]) -> list[tuple[str, str]]:
+    """(mountPath, local directory) of every container's mounts, longest mountPath first."""
+    ctx = PodContext("", "", "", "", "", Path(), volumes)
+    containers = (pod["spec"].get("initContainers") or []) + pod["spec"]["containers"]
+    return sorted({m for c in containers for m in mounts_of(c, ctx)}, key=lambda m: -len(m[0]))
+
+
+def env_references(api: KubeApi, pod: dict[str, Any]) -> dict[tuple[str, str, str], str]:
+    """The values of the containers' secretKeyRef / configMapKeyRef env, by (kind, name, key)."""
+    namespace, values = pod["metadata"]["namespace"], {}
+    containers = (pod["spec"].get("initContainers") or []) + pod["spec"]["containers"]
+    for var in (var for c in containers for var in c.get("env") or []):
+        for kind in ("secretKeyRef", "configMapKeyRef"):
+            ref = (var.get("valueFrom") or {}).get(kind)
+            if ref is None:
+                continue
+            source = {"name": ref["name"], "items": [{"key": ref["key"], "path": "value"}]}
+            files = _source_files(
+                api, namespace, kind.removesuffix("KeyRef"), source | {"optional": ref.get("optional")}
+            )
+            if "value" in files:
+                values[kind, ref["name"], ref["key"]] = files["value"].decode()
+    return values
 
 
 def local_volumes(api: KubeApi, pod: dict[str, Any], directory: Path) -> dict[str, Path]:
@@ -52,17 +152,19 @@ def local_volumes(api: KubeApi, pod: dict[str, Any], directory: Path) -> dict[st
             volumes[name] = Path(source["path"])
             continue
         local.mkdir(parents=True, exist_ok=True)
-        for kind, plural, decode in (
-            ("configMap", "configmaps", str.encode),
-            ("secret", "secrets", base64.b64decode),
-        ):
-            if kind in volume:
-                source_name = volume[kind].get("name") or volume[kind].get("secretName")
-                obj = api.get("v1", plural, namespace, source_name) or {}
-                for key, value in (obj.get("data") or {}).items():
-                    (local / key).write_bytes(decode(value))
         volumes[name] = local
+    sync_volumes(api, pod, volumes)
     return volumes
+
+
+def sync_volumes(api: KubeApi, pod: dict[str, Any], volumes: dict[str, Path]) -> None:
+    """(Re)write the configMap, secret and projected volumes from the API, as the kubelet's
+    periodic sync does: a changed ConfigMap reaches a running pod's files."""
+    mounts = pod_mounts(pod, volumes)
+    for volume in pod["spec"].get("volumes") or []:
+        files = volume_files(api, pod["metadata"]["namespace"], volume, mounts)
+        if files is not None:
+            write_volume(volumes[volume["name"]], files)
 
 
 class PodWorker(threading.Thread):
@@ -99,17 +201,24 @@ class PodWorker(threading.Thread):
     def _run(self) -> None:
         spec, metadata = self.pod["spec"], self.pod["metadata"]
         self.directory.mkdir(parents=True, exist_ok=True)
-        volumes = None
-        while volumes is None and not self.gone.is_set() and self.delete_after is None:
+        volumes, env_refs = None, None
+        while env_refs is None and not self.gone.is_set() and self.delete_after is None:
             try:
-                volumes = local_volumes(self.api, self.pod, self.directory)
+                volumes = volumes or local_volumes(self.api, self.pod, self.directory)
             except VolumeError as error:
                 self.problem = ("ContainerCreating", str(error))
+            else:
+                try:
+                    env_refs = env_references(self.api, self.pod)
+                except VolumeError as error:
+                    self.problem = ("CreateContainerConfigError", str(error))
+            if env_refs is None:
                 self._report()
                 time.sleep(1)
-        if volumes is None:
+        if volumes is None or env_refs is None:
             self._finish()
             return
+        self.problem = None  # the volumes and the env's references are there now
         ctx = PodContext(
             metadata["name"],
             metadata["namespace"],
@@ -118,6 +227,7 @@ class PodWorker(threading.Thread):
             self.ip,
             self.directory,
             volumes,
+            env_refs,
         )
         images = [c.get("image", "") for c in spec.get("initContainers", []) + spec["containers"]]
         foreign = [image for image in images if not is_kvpilot_image(image)]
@@ -131,12 +241,17 @@ class PodWorker(threading.Thread):
         init_policy = "Never" if policy == "Never" else "OnFailure"
         self.init_containers = [Container(c, ctx, init_policy) for c in spec.get("initContainers", [])]
         self.containers = [Container(c, ctx, policy) for c in spec["containers"]]
+        synced = time.monotonic()
         while not self.gone.is_set():
             if self.delete_after is not None:
                 self._terminate(self.delete_after)
                 break
             if not self.problem:
                 self._step(time.monotonic())
+            if time.monotonic() - synced >= VOLUME_SYNC_SECONDS:
+                synced = time.monotonic()
+                with contextlib.suppress(VolumeError, ApiError, httpx.HTTPError):
+                    sync_volumes(self.api, self.pod, volumes)  # a failed sync keeps the last files
             self._report()
             time.sleep(TICK_SECONDS)
         self._finish()

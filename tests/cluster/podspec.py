@@ -2,15 +2,16 @@
 
 The kvpilot image's programs map to this machine's: `kvpilot` -> `python -m kvpilot.serving.cli`,
 `python` -> this interpreter, `hf` -> this virtualenv's; anything else runs from PATH (`sleep` in
-a preStop hook). Paths under a volumeMount are rewritten to the volume's local directory, and
-`--host` to the pod's address.
+a preStop hook). Paths under a volumeMount are rewritten to the volume's local directory (in args,
+env values and the text of ConfigMap files), and `--host` to the pod's address.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ class PodContext:
     ip: str
     directory: Path
     volumes: dict[str, Path]
+    env_refs: dict[tuple[str, str, str], str] = field(default_factory=dict)  # secretKeyRef values, ...
 
 
 def mounts_of(container: dict[str, Any], ctx: PodContext) -> list[tuple[str, str]]:
@@ -65,6 +67,17 @@ def rewrite_path(value: str, mounts: list[tuple[str, str]]) -> str:
         if value == mount_path or value.startswith(mount_path + "/"):
             return local + value[len(mount_path) :]
     return value
+
+
+def rewrite_paths_in_text(text: str, mounts: list[tuple[str, str]]) -> str:
+    """Every `MOUNTPATH/...` in a file's text, as the pod would see it, to the local directory
+    (one pass, longest mountPath first, so a rewritten path is never rewritten again)."""
+    local_of = {mount_path: local for mount_path, local in mounts if mount_path != "/"}
+    if not local_of:
+        return text
+    alternatives = "|".join(re.escape(path) for path in sorted(local_of, key=len, reverse=True))
+    pattern = re.compile(rf"(?<![\w/.-])({alternatives})(?=/|\b|$)")
+    return pattern.sub(lambda match: local_of[match.group(1)], text)
 
 
 def container_argv(container: dict[str, Any], ctx: PodContext) -> list[str]:
@@ -99,4 +112,9 @@ def container_env(container: dict[str, Any], ctx: PodContext) -> dict[str, str]:
             env[var["name"]] = rewrite_path(var["value"], mounts)
         elif "fieldRef" in (var.get("valueFrom") or {}):
             env[var["name"]] = _field_value(var["valueFrom"]["fieldRef"]["fieldPath"], ctx)
+        else:
+            for kind, ref in (var.get("valueFrom") or {}).items():
+                value = ctx.env_refs.get((kind, ref.get("name"), ref.get("key")))
+                if value is not None:
+                    env[var["name"]] = value
     return env

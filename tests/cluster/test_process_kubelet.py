@@ -160,3 +160,76 @@ def test_kubelet_and_control_plane_down_leave_no_process(tmp_path):
     assert [pid for pid in pids if pid_alive(pid)] == []
     with pytest.raises(ProcessLookupError):
         os.kill(pod_pid, signal.SIG_DFL)
+
+
+# Serves the config file named by argv[1] at /, the file its `keyFile:` line names at /key, and
+# $TOKEN at /env.
+FILE_SERVER = """
+import http.server, os, re, sys
+class Files(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        text = open(sys.argv[1]).read()
+        if self.path == "/key":
+            text = open(re.search(r"keyFile: (\\S+)", text).group(1)).read()
+        if self.path == "/env":
+            text = os.environ["TOKEN"]
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(text.encode())
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer((os.environ["POD_IP"], 8000), Files).serve_forever()
+"""
+
+
+def test_config_map_and_projected_secret_volumes_follow_the_api(cluster, namespace):
+    """A projected Secret key waits for its Secret (FailedMount), a ConfigMap naming a mounted
+    path finds it, an env var takes a Secret's key, and a changed ConfigMap reaches the running
+    pod's file."""
+    api = cluster.api
+    api.create(
+        "v1",
+        "configmaps",
+        namespace,
+        {"metadata": {"name": "conf"}, "data": {"app.yaml": "keyFile: /etc/keys/alice\n"}},
+    )
+    key = {"secret": {"name": "creds", "items": [{"key": "k1", "path": "alice"}]}}
+    volumes = [
+        {"name": "conf", "configMap": {"name": "conf"}},
+        {"name": "keys", "projected": {"sources": [key]}},
+    ]
+    mounts = [
+        {"name": "conf", "mountPath": "/etc/conf", "readOnly": True},
+        {"name": "keys", "mountPath": "/etc/keys", "readOnly": True},
+    ]
+    spec = pod("files", ["python", "-c", FILE_SERVER, "/etc/conf/app.yaml"], volumes=volumes)
+    spec["spec"]["containers"][0]["volumeMounts"] = mounts
+    token = {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "other"}}}
+    spec["spec"]["containers"][0]["env"].append(token)
+    api.create("v1", "pods", namespace, spec)
+    waiting = wait_for(
+        lambda: container_status(api, namespace, "files").get("state", {}).get("waiting"), "FailedMount"
+    )
+    assert 'secret "creds" not found' in waiting["message"]
+
+    secret = {"metadata": {"name": "creds"}, "stringData": {"k1": "s3cret", "other": "never-mounted"}}
+    api.create("v1", "secrets", namespace, secret)
+    address = wait_for(
+        lambda: (api.get("v1", "pods", namespace, "files") or {}).get("status", {}).get("podIP"), "an IP"
+    )
+
+    def get(path: str) -> str | None:
+        try:
+            response = httpx.get(f"http://{address}:8000{path}", timeout=2)
+        except httpx.HTTPError:
+            return None
+        return response.text if response.status_code == 200 else None
+
+    assert wait_for(lambda: get("/key"), "the key through the config's path", timeout=60) == "s3cret"
+    (keys,) = (cluster.workdir / "pods").glob(f"{namespace}_files_*/volumes/keys")
+    assert sorted(p.name for p in keys.iterdir()) == ["alice"]  # only the projected item
+    assert get("/env") == "never-mounted"  # an env var from a secretKeyRef
+    api.patch(
+        "v1", "configmaps", namespace, "conf", {"data": {"app.yaml": "keyFile: /etc/keys/alice\nv: 2\n"}}
+    )
+    wait_for(lambda: "v: 2" in (get("/") or ""), "the changed ConfigMap in the running pod", timeout=30)

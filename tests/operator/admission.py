@@ -48,12 +48,31 @@ def _cel_errors(schema: dict[str, Any], obj: Any, path: str) -> list[str]:
     return errors
 
 
+def _list_map_errors(schema: dict[str, Any], obj: Any, path: str) -> list[str]:
+    """`x-kubernetes-list-type: map`: no two items with the same keys."""
+    errors = []
+    if isinstance(obj, list) and schema.get("x-kubernetes-list-type") == "map":
+        keys = [tuple(item.get(k) for k in schema["x-kubernetes-list-map-keys"]) for item in obj]
+        errors += [
+            f"{path}: duplicate entries for key {key}" for key in sorted(set(keys)) if keys.count(key) > 1
+        ]
+    if isinstance(obj, dict):
+        for name, prop in (schema.get("properties") or {}).items():
+            if name in obj:
+                errors += _list_map_errors(prop, obj[name], f"{path}.{name}")
+    elif isinstance(obj, list) and "items" in schema:
+        for index, item in enumerate(obj):
+            errors += _list_map_errors(schema["items"], item, f"{path}[{index}]")
+    return errors
+
+
 def admit(manifest: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """(the defaulted object, the admission errors); no errors means the API server accepts it."""
     schema = crd_schema()
     obj = apply_defaults(schema, copy.deepcopy(manifest))
     validator = jsonschema.Draft4Validator(schema)
     errors = [f"{'.'.join(str(p) for p in e.absolute_path)}: {e.message}" for e in validator.iter_errors(obj)]
+    errors += _list_map_errors(schema, obj, "")
     if not errors:
         errors = _cel_errors(schema, obj, "")
     return obj, errors

@@ -48,6 +48,9 @@ RESOURCES = {
     "v1/services": kmock.ResourceInfo(
         kind="Service", namespaced=True, verbs={"get", "list", "watch", "create", "patch", "delete"}
     ),
+    "v1/configmaps": kmock.ResourceInfo(
+        kind="ConfigMap", namespaced=True, verbs={"get", "list", "watch", "create", "patch", "delete"}
+    ),
     "v1/serviceaccounts": kmock.ResourceInfo(
         kind="ServiceAccount", namespaced=True, verbs={"get", "list", "watch", "create", "patch", "delete"}
     ),

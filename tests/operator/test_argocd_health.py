@@ -13,6 +13,8 @@ SCRIPT = (
     Path(__file__).resolve().parents[2] / "charts" / "argocd" / "inferenceservice-health.lua"
 ).read_text()
 T0 = "2026-01-01T00:00:00Z"
+ROUTER = deployment()  # the router's Deployment, all replicas ready
+TENANTS = [{"name": "team-a", "apiKeySecretRef": {"name": "keys", "key": "team-a"}}]
 
 
 def health(obj: dict) -> tuple[str, str]:
@@ -43,11 +45,28 @@ def isvc_object(status: dict | None, generation: int = 3) -> dict:
 
 CASES = [
     ("no status yet", None, 3, "Progressing"),
-    ("waiting for replicas", compute_status(isvc(), deployment(ready=1), {}, T0), 3, "Progressing"),
-    ("ready", compute_status(isvc(), deployment(), {}, T0), 3, "Healthy"),
-    ("ready but for an older generation", compute_status(isvc(), deployment(), {}, T0), 4, "Progressing"),
+    ("waiting for replicas", compute_status(isvc(), deployment(ready=1), {}, T0, ROUTER), 3, "Progressing"),
+    ("waiting for the router", compute_status(isvc(), deployment(), {}, T0, None), 3, "Progressing"),
+    ("ready", compute_status(isvc(), deployment(), {}, T0, ROUTER), 3, "Healthy"),
+    (
+        "ready but for an older generation",
+        compute_status(isvc(), deployment(), {}, T0, ROUTER),
+        4,
+        "Progressing",
+    ),
     ("invalid spec", invalid_spec_status(3, "spec.model.uri: bad", {}, T0), 3, "Degraded"),
-    ("stuck rollout", compute_status(isvc(), deployment(ready=0, conditions=STUCK), {}, T0), 3, "Degraded"),
+    (
+        "stuck rollout",
+        compute_status(isvc(), deployment(ready=0, conditions=STUCK), {}, T0, ROUTER),
+        3,
+        "Degraded",
+    ),
+    (
+        "a tenant's Secret missing",
+        compute_status(isvc(tenants=TENANTS), deployment(), {}, T0, ROUTER, ["keys"]),
+        3,
+        "Degraded",
+    ),
 ]
 
 

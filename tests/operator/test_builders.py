@@ -31,6 +31,13 @@ def isvc(name: str = "chat", uid: str | None = UID, **spec: Any) -> InferenceSer
     return InferenceService.from_body({"metadata": metadata, "spec": base})
 
 
+TENANTS = [
+    {"name": "team-a", "apiKeySecretRef": {"name": "router-keys", "key": "team-a"}, "models": ["smollm2"],
+     "requestsPerMinute": 600, "tokensPerMinute": 200000},
+    {"name": "team-b", "apiKeySecretRef": {"name": "team-b-key", "key": "api-key"}},
+]  # fmt: skip
+
+
 def container(deployment: dict[str, Any]) -> dict[str, Any]:
     return deployment["spec"]["template"]["spec"]["containers"][0]
 
@@ -280,21 +287,37 @@ def test_service_pdb_and_service_account():
     assert account["metadata"]["annotations"] == {"iam": "role"}
 
 
+ROUTER = ["ConfigMap", "Deployment", "Service", "PodDisruptionBudget"]  # the router's, after the engine's
+
+
 @pytest.mark.parametrize(
     ("spec", "kinds"),
     [
-        ({}, ["Deployment", "Service", "PodDisruptionBudget"]),
-        ({"replicas": 1}, ["Deployment", "Service"]),
-        ({"replicas": 0}, ["Deployment", "Service"]),
+        ({}, ["Deployment", "Service", "PodDisruptionBudget", *ROUTER]),
+        ({"replicas": 1}, ["Deployment", "Service", *ROUTER]),
+        ({"replicas": 0}, ["Deployment", "Service", *ROUTER]),
         (
             {"replicas": 1, "autoscaling": {"minReplicas": 1, "maxReplicas": 4, "target": 0.7}},
-            ["Deployment", "Service", "PodDisruptionBudget"],
+            ["Deployment", "Service", "PodDisruptionBudget", *ROUTER],
         ),
         (
             {"autoscaling": {"minReplicas": 1, "maxReplicas": 1, "target": 0.7}},
-            ["Deployment", "Service"],
+            ["Deployment", "Service", *ROUTER],
         ),
-        ({"createServiceAccount": True}, ["ServiceAccount", "Deployment", "Service", "PodDisruptionBudget"]),
+        (
+            {"createServiceAccount": True},
+            ["ServiceAccount", "Deployment", "Service", "PodDisruptionBudget", *ROUTER],
+        ),
+        ({"router": {"replicas": 1}}, ["Deployment", "Service", "PodDisruptionBudget", *ROUTER[:3]]),
+        ({"router": {"enabled": False}}, ["Deployment", "Service", "PodDisruptionBudget"]),
+        (
+            {"router": {"enabled": False, "inferencePool": True}},
+            ["Deployment", "Service", "PodDisruptionBudget", "InferencePool"],
+        ),
+        (
+            {"router": {"inferencePool": True}},
+            ["Deployment", "Service", "PodDisruptionBudget", *ROUTER, "InferencePool"],
+        ),
     ],
 )
 def test_children_table(spec, kinds):
@@ -313,6 +336,16 @@ def test_spec_hash_is_stable_and_follows_the_spec():
 
 ALL_SPECS = [
     {},
+    {
+        "tenants": TENANTS,
+        "router": {
+            "replicas": 3,
+            "balancing": "least-request",
+            "inferencePool": True,
+            "upstreamApiKeySecretRef": {"name": "engine-key", "key": "key"},
+        },
+    },
+    {"router": {"enabled": False}},
     {"replicas": 1, "resources": {"cpu": 4, "memory": "8Gi", "sharedMemory": "512Mi"}},
     {
         "model": {"name": "q", "uri": "hf://Qwen/Qwen2.5-7B-Instruct", "revision": "main"},
@@ -329,7 +362,8 @@ ALL_SPECS = [
 @pytest.mark.parametrize("spec", ALL_SPECS, ids=range(len(ALL_SPECS)))
 def test_children_pass_kubernetes_validate_strict(spec, version):
     for child in build_children(isvc(**spec)):
-        kubernetes_validate.validate(child, version, strict=True)
+        if child["kind"] != "InferencePool":  # a CRD's kind: kubernetes-validate knows core kinds only
+            kubernetes_validate.validate(child, version, strict=True)
 
 
 @pytest.mark.parametrize("version", ["1.33.0", "1.37.0"])

@@ -22,12 +22,36 @@ def test_render_prints_every_child(capsys):
     assert [(o["kind"], o["metadata"]["name"]) for o in objects] == [
         ("ServiceAccount", "qwen"),
         ("Deployment", "qwen"),
-        ("Service", "qwen"),
+        ("Service", "qwen-engine"),
         ("PodDisruptionBudget", "qwen"),  # autoscaling up to 4 replicas
+        ("ConfigMap", "qwen-router"),
+        ("Deployment", "qwen-router"),
+        ("Service", "qwen"),
+        ("PodDisruptionBudget", "qwen-router"),
     ]
     deployment = objects[1]
     assert deployment["spec"]["template"]["spec"]["initContainers"][0]["name"] == "model-download"
     assert "ownerReferences" not in deployment["metadata"]  # no uid without a cluster
+
+
+def test_render_shows_the_router_config_tenants_and_inference_pool(tmp_path, capsys):
+    manifest = yaml.safe_load((EXAMPLES / "tenants.yaml").read_text())
+    manifest["spec"]["router"]["inferencePool"] = True
+    path = tmp_path / "isvc.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    assert main(["render", "-f", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "router.yaml: |\n" in out  # the config as a readable block, not an escaped string
+    objects = {(o["kind"], o["metadata"]["name"]): o for o in yaml.safe_load_all(out)}
+    config = yaml.safe_load(objects["ConfigMap", "chat-router"]["data"]["router.yaml"])
+    assert [t["keyFile"] for t in config["tenants"]] == [
+        "/etc/kvpilot/keys/team-a",
+        "/etc/kvpilot/keys/team-b",
+    ]
+    volumes = objects["Deployment", "chat-router"]["spec"]["template"]["spec"]["volumes"]
+    (keys,) = [v for v in volumes if v["name"] == "keys"]
+    assert [s["secret"]["name"] for s in keys["projected"]["sources"]] == ["chat-keys", "chat-keys"]
+    assert objects["InferencePool", "chat"]["spec"]["targetPorts"] == [{"number": 8000}]
 
 
 def test_render_rejects_an_invalid_manifest_naming_the_field(tmp_path, capsys):
@@ -59,7 +83,7 @@ def test_render_shows_the_gpu_fit_and_refuses_a_model_that_does_not_fit(tmp_path
         "the rest wait)\n"
     )
     kinds = [o["kind"] for o in yaml.safe_load_all(captured.out)]
-    assert kinds == ["PersistentVolumeClaim", "Job", "Deployment", "Service", "PodDisruptionBudget"]
+    assert kinds[:3] == ["PersistentVolumeClaim", "Job", "Deployment"]  # the cache, then the engine
 
     manifest = yaml.safe_load(example.read_text())
     manifest["spec"]["engine"]["quantization"] = "none"  # 61 GiB of bf16 weights

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from tests.operator.admission import admit, crd_schema
 
+TENANT = {"name": "team-a", "apiKeySecretRef": {"name": "keys", "key": "team-a"}}
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
 ISSUE_MANIFEST = """
 apiVersion: kvpilot.dev/v1alpha1
@@ -188,6 +189,18 @@ BAD = [
         {"spec.resources.gpu": {"count": 1, "memory": "80 GB"}},
         "spec.resources.gpu.memory",
     ),
+    ("name too long for `<name>-engine`", {"metadata.name": "a" * 57}, "metadata.name"),
+    ("no router replicas", {"spec.router": {"replicas": 0}}, "spec.router.replicas"),
+    ("unknown balancing", {"spec.router": {"balancing": "round-robin"}}, "spec.router.balancing"),
+    ("tenant without a key", {"spec.tenants": [{"name": "team-a"}]}, "spec.tenants.0.apiKeySecretRef"),
+    ("tenant name not a DNS label", {"spec.tenants": [{**TENANT, "name": "Team A"}]}, "spec.tenants.0.name"),
+    ("zero requests per minute", {"spec.tenants": [{**TENANT, "requestsPerMinute": 0}]}, "requestsPerMinute"),
+    (
+        "tenants without the router",
+        {"spec.tenants": [TENANT], "spec.router": {"enabled": False}},
+        "spec.tenants",
+    ),
+    ("the same tenant twice", {"spec.tenants": [TENANT, TENANT]}, "spec.tenants"),
 ]
 
 

@@ -28,7 +28,15 @@ def owned_in(kubectl, namespace: str):
 def test_create_then_read_back_only_owned_children(client, kubectl):
     service = owned_in(kubectl, "exec-own")
     written = client.execute(plan(build_children(service), []))
-    assert sorted(written) == [("Deployment", "chat"), ("PodDisruptionBudget", "chat"), ("Service", "chat")]
+    assert sorted(written) == [
+        ("ConfigMap", "chat-router"),
+        ("Deployment", "chat"),
+        ("Deployment", "chat-router"),
+        ("PodDisruptionBudget", "chat"),
+        ("PodDisruptionBudget", "chat-router"),
+        ("Service", "chat"),
+        ("Service", "chat-engine"),
+    ]
     # A look-alike with the same labels but another owner is not ours.
     foreign = build_children(owned_in(kubectl, "exec-foreign"))[1]
     foreign["metadata"].update(name="other", namespace="exec-own")
@@ -52,7 +60,9 @@ def test_create_then_read_back_only_owned_children(client, kubectl):
 def test_failures_are_classified(client, apiserver, status, error):
     namespace = f"exec-fail-{status}"
     apiserver.server[f"patch /api/v1/namespaces/{namespace}/services/chat"] << status
-    service = build_children(isvc())[1]
+    (service,) = [
+        c for c in build_children(isvc()) if c["metadata"]["name"] == "chat" and c["kind"] == "Service"
+    ]
     service["metadata"]["namespace"] = namespace
     with pytest.raises(error, match=f"apply Service: HTTP {status}"):
         client.execute(Plan(create=[service]))

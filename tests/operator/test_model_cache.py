@@ -201,9 +201,9 @@ def test_the_wait_container_finishes_once_the_job_marks_the_download_complete(tm
     import sys
 
     service = isvc(model={**HF, "cache": CACHE})
-    children = {c["kind"]: c for c in build_children(service)}
-    (mark,) = children["Job"]["spec"]["template"]["spec"]["containers"]
-    (wait,) = pod_spec(children["Deployment"])["initContainers"]
+    children = {(c["kind"], c["metadata"]["name"]): c for c in build_children(service)}
+    (mark,) = children["Job", job_name(service)]["spec"]["template"]["spec"]["containers"]
+    (wait,) = pod_spec(children["Deployment", "chat"])["initContainers"]
 
     def local(argv: list[str]) -> list[str]:
         argv = [sys.executable if a == "python" else a.replace("/mnt/models", str(tmp_path)) for a in argv]

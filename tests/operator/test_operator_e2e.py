@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 import yaml
 from kvpilot.operator.api import API_VERSION, GROUP, KIND, PLURAL
@@ -24,7 +25,7 @@ from kvpilot.operator.labels import MANAGER, SPEC_HASH_ANNOTATION
 from tests.checkpoints import build_checkpoint
 from tests.cluster.harness import OperatorProcess, condition, provide_model_volume, wait_for
 from tests.cluster.kubeapi import ApiError
-from tests.cluster.kubectl import Kubectl
+from tests.cluster.kubectl import Kubectl, helm
 from tests.cluster.processes import pid_alive
 
 ISVC = PLURAL
@@ -71,6 +72,7 @@ def operator(cluster, kubectl):
 
 
 def manifest(namespace: str, **spec: Any) -> dict[str, Any]:
+    """The engine alone (no router pods to start) unless a test asks for the router."""
     return {
         "apiVersion": API_VERSION,
         "kind": KIND,
@@ -80,6 +82,7 @@ def manifest(namespace: str, **spec: Any) -> dict[str, Any]:
             "engine": {"quantization": "int4", "kvCacheDtype": "int8", "maxModelLen": 1024},
             "resources": {"memory": "1Gi"},
             "replicas": 1,
+            "router": {"enabled": False},
             **spec,
         },
     }
@@ -367,7 +370,8 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "cpu-smollm2.yaml"
 def test_live_example_serves_a_chat_completion_through_its_endpoints(
     api, kubectl, operator, tmp_path, default_gguf
 ):
-    """examples/cpu-smollm2.yaml as is: engine pods -> EndpointSlice -> a real chat completion -> delete."""
+    """examples/cpu-smollm2.yaml as is: its Service's endpoints (router pods) -> a real chat
+    completion through the router and the engine -> delete."""
     example = yaml.safe_load(EXAMPLE.read_text())
     ns, name = example["metadata"]["namespace"], example["metadata"]["name"]
     claim, _, file_name = example["spec"]["model"]["uri"].removeprefix("pvc://").partition("/")
@@ -385,9 +389,9 @@ def test_live_example_serves_a_chat_completion_through_its_endpoints(
         )
         endpoints = [e for s in slices for e in s.get("endpoints") or [] if e["conditions"].get("ready")]
         (port,) = {p["port"] for s in slices for p in s.get("ports") or []}
-        pods = [p for p in api.list("v1", "pods", ns) if p["metadata"]["name"].startswith(name)]
+        routers = f"app.kubernetes.io/name=kvpilot-router,app.kubernetes.io/instance={name}"
         assert sorted(a for e in endpoints for a in e["addresses"]) == sorted(
-            p["status"]["podIP"] for p in pods
+            p["status"]["podIP"] for p in api.list("v1", "pods", ns, labelSelector=routers)
         )
         address = endpoints[0]["addresses"][0]
 
@@ -572,3 +576,205 @@ def test_status_names_a_crash_loop_with_the_servers_last_words(api, ns, operator
     )
     assert "container server keeps crashing, last exit code" in waiting["message"]
     assert "no such checkpoint directory" in waiting["message"] and "/missing" in waiting["message"]
+
+
+CHART = Path(__file__).resolve().parents[2] / "charts" / "kvpilot"
+
+
+def chart_rules() -> set[tuple[str, str, str]]:
+    """(verb, apiGroup, resource) the Helm chart grants the operator, cluster-wide install."""
+    rendered = helm("template", "kvp", str(CHART), "--namespace", "kvpilot-system")
+    assert rendered.returncode == 0, rendered.stderr
+    roles = [d for d in yaml.safe_load_all(rendered.stdout) if d and d["kind"] == "ClusterRole"]
+    return {
+        (verb, group, resource)
+        for role in roles
+        for rule in role["rules"]
+        for verb in rule["verbs"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+    }
+
+
+def resource_requests(requests: list[dict]) -> set[tuple[str, str, str]]:
+    """(verb, apiGroup, resource[/subresource]) of each completed API request (not discovery's;
+    a watch still open is not in the audit log yet, the list before it is)."""
+    used = set()
+    for request in requests:
+        ref = request.get("objectRef") or {}
+        if ref.get("resource"):
+            resource = (
+                f"{ref['resource']}/{ref['subresource']}" if ref.get("subresource") else ref["resource"]
+            )
+            # A server-side apply that creates is a patch, authorized as patch (and create).
+            used.add((request["verb"], ref.get("apiGroup", ""), resource))
+    return used
+
+
+def router_config_in(api, ns: str) -> dict[str, Any]:
+    config_map = api.get("v1", "configmaps", ns, "chat-router") or {"data": {"router.yaml": "{}"}}
+    return yaml.safe_load(config_map["data"]["router.yaml"])
+
+
+def test_router_with_tenants_answers_through_the_service_and_follows_the_engine(api, ns, operator, cluster):
+    """Tenants and the upstream key from a real Secret (Stalled until it exists); router pods in
+    front of the engine answer the official client through the `chat` Service's endpoints while
+    the engine refuses requests around them; the router's endpoint list follows the engine pods'
+    readiness; the operator used only what the chart grants."""
+    key, engine_key = f"sk-{uuid.uuid4().hex}", f"sk-{uuid.uuid4().hex}"
+    tenants = [{"name": "team-a", "apiKeySecretRef": {"name": "chat-keys", "key": "team-a"}}]
+    router = {"enabled": True, "upstreamApiKeySecretRef": {"name": "chat-keys", "key": "engine"}}
+    api.create(API_VERSION, ISVC, ns, manifest(ns, router=router, tenants=tenants))
+    stalled = wait_for(
+        lambda: (
+            isvc_condition(api, ns, "Stalled").get("reason") == "SecretNotFound"
+            and isvc_condition(api, ns, "Stalled")
+        ),
+        "Stalled naming the Secret",
+    )
+    assert stalled["status"] == "True"
+    assert (
+        "Secret chat-keys (spec.tenants[0] (team-a), spec.router.upstreamApiKeySecretRef)"
+        in stalled["message"]
+    )
+    keys = {"team-a": key, "engine": engine_key, "unused": "never-mounted"}
+    api.create("v1", "secrets", ns, {"metadata": {"name": "chat-keys"}, "stringData": keys})
+    wait_for(lambda: isvc_condition(api, ns, "Ready").get("status") == "True", "Ready=True", timeout=240)
+
+    # The router's config lists the ready engine pod, and the tenant's key file, never the key.
+    engine_ips = [
+        p["status"]["podIP"]
+        for p in api.list("v1", "pods", ns, labelSelector="app.kubernetes.io/name=kvpilot")
+    ]
+    config = wait_for(
+        lambda: (
+            router_config_in(api, ns)["models"][0]["revisions"][0]["endpoints"] and router_config_in(api, ns)
+        ),
+        "the engine endpoint in the router config",
+    )
+    assert config["models"][0]["revisions"] == [
+        {"name": "stable", "weight": 100, "endpoints": [f"http://{ip}:8000" for ip in engine_ips]}
+    ]
+    assert config["tenants"] == [{"name": "team-a", "keyFile": "/etc/kvpilot/keys/team-a"}]
+    assert config["upstreamApiKeyFile"] == "/etc/kvpilot/upstream/key"
+    # Around the router, the engine refuses a request without the upstream key.
+    direct = httpx.get(f"http://{engine_ips[0]}:8000/v1/models", headers={"Authorization": f"Bearer {key}"})
+    assert direct.status_code == 401
+
+    # Through the `chat` Service: its endpoints are the router pods (no kube-proxy here, so the
+    # client calls each endpoint of the Service).
+    slices = api.list(
+        "discovery.k8s.io/v1", "endpointslices", ns, labelSelector="kubernetes.io/service-name=chat"
+    )
+    routers = sorted(
+        a
+        for s in slices
+        for e in s.get("endpoints") or []
+        if e["conditions"].get("ready")
+        for a in e["addresses"]
+    )
+    router_pods = api.list("v1", "pods", ns, labelSelector="app.kubernetes.io/name=kvpilot-router")
+    assert routers == sorted(p["status"]["podIP"] for p in router_pods) and len(routers) == 2
+    (port,) = {p["port"] for s in slices for p in s.get("ports") or []}
+    for address in routers:
+        client = openai.OpenAI(
+            base_url=f"http://{address}:{port}/v1", api_key=key, timeout=120, max_retries=0
+        )
+        completion = client.chat.completions.create(
+            model="smollm2",
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=8,
+            temperature=0,
+        )
+        assert completion.choices[0].message.content.strip()
+        assert completion.usage.completion_tokens > 0
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(
+                base_url=f"http://{address}:{port}/v1", api_key="sk-wrong", max_retries=0
+            ).models.list()
+
+    # The engine scaled to zero: its endpoint leaves the router's config (EndpointSlice watch).
+    api.patch(API_VERSION, ISVC, ns, "chat", {"spec": {"replicas": 0}})
+    wait_for(
+        lambda: router_config_in(api, ns)["models"][0]["revisions"][0]["endpoints"] == [],
+        "the router config to drop the engine endpoint",
+        timeout=90,
+    )
+
+    # The key is nowhere the operator writes or logs; Secrets were only read one by one, by name.
+    events = json.dumps(api.list("v1", "events", ns))
+    written = json.dumps([api.get(API_VERSION, ISVC, ns, "chat"), api.list("v1", "configmaps", ns)])
+    for secret_value in (key, engine_key):
+        assert secret_value not in events and secret_value not in written
+        assert secret_value not in operator.output()
+    used = resource_requests(operator.requests())
+    assert {("list", "discovery.k8s.io", "endpointslices"), ("patch", "", "configmaps")} <= used
+    assert {verb for verb, _, resource in used if resource == "secrets"} == {"get"}
+    assert used <= chart_rules(), sorted(used - chart_rules())
+
+
+# The Gateway API Inference Extension's CRD as far as this test needs it (the real one is not
+# available offline): the group, version, kind and plural the operator discovers and writes.
+INFERENCE_POOL_CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1",
+    "kind": "CustomResourceDefinition",
+    "metadata": {
+        "name": "inferencepools.inference.networking.k8s.io",
+        # *.k8s.io groups need it; the real CRD carries this one.
+        "annotations": {
+            "api-approved.kubernetes.io": "https://github.com/kubernetes-sigs/gateway-api-inference-extension/pull/1173"
+        },
+    },
+    "spec": {
+        "group": "inference.networking.k8s.io",
+        "scope": "Namespaced",
+        "names": {
+            "kind": "InferencePool",
+            "listKind": "InferencePoolList",
+            "plural": "inferencepools",
+            "singular": "inferencepool",
+        },
+        "versions": [
+            {
+                "name": "v1",
+                "served": True,
+                "storage": True,
+                "schema": {
+                    "openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+                },
+            }
+        ],
+    },
+}
+
+
+def test_inference_pool_is_rendered_only_where_its_crd_is_served(cluster, api, ns, kubectl):
+    """Without the CRD the spec's inferencePool is ignored (Ready all the same); with it, a fresh
+    operator writes the pool, and deletes it when the spec stops asking."""
+    api.create(
+        API_VERSION, ISVC, ns, manifest(ns, replicas=0, router={"enabled": False, "inferencePool": True})
+    )
+    with OperatorProcess(cluster.control_plane):
+        wait_for(lambda: isvc_condition(api, ns, "Ready").get("status") == "True", "Ready without the CRD")
+    kubectl.apply("-f", "-", stdin=json.dumps(INFERENCE_POOL_CRD))
+    try:
+        kubectl.run("wait", "--for=condition=Established", "crd/inferencepools.inference.networking.k8s.io")
+        with OperatorProcess(cluster.control_plane):  # a fresh operator discovers the CRD
+            pool = wait_for(
+                lambda: api.get("inference.networking.k8s.io/v1", "inferencepools", ns, "chat"), "the pool"
+            )
+            assert pool["spec"] == {
+                "selector": {
+                    "matchLabels": {"app.kubernetes.io/name": "kvpilot", "app.kubernetes.io/instance": "chat"}
+                },
+                "targetPorts": [{"number": 8000}],
+                "endpointPickerRef": {"name": "chat-epp", "port": {"number": 9002}},
+            }
+            assert pool["metadata"]["ownerReferences"][0]["kind"] == KIND
+            api.patch(API_VERSION, ISVC, ns, "chat", {"spec": {"router": {"inferencePool": False}}})
+            wait_for(
+                lambda: api.get("inference.networking.k8s.io/v1", "inferencepools", ns, "chat") is None,
+                "the pool to be deleted",
+            )
+    finally:
+        kubectl.run("delete", "crd", "inferencepools.inference.networking.k8s.io", "--wait=false")

@@ -7,6 +7,7 @@ import pytest
 from kvpilot.operator.builders import build_children
 from kvpilot.operator.labels import SPEC_HASH_ANNOTATION
 from kvpilot.operator.planner import drifted_fields, parse_quantity, plan
+from kvpilot.operator.router_config import RevisionEndpoints
 
 from tests.operator.test_builders import isvc
 
@@ -95,13 +96,13 @@ CASES = [
         "service port removed: update",
         DESIRED,
         edit(OBSERVED, "Service", _drop_port),
-        ([], [("Service", "chat")], []),
+        ([], [("Service", "chat-engine")], []),
     ),
     (
         "spec changed (hash): update",
         DESIRED,
         edit(OBSERVED, "Service", _old_hash),
-        ([], [("Service", "chat")], []),
+        ([], [("Service", "chat-engine")], []),
     ),
     (
         "same quantity, other units: no writes",
@@ -128,10 +129,43 @@ CASES = [
         ([], [], []),
     ),
     (
-        "Service deleted by hand: recreated",
+        "Services deleted by hand: recreated",
         DESIRED,
         [o for o in OBSERVED if o["kind"] != "Service"],
-        ([("Service", "chat")], [], []),
+        ([("Service", "chat-engine"), ("Service", "chat")], [], []),
+    ),
+    (
+        "an engine pod became ready: only the router's ConfigMap",
+        build_children(isvc(), [RevisionEndpoints("stable", 100, ("http://10.0.0.5:8000",))]),
+        OBSERVED,
+        ([], [("ConfigMap", "chat-router")], []),
+    ),
+    (
+        "router turned off: its children go, the engine's Service becomes `chat`",
+        build_children(isvc(router={"enabled": False})),
+        OBSERVED,
+        (
+            [],
+            [("Service", "chat")],
+            [
+                ("Service", "chat-engine"),
+                ("ConfigMap", "chat-router"),
+                ("Deployment", "chat-router"),
+                ("PodDisruptionBudget", "chat-router"),
+            ],
+        ),
+    ),
+    (
+        "InferencePool asked for, CRD served: created",
+        build_children(isvc(router={"inferencePool": True}), inference_pool_served=True),
+        OBSERVED,
+        ([("InferencePool", "chat")], [], []),
+    ),
+    (
+        "InferencePool asked for, CRD not served: nothing",
+        build_children(isvc(router={"inferencePool": True}), inference_pool_served=False),
+        OBSERVED,
+        ([], [], []),
     ),
 ]
 

@@ -44,19 +44,21 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
   verbs: ["patch"]
 # Children: listed by selector and written by server-side apply (a PATCH that creates a missing
 # object is authorized as create too); Deployments and Services are watched to follow readiness
-# and revert drift. The operator never deletes Deployments and Services (the garbage collector
-# does, through ownerReferences); it deletes a PDB or ServiceAccount the spec no longer asks for.
+# and revert drift. The garbage collector deletes children with their InferenceService (through
+# ownerReferences); the operator deletes a child the spec no longer asks for (the router's
+# Deployment, ConfigMap, PDB and the engine's own Service when spec.router.enabled turns false;
+# a PDB, ServiceAccount or InferencePool).
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["list", "watch", "create", "patch"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["list", "watch", "create", "patch"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
   verbs: ["list", "create", "patch", "delete"]
 - apiGroups: [""]
-  resources: ["serviceaccounts"]
+  resources: ["serviceaccounts", "configmaps"]
   verbs: ["list", "create", "patch", "delete"]
 # spec.model.cache: the claim and the one-shot download Job (watched to follow the download); a
 # new model revision replaces both.
@@ -70,6 +72,19 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list", "watch"]
+- apiGroups: ["inference.networking.k8s.io"]
+  resources: ["inferencepools"]
+  verbs: ["list", "create", "patch", "delete"]
+# The engine pods' EndpointSlices: the router's endpoint lists follow them.
+- apiGroups: ["discovery.k8s.io"]
+  resources: ["endpointslices"]
+  verbs: ["list", "watch"]
+# Whether each tenant's Secret exists (Stalled naming it otherwise): a GET of one named Secret
+# asking for metadata only, so no key ever reaches the operator. No list or watch: the operator
+# cannot enumerate Secrets.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get"]
 # Warning events (invalid specs, failed handlers).
 - apiGroups: [""]
   resources: ["events"]
