@@ -206,20 +206,21 @@ def _crd_without_cel() -> dict[str, Any]:
 def test_an_object_stored_before_a_rule_existed_stalls_with_an_event_and_recovers(cluster, api, ns, kubectl):
     # An object the current CRD rejects can only exist from before its rule: store it that way.
     bad = manifest(ns, podLabels={"app.kubernetes.io/name": "mine"})
-    kubectl.apply("-f", "-", stdin=json.dumps(_crd_without_cel()))
-    try:
-        api.create(API_VERSION, ISVC, ns, bad)
-    finally:
-        kubectl.apply("-f", str(CRD_PATH))
     other = {**bad, "metadata": {"name": "other", "namespace": ns}}
 
-    def rule_is_back() -> bool:  # the API server compiles the re-applied CRD's rules asynchronously
+    def rule_is_back() -> bool:  # the API server compiles an applied CRD's rules asynchronously
         try:
             api.create(API_VERSION, ISVC, ns, other, dryRun="All")
         except ApiError as error:
             return "must not set the operator's" in error.message
         return False
 
+    kubectl.apply("-f", "-", stdin=json.dumps(_crd_without_cel()))
+    try:
+        wait_for(lambda: not rule_is_back(), "the CRD without its rules to be in effect")
+        api.create(API_VERSION, ISVC, ns, bad)
+    finally:
+        kubectl.apply("-f", str(CRD_PATH))
     wait_for(rule_is_back, "the CRD's rules to be enforced again")
     with pytest.raises(ApiError, match="must not set the operator's"):  # the rule is back
         api.create(API_VERSION, ISVC, ns, other)
