@@ -162,4 +162,4 @@ def _reconcile_parent(
         _reconcile_and_report(parent, memo)
     except (TransientError, PermanentApiError, WaitingError, kopf.PermanentError) as exc:
         # The InferenceService's own handler retries with backoff; the next child event retries too.
-        logger.warning(f"reconcile of {name} after a {body.kind} change failed: {exc}")
+        logger.warning(f"reconcile of {name} after a {body.get('kind', 'child')} change failed: {exc}")
