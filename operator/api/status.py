@@ -13,7 +13,9 @@ from pydantic import Field
 class Condition(_Model):
     """A standard Kubernetes condition (metav1.Condition)."""
 
-    type: str = Field(description="Ready, Reconciling or Stalled (kstatus).")
+    type: str = Field(
+        description="Ready, Reconciling or Stalled (kstatus), ModelCached (with spec.model.cache)."
+    )
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field(description="CamelCase reason for the last transition.")
     message: str = Field(description="Human-readable details.")
@@ -43,6 +45,11 @@ class InferenceServiceStatus(_Model):
         description="The serving revisions, then the last retired or failed ones (newest first).",
     )
     rollout: RolloutStatus | None = Field(default=None, description="The latest rollout.")
+    fit: str | None = Field(
+        default=None,
+        description="GPU memory estimate: weights + KV cache against resources.gpu.memory (with "
+        "spec.model.architecture).",
+    )
 
     def to_body(self) -> dict[str, Any]:
         """The status as written to the API: camelCase, unset fields left out."""

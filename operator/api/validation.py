@@ -32,15 +32,17 @@ def check_model_uri(value: str) -> str:
     return value
 
 
-DURATION_PATTERN = r"^([0-9]+(s|m|h))+$"
-_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
+DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(h|m|s))+$"
+_DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0}
 
 
 def parse_duration(text: str) -> float:
-    """Seconds in a duration such as 30s, 5m or 1h30m (DURATION_PATTERN)."""
+    """Seconds in a Go-style duration of h, m and s parts such as 30s, 5m or 1h30m (as Knative and
+    KServe take): `1h30m` -> 5400.0."""
     if not re.match(DURATION_PATTERN, text):
         raise ValueError(f"{text!r} is not a duration (e.g. 30s, 5m, 1h30m)")
-    return float(sum(int(n) * _DURATION_UNITS[unit] for n, unit in re.findall(r"([0-9]+)([smh])", text)))
+    parts = re.findall(r"([0-9]+(?:\.[0-9]+)?)(h|m|s)", text)
+    return sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)
 
 
 Duration = Annotated[str, Field(pattern=DURATION_PATTERN, max_length=32)]
@@ -89,6 +91,13 @@ MODEL_RULES = [
         "set the revision either in spec.model.uri (@revision) or in spec.model.revision, not both",
         ".revision",
         lambda model: model.revision is None or "@" not in model.uri,
+    ),
+    Rule(
+        "!has(self.cache) || self.uri.startsWith('hf://') || self.uri.startsWith('s3://') "
+        "|| self.uri.startsWith('gs://')",
+        "spec.model.cache applies to hf://, s3:// and gs:// models (the others are not downloaded)",
+        ".cache",
+        lambda model: model.cache is None or model.uri.split("://")[0] in ("hf", "s3", "gs"),
     ),
 ]
 

@@ -59,6 +59,14 @@ RESOURCES = {
         namespaced=True,
         verbs={"get", "list", "watch", "create", "patch", "delete"},
     ),
+    "v1/persistentvolumeclaims": kmock.ResourceInfo(
+        kind="PersistentVolumeClaim",
+        namespaced=True,
+        verbs={"get", "list", "watch", "create", "patch", "delete"},
+    ),
+    "batch/v1/jobs": kmock.ResourceInfo(
+        kind="Job", namespaced=True, verbs={"get", "list", "watch", "create", "patch", "delete"}
+    ),
     "v1/pods": kmock.ResourceInfo(kind="Pod", namespaced=True, verbs={"get", "list", "watch", "create"}),
     "v1/events": kmock.ResourceInfo(kind="Event", namespaced=True, verbs={"create", "list"}),
     "v1/namespaces": kmock.ResourceInfo(kind="Namespace", namespaced=False, verbs={"get", "list", "watch"}),

@@ -52,10 +52,6 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 - apiGroups: ["apps"]
   resources: ["deployments"]
   verbs: ["list", "watch", "create", "patch", "delete"]
-# Pods are listed (never written) to see a rollout's Unschedulable pods and crash loops.
-- apiGroups: [""]
-  resources: ["pods"]
-  verbs: ["list"]
 - apiGroups: [""]
   resources: ["services"]
   verbs: ["list", "watch", "create", "patch", "delete"]
@@ -65,6 +61,19 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 - apiGroups: [""]
   resources: ["serviceaccounts", "configmaps"]
   verbs: ["list", "create", "patch", "delete"]
+# spec.model.cache: the claim and the one-shot download Job (watched to follow the download); a
+# new model revision replaces both.
+- apiGroups: [""]
+  resources: ["persistentvolumeclaims"]
+  verbs: ["list", "create", "patch", "delete"]
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
+# Pods are only read: a rollout's Unschedulable pods and crash loops, and status names why
+# replicas wait (unschedulable, image pulls, crash loops).
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list", "watch"]
 - apiGroups: ["inference.networking.k8s.io"]
   resources: ["inferencepools"]
   verbs: ["list", "create", "patch", "delete"]
