@@ -492,12 +492,14 @@ def test_a_rejected_apply_stalls_with_the_api_servers_message_and_recovers(api, 
         if r["verb"] == "patch" and f"/namespaces/{ns}/deployments" in r["requestURI"]
     ]
     assert len(applies) == 1
-    assert api.get("apps/v1", "deployments", ns, "chat") is None
+    assert [
+        d for d in api.list("apps/v1", "deployments", ns) if "kvpilot.dev/revision" in d["metadata"]["labels"]
+    ] == []
 
     fixed = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
         {"matchExpressions": [{"key": "zone", "operator": "NotIn", "values": ["a"]}]}]}}}  # fmt: skip
     api.patch(API_VERSION, ISVC, ns, "chat", {"spec": {"scheduling": {"affinity": fixed}}})
-    wait_for(lambda: api.get("apps/v1", "deployments", ns, "chat"), "the Deployment")
+    wait_for(lambda: engine_deployment(api, ns), "the Deployment")
     wait_for(lambda: isvc_condition(api, ns, "Stalled").get("status") == "False", "Stalled=False")
     assert isvc_condition(api, ns, "Ready")["observedGeneration"] == 2
 
@@ -539,7 +541,7 @@ def test_a_failing_model_download_job_stalls_the_inference_service(api, ns, oper
             "v1", "persistentvolumeclaims", ns, labelSelector="app.kubernetes.io/instance=chat"
         )
         assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
-        deployment = wait_for(lambda: api.get("apps/v1", "deployments", ns, "chat"), "the Deployment")
+        deployment = wait_for(lambda: engine_deployment(api, ns), "the Deployment")
         pod = deployment["spec"]["template"]["spec"]
         assert pod["initContainers"][0]["name"] == "wait-for-model"
         assert pod["volumes"][0]["persistentVolumeClaim"] == {
