@@ -3,12 +3,13 @@
 from typing import Any
 
 import pytest
+from kvpilot.operator.api import RolloutStatus
 from kvpilot.operator.builders import build_children, build_deployment
 from kvpilot.operator.model_cache import COMPLETE_MARKER, cache_key, claim_name, job_name
 from kvpilot.operator.planner import list_reset, plan
 from kvpilot.operator.pod_status import pod_problem
 from kvpilot.operator.revision import revision_deployment_name, revision_hash
-from kvpilot.operator.status import compute_status
+from kvpilot.operator.status import RolloutReport, compute_status
 
 from tests.operator.test_builders import isvc
 
@@ -177,6 +178,20 @@ def test_why_pods_wait(status, reason, message):
         )
         assert found["Reconciling"] == ("True", reason, message)
         assert found["Ready"] == ("False", reason, message)
+
+
+def test_during_a_rollout_the_reason_stays_the_rollouts_and_names_a_pod_that_cannot_start():
+    scheduled = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable"}
+    waiting = pod(
+        "chat-1", conditions=[{**scheduled, "message": "0/1 nodes are available: 1 Insufficient cpu."}]
+    )
+    rollout = RolloutStatus(
+        phase="Progressing", revision="new", stable_revision="old", message="1/2 new replicas ready"
+    )
+    report = RolloutReport(rollout=rollout, revisions=[], replicas=3, ready_replicas=2, desired=2)
+    found = conditions(compute_status(isvc(), WAITING_DEPLOYMENT, {}, NOW, None, (), report, pods=[waiting]))
+    assert found["Reconciling"][:2] == ("True", "RolloutProgressing")
+    assert found["Reconciling"][2].startswith("1/2 new replicas ready; pod chat-1 cannot be scheduled: 0/1")
 
 
 def service(ports: list[dict[str, Any]]) -> dict[str, Any]:
