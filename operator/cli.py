@@ -26,6 +26,7 @@ def _crd(args: argparse.Namespace) -> int:
 def _render(args: argparse.Namespace) -> int:
     from kvpilot.operator.api import API_VERSION, KIND, InferenceService
     from kvpilot.operator.builders import build_children
+    from kvpilot.operator.fit import estimate
     from kvpilot.operator.reconciler import describe_validation_error
 
     text = sys.stdin.read() if args.filename == "-" else Path(args.filename).read_text()
@@ -42,6 +43,16 @@ def _render(args: argparse.Namespace) -> int:
             name = (body.get("metadata") or {}).get("name", "?")
             print(f"error: InferenceService {name}: {describe_validation_error(exc)}", file=sys.stderr)
             return 2
+        fit = estimate(isvc)
+        if fit is not None:  # the operator's check, before anything is applied
+            name = isvc.metadata.name
+            if fit.fits is False:
+                print(
+                    f"error: InferenceService {name}: spec.resources.gpu.memory: {fit.message()}",
+                    file=sys.stderr,
+                )
+                return 2
+            print(f"InferenceService {name}: GPU memory {fit.message()}", file=sys.stderr)
         rendered += build_children(isvc)
     sys.stdout.write(yaml.dump_all(rendered, Dumper=_BlockDumper, sort_keys=False))
     return 0
