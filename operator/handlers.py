@@ -23,6 +23,7 @@ from typing import Any
 import kopf
 from kvpilot.operator.api import GROUP, KIND, PLURAL, VERSION, RolloutStatus
 from kvpilot.operator.autoscaler.loop import RECORD_ENV, Autoscaler
+from kvpilot.operator.defaults import NO_DEFAULTS, ClusterDefaults
 from kvpilot.operator.executor import KubeClient, PermanentApiError, TransientError
 from kvpilot.operator.labels import COMPONENT, MANAGER
 from kvpilot.operator.reconciler import reconcile
@@ -95,7 +96,7 @@ def _reconcile_and_report(namespace: str, name: str, uid: str | None, memo: kopf
             return  # the owner is gone; the garbage collector takes the children
         if body["metadata"].get("deletionTimestamp"):
             return
-        outcome = reconcile(body, client)
+        outcome = reconcile(body, client, defaults=memo.get("defaults", NO_DEFAULTS))
     if outcome.error is not None:
         if outcome.status_written:  # one Warning Event per new problem, not one per retry
             kopf.warn(body, reason=outcome.reason, message=outcome.error)
@@ -120,6 +121,12 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.WARNING  # post Warning events only, not every success
     settings.watching.server_timeout = 600
     settings.execution.max_workers = 8
+
+
+@kopf.on.startup()
+def read_cluster_defaults(memo: kopf.Memo, **_: Any) -> None:
+    """The chart's cluster-wide defaults (`kvpilot operator --default-model-cache-*`)."""
+    memo["defaults"] = ClusterDefaults.from_environ()
 
 
 @kopf.on.startup()

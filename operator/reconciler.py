@@ -9,6 +9,7 @@ from typing import Any
 
 from kvpilot.operator.api import AnalysisResult, InferenceService, RevisionStatus, RolloutStatus
 from kvpilot.operator.builders import build_children
+from kvpilot.operator.defaults import NO_DEFAULTS, ClusterDefaults, with_cluster_defaults
 from kvpilot.operator.executor import KubeClient, PermanentApiError
 from kvpilot.operator.fit import estimate
 from kvpilot.operator.labels import AUTOSCALER_MANAGER, MANAGER, router_name
@@ -141,13 +142,20 @@ def _stall(
     return Outcome(status_written=changed, error=error, reason=reason)
 
 
-def reconcile(body: dict[str, Any], client: KubeClient, now: datetime.datetime | None = None) -> Outcome:
+def reconcile(
+    body: dict[str, Any],
+    client: KubeClient,
+    now: datetime.datetime | None = None,
+    defaults: ClusterDefaults = NO_DEFAULTS,
+) -> Outcome:
+    """One pass: the InferenceService (with the cluster's defaults, see operator/defaults.py)
+    against what exists; writes the plan, the rollout's scaling and the status."""
     moment = now or datetime.datetime.now(datetime.UTC)
     stamp = rfc3339(moment)
     metadata = body.get("metadata", {})
     previous = body.get("status") or {}
     try:
-        isvc = InferenceService.from_body(body)
+        isvc = with_cluster_defaults(InferenceService.from_body(body), defaults)
         previous_rollout = (
             RolloutStatus.model_validate(previous["rollout"]) if previous.get("rollout") else None
         )

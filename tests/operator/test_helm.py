@@ -163,3 +163,18 @@ def test_chart_grants_what_the_operators_code_needs(helm):
     for handler in [*registry._watching.get_all_handlers(), *registry._changing.get_all_handlers()]:
         needed |= {(handler.selector.group, handler.selector.any_name, v) for v in ("list", "watch")}
     assert needed - granted == set()
+
+
+def test_a_cluster_wide_model_cache_reaches_the_operators_flags(helm):
+    def operator_args(*values: str) -> list[str]:
+        (deployment,) = [d for d in render(helm, *values) if d["kind"] == "Deployment"]
+        return deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+
+    assert not [a for a in operator_args() if a.startswith("--default-model-cache")]  # off by default
+    assert operator_args("--set", "modelCache.size=200Gi", "--set", "modelCache.storageClassName=fast")[-3:] == [
+        "--default-model-cache-size=200Gi",
+        "--default-model-cache-access-mode=ReadWriteMany",
+        "--default-model-cache-storage-class=fast",
+    ]
+    bad = run_helm(helm, "template", "kvp", str(CHART), "--set", "modelCache.size=lots")
+    assert bad.returncode != 0 and "modelCache" in bad.stderr
