@@ -171,7 +171,8 @@ def test_a_cluster_wide_model_cache_reaches_the_operators_flags(helm):
         return deployment["spec"]["template"]["spec"]["containers"][0]["args"]
 
     assert not [a for a in operator_args() if a.startswith("--default-model-cache")]  # off by default
-    assert operator_args("--set", "modelCache.size=200Gi", "--set", "modelCache.storageClassName=fast")[-3:] == [
+    cache = ("--set", "modelCache.size=200Gi", "--set", "modelCache.storageClassName=fast")
+    assert operator_args(*cache)[-3:] == [
         "--default-model-cache-size=200Gi",
         "--default-model-cache-access-mode=ReadWriteMany",
         "--default-model-cache-storage-class=fast",
