@@ -118,6 +118,12 @@ def server_args(deployment: dict[str, Any]) -> list[str]:
     return deployment["spec"]["template"]["spec"]["containers"][0]["args"]
 
 
+def serving_args(api, ns: str) -> list[str]:
+    """The server's arguments in the serving revision's Deployment (none while there is none)."""
+    deployment = engine_deployment(api, ns)
+    return server_args(deployment) if deployment else []
+
+
 def test_create_ready_roll_drift_and_delete(api, ns, operator):
     created = api.create(API_VERSION, ISVC, ns, manifest(ns, replicas=2))
     uid = created["metadata"]["uid"]
@@ -399,9 +405,10 @@ def test_the_operator_rides_out_an_api_server_outage(cluster, api, ns, operator)
     api.create(API_VERSION, ISVC, ns, second)
     api.patch(API_VERSION, ISVC, ns, "chat", {"spec": {"engine": {"maxNumSeqs": 4}}})
     wait_for(lambda: engine_deployment(api, ns, "second"), "the second Deployment", timeout=90)
-    wait_for(
-        lambda: "4" in server_args(engine_deployment(api, ns)),
+    wait_for(  # the new revision's Deployment, once the status names it as serving
+        lambda: "4" in serving_args(api, ns),
         "the update after the outage",
+        timeout=90,
     )
     assert operator.healthz() == 200
 
