@@ -42,13 +42,21 @@ POD_FIELDS = (
 # field the engine pods see (upstreamApiKeySecretRef, an env var) updates the serving revision's
 # Deployment in place.
 NON_POD_FIELDS = ("replicas", "autoscaling", "rollout", "router", "tenants")
+# Inside pod-shaping fields, what only feeds the operator's GPU fit estimate (operator/fit.py) and
+# never reaches a pod: changing it is no new revision.
+FIT_ONLY_FIELDS: dict[str, Any] = {"model": {"architecture"}, "resources": {"gpu": {"memory"}}}
 
 
 def pod_spec_fields(spec: InferenceServiceSpec) -> dict[str, Any]:
     """The pod-shaping fields as written in a manifest, defaults left out (so a new optional
     field in a later version of the API does not change every revision's hash)."""
-    dumped = spec.model_dump(by_alias=True, exclude_defaults=True, mode="json", include=set(POD_FIELDS))
-    return dumped
+    return spec.model_dump(
+        by_alias=True,
+        exclude_defaults=True,
+        mode="json",
+        include=set(POD_FIELDS),
+        exclude=FIT_ONLY_FIELDS,
+    )
 
 
 def revision_hash(spec: InferenceServiceSpec) -> str:

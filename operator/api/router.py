@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
+from kvpilot.operator.api.base import _Model
 from kvpilot.operator.api.constants import DNS_LABEL_PATTERN
-from kvpilot.operator.api.spec import _Model
 from kvpilot.operator.api.validation import ACTIVATION_RULES, Duration, Quantity, cel_rules, enforce
 from kvpilot.serving.router.config import BALANCING_POLICIES, DEFAULT_ACTIVATION_TIMEOUT, DEFAULT_MAX_QUEUED
 from pydantic import ConfigDict, Field, model_validator
