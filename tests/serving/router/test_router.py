@@ -135,6 +135,24 @@ def test_a_client_disconnect_aborts_the_request_on_the_server(router, servers):
     assert router.metric("kvpilot_router_upstream_inflight", endpoint=server.url) == 0
 
 
+def test_a_client_that_asks_for_the_usage_chunk_gets_it_and_it_is_metered(router, servers):
+    router.configure({"models": [model_config(("all", 100, [servers[0].url]))]})
+    metered = router.metric("kvpilot_router_tokens_total", kind="completion")
+    chunks = list(
+        router.client().completions.create(
+            model=MODEL,
+            prompt="usage please",
+            max_tokens=3,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 3
+    assert all(chunk.usage is None for chunk in chunks[:-1])
+    assert router.metric("kvpilot_router_tokens_total", kind="completion") == metered + 3
+
+
 def test_config_reload_keeps_requests_in_flight_and_a_bad_config_keeps_the_last_good_one(router, servers):
     first, second = servers
     router.configure({"models": [model_config(("one", 100, [first.url]))]})
