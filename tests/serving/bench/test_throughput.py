@@ -154,8 +154,8 @@ def test_llama_cpp_batches_sequences(default_gguf, kv_unified):
         for pos in range(16, 28):
             batched.append(step(list(range(8)), pos))
             single.append(step([8], pos))
-    # Unbatched, the step would be 8 single-token passes (>= 8x); batched it is far less (~2-3x
-    # idle). 6x leaves room for a loaded machine and still fails a harness that never batches.
+    # Unbatched, the step would be 8 single-token passes (>= 8x); batched it is far less. 6x leaves
+    # room for a loaded machine and still fails a harness that never batches.
     assert min(batched) < 0.75 * 8 * min(single), (min(batched), min(single))
 
 
