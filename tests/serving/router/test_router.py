@@ -127,6 +127,7 @@ def test_a_client_disconnect_aborts_the_request_on_the_server(router, servers):
         "abort",
     )
     wait_for(lambda: metric(server.url, "vllm:num_requests_running") == 0, 30, "the server freed the request")
+    assert metric(server.url, "vllm:kv_cache_usage_perc") == 0  # and its KV blocks
     wait_for(
         lambda: router.metric("kvpilot_router_requests_total", code="499") == disconnects + 1,
         10,
