@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run serve test e2e cluster lint format clean bench
+.PHONY: install run serve test e2e cluster lint format clean bench image image-cuda
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,18 @@ e2e: $(STAMP)
 # Control plane + process kubelet + operator until Ctrl-C; prints the kubeconfig path.
 cluster: $(STAMP)
 	$(BIN)/python -m tests.cluster up
+
+# The kvpilot image (Dockerfile): the server and the operator, CPU and CUDA variants. Needs a
+# container builder (docker, or BUILDER=podman); the tags are the operator's and the chart's defaults.
+IMAGE ?= ghcr.io/kvpilot/kvpilot
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+BUILDER ?= docker
+
+image:
+	$(BUILDER) build --target cpu --build-arg VERSION=$(VERSION) -t $(IMAGE):$(VERSION) .
+
+image-cuda:
+	$(BUILDER) build --target cuda --build-arg VERSION=$(VERSION) -t $(IMAGE):$(VERSION)-cuda .
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .

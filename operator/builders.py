@@ -5,10 +5,12 @@ No client calls, no globals: each function maps a parsed InferenceService to one
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 from kvpilot.operator.api import InferenceService
+from kvpilot.operator.api.validation import duration_seconds
 from kvpilot.operator.autoscaler.external import build_external_autoscaler
 from kvpilot.operator.containers import cluster_ip_service, http_probe, pod_security_context, security_context
 from kvpilot.operator.labels import (
@@ -20,6 +22,15 @@ from kvpilot.operator.labels import (
     selector_labels,
     with_spec_hash,
 )
+from kvpilot.operator.model_cache import (
+    MODEL_DIR,
+    base_env,
+    build_cache_children,
+    is_downloaded,
+    model_source,
+    server_image,
+)
+from kvpilot.operator.planner import parse_quantity
 from kvpilot.operator.revision import revision_deployment_name, revision_hash
 from kvpilot.operator.router_builders import build_inference_pool, build_router_children
 from kvpilot.operator.router_config import RevisionEndpoints, revision_endpoints
@@ -31,48 +42,61 @@ from kvpilot.serving.contract import (
     READY_PATH,
     SERVE_SETTING,
     SERVE_SETTINGS,
+    TERMINATION_LOG,
+    ServeSetting,
 )
 
-MODEL_DIR = "/mnt/models"
+# A GPU replica's dtype unless the spec sets one: the checkpoint's (bf16/fp16), never float32.
+GPU_DEFAULT_DTYPE = "auto"
+
+# spec.engine fields whose CRD form (a quantity, a duration) is not the server flag's.
+_FLAG_VALUE = {
+    "kv_cache_memory": lambda quantity: int(parse_quantity(quantity)),
+    "drain_timeout": lambda duration: f"{duration_seconds(duration):g}",
+}
+
 CONTAINER_NAME = "server"
 PRESTOP_SLEEP_SECONDS = 5  # endpoints controllers and proxies stop sending before the drain starts
-DRAIN_SECONDS = 30  # `kvpilot serve --shutdown-timeout`: in-flight requests finish
-TERMINATION_GRACE_SECONDS = PRESTOP_SLEEP_SECONDS + DRAIN_SECONDS + 10
+# After preStop and the drain (spec.engine.drainTimeout), the server's own exit gets this long.
+EXIT_GRACE_SECONDS = 10
 STARTUP_PROBE_PERIOD_SECONDS = 10
-STARTUP_PROBE_FAILURES = 180  # 30 minutes for download + load + warm-up before liveness starts
 PROGRESS_DEADLINE_SECONDS = 2400
-AWS_CLI_IMAGE = "public.ecr.aws/aws-cli/aws-cli:2.22.35"
-GCLOUD_IMAGE = "gcr.io/google.com/cloudsdktool/google-cloud-cli:502.0.0-slim"
 
 
 def service_url(isvc: InferenceService) -> str:
     return f"http://{isvc.metadata.name}.{isvc.metadata.namespace}.svc.cluster.local"
 
 
+def _engine_value(isvc: InferenceService, setting: ServeSetting) -> Any:
+    """The spec.engine value of a setting as the server flag takes it; a GPU replica gets
+    `--dtype auto` and the default `--gpu-memory-utilization` spelled out."""
+    if not setting.crd_field:
+        return None
+    value = getattr(isvc.spec.engine, setting.crd_field)
+    if value is None and isvc.spec.resources.gpu.count:
+        value = {"dtype": GPU_DEFAULT_DTYPE, "gpu_memory_utilization": setting.default}.get(setting.crd_field)
+    if value is not None and setting.crd_field in _FLAG_VALUE:
+        value = _FLAG_VALUE[setting.crd_field](value)
+    return value
+
+
 def serve_args(isvc: InferenceService, model_path: str) -> list[str]:
     """`kvpilot serve` arguments: what the operator decides, then every setting the spec's engine
     carries (`ServeSetting.crd_field`, unset ones left to the server's defaults), then extraArgs."""
-    engine = isvc.spec.engine
     fixed = {
         "model": model_path,
         "served_model_name": isvc.spec.model.name,
         "host": "0.0.0.0",
         "port": DEFAULT_PORT,
-        "shutdown_timeout": DRAIN_SECONDS,
     }
     args = [part for name, value in fixed.items() for part in (SERVE_SETTING[name].flag, str(value))]
     for setting in SERVE_SETTINGS:
-        value = getattr(engine, setting.crd_field) if setting.crd_field else None
+        value = _engine_value(isvc, setting)
         if isinstance(value, bool):
             args.append(setting.flag if value else setting.negative_flag)
         elif value is not None:
             args += [setting.flag, str(value)]
-    return args + list(engine.extra_args)
-
-
-def _env(isvc: InferenceService) -> list[dict[str, Any]]:
-    base = [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HOME", "value": "/tmp/hf-home"}]
-    return base + [env.model_dump(by_alias=True, exclude_none=True) for env in isvc.spec.env]
+    return args + list(isvc.spec.engine.extra_args)
 
 
 def _server_env(isvc: InferenceService) -> list[dict[str, Any]]:
@@ -80,41 +104,9 @@ def _server_env(isvc: InferenceService) -> list[dict[str, Any]]:
     never reads it; the kubelet resolves the reference)."""
     upstream = isvc.spec.router.upstream_api_key_secret_ref
     if upstream is None:
-        return _env(isvc)
+        return base_env(isvc)
     key = {"secretKeyRef": {"name": upstream.name, "key": upstream.key}}
-    return [*_env(isvc), {"name": SERVE_SETTING["api_key"].env, "valueFrom": key}]
-
-
-def _model_source(isvc: InferenceService) -> tuple[dict[str, Any], str, list[dict[str, Any]]]:
-    """(model volume, model path in the server container, init containers) for spec.model.uri."""
-    uri = isvc.spec.model.uri
-    scheme, _, rest = uri.partition("://")
-    if scheme == "pvc":
-        claim, _, path = rest.partition("/")
-        volume = {"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
-        return volume, f"{MODEL_DIR}/{path}".rstrip("/"), []
-    if scheme == "oci":
-        return {"name": "model", "image": {"reference": rest, "pullPolicy": "IfNotPresent"}}, MODEL_DIR, []
-    if scheme == "hf":
-        repo, _, revision = rest.partition("@")
-        revision = isvc.spec.model.revision or revision or "main"
-        image, command = (
-            isvc.spec.image,
-            ["hf", "download", repo, "--revision", revision, "--local-dir", MODEL_DIR],
-        )
-    elif scheme == "s3":
-        image, command = AWS_CLI_IMAGE, ["aws", "s3", "sync", uri, MODEL_DIR]
-    else:  # gs
-        image, command = GCLOUD_IMAGE, ["gcloud", "storage", "rsync", "--recursive", uri, MODEL_DIR]
-    download = {
-        "name": "model-download",
-        "image": image,
-        "command": command,
-        "env": [*_env(isvc), {"name": "CLOUDSDK_CONFIG", "value": "/tmp/gcloud"}],
-        "volumeMounts": [{"name": "model", "mountPath": MODEL_DIR}, {"name": "tmp", "mountPath": "/tmp"}],
-        "securityContext": security_context(),
-    }
-    return {"name": "model", "emptyDir": {}}, MODEL_DIR, [download]
+    return [*base_env(isvc), {"name": SERVE_SETTING["api_key"].env, "valueFrom": key}]
 
 
 def _resources(isvc: InferenceService) -> dict[str, Any]:
@@ -127,7 +119,20 @@ def _resources(isvc: InferenceService) -> dict[str, Any]:
         requests["memory"] = limits["memory"] = spec.memory
     if spec.gpu.count:
         limits[spec.gpu.resource_name] = str(spec.gpu.count)
+    model = isvc.spec.model
+    if model.size is not None and model.cache is None and is_downloaded(isvc):
+        requests["ephemeral-storage"] = model.size  # the per-pod download lands on the node's disk
     return {k: v for k, v in {"requests": requests, "limits": limits}.items() if v}
+
+
+def termination_grace_seconds(isvc: InferenceService) -> int:
+    drain = duration_seconds(isvc.spec.engine.drain_timeout)
+    return PRESTOP_SLEEP_SECONDS + math.ceil(drain) + EXIT_GRACE_SECONDS
+
+
+def startup_probe_failures(isvc: InferenceService) -> int:
+    """failureThreshold x periodSeconds = spec.engine.loadTimeout: a hung load is restarted."""
+    return max(1, math.ceil(duration_seconds(isvc.spec.engine.load_timeout) / STARTUP_PROBE_PERIOD_SECONDS))
 
 
 def service_account_name(isvc: InferenceService) -> str | None:
@@ -139,13 +144,13 @@ def service_account_name(isvc: InferenceService) -> str | None:
 
 def _pod_spec(isvc: InferenceService) -> dict[str, Any]:
     spec = isvc.spec
-    model_volume, model_path, init_containers = _model_source(isvc)
+    model_volume, model_path, init_containers = model_source(isvc)
     model_mount = {"name": "model", "mountPath": MODEL_DIR}
     if "emptyDir" not in model_volume:
         model_mount["readOnly"] = True
     container = {
         "name": CONTAINER_NAME,
-        "image": spec.image,
+        "image": server_image(isvc),
         "imagePullPolicy": "IfNotPresent",
         "command": ["kvpilot", "serve"],
         "args": serve_args(isvc, model_path),
@@ -159,16 +164,19 @@ def _pod_spec(isvc: InferenceService) -> dict[str, Any]:
         ],
         "readinessProbe": http_probe(READY_PATH, period=5, failures=3, timeout=2),
         "livenessProbe": http_probe(HEALTH_PATH, period=10, failures=6, timeout=5),
+        # /ready answers only once the model is loaded and warmed up: the startup probe bounds loading.
         "startupProbe": http_probe(
-            HEALTH_PATH, period=STARTUP_PROBE_PERIOD_SECONDS, failures=STARTUP_PROBE_FAILURES, timeout=5
+            READY_PATH, period=STARTUP_PROBE_PERIOD_SECONDS, failures=startup_probe_failures(isvc), timeout=5
         ),
         "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRESTOP_SLEEP_SECONDS)]}}},
         "securityContext": security_context(),
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     pod: dict[str, Any] = {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        "terminationGracePeriodSeconds": termination_grace_seconds(isvc),
         "securityContext": pod_security_context(),
         "containers": [container],
         "volumes": [
@@ -282,10 +290,13 @@ def build_children(
     revision_list: Sequence[RevisionEndpoints] | None = None,
     inference_pool_served: bool = True,
     external_autoscaler: bool = True,
+    kept_revisions: Sequence[InferenceService] = (),
 ) -> list[dict[str, Any]]:
     """Every object the InferenceService should own, each stamped with its spec hash: the
     Deployment of the revision being rolled out or served (other revisions' Deployments are only
-    scaled and deleted, see operator/rollout), with `preview` its preview Service.
+    scaled and deleted, see operator/rollout), with `preview` its preview Service; the model
+    cache's claim and download Job of that revision and of `kept_revisions` (the other revisions
+    still running, as InferenceServices with their pod fields).
 
     `revision_list`: the model's revisions with their weights and ready endpoints, for the
     router (default: none ready yet); `inference_pool_served`: whether the cluster serves the
@@ -293,7 +304,11 @@ def build_children(
     (not while a rollout owns the revisions' replicas).
     """
     revision = revision or revision_hash(isvc.spec)
-    children = []
+    children = build_cache_children(isvc)
+    cached = {child["metadata"]["name"] for child in children}
+    for kept in kept_revisions:  # a revision still running keeps its model's claim and download
+        children += [c for c in build_cache_children(kept) if c["metadata"]["name"] not in cached]
+        cached |= {child["metadata"]["name"] for child in children}
     if isvc.spec.create_service_account:
         children.append(build_service_account(isvc))
     children += [build_deployment(isvc, revision, replicas), build_service(isvc)]

@@ -26,6 +26,7 @@ def _crd(args: argparse.Namespace) -> int:
 def _render(args: argparse.Namespace) -> int:
     from kvpilot.operator.api import API_VERSION, KIND, InferenceService
     from kvpilot.operator.builders import build_children
+    from kvpilot.operator.fit import estimate
     from kvpilot.operator.reconciler import describe_validation_error
 
     text = sys.stdin.read() if args.filename == "-" else Path(args.filename).read_text()
@@ -42,6 +43,16 @@ def _render(args: argparse.Namespace) -> int:
             name = (body.get("metadata") or {}).get("name", "?")
             print(f"error: InferenceService {name}: {describe_validation_error(exc)}", file=sys.stderr)
             return 2
+        fit = estimate(isvc)
+        if fit is not None:  # the operator's check, before anything is applied
+            name = isvc.metadata.name
+            if fit.fits is False:
+                print(
+                    f"error: InferenceService {name}: spec.resources.gpu.memory: {fit.message()}",
+                    file=sys.stderr,
+                )
+                return 2
+            print(f"InferenceService {name}: GPU memory {fit.message()}", file=sys.stderr)
         rendered += build_children(isvc)
     sys.stdout.write(yaml.dump_all(rendered, Dumper=_BlockDumper, sort_keys=False))
     return 0
@@ -68,6 +79,12 @@ def _operator(args: argparse.Namespace) -> int:
 
         Path(args.record_samples).mkdir(parents=True, exist_ok=True)
         os.environ[RECORD_ENV] = str(Path(args.record_samples).resolve())
+    try:
+        defaults = _cluster_defaults(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    os.environ.update(defaults.to_environ())
     kopf.configure(verbose=args.verbose)
     kopf.run(
         standalone=True,
@@ -76,6 +93,29 @@ def _operator(args: argparse.Namespace) -> int:
         liveness_endpoint=args.liveness,
     )
     return 0
+
+
+def _cluster_defaults(args: argparse.Namespace):
+    """The --default-model-cache-* flags, checked as `spec.model.cache` is (an error names the flag)."""
+    from kvpilot.operator.api.model import ModelCacheSpec
+    from kvpilot.operator.defaults import ClusterDefaults
+
+    flags = {
+        "size": args.default_model_cache_size,
+        "storageClassName": args.default_model_cache_storage_class,
+        "accessMode": args.default_model_cache_access_mode,
+    }
+    given = {key: value for key, value in flags.items() if value is not None}
+    if not given:
+        return ClusterDefaults()
+    if "size" not in given:
+        raise ValueError("--default-model-cache-size is required with any other --default-model-cache-* flag")
+    try:
+        return ClusterDefaults(ModelCacheSpec.model_validate(given))
+    except ValidationError as exc:
+        field = str(exc.errors()[0]["loc"][0])
+        flag = {"size": "size", "storageClassName": "storage-class", "accessMode": "access-mode"}[field]
+        raise ValueError(f"--default-model-cache-{flag}: {exc.errors()[0]['msg']}") from None
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -102,6 +142,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--record-samples",
         metavar="DIR",
         help="append the autoscaler's samples to DIR/NAMESPACE_NAME.jsonl (for `kvpilot autoscale replay`)",
+    )
+    operator.add_argument(
+        "--default-model-cache-size",
+        metavar="QUANTITY",
+        help="cluster-wide spec.model.cache for downloaded models (hf://, s3://, gs://) that set none: "
+        "the claim's size, e.g. 200Gi (the chart's modelCache.size)",
+    )
+    operator.add_argument(
+        "--default-model-cache-storage-class",
+        metavar="NAME",
+        help="its StorageClass (default: the cluster's default class)",
+    )
+    operator.add_argument(
+        "--default-model-cache-access-mode",
+        metavar="MODE",
+        help="its access mode (default ReadWriteMany)",
     )
     operator.add_argument("-v", "--verbose", action="store_true")
     operator.set_defaults(run=_operator)

@@ -9,7 +9,7 @@ from typing import Any
 from kvpilot.operator.labels import SERVICE_PORT
 from kvpilot.serving.contract import PORT_NAME
 
-RUN_AS_USER = 1000
+RUN_AS_USER = 65532  # the kvpilot image's user (Dockerfile)
 
 
 def security_context() -> dict[str, Any]:

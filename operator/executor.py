@@ -16,7 +16,7 @@ import kubernetes.client
 import urllib3.exceptions
 from kubernetes.client.exceptions import ApiException
 from kvpilot.operator.api import API_VERSION, GROUP, KIND, PLURAL, VERSION, InferenceService
-from kvpilot.operator.labels import MANAGER, is_owned_by, owned_selector, selector_labels
+from kvpilot.operator.labels import MANAGER, is_owned_by, owned_selector
 from kvpilot.operator.planner import Plan
 from kvpilot.operator.router_builders import INFERENCE_POOL_API_VERSION
 from kvpilot.operator.router_config import SERVICE_NAME_LABEL
@@ -31,17 +31,27 @@ class TransientError(Exception):
 
 
 class PermanentApiError(Exception):
-    """The API rejected what we sent (400, 422): retrying the same request cannot help."""
+    """The API rejected what we sent (400, 403, 422): retrying the same request cannot help.
+    The message carries the API server's own, which names the field."""
 
 
 def _raw(response: Any) -> dict[str, Any]:
     return json.loads(response.data or b"{}")
 
 
+def api_message(body: Any) -> str:
+    """The `message` of a metav1.Status body, or the body as text."""
+    text = body.decode(errors="replace") if isinstance(body, bytes) else str(body or "")
+    try:
+        return json.loads(text).get("message") or text
+    except (ValueError, AttributeError):
+        return text
+
+
 def _classified(exc: ApiException, what: str) -> Exception:
     if exc.status in TRANSIENT_STATUS or (exc.status or 500) >= 500:
         return TransientError(f"{what}: HTTP {exc.status} {exc.reason}")
-    return PermanentApiError(f"{what}: HTTP {exc.status} {exc.reason}: {exc.body}")
+    return PermanentApiError(f"{what}: HTTP {exc.status} {exc.reason}: {api_message(exc.body)}")
 
 
 def _is_not_found(exc: TransientError) -> bool:
@@ -59,6 +69,8 @@ CHILD_KINDS: dict[str, tuple[str, str]] = {
     "InferencePool": (INFERENCE_POOL_API_VERSION, "inferencepools"),
     "HorizontalPodAutoscaler": ("autoscaling/v2", "horizontalpodautoscalers"),
     "ScaledObject": ("keda.sh/v1alpha1", "scaledobjects"),
+    "PersistentVolumeClaim": ("v1", "persistentvolumeclaims"),
+    "Job": ("batch/v1", "jobs"),
 }
 # Kinds from CRDs a cluster may not have: listed and written only where discovery shows them.
 OPTIONAL_KINDS = {"InferencePool", "ScaledObject"}
@@ -161,8 +173,9 @@ class KubeClient:
         return children
 
     def read_pods(self, isvc: InferenceService) -> list[dict[str, Any]]:
-        """The InferenceService's pods, every revision's (by the selector labels)."""
-        selector = ",".join(f"{k}={v}" for k, v in selector_labels(isvc).items())
+        """The InferenceService's pods: every revision's engine replicas, its router's and its model
+        downloads (by the labels every child carries)."""
+        selector = owned_selector(isvc)
         path = resource_path("v1", "pods", isvc.metadata.namespace)
         return self._request("list Pod", "GET", path, {"labelSelector": selector}).get("items", [])
 
@@ -199,6 +212,9 @@ class KubeClient:
         the desired object is removed, and one someone else added is left alone.
         """
         written = {}
+        for patch in plan.reset:  # list entries an apply cannot merge away (planner.list_reset)
+            path = self._child_path(patch)
+            self._request(f"reset {patch['kind']}", "PATCH", path, body=patch, content_type=MERGE_PATCH)
         for obj in [*plan.create, *plan.update]:
             kind = obj["kind"]
             if not self.serves(kind):
@@ -287,5 +303,5 @@ class KubeClient:
             PLURAL,
             name,
             {"status": status},
-            _content_type="application/merge-patch+json",
+            _content_type=MERGE_PATCH,
         )

@@ -23,6 +23,7 @@ from typing import Any
 import kopf
 from kvpilot.operator.api import GROUP, KIND, PLURAL, VERSION, RolloutStatus
 from kvpilot.operator.autoscaler.loop import RECORD_ENV, Autoscaler
+from kvpilot.operator.defaults import NO_DEFAULTS, ClusterDefaults
 from kvpilot.operator.executor import KubeClient, PermanentApiError, TransientError
 from kvpilot.operator.labels import COMPONENT, MANAGER
 from kvpilot.operator.reconciler import reconcile
@@ -33,6 +34,7 @@ MAX_BACKOFF_SECONDS = 60
 ROLLOUT_TICK_SECONDS = 5.0  # how often a rollout in progress is looked at (pauses, deadlines, capacity)
 ACTIVE_ROLLOUT_PHASES = ("Progressing", "Paused")
 CHILD_LABELS = {"app.kubernetes.io/managed-by": MANAGER}
+INSTANCE_LABEL = "app.kubernetes.io/instance"
 # The EndpointSlice controller copies a Service's labels to its slices: these are the engine's.
 ENGINE_SLICE_LABELS = {"app.kubernetes.io/managed-by": MANAGER, "app.kubernetes.io/component": COMPONENT}
 
@@ -94,10 +96,10 @@ def _reconcile_and_report(namespace: str, name: str, uid: str | None, memo: kopf
             return  # the owner is gone; the garbage collector takes the children
         if body["metadata"].get("deletionTimestamp"):
             return
-        outcome = reconcile(body, client)
+        outcome = reconcile(body, client, defaults=memo.get("defaults", NO_DEFAULTS))
     if outcome.error is not None:
-        if outcome.status_written:
-            kopf.warn(body, reason="InvalidSpec", message=outcome.error)
+        if outcome.status_written:  # one Warning Event per new problem, not one per retry
+            kopf.warn(body, reason=outcome.reason, message=outcome.error)
         raise kopf.PermanentError(outcome.error)
     if outcome.waiting is not None:
         if outcome.status_written:
@@ -119,6 +121,12 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.WARNING  # post Warning events only, not every success
     settings.watching.server_timeout = 600
     settings.execution.max_workers = 8
+
+
+@kopf.on.startup()
+def read_cluster_defaults(memo: kopf.Memo, **_: Any) -> None:
+    """The chart's cluster-wide defaults (`kvpilot operator --default-model-cache-*`)."""
+    memo["defaults"] = ClusterDefaults.from_environ()
 
 
 @kopf.on.startup()
@@ -188,8 +196,10 @@ def rollout_tick(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any
 
 @kopf.on.event("apps", "v1", "deployments", labels=CHILD_LABELS)
 @kopf.on.event("", "v1", "services", labels=CHILD_LABELS)
+@kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS)
 def child_changed(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
-    """A child moved (readiness, drift, deletion): reconcile its InferenceService again."""
+    """A child moved (readiness, drift, deletion, a download's progress): reconcile its
+    InferenceService again."""
     owner = next(
         (
             ref
@@ -200,6 +210,19 @@ def child_changed(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: An
     )
     if owner is not None:
         _reconcile_parent(body, owner["name"], owner.get("uid"), memo, logger)
+
+
+def _pod_waits(body: kopf.Body, **_: Any) -> bool:
+    """A ready pod has nothing to explain (and its readiness reaches the Deployment's status)."""
+    conditions = (body.get("status") or {}).get("conditions") or []
+    return not any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
+@kopf.on.event("", "v1", "pods", labels={**CHILD_LABELS, INSTANCE_LABEL: kopf.PRESENT}, when=_pod_waits)
+def pod_changed(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+    """A pod of an InferenceService moved (scheduled or not, pulling, crashing): its status says why
+    replicas wait. Pods are owned by ReplicaSets and Jobs, so the instance label names the parent."""
+    _reconcile_parent(body, body.metadata.labels[INSTANCE_LABEL], None, memo, logger)
 
 
 @kopf.on.event("discovery.k8s.io", "v1", "endpointslices", labels=ENGINE_SLICE_LABELS)
@@ -217,4 +240,4 @@ def _reconcile_parent(
         _reconcile_and_report(body.metadata.namespace, name, uid, memo)
     except (TransientError, PermanentApiError, WaitingError, kopf.PermanentError) as exc:
         # The InferenceService's own handler retries with backoff; the next child event retries too.
-        logger.warning(f"reconcile of {name} after a {body.get('kind')} change failed: {exc}")
+        logger.warning(f"reconcile of {name} after a {body.get('kind', 'child')} change failed: {exc}")

@@ -26,15 +26,26 @@ _QUANTITY_KEYS = {"requests", "limits"}  # maps whose values are resource.Quanti
 _QUANTITY_FIELDS = {"sizeLimit"}
 
 
+# Kinds whose spec is immutable once created (a Job's template): created, never updated; what
+# matters (the model and revision) is in the name, so a change is a new object.
+CREATE_ONLY_KINDS = {"Job"}
+# Lists the API server merges by key under server-side apply: kind -> (path, key fields). An
+# entry someone else added or re-keyed (a Service port edited by hand from 80 to 8080, still
+# named http) would stay beside the operator's and make every apply fail with 422 (duplicate
+# port name); the planner replaces such a list with a merge patch before applying.
+KEYED_LISTS = {"Service": (("spec", "ports"), ("port", "protocol"))}
+
+
 @dataclass(frozen=True)
 class Plan:
     create: list[dict[str, Any]] = field(default_factory=list)
     update: list[dict[str, Any]] = field(default_factory=list)  # desired objects to apply
     delete: list[dict[str, Any]] = field(default_factory=list)  # observed objects to remove
+    reset: list[dict[str, Any]] = field(default_factory=list)  # merge patches sent before the applies
 
     @property
     def is_empty(self) -> bool:
-        return not (self.create or self.update or self.delete)
+        return not (self.create or self.update or self.delete or self.reset)
 
 
 def key_of(obj: dict[str, Any]) -> ChildKey:
@@ -89,6 +100,38 @@ def needs_update(desired: dict[str, Any], observed: dict[str, Any]) -> bool:
     return want != have or bool(drifted_fields(desired, observed))
 
 
+def _dig(obj: dict[str, Any], path: tuple[str, ...]) -> Any:
+    for part in path:
+        obj = (obj or {}).get(part)
+    return obj
+
+
+def list_reset(desired: dict[str, Any], observed: dict[str, Any]) -> dict[str, Any] | None:
+    """A merge patch replacing a keyed list of `observed` by desired's, when observed has entries
+    under keys the operator does not set (see KEYED_LISTS); None otherwise."""
+    if desired["kind"] not in KEYED_LISTS:
+        return None
+    path, keys = KEYED_LISTS[desired["kind"]]
+    wanted = _dig(desired, path) or []
+    defaults = {"protocol": "TCP"}
+
+    def key(entry: dict[str, Any]) -> tuple[Any, ...]:
+        return tuple(entry.get(k, defaults.get(k)) for k in keys)
+
+    if {key(entry) for entry in _dig(observed, path) or []} <= {key(entry) for entry in wanted}:
+        return None
+    patch: dict[str, Any] = wanted
+    for part in reversed(path):
+        patch = {part: patch}
+    metadata = desired["metadata"]
+    return {
+        "apiVersion": desired["apiVersion"],
+        "kind": desired["kind"],
+        "metadata": {"name": metadata["name"], "namespace": metadata["namespace"]},
+        **patch,
+    }
+
+
 def plan(desired: list[dict[str, Any]], observed: list[dict[str, Any]]) -> Plan:
     """Compare by (kind, name); observed must already be filtered to this owner's children."""
     observed_by_key = {key_of(obj): obj for obj in observed}
@@ -97,10 +140,13 @@ def plan(desired: list[dict[str, Any]], observed: list[dict[str, Any]]) -> Plan:
     update = [
         obj
         for obj in desired
-        if key_of(obj) in observed_by_key and needs_update(obj, observed_by_key[key_of(obj)])
+        if key_of(obj) in observed_by_key
+        and obj["kind"] not in CREATE_ONLY_KINDS
+        and needs_update(obj, observed_by_key[key_of(obj)])
     ]
     delete = [obj for key, obj in observed_by_key.items() if key not in desired_keys]
-    return Plan(create=create, update=update, delete=delete)
+    resets = [list_reset(obj, observed_by_key[key_of(obj)]) for obj in update]
+    return Plan(create=create, update=update, delete=delete, reset=[r for r in resets if r])
 
 
 def replicas_handoff(

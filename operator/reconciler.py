@@ -9,8 +9,11 @@ from typing import Any
 
 from kvpilot.operator.api import AnalysisResult, InferenceService, RevisionStatus, RolloutStatus
 from kvpilot.operator.builders import build_children
-from kvpilot.operator.executor import KubeClient
+from kvpilot.operator.defaults import NO_DEFAULTS, ClusterDefaults, with_cluster_defaults
+from kvpilot.operator.executor import KubeClient, PermanentApiError
+from kvpilot.operator.fit import estimate
 from kvpilot.operator.labels import AUTOSCALER_MANAGER, MANAGER, router_name, router_selector_string
+from kvpilot.operator.model_cache import DOWNLOAD_POD_NAME, job_name
 from kvpilot.operator.planner import Plan, plan, replicas_handoff
 from kvpilot.operator.revision import revision_deployment_name, revision_hash, with_pod_fields
 from kvpilot.operator.rollout.analysis import RevisionCounters, analyze, check_counters, is_due
@@ -25,10 +28,14 @@ from kvpilot.operator.rollout.scrape import analysis_metrics_urls, scrape
 from kvpilot.operator.rollout.state import autoscaled_revision, rfc3339
 from kvpilot.operator.router_config import referenced_secrets
 from kvpilot.operator.status import (
+    APPLY_REJECTED,
+    DOES_NOT_FIT,
+    INVALID_SPEC,
     RolloutReport,
     compute_status,
     invalid_spec_status,
     missing_secrets_message,
+    rejected_for_generation,
     status_changed,
     status_patch,
 )
@@ -39,7 +46,8 @@ from pydantic import ValidationError
 @dataclass(frozen=True)
 class Outcome:
     status_written: bool
-    error: str | None = None  # the invalid-spec message, naming the field
+    error: str | None = None  # why the spec cannot work: the message names the field
+    reason: str = INVALID_SPEC  # InvalidSpec, ApplyRejected or InsufficientGPUMemory
     waiting: str | None = None  # what a later reconcile must find (a tenant's Secret), to retry
     requeue_after: float | None = None  # seconds until the rollout needs another look
     events: list[Event] = field(default_factory=list)
@@ -116,36 +124,62 @@ def _analysis_check(
     return analyze(spec, check_counters(pages, isvc.spec.model.name, target, via_router), baseline, now)
 
 
-def _invalid(body: dict[str, Any], client: KubeClient, error: str, now: str) -> Outcome:
+def _pod_app(pod: dict[str, Any]) -> str | None:
+    return (pod["metadata"].get("labels") or {}).get("app.kubernetes.io/name")
+
+
+def _stall(
+    body: dict[str, Any],
+    client: KubeClient,
+    error: str,
+    now: str,
+    reason: str = INVALID_SPEC,
+    fit: str | None = None,
+) -> Outcome:
+    """Stalled until the spec changes: invalid, rejected by the API server, or too big to fit."""
     metadata, previous = body.get("metadata", {}), body.get("status") or {}
-    status = invalid_spec_status(metadata.get("generation"), error, previous, now)
+    status = invalid_spec_status(metadata.get("generation"), error, previous, now, reason=reason, fit=fit)
     changed = status_changed(status, previous)
     if changed:
         client.patch_status(metadata["namespace"], metadata["name"], status_patch(status, previous))
-    return Outcome(status_written=changed, error=error)
+    return Outcome(status_written=changed, error=error, reason=reason)
 
 
-def reconcile(body: dict[str, Any], client: KubeClient, now: datetime.datetime | None = None) -> Outcome:
+def reconcile(
+    body: dict[str, Any],
+    client: KubeClient,
+    now: datetime.datetime | None = None,
+    defaults: ClusterDefaults = NO_DEFAULTS,
+) -> Outcome:
+    """One pass: the InferenceService (with the cluster's defaults, see operator/defaults.py)
+    against what exists; writes the plan, the rollout's scaling and the status."""
     moment = now or datetime.datetime.now(datetime.UTC)
     stamp = rfc3339(moment)
     metadata = body.get("metadata", {})
     previous = body.get("status") or {}
     try:
-        isvc = InferenceService.from_body(body)
+        isvc = with_cluster_defaults(InferenceService.from_body(body), defaults)
         previous_rollout = (
             RolloutStatus.model_validate(previous["rollout"]) if previous.get("rollout") else None
         )
         remembered = [RevisionStatus.model_validate(r) for r in previous.get("revisions") or []]
         serving = serving_revision(isvc, remembered)
     except ValidationError as exc:
-        return _invalid(body, client, describe_validation_error(exc), stamp)
+        return _stall(body, client, describe_validation_error(exc), stamp)
     except ValueError as exc:
-        return _invalid(body, client, str(exc), stamp)
+        return _stall(body, client, str(exc), stamp)
+    held = rejected_for_generation(previous, metadata.get("generation"))
+    if held is not None:  # rejected for this very spec: wait for a change, never retry in a loop
+        return Outcome(status_written=False, error=held, reason=APPLY_REJECTED)
+    fit = estimate(serving)
+    if fit is not None and fit.fits is False:
+        error = f"spec.resources.gpu.memory: {fit.message()}"
+        return _stall(body, client, error, stamp, DOES_NOT_FIT, fit.message())
 
     target = revision_hash(serving.spec)
     observed = client.read_children(isvc)
     deployments = [o for o in observed if o["kind"] == "Deployment" and revision_of(o)]
-    pods = client.read_pods(isvc) if deployments else []
+    pods = client.read_pods(isvc)
     revisions = observe_revisions(deployments, pods)
     total = desired_total(isvc, previous_rollout, revisions, previous.get("autoscaling"))
     rollout = plan_rollout(
@@ -184,6 +218,12 @@ def reconcile(body: dict[str, Any], client: KubeClient, now: datetime.datetime |
     traffic = None
     if isvc.spec.router.enabled:  # the router splits new requests by the planner's weights
         traffic = revision_traffic(rollout, pods)
+    live = set(rollout.revisions) - set(rollout.delete)
+    kept = [
+        with_pod_fields(isvc, r.spec)
+        for r in remembered
+        if r.hash in live and r.hash != target and r.spec is not None
+    ]
     desired = build_children(
         serving,
         target,
@@ -192,13 +232,16 @@ def reconcile(body: dict[str, Any], client: KubeClient, now: datetime.datetime |
         revision_list=traffic,
         inference_pool_served=client.serves("InferencePool"),
         external_autoscaler=autoscaled is not None,
+        kept_revisions=kept,
     )
     current = [o for o in observed if o not in others]
     namespace = isvc.metadata.namespace
     for deployment, count in replicas_handoff(desired, current, MANAGER).items():
         client.apply_replicas(namespace, deployment, count, AUTOSCALER_MANAGER)
-    the_plan = plan(desired, current)
-    written = client.execute(the_plan)
+    try:
+        written = client.execute(plan(desired, current))
+    except PermanentApiError as exc:
+        return _stall(body, client, str(exc), stamp, APPLY_REJECTED)
     for revision, planned in rollout.revisions.items():
         seen = revisions.get(revision)
         if revision != target and seen is not None and seen.replicas != planned.replicas:
@@ -231,7 +274,17 @@ def reconcile(body: dict[str, Any], client: KubeClient, now: datetime.datetime |
     )
     secrets = sorted(referenced_secrets(isvc))
     missing = client.missing_secrets(namespace, secrets) if secrets else []
-    new_status = compute_status(isvc, stable, previous, stamp, router, missing, report)
+    job = None
+    if serving.spec.model.cache is not None:
+        key = ("Job", job_name(serving))
+        job = written.get(key) or next(
+            (o for o in observed if (o["kind"], o["metadata"]["name"]) == key), None
+        )
+    # Why replicas wait: the pods of the revisions kept (served or rolled out), and the downloads.
+    waiting_pods = [p for p in pods if revision_of(p) in live or _pod_app(p) == DOWNLOAD_POD_NAME]
+    new_status = compute_status(
+        serving, stable, previous, stamp, router, missing, report, pods=waiting_pods, job=job, fit=fit
+    )
     changed = status_changed(new_status, previous)
     if changed:
         client.patch_status(namespace, isvc.metadata.name, status_patch(new_status, previous))

@@ -45,13 +45,18 @@ POD_FIELDS = (
 # revision (ROUTER_POD_FIELDS).
 NON_POD_FIELDS = ("replicas", "autoscaling", "rollout", "router", "tenants")
 ROUTER_POD_FIELDS = ("upstream_api_key_secret_ref",)
+# Inside pod-shaping fields, what only feeds the operator's GPU fit estimate (operator/fit.py) and
+# never reaches a pod: changing it is no new revision.
+FIT_ONLY_FIELDS: dict[str, Any] = {"model": {"architecture"}, "resources": {"gpu": {"memory"}}}
 
 
 def pod_spec_fields(spec: InferenceServiceSpec) -> dict[str, Any]:
     """The pod-shaping fields as written in a manifest, defaults left out (so a new optional
     field in a later version of the API does not change every revision's hash)."""
     include: dict[str, Any] = dict.fromkeys(POD_FIELDS, True) | {"router": set(ROUTER_POD_FIELDS)}
-    dumped = spec.model_dump(by_alias=True, exclude_defaults=True, mode="json", include=include)
+    dumped = spec.model_dump(
+        by_alias=True, exclude_defaults=True, mode="json", include=include, exclude=FIT_ONLY_FIELDS
+    )
     if not dumped.get("router"):
         dumped.pop("router", None)  # other router settings leave the hash as it was
     return dumped

@@ -17,6 +17,7 @@ from kvpilot.operator.labels import (
     router_selector_labels,
     selector_labels,
 )
+from kvpilot.operator.model_cache import tool_image
 from kvpilot.operator.router_config import (
     CONFIG_DIR,
     CONFIG_KEY,
@@ -86,7 +87,7 @@ def _pod_spec(isvc: InferenceService) -> dict[str, Any]:
         )
     container = {
         "name": CONTAINER_NAME,
-        "image": isvc.spec.image,
+        "image": tool_image(isvc),  # the CPU tag: the router needs no GPU libraries
         "imagePullPolicy": "IfNotPresent",
         "command": ["kvpilot", "router"],
         "args": router_args(),

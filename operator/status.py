@@ -18,10 +18,15 @@ from kvpilot.operator.api import (
     RolloutStatus,
 )
 from kvpilot.operator.builders import service_url
-from kvpilot.operator.labels import selector_string
+from kvpilot.operator.fit import FitEstimate
+from kvpilot.operator.labels import APP_NAME, selector_string
+from kvpilot.operator.model_cache import DOWNLOAD_POD_NAME, cache_state
+from kvpilot.operator.pod_status import failed_download, pod_problem
 from kvpilot.operator.router_config import referenced_secrets
 
-READY, RECONCILING, STALLED = "Ready", "Reconciling", "Stalled"
+READY, RECONCILING, STALLED, MODEL_CACHED = "Ready", "Reconciling", "Stalled", "ModelCached"
+# Stalled reasons that only a spec change can clear.
+INVALID_SPEC, APPLY_REJECTED, DOES_NOT_FIT = "InvalidSpec", "ApplyRejected", "InsufficientGPUMemory"
 AUTOSCALING = "autoscaling"  # written by the autoscaler (operator/autoscaler/), not by the reconciler
 # The status's fields the reconciler writes (camelCase), from the typed model.
 STATUS_FIELDS = tuple(
@@ -58,13 +63,19 @@ def build_conditions(
 
 
 def invalid_spec_status(
-    generation: int | None, error: str, previous: dict[str, Any], now: str
+    generation: int | None,
+    error: str,
+    previous: dict[str, Any],
+    now: str,
+    reason: str = INVALID_SPEC,
+    fit: str | None = None,
 ) -> dict[str, Any]:
-    """Stalled: the spec cannot work until someone changes it. What exists is still reported."""
+    """Stalled: the spec cannot work until someone changes it (an invalid spec, an apply the API
+    server rejected, a model that does not fit). What exists is still reported."""
     reasons = {
-        READY: ("InvalidSpec", error),
-        RECONCILING: ("InvalidSpec", "waiting for a valid spec"),
-        STALLED: ("InvalidSpec", error),
+        READY: (reason, error),
+        RECONCILING: (reason, "waiting for a spec change"),
+        STALLED: (reason, error),
     }
     states = {READY: False, RECONCILING: False, STALLED: True}
     kept_fields = ("url", "replicas", "readyReplicas", "selector", "desiredReplicas", "revisions", "rollout")
@@ -73,9 +84,24 @@ def invalid_spec_status(
         update={
             "observed_generation": generation,
             "conditions": build_conditions(states, reasons, generation, previous, now),
+            "fit": fit,
         }
     )
     return status.to_body()
+
+
+def rejected_for_generation(previous: dict[str, Any], generation: int | None) -> str | None:
+    """The message of Stalled=True/ApplyRejected if it is for this generation: the API server
+    would reject the same objects again, so only a spec change retries."""
+    for condition in previous.get("conditions") or []:
+        if (
+            condition.get("type") == STALLED
+            and condition.get("status") == "True"
+            and condition.get("reason") == APPLY_REJECTED
+            and condition.get("observedGeneration") == generation
+        ):
+            return condition.get("message", "")
+    return None
 
 
 def _deployment_progress(deployment: dict[str, Any] | None, desired: int) -> tuple[str, str, str]:
@@ -123,6 +149,10 @@ class RolloutReport:
     desired: int
 
 
+def _pods_named(pods: Sequence[dict[str, Any]], app: str) -> list[dict[str, Any]]:
+    return [p for p in pods if (p["metadata"].get("labels") or {}).get("app.kubernetes.io/name") == app]
+
+
 _SEVERITY = {"ready": 0, "reconciling": 1, "stalled": 2}
 
 
@@ -155,17 +185,35 @@ def compute_status(
     router: dict[str, Any] | None = None,
     missing_secrets: Sequence[str] = (),
     report: RolloutReport | None = None,
+    *,
+    pods: Sequence[dict[str, Any]] = (),
+    job: dict[str, Any] | None = None,
+    fit: FitEstimate | None = None,
 ) -> dict[str, Any]:
     """`deployment`: the stable revision's; `router`: the router's Deployment as observed;
-    `missing_secrets`: tenants' Secrets that do not exist (Stalled until someone creates them).
+    `missing_secrets`: tenants' Secrets that do not exist (Stalled until someone creates them);
+    `pods`: the engine pods of the revisions kept (served or rolled out) and the download pods
+    (why replicas wait); `job`: the model download Job of the revision being applied, if any.
     During a rollout Ready is False and Reconciling True (the spec's revision is not serving all
-    traffic yet); a rollout rolled back or failed is Stalled (a human must change the spec) while
-    Ready follows the stable revision."""
+    traffic yet), the message naming a pod that cannot start; a rollout rolled back or failed is
+    Stalled (a human must change the spec) while Ready follows the stable revision."""
     generation = isvc.metadata.generation
     desired = report.desired if report else desired_replicas(isvc, deployment)
     state, reason, message = _deployment_progress(deployment, desired)
+    problem = pod_problem(_pods_named(pods, APP_NAME))
+    if state == "reconciling":
+        reason, message = problem or (reason, message)
     if isvc.spec.router.enabled:
         state, reason, message = _with_router((state, reason, message), router, isvc.spec.router.replicas)
+    cached = None
+    if isvc.spec.model.cache is not None:
+        cached, cache_reason, cache_message = cache_state(job)
+        if cached == "failed":
+            detail = failed_download(_pods_named(pods, DOWNLOAD_POD_NAME))
+            cache_message += f"; {detail}" if detail else ""
+            state, reason, message = "stalled", cache_reason, cache_message
+        elif cached == "downloading" and state != "ready":
+            reason, message = cache_reason, cache_message
     if missing_secrets:
         state, reason, message = "stalled", "SecretNotFound", missing_secrets_message(isvc, missing_secrets)
     states = {READY: state == "ready", RECONCILING: state == "reconciling", STALLED: state == "stalled"}
@@ -173,11 +221,15 @@ def compute_status(
     rollout = report.rollout if report else None
     if rollout is not None and rollout.phase in ("Progressing", "Paused") and state != "stalled":
         states = {READY: False, RECONCILING: True, STALLED: False}
-        reasons = dict.fromkeys(states, (f"Rollout{rollout.phase}", rollout.message))
+        detail = f"{rollout.message}; {problem[1]}" if problem else rollout.message
+        reasons = dict.fromkeys(states, (f"Rollout{rollout.phase}", detail))
     elif rollout is not None and rollout.phase in ("RolledBack", "Failed"):
         states[STALLED] = True
         kind = "RolloutAborted" if rollout.phase == "RolledBack" else "RolloutFailed"
         reasons[STALLED] = (kind, f"revision {rollout.revision}: {rollout.message}")
+    if cached is not None:
+        states[MODEL_CACHED] = cached == "cached"
+        reasons[MODEL_CACHED] = (cache_reason, cache_message)
     observed = (deployment or {}).get("status") or {}
     status = InferenceServiceStatus(
         observed_generation=generation,
@@ -189,6 +241,7 @@ def compute_status(
         conditions=build_conditions(states, reasons, generation, previous, now),
         revisions=report.revisions if report else None,
         rollout=rollout,
+        fit=fit.message() if fit is not None else None,
     )
     body = status.to_body()
     if previous.get(AUTOSCALING) is not None and not isvc.spec.uses_own_autoscaler:

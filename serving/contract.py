@@ -78,11 +78,12 @@ SERVE_SETTINGS = (
         "kv_cache_memory", int, None,
         "KV cache budget, e.g. 2GiB or a number of bytes (default: on CUDA what --gpu-memory-utilization "
         "leaves, on CPU 1GiB)", 1, metavar="SIZE", engine_field="kv_cache_memory_bytes",
+        crd_field="kv_cache_memory",
     ),
     ServeSetting(
         "gpu_memory_utilization", float, 0.9,
         "share of the GPU's memory for weights, activations and the KV cache (0 < x <= 1; CUDA only)",
-        metavar="FRACTION", engine_field="gpu_memory_utilization",
+        metavar="FRACTION", engine_field="gpu_memory_utilization", crd_field="gpu_memory_utilization",
     ),
     ServeSetting(
         "enable_prefix_caching", bool, True, "automatic prefix caching", engine_field="enable_prefix_caching",
@@ -90,7 +91,7 @@ SERVE_SETTINGS = (
     ),
     ServeSetting(
         "dtype", str, "auto", "model dtype (auto: the checkpoint's bfloat16/float16 on CUDA, float32 on CPU)",
-        choices=DTYPES, engine_field="dtype",
+        choices=DTYPES, engine_field="dtype", crd_field="dtype",
     ),
     ServeSetting(
         "quantization", str, "none", "weight format", choices=QUANTIZATION_MODES, engine_field="quantization",
@@ -114,7 +115,10 @@ SERVE_SETTINGS = (
         metavar="K", engine_field="num_speculative_tokens",
     ),
     ServeSetting("max_queue_len", int, 256, "waiting requests before 429", 0, metavar="N"),
-    ServeSetting("shutdown_timeout", float, 30.0, "drain time on SIGTERM", 0, metavar="SECONDS"),
+    ServeSetting(
+        "shutdown_timeout", float, 30.0, "drain time on SIGTERM", 0, metavar="SECONDS",
+        crd_field="drain_timeout",
+    ),
     ServeSetting("api_key", str, None, "require `Authorization: Bearer KEY` on /v1/*"),
     ServeSetting("access_log", bool, True, "log every HTTP request"),
     ServeSetting(
@@ -144,17 +148,12 @@ NOT_IN_CRD = {
     "port": "the operator uses DEFAULT_PORT, the Service's target port",
     "block_size": "an engine tuning knob; spec.engine.extraArgs",
     "num_kv_blocks": "sized from the KV cache memory; spec.engine.extraArgs",
-    "kv_cache_memory": "spec.engine.extraArgs until the GPU settings issue adds engine.kvCacheMemory",
-    "dtype": "spec.engine.extraArgs until the GPU settings issue adds engine.dtype",
-    "gpu_memory_utilization": "spec.engine.extraArgs until the GPU settings issue adds "
-    "engine.gpuMemoryUtilization",
     "max_request_bytes": "spec.engine.extraArgs",
     "termination_log": "Kubernetes' default terminationMessagePath, /dev/termination-log",
     "seed": "spec.engine.extraArgs",
     "speculative_ngram": "spec.engine.extraArgs (speculative decoding is a per-workload tuning knob)",
     "num_speculative_tokens": "spec.engine.extraArgs, with --speculative-ngram",
     "max_queue_len": "spec.engine.extraArgs",
-    "shutdown_timeout": "the operator sets it with the pod's termination grace period",
     "api_key": "tenants' keys belong to the router; a server key would sit in the pod spec",
     "access_log": "spec.engine.extraArgs",
     "inject_error_rate": "a test aid (a canary that fails, for rollout analysis); spec.engine.extraArgs",

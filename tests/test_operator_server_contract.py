@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 from kvpilot.operator.api import InferenceService
+from kvpilot.operator.api.validation import duration_seconds
 from kvpilot.operator.builders import build_deployment
 from kvpilot.serving.api.settings import ServeSettings
 from kvpilot.serving.cli import build_parser
@@ -41,6 +42,8 @@ def test_rendered_server_args_parse_to_the_spec(example, tmp_path):
     assert settings.enable_prefix_caching == engine.enable_prefix_caching
     assert container["readinessProbe"]["httpGet"]["path"] == READY_PATH
     assert container["livenessProbe"]["httpGet"]["path"] == HEALTH_PATH
+    assert container["startupProbe"]["httpGet"]["path"] == READY_PATH
+    assert settings.shutdown_timeout == duration_seconds(engine.drain_timeout)
 
 
 def test_every_engine_setting_is_reachable_from_the_cli_and_the_crd():
@@ -60,6 +63,7 @@ def test_every_engine_setting_is_reachable_from_the_cli_and_the_crd():
     assert {s.flag for s in SERVE_SETTINGS} <= flags
     assert set(ServeSettings.model_fields) == {s.name for s in SERVE_SETTINGS}
 
-    crd_fields = set(EngineSpec.model_fields) - {"extra_args"}
+    # Not server settings: extraArgs, and loadTimeout (the operator's startup probe).
+    crd_fields = set(EngineSpec.model_fields) - {"extra_args", "load_timeout"}
     assert crd_fields == {s.crd_field for s in SERVE_SETTINGS if s.crd_field}
     assert set(NOT_IN_CRD) == {s.name for s in SERVE_SETTINGS if not s.crd_field}

@@ -9,6 +9,7 @@ generated from these models (`kvpilot crd`), and the operator parses every objec
 
 from kvpilot.operator.api.constants import (
     API_VERSION,
+    DEFAULT_CUDA_IMAGE,
     DEFAULT_GPU_RESOURCE,
     DEFAULT_IMAGE,
     DNS_LABEL_PATTERN,
@@ -38,6 +39,7 @@ from kvpilot.operator.api.validation import TENSOR_PARALLEL_UNSUPPORTED
 
 __all__ = [
     "API_VERSION",
+    "DEFAULT_CUDA_IMAGE",
     "DEFAULT_GPU_RESOURCE",
     "DEFAULT_IMAGE",
     "DNS_LABEL_PATTERN",

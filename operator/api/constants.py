@@ -10,7 +10,9 @@ PLURAL = "inferenceservices"
 SINGULAR = "inferenceservice"
 SHORT_NAMES = ["isvc"]
 
+# The tags `make image` and `make image-cuda` build (Dockerfile targets cpu and cuda).
 DEFAULT_IMAGE = "ghcr.io/kvpilot/kvpilot:0.1.0"
+DEFAULT_CUDA_IMAGE = f"{DEFAULT_IMAGE}-cuda"
 DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
 
 # Kubernetes' own quantity grammar (resource.Quantity), e.g. 16Gi, 500m, 2.

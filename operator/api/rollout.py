@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from kvpilot.operator.api.spec import _Model
+from kvpilot.operator.api.base import _Model
 from kvpilot.operator.api.validation import ROLLOUT_RULES, Duration, cel_rules, enforce
 from pydantic import ConfigDict, Field, model_validator
 

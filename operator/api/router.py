@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
+from kvpilot.operator.api.base import _Model
 from kvpilot.operator.api.constants import DNS_LABEL_PATTERN
-from kvpilot.operator.api.spec import _Model
 from kvpilot.operator.api.validation import Quantity
 from kvpilot.serving.router.config import BALANCING_POLICIES
 from pydantic import Field

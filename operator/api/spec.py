@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+from kvpilot.operator.api.base import _Model
 from kvpilot.operator.api.constants import (
     DEFAULT_GPU_RESOURCE,
     MODEL_URI_PATTERN,
     AutoscalingEngine,
     AutoscalingMetric,
 )
+from kvpilot.operator.api.model import ModelArchitecture, ModelCacheSpec
 from kvpilot.operator.api.validation import (
     AUTOSCALING_RULES,
     MODEL_RULES,
@@ -20,13 +22,8 @@ from kvpilot.operator.api.validation import (
     check_model_uri,
     enforce,
 )
-from kvpilot.serving.contract import KV_CACHE_DTYPES, QUANTIZATION_MODES
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
-from pydantic.alias_generators import to_camel
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+from kvpilot.serving.contract import DTYPES, KV_CACHE_DTYPES, QUANTIZATION_MODES
+from pydantic import AfterValidator, ConfigDict, Field, model_validator
 
 
 class ModelSource(_Model):
@@ -42,7 +39,8 @@ class ModelSource(_Model):
     uri: Annotated[str, AfterValidator(check_model_uri)] = Field(
         description="Where the weights are: pvc://CLAIM/path (mounted read-only), "
         "hf://org/repo[@revision], s3://bucket/path or gs://bucket/path (downloaded by an init "
-        "container), or oci://image:tag (an image volume, Kubernetes 1.33+).",
+        "container, or once into spec.model.cache), or oci://image:tag (an image volume, on by default "
+        "since Kubernetes 1.35).",
         json_schema_extra={"pattern": MODEL_URI_PATTERN},
         max_length=1024,
     )
@@ -51,6 +49,21 @@ class ModelSource(_Model):
         description="Revision (branch, tag or commit) of an hf:// model; same as hf://org/repo@revision.",
         pattern=r"^[A-Za-z0-9._/-]+$",
         max_length=256,
+    )
+
+    size: Quantity | None = Field(
+        default=None,
+        description="Size of the model's files, e.g. 20Gi: the sizeLimit of the per-pod download "
+        "volume and the pod's ephemeral-storage request (without spec.model.cache).",
+    )
+    cache: ModelCacheSpec | None = Field(
+        default=None,
+        description="Download an hf://, s3:// or gs:// model once into a PersistentVolumeClaim "
+        "(a Job per model and revision) and mount it read-only in every replica.",
+    )
+    architecture: ModelArchitecture | None = Field(
+        default=None,
+        description="The model's shape, for the GPU memory fit estimate (status.fit, kvpilot render).",
     )
 
     @model_validator(mode="after")
@@ -93,6 +106,33 @@ class EngineSpec(_Model):
         description="GPUs one replica shards the model over (`--tensor-parallel-size`); only 1 until "
         "the bundled server supports tensor parallelism.",
     )
+    dtype: Literal[DTYPES] | None = Field(  # type: ignore[valid-type]
+        default=None,
+        description="Model dtype (`--dtype`); auto: the checkpoint's (bf16/fp16) on a GPU, float32 on "
+        "CPU. Unset: auto on GPU replicas, the server's default otherwise.",
+    )
+    gpu_memory_utilization: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Share of the GPU's memory the server may use; the KV cache gets what weights "
+        "and activations leave (`--gpu-memory-utilization`, default 0.9 on GPU replicas).",
+    )
+    kv_cache_memory: Quantity | None = Field(
+        default=None,
+        description="KV cache size, e.g. 20Gi (`--kv-cache-memory`); overrides the sizing by "
+        "gpuMemoryUtilization.",
+    )
+    load_timeout: Duration = Field(
+        default="30m",
+        description="Longest time to load and warm up the model before the startup probe restarts "
+        "the container, e.g. 30m or 1h.",
+    )
+    drain_timeout: Duration = Field(
+        default="30s",
+        description="Time in-flight requests get to finish on shutdown (`--shutdown-timeout`); the "
+        "pod's terminationGracePeriodSeconds follows. Give long streams more, e.g. 10m.",
+    )
     extra_args: list[Annotated[str, Field(max_length=1024, description="One argument.")]] = Field(
         default_factory=list,
         max_length=64,
@@ -109,6 +149,11 @@ class GPUResources(_Model):
         pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[a-z0-9]([-a-z0-9._]*[a-z0-9])?$",
         max_length=253,
         description="Extended resource that schedules the GPUs, e.g. nvidia.com/gpu or amd.com/gpu.",
+    )
+    memory: Quantity | None = Field(
+        default=None,
+        description="Memory of one GPU, e.g. 80Gi: with spec.model.architecture, the operator checks "
+        "that weights and KV cache fit before any pod is scheduled.",
     )
 
 

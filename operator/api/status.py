@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from kvpilot.operator.api.base import _Model
 from kvpilot.operator.api.rollout import RevisionStatus, RolloutStatus
-from kvpilot.operator.api.spec import _Model
 from pydantic import Field
 
 
@@ -14,7 +14,8 @@ class Condition(_Model):
     """A standard Kubernetes condition (metav1.Condition)."""
 
     type: str = Field(
-        description="Ready, Reconciling or Stalled (kstatus); AbleToScale, ScalingActive or ScalingLimited."
+        description="Ready, Reconciling or Stalled (kstatus); ModelCached (with spec.model.cache); "
+        "AbleToScale, ScalingActive or ScalingLimited (with spec.autoscaling)."
     )
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field(description="CamelCase reason for the last transition.")
@@ -83,6 +84,11 @@ class InferenceServiceStatus(_Model):
     )
     autoscaling: AutoscalingStatus | None = Field(
         default=None, description="The autoscaler's state and its last decisions (engine kvpilot)."
+    )
+    fit: str | None = Field(
+        default=None,
+        description="GPU memory estimate: weights + KV cache against resources.gpu.memory (with "
+        "spec.model.architecture).",
     )
 
     def to_body(self) -> dict[str, Any]:

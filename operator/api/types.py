@@ -5,7 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvpilot.operator.api.constants import DEFAULT_IMAGE, DNS_LABEL_PATTERN, NAME_MAX_LENGTH
+from kvpilot.operator.api.constants import (
+    DEFAULT_CUDA_IMAGE,
+    DEFAULT_IMAGE,
+    DNS_LABEL_PATTERN,
+    NAME_MAX_LENGTH,
+)
 from kvpilot.operator.api.rollout import RolloutSpec
 from kvpilot.operator.api.router import RouterSpec, TenantSpec
 from kvpilot.operator.api.spec import (
@@ -59,8 +64,12 @@ class InferenceServiceSpec(_Model):
         json_schema_extra={"default": {}},
         description="How a change of the pods reaches the traffic: strategy, steps, analysis, capacity.",
     )
-    image: str = Field(
-        default=DEFAULT_IMAGE, min_length=1, max_length=1024, description="kvpilot server image."
+    image: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=1024,
+        description=f"kvpilot image (default: {DEFAULT_IMAGE}, and {DEFAULT_CUDA_IMAGE} for the "
+        "server of GPU replicas).",
     )
     image_pull_secrets: list[LocalObjectReference] = Field(
         default_factory=list, max_length=16, description="Secrets for pulling the image."

@@ -102,6 +102,13 @@ MODEL_RULES = [
         ".revision",
         lambda model: model.revision is None or "@" not in model.uri,
     ),
+    Rule(
+        "!has(self.cache) || self.uri.startsWith('hf://') || self.uri.startsWith('s3://') "
+        "|| self.uri.startsWith('gs://')",
+        "spec.model.cache applies to hf://, s3:// and gs:// models (the others are not downloaded)",
+        ".cache",
+        lambda model: model.cache is None or model.uri.split("://")[0] in ("hf", "s3", "gs"),
+    ),
 ]
 
 AUTOSCALING_RULES = [

@@ -8,6 +8,7 @@ from typing import Any
 
 from kvpilot.operator.api import InferenceService, RevisionStatus
 from kvpilot.operator.labels import REVISION_LABEL
+from kvpilot.operator.model_cache import server_image
 from kvpilot.operator.revision import pod_spec_fields, revision_deployment_name
 from kvpilot.operator.rollout.state import ObservedRevision, RolloutPlan, parse_time
 from kvpilot.operator.router_config import RevisionEndpoints
@@ -130,7 +131,7 @@ def revision_statuses(
             hash=revision,
             model=spec.model.name if spec else known.model if known else "",
             quantization=spec.engine.quantization if spec else known.quantization if known else "",
-            image=spec.image if spec else known.image if known else "",
+            image=server_image(serving) if spec else known.image if known else "",
             replicas=seen.replicas if seen else 0,
             ready_replicas=seen.ready if seen else 0,
             weight=planned.weight,

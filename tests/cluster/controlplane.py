@@ -67,8 +67,9 @@ class ControlPlane:
         """Every request `user` made (AUDITED_USERS only), oldest first, as audit.k8s.io/v1 Events."""
         if not self.audit_log.exists():
             return []
-        lines = self.audit_log.read_text().splitlines()
-        events = [json.loads(line) for line in lines if line.strip()]
+        text = self.audit_log.read_text()
+        complete = text[: text.rfind("\n") + 1]  # the API server may be writing the last line now
+        events = [json.loads(line) for line in complete.splitlines() if line.strip()]
         return [e for e in events if e["user"]["username"] == user and e["stage"] == "ResponseComplete"]
 
     def pids(self) -> dict[str, int]:

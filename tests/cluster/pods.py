@@ -237,7 +237,9 @@ class PodWorker(threading.Thread):
                 f"the process kubelet runs kvpilot images only, not {foreign}",
             )
         policy = spec.get("restartPolicy", "Always")
-        self.init_containers = [Container(c, ctx, "OnFailure") for c in spec.get("initContainers", [])]
+        # A failed init container is retried unless the pod never restarts (a Job's pod): then it fails.
+        init_policy = "Never" if policy == "Never" else "OnFailure"
+        self.init_containers = [Container(c, ctx, init_policy) for c in spec.get("initContainers", [])]
         self.containers = [Container(c, ctx, policy) for c in spec["containers"]]
         synced = time.monotonic()
         while not self.gone.is_set():
@@ -254,11 +256,15 @@ class PodWorker(threading.Thread):
             time.sleep(TICK_SECONDS)
         self._finish()
 
+    @property
+    def init_failed(self) -> bool:
+        return any(c.finished and (c.last_termination or {}).get("exitCode") for c in self.init_containers)
+
     def _step(self, now: float) -> None:
         while self.init_index < len(self.init_containers):
             init = self.init_containers[self.init_index]
             init.step(now)
-            if not init.finished:
+            if not init.finished or self.init_failed:
                 return
             self.init_index += 1
         for container in self.containers:
@@ -340,6 +346,8 @@ class PodWorker(threading.Thread):
         if self.containers and all(c.finished for c in self.containers):
             failed = any((c.last_termination or {}).get("exitCode") for c in self.containers)
             phase = "Failed" if failed else "Succeeded"
+        if self.init_failed:
+            phase = "Failed"
         message = f"containers with unready status: [{' '.join(unready)}]"
         status = {
             "phase": phase,

@@ -1,9 +1,9 @@
 """How a container of a pod maps to a local process (the process kubelet's "image" and "runtime").
 
 The kvpilot image's programs map to this machine's: `kvpilot` -> `python -m kvpilot.serving.cli`,
-`python` -> this interpreter; anything else runs from PATH (`sleep` in a preStop hook). Paths under
-a volumeMount are rewritten to the volume's local directory (in args, env values and the text of
-ConfigMap files), and `--host` to the pod's address.
+`python` -> this interpreter, `hf` -> this virtualenv's; anything else runs from PATH (`sleep` in
+a preStop hook). Paths under a volumeMount are rewritten to the volume's local directory (in args,
+env values and the text of ConfigMap files), and `--host` to the pod's address.
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ def program(argv: list[str]) -> list[str]:
         return [sys.executable, "-m", "kvpilot.serving.cli", *rest]
     if head in ("python", "python3"):
         return [sys.executable, *rest]
+    beside = Path(sys.executable).parent / head  # the image's other Python tools (`hf`): this venv's
+    if "/" not in head and beside.exists():
+        return [str(beside), *rest]
     return argv
 
 

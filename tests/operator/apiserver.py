@@ -65,6 +65,14 @@ RESOURCES = {
         verbs={"get", "list", "watch", "create", "patch", "delete"},
     ),
     # keda.sh ScaledObjects are not served: a cluster without KEDA.
+    "v1/persistentvolumeclaims": kmock.ResourceInfo(
+        kind="PersistentVolumeClaim",
+        namespaced=True,
+        verbs={"get", "list", "watch", "create", "patch", "delete"},
+    ),
+    "batch/v1/jobs": kmock.ResourceInfo(
+        kind="Job", namespaced=True, verbs={"get", "list", "watch", "create", "patch", "delete"}
+    ),
     "v1/pods": kmock.ResourceInfo(
         kind="Pod", namespaced=True, verbs={"get", "list", "watch", "create", "delete"}
     ),

@@ -56,12 +56,14 @@ def test_deployment_runs_kvpilot_serve_with_the_spec():
         "--served-model-name", "smollm2",
         "--host", "0.0.0.0",
         "--port", "8000",
-        "--shutdown-timeout", "30",
         "--max-model-len", "4096",
+        "--gpu-memory-utilization", "0.9",  # a GPU replica: the server's default, spelled out
         "--enable-prefix-caching",
+        "--dtype", "auto",  # a GPU replica: the checkpoint's bf16/fp16, not float32
         "--quantization", "int4",
         "--kv-cache-dtype", "int8",
         "--tensor-parallel-size", "1",
+        "--shutdown-timeout", "30",  # spec.engine.drainTimeout's default
     ]  # fmt: skip
     assert server["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
     assert server["resources"] == {
@@ -71,7 +73,9 @@ def test_deployment_runs_kvpilot_serve_with_the_spec():
     assert server["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
     assert server["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
     startup = server["startupProbe"]
-    assert startup["periodSeconds"] * startup["failureThreshold"] >= 1800  # slow model loads
+    assert startup["httpGet"] == {"path": "/ready", "port": "http"}  # loaded and warmed up, not just alive
+    assert startup["periodSeconds"] * startup["failureThreshold"] == 1800  # spec.engine.loadTimeout 30m
+    assert server["terminationMessagePolicy"] == "FallbackToLogsOnError"
     assert server["lifecycle"]["preStop"] == {"exec": {"command": ["sleep", "5"]}}
     assert server["securityContext"] == {
         "allowPrivilegeEscalation": False,
@@ -81,8 +85,9 @@ def test_deployment_runs_kvpilot_serve_with_the_spec():
         "seccompProfile": {"type": "RuntimeDefault"},
     }
     pod = deployment["spec"]["template"]["spec"]
-    assert pod["terminationGracePeriodSeconds"] > 5 + 30  # preStop + drain
+    assert pod["terminationGracePeriodSeconds"] == 5 + 30 + 10  # preStop + drain + the exit
     assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 65532  # the image's user (Dockerfile)
     assert pod["volumes"] == [
         {"name": "model", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}},
@@ -148,6 +153,13 @@ def test_labels_selector_and_owner_reference():
             {"--quantization": "fp8", "--kv-cache-dtype": "fp8"},
         ),
         ({"tensorParallelSize": 1}, {"--tensor-parallel-size": "1"}),
+        (
+            {"dtype": "bfloat16", "gpuMemoryUtilization": 0.85, "kvCacheMemory": "20Gi"},
+            {"--dtype": "bfloat16", "--gpu-memory-utilization": "0.85", "--kv-cache-memory": str(20 << 30)},
+        ),
+        ({"kvCacheMemory": "1500M"}, {"--kv-cache-memory": "1500000000"}),
+        ({"drainTimeout": "10m"}, {"--shutdown-timeout": "600"}),
+        ({"drainTimeout": "1m30s"}, {"--shutdown-timeout": "90"}),
     ],
 )
 def test_serve_args_table(engine, expected):
@@ -156,6 +168,29 @@ def test_serve_args_table(engine, expected):
         assert flag(args, name) == value if value is not None else name not in args
     if engine.get("enablePrefixCaching") is False:
         assert "--no-enable-prefix-caching" in args
+
+
+def test_a_cpu_replica_leaves_dtype_and_gpu_share_to_the_server_unless_set():
+    cpu = {"gpu": {"count": 0}}
+    args = serve_args(isvc(resources=cpu), "/mnt/models")
+    assert "--dtype" not in args and "--gpu-memory-utilization" not in args
+    args = serve_args(isvc(resources=cpu, engine={"dtype": "bfloat16"}), "/mnt/models")
+    assert flag(args, "--dtype") == "bfloat16"
+
+
+@pytest.mark.parametrize(
+    ("engine", "failures", "grace"),
+    [
+        ({}, 180, 45),
+        ({"loadTimeout": "1h", "drainTimeout": "10m"}, 360, 615),
+        ({"loadTimeout": "95s"}, 10, 45),
+    ],
+)
+def test_load_and_drain_timeouts_bound_the_probes_and_the_grace_period(engine, failures, grace):
+    pod = build_deployment(isvc(engine=engine))["spec"]["template"]["spec"]
+    assert pod["containers"][0]["startupProbe"]["failureThreshold"] == failures
+    assert pod["containers"][0]["startupProbe"]["periodSeconds"] == 10
+    assert pod["terminationGracePeriodSeconds"] == grace
 
 
 def test_extra_args_come_last():
@@ -329,6 +364,8 @@ ALL_SPECS = [
     },
     {"model": {"name": "q", "uri": "s3://bucket/q"}, "scheduling": {"tolerations": [{"operator": "Exists"}]}},
     {"model": {"name": "q", "uri": "gs://bucket/q"}, "env": [{"name": "A", "value": "1"}]},
+    {"model": {"name": "q", "uri": "hf://Qwen/Qwen3-32B", "cache": {"size": "80Gi", "storageClassName": ""}}},
+    {"model": {"name": "q", "uri": "s3://bucket/q", "size": "20Gi"}},
 ]
 
 

@@ -70,3 +70,30 @@ def test_rendered_examples_pass_kubernetes_validate_strict(path, capsys):
     assert main(["render", "-f", str(path)]) == 0
     for obj in yaml.safe_load_all(capsys.readouterr().out):
         kubernetes_validate.validate(obj, "1.29.0", strict=True)
+
+
+def test_render_shows_the_gpu_fit_and_refuses_a_model_that_does_not_fit(tmp_path, capsys):
+    example = EXAMPLES / "gpu-cached.yaml"
+    assert main(["render", "-f", str(example)]) == 0
+    captured = capsys.readouterr()
+    # int4 Qwen3-32B: 20.1 GiB; int8 KV 32 x 16384 x 135,168 B = 66 GiB > the 51.9 GiB left of 72.
+    assert captured.err == (
+        "InferenceService qwen3: GPU memory fits: weights 20.1 GiB + 51.9 GiB KV cache of 72.0 GiB (0.9 of "
+        "80.0 GiB), holding 25 of 32 sequences at 16384 tokens (KV cache for 32 x 16384 tokens: 66.0 GiB; "
+        "the rest wait)\n"
+    )
+    kinds = [o["kind"] for o in yaml.safe_load_all(captured.out)]
+    assert kinds[:3] == ["PersistentVolumeClaim", "Job", "Deployment"]  # the cache, then the engine
+
+    manifest = yaml.safe_load(example.read_text())
+    manifest["spec"]["engine"]["quantization"] = "none"  # 61 GiB of bf16 weights
+    manifest["spec"]["resources"]["gpu"]["memory"] = "48Gi"
+    path = tmp_path / "big.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    assert main(["render", "-f", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        "error: InferenceService qwen3: spec.resources.gpu.memory: does not fit: weights 61.0 GiB + KV cache "
+        "2.1 GiB for one 16384-token sequence > 43.2 GiB (0.9 of 48.0 GiB)\n"
+    )

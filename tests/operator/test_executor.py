@@ -121,3 +121,23 @@ def test_a_scaled_object_without_keda_is_a_permanent_error_naming_keda(client, k
     ]
     hpa[0]["metadata"]["namespace"] = "exec-keda"
     assert client.execute(Plan(create=hpa))[("HorizontalPodAutoscaler", "chat")]["spec"]["maxReplicas"] == 3
+
+
+def test_a_rejected_write_carries_the_api_servers_message():
+    from kubernetes.client.exceptions import ApiException
+    from kvpilot.operator.executor import _classified
+
+    exc = ApiException(status=422, reason="Unprocessable Entity")
+    exc.body = (
+        b'{"kind":"Status","status":"Failure","message":"Deployment.apps \\"chat\\" is invalid: '
+        b'spec.template.spec.affinity.nodeAffinity: Unsupported value: \\"Near\\"","code":422}'
+    )
+    error = _classified(exc, "apply Deployment")
+    assert isinstance(error, PermanentApiError)
+    assert str(error) == (
+        'apply Deployment: HTTP 422 Unprocessable Entity: Deployment.apps "chat" is invalid: '
+        'spec.template.spec.affinity.nodeAffinity: Unsupported value: "Near"'
+    )
+    forbidden = ApiException(status=403, reason="Forbidden")
+    forbidden.body = "not json"
+    assert str(_classified(forbidden, "apply Job")) == "apply Job: HTTP 403 Forbidden: not json"

@@ -10,6 +10,7 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
+from kvpilot.operator.api import DEFAULT_IMAGE
 from kvpilot.operator.crd import CRD_PATH
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "kvpilot"
@@ -77,6 +78,8 @@ def test_operator_deployment_is_single_hardened_and_least_privileged(helm):
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 65532  # the image's user (Dockerfile)
+    assert container["image"] == DEFAULT_IMAGE  # the operator runs the server's image, `kvpilot operator`
     assert container["resources"]["limits"]["memory"]
     rules = {
         (group, resource): sorted(rule["verbs"])
@@ -94,12 +97,14 @@ def test_operator_deployment_is_single_hardened_and_least_privileged(helm):
         ("", "services"): ["create", "delete", "list", "patch", "watch"],
         ("policy", "poddisruptionbudgets"): ["create", "delete", "list", "patch"],
         ("", "serviceaccounts"): ["create", "delete", "list", "patch"],
+        ("", "persistentvolumeclaims"): ["create", "delete", "list", "patch"],
+        ("batch", "jobs"): ["create", "delete", "list", "patch", "watch"],
+        ("", "pods"): ["list", "watch"],
         ("", "configmaps"): ["create", "delete", "list", "patch"],
         ("inference.networking.k8s.io", "inferencepools"): ["create", "delete", "list", "patch"],
         ("autoscaling", "horizontalpodautoscalers"): ["create", "delete", "list", "patch"],
         ("keda.sh", "scaledobjects"): ["create", "delete", "list", "patch"],
         ("discovery.k8s.io", "endpointslices"): ["list", "watch"],
-        ("", "pods"): ["list"],
         ("", "secrets"): ["get"],
         ("", "events"): ["create"],
     }
@@ -158,3 +163,19 @@ def test_chart_grants_what_the_operators_code_needs(helm):
     for handler in [*registry._watching.get_all_handlers(), *registry._changing.get_all_handlers()]:
         needed |= {(handler.selector.group, handler.selector.any_name, v) for v in ("list", "watch")}
     assert needed - granted == set()
+
+
+def test_a_cluster_wide_model_cache_reaches_the_operators_flags(helm):
+    def operator_args(*values: str) -> list[str]:
+        (deployment,) = [d for d in render(helm, *values) if d["kind"] == "Deployment"]
+        return deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+
+    assert not [a for a in operator_args() if a.startswith("--default-model-cache")]  # off by default
+    cache = ("--set", "modelCache.size=200Gi", "--set", "modelCache.storageClassName=fast")
+    assert operator_args(*cache)[-3:] == [
+        "--default-model-cache-size=200Gi",
+        "--default-model-cache-access-mode=ReadWriteMany",
+        "--default-model-cache-storage-class=fast",
+    ]
+    bad = run_helm(helm, "template", "kvp", str(CHART), "--set", "modelCache.size=lots")
+    assert bad.returncode != 0 and "modelCache" in bad.stderr

@@ -118,6 +118,12 @@ def server_args(deployment: dict[str, Any]) -> list[str]:
     return deployment["spec"]["template"]["spec"]["containers"][0]["args"]
 
 
+def serving_args(api, ns: str) -> list[str]:
+    """The server's arguments in the serving revision's Deployment (none while there is none)."""
+    deployment = engine_deployment(api, ns)
+    return server_args(deployment) if deployment else []
+
+
 def test_create_ready_roll_drift_and_delete(api, ns, operator):
     created = api.create(API_VERSION, ISVC, ns, manifest(ns, replicas=2))
     uid = created["metadata"]["uid"]
@@ -229,23 +235,24 @@ def _crd_without_cel() -> dict[str, Any]:
 def test_an_object_stored_before_a_rule_existed_stalls_with_an_event_and_recovers(cluster, api, ns, kubectl):
     # An object the current CRD rejects can only exist from before its rule: store it that way.
     bad = manifest(ns, podLabels={"app.kubernetes.io/name": "mine"})
+    other = {**bad, "metadata": {"name": "other", "namespace": ns}}
+
+    def rule_is_back() -> bool:  # the API server compiles an applied CRD's rules asynchronously
+        try:
+            api.create(API_VERSION, ISVC, ns, other, dryRun="All")
+        except ApiError as error:
+            return "must not set the operator's" in error.message
+        return False
+
     kubectl.apply("-f", "-", stdin=json.dumps(_crd_without_cel()))
     try:
+        wait_for(lambda: not rule_is_back(), "the CRD without its rules to be in effect")
         api.create(API_VERSION, ISVC, ns, bad)
     finally:
         kubectl.apply("-f", str(CRD_PATH))
-
-    def rule_is_back() -> bool:
-        """The API server takes up an updated CRD's rules asynchronously (a larger schema takes
-        longer to compile): a second object must be rejected once they are in force."""
-        try:
-            api.create(API_VERSION, ISVC, ns, {**bad, "metadata": {"name": "other", "namespace": ns}})
-        except ApiError as exc:
-            return "must not set the operator's" in str(exc)
-        api.delete(API_VERSION, ISVC, ns, "other")
-        return False
-
-    wait_for(rule_is_back, "the CEL rule back in admission", timeout=60)
+    wait_for(rule_is_back, "the CRD's rules to be enforced again", timeout=60)
+    with pytest.raises(ApiError, match="must not set the operator's"):  # the rule is back
+        api.create(API_VERSION, ISVC, ns, other)
 
     with OperatorProcess(cluster.control_plane):
         stalled = wait_for(
@@ -398,9 +405,10 @@ def test_the_operator_rides_out_an_api_server_outage(cluster, api, ns, operator)
     api.create(API_VERSION, ISVC, ns, second)
     api.patch(API_VERSION, ISVC, ns, "chat", {"spec": {"engine": {"maxNumSeqs": 4}}})
     wait_for(lambda: engine_deployment(api, ns, "second"), "the second Deployment", timeout=90)
-    wait_for(
-        lambda: "4" in server_args(engine_deployment(api, ns)),
+    wait_for(  # the new revision's Deployment, once the status names it as serving
+        lambda: "4" in serving_args(api, ns),
         "the update after the outage",
+        timeout=90,
     )
     assert operator.healthz() == 200
 
@@ -536,7 +544,7 @@ def test_the_autoscaler_follows_real_engine_load_up_down_and_to_zero(
         router_url = _router_url(api, ns)
         load = _load(router_url, model_dir / "smollm2", concurrency=4)
         try:
-            wait_for(lambda: _deployment_replicas(api, ns) == 2, "a scale-up under load", timeout=60)
+            wait_for(lambda: _deployment_replicas(api, ns) == 2, "a scale-up under load", timeout=120)
             wait_for(  # a real pod: scheduled, started, loaded, Ready
                 lambda: api.get(API_VERSION, ISVC, ns, "chat")["status"].get("readyReplicas") == 2,
                 "2 ready replicas",
@@ -603,6 +611,161 @@ def test_the_autoscaler_follows_real_engine_load_up_down_and_to_zero(
     ]
     if os.environ.get("KVPILOT_AUTOSCALER_TIMELINE"):  # keep the recording (the README's plot)
         shutil.copy(recording, os.environ["KVPILOT_AUTOSCALER_TIMELINE"])
+
+
+def _stalled(api, ns: str) -> dict[str, Any]:
+    return wait_for(
+        lambda: (
+            isvc_condition(api, ns, "Stalled").get("status") == "True" and isvc_condition(api, ns, "Stalled")
+        ),
+        "Stalled=True",
+        timeout=120,
+    )
+
+
+BAD_AFFINITY = {
+    "nodeAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [
+                {"matchExpressions": [{"key": "zone", "operator": "Near", "values": ["a"]}]}
+            ]
+        }
+    }
+}
+
+
+def test_a_rejected_apply_stalls_with_the_api_servers_message_and_recovers(api, ns, operator):
+    """A typo in spec.scheduling.affinity passes the CRD (an Affinity is copied as is) and the API
+    server rejects the Deployment (422): status and a Warning Event say so, the operator does not
+    retry the same spec, and fixing the spec recovers."""
+    api.create(API_VERSION, ISVC, ns, manifest(ns, replicas=0, scheduling={"affinity": BAD_AFFINITY}))
+    stalled = _stalled(api, ns)
+    assert stalled["reason"] == "ApplyRejected"
+    assert "nodeSelectorTerms[0].matchExpressions[0].operator" in stalled["message"]
+    assert "Near" in stalled["message"] and stalled["observedGeneration"] == 1
+    assert isvc_condition(api, ns, "Ready")["status"] == "False"
+    events = wait_for(
+        lambda: [e for e in api.list("v1", "events", ns) if e.get("reason") == "ApplyRejected"], "the Event"
+    )
+    assert events[0]["type"] == "Warning" and "operator" in events[0]["message"]
+    # No hot loop: the same generation is not applied again.
+    _settle(operator)
+    applies = [
+        r
+        for r in operator.requests()
+        if r["verb"] == "patch" and f"/namespaces/{ns}/deployments" in r["requestURI"]
+    ]
+    assert len(applies) == 1
+    assert [
+        d for d in api.list("apps/v1", "deployments", ns) if "kvpilot.dev/revision" in d["metadata"]["labels"]
+    ] == []
+
+    fixed = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "zone", "operator": "NotIn", "values": ["a"]}]}]}}}  # fmt: skip
+    api.patch(API_VERSION, ISVC, ns, "chat", {"spec": {"scheduling": {"affinity": fixed}}})
+    wait_for(lambda: engine_deployment(api, ns), "the Deployment")
+    wait_for(lambda: isvc_condition(api, ns, "Stalled").get("status") == "False", "Stalled=False")
+    assert isvc_condition(api, ns, "Ready")["observedGeneration"] == 2
+
+
+def test_status_names_an_unschedulable_pod(api, ns, operator):
+    """Four GPUs per replica on nodes with one: the scheduler's own message reaches the status."""
+    api.create(API_VERSION, ISVC, ns, manifest(ns, resources={"gpu": {"count": 4}}))
+    waiting = wait_for(
+        lambda: (
+            isvc_condition(api, ns, "Reconciling").get("reason") == "Unschedulable"
+            and isvc_condition(api, ns, "Reconciling")
+        ),
+        "Reconciling=Unschedulable",
+        timeout=120,
+    )
+    assert waiting["status"] == "True"
+    assert "cannot be scheduled" in waiting["message"] and "Insufficient nvidia.com/gpu" in waiting["message"]
+    assert isvc_condition(api, ns, "Ready")["reason"] == "Unschedulable"
+
+
+def test_a_failing_model_download_job_stalls_the_inference_service(api, ns, operator, tmp_path):
+    """spec.model.cache: a claim and one download Job; the download fails (no such repository,
+    nothing reachable), the Job gives up, and Stalled carries the Job's and the container's words."""
+    volume = f"cache-{ns}"
+    api.create("v1", "persistentvolumes", None, {
+        "metadata": {"name": volume},
+        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"], "storageClassName": "",
+                 "persistentVolumeReclaimPolicy": "Delete", "hostPath": {"path": str(tmp_path)}},
+    })  # fmt: skip
+    try:
+        model = {
+            "name": "nothing",
+            "uri": "hf://kvpilot-e2e/does-not-exist",
+            "cache": {"storageClassName": "", "size": "1Gi", "accessMode": "ReadWriteOnce"},
+        }
+        api.create(API_VERSION, ISVC, ns, manifest(ns, model=model))
+        jobs = wait_for(lambda: api.list("batch/v1", "jobs", ns), "the download Job")
+        (claim,) = api.list(
+            "v1", "persistentvolumeclaims", ns, labelSelector="app.kubernetes.io/instance=chat"
+        )
+        assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+        deployment = wait_for(lambda: engine_deployment(api, ns), "the Deployment")
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["initContainers"][0]["name"] == "wait-for-model"
+        assert pod["volumes"][0]["persistentVolumeClaim"] == {
+            "claimName": claim["metadata"]["name"],
+            "readOnly": True,
+        }
+        wait_for(lambda: isvc_condition(api, ns, "ModelCached").get("status") == "False", "ModelCached=False")
+
+        stalled = wait_for(
+            lambda: (
+                isvc_condition(api, ns, "Stalled").get("reason") == "DownloadFailed"
+                and isvc_condition(api, ns, "Stalled")
+            ),
+            "Stalled=DownloadFailed",
+            timeout=240,
+        )
+        assert stalled["status"] == "True"
+        assert jobs[0]["metadata"]["name"] in stalled["message"]
+        assert "model-download exit code 1" in stalled["message"]
+        cached = isvc_condition(api, ns, "ModelCached")
+        assert (cached["status"], cached["reason"]) == ("False", "DownloadFailed")
+        assert isvc_condition(api, ns, "Ready")["status"] == "False"
+    finally:
+        api.delete(API_VERSION, ISVC, ns, "chat")
+        api.delete("v1", "persistentvolumes", None, volume)
+
+
+def test_a_service_port_edited_by_hand_is_put_back(api, ns, operator):
+    """`kubectl edit` moves the Service's port 80 to 8080 (still named http): a plain server-side
+    apply would add port 80 beside it and fail with 422 (duplicate port name) on every retry."""
+    api.create(API_VERSION, ISVC, ns, manifest(ns, replicas=0))
+    service = wait_for(lambda: api.get("v1", "services", ns, "chat"), "the Service")
+    service["spec"]["ports"][0]["port"] = 8080
+    api.replace("v1", "services", ns, "chat", service)
+    wait_for(
+        lambda: (
+            [(p["name"], p["port"]) for p in api.get("v1", "services", ns, "chat")["spec"]["ports"]]
+            == [("http", 80)]
+        ),
+        "port 80 back",
+        timeout=60,
+    )
+    _settle(operator)
+    assert isvc_condition(api, ns, "Stalled").get("status") == "False"
+
+
+def test_status_names_a_crash_loop_with_the_servers_last_words(api, ns, operator):
+    """A model path that is not in the claim: the server exits at start-up, the kubelet backs off,
+    and the InferenceService says which pod, and what the server said before it exited."""
+    api.create(API_VERSION, ISVC, ns, manifest(ns, model={"name": "smollm2", "uri": "pvc://models/missing"}))
+    waiting = wait_for(
+        lambda: (
+            isvc_condition(api, ns, "Reconciling").get("reason") == "CrashLoopBackOff"
+            and isvc_condition(api, ns, "Reconciling")
+        ),
+        "Reconciling=CrashLoopBackOff",
+        timeout=180,
+    )
+    assert "container server keeps crashing, last exit code" in waiting["message"]
+    assert "no such checkpoint directory" in waiting["message"] and "/missing" in waiting["message"]
 
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "kvpilot"

@@ -30,8 +30,14 @@ def test_every_spec_field_is_classified():
         {"env": [{"name": "LOG_LEVEL", "value": "debug"}]},
         {"scheduling": {"nodeSelector": {"gpu": "h100"}}},
         {"podAnnotations": {"team": "a"}},
+        {"engine": {"dtype": "bfloat16"}},
+        {"engine": {"gpuMemoryUtilization": 0.8}},
+        {"engine": {"kvCacheMemory": "2Gi"}},
+        {"engine": {"loadTimeout": "1h"}},
+        {"engine": {"drainTimeout": "5m"}},
+        {"model": {"name": "smollm2", "uri": "hf://org/smollm2", "cache": {"size": "10Gi"}}},
     ],
-    ids=lambda c: next(iter(c)),
+    ids=lambda c: f"{next(iter(c))}.{next(iter(next(iter(c.values()))))}",
 )
 def test_a_change_of_the_pods_is_a_new_revision(change):
     assert revision_hash(isvc(**change).spec) != revision_hash(isvc().spec)
@@ -51,8 +57,16 @@ def test_a_change_of_the_pods_is_a_new_revision(change):
                 "tensorParallelSize": 1,
             }
         },
+        {
+            "model": {
+                "name": "smollm2",
+                "uri": "pvc://models/smollm2",
+                "architecture": {"known": "Llama-3-8B"},
+            }
+        },
+        {"resources": {"gpu": {"count": 1, "memory": "80Gi"}, "memory": "16Gi"}},
     ],
-    ids=["replicas", "rollout", "autoscaling", "a default spelled out"],
+    ids=["replicas", "rollout", "autoscaling", "a default spelled out", "architecture", "gpu memory"],
 )
 def test_replicas_rollout_settings_and_spelled_out_defaults_keep_the_revision(change):
     assert revision_hash(isvc(**change).spec) == revision_hash(isvc().spec)

@@ -53,11 +53,6 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 - apiGroups: ["apps"]
   resources: ["deployments"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# Pods are listed (never written): a rollout's Unschedulable pods and crash loops; the autoscaler
-# reads the engine and router pods' /metrics.
-- apiGroups: [""]
-  resources: ["pods"]
-  verbs: ["list"]
 - apiGroups: [""]
   resources: ["services"]
   verbs: ["list", "watch", "create", "patch", "delete"]
@@ -67,6 +62,20 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 - apiGroups: [""]
   resources: ["serviceaccounts", "configmaps"]
   verbs: ["list", "create", "patch", "delete"]
+# spec.model.cache: the claim and the one-shot download Job (watched to follow the download); a
+# new model revision replaces both.
+- apiGroups: [""]
+  resources: ["persistentvolumeclaims"]
+  verbs: ["list", "create", "patch", "delete"]
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
+# Pods are only read: a rollout's Unschedulable pods and crash loops, status names why replicas
+# wait (unschedulable, image pulls, crash loops), and the autoscaler and the rollout analysis read
+# the engine and router pods' /metrics.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list", "watch"]
 - apiGroups: ["inference.networking.k8s.io"]
   resources: ["inferencepools"]
   verbs: ["list", "create", "patch", "delete"]

@@ -1,0 +1,175 @@
+"""Will the model fit on the GPU? A pure estimate from the spec alone (no download, no GPU).
+
+Weights: every linear layer (q, k, v, o, gate, up, down, and an untied output head) in the
+quantized format the server converts it to (kernels/quant: int8/w8a8/fp8 one byte per weight
+plus a float32 scale per output row; int4 half a byte plus a float16 scale and min per 32
+columns); embeddings and norms stay in the model dtype. KV cache: K and V of every layer per
+token (int8 adds a float32 scale per token and head), times maxModelLen tokens (rounded up to
+whole blocks) per sequence. The budget is `resources.gpu.memory` x gpuMemoryUtilization, as
+the server sizes its cache; activations are not counted.
+
+It does not fit, and the InferenceService is Stalled before any pod is scheduled, when the
+weights and the KV cache of ONE full-length sequence exceed the budget (or, with kvCacheMemory,
+when weights + kvCacheMemory do, or the cache cannot hold one sequence): no replica could
+serve. KV for maxModelLen x maxNumSeqs beyond that is reported, not enforced: the scheduler
+queues what the cache cannot hold at once, as vLLM's does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from kvpilot.operator.api import InferenceService
+from kvpilot.operator.api.model import ModelShape
+from kvpilot.operator.planner import parse_quantity
+from kvpilot.serving.contract import SERVE_SETTING
+
+GiB = 1 << 30
+INT4_GROUP_SIZE = 32  # kernels/quant/quantize.py DEFAULT_GROUP_SIZE
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+GPU_CHECKPOINT_DTYPE_BYTES = 2  # `--dtype auto` on a GPU: the checkpoint's bf16/fp16
+CPU_DTYPE_BYTES = 4  # float32: the server's default (and `auto`) on CPU
+
+
+def linear_bytes(out_features: int, in_features: int, quantization: str, dtype_bytes: int) -> int:
+    weights = out_features * in_features
+    if quantization == "none":
+        return weights * dtype_bytes
+    if quantization == "int4":
+        groups = out_features * math.ceil(in_features / INT4_GROUP_SIZE)
+        return weights // 2 + groups * 4  # float16 scale and min per group
+    return weights + out_features * 4  # int8, w8a8, fp8: a float32 scale per output row
+
+
+def weight_bytes(shape: ModelShape, quantization: str, dtype_bytes: int) -> int:
+    hidden, inter, head_dim = shape.hidden_size, shape.intermediate_size, shape.head_dim
+    q_width, kv_width = shape.num_attention_heads * head_dim, shape.num_key_value_heads * head_dim
+    layer_linears = [
+        (q_width, hidden), (kv_width, hidden), (kv_width, hidden), (hidden, q_width),
+        (inter, hidden), (inter, hidden), (hidden, inter),
+    ]  # fmt: skip
+    per_layer = sum(linear_bytes(o, i, quantization, dtype_bytes) for o, i in layer_linears)
+    layer_norms = 2 * hidden + (2 * head_dim if shape.qk_norm else 0)
+    total = shape.num_hidden_layers * (per_layer + layer_norms * dtype_bytes)
+    total += shape.vocab_size * hidden * dtype_bytes + hidden * dtype_bytes  # embeddings, final norm
+    if not shape.tie_word_embeddings:
+        total += linear_bytes(shape.vocab_size, hidden, quantization, dtype_bytes)
+    return total
+
+
+def kv_bytes_per_token(shape: ModelShape, kv_cache_dtype: str, dtype_bytes: int) -> int:
+    per_head = {
+        "auto": shape.head_dim * dtype_bytes,
+        "int8": shape.head_dim + 4,  # int8 values and a float32 scale
+        "fp8": shape.head_dim,
+    }[kv_cache_dtype]
+    return shape.num_hidden_layers * 2 * shape.num_key_value_heads * per_head
+
+
+@dataclass(frozen=True)
+class FitEstimate:
+    weight_bytes: int
+    kv_bytes_per_token: int
+    max_model_len: int | None
+    max_num_seqs: int
+    kv_cache_memory: int | None  # spec.engine.kvCacheMemory, if set
+    gpu_memory: int | None
+    utilization: float
+
+    @property
+    def sequence_kv_bytes(self) -> int | None:
+        """KV cache of one full-length sequence (whole blocks)."""
+        if self.max_model_len is None:
+            return None
+        block = SERVE_SETTING["block_size"].default
+        return math.ceil(self.max_model_len / block) * block * self.kv_bytes_per_token
+
+    @property
+    def batch_kv_bytes(self) -> int | None:
+        """KV cache of maxNumSeqs full-length sequences."""
+        one = self.sequence_kv_bytes
+        return None if one is None else one * self.max_num_seqs
+
+    @property
+    def budget_bytes(self) -> int | None:
+        return None if self.gpu_memory is None else int(self.gpu_memory * self.utilization)
+
+    @property
+    def kv_available_bytes(self) -> int | None:
+        if self.kv_cache_memory is not None:
+            return self.kv_cache_memory
+        budget = self.budget_bytes
+        return None if budget is None else budget - self.weight_bytes
+
+    @property
+    def fits(self) -> bool | None:
+        """None when it cannot be told (no GPU memory or no maxModelLen)."""
+        budget, one = self.budget_bytes, self.sequence_kv_bytes
+        if budget is None or one is None:
+            return None
+        if self.kv_cache_memory is not None and self.weight_bytes + self.kv_cache_memory > budget:
+            return False
+        return self.kv_available_bytes >= one
+
+    @property
+    def full_length_sequences(self) -> int | None:
+        """How many maxModelLen-token sequences the KV cache holds at once."""
+        available, one = self.kv_available_bytes, self.sequence_kv_bytes
+        if available is None or one is None:
+            return None
+        return max(available, 0) // one
+
+    def message(self) -> str:
+        weights = f"weights {gib(self.weight_bytes)}"
+        if self.max_model_len is None:
+            return f"{weights}; KV cache unknown: set spec.engine.maxModelLen or maxPositionEmbeddings"
+        batch = f"{self.max_num_seqs} x {self.max_model_len} tokens"
+        if self.budget_bytes is None:
+            kv = f"KV cache {gib(self.batch_kv_bytes)} for {batch}"
+            return f"{weights} + {kv}; set resources.gpu.memory to check the fit"
+        gpu = f"{gib(self.budget_bytes)} ({self.utilization:g} of {gib(self.gpu_memory)})"
+        if self.kv_cache_memory is not None:
+            kv = f"KV cache {gib(self.kv_cache_memory)} (kvCacheMemory)"
+            if self.weight_bytes + self.kv_cache_memory > self.budget_bytes:
+                return f"does not fit: {weights} + {kv} > {gpu}"
+        else:
+            kv = f"KV cache {gib(self.sequence_kv_bytes)} for one {self.max_model_len}-token sequence"
+            if not self.fits:
+                return f"does not fit: {weights} + {kv} > {gpu}"
+        if not self.fits:
+            return f"does not fit: {kv} holds no {self.max_model_len}-token sequence"
+        if self.kv_cache_memory is None and self.weight_bytes + self.batch_kv_bytes <= self.budget_bytes:
+            return f"fits: {weights} + KV cache {gib(self.batch_kv_bytes)} for {batch} <= {gpu}"
+        held = min(self.full_length_sequences, self.max_num_seqs)
+        return (
+            f"fits: {weights} + {gib(self.kv_available_bytes)} KV cache of {gpu}, holding {held} of "
+            f"{self.max_num_seqs} sequences at {self.max_model_len} tokens (KV cache for {batch}: "
+            f"{gib(self.batch_kv_bytes)}; the rest wait)"
+        )
+
+
+def gib(size: int) -> str:
+    return f"{size / GiB:.1f} GiB"
+
+
+def estimate(isvc: InferenceService) -> FitEstimate | None:
+    """The estimate for spec.model.architecture, or None when the spec gives no architecture."""
+    architecture = isvc.spec.model.architecture
+    if architecture is None:
+        return None
+    shape = architecture.shape()
+    engine, gpu = isvc.spec.engine, isvc.spec.resources.gpu
+    default_bytes = GPU_CHECKPOINT_DTYPE_BYTES if gpu.count else CPU_DTYPE_BYTES
+    dtype_bytes = DTYPE_BYTES.get(engine.dtype or "auto", default_bytes)
+    return FitEstimate(
+        weight_bytes=weight_bytes(shape, engine.quantization, dtype_bytes),
+        kv_bytes_per_token=kv_bytes_per_token(shape, engine.kv_cache_dtype, dtype_bytes),
+        max_model_len=engine.max_model_len or shape.max_position_embeddings,
+        max_num_seqs=engine.max_num_seqs or SERVE_SETTING["max_num_seqs"].default,
+        kv_cache_memory=None
+        if engine.kv_cache_memory is None
+        else int(parse_quantity(engine.kv_cache_memory)),
+        gpu_memory=None if gpu.memory is None or not gpu.count else int(parse_quantity(gpu.memory)),
+        utilization=engine.gpu_memory_utilization or SERVE_SETTING["gpu_memory_utilization"].default,
+    )
