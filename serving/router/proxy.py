@@ -198,12 +198,15 @@ async def read_whole(upstream: Upstream) -> tuple[bytes, int]:
     return content, upstream.response.status_code
 
 
+DONE_EVENT = b"data: [DONE]\n\n"  # an OpenAI stream's last event
+
+
 class Relay:
     """An ASGI response streaming the upstream's server-sent events to the client as they come."""
 
     def __init__(self, upstream: Upstream):
         self.upstream = upstream
-        self.relayed = False  # every byte of the upstream's body went to the client
+        self.relayed = False  # the client has the whole stream: its last event, or every byte
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         upstream = self.upstream
@@ -253,7 +256,8 @@ class Relay:
                 out = b"".join(self._event(event) for event in (complete + separator).split(b"\n\n") if event)
                 if out:
                     await send({"type": "http.response.body", "body": out, "more_body": True})
-        self.relayed = not pending
+                    self.relayed = self.relayed or DONE_EVENT in out  # the rest is the stream's end
+        self.relayed = self.relayed or not pending
         await send({"type": "http.response.body", "body": pending, "more_body": False})
 
     def _event(self, event: bytes) -> bytes:

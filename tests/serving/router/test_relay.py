@@ -1,5 +1,6 @@
 """How a relayed stream is counted when the client goes away: before the end it is a 499 (the
-server aborts the request), right after the last event it is the upstream's own 200."""
+server aborts the request); once the last event (`data: [DONE]`) went out it is the upstream's own
+200, even though the end of the upstream's body and the closing frame had not come yet."""
 
 import asyncio
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ class ServerEvents(httpx.AsyncByteStream):
         if not self.finished:
             await asyncio.Event().wait()  # still generating when the client leaves
         yield LAST
+        await asyncio.Event().wait()  # the end of the body has not arrived when the client leaves
 
 
 @dataclass
