@@ -1,54 +1,31 @@
 """Large CPU buffers in transparent huge pages (2 MiB), where Linux offers them.
 
 Decode attention reads each sequence's KV blocks from scattered places of a cache of gigabytes;
-with 4 KiB pages nearly every block costs TLB misses and page walks. Asking for huge pages
-(`madvise(MADV_HUGEPAGE)`, honoured when `/sys/kernel/mm/transparent_hugepage/enabled` is
-`always` or `madvise`) before the buffer is first touched made the native decode kernel 1.15-1.2x
-faster on a float32 cache, and a plain read of a large buffer 1.25x faster, on our 2-core Xeon.
-Elsewhere (no Linux, THP `never`, CUDA tensors) `zeros` is just `torch.zeros`.
+with 4 KiB pages nearly every block costs TLB misses and page walks. A buffer of its own
+anonymous mapping, advised `MADV_HUGEPAGE` before anything touches it (honoured when
+`/sys/kernel/mm/transparent_hugepage/enabled` is `always` or `madvise`), made the native decode
+kernel 1.15-1.2x faster on a float32 cache, and a plain read of a large buffer 1.25x faster, on
+our 2-core Xeon. (`torch.empty` + madvise is not enough: glibc serves allocations below its
+mmap threshold, up to 32 MiB, from memory that earlier tensors already touched.) Elsewhere (no
+Linux, THP `never`, CUDA, small buffers) `zeros` is `torch.zeros`.
 """
 
-import ctypes
-import ctypes.util
-import functools
+import math
 import mmap
 
 import torch
 
-MADV_HUGEPAGE = 14  # linux/mman.h
 HUGE_PAGE_BYTES = 2 << 20
 
 
-@functools.cache
-def _madvise():
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    except OSError:
-        return None
-    madvise = getattr(libc, "madvise", None)
-    if madvise is not None:
-        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        madvise.restype = ctypes.c_int
-    return madvise
-
-
-def advise_huge_pages(tensor: torch.Tensor) -> bool:
-    """Ask for huge pages over `tensor`'s memory (Linux backs its 2 MiB-aligned stretches with
-    them); only pages not touched yet get them. False where nothing was asked (a small or
-    non-CPU tensor, no madvise) or Linux refused."""
-    madvise = _madvise()
-    num_bytes = tensor.numel() * tensor.element_size()
-    if madvise is None or tensor.device.type != "cpu" or num_bytes < HUGE_PAGE_BYTES:
-        return False
-    start = tensor.data_ptr()
-    page = mmap.PAGESIZE
-    aligned = -(-start // page) * page
-    length = (start + num_bytes - aligned) // page * page
-    return madvise(aligned, length, MADV_HUGEPAGE) == 0
-
-
 def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
-    """`torch.zeros`, in huge pages when it is a large CPU buffer."""
-    tensor = torch.empty(shape, dtype=dtype, device=device)
-    advise_huge_pages(tensor)  # before the zeros below touch the pages
-    return tensor.zero_()
+    """`torch.zeros(shape)`, in huge pages when it is a CPU buffer of at least one huge page."""
+    num_bytes = math.prod(shape) * dtype.itemsize
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if torch.device(device).type != "cpu" or num_bytes < HUGE_PAGE_BYTES or advice is None:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    # private (a shared mapping would be shmem, which THP leaves alone) and anonymous: it reads
+    # as zeros and no page of it is touched yet
+    buffer = mmap.mmap(-1, num_bytes, flags=mmap.MAP_PRIVATE)
+    buffer.madvise(advice)
+    return torch.frombuffer(buffer, dtype=dtype).view(shape)  # the tensor keeps the mapping alive
