@@ -41,7 +41,7 @@ serve: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadgroup
 
 # The operator's end-to-end suite alone, on a local control plane (tests/cluster). The first run on a
 # machine builds kube-apiserver, kube-controller-manager and kube-scheduler (~6 min on 2 cores; README).

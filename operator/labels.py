@@ -68,6 +68,11 @@ def selector_string(isvc: InferenceService) -> str:
     return ",".join(f"{k}={v}" for k, v in selector_labels(isvc).items())
 
 
+def router_selector_string(isvc: InferenceService) -> str:
+    """The router pods' label selector, as a list call takes it."""
+    return ",".join(f"{k}={v}" for k, v in router_selector_labels(isvc).items())
+
+
 def owner_reference(isvc: InferenceService) -> dict[str, Any]:
     return {
         "apiVersion": API_VERSION,

@@ -12,11 +12,11 @@ from kvpilot.operator.builders import build_children
 from kvpilot.operator.defaults import NO_DEFAULTS, ClusterDefaults, with_cluster_defaults
 from kvpilot.operator.executor import KubeClient, PermanentApiError
 from kvpilot.operator.fit import estimate
-from kvpilot.operator.labels import AUTOSCALER_MANAGER, MANAGER, router_name
+from kvpilot.operator.labels import AUTOSCALER_MANAGER, MANAGER, router_name, router_selector_string
 from kvpilot.operator.model_cache import DOWNLOAD_POD_NAME, job_name
 from kvpilot.operator.planner import Plan, plan, replicas_handoff
 from kvpilot.operator.revision import revision_deployment_name, revision_hash, with_pod_fields
-from kvpilot.operator.rollout.analysis import RevisionCounters, analyze, engine_counters, is_due
+from kvpilot.operator.rollout.analysis import RevisionCounters, analyze, check_counters, is_due
 from kvpilot.operator.rollout.observe import (
     observe_revisions,
     revision_of,
@@ -24,7 +24,7 @@ from kvpilot.operator.rollout.observe import (
     revision_traffic,
 )
 from kvpilot.operator.rollout.planner import Commands, Event, ObservedRevision, RolloutInputs, plan_rollout
-from kvpilot.operator.rollout.scrape import ready_pod_metrics_urls, scrape
+from kvpilot.operator.rollout.scrape import analysis_metrics_urls, scrape
 from kvpilot.operator.rollout.state import autoscaled_revision, rfc3339
 from kvpilot.operator.router_config import referenced_secrets
 from kvpilot.operator.status import (
@@ -106,19 +106,22 @@ def _analysis_check(
     previous: RolloutStatus | None,
     target: str,
     pods: list[dict[str, Any]],
+    client: KubeClient,
     now: datetime.datetime,
 ) -> AnalysisResult | None:
-    """A check of the new revision when one is due: its engine pods' metrics since the last check
-    (the router's per-revision metrics replace them once the router is in front)."""
+    """A check of the new revision when one is due: the router's per-revision metrics since the
+    last check (summed over its ready pods), or without the router the revision's engine pods'."""
     spec = isvc.spec.rollout.analysis
     if previous is None or previous.revision != target or previous.phase not in ("Progressing", "Paused"):
         return None
     last = previous.last_analysis
     if not is_due(last, spec, previous.canary_weight, now):
         return None
-    pages = scrape(ready_pod_metrics_urls([p for p in pods if revision_of(p) == target]))
+    via_router = isvc.spec.router.enabled
+    routers = client.list_pods(isvc.metadata.namespace, router_selector_string(isvc)) if via_router else None
+    pages = scrape(analysis_metrics_urls(target, pods, routers))
     baseline = RevisionCounters.from_status(last.counters) if last else None
-    return analyze(spec, engine_counters(pages), baseline, now)
+    return analyze(spec, check_counters(pages, isvc.spec.model.name, target, via_router), baseline, now)
 
 
 def _pod_app(pod: dict[str, Any]) -> str | None:
@@ -187,7 +190,7 @@ def reconcile(
             revisions=revisions,
             now=moment,
             previous=previous_rollout,
-            analysis=_analysis_check(isvc, previous_rollout, target, pods, moment),
+            analysis=_analysis_check(serving, previous_rollout, target, pods, client, moment),
             commands=Commands.from_annotations(metadata.get("annotations")),
         )
     )

@@ -13,10 +13,12 @@ import json
 from typing import Any
 
 from kvpilot.operator.api import InferenceService, InferenceServiceSpec
+from kvpilot.operator.api.router import RouterSpec
 from kvpilot.operator.labels import REVISION_LABEL
 
 __all__ = [
     "REVISION_LABEL",
+    "ROUTER_POD_FIELDS",
     "pod_spec_fields",
     "revision_deployment_name",
     "revision_hash",
@@ -38,10 +40,11 @@ POD_FIELDS = (
     "pod_annotations",
     "pod_labels",
 )
-# The router's and tenants' settings reach the router pods, not the engine's; the one router
-# field the engine pods see (upstreamApiKeySecretRef, an env var) updates the serving revision's
-# Deployment in place.
+# The router's and tenants' settings reach the router pods, not the engine's, except the upstream
+# key: the engine pods take it as `--api-key` (an env var from the Secret), so it is part of the
+# revision (ROUTER_POD_FIELDS).
 NON_POD_FIELDS = ("replicas", "autoscaling", "rollout", "router", "tenants")
+ROUTER_POD_FIELDS = ("upstream_api_key_secret_ref",)
 # Inside pod-shaping fields, what only feeds the operator's GPU fit estimate (operator/fit.py) and
 # never reaches a pod: changing it is no new revision.
 FIT_ONLY_FIELDS: dict[str, Any] = {"model": {"architecture"}, "resources": {"gpu": {"memory"}}}
@@ -50,13 +53,13 @@ FIT_ONLY_FIELDS: dict[str, Any] = {"model": {"architecture"}, "resources": {"gpu
 def pod_spec_fields(spec: InferenceServiceSpec) -> dict[str, Any]:
     """The pod-shaping fields as written in a manifest, defaults left out (so a new optional
     field in a later version of the API does not change every revision's hash)."""
-    return spec.model_dump(
-        by_alias=True,
-        exclude_defaults=True,
-        mode="json",
-        include=set(POD_FIELDS),
-        exclude=FIT_ONLY_FIELDS,
+    include: dict[str, Any] = dict.fromkeys(POD_FIELDS, True) | {"router": set(ROUTER_POD_FIELDS)}
+    dumped = spec.model_dump(
+        by_alias=True, exclude_defaults=True, mode="json", include=include, exclude=FIT_ONLY_FIELDS
     )
+    if not dumped.get("router"):
+        dumped.pop("router", None)  # other router settings leave the hash as it was
+    return dumped
 
 
 def revision_hash(spec: InferenceServiceSpec) -> str:
@@ -70,7 +73,11 @@ def revision_deployment_name(isvc: InferenceService, revision: str) -> str:
 
 def with_pod_fields(isvc: InferenceService, fields: dict[str, Any]) -> InferenceService:
     """The InferenceService with its pod-shaping fields replaced by a remembered revision's
-    (spec.rollout.rollbackTo); replicas, autoscaling and rollout stay the spec's own."""
+    (spec.rollout.rollbackTo); replicas, autoscaling, rollout and the other router settings stay
+    the spec's own."""
     spec = isvc.spec.model_dump(by_alias=True, exclude_defaults=True, mode="json", exclude=set(POD_FIELDS))
-    merged = InferenceServiceSpec.model_validate({**spec, **fields})
+    own = {RouterSpec.model_fields[name].alias for name in ROUTER_POD_FIELDS}
+    router = {k: v for k, v in spec.pop("router", {}).items() if k not in own}
+    router |= fields.get("router", {})
+    merged = InferenceServiceSpec.model_validate({**spec, **fields, "router": router})
     return isvc.model_copy(update={"spec": merged})

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvpilot.operator.api import InferenceService
-from kvpilot.operator.api.router import TenantSpec
+from kvpilot.operator.api.router import ActivationSpec, TenantSpec
+from kvpilot.operator.api.validation import duration_seconds
 from kvpilot.operator.labels import engine_service_name
 from kvpilot.serving.contract import PORT_NAME
 
@@ -93,6 +94,12 @@ def _tenant(tenant: TenantSpec) -> dict[str, Any]:
     return entry | {k: v for k, v in optional.items() if v is not None}
 
 
+def _activation(activation: ActivationSpec) -> dict[str, Any]:
+    # The router reads `300s`-style single-unit durations; a Go duration such as 1m30s becomes 90s.
+    seconds = f"{duration_seconds(activation.timeout):.3f}".rstrip("0").rstrip(".")
+    return {"timeout": f"{seconds}s", "maxQueued": activation.max_queued}
+
+
 def router_config(isvc: InferenceService, revision_list: Sequence[RevisionEndpoints]) -> dict[str, Any]:
     """The config `kvpilot router --config` reads (the issue's shape)."""
     model = {
@@ -101,6 +108,7 @@ def router_config(isvc: InferenceService, revision_list: Sequence[RevisionEndpoi
             {"name": r.name, "weight": r.weight, "endpoints": list(r.endpoints)} for r in revision_list
         ],
         "balancing": isvc.spec.router.balancing,
+        "activation": _activation(isvc.spec.router.activation),
     }
     config: dict[str, Any] = {"models": [model]}
     if isvc.spec.tenants:

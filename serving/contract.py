@@ -126,6 +126,12 @@ SERVE_SETTINGS = (
         metavar="SIZE",
     ),
     ServeSetting(
+        "inject_error_rate", float, 0.0,
+        "TEST AID, never for production: answer this share (0..1) of /v1/completions and "
+        "/v1/chat/completions requests with HTTP 500 before any token (spread evenly: 0.25 fails "
+        "every fourth)", 0, metavar="FRACTION",
+    ),
+    ServeSetting(
         "termination_log", str, None,
         f"file for a one-line reason of a fatal start-up error (default {TERMINATION_LOG} when it exists "
         "and is writable; '' for none)", metavar="PATH",
@@ -150,6 +156,7 @@ NOT_IN_CRD = {
     "max_queue_len": "spec.engine.extraArgs",
     "api_key": "tenants' keys belong to the router; a server key would sit in the pod spec",
     "access_log": "spec.engine.extraArgs",
+    "inject_error_rate": "a test aid (a canary that fails, for rollout analysis); spec.engine.extraArgs",
 }
 
 

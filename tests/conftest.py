@@ -43,6 +43,15 @@ def tiny_llama(tiny_checkpoints) -> Path:
 CONTROL_PLANE_FIXTURES = {"control_plane", "cluster"}
 
 
+def pytest_collection_modifyitems(items):
+    """Under `pytest -n 2 --dist loadgroup` (make test) a worker takes a whole group: the tests that
+    share the one local control plane and its process kubelet (a second cluster would double the
+    load and its pod network), or one module (its module-scoped servers start once)."""
+    for item in items:
+        shares_cluster = CONTROL_PLANE_FIXTURES & set(getattr(item, "fixturenames", ()))
+        item.add_marker(pytest.mark.xdist_group("control-plane" if shares_cluster else item.module.__name__))
+
+
 def pytest_collection_finish(session):
     """Build the Kubernetes binaries before the first test that needs them (first use only).
 

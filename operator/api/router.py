@@ -6,9 +6,9 @@ from typing import Annotated, Literal
 
 from kvpilot.operator.api.base import _Model
 from kvpilot.operator.api.constants import DNS_LABEL_PATTERN
-from kvpilot.operator.api.validation import Quantity
-from kvpilot.serving.router.config import BALANCING_POLICIES
-from pydantic import Field
+from kvpilot.operator.api.validation import ACTIVATION_RULES, Duration, Quantity, cel_rules, enforce
+from kvpilot.serving.router.config import BALANCING_POLICIES, DEFAULT_ACTIVATION_TIMEOUT, DEFAULT_MAX_QUEUED
+from pydantic import ConfigDict, Field, model_validator
 
 
 class RouterResources(_Model):
@@ -31,6 +31,28 @@ class SecretKeyReference(_Model):
     key: str = Field(
         max_length=253, pattern=r"^[-._a-zA-Z0-9]+$", description="Key in the Secret that holds the API key."
     )
+
+
+class ActivationSpec(_Model):
+    """Scale from zero: how the router holds requests while the model has no ready engine pod."""
+
+    model_config = ConfigDict(json_schema_extra=cel_rules(ACTIVATION_RULES))
+
+    timeout: Duration = Field(
+        default=f"{DEFAULT_ACTIVATION_TIMEOUT:g}s",
+        description="How long a request waits for a ready engine pod before it gets 503 (at least 1s; "
+        "e.g. 300s, 5m).",
+    )
+    max_queued: int = Field(
+        default=DEFAULT_MAX_QUEUED,
+        ge=1,
+        le=1_000_000,
+        description="Most requests one router replica holds at once; one more gets 429 with Retry-After.",
+    )
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> ActivationSpec:
+        return enforce(self, ACTIVATION_RULES)
 
 
 class RouterSpec(_Model):
@@ -58,6 +80,11 @@ class RouterSpec(_Model):
         description="A Secret key the engine pods require on /v1/* (KVPILOT_API_KEY) and the router "
         "sends them, so that nobody in the cluster reaches the engine around the router's tenants "
         "through `<name>-engine`. Unset: the engine pods take requests without a key.",
+    )
+    activation: ActivationSpec = Field(
+        default_factory=ActivationSpec,
+        json_schema_extra={"default": {}},
+        description="Scale from zero: requests wait at the router while no engine pod is ready.",
     )
     inference_pool: bool = Field(
         default=False,

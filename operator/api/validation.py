@@ -163,6 +163,15 @@ SPEC_RULES = [
     ),
 ]
 
+ACTIVATION_RULES = [
+    Rule(
+        "!has(self.timeout) || duration(self.timeout) >= duration('1s')",
+        "spec.router.activation.timeout must be at least 1s",
+        ".timeout",
+        lambda activation: duration_seconds(activation.timeout) >= 1,
+    ),
+]
+
 # A missing strategy is the default, Rolling (the CRD's default `{}` is checked before defaulting).
 ROLLOUT_RULES = [
     Rule(

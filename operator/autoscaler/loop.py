@@ -39,7 +39,7 @@ from kvpilot.operator.autoscaler.scrape import (
     parse_router_queued,
 )
 from kvpilot.operator.executor import KubeClient, PermanentApiError, TransientError
-from kvpilot.operator.labels import AUTOSCALER_MANAGER, router_selector_labels, selector_string
+from kvpilot.operator.labels import AUTOSCALER_MANAGER, router_selector_string, selector_string
 from kvpilot.operator.revision import revision_deployment_name
 from kvpilot.operator.rollout.state import autoscaled_revision
 from pydantic import ValidationError
@@ -55,10 +55,6 @@ def _wants_autoscaler(body: dict[str, Any]) -> bool:
     """Before parsing (an invalid spec is still tracked; its tick skips it until it is fixed)."""
     autoscaling = (body.get("spec") or {}).get("autoscaling")
     return isinstance(autoscaling, dict) and autoscaling.get("engine", "kvpilot") == "kvpilot"
-
-
-def router_selector(isvc: InferenceService) -> str:
-    return ",".join(f"{k}={v}" for k, v in router_selector_labels(isvc).items())
 
 
 def rfc3339(t: float) -> str:
@@ -207,7 +203,7 @@ class Autoscaler:
         """The Ready engine pods' gauges and the router pods' queued requests, scraped now."""
         namespace = isvc.metadata.namespace
         pods = await asyncio.to_thread(client.list_pods, namespace, selector_string(isvc))
-        routers = await asyncio.to_thread(client.list_pods, namespace, router_selector(isvc))
+        routers = await asyncio.to_thread(client.list_pods, namespace, router_selector_string(isvc))
         engines = counted_pods(pods, now, policy.initial_delay)
         texts = await fetch_metrics(http, [metrics_url(p) for p in engines + counted_pods(routers, now, 0.0)])
         readings = [parse_engine_metrics(text) if text else None for text in texts[: len(engines)]]

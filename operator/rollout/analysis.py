@@ -97,6 +97,12 @@ def engine_counters(metrics_texts: list[str]) -> RevisionCounters:
     return RevisionCounters(requests, buckets)
 
 
+def check_counters(pages: list[str], model: str, revision: str, via_router: bool) -> RevisionCounters:
+    """The revision's counters from the pages `scrape.analysis_metrics_urls` chose: the router's
+    per-revision series, or the revision's engine pods' own."""
+    return revision_counters(pages, model, revision) if via_router else engine_counters(pages)
+
+
 def histogram_quantile(quantile: float, buckets: dict[float, float]) -> float | None:
     """Prometheus' histogram_quantile over cumulative buckets; None without observations."""
     bounds = sorted(buckets)

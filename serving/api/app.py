@@ -12,6 +12,7 @@ from kvpilot.serving.api.body_limit import BodyLimitMiddleware
 from kvpilot.serving.api.chat import create_chat_completion
 from kvpilot.serving.api.completions import create_completion
 from kvpilot.serving.api.errors import install_error_handlers
+from kvpilot.serving.api.fault_injection import ErrorInjectionMiddleware
 from kvpilot.serving.api.gate import GateMiddleware
 from kvpilot.serving.api.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from kvpilot.serving.api.settings import ServeSettings
@@ -49,6 +50,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
     install_error_handlers(app)
     # The last added runs first: the gate (API key, readiness) before any body is read.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    if settings.inject_error_rate > 0:  # a test aid: failures after the gate, before the engine
+        app.add_middleware(ErrorInjectionMiddleware, rate=settings.inject_error_rate)
     app.add_middleware(GateMiddleware, state=state)
 
     @app.post("/v1/completions")

@@ -56,6 +56,13 @@ class ServeSettings(_DeclaredSettings):
             raise ValueError(f"only 1 is supported (one device per replica), got {value}")
         return value
 
+    @field_validator("inject_error_rate")
+    @classmethod
+    def _a_fraction(cls, value: float) -> float:
+        if value > 1:
+            raise ValueError(f"must be a fraction between 0 and 1, got {value}")
+        return value
+
     @field_validator("model")
     @classmethod
     def _model_exists(cls, value: str | None) -> str | None:

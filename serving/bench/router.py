@@ -1,4 +1,5 @@
-"""`kvpilot bench router`: what prefix-aware balancing buys, measured on real processes.
+"""`kvpilot bench router`: what prefix-aware balancing buys, measured on real processes (with
+`--ttfb`: what the router adds to the time to first byte, see router_ttfb.py).
 
 Starts `--num-servers` `kvpilot serve` processes (each with a KV cache too small to hold every
 shared prefix at once) and `kvpilot router` in front of them, once per balancing policy (fresh
@@ -68,12 +69,12 @@ def prefix_cache_counts(base_url: str) -> tuple[float, float]:
 
 
 @contextlib.contextmanager
-def started(command: list[str], base_url: str, log: Path, timeout: float = 600) -> Iterator[None]:
+def started(command: list[str], base_url: str, log: Path, timeout: float = 600) -> Iterator[subprocess.Popen]:
     with log.open("ab") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_until_ready(base_url, process, timeout)
-        yield
+        yield process
     finally:
         process.terminate()
         try:
@@ -82,46 +83,42 @@ def started(command: list[str], base_url: str, log: Path, timeout: float = 600) 
             process.kill()
 
 
+CLI = [sys.executable, "-m", "kvpilot.serving.cli"]
+
+
+def start_server(
+    stack: contextlib.ExitStack, model: str | None, log: Path, *extra: str
+) -> tuple[str, subprocess.Popen]:
+    """A `kvpilot serve` on a free port, ready: its base URL and process. Stopped when `stack` closes."""
+    url = f"http://127.0.0.1:{free_port()}"
+    command = [*CLI, "serve", "--port", url.rsplit(":", 1)[1], "--served-model-name", MODEL_NAME]
+    command += ["--no-access-log", *extra] + (["--model", model] if model else [])
+    return url, stack.enter_context(started(command, url, log))
+
+
+def start_router(
+    stack: contextlib.ExitStack, config: dict, config_path: Path, log: Path
+) -> tuple[str, subprocess.Popen]:
+    """`kvpilot router` with this config on a free port, ready: its base URL and process."""
+    config_path.write_text(yaml.safe_dump(config))
+    url = f"http://127.0.0.1:{free_port()}"
+    command = [*CLI, "router", "--config", str(config_path), "--host", "127.0.0.1"]
+    command += ["--port", url.rsplit(":", 1)[1], "--no-access-log"]
+    return url, stack.enter_context(started(command, url, log))
+
+
 def run_policy(args: argparse.Namespace, policy: str, requests, workdir: Path) -> PolicyResult:
-    cli = [sys.executable, "-m", "kvpilot.serving.cli"]
-    ports = [free_port() for _ in range(args.num_servers)]
-    urls = [f"http://127.0.0.1:{port}" for port in ports]
     with contextlib.ExitStack() as stack:
-        for i, port in enumerate(ports):
-            command = [
-                *cli,
-                "serve",
-                "--port",
-                str(port),
-                "--served-model-name",
-                MODEL_NAME,
-                "--no-access-log",
-            ]
-            command += ["--num-kv-blocks", str(args.num_kv_blocks)] + (
-                ["--model", args.model] if args.model else []
-            )
-            stack.enter_context(started(command, urls[i], workdir / f"{policy}-server{i}.log"))
+        blocks = ("--num-kv-blocks", str(args.num_kv_blocks))
+        logs = [workdir / f"{policy}-server{i}.log" for i in range(args.num_servers)]
+        urls = [start_server(stack, args.model, log, *blocks)[0] for log in logs]
         config = {
             "models": [
                 {"name": MODEL_NAME, "balancing": policy, "revisions": [{"name": "r", "endpoints": urls}]}
             ]
         }
-        config_path = workdir / f"{policy}.yaml"
-        config_path.write_text(yaml.safe_dump(config))
-        router_port = free_port()
-        command = [
-            *cli,
-            "router",
-            "--config",
-            str(config_path),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(router_port),
-        ]
-        router_url = f"http://127.0.0.1:{router_port}"
-        stack.enter_context(
-            started([*command, "--no-access-log"], router_url, workdir / f"{policy}-router.log")
+        router_url, _ = start_router(
+            stack, config, workdir / f"{policy}.yaml", workdir / f"{policy}-router.log"
         )
         bench = ServeBenchConfig(base_url=router_url, model=MODEL_NAME, max_concurrency=args.max_concurrency)
         run = asyncio.run(run_benchmark(bench, requests, show_progress=False))
@@ -169,6 +166,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--policies", default="prefix,random", help="comma-separated balancing policies")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="write the results as JSON to this file")
+    parser.add_argument(
+        "--ttfb", action="store_true",
+        help="instead: time to first byte straight to one server vs through the router (uses --model, "
+        "--output-len, --json)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ttfb-requests", type=positive_int, default=40, help="with --ttfb: streamed requests each way"
+    )
     parser.set_defaults(run=main)
     return parser
 
@@ -179,6 +184,10 @@ def main(args: argparse.Namespace) -> int:
     from kvpilot.serving.bench.machine import describe_machine, format_machine
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
+    if args.ttfb:
+        from kvpilot.serving.bench.router_ttfb import main as ttfb_main
+
+        return ttfb_main(args)
     tokenizer = load_tokenizer(args.model)
     text_token_ids = tokenize_text(tokenizer, read_text())
     shape = (args.num_prompts, args.num_prefixes, args.prefix_len, args.suffix_len, args.output_len)

@@ -76,6 +76,7 @@ def enter(state: RouterState, call: Call, revision: RevisionRoute, endpoint: End
 def leave(state: RouterState, call: Call, revision: RevisionRoute, endpoint: Endpoint) -> None:
     endpoint.in_flight -= 1
     state.metrics.upstream_inflight.labels(call.model, revision.name, endpoint.url).dec()
+    state.forget_if_gone(model=call.model, revision=revision.name, endpoint=endpoint.url)
 
 
 def record(state: RouterState, call: Call, revision: str, code: int, first_byte: float | None = None) -> None:
@@ -85,6 +86,7 @@ def record(state: RouterState, call: Call, revision: str, code: int, first_byte:
         metrics.duration.labels(call.model, revision).observe(time.monotonic() - call.started)
         if first_byte is not None:
             metrics.time_to_first_token.labels(call.model, revision).observe(first_byte - call.started)
+    state.forget_if_gone(model=call.model, revision=revision, tenant=call.tenant_name)
 
 
 async def open_upstream(state: RouterState, call: Call) -> Upstream:
@@ -201,6 +203,7 @@ class Relay:
 
     def __init__(self, upstream: Upstream):
         self.upstream = upstream
+        self.relayed = False  # every byte of the upstream's body went to the client
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         upstream = self.upstream
@@ -213,8 +216,8 @@ class Relay:
             for task in (pump, watch):
                 task.cancel()
             pumped, _ = await asyncio.gather(pump, watch, return_exceptions=True)
-            if isinstance(pumped, asyncio.CancelledError | OSError):
-                code = 499  # the client went away
+            if isinstance(pumped, asyncio.CancelledError | OSError) and not self.relayed:
+                code = 499  # the client went away before the end (not just before the closing frame)
             elif isinstance(pumped, httpx.HTTPError):  # the upstream broke mid-stream: too late to retry
                 cool_down = upstream.endpoint.eject()
                 logger.warning(
@@ -250,6 +253,7 @@ class Relay:
                 out = b"".join(self._event(event) for event in (complete + separator).split(b"\n\n") if event)
                 if out:
                     await send({"type": "http.response.body", "body": out, "more_body": True})
+        self.relayed = not pending
         await send({"type": "http.response.body", "body": pending, "more_body": False})
 
     def _event(self, event: bytes) -> bytes:

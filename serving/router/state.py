@@ -16,7 +16,7 @@ import httpx
 from kvpilot.serving.router.activation import ActivationQueue
 from kvpilot.serving.router.config import ConfigError, RouterConfig, load_config, read_key_file
 from kvpilot.serving.router.endpoints import Endpoint, EndpointRegistry
-from kvpilot.serving.router.metering import RouterMetrics
+from kvpilot.serving.router.metering import ConfiguredLabels, RouterMetrics
 from kvpilot.serving.router.routing import RoutingTable
 from kvpilot.serving.router.tenants import Tenants
 
@@ -42,6 +42,7 @@ class Loaded:
     tenants: Tenants
     upstream_key: str | None
     fingerprint: str
+    labels: ConfiguredLabels  # the metric label values this config makes live
 
 
 class RouterState:
@@ -49,7 +50,7 @@ class RouterState:
         self.settings = settings
         self.metrics = RouterMetrics()
         self.registry = EndpointRegistry()
-        self.activation = ActivationQueue(on_change=lambda model, n: self.metrics.queued.labels(model).set(n))
+        self.activation = ActivationQueue(on_change=self._held_changed)
         self.loaded: Loaded | None = None
         self.client: httpx.AsyncClient | None = None
         self.on_endpoints_changed = lambda: None  # set by the app: wake the prober
@@ -63,7 +64,9 @@ class RouterState:
         if config.upstream_api_key_file is not None:
             upstream_key = read_key_file(config.upstream_api_key_file, "upstreamApiKeyFile")
         table = RoutingTable(config, self.registry)
-        return Loaded(config, table, tenants, upstream_key, self.fingerprint(config))
+        return Loaded(
+            config, table, tenants, upstream_key, self.fingerprint(config), ConfiguredLabels.of(config)
+        )
 
     def fingerprint(self, config: RouterConfig | None) -> str:
         """A digest of the config file and the key files it names: any change means reload."""
@@ -96,10 +99,21 @@ class RouterState:
         self.loaded = loaded
         self.metrics.config_reloads.labels("ok").inc()
         self.metrics.config_last_reload_ok.set(1)
+        self.metrics.prune(loaded.labels)
         models = ", ".join(model.name for model in loaded.config.models)
         logger.info("config %s: models %s", "loaded" if first else "reloaded", models)
         self.on_endpoints_changed()
         return True
+
+    def forget_if_gone(self, **labels: str) -> None:
+        """After a request of a model, revision, endpoint or tenant that a reload removed: drop the
+        series its metering recreated (and the in-flight gauge's, once at 0)."""
+        if self.loaded is not None and not self.loaded.labels.holds(labels):
+            self.metrics.prune(self.loaded.labels)
+
+    def _held_changed(self, model: str, held: int) -> None:
+        self.metrics.queued.labels(model).set(held)
+        self.forget_if_gone(model=model)
 
     def changed_on_disk(self) -> bool:
         current = self.loaded.config if self.loaded is not None else None

@@ -244,6 +244,14 @@ BAD = [
     ("name too long for `<name>-engine`", {"metadata.name": "a" * 57}, "metadata.name"),
     ("no router replicas", {"spec.router": {"replicas": 0}}, "spec.router.replicas"),
     ("unknown balancing", {"spec.router": {"balancing": "round-robin"}}, "spec.router.balancing"),
+    *[
+        (name, {"spec.router": {"activation": activation}}, field)
+        for name, activation, field in [
+            ("activation timeout under 1s", {"timeout": "500ms"}, "spec.router.activation.timeout"),
+            ("activation timeout not Go's", {"timeout": "5 minutes"}, "spec.router.activation.timeout"),
+            ("nothing may be held", {"maxQueued": 0}, "spec.router.activation.maxQueued"),
+        ]
+    ],
     ("tenant without a key", {"spec.tenants": [{"name": "team-a"}]}, "spec.tenants.0.apiKeySecretRef"),
     ("tenant name not a DNS label", {"spec.tenants": [{**TENANT, "name": "Team A"}]}, "spec.tenants.0.name"),
     ("zero requests per minute", {"spec.tenants": [{**TENANT, "requestsPerMinute": 0}]}, "requestsPerMinute"),

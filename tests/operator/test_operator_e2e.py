@@ -544,7 +544,7 @@ def test_the_autoscaler_follows_real_engine_load_up_down_and_to_zero(
         router_url = _router_url(api, ns)
         load = _load(router_url, model_dir / "smollm2", concurrency=4)
         try:
-            wait_for(lambda: _deployment_replicas(api, ns) == 2, "a scale-up under load", timeout=60)
+            wait_for(lambda: _deployment_replicas(api, ns) == 2, "a scale-up under load", timeout=120)
             wait_for(  # a real pod: scheduled, started, loaded, Ready
                 lambda: api.get(API_VERSION, ISVC, ns, "chat")["status"].get("readyReplicas") == 2,
                 "2 ready replicas",

@@ -3,6 +3,8 @@ fit and a rejected apply stall with their numbers or the API server's message, a
 retried for the same spec."""
 
 import datetime
+import http.server
+import threading
 from typing import Any
 
 import kubernetes.client
@@ -288,3 +290,89 @@ def test_a_rejected_apply_is_not_retried_for_the_same_generation(counting_client
     changed = {**body, "metadata": {**body["metadata"], "generation": 2}, "status": condition["status_body"]}
     reconcile(changed, counting_client, NOW + datetime.timedelta(minutes=2))
     assert counting_client.executed == 2
+
+
+class RouterMetricsServer:
+    """A real /metrics endpoint on 127.0.0.1 serving the router's own metrics (serving/router/metering.py)."""
+
+    def __init__(self) -> None:
+        from kvpilot.serving.router.metering import RouterMetrics
+
+        self.metrics = RouterMetrics()
+        metrics = self.metrics
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = metrics.render()
+                self.send_response(200 if self.path == "/metrics" else 404)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def answer(self, revision: str, code: str, count: int) -> None:
+        self.metrics.requests.labels("smollm2", revision, "", code).inc(count)
+        for _ in range(count):
+            self.metrics.time_to_first_token.labels("smollm2", revision).observe(0.2)
+
+
+def router_pod(kubectl, namespace: str, port: int) -> None:
+    """A ready router pod of `chat` whose `http` port is `port` on 127.0.0.1."""
+    labels = {"app.kubernetes.io/name": "kvpilot-router", "app.kubernetes.io/instance": "chat"}
+    container = {"name": "router", "image": "kvpilot", "ports": [{"name": "http", "containerPort": port}]}
+    body = {"metadata": {"name": "chat-router-1", "labels": labels}, "spec": {"containers": [container]}}
+    kubectl.create("v1", "pods", namespace, body)
+    status = {"podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]}
+    kubectl.patch("v1", "pods", namespace, "chat-router-1", {"status": status}, sub="status")
+
+
+def test_a_canarys_analysis_reads_the_router_pods_metrics_and_rolls_back_on_its_error_rate(client, kubectl):
+    """The reconciler lists the router pods, reads each one's /metrics (a real endpoint) and
+    judges the canary on its revision's 5xx share there: two failed checks roll it back."""
+    ns = "rec-analysis"
+    analysis = {"interval": "1m", "maxErrorRate": 0.1, "minRequests": 10, "failureLimit": 2}
+    canary = {"strategy": "Canary", "steps": [{"weight": 50, "pause": "1h"}], "analysis": analysis}
+    reconcile(stored(kubectl, ns, rollout=canary), client, NOW)
+    (old,) = deployments(kubectl, ns)
+    mark_ready(kubectl, ns, old, 2)
+    reconcile(kubectl.get(*ISVC, ns, "chat"), client, NOW)
+    kubectl.patch(*ISVC, ns, "chat", {"spec": {"engine": {"maxNumSeqs": 8}}})
+    reconcile(kubectl.get(*ISVC, ns, "chat"), client, NOW)
+    (new,) = set(deployments(kubectl, ns)) - {old}
+    mark_ready(kubectl, ns, new, 1)
+    reconcile(kubectl.get(*ISVC, ns, "chat"), client, NOW)
+    rollout = kubectl.get(*ISVC, ns, "chat")["status"]["rollout"]
+    assert (rollout["canaryWeight"], rollout.get("lastAnalysis")) == (50, None)
+    canary_revision, stable_revision = rollout["revision"], rollout["stableRevision"]
+
+    router = RouterMetricsServer()
+    router_pod(kubectl, ns, router.port)
+    router.answer(canary_revision, "200", 40)
+    router.answer(canary_revision, "500", 6)  # passed on from the canary's server
+    router.answer(canary_revision, "502", 4)  # answered by the router itself for the canary
+    router.answer(stable_revision, "500", 500)  # another revision's errors are not the canary's
+    reconcile(kubectl.get(*ISVC, ns, "chat"), client, NOW + datetime.timedelta(seconds=1))
+    rollout = kubectl.get(*ISVC, ns, "chat")["status"]["rollout"]
+    last = rollout["lastAnalysis"]
+    assert (last["requests"], last["errorRate"], last["passed"]) == (50, 0.2, False)
+    # All 50 first bytes in the (0.1, 0.25] bucket: rank 47.5 of 50 -> 0.1 + 0.15 * 47.5 / 50
+    assert last["ttftP95"] == pytest.approx(0.2425)
+    assert (rollout["phase"], rollout["failedChecks"]) == ("Progressing", 1)  # a timed pause
+
+    router.answer(canary_revision, "200", 16)
+    router.answer(canary_revision, "503", 4)
+    reconcile(kubectl.get(*ISVC, ns, "chat"), client, NOW + datetime.timedelta(seconds=62))
+    rollout = kubectl.get(*ISVC, ns, "chat")["status"]["rollout"]
+    assert (rollout["phase"], rollout["reason"]) == ("RolledBack", "AnalysisFailed")
+    last = rollout["lastAnalysis"]  # the interval since the previous check only
+    assert (last["requests"], last["errorRate"], last["passed"]) == (20, 0.2, False)
+    assert "2 failed analysis checks in a row" in rollout["message"]
+    assert "error rate 0.200 > maxErrorRate 0.1" in rollout["message"]
+    assert deployments(kubectl, ns) == {old: 2, new: 0}
+    router.server.shutdown()

@@ -85,3 +85,41 @@ def test_a_remembered_revision_restores_the_pods_but_not_the_replicas():
     restored = with_pod_fields(current, remembered)
     assert revision_hash(restored.spec) == revision_hash(old.spec)
     assert restored.spec.replicas == 5 and restored.spec.image == old.spec.image
+
+
+UPSTREAM_KEY = {"upstreamApiKeySecretRef": {"name": "chat-keys", "key": "engine"}}
+
+
+def test_the_upstream_key_reaches_the_engine_pods_so_it_is_part_of_the_revision():
+    """spec.router.upstreamApiKeySecretRef becomes the servers' --api-key (env from the Secret):
+    setting or changing it is a new revision; the other router settings are not."""
+    from kvpilot.operator.builders import build_children
+
+    plain, keyed = isvc(), isvc(router=UPSTREAM_KEY)
+    other_key = isvc(router={"upstreamApiKeySecretRef": {"name": "chat-keys", "key": "engine-2"}})
+    assert len({revision_hash(s.spec) for s in (plain, keyed, other_key)}) == 3
+
+    def engine_env(service) -> list[dict]:
+        deployment = next(
+            c
+            for c in build_children(service, "r1", 1)
+            if c["kind"] == "Deployment" and "router" not in c["metadata"]["name"]
+        )
+        return deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+
+    assert engine_env(keyed) != engine_env(plain)  # what makes it pod-shaping
+    for router in ({"replicas": 3}, {"enabled": False}, {"balancing": "prefix"}):
+        assert revision_hash(isvc(router=router).spec) == revision_hash(plain.spec)
+        assert revision_hash(isvc(router={**router, **UPSTREAM_KEY}).spec) == revision_hash(keyed.spec)
+
+
+def test_a_remembered_revision_restores_its_upstream_key_and_keeps_the_other_router_settings():
+    remembered = pod_spec_fields(isvc(router=UPSTREAM_KEY).spec)
+    assert remembered["router"] == UPSTREAM_KEY
+    current = isvc(router={"replicas": 3, "upstreamApiKeySecretRef": {"name": "new-keys", "key": "engine"}})
+    restored = with_pod_fields(current, remembered)
+    assert restored.spec.router.upstream_api_key_secret_ref.name == "chat-keys"
+    assert restored.spec.router.replicas == 3
+    # A revision remembered without a key restores none.
+    restored = with_pod_fields(current, pod_spec_fields(isvc().spec))
+    assert restored.spec.router.upstream_api_key_secret_ref is None and restored.spec.router.replicas == 3

@@ -7,11 +7,13 @@ from kvpilot.operator.api import AnalysisSpec
 from kvpilot.operator.rollout.analysis import (
     RevisionCounters,
     analyze,
+    check_counters,
     engine_counters,
     histogram_quantile,
     is_due,
     revision_counters,
 )
+from kvpilot.operator.rollout.scrape import analysis_metrics_urls
 from kvpilot.serving.contract import METRIC_REQUEST_SUCCESS, METRIC_TIME_TO_FIRST_TOKEN
 from kvpilot.serving.router.metering import RouterMetrics
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -117,17 +119,64 @@ def test_engine_pages_give_requests_and_ttft_but_no_error_rate():
     assert result.passed is False and "TTFT p95" in result.message  # 20 of 60 slower than 2 s
 
 
-def pod(name: str, revision: str, ip: str, ready: bool = True, terminating: bool = False) -> dict:
-    metadata = {"name": name, "labels": {"kvpilot.dev/revision": revision}}
+def pod(
+    name: str, revision: str | None, ip: str, ready: bool = True, terminating: bool = False, port: int = 8000
+) -> dict:
+    """An engine pod of `revision`, or a router pod (revision None, the router's port)."""
+    labels = {"kvpilot.dev/revision": revision} if revision else {"app.kubernetes.io/name": "kvpilot-router"}
+    metadata = {"name": name, "labels": labels}
     if terminating:
         metadata["deletionTimestamp"] = "2026-12-01T12:00:00Z"
     conditions = [{"type": "Ready", "status": "True" if ready else "False"}]
-    return {"metadata": metadata, "status": {"podIP": ip, "conditions": conditions}}
+    spec = {"containers": [{"ports": [{"name": "http", "containerPort": port}]}]}
+    return {"metadata": metadata, "spec": spec, "status": {"podIP": ip, "conditions": conditions}}
+
+
+ENGINE_PODS = [
+    pod("a-1", "a", "10.0.0.1"),
+    pod("b-1", "b", "10.0.0.7"),
+    pod("b-2", "b", "10.0.0.8", ready=False),
+    pod("b-3", "b", "10.0.0.9", terminating=True),
+]
+ROUTER_PODS = [
+    pod("r-1", None, "10.0.1.1", port=8080),
+    pod("r-2", None, "10.0.1.2", port=8080),
+    pod("r-3", None, "10.0.1.3", ready=False, port=8080),
+]
+
+
+@pytest.mark.parametrize(
+    ("router_pods", "expected"),
+    [
+        # The router in front: every ready router pod (each counts a share of the traffic).
+        (ROUTER_PODS, ["http://10.0.1.1:8080/metrics", "http://10.0.1.2:8080/metrics"]),
+        # The router on but no router pod ready: nothing to read (inconclusive), never the engines'.
+        (ROUTER_PODS[2:], []),
+        # No router: the revision's own ready engine pods.
+        (None, ["http://10.0.0.7:8000/metrics"]),
+    ],
+)
+def test_a_check_reads_the_router_pods_or_without_the_router_the_revisions_engine_pods(router_pods, expected):
+    assert analysis_metrics_urls("b", ENGINE_PODS, router_pods) == expected
+
+
+def test_router_pages_give_the_revisions_error_rate_with_the_routers_own_5xx():
+    """500 passed through from the canary's server and 502 the router answered itself (its
+    upstream failed before answering) are both the revision's errors; refusals the router
+    answered before choosing a revision (revision "") and other revisions are not."""
+    page = router_page(
+        {("b", "200"): 45, ("b", "500"): 3, ("b", "502"): 2, ("", "503"): 40, ("a", "500"): 9}, {}
+    )
+    counters = check_counters([page], "smollm2", "b", via_router=True)
+    result = analyze(SPEC, counters, None, NOW)
+    assert (result.requests, result.error_rate, result.passed) == (50, 0.1, False)
+    assert "error rate 0.100 > maxErrorRate 0.02" in result.message
+    engine = check_counters([engine_page(40, 0.05)], "smollm2", "b", via_router=False)
+    assert engine.requests == {"engine": 40.0}
 
 
 def test_router_traffic_lists_each_kept_revision_with_its_weight_and_ready_endpoints():
     from kvpilot.operator.rollout.observe import revision_traffic
-    from kvpilot.operator.rollout.scrape import ready_pod_metrics_urls
     from kvpilot.operator.rollout.state import RevisionPlan, RolloutPlan
     from kvpilot.operator.router_config import RevisionEndpoints
 
@@ -148,4 +197,3 @@ def test_router_traffic_lists_each_kept_revision_with_its_weight_and_ready_endpo
         RevisionEndpoints("a", 90, ("http://10.0.0.1:8000", "http://10.0.0.2:8000")),
         RevisionEndpoints("b", 10, ()),  # not ready yet: the router gives its share to the others
     ]
-    assert ready_pod_metrics_urls(pods) == ["http://10.0.0.2:8000/metrics", "http://10.0.0.1:8000/metrics"]

@@ -3,6 +3,8 @@
 from typing import Any
 
 import pytest
+import yaml
+from kvpilot.operator.api.validation import duration_seconds
 from kvpilot.operator.router_config import (
     RevisionEndpoints,
     ready_endpoints,
@@ -105,6 +107,7 @@ def test_config_has_the_issue_shape_with_key_files_not_keys():
                 "name": "smollm2",
                 "revisions": [{"name": "stable", "weight": 100, "endpoints": ["http://10.0.0.6:8000"]}],
                 "balancing": "least-request",
+                "activation": {"timeout": "300s", "maxQueued": 1000},
             }
         ],
         "tenants": [
@@ -120,6 +123,27 @@ def test_config_has_the_issue_shape_with_key_files_not_keys():
     }
 
 
+@pytest.mark.parametrize(
+    ("activation", "rendered"),
+    [
+        ({}, {"timeout": "300s", "maxQueued": 1000}),
+        ({"timeout": "5m", "maxQueued": 1}, {"timeout": "300s", "maxQueued": 1}),
+        ({"timeout": "1m30s"}, {"timeout": "90s", "maxQueued": 1000}),  # the router reads one unit
+        ({"timeout": "1500ms"}, {"timeout": "1.5s", "maxQueued": 1000}),
+        ({"timeout": "2h", "maxQueued": 1_000_000}, {"timeout": "7200s", "maxQueued": 1_000_000}),
+    ],
+)
+def test_activation_is_rendered_in_seconds_the_router_reads(activation, rendered):
+    from kvpilot.serving.router.config import parse_config
+
+    service = isvc(router={"activation": activation})
+    config = router_config(service, revision_endpoints(service, []))
+    assert config["models"][0]["activation"] == rendered
+    loaded = parse_config(yaml.safe_dump(config)).models[0].activation
+    expected_seconds = duration_seconds(service.spec.router.activation.timeout)
+    assert (loaded.timeout, loaded.max_queued) == (expected_seconds, rendered["maxQueued"])
+
+
 def test_without_tenants_there_is_no_tenants_key():
     config = router_config(isvc(), revision_endpoints(isvc(), []))
     assert "tenants" not in config
@@ -133,6 +157,7 @@ RENDERED_SPECS = [
     {"router": {"balancing": "random", "replicas": 1}, "model": {"name": "org/model:v1", "uri": "pvc://m"}},
     {"tenants": [{"name": "solo", "apiKeySecretRef": {"name": "k", "key": "k"}, "tokensPerMinute": 1}]},
     {"tenants": TENANTS, "router": {"upstreamApiKeySecretRef": {"name": "engine-key", "key": "key"}}},
+    {"router": {"activation": {"timeout": "1m0.5s", "maxQueued": 1}}},
 ]
 ENDPOINT_SETS = [
     [],
@@ -155,3 +180,6 @@ def test_every_rendered_config_validates_with_the_routers_own_model(spec, slices
     assert [t.key_file for t in loaded.tenants or []] == [
         f"/etc/kvpilot/keys/{t.name}" for t in service.spec.tenants
     ]
+    activation = service.spec.router.activation
+    assert model.activation.timeout == duration_seconds(activation.timeout)
+    assert model.activation.max_queued == activation.max_queued

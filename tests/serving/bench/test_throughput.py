@@ -154,7 +154,9 @@ def test_llama_cpp_batches_sequences(default_gguf, kv_unified):
         for pos in range(16, 28):
             batched.append(step(list(range(8)), pos))
             single.append(step([8], pos))
-    assert min(batched) < 0.5 * 8 * min(single), (min(batched), min(single))
+    # Unbatched, the step would be 8 single-token passes (>= 8x); batched it is far less. 6x leaves
+    # room for a loaded machine and still fails a harness that never batches.
+    assert min(batched) < 0.75 * 8 * min(single), (min(batched), min(single))
 
 
 @requires_llama_cpp

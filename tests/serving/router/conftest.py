@@ -117,9 +117,12 @@ class Router(Process):
         staged.replace(self.config_path)
 
     def configure(self, config: dict) -> None:
-        """A new config, once the router says it reloaded it."""
+        """A new config, once the router says it reloaded it (at once when it is the one in use)."""
+        text = yaml.safe_dump(config)
+        if self.config_path.read_text() == text:
+            return  # an unchanged file is no reload
         before = self.metric("kvpilot_router_config_reloads_total", result="ok")
-        self.write(yaml.safe_dump(config))
+        self.write(text)
         wait_for(
             lambda: self.metric("kvpilot_router_config_reloads_total", result="ok") > before, 30, "reload"
         )

@@ -7,6 +7,7 @@ from kvpilot.serving.router.balancing import PREFIX_WINDOW_CHARS, make_balancer,
 from kvpilot.serving.router.balancing.least_request import LeastRequest
 from kvpilot.serving.router.balancing.prefix import HashRing, PrefixHash, load_bound
 from kvpilot.serving.router.endpoints import EJECT_MAX_SECONDS, Endpoint
+from kvpilot.serving.router.health import scraped_load
 from kvpilot.serving.router.weights import WeightedRoundRobin
 
 
@@ -90,6 +91,24 @@ def test_least_request_breaks_ties_by_waiting_then_kv_usage():
     c.num_requests_waiting, b.kv_cache_usage, c.kv_cache_usage = 3, 0.2, 0.5
     assert LeastRequest().pick([a, b, c], "") is b
     assert LeastRequest().pick([], "") is None
+
+
+METRICS_PAGE = """# HELP vllm:num_requests_waiting Number of requests waiting to be processed.
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{model_name="a"} 2.0
+vllm:num_requests_waiting{model_name="b"} 1.0
+vllm:num_requests_waiting_by_reason{reason="capacity"} 40.0
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{model_name="a"} 0.25
+# TYPE vllm:e2e_request_latency_seconds histogram
+vllm:e2e_request_latency_seconds_bucket{le="1.0",model_name="a"} 7.0
+vllm:e2e_request_latency_seconds_count{model_name="a"} 7.0
+"""
+
+
+def test_scraped_load_sums_the_two_gauges_and_nothing_else():
+    assert scraped_load(METRICS_PAGE) == (3.0, 0.25)
+    assert scraped_load("") == (0.0, 0.0)
 
 
 def test_make_balancer_and_random_pick():

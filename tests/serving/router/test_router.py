@@ -1,14 +1,21 @@
 """`kvpilot router` in front of real `kvpilot serve` processes, driven with the official openai client."""
 
+import asyncio
 import hashlib
 import math
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
 
 import httpx
 import openai
 import pytest
+from kvpilot.serving.router.endpoints import Endpoint
+from kvpilot.serving.router.health import probe
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.serving.router.conftest import MODEL, free_port, metric, model_config, successes, wait_for
 
@@ -58,6 +65,8 @@ def test_revision_weights_split_requests_counted_at_the_servers(router, servers)
     counted = successes(first) - before[0], successes(second) - before[1]
     assert abs(counted[0] - 35) <= 2 and sum(counted) == 50, counted
     assert router.metric("kvpilot_router_requests_total", revision="canary", code="200") == counted[1]
+    for histogram in ("request_duration_seconds", "time_to_first_token_seconds"):
+        assert router.metric(f"kvpilot_router_{histogram}_count", revision="canary") == counted[1]
 
     router.configure({"models": [model_config(("stable", 100, [first.url]), ("canary", 0, [second.url]))]})
     before = successes(first), successes(second)
@@ -118,12 +127,31 @@ def test_a_client_disconnect_aborts_the_request_on_the_server(router, servers):
         "abort",
     )
     wait_for(lambda: metric(server.url, "vllm:num_requests_running") == 0, 30, "the server freed the request")
+    assert metric(server.url, "vllm:kv_cache_usage_perc") == 0  # and its KV blocks
     wait_for(
         lambda: router.metric("kvpilot_router_requests_total", code="499") == disconnects + 1,
         10,
         "499 counted",
     )
     assert router.metric("kvpilot_router_upstream_inflight", endpoint=server.url) == 0
+
+
+def test_a_client_that_asks_for_the_usage_chunk_gets_it_and_it_is_metered(router, servers):
+    router.configure({"models": [model_config(("all", 100, [servers[0].url]))]})
+    metered = router.metric("kvpilot_router_tokens_total", kind="completion")
+    chunks = list(
+        router.client().completions.create(
+            model=MODEL,
+            prompt="usage please",
+            max_tokens=3,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 3
+    assert all(chunk.usage is None for chunk in chunks[:-1])
+    assert router.metric("kvpilot_router_tokens_total", kind="completion") == metered + 3
 
 
 def test_config_reload_keeps_requests_in_flight_and_a_bad_config_keeps_the_last_good_one(router, servers):
@@ -166,6 +194,51 @@ def test_config_reload_keeps_requests_in_flight_and_a_bad_config_keeps_the_last_
     assert router.metric("kvpilot_router_config_last_reload_successful") == 0
     assert "keeping the last good config" in router.log() and "models[0].revisions[0].weight" in router.log()
     assert complete(client, "still served").choices[0].finish_reason == "length"
+
+
+def router_series(router) -> list[dict[str, str]]:
+    """The labels of every kvpilot_router_* sample on the router's /metrics."""
+    text = httpx.get(f"{router.url}/metrics", timeout=10).text
+    return [
+        sample.labels | {"__name__": sample.name}
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name.startswith("kvpilot_router_")
+    ]
+
+
+def test_a_reload_removes_the_series_of_endpoints_and_revisions_it_took_away(router, servers):
+    first, second = servers
+    router.configure({"models": [model_config(("a", 0, [first.url]), ("b", 100, [second.url]))]})
+    client = router.client()
+    complete(client, "series")
+    stream = complete(client, "Keep talking", max_tokens=1500, stream=True, ignore_eos=True)
+    next(iter(stream))
+    assert router.metric("kvpilot_router_upstream_inflight", revision="b", endpoint=second.url) == 1
+    assert router.metric("kvpilot_router_requests_total", revision="b") == 1
+
+    router.configure({"models": [model_config(("a", 100, [first.url]))]})  # b and its endpoint leave
+    of_b = [s for s in router_series(router) if s.get("revision") == "b" or s.get("endpoint") == second.url]
+    # Only the in-flight gauge of the stream still running stays, at its true value.
+    assert [(s["__name__"], s["endpoint"]) for s in of_b] == [
+        ("kvpilot_router_upstream_inflight", second.url)
+    ]
+    assert router.metric("kvpilot_router_upstream_inflight", endpoint=second.url) == 1
+
+    stream.close()  # its last request gone: so is the gauge's series (and the 499 it was metered as)
+    wait_for(
+        lambda: (
+            not [
+                s
+                for s in router_series(router)
+                if s.get("endpoint") == second.url or s.get("revision") == "b"
+            ]
+        ),
+        30,
+        "the series of b gone",
+    )
+    complete(client, "series again")
+    assert router.metric("kvpilot_router_requests_total", revision="a", code="200") == 1
 
 
 def test_scale_from_zero_holds_requests_until_a_server_is_ready(router, spare_server):
@@ -216,6 +289,118 @@ def test_failover_when_a_server_is_killed(router, servers, spare_server):
     assert "ejected" in router.log()
 
 
+class FailingUpstream(BaseHTTPRequestHandler):
+    """An upstream that is ready but fails every completion: `500` answers 500 before any byte,
+    `break` starts a 200 event stream and drops the connection after its first event."""
+
+    protocol_version = "HTTP/1.1"
+    mode = "500"
+    posts: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:  # /ready and /metrics
+        self.send_response(200)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["content-length"]))
+        self.posts.append(self.mode)
+        if self.mode == "500":
+            body = b'{"error": {"message": "boom", "type": "server_error"}}'
+            self.send_response(500)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        event = b'data: {"id": "x", "object": "text_completion", "choices": [{"index": 0, "text": "Hi"}]}\n\n'
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))  # no closing chunk: a broken stream
+        self.wfile.flush()
+        self.connection.shutdown(socket.SHUT_RDWR)
+        self.close_connection = True
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+class QuietHTTPServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        pass  # the connections this upstream breaks on purpose
+
+
+@pytest.fixture
+def failing_upstream():
+    server = QuietHTTPServer(("127.0.0.1", 0), FailingUpstream)
+    FailingUpstream.mode, FailingUpstream.posts = "500", []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def configure_beside(router, failing_upstream: str, server) -> None:
+    """One revision of the failing upstream and a real server (least-request: ties go at random)."""
+    config = model_config(("r", 100, [failing_upstream, server.url]), balancing="least-request")
+    router.configure({"models": [config]})
+    wait_for(lambda: f"endpoint {failing_upstream} is ready" in router.log(), 30, "probed")
+
+
+def test_a_5xx_before_the_first_byte_is_retried_once_on_another_endpoint(router, servers, failing_upstream):
+    configure_beside(router, failing_upstream, servers[0])
+    before, sent = successes(servers[0]), 0
+    while not FailingUpstream.posts and sent < 50:
+        sent += 1
+        assert complete(router.client(), f"retry me {sent}").choices[0].finish_reason == "length"
+    assert FailingUpstream.posts and set(FailingUpstream.posts) == {"500"}
+    assert successes(servers[0]) == before + sent  # every request answered, the failed ones retried
+    assert f"endpoint {failing_upstream} answered 500: ejected for 1 s" in router.log()
+
+
+def test_nothing_is_retried_once_the_response_has_started(router, servers, failing_upstream):
+    FailingUpstream.mode = "break"
+    configure_beside(router, failing_upstream, servers[0])
+    before = successes(servers[0]), router.metric("kvpilot_router_requests_total", code="502")
+    body = {"model": MODEL, "prompt": "break me", "max_tokens": 4, "stream": True}
+    sent, broken = 0, []
+    while not FailingUpstream.posts and sent < 50:
+        sent += 1
+        events = []
+        try:
+            with httpx.stream("POST", f"{router.url}/v1/completions", json=body, timeout=60) as response:
+                for line in response.iter_lines():
+                    events += [line] if line.startswith("data: {") else []
+        except httpx.HTTPError:
+            broken.append(events)
+    assert FailingUpstream.posts == ["break"] and len(broken) == 1
+    assert len(broken[0]) == 1 and '"text": "Hi"' in broken[0][0]  # the event sent before the break
+    wait_for(lambda: router.metric("kvpilot_router_requests_total", code="502") == before[1] + 1, 10, "502")
+    assert successes(servers[0]) == before[0] + sent - 1  # the broken one was not sent again
+    assert f"stream from {failing_upstream} broke" in router.log()
+
+
+async def probed(url: str, ready: bool = False) -> Endpoint:
+    endpoint = Endpoint(url, ready=ready)
+    async with httpx.AsyncClient() as client:
+        await probe(client, endpoint)
+    return endpoint
+
+
+def test_the_prober_reads_readiness_and_load_from_a_real_server(servers):
+    server = servers[1]
+    body = {"model": MODEL, "prompt": "Keep going", "max_tokens": 1500, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as response:
+        chunks = response.iter_raw()  # kept: a dropped iterator closes the stream
+        next(chunks)  # running: it holds KV blocks
+        endpoint = asyncio.run(probed(server.url))
+    assert endpoint.ready and endpoint.kv_cache_usage > 0 and endpoint.num_requests_waiting == 0
+    assert not asyncio.run(probed(f"http://127.0.0.1:{free_port()}", ready=True)).ready  # nobody there
+
+
 def test_tenants_keys_models_and_rate_limits(router, servers, tmp_path):
     keys = {"rpm": "sk-rpm-0123456789", "tpm": "sk-tpm-abcdefghij", "scoped": "sk-scoped-zyxwvut"}
     (tmp_path / "tpm-key").write_text(keys["tpm"] + "\n")
@@ -258,6 +443,7 @@ def test_tenants_keys_models_and_rate_limits(router, servers, tmp_path):
         headers={"Authorization": f"Bearer {keys['scoped']}"},
     )
     assert hidden.status_code == absent.status_code == 404
+    assert absent.json()["error"]["code"] == "model_not_found"
     assert hidden.json()["error"] == absent.json()["error"] | {
         "message": absent.json()["error"]["message"].replace("tiny-nope", "tiny-other")
     }

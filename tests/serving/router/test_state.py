@@ -1,5 +1,7 @@
 """Loading and reloading without a network: what a reload keeps, what a bad reload leaves alone."""
 
+import hashlib
+
 import pytest
 import yaml
 from kvpilot.serving.router.config import ConfigError
@@ -90,3 +92,53 @@ def test_the_command_exits_2_naming_the_field_of_a_bad_config(tmp_path, capsys):
     assert "absent.yaml: cannot read" in capsys.readouterr().err
     assert main(["router", "--config", str(tmp_path / "r.yaml"), "--max-body-bytes", "0"]) == 2
     assert "--max-body-bytes: must be positive" in capsys.readouterr().err
+
+
+def series(state: RouterState) -> set[tuple[str, tuple]]:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items())))
+        for family in state.metrics.registry.collect()
+        for sample in family.samples
+        if sample.labels
+        and "config_reloads" not in sample.name
+        and not sample.name.endswith(("_bucket", "_created", "_sum"))
+    }
+
+
+def test_a_reload_prunes_the_series_of_what_it_removed_gauges_once_at_zero(tmp_path):
+    path = tmp_path / "r.yaml"
+    models = [
+        {"name": "m", "revisions": [{"name": "r", "endpoints": ["http://a:1", "http://b:1"]}, {"name": "s"}]},
+        {"name": "gone", "revisions": [{"name": "r", "endpoints": ["http://a:1"]}]},
+    ]
+    tenants = [{"name": t, "keySha256": hashlib.sha256(t.encode()).hexdigest()} for t in ("t", "u")]
+    write(path, {"models": models, "tenants": tenants})
+    state = RouterState(RouterSettings(path))
+    state.reload()
+    m = state.metrics
+    m.requests.labels("m", "r", "t", "200").inc()
+    m.requests.labels("m", "s", "t", "200").inc()
+    m.requests.labels("", "", "u", "401").inc()
+    m.requests.labels("gone", "", "t", "503").inc()
+    m.tokens.labels("m", "u", "prompt").inc(3)
+    m.duration.labels("m", "s").observe(1)
+    m.upstream_inflight.labels("m", "r", "http://a:1").set(0)
+    m.upstream_inflight.labels("m", "r", "http://b:1").set(2)  # still in flight
+    m.queued.labels("gone").set(0)
+
+    models[0]["revisions"] = [{"name": "r", "endpoints": ["http://a:1"]}]  # s and http://b:1 leave
+    write(path, {"models": models[:1], "tenants": tenants[:1]})  # so do model gone and tenant u
+    assert state.reload()
+    assert series(state) == {
+        (
+            "kvpilot_router_requests_total",
+            (("code", "200"), ("model", "m"), ("revision", "r"), ("tenant", "t")),
+        ),
+        ("kvpilot_router_upstream_inflight", (("endpoint", "http://a:1"), ("model", "m"), ("revision", "r"))),
+        ("kvpilot_router_upstream_inflight", (("endpoint", "http://b:1"), ("model", "m"), ("revision", "r"))),
+    }
+    m.upstream_inflight.labels("m", "r", "http://b:1").dec(2)  # the last request to b finished
+    state.forget_if_gone(model="m", revision="r", endpoint="http://b:1")
+    assert {name for name, labels in series(state) if ("endpoint", "http://b:1") in labels} == set()
+    state.forget_if_gone(model="m", revision="r", endpoint="http://a:1")  # still configured: kept
+    assert len(series(state)) == 2
