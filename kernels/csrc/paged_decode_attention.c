@@ -4,15 +4,17 @@
  * padding to the longest sequence). Sequences run in parallel (OpenMP); per KV head, a pass
  * over the sequence's K slots scores the query heads that share it, a softmax per head
  * (vectorized exp, normalized once at the end), then one pass over its V slots.
- * With AVX2 and head_dim % 8 == 0, scores are computed 8 tokens at a time (one transpose-reduce
- * instead of 8 horizontal sums) and V is accumulated in registers over tiles of tokens.
+ * With AVX2 and head_dim % 32 == 0, each K or V value loaded is used at once by up to three query
+ * heads of the group, in register tiles of 4 tokens x 3 heads for the scores and 3 heads x 32
+ * dims for the values (12 independent accumulators). Other shapes with head_dim % 8 == 0 compute
+ * scores 8 tokens at a time (one transpose-reduce instead of 8 horizontal sums) and accumulate V
+ * in registers over tiles of tokens.
  *
  * An int8 cache stores one float32 scale per (slot, KV head): value = scale * int8, so its
- * traffic is a quarter of float32's and the kernel is bound by instructions, not memory. With
- * AVX2 and head_dim % 32 == 0, int8 values are widened in registers and used at once by up to
- * three query heads (register tiles of 4 tokens x 3 heads for scores, 3 heads x 32 dims for
- * values); the scales multiply the scores and the probabilities instead of every value.
- * Other int8 shapes widen tiles of tokens into a small float buffer that the heads share.
+ * traffic is a quarter of float32's and the kernel is bound by instructions, not memory. Its
+ * values are widened in registers in the same tiles; the scales multiply the scores and the
+ * probabilities instead of every value. Other int8 shapes widen tiles of tokens into a small
+ * float buffer that the heads share.
  *
  * q, out:            [num_seqs, num_heads, head_dim] float32
  * k_cache, v_cache:  [num_blocks, block_size, num_kv_heads, head_dim] float32 or int8
