@@ -4,15 +4,17 @@
  * padding to the longest sequence). Sequences run in parallel (OpenMP); per KV head, a pass
  * over the sequence's K slots scores the query heads that share it, a softmax per head
  * (vectorized exp, normalized once at the end), then one pass over its V slots.
- * With AVX2 and head_dim % 8 == 0, scores are computed 8 tokens at a time (one transpose-reduce
- * instead of 8 horizontal sums) and V is accumulated in registers over tiles of tokens.
+ * With AVX2 and head_dim % 32 == 0, each K or V value loaded is used at once by up to three query
+ * heads of the group, in register tiles of 4 tokens x 3 heads for the scores and 3 heads x 32
+ * dims for the values (12 independent accumulators). Other shapes with head_dim % 8 == 0 compute
+ * scores 8 tokens at a time (one transpose-reduce instead of 8 horizontal sums) and accumulate V
+ * in registers over tiles of tokens.
  *
  * An int8 cache stores one float32 scale per (slot, KV head): value = scale * int8, so its
- * traffic is a quarter of float32's and the kernel is bound by instructions, not memory. With
- * AVX2 and head_dim % 32 == 0, int8 values are widened in registers and used at once by up to
- * three query heads (register tiles of 4 tokens x 3 heads for scores, 3 heads x 32 dims for
- * values); the scales multiply the scores and the probabilities instead of every value.
- * Other int8 shapes widen tiles of tokens into a small float buffer that the heads share.
+ * traffic is a quarter of float32's and the kernel is bound by instructions, not memory. Its
+ * values are widened in registers in the same tiles; the scales multiply the scores and the
+ * probabilities instead of every value. Other int8 shapes widen tiles of tokens into a small
+ * float buffer that the heads share.
  *
  * q, out:            [num_seqs, num_heads, head_dim] float32
  * k_cache, v_cache:  [num_blocks, block_size, num_kv_heads, head_dim] float32 or int8
@@ -116,6 +118,11 @@ INLINE __m256 widen8(const int8_t *values) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)values)));
 }
 
+/* 8 values of the cache from index i on, as floats (int8 values widened, not scaled). */
+INLINE __m256 load8(const void *cache, int is_int8, int64_t i) {
+    return is_int8 ? widen8((const int8_t *)cache + i) : _mm256_loadu_ps((const float *)cache + i);
+}
+
 /* Asks for the cache lines of token t + PREFETCH's row of this KV head: cache blocks are
  * scattered, so no hardware prefetcher can guess them. */
 INLINE void prefetch_row(const Item *s, const void *cache, int is_int8, int64_t t) {
@@ -157,27 +164,28 @@ INLINE void head_rows(const Item *s, const float *base, int64_t stride, int64_t 
     for (int g = 0; g < HEADS; g++) rows[g] = base + (h0 + g < s->group ? h0 + g : h0) * stride;
 }
 
-/* int8 K: scores of every query head, K_TILE tokens x HEADS heads per register tile. */
-INLINE void scores_int8(const Item *s, float *scores) {
-    const int8_t *cache = s->k_cache;
+/* Scores of every query head, K_TILE tokens x HEADS heads per register tile: each K load
+ * serves the group's heads at once. */
+INLINE void scores_tiled(const Item *s, int is_int8, float *scores) {
+    const void *cache = s->k_cache;
     const int64_t tiled = s->len - s->len % K_TILE;
     for (int64_t h0 = 0; h0 < s->group; h0 += HEADS) {
         const float *q[HEADS];
         head_rows(s, s->q, s->head_dim, h0, q);
         for (int64_t t = 0; t < tiled; t += K_TILE) {
-            const int8_t *k[K_TILE];
+            int64_t k[K_TILE];
             float k_scales[K_TILE];
             for (int j = 0; j < K_TILE; j++) {
-                k[j] = cache + value_offset(s, t + j);
+                k[j] = value_offset(s, t + j);
                 k_scales[j] = scale_at(s->k_scales, s, t + j) * s->scale;
-                prefetch_row(s, cache, 1, t + j);
+                prefetch_row(s, cache, is_int8, t + j);
             }
             __m256 acc[K_TILE][HEADS];
             for (int j = 0; j < K_TILE; j++)
                 for (int g = 0; g < HEADS; g++) acc[j][g] = _mm256_setzero_ps();
             for (int64_t d = 0; d < s->head_dim; d += 8)
                 for (int j = 0; j < K_TILE; j++) {
-                    const __m256 kv = widen8(k[j] + d);
+                    const __m256 kv = load8(cache, is_int8, k[j] + d);
                     for (int g = 0; g < HEADS; g++) acc[j][g] = _mm256_fmadd_ps(kv, _mm256_loadu_ps(q[g] + d), acc[j][g]);
                 }
             const __m128 tile_scales = _mm_loadu_ps(k_scales);
@@ -187,14 +195,15 @@ INLINE void scores_int8(const Item *s, float *scores) {
             }
         }
     }
-    scores_scalar(s, 1, scores, tiled);
+    scores_scalar(s, is_int8, scores, tiled);
 }
 
-/* int8 V: acc[i] += sum_t p_i[t] * v_t; the V scales are folded into the probabilities first.
- * Register tiles of HEADS heads x 32 dimensions. */
-INLINE void values_int8(const Item *s, float *probs, float *acc) {
-    const int8_t *cache = s->v_cache;
-    for (int64_t t = 0; t < s->len; t++) {
+/* acc[i] += sum_t p_i[t] * v_t in register tiles of HEADS heads x 32 dimensions: each V load
+ * serves the group's heads, and 12 independent accumulators keep the FMA units busy. int8 V
+ * scales are folded into the probabilities first. */
+INLINE void values_tiled(const Item *s, int is_int8, float *probs, float *acc) {
+    const void *cache = s->v_cache;
+    for (int64_t t = 0; t < s->len && s->v_scales; t++) {
         const float v_scale = scale_at(s->v_scales, s, t);
         for (int64_t i = 0; i < s->group; i++) probs[i * s->len + t] *= v_scale;
     }
@@ -206,12 +215,12 @@ INLINE void values_int8(const Item *s, float *probs, float *acc) {
             for (int g = 0; g < HEADS; g++)
                 for (int c = 0; c < 4; c++) a[g][c] = _mm256_setzero_ps();
             for (int64_t t = 0; t < s->len; t++) {
-                const int8_t *v = cache + value_offset(s, t) + d0;
-                if (d0 == 0) prefetch_row(s, cache, 1, t);
+                const int64_t v = value_offset(s, t) + d0;
+                if (d0 == 0) prefetch_row(s, cache, is_int8, t);
                 __m256 w[HEADS];
                 for (int g = 0; g < HEADS; g++) w[g] = _mm256_broadcast_ss(p[g] + t);
                 for (int c = 0; c < 4; c++) {
-                    const __m256 vv = widen8(v + 8 * c);
+                    const __m256 vv = load8(cache, is_int8, v + 8 * c);
                     for (int g = 0; g < HEADS; g++) a[g][c] = _mm256_fmadd_ps(w[g], vv, a[g][c]);
                 }
             }
@@ -301,21 +310,21 @@ INLINE float exponentiate(float *row, int64_t len) {
  * buffer [V_TILE, head_dim] for widened int8 values. */
 INLINE void attend(const Item *s, int is_int8, float *scores, float *acc, float *buffer, float *out) {
 #ifdef __AVX2__
-    const int tiled_int8 = is_int8 && s->head_dim % 32 == 0;
-    const int vectorized = s->head_dim % 8 == 0 && !tiled_int8;
-    if (tiled_int8) scores_int8(s, scores);
+    const int tiled = s->head_dim % 32 == 0;
+    const int vectorized = s->head_dim % 8 == 0 && !tiled;
+    if (tiled) scores_tiled(s, is_int8, scores);
     if (vectorized) scores_avx2(s, is_int8, scores, buffer);
 #else
-    const int tiled_int8 = 0, vectorized = 0;
+    const int tiled = 0, vectorized = 0;
 #endif
-    if (!vectorized && !tiled_int8) scores_scalar(s, is_int8, scores, 0);
+    if (!vectorized && !tiled) scores_scalar(s, is_int8, scores, 0);
     float inverse_sums[s->group];
     for (int64_t i = 0; i < s->group; i++) inverse_sums[i] = 1.0f / exponentiate(scores + i * s->len, s->len);
 #ifdef __AVX2__
-    if (tiled_int8) values_int8(s, scores, acc);
+    if (tiled) values_tiled(s, is_int8, scores, acc);
     if (vectorized) values_avx2(s, is_int8, scores, acc, buffer);
 #endif
-    if (!vectorized && !tiled_int8) values_scalar(s, is_int8, scores, acc);
+    if (!vectorized && !tiled) values_scalar(s, is_int8, scores, acc);
     for (int64_t i = 0; i < s->group; i++)
         for (int64_t d = 0; d < s->head_dim; d++) out[i * s->head_dim + d] = acc[i * s->head_dim + d] * inverse_sums[i];
 }

@@ -10,6 +10,7 @@ block_table[pos // block_size] * block_size + pos % block_size.
 from dataclasses import dataclass
 
 import torch
+from kvpilot.kernels import huge_pages
 from kvpilot.serving.contract import KV_CACHE_DTYPES
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -82,10 +83,8 @@ class KVCache:
     ) -> "KVCache":
         storage = kv_storage_dtype(kv_cache_dtype, model_dtype)
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        data = torch.zeros(shape, dtype=storage, device=device)
-        scales = (
-            torch.zeros(shape[:3], dtype=SCALE_DTYPE, device=device) if kv_cache_dtype == "int8" else None
-        )
+        data = huge_pages.zeros(shape, storage, device)
+        scales = huge_pages.zeros(shape[:3], SCALE_DTYPE, device) if kv_cache_dtype == "int8" else None
         return cls(data, scales, kv_cache_dtype)
 
     @property

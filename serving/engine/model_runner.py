@@ -4,6 +4,7 @@ import itertools
 from dataclasses import dataclass, field
 
 import torch
+from kvpilot.kernels import huge_pages
 from kvpilot.kernels.attention import build_attention_metadata
 from kvpilot.kernels.quant.kv_cache import KVCache, kv_block_bytes
 from kvpilot.serving.engine.config import EngineConfig
@@ -122,10 +123,11 @@ class ModelRunner:
                 for _ in range(c.num_hidden_layers)
             ]
         # Zeros, not empty: padded gathers read unused slots, and 0 * NaN garbage would be NaN.
+        # Huge pages: decode attention reads scattered blocks of this cache every step.
         return [
             (
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
+                huge_pages.zeros(shape, self.dtype, self.device),
+                huge_pages.zeros(shape, self.dtype, self.device),
             )
             for _ in range(c.num_hidden_layers)
         ]

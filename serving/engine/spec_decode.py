@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from kvpilot.serving.engine.logprobs import token_logprobs
 from kvpilot.serving.engine.request import Request
-from kvpilot.serving.engine.sampler import Sampler, filter_logits
+from kvpilot.serving.engine.sampler import Sampler, argmax_rows, filter_logits
 
 
 @dataclass
@@ -72,7 +72,7 @@ class RejectionSampler:
         offsets = [0]
         for drafts in draft_token_ids:
             offsets.append(offsets[-1] + len(drafts) + 1)
-        greedy_ids = processed.argmax(dim=-1).tolist()
+        greedy_ids = argmax_rows(processed).tolist()
         probs = self._probs(processed, views)
         token_ids: list[list[int]] = []
         for i, (request, drafts) in enumerate(zip(requests, draft_token_ids, strict=True)):

@@ -50,18 +50,17 @@ class Attention:
         metadata: AttentionMetadata,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
-        num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        num_tokens, num_heads, head_dim = x.shape[0], self.num_heads, self.head_dim
+        qkv = self.qkv_proj.joined(x).view(num_tokens, num_heads + 2 * self.num_kv_heads, head_dim)
+        qk, v = qkv[:, : num_heads + self.num_kv_heads], qkv[:, num_heads + self.num_kv_heads :]
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(metadata.positions, q, k)
+            qk = torch.cat((self.q_norm(qk[:, :num_heads]), self.k_norm(qk[:, num_heads:])), dim=1)
+        qk = self.rotary(metadata.positions, qk)  # q and k heads in one pass
+        q, k = qk[:, :num_heads], qk[:, num_heads:]
         k_cache, v_cache = kv_cache
         write_kv_cache(k, v, k_cache, v_cache, metadata.slot_mapping)
         out = paged_attention(q, k_cache, v_cache, metadata, self.scale)
-        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+        return self.o_proj(out.reshape(num_tokens, num_heads * head_dim))
 
     def layers(self) -> list:
         return [self.qkv_proj, self.o_proj, self.q_norm, self.k_norm]
@@ -100,8 +99,9 @@ class DecoderLayer:
         self.mlp = MLP(config, weights, f"{prefix}.mlp")
 
     def __call__(self, x, metadata, kv_cache) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), metadata, kv_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        """x is the residual stream, owned by the model's forward: added to in place."""
+        x += self.self_attn(self.input_layernorm(x), metadata, kv_cache)
+        return x.add_(self.mlp(self.post_attention_layernorm(x)))
 
     def layers(self) -> list:
         norms = [self.input_layernorm, self.post_attention_layernorm]

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 from kvpilot.serving.engine.request import Request
-from kvpilot.serving.engine.sampler import Sampler
+from kvpilot.serving.engine.sampler import Sampler, argmax_rows
 from kvpilot.serving.sampling_params import SamplingParams
 
 VOCAB = 12
@@ -158,3 +158,22 @@ def test_logprobs_are_log_softmax_of_the_raw_logits():
 def test_no_logprobs_unless_asked():
     out = make_sampler()(torch.zeros(1, VOCAB), [make_request(SamplingParams(temperature=0))])
     assert out.logprobs == [None]
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    "row, expected",
+    [
+        ([0.5, 2.0, -1.0, 2.0], 1),  # equal maxima: the first one
+        ([1.0, NAN, 3.0, NAN], 1),  # NaN counts as the largest: the first NaN
+        ([-INF, -INF, -INF], 0),  # all -inf (e.g. every token masked): the first
+        ([-INF, INF, 1.0], 1),
+        ([1.0] * 40 + [1.5] + [1.5] * 40, 40),  # past one vector's width
+    ],
+)
+def test_argmax_rows_picks_what_argmax_picks(row, expected):
+    logits = torch.tensor([row, row[::-1]])
+    assert argmax_rows(logits).tolist() == logits.argmax(dim=-1).tolist()
+    assert argmax_rows(logits)[0].item() == expected

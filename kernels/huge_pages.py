@@ -1,0 +1,31 @@
+"""Large CPU buffers in transparent huge pages (2 MiB), where Linux offers them.
+
+Decode attention reads each sequence's KV blocks from scattered places of a cache of gigabytes;
+with 4 KiB pages nearly every block costs TLB misses and page walks. A buffer of its own
+anonymous mapping, advised `MADV_HUGEPAGE` before anything touches it (honoured when
+`/sys/kernel/mm/transparent_hugepage/enabled` is `always` or `madvise`), made the native decode
+kernel 1.15-1.2x faster on a float32 cache, and a plain read of a large buffer 1.25x faster, on
+our 2-core Xeon. (`torch.empty` + madvise is not enough: glibc serves allocations below its
+mmap threshold, up to 32 MiB, from memory that earlier tensors already touched.) Elsewhere (no
+Linux, THP `never`, CUDA, small buffers) `zeros` is `torch.zeros`.
+"""
+
+import math
+import mmap
+
+import torch
+
+HUGE_PAGE_BYTES = 2 << 20
+
+
+def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """`torch.zeros(shape)`, in huge pages when it is a CPU buffer of at least one huge page."""
+    num_bytes = math.prod(shape) * dtype.itemsize
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if torch.device(device).type != "cpu" or num_bytes < HUGE_PAGE_BYTES or advice is None:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    # private (a shared mapping would be shmem, which THP leaves alone) and anonymous: it reads
+    # as zeros and no page of it is touched yet
+    buffer = mmap.mmap(-1, num_bytes, flags=mmap.MAP_PRIVATE)
+    buffer.madvise(advice)
+    return torch.frombuffer(buffer, dtype=dtype).view(shape)  # the tensor keeps the mapping alive
