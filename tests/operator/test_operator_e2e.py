@@ -114,6 +114,16 @@ def engine_deployment(api, ns: str, name: str = "chat") -> dict[str, Any] | None
     return api.get("apps/v1", "deployments", ns, f"{name}-{stable}") if stable else None
 
 
+def condition_with_reason(api, ns: str, kind: str, reason: str, timeout: float = 30) -> dict[str, Any]:
+    """The InferenceService's `kind` condition, once its reason is `reason`."""
+
+    def reached() -> dict[str, Any] | None:
+        found = isvc_condition(api, ns, kind)
+        return found if found.get("reason") == reason else None
+
+    return wait_for(reached, f"{kind}={reason}", timeout=timeout)
+
+
 def server_args(deployment: dict[str, Any]) -> list[str]:
     return deployment["spec"]["template"]["spec"]["containers"][0]["args"]
 
@@ -671,14 +681,7 @@ def test_a_rejected_apply_stalls_with_the_api_servers_message_and_recovers(api, 
 def test_status_names_an_unschedulable_pod(api, ns, operator):
     """Four GPUs per replica on nodes with one: the scheduler's own message reaches the status."""
     api.create(API_VERSION, ISVC, ns, manifest(ns, resources={"gpu": {"count": 4}}))
-    waiting = wait_for(
-        lambda: (
-            isvc_condition(api, ns, "Reconciling").get("reason") == "Unschedulable"
-            and isvc_condition(api, ns, "Reconciling")
-        ),
-        "Reconciling=Unschedulable",
-        timeout=120,
-    )
+    waiting = condition_with_reason(api, ns, "Reconciling", "Unschedulable", timeout=120)
     assert waiting["status"] == "True"
     assert "cannot be scheduled" in waiting["message"] and "Insufficient nvidia.com/gpu" in waiting["message"]
     assert isvc_condition(api, ns, "Ready")["reason"] == "Unschedulable"
@@ -714,14 +717,7 @@ def test_a_failing_model_download_job_stalls_the_inference_service(api, ns, oper
         }
         wait_for(lambda: isvc_condition(api, ns, "ModelCached").get("status") == "False", "ModelCached=False")
 
-        stalled = wait_for(
-            lambda: (
-                isvc_condition(api, ns, "Stalled").get("reason") == "DownloadFailed"
-                and isvc_condition(api, ns, "Stalled")
-            ),
-            "Stalled=DownloadFailed",
-            timeout=240,
-        )
+        stalled = condition_with_reason(api, ns, "Stalled", "DownloadFailed", timeout=240)
         assert stalled["status"] == "True"
         assert jobs[0]["metadata"]["name"] in stalled["message"]
         assert "model-download exit code 1" in stalled["message"]
@@ -756,14 +752,7 @@ def test_status_names_a_crash_loop_with_the_servers_last_words(api, ns, operator
     """A model path that is not in the claim: the server exits at start-up, the kubelet backs off,
     and the InferenceService says which pod, and what the server said before it exited."""
     api.create(API_VERSION, ISVC, ns, manifest(ns, model={"name": "smollm2", "uri": "pvc://models/missing"}))
-    waiting = wait_for(
-        lambda: (
-            isvc_condition(api, ns, "Reconciling").get("reason") == "CrashLoopBackOff"
-            and isvc_condition(api, ns, "Reconciling")
-        ),
-        "Reconciling=CrashLoopBackOff",
-        timeout=180,
-    )
+    waiting = condition_with_reason(api, ns, "Reconciling", "CrashLoopBackOff", timeout=180)
     assert "container server keeps crashing, last exit code" in waiting["message"]
     assert "no such checkpoint directory" in waiting["message"] and "/missing" in waiting["message"]
 
@@ -815,13 +804,7 @@ def test_router_with_tenants_answers_through_the_service_and_follows_the_engine(
     tenants = [{"name": "team-a", "apiKeySecretRef": {"name": "chat-keys", "key": "team-a"}}]
     router = {"enabled": True, "upstreamApiKeySecretRef": {"name": "chat-keys", "key": "engine"}}
     api.create(API_VERSION, ISVC, ns, manifest(ns, router=router, tenants=tenants))
-    stalled = wait_for(
-        lambda: (
-            isvc_condition(api, ns, "Stalled").get("reason") == "SecretNotFound"
-            and isvc_condition(api, ns, "Stalled")
-        ),
-        "Stalled naming the Secret",
-    )
+    stalled = condition_with_reason(api, ns, "Stalled", "SecretNotFound")
     assert stalled["status"] == "True"
     assert (
         "Secret chat-keys (spec.tenants[0] (team-a), spec.router.upstreamApiKeySecretRef)"
