@@ -7,9 +7,13 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 from pydantic import ValidationError
+
+if TYPE_CHECKING:
+    from kvpilot.operator.defaults import ClusterDefaults
 
 
 def _crd(args: argparse.Namespace) -> int:
@@ -95,17 +99,20 @@ def _operator(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cluster_defaults(args: argparse.Namespace):
+# --default-model-cache-<suffix> -> its field of spec.model.cache
+_CACHE_FLAGS = {"size": "size", "storage-class": "storageClassName", "access-mode": "accessMode"}
+
+
+def _cluster_defaults(args: argparse.Namespace) -> ClusterDefaults:
     """The --default-model-cache-* flags, checked as `spec.model.cache` is (an error names the flag)."""
     from kvpilot.operator.api.model import ModelCacheSpec
     from kvpilot.operator.defaults import ClusterDefaults
 
-    flags = {
-        "size": args.default_model_cache_size,
-        "storageClassName": args.default_model_cache_storage_class,
-        "accessMode": args.default_model_cache_access_mode,
+    given = {
+        field: value
+        for suffix, field in _CACHE_FLAGS.items()
+        if (value := getattr(args, f"default_model_cache_{suffix.replace('-', '_')}")) is not None
     }
-    given = {key: value for key, value in flags.items() if value is not None}
     if not given:
         return ClusterDefaults()
     if "size" not in given:
@@ -113,9 +120,9 @@ def _cluster_defaults(args: argparse.Namespace):
     try:
         return ClusterDefaults(ModelCacheSpec.model_validate(given))
     except ValidationError as exc:
-        field = str(exc.errors()[0]["loc"][0])
-        flag = {"size": "size", "storageClassName": "storage-class", "accessMode": "access-mode"}[field]
-        raise ValueError(f"--default-model-cache-{flag}: {exc.errors()[0]['msg']}") from None
+        error = exc.errors()[0]
+        suffix = next(s for s, field in _CACHE_FLAGS.items() if field == error["loc"][0])
+        raise ValueError(f"--default-model-cache-{suffix}: {error['msg']}") from None
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
