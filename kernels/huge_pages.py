@@ -12,11 +12,21 @@ Linux, THP `never`, CUDA, small buffers) `zeros` is `torch.zeros`.
 
 import math
 import mmap
+import os
 
 import torch
 
 HUGE_PAGE_BYTES = 2 << 20
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux's value; Python < 3.13 lacks it
+
+
+def enable_for_torch_allocations() -> None:
+    """Asks torch's CPU allocator for huge pages on allocations of 2 MiB and more (its
+    `THP_MEM_ALLOC_ENABLE`), so weights (oneDNN's packed copies included) read as fast as the KV
+    cache does: batch-4 decode steps, which read every weight once, ran ~1.1x faster on our Xeon.
+    torch reads the variable once, at its first such allocation: call this before loading weights.
+    A value the user set is kept."""
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
 def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:

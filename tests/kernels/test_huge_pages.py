@@ -1,5 +1,6 @@
 """Large CPU buffers in transparent huge pages (kernels/huge_pages.py)."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -50,3 +51,13 @@ def test_a_large_buffer_is_resident_before_its_first_write():
     """Its pages are faulted in at allocation, not by a decode step's first write to them."""
     tensor = huge_pages.zeros((16 << 20,), torch.uint8)
     assert mapping_bytes(tensor, "Rss") == tensor.numel()
+
+
+@pytest.mark.parametrize("before, after", [(None, "1"), ("0", "0")])
+def test_torch_allocations_ask_for_huge_pages_unless_the_user_said_otherwise(monkeypatch, before, after):
+    if before is None:
+        monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    else:
+        monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", before)
+    huge_pages.enable_for_torch_allocations()
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == after
