@@ -2,7 +2,8 @@
 
 Every device-dependent op of the model goes through `select_backend(device)`: writing K/V into
 the paged cache, paged attention, the layout a float weight is kept in for matmuls (oneDNN's
-pre-packed one on CPU) and matmuls with weights that are not plain tensors. Nothing else checks
+pre-packed one on CPU), matmuls with weights that are not plain tensors, and the layers' row-wise
+float32 ops (RMSNorm, SiLU-and-multiply; native on CPU). Nothing else checks
 the device.
 """
 
@@ -20,6 +21,9 @@ class KernelBackend:
     paged_attention: Callable[..., torch.Tensor]  # (q, k_cache, v_cache, metadata, scale)
     quantized_linear: Callable[..., torch.Tensor]  # (x, quantized or packed weight) -> x @ W^T
     prepare_linear_weight: Callable[..., object]  # float weight -> what `Linear` keeps (once, at load)
+    rms_norm: Callable[..., torch.Tensor]  # (x, weight, eps)
+    add_rms_norm: Callable[..., torch.Tensor]  # (x, delta, weight, eps): x += delta, then its norm
+    silu_and_mul: Callable[..., torch.Tensor]  # ([..., 2n] gate and up) -> [..., n]
 
 
 def select_backend(device: torch.device | str) -> KernelBackend:
@@ -38,6 +42,7 @@ def _backend(device_type: str) -> KernelBackend:
         return TRITON_BACKEND
     from kvpilot.kernels.attention import paged_attention_cpu, write_kv_cache_cpu
     from kvpilot.kernels.packed_float import PackedFloatWeight, can_pack
+    from kvpilot.kernels.row_ops import add_rms_norm_cpu, rms_norm_cpu, silu_and_mul_cpu
 
     return KernelBackend(
         "cpu",
@@ -45,4 +50,7 @@ def _backend(device_type: str) -> KernelBackend:
         paged_attention_cpu,
         lambda x, weight: weight.linear(x),
         lambda weight: PackedFloatWeight.pack(weight) if can_pack(weight) else weight,
+        rms_norm_cpu,
+        add_rms_norm_cpu,
+        silu_and_mul_cpu,
     )

@@ -24,7 +24,7 @@ from kvpilot.kernels.quant.kv_cache import KVCache
 
 SOURCES = [
     Path(__file__).parent / "csrc" / name
-    for name in ("paged_decode_attention.c", "int8_quantize.c", "kv_cache_write.c")
+    for name in ("paged_decode_attention.c", "int8_quantize.c", "kv_cache_write.c", "row_ops.c")
 ]
 # Reassociation lets the compiler vectorize the dot products; infinities keep their meaning.
 FLAGS = [
@@ -62,7 +62,8 @@ def load() -> ctypes.CDLL | None:
     lib.quantize_rows_int8.restype = None
     lib.split_rows_int7.restype = None
     lib.write_kv_int8.restype = None
-    lib.write_kv_f32.restype = None
+    for name in ("write_kv_f32", "rms_norm_f32", "add_rms_norm_f32", "silu_mul_f32"):
+        getattr(lib, name).restype = None
     return lib
 
 
@@ -188,6 +189,61 @@ def write_kv_f32(
     sizes = (ctypes.c_int64(tokens), ctypes.c_int64(heads * head_dim))
     strides = (ctypes.c_int64(k.stride(0)), ctypes.c_int64(v.stride(0)))
     lib.write_kv_f32(_ptr(k), _ptr(v), *sizes, *strides, _ptr(slots), _ptr(k_cache), _ptr(v_cache))
+
+
+def supports_rows(x: torch.Tensor, weight: torch.Tensor | None = None) -> bool:
+    """2-D float32 CPU rows with unit column stride (and a contiguous float32 weight), library built."""
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or x.stride(1) != 1:
+        return False
+    if weight is not None and (weight.dtype != torch.float32 or not weight.is_contiguous()):
+        return False
+    return load() is not None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [T, H] (see `supports_rows`) -> its RMSNorm times weight, a new [T, H] tensor."""
+    out = torch.empty(x.shape)
+    rows, cols = _int64s(*x.shape)
+    load().rms_norm_f32(
+        _ptr(x), *_int64s(x.stride(0)), _ptr(weight), rows, cols, ctypes.c_float(eps), _ptr(out), _threads()
+    )
+    return out
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x += delta in place, then x's RMSNorm times weight (a new tensor); both [T, H] rows."""
+    out = torch.empty(x.shape)
+    rows, cols = _int64s(*x.shape)
+    strides = _int64s(x.stride(0), delta.stride(0))
+    load().add_rms_norm_f32(
+        _ptr(x),
+        strides[0],
+        _ptr(delta),
+        strides[1],
+        _ptr(weight),
+        rows,
+        cols,
+        ctypes.c_float(eps),
+        _ptr(out),
+        _threads(),
+    )
+    return out
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[T, 2n] contiguous float32 -> silu(gate) * up, [T, n]."""
+    rows, width = gate_up.shape
+    out = torch.empty(rows, width // 2)
+    load().silu_mul_f32(_ptr(gate_up), *_int64s(rows, width // 2), _ptr(out), _threads())
+    return out
+
+
+def _int64s(*values: int) -> tuple[ctypes.c_int64, ...]:
+    return tuple(ctypes.c_int64(value) for value in values)
+
+
+def _threads() -> ctypes.c_int:
+    return ctypes.c_int(torch.get_num_threads())
 
 
 def _ptr(tensor: torch.Tensor) -> ctypes.c_void_p:

@@ -1,6 +1,7 @@
 """The Triton kernel set behind `kvpilot.kernels.backend.select_backend` for CUDA tensors."""
 
 import torch
+from kvpilot.kernels import row_ops
 from kvpilot.kernels.attention import AttentionMetadata
 from kvpilot.kernels.backend import KernelBackend
 from kvpilot.kernels.quant import Int4Weight, Int8Weight, QuantizedWeight
@@ -62,4 +63,7 @@ TRITON_BACKEND = KernelBackend(
     paged_attention,
     quantized_linear,
     lambda weight: weight,  # cuBLAS takes it as is
+    row_ops.rms_norm,
+    row_ops.add_rms_norm,
+    row_ops.silu_and_mul,
 )

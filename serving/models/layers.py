@@ -100,10 +100,16 @@ class RMSNorm:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         if dtype == torch.float32:  # one fused pass, the same arithmetic as below
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+            return select_backend(x.device).rms_norm(x, self.weight, self.eps)
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+    def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """x += delta (x is the residual stream), then the norm of x; one pass in float32."""
+        if x.dtype == torch.float32:
+            return select_backend(x.device).add_rms_norm(x, delta, self.weight, self.eps)
+        return self(x.add_(delta))
 
     @property
     def nbytes(self) -> int:

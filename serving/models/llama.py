@@ -9,8 +9,8 @@ which decides their format (float or quantized).
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from kvpilot.kernels.attention import AttentionMetadata, paged_attention, write_kv_cache
+from kvpilot.kernels.backend import select_backend
 from kvpilot.serving.models.config import ModelConfig
 from kvpilot.serving.models.layers import Embedding, Linear, MergedLinear, RMSNorm, RotaryEmbedding
 
@@ -79,8 +79,7 @@ class MLP:
         )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x)
-        return self.down_proj(F.silu(gate).mul_(up))
+        return self.down_proj(select_backend(x.device).silu_and_mul(self.gate_up_proj.joined(x)))
 
     def layers(self) -> list:
         return [self.gate_up_proj, self.down_proj]
@@ -100,8 +99,8 @@ class DecoderLayer:
 
     def __call__(self, x, metadata, kv_cache) -> torch.Tensor:
         """x is the residual stream, owned by the model's forward: added to in place."""
-        x += self.self_attn(self.input_layernorm(x), metadata, kv_cache)
-        return x.add_(self.mlp(self.post_attention_layernorm(x)))
+        attended = self.self_attn(self.input_layernorm(x), metadata, kv_cache)
+        return x.add_(self.mlp(self.post_attention_layernorm.add_and_norm(x, attended)))
 
     def layers(self) -> list:
         norms = [self.input_layernorm, self.post_attention_layernorm]

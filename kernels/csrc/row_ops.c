@@ -1,0 +1,107 @@
+/* Row-wise float32 ops of a decoder layer, one pass per row where torch needs several ops.
+ *
+ * rms_norm_f32:     out[r] = (x[r] * rsqrt(mean(x[r]^2) + eps)) * weight
+ * add_rms_norm_f32: x[r] += delta[r] (the residual stream, in place), then out[r] as above
+ * silu_mul_f32:     out[r, c] = silu(gate_up[r, c]) * gate_up[r, n + c] for c < n, where
+ *                   silu(g) = g / (1 + e^-g) (the gate and up projections side by side)
+ *
+ * The products are rounded as torch rounds them; only the order of the sum of squares (and
+ * e^x, ~1 ulp) differ. Rows are split among OpenMP threads when there are enough of them.
+ * x, delta, out: [rows, cols] with row strides given; weight: [cols]; all float32.
+ */
+#include <math.h>
+#include <stdint.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+#define ROWS_PER_THREAD 16 /* fewer rows run on the calling thread alone */
+
+static float sum_of_squares(const float *x, int64_t cols) {
+    float sum = 0.0f;
+    int64_t c = 0;
+#ifdef __AVX2__
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    for (; c + 16 <= cols; c += 16) {
+        const __m256 v0 = _mm256_loadu_ps(x + c), v1 = _mm256_loadu_ps(x + c + 8);
+        a0 = _mm256_fmadd_ps(v0, v0, a0), a1 = _mm256_fmadd_ps(v1, v1, a1);
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, _mm256_add_ps(a0, a1));
+    for (int j = 0; j < 8; j++) sum += lanes[j];
+#endif
+    for (; c < cols; c++) sum += x[c] * x[c];
+    return sum;
+}
+
+static void normalize_row(const float *x, const float *weight, int64_t cols, float eps, float *out) {
+    const float rstd = 1.0f / sqrtf(sum_of_squares(x, cols) / (float)cols + eps);
+    int64_t c = 0;
+#ifdef __AVX2__
+    const __m256 r = _mm256_set1_ps(rstd);
+    for (; c + 8 <= cols; c += 8)
+        _mm256_storeu_ps(out + c, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + c), r), _mm256_loadu_ps(weight + c)));
+#endif
+    for (; c < cols; c++) out[c] = (x[c] * rstd) * weight[c];
+}
+
+static void add_row(float *x, const float *delta, int64_t cols) {
+    int64_t c = 0;
+#ifdef __AVX2__
+    for (; c + 8 <= cols; c += 8) _mm256_storeu_ps(x + c, _mm256_add_ps(_mm256_loadu_ps(x + c), _mm256_loadu_ps(delta + c)));
+#endif
+    for (; c < cols; c++) x[c] += delta[c];
+}
+
+void rms_norm_f32(const float *x, int64_t x_stride, const float *weight, int64_t rows, int64_t cols, float eps,
+                  float *out, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) if (rows >= 2 * ROWS_PER_THREAD)
+    for (int64_t r = 0; r < rows; r++) normalize_row(x + r * x_stride, weight, cols, eps, out + r * cols);
+}
+
+void add_rms_norm_f32(float *x, int64_t x_stride, const float *delta, int64_t delta_stride, const float *weight,
+                      int64_t rows, int64_t cols, float eps, float *out, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) if (rows >= 2 * ROWS_PER_THREAD)
+    for (int64_t r = 0; r < rows; r++) {
+        add_row(x + r * x_stride, delta + r * delta_stride, cols);
+        normalize_row(x + r * x_stride, weight, cols, eps, out + r * cols);
+    }
+}
+
+#ifdef __AVX2__
+/* e^x (Cephes' expf polynomial, ~1 ulp), x clamped to [-87, 88]. */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(x, x), x), _mm256_set1_ps(1.0f));
+    const __m256i power = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(power));
+}
+#endif
+
+void silu_mul_f32(const float *gate_up, int64_t rows, int64_t n, float *out, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) if (rows >= 2 * ROWS_PER_THREAD)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *gate = gate_up + r * 2 * n, *up = gate + n;
+        float *o = out + r * n;
+        int64_t c = 0;
+#ifdef __AVX2__
+        const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+        for (; c + 8 <= n; c += 8) {
+            const __m256 g = _mm256_loadu_ps(gate + c);
+            const __m256 silu = _mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_xor_ps(g, sign))));
+            _mm256_storeu_ps(o + c, _mm256_mul_ps(silu, _mm256_loadu_ps(up + c)));
+        }
+#endif
+        for (; c < n; c++) o[c] = gate[c] / (1.0f + expf(-gate[c])) * up[c];
+    }
+}

@@ -1,0 +1,47 @@
+"""The native row-wise ops (kernels/row_ops.py) against their torch definitions."""
+
+import pytest
+import torch
+from kvpilot.kernels import cpu_extension, row_ops
+
+pytestmark = pytest.mark.skipif(cpu_extension.load() is None, reason="no C compiler here")
+SHAPES = [(1, 576), (7, 13), (40, 64), (130, 1000)]  # rows on one thread and split; ragged tails
+
+
+@pytest.mark.parametrize("rows, cols", SHAPES)
+def test_rms_norm_matches_torch(rows, cols):
+    generator = torch.Generator().manual_seed(rows + cols)
+    x = torch.randn(rows, cols + 5, generator=generator)[:, 2 : cols + 2] * 3  # strided rows
+    weight = torch.randn(cols, generator=generator)
+    assert cpu_extension.supports_rows(x, weight)
+    torch.testing.assert_close(row_ops.rms_norm_cpu(x, weight, 1e-5), row_ops.rms_norm(x, weight, 1e-5))
+
+
+@pytest.mark.parametrize("rows, cols", SHAPES)
+def test_add_rms_norm_adds_in_place_then_normalizes(rows, cols):
+    generator = torch.Generator().manual_seed(rows * cols)
+    x, delta = torch.randn(2, rows, cols, generator=generator)
+    weight = torch.randn(cols, generator=generator)
+    expected_x = x.clone()
+    expected = row_ops.add_rms_norm(expected_x, delta, weight, 1e-6)
+    normed = row_ops.add_rms_norm_cpu(x, delta, weight, 1e-6)
+    assert torch.equal(x, expected_x)  # the residual stream: exactly x + delta
+    torch.testing.assert_close(normed, expected)
+
+
+@pytest.mark.parametrize("rows, n", [(1, 1536), (5, 11), (64, 40)])
+def test_silu_and_mul_matches_torch(rows, n):
+    generator = torch.Generator().manual_seed(rows + n)
+    gate_up = torch.randn(rows, 2 * n, generator=generator) * 6
+    gate_up[0, :2] = torch.tensor([-100.0, 100.0])  # e^x clamped at both ends
+    torch.testing.assert_close(row_ops.silu_and_mul_cpu(gate_up), row_ops.silu_and_mul(gate_up))
+
+
+def test_other_dtypes_and_layouts_take_the_torch_path():
+    x = torch.randn(4, 8, dtype=torch.float64)
+    assert not cpu_extension.supports_rows(x)
+    torch.testing.assert_close(
+        row_ops.rms_norm_cpu(x, torch.ones(8, dtype=torch.float64), 1e-5),
+        x * x.pow(2).mean(-1, keepdim=True).add(1e-5).rsqrt(),
+    )
+    assert not cpu_extension.supports_rows(torch.randn(8, 4).t())
