@@ -90,12 +90,12 @@ class Int8Weight:
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         x2, lead = flatten_tokens(x)
-        if self.packed is not None:
-            packed_linear = _w8a8_linear if self.int8_activations else _split_activation_linear
+        packed_linear = _w8a8_linear if self.int8_activations else _split_activation_linear
+        if isinstance(self.packed, OnednnInt8):  # one call: oneDNN keeps its speed on tall inputs
+            y = packed_linear(x2.float(), self.packed).to(x.dtype)
+        elif self.packed is not None:
             rows_per_call = WIDE_OUTPUT_ROWS_PER_CALL if self.shape[0] > WIDE_OUTPUT else FBGEMM_ROWS_PER_CALL
-            if isinstance(self.packed, OnednnInt8):
-                rows_per_call = x2.shape[0]  # oneDNN keeps its speed on tall inputs (measured)
-            parts = [packed_linear(rows, self.packed) for rows in x2.float().split(max(rows_per_call, 1))]
+            parts = [packed_linear(rows, self.packed) for rows in x2.float().split(rows_per_call)]
             y = (parts[0] if len(parts) == 1 else torch.cat(parts)).to(x.dtype)
         else:
             q, s, g = self.stored, self.scales, self.group_size
@@ -243,8 +243,12 @@ def _split_activation_linear(x: torch.Tensor, packed: Any) -> torch.Tensor:
     tokens = x.shape[0]
     native = cpu_extension.load() is not None
     if isinstance(packed, OnednnInt8):
-        parts, unit = cpu_extension.split_rows_s7(x) if native else split_rows_int7(x)
-        y = packed.linear(parts[: 2 * tokens].to(torch.int8))
+        if native:
+            parts, unit = cpu_extension.split_rows_s7(x)
+        else:
+            parts, unit = split_rows_int7(x)
+            parts = parts[: 2 * tokens].to(torch.int8)
+        y = packed.linear(parts)
     else:
         parts, unit = cpu_extension.split_rows_int7(x) if native else split_rows_int7(x)
         y = fbgemm_linear(parts, packed, reduce_range=True)

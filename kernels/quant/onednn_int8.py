@@ -40,7 +40,7 @@ class OnednnInt8:
 
     def linear(self, rows: torch.Tensor) -> torch.Tensor:
         """int8 rows [M, in] -> float32 (rows @ W^T) * scales: the exact integer product, scaled."""
-        qlinear = torch.ops.onednn.qlinear_pointwise
+        qlinear = torch.ops.onednn.qlinear_pointwise.default
         x_scale, x_zero_point, out_scale, out_zero_point = 1.0, 0, 1.0, 0
         return qlinear(
             rows, x_scale, x_zero_point, self.packed, self.scales, self.zero_points, None,

@@ -15,6 +15,7 @@ import textwrap
 
 import pytest
 import torch
+from kvpilot.kernels import cpu_extension
 from kvpilot.kernels.quant import Int8Weight, int8, quantize
 from kvpilot.kernels.quant.onednn_int8 import OnednnInt8, onednn_int8_is_exact
 
@@ -71,6 +72,17 @@ def test_onednn_and_fbgemm_give_the_same_outputs(mode, monkeypatch):
     assert isinstance(onednn.packed, OnednnInt8) and not isinstance(fbgemm.packed, OnednnInt8)
     assert torch.equal(onednn.qweight, fbgemm.qweight) and onednn.nbytes == fbgemm.nbytes
     torch.testing.assert_close(onednn.linear(x), fbgemm.linear(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["w8a8", "int8"])
+def test_onednn_linear_is_the_same_without_the_native_kernels(mode, monkeypatch):
+    if not onednn_int8_is_exact():
+        pytest.skip("oneDNN's int8 GEMM is not exact on this CPU (the probe says so)")
+    q = quantize(torch.randn(48, 160, generator=torch.Generator().manual_seed(5)) * 0.05, mode)
+    x = torch.randn(7, 160, generator=torch.Generator().manual_seed(6))
+    native = q.linear(x)
+    monkeypatch.setattr(cpu_extension, "load", lambda: None)
+    assert torch.equal(q.linear(x), native)
 
 
 def test_onednn_worst_case_integer_products_are_exact():
