@@ -94,6 +94,9 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache, v_cache, slot_mapp
 def write_kv_cache_cpu(
     k: torch.Tensor, v: torch.Tensor, k_cache, v_cache, slot_mapping: torch.Tensor
 ) -> None:
+    if all(cpu_extension.supports_f32_write(x, cache) for x, cache in ((k, k_cache), (v, v_cache))):
+        cpu_extension.write_kv_f32(k, v, k_cache, v_cache, slot_mapping)
+        return
     for x, cache in ((k, k_cache), (v, v_cache)):
         if isinstance(cache, KVCache):  # int8/fp8 storage: quantized on write
             if cpu_extension.supports_int8_write(x, cache):

@@ -24,7 +24,10 @@ from pathlib import Path
 import torch
 from kvpilot.kernels.quant.kv_cache import KVCache
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_decode_attention.c", "int8_quantize.c")]
+SOURCES = [
+    Path(__file__).parent / "csrc" / name
+    for name in ("paged_decode_attention.c", "int8_quantize.c", "kv_cache_write.c")
+]
 # Reassociation lets the compiler vectorize the dot products; infinities keep their meaning.
 FLAGS = [
     "-O3",
@@ -63,6 +66,7 @@ def load() -> ctypes.CDLL | None:
     lib.quantize_rows_s8.restype = None
     lib.split_rows_s7.restype = None
     lib.write_kv_int8.restype = None
+    lib.write_kv_f32.restype = None
     return lib
 
 
@@ -179,6 +183,27 @@ def write_kv_int8(x: torch.Tensor, cache: KVCache, slot_mapping: torch.Tensor) -
     tokens, heads, head_dim = x.shape
     shape = (ctypes.c_int64(tokens), ctypes.c_int64(heads), ctypes.c_int64(head_dim))
     lib.write_kv_int8(_ptr(x), *shape, _ptr(slots), _ptr(cache.data), _ptr(cache.scales))
+
+
+def supports_f32_write(x: torch.Tensor, cache: torch.Tensor | KVCache) -> bool:
+    """float32 rows (each token's heads contiguous) into a contiguous float32 cache, library built."""
+    if not isinstance(cache, torch.Tensor) or cache.dtype != torch.float32 or not cache.is_contiguous():
+        return False
+    dense_rows = x.stride(2) == 1 and x.stride(1) == x.shape[2]
+    return x.dtype == torch.float32 and dense_rows and load() is not None
+
+
+def write_kv_f32(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """k, v [T, num_kv_heads, head_dim] float32 (see `supports_f32_write`) into their cache slots."""
+    lib = load()
+    assert lib is not None, "call only when load() succeeded"
+    slots = slot_mapping.to(torch.int64).contiguous()
+    tokens, heads, head_dim = k.shape
+    sizes = (ctypes.c_int64(tokens), ctypes.c_int64(heads * head_dim))
+    strides = (ctypes.c_int64(k.stride(0)), ctypes.c_int64(v.stride(0)))
+    lib.write_kv_f32(_ptr(k), _ptr(v), *sizes, *strides, _ptr(slots), _ptr(k_cache), _ptr(v_cache))
 
 
 def _ptr(tensor: torch.Tensor) -> ctypes.c_void_p:

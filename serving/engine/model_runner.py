@@ -36,6 +36,8 @@ class ModelRunner:
         self.dtype_name = resolve_dtype(
             config.dtype, checkpoint_dtype(config.model), self.device.type, bf16_supported
         )
+        if self.device.type == "cpu":
+            huge_pages.enable_for_torch_allocations()
         loaded = load_model(config.model, self.dtype_name, config.quantization, self.device)
         self.model = loaded.model
         self.model_config = loaded.config

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from kvpilot.kernels import cpu_extension
 from kvpilot.kernels.attention import (
     build_attention_metadata,
     paged_attention,
@@ -106,3 +107,22 @@ def test_slot_mapping_follows_the_block_table():
     assert metadata.positions.tolist() == [2, 3, 4, 4]
     assert metadata.query_start_loc.tolist() == [0, 3, 4]
     assert metadata.seq_lens.tolist() == [5, 5]
+
+
+def test_native_kv_write_matches_index_copy_on_strided_rows():
+    """K and V as the model hands them over (strided slices of one qkv row) land in the same
+    slots, bit for bit, as with torch's index_copy_; other slots stay untouched."""
+    if cpu_extension.load() is None:
+        pytest.skip("no C compiler here")
+    generator = torch.Generator().manual_seed(5)
+    num_kv_heads, tokens = 3, 37
+    qkv = torch.randn(tokens, 4 + 2 * num_kv_heads, HEAD_DIM, generator=generator)
+    k, v = qkv[:, 4 : 4 + num_kv_heads], qkv[:, 4 + num_kv_heads :]
+    slots = torch.randperm(64 * 16, generator=generator)[:tokens]
+    native = {name: torch.full((64, 16, num_kv_heads, HEAD_DIM), 7.0) for name in ("k", "v")}
+    expected = {name: cache.clone() for name, cache in native.items()}
+    assert all(cpu_extension.supports_f32_write(x, native[name]) for name, x in (("k", k), ("v", v)))
+    write_kv_cache(k, v, native["k"], native["v"], slots)
+    for name, rows in (("k", k), ("v", v)):
+        expected[name].view(-1, num_kv_heads, HEAD_DIM).index_copy_(0, slots, rows)
+        assert torch.equal(native[name], expected[name])
