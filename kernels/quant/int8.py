@@ -1,7 +1,7 @@
 """int8 weights: symmetric, one scale per output channel (or per group of input columns).
 
 Per-channel weights on CPU live only in a prepacked form, oneDNN's where its int8 GEMM is exact
-on this CPU (kernels/quant/onednn_int8.py: AMX/VNNI, 2-4x faster than fbgemm from ~16 rows up),
+on this CPU (kernels/quant/onednn_int8.py: AMX/VNNI, 1.5-3.8x faster than fbgemm from 32 rows up),
 else fbgemm's (`torch.ops.quantized.linear_dynamic`). Activations reach them in one of two ways:
 - weight-only int8 (mode `int8`): as two exact int7 halves (`_split_activation_linear`): float
   accuracy, twice the GEMM rows;

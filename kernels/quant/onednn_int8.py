@@ -2,7 +2,8 @@
 prepacked once (`torch.ops.onednn.qlinear_prepack`), int32 accumulation (AMX or VNNI), and the
 per-channel weight scale applied in the same call (`qlinear_pointwise`, float32 out).
 
-On a Xeon with AMX it runs 2-4x faster than fbgemm from ~16 rows up (`kvpilot bench int8-gemm`).
+On a Xeon with AMX it runs 1.5-3.8x faster than fbgemm from 32 rows up, about even at 1-4 rows
+(`kvpilot bench int8-gemm`).
 Whether its integer product is exact on this CPU is probed once (`onednn_int8_is_exact`): a
 kernel that adds pairs of 8-bit products in saturating int16 (`vpmaddubsw`) would not be, and
 then the weights stay with fbgemm (kernels/quant/int8.py). `KVPILOT_INT8_GEMM=fbgemm` keeps
