@@ -3,7 +3,9 @@
 - `paged_decode_attention` reads K/V (float32, or int8 with per-token-per-head scales) straight
   from the paged cache: no gather copy, no dequantized copy and no padding to the longest
   sequence, the costs that dominate decode attention in torch on CPU.
-- `quantize_rows_int8` quantizes activations per token for the W8A8 linear, and
+- `quantize_rows_int8` / `split_rows_int7` quantize activations per token for fbgemm's int8
+  linears (floats with an anchor row), `quantize_rows_s8` / `split_rows_s7` the same integers as
+  int8 for oneDNN's, and
   `write_kv_int8` quantizes and scatters new K/V into an int8 cache, each in one call.
 
 They need a C compiler (`cc`) at first use; without one `load()` returns None and callers use
@@ -61,6 +63,8 @@ def load() -> ctypes.CDLL | None:
     lib.paged_decode_attention_i8.restype = ctypes.c_int
     lib.quantize_rows_int8.restype = None
     lib.split_rows_int7.restype = None
+    lib.quantize_rows_s8.restype = None
+    lib.split_rows_s7.restype = None
     lib.write_kv_int8.restype = None
     for name in ("write_kv_f32", "rms_norm_f32", "add_rms_norm_f32", "silu_mul_f32"):
         getattr(lib, name).restype = None
@@ -140,14 +144,16 @@ def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _rows_and_units(x, "quantize_rows_int8", 1)
 
 
-def _rows_and_units(x: torch.Tensor, kernel: str, parts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Runs a per-token activation kernel that writes `parts` integer rows per token + an anchor row."""
+def _rows_and_units(
+    x: torch.Tensor, kernel: str, parts: int, anchor: int = 1, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs a per-token activation kernel that writes `parts` integer rows per token (+ an anchor row)."""
     lib = load()
     assert lib is not None, "call only when load() succeeded"
     if x.stride(1) != 1:
         x = x.contiguous()
     rows, cols = x.shape
-    out = torch.empty(parts * rows + 1, cols)
+    out = torch.empty(parts * rows + anchor, cols, dtype=dtype)
     unit = torch.empty(rows, 1)
     args = (ctypes.c_int64(rows), ctypes.c_int64(cols), ctypes.c_int64(x.stride(0)))
     getattr(lib, kernel)(_ptr(x), *args, _ptr(out), _ptr(unit), ctypes.c_int(torch.get_num_threads()))
@@ -157,6 +163,16 @@ def _rows_and_units(x: torch.Tensor, kernel: str, parts: int) -> tuple[torch.Ten
 def split_rows_int7(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, K] float32 -> (rows [2T + 1, K]: hi parts, lo parts, fbgemm's anchor row; unit [T, 1])."""
     return _rows_and_units(x, "split_rows_int7", 2)
+
+
+def quantize_rows_s8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, K] float32 -> (int8 rows [T, K]: round(x / unit), unit [T, 1]); no anchor row."""
+    return _rows_and_units(x, "quantize_rows_s8", 1, anchor=0, dtype=torch.int8)
+
+
+def split_rows_s7(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, K] float32 -> (int8 rows [2T, K]: hi parts then lo parts, unit [T, 1]); no anchor row."""
+    return _rows_and_units(x, "split_rows_s7", 2, anchor=0, dtype=torch.int8)
 
 
 def write_kv_int8(x: torch.Tensor, cache: KVCache, slot_mapping: torch.Tensor) -> None:

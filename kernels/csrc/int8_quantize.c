@@ -12,6 +12,9 @@
  * x = unit * (hi + lo / 126). out has 2 * rows + 1 rows: hi of every row, lo of every row,
  * then the anchor row (-64 in column 0, 63 in the last column) for fbgemm's 7-bit range.
  *
+ * quantize_rows_s8 and split_rows_s7: the same integers written as int8 with no anchor row, for
+ * oneDNN's int8 GEMM (kernels/quant/onednn_int8.py), which takes signed 8-bit activations as they are.
+ *
  * write_kv_int8: new K or V [tokens, heads, head_dim] into an int8 paged cache
  * (kernels/quant/kv_cache.py): per (token, head) scale = max|x| / 127, values
  * round_half_even(x * (1 / scale)) clamped to [-127, 127] (0 for an all-zero row), stored at
@@ -100,6 +103,32 @@ void split_rows_int7(const float *x, int64_t rows, int64_t cols, int64_t x_strid
         split_row(x + t * x_stride, cols, unit[t], out + t * cols, out + (rows + t) * cols);
     }
     write_anchor(out + 2 * rows * cols, cols, 63.0f);
+}
+
+void quantize_rows_s8(const float *x, int64_t rows, int64_t cols, int64_t x_stride, int8_t *out, float *unit,
+                      int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (rows * cols >= (1 << 16))
+    for (int64_t t = 0; t < rows; t++) {
+        const float *row = x + t * x_stride;
+        const float u = unit[t] = row_unit(row, cols, 127.0f);
+        int8_t *q = out + t * cols;
+        for (int64_t c = 0; c < cols; c++) q[c] = (int8_t)nearbyintf(row[c] / u);
+    }
+}
+
+void split_rows_s7(const float *x, int64_t rows, int64_t cols, int64_t x_stride, int8_t *out, float *unit,
+                   int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (rows * cols >= (1 << 16))
+    for (int64_t t = 0; t < rows; t++) {
+        const float *row = x + t * x_stride;
+        const float u = unit[t] = row_unit(row, cols, 63.0f);
+        int8_t *hi = out + t * cols, *lo = out + (rows + t) * cols;
+        for (int64_t c = 0; c < cols; c++) {
+            const float scaled = row[c] / u, h = nearbyintf(scaled);
+            hi[c] = (int8_t)h;
+            lo[c] = (int8_t)nearbyintf((scaled - h) * 126.0f);
+        }
+    }
 }
 
 void write_kv_int8(const float *x, int64_t tokens, int64_t heads, int64_t head_dim, const int64_t *slots,

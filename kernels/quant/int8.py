@@ -1,14 +1,15 @@
 """int8 weights: symmetric, one scale per output channel (or per group of input columns).
 
-Per-channel weights on CPU live only inside fbgemm's prepacked form and run through
-`torch.ops.quantized.linear_dynamic`, in one of two ways:
-- weight-only int8 (mode `int8`): activations reach fbgemm as two exact int7 halves
-  (`_split_activation_linear`): float accuracy, twice the GEMM work;
-- W8A8 (mode `w8a8`, `int8_activations=True`): activations are quantized to int8 per token, as
-  in SmoothQuant (`_w8a8_linear`). The integer product is exact on every CPU: one 8-bit GEMM
-  where fbgemm accumulates u8 x s8 products in int32 (VNNI), two 7-bit passes elsewhere
-  (AVX2's `vpmaddubsw` saturates pairs of 8-bit products at int16). A one-time probe decides
-  (`one_pass_int8_is_exact`).
+Per-channel weights on CPU live only in a prepacked form, oneDNN's where its int8 GEMM is exact
+on this CPU (kernels/quant/onednn_int8.py: AMX/VNNI, 1.5-3.8x faster than fbgemm from 32 rows up),
+else fbgemm's (`torch.ops.quantized.linear_dynamic`). Activations reach them in one of two ways:
+- weight-only int8 (mode `int8`): as two exact int7 halves (`_split_activation_linear`): float
+  accuracy, twice the GEMM rows;
+- W8A8 (mode `w8a8`, `int8_activations=True`): quantized to int8 per token, as in SmoothQuant
+  (`_w8a8_linear`). The integer product is exact on every CPU: oneDNN's is probed exact before
+  it is used; fbgemm runs one 8-bit GEMM where it accumulates u8 x s8 products in int32 (VNNI),
+  two 7-bit passes elsewhere (AVX2's `vpmaddubsw` saturates pairs of 8-bit products at int16).
+  One-time probes decide (`onednn_int8_is_exact`, `one_pass_int8_is_exact`).
 Grouped weights (GGUF Q8_0: 32 columns per scale) are dequantized a few rows at a time.
 """
 
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 from kvpilot.kernels import cpu_extension
 from kvpilot.kernels.quant.cpu_ops import flatten_tokens, linear_by_row_chunks
+from kvpilot.kernels.quant.onednn_int8 import OnednnInt8, onednn_int8_is_exact
 
 QMAX = 127
 logger = logging.getLogger(__name__)
@@ -39,7 +41,7 @@ class Int8Weight:
     scales: torch.Tensor  # float32 [out, num_groups]
     group_size: int  # == in_features for per-output-channel scales
     stored: torch.Tensor | None  # int8 [out, in]; None when the weight lives in `packed`
-    packed: Any = None  # fbgemm prepacked per-channel weight (CPU)
+    packed: Any = None  # per-channel weight prepacked for oneDNN (`OnednnInt8`) or fbgemm (CPU)
     int8_activations: bool = False  # fbgemm path: W8A8 (per-token int8) instead of exact activations
 
     @classmethod
@@ -63,13 +65,15 @@ class Int8Weight:
         scales = scales.float()
         fbgemm_ok = in_features > 1 and qweight.device.type == "cpu" and int(qweight.min()) >= -QMAX
         if group_size == in_features and fbgemm_ok:
-            return cls(scales, group_size, None, _prepack(qweight, scales[:, 0]), int8_activations)
+            return cls(scales, group_size, None, _pack(qweight, scales[:, 0]), int8_activations)
         return cls(scales, group_size, qweight, None, int8_activations)
 
     @property
     def qweight(self) -> torch.Tensor:
         if self.stored is not None:
             return self.stored
+        if isinstance(self.packed, OnednnInt8):
+            return self.packed.unpack()
         return torch.ops.quantized.linear_unpack(self.packed)[0].int_repr()
 
     @property
@@ -86,10 +90,12 @@ class Int8Weight:
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         x2, lead = flatten_tokens(x)
-        if self.packed is not None:
-            fbgemm_linear = _w8a8_linear if self.int8_activations else _split_activation_linear
+        packed_linear = _w8a8_linear if self.int8_activations else _split_activation_linear
+        if isinstance(self.packed, OnednnInt8):  # one call: oneDNN keeps its speed on tall inputs
+            y = packed_linear(x2.float(), self.packed).to(x.dtype)
+        elif self.packed is not None:
             rows_per_call = WIDE_OUTPUT_ROWS_PER_CALL if self.shape[0] > WIDE_OUTPUT else FBGEMM_ROWS_PER_CALL
-            parts = [fbgemm_linear(rows, self.packed) for rows in x2.float().split(rows_per_call)]
+            parts = [packed_linear(rows, self.packed) for rows in x2.float().split(rows_per_call)]
             y = (parts[0] if len(parts) == 1 else torch.cat(parts)).to(x.dtype)
         else:
             q, s, g = self.stored, self.scales, self.group_size
@@ -139,6 +145,11 @@ def _dequantize(q: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch
     return (q.view(rows, -1, group_size).float() * scales[..., None]).view(rows, -1)
 
 
+def _pack(qweight: torch.Tensor, scales: torch.Tensor) -> Any:
+    """oneDNN's packed weight where its int8 GEMM is exact here, else fbgemm's."""
+    return OnednnInt8.pack(qweight, scales) if onednn_int8_is_exact() else _prepack(qweight, scales)
+
+
 def _prepack(qweight: torch.Tensor, scales: torch.Tensor) -> Any:
     zero_points = torch.zeros(qweight.shape[0], dtype=torch.long)
     with warnings.catch_warnings():  # quantized-tensor constructors warn about future deprecation
@@ -150,14 +161,22 @@ def _prepack(qweight: torch.Tensor, scales: torch.Tensor) -> Any:
 def _w8a8_linear(x: torch.Tensor, packed: Any) -> torch.Tensor:
     """W8A8: int8 weights times int8 activations with one scale per token (as in SmoothQuant).
 
-    fbgemm's dynamic linear quantizes the whole input with one scale, which would make a
-    token's output depend on its batch neighbours. So each row is first scaled to integers in
-    [-127, 127] (its own scale, max|x| / 127), and an anchor row pins fbgemm's range: every
+    Each row is scaled to integers in [-127, 127] (its own scale, max|x| / 127). oneDNN takes them
+    as int8 and returns the exact integer product times the weight scales. fbgemm's dynamic
+    linear quantizes the whole input with one scale, which would make a token's output depend on
+    its batch neighbours, so an anchor row pins fbgemm's range: every
     row's integers pass through unchanged and the result is independent of what else is in
     the batch. Where fbgemm's 8-bit product is exact (`one_pass_int8_is_exact`) that is one
     GEMM; elsewhere the integers go in two exact 7-bit halves (`split_int8_rows`).
     """
     tokens = x.shape[0]
+    if isinstance(packed, OnednnInt8):
+        if cpu_extension.load() is not None:
+            q, unit = cpu_extension.quantize_rows_s8(x)
+        else:
+            q, unit = quantize_rows_int8(x)
+            q = q[:tokens].to(torch.int8)
+        return packed.linear(q).mul_(unit)
     if cpu_extension.load() is not None:
         q, unit = cpu_extension.quantize_rows_int8(x)
     else:
@@ -216,16 +235,23 @@ def _split_activation_linear(x: torch.Tensor, packed: Any) -> torch.Tensor:
     """Weight-int8 linear with (almost) float activations, independent of the other rows in x.
 
     Each row is scaled to [-63, 63] and split into two integer parts,
-    x = max|x| / 63 * (hi + lo / 126), and an anchor row pins fbgemm's 7-bit range to [-64, 63]
-    (scale 1, zero point 64): both parts pass through losslessly, and the result matches the
-    float-activation product to ~1e-4 relative, whatever else is in the batch.
+    x = max|x| / 63 * (hi + lo / 126), which oneDNN takes as int8; for fbgemm an anchor row pins
+    its 7-bit range to [-64, 63] (scale 1, zero point 64). Both parts pass through losslessly,
+    and the result matches the float-activation product to ~1e-4 relative, whatever else is in
+    the batch.
     """
     tokens = x.shape[0]
-    if cpu_extension.load() is not None:
-        parts, unit = cpu_extension.split_rows_int7(x)
+    native = cpu_extension.load() is not None
+    if isinstance(packed, OnednnInt8):
+        if native:
+            parts, unit = cpu_extension.split_rows_s7(x)
+        else:
+            parts, unit = split_rows_int7(x)
+            parts = parts[: 2 * tokens].to(torch.int8)
+        y = packed.linear(parts)
     else:
-        parts, unit = split_rows_int7(x)
-    y = fbgemm_linear(parts, packed, reduce_range=True)
+        parts, unit = cpu_extension.split_rows_int7(x) if native else split_rows_int7(x)
+        y = fbgemm_linear(parts, packed, reduce_range=True)
     return y[:tokens].add_(y[tokens : 2 * tokens], alpha=1 / LO_SCALE).mul_(unit)
 
 

@@ -49,9 +49,10 @@ def machine_class() -> str:
 
 
 def describe_machine(cpuinfo_path: Path = CPUINFO) -> dict:
-    """CPU model, cores, ISA flags, torch version and threads, and the w8a8 GEMM path."""
+    """CPU model, cores, ISA flags, torch version and threads, and the int8 GEMM paths."""
     import torch
     from kvpilot.kernels.quant.int8 import one_pass_int8_is_exact
+    from kvpilot.kernels.quant.onednn_int8 import onednn_int8_is_exact
 
     cpuinfo = read_cpuinfo(cpuinfo_path)
     flags = cpu_flags(cpuinfo)
@@ -63,13 +64,17 @@ def describe_machine(cpuinfo_path: Path = CPUINFO) -> dict:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "w8a8_one_pass_exact": one_pass_int8_is_exact(),
+        "int8_gemm": "onednn" if onednn_int8_is_exact() else "fbgemm",
     }
 
 
 def format_machine(machine: dict) -> str:
     flags = " ".join(name for name, present in machine["flags"].items() if present) or "none"
+    if machine.get("int8_gemm") == "onednn":  # results recorded before oneDNN's GEMM have no key
+        gemm = "oneDNN int8 (exact)"
+    else:
+        gemm = f"fbgemm, {'one 8-bit pass' if machine['w8a8_one_pass_exact'] else 'two 7-bit passes'}"
     return (
         f"machine: {machine['cpu']} ({machine['cpu_class']}), {machine['cores']} cores, flags: {flags}; "
-        f"torch {machine['torch']}, {machine['torch_threads']} threads; w8a8 GEMM: "
-        f"{'one 8-bit pass' if machine['w8a8_one_pass_exact'] else 'two 7-bit passes'}"
+        f"torch {machine['torch']}, {machine['torch_threads']} threads; int8 GEMM: {gemm}"
     )

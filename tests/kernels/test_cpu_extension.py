@@ -91,6 +91,9 @@ def test_native_per_token_quantization_matches_torch(native, shape):
     rows, unit = native.quantize_rows_int8(x)
     assert torch.equal(unit, expected_unit) and torch.equal(rows, expected_rows)
     assert rows[-1, 0] == -128 and rows[-1, -1] == 127  # the anchor row
+    int8_rows, int8_unit = native.quantize_rows_s8(x)  # oneDNN's form: int8, no anchor row
+    assert int8_rows.dtype == torch.int8 and torch.equal(int8_unit, expected_unit)
+    assert torch.equal(int8_rows.float(), expected_rows[:-1])
 
 
 @pytest.mark.parametrize("shape", [(1, 8), (5, 192), (130, 576), (3, 13)])
@@ -104,6 +107,9 @@ def test_native_activation_split_matches_torch(native, shape):
     rows, unit = native.split_rows_int7(x)
     assert torch.equal(unit, expected_unit) and torch.equal(rows, expected_rows)
     assert rows[-1, 0] == -64 and rows[-1, -1] == 63  # the anchor row
+    int8_rows, int8_unit = native.split_rows_s7(x)
+    assert int8_rows.dtype == torch.int8 and torch.equal(int8_unit, expected_unit)
+    assert torch.equal(int8_rows.float(), expected_rows[:-1])
 
 
 def test_native_int8_kv_write_matches_the_cache_quantizer(native):

@@ -4,6 +4,8 @@ fbgemm's AVX2 kernel (CPUs without VNNI) adds pairs of u8 x s8 products in satur
 VNNI accumulates them in int32. The engine probes which one it has and, without VNNI, sends
 activations in two 7-bit halves. `FBGEMM_ENABLE_INSTRUCTIONS=AVX2` makes fbgemm take its AVX2
 kernel on any CPU, so the non-VNNI path is exercised for real here whatever this machine is.
+oneDNN's int8 GEMM (used where its probe finds it exact) is checked the same way, with
+`ONEDNN_MAX_CPU_ISA=AVX2` standing in for a CPU whose oneDNN kernel saturates.
 """
 
 import os
@@ -13,7 +15,9 @@ import textwrap
 
 import pytest
 import torch
-from kvpilot.kernels.quant import Int8Weight, int8
+from kvpilot.kernels import cpu_extension
+from kvpilot.kernels.quant import Int8Weight, int8, quantize
+from kvpilot.kernels.quant.onednn_int8 import OnednnInt8, onednn_int8_is_exact
 
 QMAX = 127
 INT16_MAX = 2**15 - 1
@@ -38,12 +42,65 @@ def _assert_exact(x: torch.Tensor, weight: Int8Weight) -> None:
     assert torch.equal(weight.linear(x).double(), exact)
 
 
-def test_w8a8_worst_case_equals_the_integer_product():
+@pytest.fixture(params=["onednn", "fbgemm"])
+def gemm(request, monkeypatch) -> str:
+    """Which int8 GEMM the weights built in the test get; oneDNN only where its probe passes."""
+    if request.param == "onednn" and not onednn_int8_is_exact():
+        pytest.skip("oneDNN's int8 GEMM is not exact on this CPU (the probe says so)")
+    if request.param == "fbgemm":
+        monkeypatch.setattr(int8, "onednn_int8_is_exact", lambda: False)
+    return request.param
+
+
+def test_w8a8_worst_case_equals_the_integer_product(gemm):
     x, weight = _worst_case()
+    assert isinstance(weight.packed, OnednnInt8) == (gemm == "onednn")
     _assert_exact(x, weight)
 
 
+@pytest.mark.parametrize("mode", ["w8a8", "int8"])
+def test_onednn_and_fbgemm_give_the_same_outputs(mode, monkeypatch):
+    """The same integer products either way; only the float epilogue may round differently."""
+    if not onednn_int8_is_exact():
+        pytest.skip("oneDNN's int8 GEMM is not exact on this CPU (the probe says so)")
+    w = torch.randn(96, 320, generator=torch.Generator().manual_seed(3)) * 0.05
+    x = torch.randn(40, 320, generator=torch.Generator().manual_seed(4))
+    x[:, 5] *= 30  # an outlier channel
+    onednn = quantize(w, mode)
+    monkeypatch.setattr(int8, "onednn_int8_is_exact", lambda: False)
+    fbgemm = quantize(w, mode)
+    assert isinstance(onednn.packed, OnednnInt8) and not isinstance(fbgemm.packed, OnednnInt8)
+    assert torch.equal(onednn.qweight, fbgemm.qweight) and onednn.nbytes == fbgemm.nbytes
+    torch.testing.assert_close(onednn.linear(x), fbgemm.linear(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["w8a8", "int8"])
+def test_onednn_linear_is_the_same_without_the_native_kernels(mode, monkeypatch):
+    if not onednn_int8_is_exact():
+        pytest.skip("oneDNN's int8 GEMM is not exact on this CPU (the probe says so)")
+    q = quantize(torch.randn(48, 160, generator=torch.Generator().manual_seed(5)) * 0.05, mode)
+    x = torch.randn(7, 160, generator=torch.Generator().manual_seed(6))
+    native = q.linear(x)
+    monkeypatch.setattr(cpu_extension, "load", lambda: None)
+    assert torch.equal(q.linear(x), native)
+
+
+def test_onednn_worst_case_integer_products_are_exact():
+    """+-127 against +-127, every sign combination and a long K: int16 pair sums would saturate."""
+    if not onednn_int8_is_exact():
+        pytest.skip("oneDNN's int8 GEMM is not exact on this CPU (the probe says so)")
+    signs = torch.tensor([1, -1]).repeat(8)
+    weight = (signs[:, None] * QMAX * torch.ones(16, 2048, dtype=torch.long)).to(torch.int8)
+    weight[:, 1::2] *= -1  # mixed signs within rows too
+    rows = torch.cat([weight, -weight, torch.full((3, 2048), QMAX, dtype=torch.int8)])
+    product = OnednnInt8.pack(weight, torch.ones(16)).linear(rows)
+    exact = rows.double() @ weight.double().t()  # sums up to 127 * 127 * 2048 < 2^25
+    # float32 output: integers beyond 2^24 round to even, as float(exact int32) would.
+    assert torch.equal(product.double(), exact.float().double())
+
+
 def test_without_vnni_no_pair_of_products_leaves_int16(monkeypatch):
+    monkeypatch.setattr(int8, "onednn_int8_is_exact", lambda: False)
     monkeypatch.setattr(int8, "one_pass_int8_is_exact", lambda: False)
     sent = []
 
@@ -83,6 +140,7 @@ AVX2_SCRIPT = textwrap.dedent(
     assert int8.one_pass_int8_is_exact() is False, "the probe must see AVX2's saturation"
     q = torch.full((8, 64), 127, dtype=torch.int8)
     weight = int8.Int8Weight.from_int8(q, torch.ones(8, 1), int8_activations=True)
+    assert not isinstance(weight.packed, int8.OnednnInt8), "KVPILOT_INT8_GEMM=fbgemm keeps fbgemm"
     x = torch.full((3, 64), 127.0)
     assert torch.equal(weight.linear(x).double(), x.double() @ q.double().t())
     # The issue's failing case: Gaussian activations through a 64x192 layer.
@@ -98,7 +156,7 @@ AVX2_SCRIPT = textwrap.dedent(
 
 
 def test_fbgemm_avx2_kernel_is_exact_in_a_child_process():
-    env = {**os.environ, "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
+    env = {**os.environ, "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "KVPILOT_INT8_GEMM": "fbgemm"}
     result = subprocess.run(
         [sys.executable, "-c", AVX2_SCRIPT], env=env, capture_output=True, text=True, timeout=300
     )
@@ -130,3 +188,36 @@ def test_one_pass_saturates_on_avx2_so_the_probe_matters(forced):
     assert one_pass_right == probe  # the probe reports exactly whether one pass is right
     if forced == "AVX2":
         assert one_pass_right == "False"
+
+
+ONEDNN_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from kvpilot.kernels.quant import int8, quantize
+    from kvpilot.kernels.quant.onednn_int8 import OnednnInt8, onednn_int8_is_exact
+
+    q = torch.full((8, 256), 127, dtype=torch.int8)
+    product = OnednnInt8.pack(q, torch.ones(8)).linear(torch.full((3, 256), 127, dtype=torch.int8))
+    right = bool((product == 127 * 127 * 256).all())
+    weight = int8.Int8Weight.from_int8(q, torch.ones(8, 1), int8_activations=True)
+    x = torch.full((3, 256), 127.0)
+    exact = torch.equal(weight.linear(x).double(), x.double() @ q.double().t())
+    print(right, onednn_int8_is_exact(), isinstance(weight.packed, OnednnInt8), exact)
+    """
+)
+
+
+@pytest.mark.parametrize("forced", ["AVX2", None])
+def test_onednn_probe_says_whether_its_product_is_right(forced):
+    """oneDNN's AVX2 int8 kernel gets the all-127 product wrong; the probe sees it, the weights
+    then go to fbgemm, and the linear stays exact."""
+    env = dict(os.environ)
+    if forced:
+        env["ONEDNN_MAX_CPU_ISA"] = forced
+    result = subprocess.run([sys.executable, "-c", ONEDNN_SCRIPT], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    right, probe, uses_onednn, exact = result.stdout.split()
+    assert right == probe == uses_onednn  # oneDNN is used exactly where its product is right
+    assert exact == "True"
+    if forced == "AVX2":
+        assert right == "False"

@@ -68,7 +68,7 @@ def test_per_token_activation_quantization_error_is_bounded():
 
 
 @pytest.mark.parametrize("mode", ["int8", "w8a8"])
-def test_per_channel_int8_uses_fbgemm_and_is_independent_of_the_batch(mode):
+def test_per_channel_int8_is_packed_and_independent_of_the_batch(mode):
     q = quantize(_weight(), mode)
     assert q.packed is not None and q.stored is None  # the packed weight is the only copy
     x = _activations(9, 192)

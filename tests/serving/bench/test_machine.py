@@ -1,6 +1,6 @@
 """Where a benchmark ran: CPU model, flags and class read from /proc/cpuinfo's text."""
 
-from kvpilot.serving.bench.machine import cpu_class, cpu_flags, cpu_model, describe_machine
+from kvpilot.serving.bench.machine import cpu_class, cpu_flags, cpu_model, describe_machine, format_machine
 
 ZEN3 = "processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu sse2 avx avx2 fma bmi2\n"
 ZEN4 = "model name\t: AMD EPYC 9B14\nflags\t\t: avx2 fma avx512f avx512_vnni avx512_bf16\n"
@@ -21,3 +21,5 @@ def test_describe_machine_reads_the_given_cpuinfo(tmp_path):
     machine = describe_machine(path)
     assert (machine["cpu"], machine["cpu_class"]) == ("AMD EPYC 7B13", "avx2")
     assert machine["cores"] >= 1 and isinstance(machine["w8a8_one_pass_exact"], bool)
+    assert machine["int8_gemm"] in ("onednn", "fbgemm")
+    assert "int8 GEMM: " in format_machine(machine)
