@@ -21,6 +21,18 @@ def cpu_model(cpuinfo: str) -> str:
     return platform.processor() or "unknown"
 
 
+def cpu_id(cpuinfo: str) -> str:
+    """Vendor, family and model numbers: how to tell CPU generations apart where a hypervisor
+    shortens the model name (ours say only "AMD EPYC": family 23 is Zen 2, 25 Zen 3 or 4)."""
+    fields = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    parts = [fields.get("vendor_id", "")]
+    parts += [f"{name} {fields[name]}" for name in ("cpu family", "model", "stepping") if name in fields]
+    return " ".join(part for part in parts if part) or "unknown"
+
+
 def cpu_flags(cpuinfo: str) -> dict[str, bool]:
     present = all_cpu_flags(cpuinfo)
     return {flag: flag in present for flag in FLAGS}
@@ -58,6 +70,7 @@ def describe_machine(cpuinfo_path: Path = CPUINFO) -> dict:
     flags = cpu_flags(cpuinfo)
     return {
         "cpu": cpu_model(cpuinfo),
+        "cpu_id": cpu_id(cpuinfo),
         "cpu_class": cpu_class(flags),
         "cores": len(os.sched_getaffinity(0)),
         "flags": flags,
@@ -75,6 +88,7 @@ def format_machine(machine: dict) -> str:
     else:
         gemm = f"fbgemm, {'one 8-bit pass' if machine['w8a8_one_pass_exact'] else 'two 7-bit passes'}"
     return (
-        f"machine: {machine['cpu']} ({machine['cpu_class']}), {machine['cores']} cores, flags: {flags}; "
+        f"machine: {machine['cpu']} [{machine.get('cpu_id', 'unknown')}] ({machine['cpu_class']}), "
+        f"{machine['cores']} cores, flags: {flags}; "
         f"torch {machine['torch']}, {machine['torch_threads']} threads; int8 GEMM: {gemm}"
     )

@@ -1,8 +1,19 @@
 """Where a benchmark ran: CPU model, flags and class read from /proc/cpuinfo's text."""
 
-from kvpilot.serving.bench.machine import cpu_class, cpu_flags, cpu_model, describe_machine, format_machine
+from kvpilot.serving.bench.machine import (
+    cpu_class,
+    cpu_flags,
+    cpu_id,
+    cpu_model,
+    describe_machine,
+    format_machine,
+)
 
-ZEN3 = "processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu sse2 avx avx2 fma bmi2\n"
+ZEN3 = (
+    "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\n"
+    "model name\t: AMD EPYC 7B13\nstepping\t: 1\nflags\t\t: fpu sse2 avx avx2 fma bmi2\n"
+    "processor\t: 1\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\n"
+)
 ZEN4 = "model name\t: AMD EPYC 9B14\nflags\t\t: avx2 fma avx512f avx512_vnni avx512_bf16\n"
 
 
@@ -13,6 +24,8 @@ def test_cpu_class_and_flags_from_cpuinfo():
     assert cpu_class(cpu_flags(ZEN4)) == "avx512-vnni"
     assert cpu_class(cpu_flags("flags\t: avx512f avx2\n")) == "avx512"
     assert cpu_class(cpu_flags("")) == "x86-64"
+    assert cpu_id(ZEN3) == "AuthenticAMD cpu family 25 model 1 stepping 1"
+    assert cpu_id(ZEN4) == cpu_id("") == "unknown"
 
 
 def test_describe_machine_reads_the_given_cpuinfo(tmp_path):
@@ -22,4 +35,6 @@ def test_describe_machine_reads_the_given_cpuinfo(tmp_path):
     assert (machine["cpu"], machine["cpu_class"]) == ("AMD EPYC 7B13", "avx2")
     assert machine["cores"] >= 1 and isinstance(machine["w8a8_one_pass_exact"], bool)
     assert machine["int8_gemm"] in ("onednn", "fbgemm")
+    assert machine["cpu_id"] == "AuthenticAMD cpu family 25 model 1 stepping 1"
+    assert "[AuthenticAMD cpu family 25 model 1 stepping 1] (avx2)" in format_machine(machine)
     assert "int8 GEMM: " in format_machine(machine)
