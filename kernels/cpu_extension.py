@@ -28,6 +28,7 @@ SOURCES = [
     Path(__file__).parent / "csrc" / name
     for name in ("paged_decode_attention.c", "int8_quantize.c", "kv_cache_write.c", "row_ops.c")
 ]
+HEADERS = [Path(__file__).parent / "csrc" / "vector_exp.h"]
 # Reassociation lets the compiler vectorize the dot products; infinities keep their meaning.
 FLAGS = [
     "-O3",
@@ -49,7 +50,7 @@ def cache_dir() -> Path:
 @functools.cache
 def load() -> ctypes.CDLL | None:
     """The compiled library, or None when it cannot be built here (no compiler, build error)."""
-    sources = b"".join(source.read_bytes() for source in SOURCES)
+    sources = b"".join(source.read_bytes() for source in SOURCES + HEADERS)
     digest = hashlib.sha256(sources + " ".join(FLAGS).encode()).hexdigest()[:16]
     library = cache_dir() / f"kvpilot-cpu-{digest}.so"
     if not library.exists():

@@ -11,9 +11,7 @@
  */
 #include <math.h>
 #include <stdint.h>
-#ifdef __AVX2__
-#include <immintrin.h>
-#endif
+#include "vector_exp.h"
 
 #define ROWS_PER_THREAD 16 /* fewer rows run on the calling thread alone */
 
@@ -67,26 +65,6 @@ void add_rms_norm_f32(float *x, int64_t x_stride, const float *delta, int64_t de
         normalize_row(x + r * x_stride, weight, cols, eps, out + r * cols);
     }
 }
-
-#ifdef __AVX2__
-/* e^x (Cephes' expf polynomial, ~1 ulp), x clamped to [-87, 88]. */
-static inline __m256 exp8(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
-    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-    y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(x, x), x), _mm256_set1_ps(1.0f));
-    const __m256i power = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(power));
-}
-#endif
 
 void silu_mul_f32(const float *gate_up, int64_t rows, int64_t n, float *out, int num_threads) {
 #pragma omp parallel for num_threads(num_threads) if (rows >= 2 * ROWS_PER_THREAD)
