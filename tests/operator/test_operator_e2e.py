@@ -574,6 +574,8 @@ def test_the_autoscaler_follows_real_engine_load_up_down_and_to_zero(
         assert (up[0]["from"], up[0]["to"], up[0]["mode"]) == (1, 2, "panic")
         assert "panic: concurrency" in up[0]["reason"]
         wait_for(lambda: _deployment_replicas(api, ns) == 1, "the scale-down after the load", timeout=90)
+        # The autoscaler writes the Deployment, then the Event, then its status: wait for the last.
+        wait_for(lambda: _autoscaling_status(api, ns)["history"][-1]["to"] == 1, "the scale-down in status")
         status = _autoscaling_status(api, ns)
         assert status["history"][-1]["to"] == 1 and status["history"][-1]["mode"] == "stable"
         assert (status["desiredReplicas"], status["mode"]) == (1, "stable")
