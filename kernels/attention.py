@@ -1,8 +1,8 @@
 """Attention over the paged KV cache.
 
-Per layer, K and V live in caches of shape [num_blocks, block_size, num_kv_heads, head_dim]; a
-token at position `pos` of a sequence sits in slot
-`block_table[pos // block_size] * block_size + pos % block_size`.
+Per layer, K and V live in caches indexed [num_blocks, block_size, num_kv_heads, head_dim] (stored
+head-major within a block, see `kernels.quant.kv_cache`); a token at position `pos` of a sequence
+sits in slot `block_table[pos // block_size] * block_size + pos % block_size`.
 
 One step's batch is flat: T query tokens from B sequences (prefill chunks and decodes in any
 mix), sequence i owning rows [query_start_loc[i], query_start_loc[i + 1]). Its queries sit at
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from kvpilot.kernels import cpu_extension
 from kvpilot.kernels.backend import select_backend
-from kvpilot.kernels.quant.kv_cache import KVCache
+from kvpilot.kernels.quant.kv_cache import KVCache, split_slots
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,8 @@ def write_kv_cache_cpu(
             else:
                 cache.write(x, slot_mapping)
         else:
-            cache.view(-1, *cache.shape[2:]).index_copy_(0, slot_mapping, x.to(cache.dtype))
+            blocks, offsets = split_slots(slot_mapping, cache.shape[1])
+            cache[blocks, offsets] = x.to(cache.dtype)
 
 
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:

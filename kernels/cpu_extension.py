@@ -81,19 +81,33 @@ def _build(library: Path) -> None:
         os.replace(built, library)  # atomic: concurrent builders never see a partial file
 
 
+def cache_layout(values: torch.Tensor) -> torch.Tensor:
+    """The kernels' view of a [num_blocks, block_size, heads, head_dim] cache: (block_size and the
+    element strides of a block, a token, a head), int64. Any layout with head_dim contiguous."""
+    return torch.tensor([values.shape[1], *values.stride()[:3]], dtype=torch.int64)
+
+
+def _native_layout(cache: torch.Tensor | KVCache) -> bool:
+    """head_dim contiguous (the values), and an int8 cache's scales contiguous."""
+    if isinstance(cache, KVCache):
+        return cache.data.stride(3) == 1 and (cache.scales is None or cache.scales.is_contiguous())
+    return cache.stride(3) == 1
+
+
 def supports(q: torch.Tensor, k_cache) -> bool:
-    """float32 queries over a float32 or int8 cache, and the library built."""
+    """float32 queries over a float32 or int8 cache (see `_native_layout`), and the library built."""
     if q.dtype != torch.float32:
         return False
     if isinstance(k_cache, KVCache):
         is_native = k_cache.kv_cache_dtype == "int8"
     else:
         is_native = k_cache.dtype == torch.float32
-    return is_native and load() is not None
+    return is_native and _native_layout(k_cache) and load() is not None
 
 
 def supports_int8_write(x: torch.Tensor, cache: KVCache) -> bool:
-    return x.dtype == torch.float32 and cache.kv_cache_dtype == "int8" and load() is not None
+    native = cache.kv_cache_dtype == "int8" and _native_layout(cache)
+    return x.dtype == torch.float32 and native and load() is not None
 
 
 def paged_decode_attention(
@@ -113,13 +127,17 @@ def paged_decode_attention(
     block_tables = block_tables.to(torch.int64).contiguous()
     seq_lens = seq_lens.to(torch.int64).contiguous()
     num_seqs, num_heads, head_dim = q.shape
-    _, block_size, num_kv_heads, _ = k_cache.shape
+    num_kv_heads = k_cache.shape[2]
     out = torch.empty_like(q)
     if isinstance(k_cache, KVCache):
-        kernel = lib.paged_decode_attention_i8
-        caches = [_ptr(k_cache.data), _ptr(v_cache.data), _ptr(k_cache.scales), _ptr(v_cache.scales)]
+        kernel, values = lib.paged_decode_attention_i8, (k_cache.data, v_cache.data)
+        caches = [*map(_ptr, values), _ptr(k_cache.scales), _ptr(v_cache.scales)]
     else:
-        kernel, caches = lib.paged_decode_attention_f32, [_ptr(k_cache), _ptr(v_cache)]
+        kernel, values = lib.paged_decode_attention_f32, (k_cache, v_cache)
+        caches = [*map(_ptr, values)]
+    if values[0].stride() != values[1].stride():
+        raise ValueError("k_cache, v_cache: the kernel reads both with one layout; their strides differ")
+    layout = cache_layout(values[0])
     status = kernel(
         _ptr(q),
         *caches,
@@ -130,7 +148,7 @@ def paged_decode_attention(
         ctypes.c_int64(num_heads),
         ctypes.c_int64(num_kv_heads),
         ctypes.c_int64(head_dim),
-        ctypes.c_int64(block_size),
+        _ptr(layout),
         ctypes.c_int64(block_tables.shape[1]),
         ctypes.c_float(scale),
         ctypes.c_int(torch.get_num_threads()),
@@ -184,12 +202,14 @@ def write_kv_int8(x: torch.Tensor, cache: KVCache, slot_mapping: torch.Tensor) -
     slots = slot_mapping.to(torch.int64).contiguous()
     tokens, heads, head_dim = x.shape
     shape = (ctypes.c_int64(tokens), ctypes.c_int64(heads), ctypes.c_int64(head_dim))
-    lib.write_kv_int8(_ptr(x), *shape, _ptr(slots), _ptr(cache.data), _ptr(cache.scales))
+    layout = cache_layout(cache.data)
+    lib.write_kv_int8(_ptr(x), *shape, _ptr(slots), _ptr(layout), _ptr(cache.data), _ptr(cache.scales))
 
 
 def supports_f32_write(x: torch.Tensor, cache: torch.Tensor | KVCache) -> bool:
-    """float32 rows (each token's heads contiguous) into a contiguous float32 cache, library built."""
-    if not isinstance(cache, torch.Tensor) or cache.dtype != torch.float32 or not cache.is_contiguous():
+    """float32 rows (each token's heads contiguous) into a float32 cache with head_dim contiguous,
+    library built."""
+    if not isinstance(cache, torch.Tensor) or cache.dtype != torch.float32 or not _native_layout(cache):
         return False
     dense_rows = x.stride(2) == 1 and x.stride(1) == x.shape[2]
     return x.dtype == torch.float32 and dense_rows and load() is not None
@@ -202,10 +222,14 @@ def write_kv_f32(
     lib = load()
     assert lib is not None, "call only when load() succeeded"
     slots = slot_mapping.to(torch.int64).contiguous()
+    if k_cache.stride() != v_cache.stride():
+        raise ValueError("k_cache, v_cache: the kernel writes both with one layout; their strides differ")
     tokens, heads, head_dim = k.shape
-    sizes = (ctypes.c_int64(tokens), ctypes.c_int64(heads * head_dim))
-    strides = (ctypes.c_int64(k.stride(0)), ctypes.c_int64(v.stride(0)))
-    lib.write_kv_f32(_ptr(k), _ptr(v), *sizes, *strides, _ptr(slots), _ptr(k_cache), _ptr(v_cache))
+    sizes = _int64s(tokens, heads, head_dim)
+    strides = _int64s(k.stride(0), v.stride(0))
+    layout = cache_layout(k_cache)
+    caches = (_ptr(k_cache), _ptr(v_cache))
+    lib.write_kv_f32(_ptr(k), _ptr(v), *sizes, *strides, _ptr(slots), _ptr(layout), *caches)
 
 
 def supports_rows(x: torch.Tensor, weight: torch.Tensor | None = None) -> bool:

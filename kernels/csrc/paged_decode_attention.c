@@ -17,10 +17,15 @@
  * float buffer that the heads share.
  *
  * q, out:            [num_seqs, num_heads, head_dim] float32
- * k_cache, v_cache:  [num_blocks, block_size, num_kv_heads, head_dim] float32 or int8
- * k_scales, v_scales [num_blocks, block_size, num_kv_heads] float32 (int8 caches only)
+ * k_cache, v_cache:  [num_blocks, block_size, num_kv_heads, head_dim] float32 or int8, laid out
+ *                    by `layout` (element strides of a block, a token, a KV head; head_dim is
+ *                    contiguous). The engine stores a block head-major ([num_blocks,
+ *                    num_kv_heads, block_size, head_dim]), so one KV head's rows of a block are
+ *                    one contiguous run: 1.6x faster on a float32 cache than token-major rows, of
+ *                    which each KV head's pass reads a third, on our Zen 2.
+ * k_scales, v_scales [num_blocks, block_size, num_kv_heads] float32, contiguous (int8 caches only)
  * block_tables:      [num_seqs, max_blocks] (int64), seq_lens: [num_seqs] (int64)
- * All arrays are contiguous. Returns 0, or < 0 for unsupported shapes / out of memory.
+ * Other arrays are contiguous. Returns 0, or < 0 for unsupported shapes / out of memory.
  */
 #include <math.h>
 #include <stdint.h>
@@ -34,17 +39,22 @@
 #define INLINE static inline __attribute__((always_inline))
 
 typedef struct {
+    int64_t block_size, block, token, head; /* the cache's element strides */
+} Layout;
+
+typedef struct {
     const float *q;          /* the first query head of this KV head's group */
     const void *k_cache;     /* float or int8 values */
     const void *v_cache;
     const float *k_scales;   /* int8 caches: one scale per (slot, KV head); NULL otherwise */
     const float *v_scales;
-    const int64_t *slots;    /* slots[t]: cache slot of token t */
-    int64_t len, group, num_kv_heads, kv_head, head_dim;
+    const int64_t *slots;    /* slots[t]: cache slot of token t (indexes the scales) */
+    const int64_t *rows;     /* rows[t]: offset of token t's values of KV head 0 */
+    int64_t len, group, num_kv_heads, kv_head, head_dim, head_stride;
     float scale;
 } Item;
 
-INLINE int64_t value_offset(const Item *s, int64_t t) { return (s->slots[t] * s->num_kv_heads + s->kv_head) * s->head_dim; }
+INLINE int64_t value_offset(const Item *s, int64_t t) { return s->rows[t] + s->kv_head * s->head_stride; }
 INLINE float scale_at(const float *scales, const Item *s, int64_t t) {
     return scales ? scales[s->slots[t] * s->num_kv_heads + s->kv_head] : 1.0f;
 }
@@ -53,9 +63,12 @@ INLINE float load1(const void *cache, int is_int8, int64_t i) {
 }
 
 /* Walks the block table once, so the passes over K and V do no division per token. */
-static void slots_of(const int64_t *table, int64_t len, int64_t block_size, int64_t *slots) {
+static void slots_of(const int64_t *table, int64_t len, Layout layout, int64_t *slots, int64_t *rows) {
     for (int64_t t = 0, b = 0; t < len; b++)
-        for (int64_t o = 0; o < block_size && t < len; o++, t++) slots[t] = table[b] * block_size + o;
+        for (int64_t o = 0; o < layout.block_size && t < len; o++, t++) {
+            slots[t] = table[b] * layout.block_size + o;
+            rows[t] = table[b] * layout.block + o * layout.token;
+        }
 }
 
 /* scores[i * len + t] = scale * q_i . k_t for the group's heads i, t in [from, len): portable. */
@@ -312,26 +325,26 @@ INLINE void attend(const Item *s, int is_int8, float *scores, float *acc, float 
 INLINE int decode(const float *q, const void *k_cache, const void *v_cache, const float *k_scales,
                   const float *v_scales, const int64_t *block_tables, const int64_t *seq_lens, float *out,
                   int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                  int64_t block_size, int64_t max_blocks, float scale, int num_threads, int is_int8) {
+                  Layout layout, int64_t max_blocks, float scale, int num_threads, int is_int8) {
     const int64_t group = num_heads / num_kv_heads;
     if (group * num_kv_heads != num_heads) return -1;
     int failed = 0;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
     for (int64_t i = 0; i < num_seqs; i++) {
         const int64_t len = seq_lens[i];
-        int64_t *slots = malloc(sizeof(int64_t) * (len > 0 ? len : 1));
+        int64_t *slots = malloc(sizeof(int64_t) * 2 * (len > 0 ? len : 1));
         float *scores = malloc(sizeof(float) * group * (len > 0 ? len : 1));
         float *acc = malloc(sizeof(float) * group * head_dim);
         float *buffer = malloc(sizeof(float) * V_TILE * head_dim);
         if (!slots || !scores || !acc || !buffer) {
             failed = 1;
         } else {
-            slots_of(block_tables + i * max_blocks, len, block_size, slots);
+            slots_of(block_tables + i * max_blocks, len, layout, slots, slots + len);
             for (int64_t h = 0; h < num_kv_heads; h++) {
                 for (int64_t e = 0; e < group * head_dim; e++) acc[e] = 0.0f;
                 const int64_t first = (i * num_heads + h * group) * head_dim;
-                const Item s = {q + first, k_cache, v_cache, k_scales, v_scales, slots, len, group, num_kv_heads, h,
-                                head_dim, scale};
+                const Item s = {q + first, k_cache, v_cache, k_scales, v_scales, slots, slots + len, len, group,
+                                num_kv_heads, h, head_dim, layout.head, scale};
                 attend(&s, is_int8, scores, acc, buffer, out + first);
             }
         }
@@ -346,17 +359,19 @@ INLINE int decode(const float *q, const void *k_cache, const void *v_cache, cons
 int paged_decode_attention_f32(const float *q, const float *k_cache, const float *v_cache,
                                const int64_t *block_tables, const int64_t *seq_lens, float *out,
                                int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
-                               int64_t head_dim, int64_t block_size, int64_t max_blocks, float scale,
+                               int64_t head_dim, const int64_t *layout, int64_t max_blocks, float scale,
                                int num_threads) {
+    const Layout strides = {layout[0], layout[1], layout[2], layout[3]};
     return decode(q, k_cache, v_cache, NULL, NULL, block_tables, seq_lens, out, num_seqs, num_heads,
-                  num_kv_heads, head_dim, block_size, max_blocks, scale, num_threads, 0);
+                  num_kv_heads, head_dim, strides, max_blocks, scale, num_threads, 0);
 }
 
 int paged_decode_attention_i8(const float *q, const int8_t *k_cache, const int8_t *v_cache,
                               const float *k_scales, const float *v_scales, const int64_t *block_tables,
                               const int64_t *seq_lens, float *out, int64_t num_seqs, int64_t num_heads,
-                              int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t max_blocks,
+                              int64_t num_kv_heads, int64_t head_dim, const int64_t *layout, int64_t max_blocks,
                               float scale, int num_threads) {
+    const Layout strides = {layout[0], layout[1], layout[2], layout[3]};
     return decode(q, k_cache, v_cache, k_scales, v_scales, block_tables, seq_lens, out, num_seqs, num_heads,
-                  num_kv_heads, head_dim, block_size, max_blocks, scale, num_threads, 1);
+                  num_kv_heads, head_dim, strides, max_blocks, scale, num_threads, 1);
 }

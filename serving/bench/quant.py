@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from kvpilot.kernels.attention import build_attention_metadata
-from kvpilot.kernels.quant.kv_cache import KVCache, kv_block_bytes
+from kvpilot.kernels.quant.kv_cache import allocate_kv_cache, kv_block_bytes
 from kvpilot.kernels.quant.loading import WeightQuantizer
 from kvpilot.serving.loader import gguf_file, hf
 from kvpilot.serving.loader.weights import WeightBuilder
@@ -79,9 +79,7 @@ def allocate_kv_caches(
     """Per layer (K, V) as the model runner allocates them: tensors for "auto", else `KVCache`."""
     c, dtype = model.config, model.embed_tokens.dtype
     shape = (num_blocks, block_size, c.num_key_value_heads, c.head_dim)
-    if kv_cache_dtype == "auto":
-        return [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in model.layers]
-    return [tuple(KVCache.allocate(*shape, kv_cache_dtype, dtype) for _ in "kv") for _ in model.layers]
+    return [tuple(allocate_kv_cache(*shape, kv_cache_dtype, dtype) for _ in "kv") for _ in model.layers]
 
 
 @torch.inference_mode()

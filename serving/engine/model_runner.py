@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import torch
 from kvpilot.kernels import huge_pages
 from kvpilot.kernels.attention import build_attention_metadata
-from kvpilot.kernels.quant.kv_cache import KVCache, kv_block_bytes
+from kvpilot.kernels.quant.kv_cache import KVCache, allocate_kv_cache, kv_block_bytes
 from kvpilot.serving.engine.config import EngineConfig
 from kvpilot.serving.engine.kv_cache_sizing import DeviceMemory, plan_kv_cache
 from kvpilot.serving.engine.logprobs import token_logprobs
@@ -118,21 +118,8 @@ class ModelRunner:
     ) -> list[tuple[torch.Tensor | KVCache, torch.Tensor | KVCache]]:
         c = self.model_config
         shape = (num_blocks, self.block_size, c.num_key_value_heads, c.head_dim)
-        kv_cache_dtype = self.config.kv_cache_dtype
-        if kv_cache_dtype != "auto":  # int8/fp8: quantized on write (zero-filled too)
-            return [
-                tuple(KVCache.allocate(*shape, kv_cache_dtype, self.dtype, self.device) for _ in "kv")
-                for _ in range(c.num_hidden_layers)
-            ]
-        # Zeros, not empty: padded gathers read unused slots, and 0 * NaN garbage would be NaN.
-        # Huge pages: decode attention reads scattered blocks of this cache every step.
-        return [
-            (
-                huge_pages.zeros(shape, self.dtype, self.device),
-                huge_pages.zeros(shape, self.dtype, self.device),
-            )
-            for _ in range(c.num_hidden_layers)
-        ]
+        dtypes = (self.config.kv_cache_dtype, self.dtype, self.device)
+        return [tuple(allocate_kv_cache(*shape, *dtypes) for _ in "kv") for _ in range(c.num_hidden_layers)]
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:

@@ -10,6 +10,7 @@ from kvpilot.kernels.attention import (
     paged_attention_reference,
     write_kv_cache,
 )
+from kvpilot.kernels.quant.kv_cache import kv_cache_tensor
 
 HEAD_DIM = 16
 
@@ -109,9 +110,11 @@ def test_slot_mapping_follows_the_block_table():
     assert metadata.seq_lens.tolist() == [5, 5]
 
 
-def test_native_kv_write_matches_index_copy_on_strided_rows():
+@pytest.mark.parametrize("head_major", [True, False])
+def test_native_kv_write_matches_index_copy_on_strided_rows(head_major):
     """K and V as the model hands them over (strided slices of one qkv row) land in the same
-    slots, bit for bit, as with torch's index_copy_; other slots stay untouched."""
+    slots, bit for bit, as with torch's index_copy_; other slots stay untouched. In the engine's
+    layout (head-major within a block) and in plain token-major rows."""
     if cpu_extension.load() is None:
         pytest.skip("no C compiler here")
     generator = torch.Generator().manual_seed(5)
@@ -119,8 +122,13 @@ def test_native_kv_write_matches_index_copy_on_strided_rows():
     qkv = torch.randn(tokens, 4 + 2 * num_kv_heads, HEAD_DIM, generator=generator)
     k, v = qkv[:, 4 : 4 + num_kv_heads], qkv[:, 4 + num_kv_heads :]
     slots = torch.randperm(64 * 16, generator=generator)[:tokens]
-    native = {name: torch.full((64, 16, num_kv_heads, HEAD_DIM), 7.0) for name in ("k", "v")}
-    expected = {name: cache.clone() for name, cache in native.items()}
+    shape = (64, 16, num_kv_heads, HEAD_DIM)
+    native = {
+        name: (kv_cache_tensor(*shape, torch.float32) if head_major else torch.empty(shape)).fill_(7.0)
+        for name in ("k", "v")
+    }
+    assert native["k"].is_contiguous() is not head_major
+    expected = {name: cache.contiguous() for name, cache in native.items()}
     assert all(cpu_extension.supports_f32_write(x, native[name]) for name, x in (("k", k), ("v", v)))
     write_kv_cache(k, v, native["k"], native["v"], slots)
     for name, rows in (("k", k), ("v", v)):

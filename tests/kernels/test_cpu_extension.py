@@ -4,7 +4,7 @@ import pytest
 import torch
 from kvpilot.kernels import cpu_extension
 from kvpilot.kernels.attention import build_attention_metadata, paged_attention_reference
-from kvpilot.kernels.quant.kv_cache import KVCache
+from kvpilot.kernels.quant.kv_cache import KVCache, kv_cache_tensor
 
 
 @pytest.fixture(scope="module")
@@ -14,13 +14,17 @@ def native():
     return cpu_extension
 
 
+@pytest.mark.parametrize("head_major", [True, False], ids=["head-major", "token-major"])
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
 @pytest.mark.parametrize(
     ("num_heads", "num_kv_heads", "head_dim", "block_size"),
     # group sizes 3, 1, 4, 6 and 7 (the int8 path tiles 3 query heads), head_dim % 32 or not
     [(9, 3, 64, 16), (4, 4, 32, 8), (8, 2, 20, 4), (6, 1, 16, 1), (8, 2, 64, 16), (7, 1, 128, 16)],
 )
-def test_decode_matches_reference(native, num_heads, num_kv_heads, head_dim, block_size, kv_cache_dtype):
+def test_decode_matches_reference(
+    native, num_heads, num_kv_heads, head_dim, block_size, kv_cache_dtype, head_major
+):
+    """In the engine's cache layout (head-major within a block) and in plain token-major rows."""
     generator = torch.Generator().manual_seed(num_heads * head_dim + block_size)
     seq_lens = [1, 5, block_size, 3 * block_size + 1, 37, 300]
     num_blocks = sum(-(-n // block_size) for n in seq_lens) + 3
@@ -34,7 +38,11 @@ def test_decode_matches_reference(native, num_heads, num_kv_heads, head_dim, blo
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
     k_cache, v_cache = (torch.randn(shape, generator=generator) for _ in "kv")
     if kv_cache_dtype == "int8":  # every slot written once, through the cache's own quantizer
-        k_cache, v_cache = (_int8_cache(cache) for cache in (k_cache, v_cache))
+        k_cache, v_cache = (_int8_cache(cache, head_major) for cache in (k_cache, v_cache))
+    elif head_major:
+        k_cache, v_cache = (kv_cache_tensor(*shape, torch.float32).copy_(c) for c in (k_cache, v_cache))
+    if num_kv_heads > 1 and block_size > 1:  # else both layouts are the same
+        assert _values(k_cache).is_contiguous() is not head_major
     q = torch.randn(len(seq_lens), num_heads, head_dim, generator=generator)
     metadata = build_attention_metadata(
         [1] * len(seq_lens), [n - 1 for n in seq_lens], block_tables, block_size
@@ -48,10 +56,14 @@ def test_decode_matches_reference(native, num_heads, num_kv_heads, head_dim, blo
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
-def _int8_cache(values: torch.Tensor) -> KVCache:
+def _int8_cache(values: torch.Tensor, head_major: bool = True) -> KVCache:
     cache = KVCache.allocate(*values.shape, "int8")
     cache.write(values.flatten(0, 1), torch.arange(values.shape[0] * values.shape[1]))
-    return cache
+    return cache if head_major else KVCache(cache.data.contiguous(), cache.scales, "int8")
+
+
+def _values(cache: torch.Tensor | KVCache) -> torch.Tensor:
+    return cache.data if isinstance(cache, KVCache) else cache
 
 
 def test_int8_cache_is_supported_and_fp8_is_not(native):
@@ -112,12 +124,13 @@ def test_native_activation_split_matches_torch(native, shape):
     assert torch.equal(int8_rows.float(), expected_rows[:-1])
 
 
-def test_native_int8_kv_write_matches_the_cache_quantizer(native):
+@pytest.mark.parametrize("head_major", [True, False], ids=["head-major", "token-major"])
+def test_native_int8_kv_write_matches_the_cache_quantizer(native, head_major):
     generator = torch.Generator().manual_seed(7)
     x = torch.randn(6, 3, 64, generator=generator)
     x[2, 1] = 0.0  # an all-zero head keeps scale 0
     slots = torch.tensor([9, 0, 4, 17, 5, 11])
-    expected, actual = (KVCache.allocate(5, 4, 3, 64, "int8") for _ in range(2))
+    expected, actual = (_int8_cache(torch.zeros(5, 4, 3, 64), head_major) for _ in range(2))
     expected.write(x, slots)
     native.write_kv_int8(x, actual, slots)
     assert torch.equal(actual.data, expected.data) and torch.equal(actual.scales, expected.scales)
