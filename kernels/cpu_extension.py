@@ -28,7 +28,7 @@ SOURCES = [
     Path(__file__).parent / "csrc" / name
     for name in ("paged_decode_attention.c", "int8_quantize.c", "kv_cache_write.c", "row_ops.c")
 ]
-HEADERS = [Path(__file__).parent / "csrc" / "vector_exp.h"]
+HEADERS = [Path(__file__).parent / "csrc" / name for name in ("vector_exp.h", "cache_layout.h")]
 # Reassociation lets the compiler vectorize the dot products; infinities keep their meaning.
 FLAGS = [
     "-O3",
@@ -81,10 +81,10 @@ def _build(library: Path) -> None:
         os.replace(built, library)  # atomic: concurrent builders never see a partial file
 
 
-def cache_layout(values: torch.Tensor) -> torch.Tensor:
-    """The kernels' view of a [num_blocks, block_size, heads, head_dim] cache: (block_size and the
-    element strides of a block, a token, a head), int64. Any layout with head_dim contiguous."""
-    return torch.tensor([values.shape[1], *values.stride()[:3]], dtype=torch.int64)
+def cache_layout(values: torch.Tensor) -> ctypes.Array:
+    """The kernels' view of a [num_blocks, block_size, heads, head_dim] cache (csrc/cache_layout.h):
+    int64[4] of block_size and the element strides of a block, a token, a head."""
+    return (ctypes.c_int64 * 4)(values.shape[1], *values.stride()[:3])
 
 
 def _native_layout(cache: torch.Tensor | KVCache) -> bool:
@@ -148,7 +148,7 @@ def paged_decode_attention(
         ctypes.c_int64(num_heads),
         ctypes.c_int64(num_kv_heads),
         ctypes.c_int64(head_dim),
-        _ptr(layout),
+        layout,
         ctypes.c_int64(block_tables.shape[1]),
         ctypes.c_float(scale),
         ctypes.c_int(torch.get_num_threads()),
@@ -203,7 +203,7 @@ def write_kv_int8(x: torch.Tensor, cache: KVCache, slot_mapping: torch.Tensor) -
     tokens, heads, head_dim = x.shape
     shape = (ctypes.c_int64(tokens), ctypes.c_int64(heads), ctypes.c_int64(head_dim))
     layout = cache_layout(cache.data)
-    lib.write_kv_int8(_ptr(x), *shape, _ptr(slots), _ptr(layout), _ptr(cache.data), _ptr(cache.scales))
+    lib.write_kv_int8(_ptr(x), *shape, _ptr(slots), layout, _ptr(cache.data), _ptr(cache.scales))
 
 
 def supports_f32_write(x: torch.Tensor, cache: torch.Tensor | KVCache) -> bool:
@@ -229,7 +229,7 @@ def write_kv_f32(
     strides = _int64s(k.stride(0), v.stride(0))
     layout = cache_layout(k_cache)
     caches = (_ptr(k_cache), _ptr(v_cache))
-    lib.write_kv_f32(_ptr(k), _ptr(v), *sizes, *strides, _ptr(slots), _ptr(layout), *caches)
+    lib.write_kv_f32(_ptr(k), _ptr(v), *sizes, *strides, _ptr(slots), layout, *caches)
 
 
 def supports_rows(x: torch.Tensor, weight: torch.Tensor | None = None) -> bool:

@@ -18,11 +18,12 @@
  * write_kv_int8: new K or V [tokens, heads, head_dim] into an int8 paged cache
  * (kernels/quant/kv_cache.py): per (token, head) scale = max|x| / 127, values
  * round_half_even(x * (1 / scale)) clamped to [-127, 127] (0 for an all-zero row), stored at
- * data[slot / block_size, slot % block_size, head, :] (element strides of a block, a token and a
- * head in `layout`: block_size, block, token, head) and scales[slot, head] (contiguous).
+ * data[slot / block_size, slot % block_size, head, :] (laid out by `layout`, cache_layout.h) and
+ * scales[slot, head] (contiguous).
  */
 #include <float.h>
 #include <math.h>
+#include "cache_layout.h"
 #include <stdint.h>
 #ifdef __AVX2__
 #include <immintrin.h>
@@ -135,13 +136,13 @@ void split_rows_s7(const float *x, int64_t rows, int64_t cols, int64_t x_stride,
 void write_kv_int8(const float *x, int64_t tokens, int64_t heads, int64_t head_dim, const int64_t *slots,
                    const int64_t *layout, int8_t *data, float *scales) {
     for (int64_t t = 0; t < tokens; t++) {
-        const int64_t offset = (slots[t] / layout[0]) * layout[1] + (slots[t] % layout[0]) * layout[2];
+        const int64_t offset = slot_offset(slots[t], layout);
         for (int64_t h = 0; h < heads; h++) {
             const float *row = x + (t * heads + h) * head_dim;
             const float scale = row_max_abs(row, head_dim) / 127.0f;
             const float inverse = scale == 0.0f ? 0.0f : 1.0f / scale;
             const int64_t slot = slots[t] * heads + h;
-            int8_t *values = data + offset + h * layout[3];
+            int8_t *values = data + offset + h * layout[LAYOUT_HEAD];
             for (int64_t d = 0; d < head_dim; d++) {
                 const float q = nearbyintf(row[d] * inverse);
                 values[d] = (int8_t)(q > 127.0f ? 127.0f : (q < -127.0f ? -127.0f : q));

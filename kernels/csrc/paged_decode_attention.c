@@ -18,8 +18,7 @@
  *
  * q, out:            [num_seqs, num_heads, head_dim] float32
  * k_cache, v_cache:  [num_blocks, block_size, num_kv_heads, head_dim] float32 or int8, laid out
- *                    by `layout` (element strides of a block, a token, a KV head; head_dim is
- *                    contiguous). The engine stores a block head-major ([num_blocks,
+ *                    by `layout` (cache_layout.h). The engine stores a block head-major ([num_blocks,
  *                    num_kv_heads, block_size, head_dim]), so one KV head's rows of a block are
  *                    one contiguous run: 1.6x faster on a float32 cache than token-major rows, of
  *                    which each KV head's pass reads a third, on our Zen 2.
@@ -30,6 +29,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include "cache_layout.h"
 #include "vector_exp.h"
 
 #define V_TILE 32
@@ -37,10 +37,6 @@
 #define K_TILE 4 /* tokens per register tile of the int8 scores */
 #define PREFETCH 32 /* tokens ahead: cache blocks are scattered, so the hardware cannot guess them */
 #define INLINE static inline __attribute__((always_inline))
-
-typedef struct {
-    int64_t block_size, block, token, head; /* the cache's element strides */
-} Layout;
 
 typedef struct {
     const float *q;          /* the first query head of this KV head's group */
@@ -63,11 +59,12 @@ INLINE float load1(const void *cache, int is_int8, int64_t i) {
 }
 
 /* Walks the block table once, so the passes over K and V do no division per token. */
-static void slots_of(const int64_t *table, int64_t len, Layout layout, int64_t *slots, int64_t *rows) {
+static void slots_of(const int64_t *table, int64_t len, const int64_t *layout, int64_t *slots, int64_t *rows) {
+    const int64_t block_size = layout[LAYOUT_BLOCK_SIZE];
     for (int64_t t = 0, b = 0; t < len; b++)
-        for (int64_t o = 0; o < layout.block_size && t < len; o++, t++) {
-            slots[t] = table[b] * layout.block_size + o;
-            rows[t] = table[b] * layout.block + o * layout.token;
+        for (int64_t o = 0; o < block_size && t < len; o++, t++) {
+            slots[t] = table[b] * block_size + o;
+            rows[t] = table[b] * layout[LAYOUT_BLOCK] + o * layout[LAYOUT_TOKEN];
         }
 }
 
@@ -325,7 +322,7 @@ INLINE void attend(const Item *s, int is_int8, float *scores, float *acc, float 
 INLINE int decode(const float *q, const void *k_cache, const void *v_cache, const float *k_scales,
                   const float *v_scales, const int64_t *block_tables, const int64_t *seq_lens, float *out,
                   int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                  Layout layout, int64_t max_blocks, float scale, int num_threads, int is_int8) {
+                  const int64_t *layout, int64_t max_blocks, float scale, int num_threads, int is_int8) {
     const int64_t group = num_heads / num_kv_heads;
     if (group * num_kv_heads != num_heads) return -1;
     int failed = 0;
@@ -344,7 +341,7 @@ INLINE int decode(const float *q, const void *k_cache, const void *v_cache, cons
                 for (int64_t e = 0; e < group * head_dim; e++) acc[e] = 0.0f;
                 const int64_t first = (i * num_heads + h * group) * head_dim;
                 const Item s = {q + first, k_cache, v_cache, k_scales, v_scales, slots, slots + len, len, group,
-                                num_kv_heads, h, head_dim, layout.head, scale};
+                                num_kv_heads, h, head_dim, layout[LAYOUT_HEAD], scale};
                 attend(&s, is_int8, scores, acc, buffer, out + first);
             }
         }
@@ -361,9 +358,8 @@ int paged_decode_attention_f32(const float *q, const float *k_cache, const float
                                int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
                                int64_t head_dim, const int64_t *layout, int64_t max_blocks, float scale,
                                int num_threads) {
-    const Layout strides = {layout[0], layout[1], layout[2], layout[3]};
     return decode(q, k_cache, v_cache, NULL, NULL, block_tables, seq_lens, out, num_seqs, num_heads,
-                  num_kv_heads, head_dim, strides, max_blocks, scale, num_threads, 0);
+                  num_kv_heads, head_dim, layout, max_blocks, scale, num_threads, 0);
 }
 
 int paged_decode_attention_i8(const float *q, const int8_t *k_cache, const int8_t *v_cache,
@@ -371,7 +367,6 @@ int paged_decode_attention_i8(const float *q, const int8_t *k_cache, const int8_
                               const int64_t *seq_lens, float *out, int64_t num_seqs, int64_t num_heads,
                               int64_t num_kv_heads, int64_t head_dim, const int64_t *layout, int64_t max_blocks,
                               float scale, int num_threads) {
-    const Layout strides = {layout[0], layout[1], layout[2], layout[3]};
     return decode(q, k_cache, v_cache, k_scales, v_scales, block_tables, seq_lens, out, num_seqs, num_heads,
-                  num_kv_heads, head_dim, strides, max_blocks, scale, num_threads, 1);
+                  num_kv_heads, head_dim, layout, max_blocks, scale, num_threads, 1);
 }
