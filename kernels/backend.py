@@ -41,7 +41,7 @@ def _backend(device_type: str) -> KernelBackend:
             ) from error
         return TRITON_BACKEND
     from kvpilot.kernels.attention import paged_attention_cpu, write_kv_cache_cpu
-    from kvpilot.kernels.packed_float import PackedFloatWeight, can_pack
+    from kvpilot.kernels.packed_float import can_pack, pack_float_weight
     from kvpilot.kernels.row_ops import add_rms_norm_cpu, rms_norm_cpu, silu_and_mul_cpu
 
     return KernelBackend(
@@ -49,7 +49,7 @@ def _backend(device_type: str) -> KernelBackend:
         write_kv_cache_cpu,
         paged_attention_cpu,
         lambda x, weight: weight.linear(x),
-        lambda weight: PackedFloatWeight.pack(weight) if can_pack(weight) else weight,
+        lambda weight: pack_float_weight(weight) if can_pack(weight) else weight,
         rms_norm_cpu,
         add_rms_norm_cpu,
         silu_and_mul_cpu,

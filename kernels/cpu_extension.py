@@ -7,6 +7,8 @@
   linears (floats with an anchor row), `quantize_rows_s8` / `split_rows_s7` the same integers as
   int8 for oneDNN's, and
   `write_kv_int8` quantizes and scatters new K/V into an int8 cache, each in one call.
+- `sgemm_packed` multiplies float32 rows by a weight packed in panels of 16 outputs (AVX2 + FMA
+  builds; see kernels/packed_float.py).
 
 They need a C compiler (`cc`) at first use; without one `load()` returns None and callers use
 their torch paths.
@@ -26,7 +28,13 @@ from kvpilot.kernels.quant.kv_cache import KVCache
 
 SOURCES = [
     Path(__file__).parent / "csrc" / name
-    for name in ("paged_decode_attention.c", "int8_quantize.c", "kv_cache_write.c", "row_ops.c")
+    for name in (
+        "paged_decode_attention.c",
+        "int8_quantize.c",
+        "kv_cache_write.c",
+        "row_ops.c",
+        "packed_sgemm.c",
+    )
 ]
 HEADERS = [Path(__file__).parent / "csrc" / name for name in ("vector_exp.h", "cache_layout.h")]
 # Reassociation lets the compiler vectorize the dot products; infinities keep their meaning.
@@ -69,6 +77,7 @@ def load() -> ctypes.CDLL | None:
     lib.write_kv_int8.restype = None
     for name in ("write_kv_f32", "rms_norm_f32", "add_rms_norm_f32", "silu_mul_f32"):
         getattr(lib, name).restype = None
+    lib.sgemm_packed.restype = ctypes.c_int
     return lib
 
 
@@ -277,6 +286,49 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(rows, width // 2)
     load().silu_mul_f32(_ptr(gate_up), *_int64s(rows, width // 2), _ptr(out), _threads())
     return out
+
+
+@functools.cache
+def supports_packed_sgemm() -> bool:
+    """The library built, with the panel GEMM compiled in (AVX2 + FMA): a 1 x 1 product runs."""
+    if load() is None:
+        return False
+    panels, out = torch.zeros(1, 1, 16), torch.empty(1, 1)
+    panels[0, 0, 0] = 3.0
+    return _sgemm_status(torch.full((1, 1), 2.0), panels, 1, None, out) == 0 and out.item() == 6.0
+
+
+def sgemm_packed(
+    x: torch.Tensor, panels: torch.Tensor, out_features: int, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x [T, in] float32 @ W^T (+ bias) -> [T, out_features]; W as [panels, in, 16] (packed_float.py)."""
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if bias is not None:
+        bias = torch.nn.functional.pad(bias.float(), (0, panels.shape[0] * 16 - out_features)).contiguous()
+    out = torch.empty(x.shape[0], out_features)
+    status = _sgemm_status(x, panels, out_features, bias, out)
+    if status != 0:
+        raise RuntimeError(f"native panel GEMM failed with status {status} (no AVX2/FMA in this build)")
+    return out
+
+
+def _sgemm_status(
+    x: torch.Tensor, panels: torch.Tensor, out_features: int, bias: torch.Tensor | None, out: torch.Tensor
+) -> int:
+    rows, in_features = x.shape
+    sizes = _int64s(rows, in_features, x.stride(0))
+    bias_ptr = None if bias is None else _ptr(bias)
+    return load().sgemm_packed(
+        _ptr(x),
+        *sizes,
+        _ptr(panels),
+        *_int64s(out_features),
+        bias_ptr,
+        _ptr(out),
+        *_int64s(out_features),
+        _threads(),
+    )
 
 
 def _int64s(*values: int) -> tuple[ctypes.c_int64, ...]:

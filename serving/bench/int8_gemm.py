@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from kvpilot.kernels.packed_float import PackedFloatWeight
+from kvpilot.kernels.packed_float import pack_float_weight
 from kvpilot.kernels.quant import Int8Weight, int8, quantize
 from kvpilot.kernels.quant.onednn_int8 import OnednnInt8, onednn_int8_is_exact
 from kvpilot.serving.bench.machine import describe_machine, format_machine
@@ -43,7 +43,7 @@ def build_weights(weight: torch.Tensor) -> dict[str, Callable[[torch.Tensor], to
     for gemm, packed in packs.items():
         for mode in ("w8a8", "int8"):
             linears[f"{mode} {gemm}"] = Int8Weight(scales, q.group_size, None, packed, mode == "w8a8").linear
-    linears["fp32"] = PackedFloatWeight.pack(weight).linear
+    linears["fp32"] = pack_float_weight(weight).linear
     return linears
 
 

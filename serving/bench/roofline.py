@@ -1,10 +1,10 @@
 """The fp32 roofline: a throughput no engine can beat on this machine for a workload.
 
 Per step the bound is the slower of compute (the step's FLOPs at the fastest fp32 GEMM this
-machine has at the model's shapes: MKL's `torch.mm` or oneDNN's pre-packed linear, the better
-one per shape) and memory (the bytes a step must read: every weight once, plus each decoding
-sequence's K/V, at the measured memory bandwidth). Prefill counts as compute only. The
-arithmetic is pure (shapes and peaks in, numbers out); only `measure_*` touch torch.
+machine has at the model's shapes: MKL's `torch.mm`, oneDNN's pre-packed linear or kvpilot's
+panel kernel, the best one per shape) and memory (the bytes a step must read: every weight
+once, plus each decoding sequence's K/V, at the measured memory bandwidth). Prefill counts as
+compute only. The arithmetic is pure (shapes and peaks in, numbers out); only `measure_*` touch torch.
 Per forwarded token a decoder layer costs 2 * (its linear-layer weights) FLOPs plus 4 *
 num_heads * head_dim FLOPs per context token for attention (QK^T and PV, causal); lm_head
 costs 2 * hidden * vocab FLOPs only at positions that emit an output token.
@@ -158,9 +158,10 @@ def measure_gemm_flops_per_s(
     shape: ModelShape, rows: tuple[int, ...] = (32, 128, 512), min_time_s: float = 0.3
 ) -> float:
     """The fastest fp32 GEMM at the model's matmul shapes: per row count, each shape on the
-    better of MKL `torch.mm` and oneDNN's pre-packed linear (the engine's path); the best row count."""
+    best of MKL `torch.mm` and each packed linear this machine has (oneDNN's, kvpilot's panel
+    kernel: the engine uses one of them); the best row count."""
     import torch
-    from kvpilot.kernels.packed_float import PackedFloatWeight, can_pack
+    from kvpilot.kernels.packed_float import packed_float_weights
 
     best = 0.0
     for batch in rows:
@@ -170,9 +171,9 @@ def measure_gemm_flops_per_s(
             out = torch.empty(batch, n)
             transposed = weight.t()
             candidates = [lambda x=x, w=transposed, out=out: torch.mm(x, w, out=out)]
-            if can_pack(weight):
-                packed = PackedFloatWeight.pack(weight)
-                candidates.append(lambda x=x, packed=packed: packed.linear(x))
+            candidates += [
+                lambda x=x, packed=packed: packed.linear(x) for packed in packed_float_weights(weight)
+            ]
             total_flops += 2 * batch * k * n * repeats
             total_time += min(best_time_s(run, min_time_s) for run in candidates) * repeats
         best = max(best, total_flops / total_time)

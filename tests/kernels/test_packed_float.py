@@ -1,19 +1,33 @@
-"""float32 weights pre-packed for oneDNN: the same products as F.linear, row by row."""
+"""float32 weights pre-packed for oneDNN or kvpilot's panel kernel: the same products as F.linear,
+row by row, whatever the batch."""
 
 import pytest
 import torch
 import torch.nn.functional as F
+from kvpilot.kernels import cpu_extension, packed_float
 from kvpilot.kernels.backend import select_backend
-from kvpilot.kernels.packed_float import PackedFloatWeight, can_pack
+from kvpilot.kernels.packed_float import (
+    OnednnFloatWeight,
+    PanelFloatWeight,
+    can_pack,
+    float_gemm,
+    pack_float_weight,
+)
+
+needs_panels = pytest.mark.skipif(
+    not cpu_extension.supports_packed_sgemm(), reason="the panel GEMM needs AVX2 + FMA and a C compiler"
+)
+LAYOUTS = [OnednnFloatWeight, pytest.param(PanelFloatWeight, marks=needs_panels)]
 
 
 def _weight(out: int = 96, inputs: int = 64) -> torch.Tensor:
     return torch.randn(out, inputs, generator=torch.Generator().manual_seed(out)) * 0.1
 
 
-def test_packed_linear_matches_f_linear_and_keeps_the_leading_dims():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_packed_linear_matches_f_linear_and_keeps_the_leading_dims(layout):
     weight, bias = _weight(), torch.randn(96)
-    packed = PackedFloatWeight.pack(weight)
+    packed = layout.pack(weight)
     for x in (torch.randn(1, 64), torch.randn(37, 64), torch.randn(2, 5, 64)):
         torch.testing.assert_close(packed.linear(x), F.linear(x, weight), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(packed.linear(x, bias), F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
@@ -21,8 +35,28 @@ def test_packed_linear_matches_f_linear_and_keeps_the_leading_dims():
     assert packed.shape == (96, 64) and packed.nbytes == weight.numel() * 4
 
 
-def test_a_row_does_not_depend_on_its_batch():
-    packed = PackedFloatWeight.pack(_weight(49152 // 64, 64))
+@needs_panels
+@pytest.mark.parametrize(
+    ("out_features", "in_features", "rows"),
+    [
+        (7, 5, 1),  # less than one panel
+        (100, 70, 13),  # a partial last panel, rows in two tiles plus a partial one
+        (48, 1536, 5),  # k in three slices (the kernel's 576-wide k blocks)
+        (40, 1000, 203),  # uneven k slices, rows over several 96-row blocks
+    ],
+)
+def test_panel_kernel_edges_match_f_linear(out_features, in_features, rows):
+    weight, bias = _weight(out_features, in_features), torch.randn(out_features)
+    packed = PanelFloatWeight.pack(weight)
+    assert packed.panels.shape == (-(-out_features // 16), in_features, 16)
+    x = torch.randn(rows, 2 * in_features)[:, ::2]  # rows with a stride: copied, not misread
+    torch.testing.assert_close(packed.linear(x, bias), F.linear(x, weight, bias), rtol=1e-4, atol=1e-4)
+    assert torch.equal(packed.dense(), weight)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_row_does_not_depend_on_its_batch(layout):
+    packed = layout.pack(_weight(49152 // 64, 64))
     x = torch.randn(129, 64)
     alone = torch.cat([packed.linear(row[None]) for row in x[:3]])
     assert torch.equal(packed.linear(x)[:3], alone)
@@ -32,6 +66,28 @@ def test_only_float32_cpu_matrices_are_packed():
     assert can_pack(_weight())
     assert not can_pack(_weight().bfloat16()) and not can_pack(torch.randn(8))
     assert select_backend("cpu").prepare_linear_weight(_weight().bfloat16()).dtype == torch.bfloat16
-    assert isinstance(select_backend("cpu").prepare_linear_weight(_weight()), PackedFloatWeight)
-    with pytest.raises(ValueError, match="float32"):
-        PackedFloatWeight.pack(_weight().half())
+    expected = PanelFloatWeight if float_gemm() == "panels" else OnednnFloatWeight
+    assert isinstance(select_backend("cpu").prepare_linear_weight(_weight()), expected)
+    for layout in (OnednnFloatWeight, PanelFloatWeight):
+        with pytest.raises(ValueError, match="float32"):
+            layout.pack(_weight().half())
+
+
+def test_the_gemm_follows_the_cpu_unless_forced(monkeypatch):
+    """Panels where AVX2 is the widest vector unit (and the kernel builds), oneDNN elsewhere;
+    KVPILOT_FLOAT_GEMM overrides, and a wrong value names the variable."""
+    avx2_only = torch.backends.cpu.get_cpu_capability() == "AVX2"
+    panels_here = avx2_only and cpu_extension.supports_packed_sgemm()
+    assert float_gemm() == ("panels" if panels_here else "onednn")
+    try:
+        for forced in ("onednn", "bogus"):
+            monkeypatch.setenv(packed_float.GEMM_ENV, forced)
+            float_gemm.cache_clear()
+            if forced == "bogus":
+                with pytest.raises(ValueError, match="KVPILOT_FLOAT_GEMM"):
+                    float_gemm()
+            else:
+                assert isinstance(pack_float_weight(_weight()), OnednnFloatWeight)
+    finally:
+        monkeypatch.delenv(packed_float.GEMM_ENV)
+        float_gemm.cache_clear()

@@ -90,17 +90,17 @@ def test_shape_from_a_transformers_config():
 
 
 def test_gemm_peak_is_at_least_each_backend_alone():
-    """The peak takes the better backend per shape: never below MKL's or oneDNN's own rate.
-    (The old peak was MKL alone, which the engine's oneDNN linears beat.)"""
+    """The peak takes the best backend per shape: never below MKL's, oneDNN's or the panel
+    kernel's own rate. (The old peak was MKL alone, which the engine's oneDNN linears beat.)"""
     import torch
-    from kvpilot.kernels.packed_float import PackedFloatWeight
+    from kvpilot.kernels.packed_float import packed_float_weights
 
     shape = ModelShape(64, 128, 2, 4, 2, 16, 256)
     peak = measure_gemm_flops_per_s(shape, rows=(32,), min_time_s=0.05)
     weights = [torch.randn(n, k) for k, n, _ in matmul_pass_shapes(shape)]
     mkl = [lambda x, w=w: torch.mm(x, w.t()) for w in weights]
-    onednn = [PackedFloatWeight.pack(w).linear for w in weights]
-    for linears in (mkl, onednn):
+    packed = [[layout.linear for layout in packed_float_weights(w)] for w in weights]
+    for linears in (mkl, *map(list, zip(*packed, strict=True))):
         alone = measure_linears_flops_per_s(shape, linears, batch=32, min_time_s=0.05)
         assert alone <= peak * 1.15, (alone, peak)  # timing noise only
 

@@ -1,0 +1,121 @@
+/* float32 linear layers over weights packed in panels of 16 outputs: y[m, n] = x[m, :] . w[n, :] + bias[n].
+ *
+ * Panel p holds w[16p + j][kk] at packed[(p * k + kk) * 16 + j] (rows past n are zero; packed in
+ * torch, kernels/packed_float.py), so a 6x16
+ * register tile (12 accumulators, one broadcast, two weight loads) reads its weights as one
+ * sequential stream. Each thread takes a contiguous range of panels; the weights are read once
+ * per call when few rows come in (decode), and blocked along k and m so that a panel's k-slice
+ * stays in L1 and the rows' k-slice in L2 when many do (prefill). */
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+#define NR 16  /* outputs per panel: two 8-float vectors */
+#define MR 6   /* rows per register tile */
+#define KC 576  /* k-slice of a panel reused across a row block (36 KiB; k = 1536 goes in 3 x 512) */
+#define MC 96   /* rows per block kept in L2 (x's k-slice: 216 KiB) */
+#define PREFETCH_FLOATS 512 /* the weight stream, 2 KiB ahead */
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+/* Row i of a tile: its two accumulators and the k-loop step that updates them. */
+#define ACC(i) __m256 c##i##0 = _mm256_setzero_ps(), c##i##1 = _mm256_setzero_ps()
+#define FMA(i)                                                                              \
+    if (rows > i) {                                                                         \
+        const __m256 a = _mm256_broadcast_ss(x + i * ldx + kk);                             \
+        c##i##0 = _mm256_fmadd_ps(a, w0, c##i##0);                                          \
+        c##i##1 = _mm256_fmadd_ps(a, w1, c##i##1);                                          \
+    }
+#define STORE(i) \
+    if (rows > i) store_row(c##i##0, c##i##1, y + i * ldy, bias, first, cols)
+
+static inline void store_row(__m256 lo, __m256 hi, float *row, const float *bias, int first, int64_t cols) {
+    float out[NR];
+    float *dst = cols == NR ? row : out;
+    if (cols < NR) memcpy(out, row, cols * sizeof(float));
+    if (!first) {
+        lo = _mm256_add_ps(lo, _mm256_loadu_ps(dst));
+        hi = _mm256_add_ps(hi, _mm256_loadu_ps(dst + 8));
+    } else if (bias) {
+        lo = _mm256_add_ps(lo, _mm256_loadu_ps(bias));
+        hi = _mm256_add_ps(hi, _mm256_loadu_ps(bias + 8));
+    }
+    _mm256_storeu_ps(dst, lo);
+    _mm256_storeu_ps(dst + 8, hi);
+    if (cols < NR) memcpy(row, out, cols * sizeof(float));
+}
+
+/* One tile: rows x 16 outputs over a k-slice of `depth`; `first` starts from the bias (or zero),
+ * otherwise adds to y. `rows` is a compile-time constant at every call (see tile_rows), so the
+ * accumulators live in registers. */
+static inline __attribute__((always_inline)) void tile(
+    const int rows, const float *x, int64_t ldx, const float *panel, int64_t depth, const float *bias,
+    int first, float *y, int64_t ldy, int64_t cols) {
+    ACC(0); ACC(1); ACC(2); ACC(3); ACC(4); ACC(5);
+#pragma GCC unroll 4
+    for (int64_t kk = 0; kk < depth; kk++) {
+        const __m256 w0 = _mm256_loadu_ps(panel + kk * NR), w1 = _mm256_loadu_ps(panel + kk * NR + 8);
+        _mm_prefetch((const char *)(panel + kk * NR + PREFETCH_FLOATS), _MM_HINT_T0);
+        FMA(0) FMA(1) FMA(2) FMA(3) FMA(4) FMA(5)
+    }
+    STORE(0); STORE(1); STORE(2); STORE(3); STORE(4); STORE(5);
+}
+
+static void tile_rows(
+    int rows, const float *x, int64_t ldx, const float *panel, int64_t depth, const float *bias, int first,
+    float *y, int64_t ldy, int64_t cols) {
+    switch (rows) {
+    case 6: tile(6, x, ldx, panel, depth, bias, first, y, ldy, cols); break;
+    case 5: tile(5, x, ldx, panel, depth, bias, first, y, ldy, cols); break;
+    case 4: tile(4, x, ldx, panel, depth, bias, first, y, ldy, cols); break;
+    case 3: tile(3, x, ldx, panel, depth, bias, first, y, ldy, cols); break;
+    case 2: tile(2, x, ldx, panel, depth, bias, first, y, ldy, cols); break;
+    default: tile(1, x, ldx, panel, depth, bias, first, y, ldy, cols); break;
+    }
+}
+
+/* bias: n floats padded to whole panels (or NULL). */
+static void panels_range(
+    const float *x, int64_t m, int64_t k, int64_t ldx, const float *packed, int64_t n, const float *bias,
+    float *y, int64_t ldy, int64_t panel_begin, int64_t panel_end) {
+    const int64_t k_blocks = (k + KC - 1) / KC, kc = (k + k_blocks - 1) / k_blocks;  /* even slices */
+    for (int64_t k0 = 0; k0 < k; k0 += kc) {
+        const int64_t depth = k - k0 < kc ? k - k0 : kc;
+        for (int64_t m0 = 0; m0 < m; m0 += MC) {
+            const int64_t m_end = m - m0 < MC ? m : m0 + MC;
+            for (int64_t p = panel_begin; p < panel_end; p++) {
+                const float *panel = packed + (p * k + k0) * NR;
+                const int64_t cols = n - p * NR < NR ? n - p * NR : NR;
+                const float *panel_bias = bias ? bias + p * NR : NULL;
+                for (int64_t i = m0; i < m_end; i += MR) {
+                    const int rows = m_end - i < MR ? (int)(m_end - i) : MR;
+                    tile_rows(rows, x + i * ldx + k0, ldx, panel, depth, panel_bias, k0 == 0, y + i * ldy + p * NR,
+                              ldy, cols);
+                }
+            }
+        }
+    }
+}
+
+/* 0, or -1 where this build has no AVX2/FMA (the caller keeps oneDNN). */
+int sgemm_packed(
+    const float *x, int64_t m, int64_t k, int64_t ldx, const float *packed, int64_t n, const float *bias,
+    float *y, int64_t ldy, int num_threads) {
+    const int64_t panels = (n + NR - 1) / NR;
+    if (num_threads > panels) num_threads = (int)panels;
+#pragma omp parallel num_threads(num_threads)
+    {
+        const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+        const int64_t begin = panels * t / threads, end = panels * (t + 1) / threads;
+        panels_range(x, m, k, ldx, packed, n, bias, y, ldy, begin, end);
+    }
+    return 0;
+}
+#else
+int sgemm_packed(
+    const float *x, int64_t m, int64_t k, int64_t ldx, const float *packed, int64_t n, const float *bias,
+    float *y, int64_t ldy, int num_threads) {
+    return -1;
+}
+#endif
