@@ -1,18 +1,19 @@
 /* float32 linear layers over weights packed in panels of 16 outputs: y[m, n] = x[m, :] . w[n, :] + bias[n].
  *
- * Panel p holds w[16p + j][kk] at packed[(p * k + kk) * 16 + j] (rows past n are zero; packed in
- * torch, kernels/packed_float.py), so a 6x16
- * register tile (12 accumulators, one broadcast, two weight loads) reads its weights as one
- * sequential stream. Each thread takes a contiguous range of panels; the weights are read once
- * per call when few rows come in (decode), and blocked along k and m so that a panel's k-slice
- * stays in L1 and the rows' k-slice in L2 when many do (prefill). */
+ * Panel p holds w[16p + j][kk] at packed[(p * k + kk) * 16 + j], rows past n zero (packed in torch:
+ * kernels/packed_float.py). A 6-row x 16-output register tile (12 accumulators, one broadcast
+ * and two weight loads per step) reads a panel as one sequential stream, prefetched ahead. Each
+ * thread takes a contiguous range of panels. Few rows (decode): every weight is read once per
+ * call. Many rows (prefill): blocked along k and m, so a panel's k-slice is reused from L1/L2
+ * across a block of rows, and the rows' k-slice stays in L2 across the panels.
+ * The accumulation order of a row depends only on k: a row's result never depends on its batch. */
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
 
 #define NR 16  /* outputs per panel: two 8-float vectors */
 #define MR 6   /* rows per register tile */
-#define KC 576  /* k-slice of a panel reused across a row block (36 KiB; k = 1536 goes in 3 x 512) */
+#define KC 576  /* widest k-slice (k = 1536 goes in 3 slices of 512); wider measured no better */
 #define MC 96   /* rows per block kept in L2 (x's k-slice: 216 KiB) */
 #define PREFETCH_FLOATS 512 /* the weight stream, 2 KiB ahead */
 
@@ -104,6 +105,7 @@ int sgemm_packed(
     float *y, int64_t ldy, int num_threads) {
     const int64_t panels = (n + NR - 1) / NR;
     if (num_threads > panels) num_threads = (int)panels;
+    if (num_threads < 1) num_threads = 1;
 #pragma omp parallel num_threads(num_threads)
     {
         const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();

@@ -61,8 +61,9 @@ def machine_class() -> str:
 
 
 def describe_machine(cpuinfo_path: Path = CPUINFO) -> dict:
-    """CPU model, cores, ISA flags, torch version and threads, and the int8 GEMM paths."""
+    """CPU model, cores, ISA flags, torch version and threads, and the float32 and int8 GEMM paths."""
     import torch
+    from kvpilot.kernels.packed_float import float_gemm
     from kvpilot.kernels.quant.int8 import one_pass_int8_is_exact
     from kvpilot.kernels.quant.onednn_int8 import onednn_int8_is_exact
 
@@ -78,6 +79,7 @@ def describe_machine(cpuinfo_path: Path = CPUINFO) -> dict:
         "torch_threads": torch.get_num_threads(),
         "w8a8_one_pass_exact": one_pass_int8_is_exact(),
         "int8_gemm": "onednn" if onednn_int8_is_exact() else "fbgemm",
+        "float_gemm": float_gemm(),
     }
 
 
@@ -87,8 +89,10 @@ def format_machine(machine: dict) -> str:
         gemm = "oneDNN int8 (exact)"
     else:
         gemm = f"fbgemm, {'one 8-bit pass' if machine['w8a8_one_pass_exact'] else 'two 7-bit passes'}"
+    float_gemm = {"panels": "kvpilot panels", "onednn": "oneDNN"}.get(machine.get("float_gemm"), "oneDNN")
     return (
         f"machine: {machine['cpu']} [{machine.get('cpu_id', 'unknown')}] ({machine['cpu_class']}), "
         f"{machine['cores']} cores, flags: {flags}; "
-        f"torch {machine['torch']}, {machine['torch_threads']} threads; int8 GEMM: {gemm}"
+        f"torch {machine['torch']}, {machine['torch_threads']} threads; "
+        f"float32 GEMM: {float_gemm}; int8 GEMM: {gemm}"
     )
