@@ -304,8 +304,8 @@ def sgemm_packed(
     """x [T, in] float32 @ W^T (+ bias) -> [T, out_features]; W as [panels, in, 16] (packed_float.py)."""
     if x.stride(1) != 1:
         x = x.contiguous()
-    if bias is not None:
-        bias = torch.nn.functional.pad(bias.float(), (0, panels.shape[0] * 16 - out_features)).contiguous()
+    if bias is not None:  # the kernel reads whole panels of it
+        bias = torch.nn.functional.pad(bias.float(), (0, -out_features % 16)).contiguous()
     out = torch.empty(x.shape[0], out_features)
     status = _sgemm_status(x, panels, out_features, bias, out)
     if status != 0:
@@ -317,18 +317,10 @@ def _sgemm_status(
     x: torch.Tensor, panels: torch.Tensor, out_features: int, bias: torch.Tensor | None, out: torch.Tensor
 ) -> int:
     rows, in_features = x.shape
-    sizes = _int64s(rows, in_features, x.stride(0))
+    x_shape = _int64s(rows, in_features, x.stride(0))
     bias_ptr = None if bias is None else _ptr(bias)
-    return load().sgemm_packed(
-        _ptr(x),
-        *sizes,
-        _ptr(panels),
-        *_int64s(out_features),
-        bias_ptr,
-        _ptr(out),
-        *_int64s(out_features),
-        _threads(),
-    )
+    (n,) = _int64s(out_features)  # out's row stride too: out is [rows, out_features]
+    return load().sgemm_packed(_ptr(x), *x_shape, _ptr(panels), n, bias_ptr, _ptr(out), n, _threads())
 
 
 def _int64s(*values: int) -> tuple[ctypes.c_int64, ...]:

@@ -49,8 +49,9 @@ def test_panel_kernel_edges_match_f_linear(out_features, in_features, rows):
     weight, bias = _weight(out_features, in_features), torch.randn(out_features)
     packed = PanelFloatWeight.pack(weight)
     assert packed.panels.shape == (-(-out_features // 16), in_features, 16)
-    x = torch.randn(rows, 2 * in_features)[:, ::2]  # rows with a stride: copied, not misread
-    torch.testing.assert_close(packed.linear(x, bias), F.linear(x, weight, bias), rtol=1e-4, atol=1e-4)
+    wide = torch.randn(rows, 2 * in_features)
+    for x in (wide[:, ::2], wide[:, 1 : in_features + 1]):  # strided columns (copied); a row stride
+        torch.testing.assert_close(packed.linear(x, bias), F.linear(x, weight, bias), rtol=1e-4, atol=1e-4)
     assert torch.equal(packed.dense(), weight)
 
 
