@@ -13,8 +13,10 @@
  * An int8 cache stores one float32 scale per (slot, KV head): value = scale * int8, so its
  * traffic is a quarter of float32's and the kernel is bound by instructions, not memory. Its
  * values are widened in registers in the same tiles; the scales multiply the scores and the
- * probabilities instead of every value. Other int8 shapes widen tiles of tokens into a small
- * float buffer that the heads share.
+ * probabilities instead of every value. A KV head's scales are first gathered into two rows
+ * (one load per token, where the tiles did a dependent lookup per token and head): K's scale a
+ * tile of scores at once, V's the probabilities as they are exponentiated. Other int8 shapes
+ * widen tiles of tokens into a small float buffer that the heads share.
  *
  * q, out:            [num_seqs, num_heads, head_dim] float32
  * k_cache, v_cache:  [num_blocks, block_size, num_kv_heads, head_dim] float32 or int8, laid out
@@ -42,18 +44,15 @@ typedef struct {
     const float *q;          /* the first query head of this KV head's group */
     const void *k_cache;     /* float or int8 values */
     const void *v_cache;
-    const float *k_scales;   /* int8 caches: one scale per (slot, KV head); NULL otherwise */
+    const float *k_scales;   /* int8 caches: k_scales[t], token t's scale in this KV head; NULL otherwise */
     const float *v_scales;
-    const int64_t *slots;    /* slots[t]: cache slot of token t (indexes the scales) */
     const int64_t *rows;     /* rows[t]: offset of token t's values of KV head 0 */
-    int64_t len, group, num_kv_heads, kv_head, head_dim, head_stride;
+    int64_t len, group, kv_head, head_dim, head_stride;
     float scale;
 } Item;
 
 INLINE int64_t value_offset(const Item *s, int64_t t) { return s->rows[t] + s->kv_head * s->head_stride; }
-INLINE float scale_at(const float *scales, const Item *s, int64_t t) {
-    return scales ? scales[s->slots[t] * s->num_kv_heads + s->kv_head] : 1.0f;
-}
+INLINE float scale_at(const float *scales, int64_t t) { return scales ? scales[t] : 1.0f; }
 INLINE float load1(const void *cache, int is_int8, int64_t i) {
     return is_int8 ? (float)((const int8_t *)cache)[i] : ((const float *)cache)[i];
 }
@@ -72,7 +71,7 @@ static void slots_of(const int64_t *table, int64_t len, const int64_t *layout, i
 INLINE void scores_scalar(const Item *s, int is_int8, float *scores, int64_t from) {
     for (int64_t t = from; t < s->len; t++) {
         const int64_t k = value_offset(s, t);
-        const float k_scale = scale_at(s->k_scales, s, t) * s->scale;
+        const float k_scale = scale_at(s->k_scales, t) * s->scale;
         for (int64_t i = 0; i < s->group; i++) {
             const float *qi = s->q + i * s->head_dim;
             float sum = 0.0f;
@@ -82,13 +81,12 @@ INLINE void scores_scalar(const Item *s, int is_int8, float *scores, int64_t fro
     }
 }
 
-/* acc[i] += sum_t p_i[t] * v_t, for t in [0, len): portable. */
+/* acc[i] += sum_t p_i[t] * v_t, for t in [0, len): portable (int8: p carries V's scales). */
 INLINE void values_scalar(const Item *s, int is_int8, const float *probs, float *acc) {
     for (int64_t t = 0; t < s->len; t++) {
         const int64_t v = value_offset(s, t);
-        const float v_scale = scale_at(s->v_scales, s, t);
         for (int64_t i = 0; i < s->group; i++) {
-            const float p = probs[i * s->len + t] * v_scale;
+            const float p = probs[i * s->len + t];
             float *a = acc + i * s->head_dim;
             for (int64_t d = 0; d < s->head_dim; d++) a[d] += p * load1(s->v_cache, is_int8, v + d);
         }
@@ -135,7 +133,7 @@ INLINE void tile_rows(const Item *s, const void *cache, const float *scales, int
             continue;
         }
         const int8_t *values = (const int8_t *)cache + offset;
-        const __m256 scale = _mm256_set1_ps(scale_at(scales, s, t + j));
+        const __m256 scale = _mm256_set1_ps(scale_at(scales, t + j));
         float *row = buffer + j * s->head_dim;
         for (int64_t d = 0; d < s->head_dim; d += 8) _mm256_storeu_ps(row + d, _mm256_mul_ps(widen8(values + d), scale));
         rows[j] = row;
@@ -164,10 +162,8 @@ INLINE void scores_tiled(const Item *s, int is_int8, float *scores) {
         head_rows(s, s->q, s->head_dim, h0, q);
         for (int64_t t = 0; t < tiled; t += K_TILE) {
             int64_t k[K_TILE];
-            float k_scales[K_TILE];
             for (int j = 0; j < K_TILE; j++) {
                 k[j] = value_offset(s, t + j);
-                k_scales[j] = scale_at(s->k_scales, s, t + j) * s->scale;
                 prefetch_row(s, cache, is_int8, t + j);
             }
             __m256 acc[K_TILE][HEADS];
@@ -178,7 +174,8 @@ INLINE void scores_tiled(const Item *s, int is_int8, float *scores) {
                     const __m256 kv = load8(cache, is_int8, k[j] + d);
                     for (int g = 0; g < HEADS; g++) acc[j][g] = _mm256_fmadd_ps(kv, _mm256_loadu_ps(q[g] + d), acc[j][g]);
                 }
-            const __m128 tile_scales = _mm_loadu_ps(k_scales);
+            const __m128 scale = _mm_set1_ps(s->scale);
+            const __m128 tile_scales = s->k_scales ? _mm_mul_ps(_mm_loadu_ps(s->k_scales + t), scale) : scale;
             for (int g = 0; g < HEADS && h0 + g < s->group; g++) {
                 const __m128 sums = reduce4(acc[0][g], acc[1][g], acc[2][g], acc[3][g]);
                 _mm_storeu_ps(scores + (h0 + g) * s->len + t, _mm_mul_ps(sums, tile_scales));
@@ -189,14 +186,9 @@ INLINE void scores_tiled(const Item *s, int is_int8, float *scores) {
 }
 
 /* acc[i] += sum_t p_i[t] * v_t in register tiles of HEADS heads x 32 dimensions: each V load
- * serves the group's heads, and 12 independent accumulators keep the FMA units busy. int8 V
- * scales are folded into the probabilities first. */
-INLINE void values_tiled(const Item *s, int is_int8, float *probs, float *acc) {
+ * serves the group's heads, and 12 independent accumulators keep the FMA units busy. */
+INLINE void values_tiled(const Item *s, int is_int8, const float *probs, float *acc) {
     const void *cache = s->v_cache;
-    for (int64_t t = 0; t < s->len && s->v_scales; t++) {
-        const float v_scale = scale_at(s->v_scales, s, t);
-        for (int64_t i = 0; i < s->group; i++) probs[i * s->len + t] *= v_scale;
-    }
     for (int64_t h0 = 0; h0 < s->group; h0 += HEADS) {
         const float *p[HEADS];
         head_rows(s, probs, s->len, h0, p);
@@ -247,7 +239,7 @@ INLINE void values_avx2(const Item *s, int is_int8, const float *probs, float *a
     for (int64_t t0 = 0; t0 < s->len; t0 += V_TILE) {
         const int64_t n = s->len - t0 < V_TILE ? s->len - t0 : V_TILE;
         const float *v[V_TILE];
-        tile_rows(s, s->v_cache, s->v_scales, is_int8, t0, n, buffer, v);
+        tile_rows(s, s->v_cache, NULL, is_int8, t0, n, buffer, v); /* V's scales are in the probabilities */
         for (int64_t i = 0; i < s->group; i++) {
             const float *p = probs + i * s->len + t0;
             float *a = acc + i * s->head_dim;
@@ -275,29 +267,41 @@ INLINE void values_avx2(const Item *s, int is_int8, const float *probs, float *a
 }
 #endif
 
-/* Turns a row of scores into unnormalized probabilities e^(score - max); returns their sum. */
-INLINE float exponentiate(float *row, int64_t len) {
+/* Turns a row of scores into unnormalized probabilities e^(score - max), each times its token's V
+ * scale where the cache is int8; returns the sum of the unscaled ones. */
+INLINE float exponentiate(float *row, int64_t len, const float *v_scales) {
     float max = -INFINITY, sum = 0.0f;
-    for (int64_t t = 0; t < len; t++) max = row[t] > max ? row[t] : max;
     int64_t t = 0;
+#ifdef __AVX2__
+    __m256 maxima = _mm256_set1_ps(-INFINITY);
+    for (; t + 8 <= len; t += 8) maxima = _mm256_max_ps(maxima, _mm256_loadu_ps(row + t));
+    float lanes[8];
+    _mm256_storeu_ps(lanes, maxima);
+    for (int j = 0; j < 8; j++) max = lanes[j] > max ? lanes[j] : max;
+#endif
+    for (; t < len; t++) max = row[t] > max ? row[t] : max;
+    t = 0;
 #ifdef __AVX2__
     const __m256 shift = _mm256_set1_ps(max);
     __m256 total = _mm256_setzero_ps();
     for (; t + 8 <= len; t += 8) {
         const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(row + t), shift));
-        _mm256_storeu_ps(row + t, e);
         total = _mm256_add_ps(total, e);
+        _mm256_storeu_ps(row + t, v_scales ? _mm256_mul_ps(e, _mm256_loadu_ps(v_scales + t)) : e);
     }
-    float lanes[8];
     _mm256_storeu_ps(lanes, total);
     for (int j = 0; j < 8; j++) sum += lanes[j];
 #endif
-    for (; t < len; t++) sum += (row[t] = expf(row[t] - max));
+    for (; t < len; t++) {
+        const float e = expf(row[t] - max);
+        sum += e;
+        row[t] = e * scale_at(v_scales, t);
+    }
     return sum;
 }
 
 /* out rows of the group = softmax(scores) V; scores [group, len], acc [group, head_dim] zeroed,
- * buffer [V_TILE, head_dim] for widened int8 values. */
+ * buffer [V_TILE, head_dim] for widened int8 K values. */
 INLINE void attend(const Item *s, int is_int8, float *scores, float *acc, float *buffer, float *out) {
 #ifdef __AVX2__
     const int tiled = s->head_dim % 32 == 0;
@@ -309,7 +313,8 @@ INLINE void attend(const Item *s, int is_int8, float *scores, float *acc, float 
 #endif
     if (!vectorized && !tiled) scores_scalar(s, is_int8, scores, 0);
     float inverse_sums[s->group];
-    for (int64_t i = 0; i < s->group; i++) inverse_sums[i] = 1.0f / exponentiate(scores + i * s->len, s->len);
+    for (int64_t i = 0; i < s->group; i++)
+        inverse_sums[i] = 1.0f / exponentiate(scores + i * s->len, s->len, s->v_scales);
 #ifdef __AVX2__
     if (tiled) values_tiled(s, is_int8, scores, acc);
     if (vectorized) values_avx2(s, is_int8, scores, acc, buffer);
@@ -328,26 +333,32 @@ INLINE int decode(const float *q, const void *k_cache, const void *v_cache, cons
     int failed = 0;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
     for (int64_t i = 0; i < num_seqs; i++) {
-        const int64_t len = seq_lens[i];
-        int64_t *slots = malloc(sizeof(int64_t) * 2 * (len > 0 ? len : 1));
-        float *scores = malloc(sizeof(float) * group * (len > 0 ? len : 1));
+        const int64_t len = seq_lens[i] > 0 ? seq_lens[i] : 1;
+        int64_t *slots = malloc(sizeof(int64_t) * 2 * len);
+        float *scores = malloc(sizeof(float) * group * len);
+        float *head_scales = is_int8 ? malloc(sizeof(float) * 2 * len) : NULL; /* K's row, V's row */
         float *acc = malloc(sizeof(float) * group * head_dim);
         float *buffer = malloc(sizeof(float) * V_TILE * head_dim);
-        if (!slots || !scores || !acc || !buffer) {
+        if (!slots || !scores || (is_int8 && !head_scales) || !acc || !buffer) {
             failed = 1;
         } else {
-            slots_of(block_tables + i * max_blocks, len, layout, slots, slots + len);
+            slots_of(block_tables + i * max_blocks, seq_lens[i], layout, slots, slots + len);
             for (int64_t h = 0; h < num_kv_heads; h++) {
                 for (int64_t e = 0; e < group * head_dim; e++) acc[e] = 0.0f;
+                for (int64_t t = 0; is_int8 && t < seq_lens[i]; t++) {
+                    head_scales[t] = k_scales[slots[t] * num_kv_heads + h];
+                    head_scales[len + t] = v_scales[slots[t] * num_kv_heads + h];
+                }
                 const int64_t first = (i * num_heads + h * group) * head_dim;
-                const Item s = {q + first, k_cache, v_cache, k_scales, v_scales, slots, slots + len, len, group,
-                                num_kv_heads, h, head_dim, layout[LAYOUT_HEAD], scale};
+                const Item s = {q + first, k_cache, v_cache, head_scales, is_int8 ? head_scales + len : NULL,
+                                slots + len, seq_lens[i], group, h, head_dim, layout[LAYOUT_HEAD], scale};
                 attend(&s, is_int8, scores, acc, buffer, out + first);
             }
         }
         free(buffer);
         free(slots);
         free(scores);
+        free(head_scales);
         free(acc);
     }
     return failed ? -2 : 0;
