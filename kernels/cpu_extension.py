@@ -309,7 +309,8 @@ def sgemm_packed(
     out = torch.empty(x.shape[0], out_features)
     status = _sgemm_status(x, panels, out_features, bias, out)
     if status != 0:
-        raise RuntimeError(f"native panel GEMM failed with status {status} (no AVX2/FMA in this build)")
+        reason = "no AVX2/FMA in this build" if status == -1 else "out of memory"
+        raise RuntimeError(f"native panel GEMM failed with status {status} ({reason})")
     return out
 
 

@@ -5,10 +5,14 @@
  * and two weight loads per step) reads a panel as one sequential stream, prefetched ahead. Each
  * thread takes a contiguous range of panels. Few rows (decode): every weight is read once per
  * call. Many rows (prefill): blocked along k and m, so a panel's k-slice is reused from L1/L2
- * across a block of rows, and the rows' k-slice stays in L2 across the panels.
+ * across a block of rows, and the rows' k-slice stays in L2 across the panels. Each thread
+ * first copies a block's rows into tiles of 6 interleaved by k, so a step's 6 broadcasts read
+ * 24 consecutive bytes instead of 6 rows far apart: 1.1-1.25x at 64-2048 rows on our Zen 2,
+ * par at 8-48.
  * The accumulation order of a row depends only on k: a row's result never depends on its batch. */
 #include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define NR 16  /* outputs per panel: two 8-float vectors */
@@ -24,7 +28,7 @@
 #define ACC(i) __m256 c##i##0 = _mm256_setzero_ps(), c##i##1 = _mm256_setzero_ps()
 #define FMA(i)                                                                              \
     if (rows > i) {                                                                         \
-        const __m256 a = _mm256_broadcast_ss(x + i * ldx + kk);                             \
+        const __m256 a = _mm256_broadcast_ss(x + kk * MR + i);                              \
         c##i##0 = _mm256_fmadd_ps(a, w0, c##i##0);                                          \
         c##i##1 = _mm256_fmadd_ps(a, w1, c##i##1);                                          \
     }
@@ -47,11 +51,11 @@ static inline void store_row(__m256 lo, __m256 hi, float *row, const float *bias
     if (cols < NR) memcpy(row, out, cols * sizeof(float));
 }
 
-/* One tile: rows x 16 outputs over a k-slice of `depth`; `first` starts from the bias (or zero),
- * otherwise adds to y. `rows` is a compile-time constant at every call (see tile_rows), so the
- * accumulators live in registers. */
+/* One tile: rows x 16 outputs over a k-slice of `depth`, x a tile of `pack_rows`; `first` starts
+ * from the bias (or zero), otherwise adds to y. `rows` is a compile-time constant at every call
+ * (see tile_rows), so the accumulators live in registers. */
 static inline __attribute__((always_inline)) void tile(
-    const int rows, const float *x, int64_t ldx, const float *panel, int64_t depth, const float *bias,
+    const int rows, const float *x, const float *panel, int64_t depth, const float *bias,
     int first, float *y, int64_t ldy, int64_t cols) {
     ACC(0); ACC(1); ACC(2); ACC(3); ACC(4); ACC(5);
 #pragma GCC unroll 4
@@ -64,55 +68,72 @@ static inline __attribute__((always_inline)) void tile(
 }
 
 static void tile_rows(
-    int rows, const float *x, int64_t ldx, const float *panel, int64_t depth, const float *bias, int first,
-    float *y, int64_t ldy, int64_t cols) {
+    int rows, const float *x, const float *panel, int64_t depth, const float *bias, int first, float *y,
+    int64_t ldy, int64_t cols) {
     switch (rows) {
-    case 6: tile(6, x, ldx, panel, depth, bias, first, y, ldy, cols); break;
-    case 5: tile(5, x, ldx, panel, depth, bias, first, y, ldy, cols); break;
-    case 4: tile(4, x, ldx, panel, depth, bias, first, y, ldy, cols); break;
-    case 3: tile(3, x, ldx, panel, depth, bias, first, y, ldy, cols); break;
-    case 2: tile(2, x, ldx, panel, depth, bias, first, y, ldy, cols); break;
-    default: tile(1, x, ldx, panel, depth, bias, first, y, ldy, cols); break;
+    case 6: tile(6, x, panel, depth, bias, first, y, ldy, cols); break;
+    case 5: tile(5, x, panel, depth, bias, first, y, ldy, cols); break;
+    case 4: tile(4, x, panel, depth, bias, first, y, ldy, cols); break;
+    case 3: tile(3, x, panel, depth, bias, first, y, ldy, cols); break;
+    case 2: tile(2, x, panel, depth, bias, first, y, ldy, cols); break;
+    default: tile(1, x, panel, depth, bias, first, y, ldy, cols); break;
     }
 }
 
-/* bias: n floats padded to whole panels (or NULL). */
+/* Rows [m0, m_end) of x over the k-slice [k0, k0 + depth) as tiles of MR rows interleaved by k:
+ * tiles[(t * depth + kk) * MR + r] = x[m0 + t * MR + r][k0 + kk], rows past m_end zero. */
+static void pack_rows(
+    const float *x, int64_t ldx, int64_t m0, int64_t m_end, int64_t k0, int64_t depth, float *tiles) {
+    for (int64_t i = m0; i < m_end; i += MR) {
+        float *tile = tiles + (i - m0) * depth;
+        const int rows = m_end - i < MR ? (int)(m_end - i) : MR;
+        for (int64_t kk = 0; kk < depth; kk++)
+            for (int r = 0; r < MR; r++) tile[kk * MR + r] = r < rows ? x[(i + r) * ldx + k0 + kk] : 0.0f;
+    }
+}
+
+/* bias: n floats padded to whole panels (or NULL); tiles: room for (MC + MR) x KC floats. */
 static void panels_range(
     const float *x, int64_t m, int64_t k, int64_t ldx, const float *packed, int64_t n, const float *bias,
-    float *y, int64_t ldy, int64_t panel_begin, int64_t panel_end) {
+    float *y, int64_t ldy, int64_t panel_begin, int64_t panel_end, float *tiles) {
     const int64_t k_blocks = (k + KC - 1) / KC, kc = (k + k_blocks - 1) / k_blocks;  /* even slices */
     for (int64_t k0 = 0; k0 < k; k0 += kc) {
         const int64_t depth = k - k0 < kc ? k - k0 : kc;
         for (int64_t m0 = 0; m0 < m; m0 += MC) {
             const int64_t m_end = m - m0 < MC ? m : m0 + MC;
+            pack_rows(x, ldx, m0, m_end, k0, depth, tiles);
             for (int64_t p = panel_begin; p < panel_end; p++) {
                 const float *panel = packed + (p * k + k0) * NR;
                 const int64_t cols = n - p * NR < NR ? n - p * NR : NR;
                 const float *panel_bias = bias ? bias + p * NR : NULL;
                 for (int64_t i = m0; i < m_end; i += MR) {
                     const int rows = m_end - i < MR ? (int)(m_end - i) : MR;
-                    tile_rows(rows, x + i * ldx + k0, ldx, panel, depth, panel_bias, k0 == 0, y + i * ldy + p * NR,
-                              ldy, cols);
+                    tile_rows(rows, tiles + (i - m0) * depth, panel, depth, panel_bias, k0 == 0,
+                              y + i * ldy + p * NR, ldy, cols);
                 }
             }
         }
     }
 }
 
-/* 0, or -1 where this build has no AVX2/FMA (the caller keeps oneDNN). */
+/* 0, -1 where this build has no AVX2/FMA (the caller keeps oneDNN), -2 out of memory. */
 int sgemm_packed(
     const float *x, int64_t m, int64_t k, int64_t ldx, const float *packed, int64_t n, const float *bias,
     float *y, int64_t ldy, int num_threads) {
     const int64_t panels = (n + NR - 1) / NR;
     if (num_threads > panels) num_threads = (int)panels;
     if (num_threads < 1) num_threads = 1;
+    int failed = 0;
 #pragma omp parallel num_threads(num_threads)
     {
         const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
         const int64_t begin = panels * t / threads, end = panels * (t + 1) / threads;
-        panels_range(x, m, k, ldx, packed, n, bias, y, ldy, begin, end);
+        float *tiles = malloc(sizeof(float) * (MC + MR) * KC);
+        if (tiles) panels_range(x, m, k, ldx, packed, n, bias, y, ldy, begin, end, tiles);
+        else failed = 1;
+        free(tiles);
     }
-    return 0;
+    return failed ? -2 : 0;
 }
 #else
 int sgemm_packed(
