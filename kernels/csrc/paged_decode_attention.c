@@ -157,6 +157,7 @@ INLINE void head_rows(const Item *s, const float *base, int64_t stride, int64_t 
 INLINE void scores_tiled(const Item *s, int is_int8, float *scores) {
     const void *cache = s->k_cache;
     const int64_t tiled = s->len - s->len % K_TILE;
+    const __m128 scale = _mm_set1_ps(s->scale);
     for (int64_t h0 = 0; h0 < s->group; h0 += HEADS) {
         const float *q[HEADS];
         head_rows(s, s->q, s->head_dim, h0, q);
@@ -174,7 +175,6 @@ INLINE void scores_tiled(const Item *s, int is_int8, float *scores) {
                     const __m256 kv = load8(cache, is_int8, k[j] + d);
                     for (int g = 0; g < HEADS; g++) acc[j][g] = _mm256_fmadd_ps(kv, _mm256_loadu_ps(q[g] + d), acc[j][g]);
                 }
-            const __m128 scale = _mm_set1_ps(s->scale);
             const __m128 tile_scales = s->k_scales ? _mm_mul_ps(_mm_loadu_ps(s->k_scales + t), scale) : scale;
             for (int g = 0; g < HEADS && h0 + g < s->group; g++) {
                 const __m128 sums = reduce4(acc[0][g], acc[1][g], acc[2][g], acc[3][g]);

@@ -1,5 +1,6 @@
 """Where a benchmark ran: CPU model, flags and class read from /proc/cpuinfo's text."""
 
+from kvpilot.kernels.packed_float import float_gemm
 from kvpilot.serving.bench.machine import (
     cpu_class,
     cpu_flags,
@@ -38,8 +39,6 @@ def test_describe_machine_reads_the_given_cpuinfo(tmp_path):
     assert machine["cpu_id"] == "AuthenticAMD cpu family 25 model 1 stepping 1"
     assert "[AuthenticAMD cpu family 25 model 1 stepping 1] (avx2)" in format_machine(machine)
     assert "int8 GEMM: " in format_machine(machine)
-    from kvpilot.kernels.packed_float import float_gemm  # the float32 kernel the engine uses here
-
-    assert machine["float_gemm"] == float_gemm()
+    assert machine["float_gemm"] == float_gemm()  # the float32 kernel the engine uses here
     named = {"panels": "float32 GEMM: kvpilot panels", "onednn": "float32 GEMM: oneDNN"}
     assert named[float_gemm()] in format_machine(machine)
