@@ -1,20 +1,22 @@
 """int8 weights: symmetric, one scale per output channel (or per group of input columns).
 
 Per-channel weights on CPU live only in a prepacked form, oneDNN's where its int8 GEMM is exact
-on this CPU (kernels/quant/onednn_int8.py: AMX/VNNI, 1.5-3.8x faster than fbgemm from 32 rows up),
-else fbgemm's (`torch.ops.quantized.linear_dynamic`). Activations reach them in one of two ways:
+on this CPU and compiled for it (kernels/quant/onednn_int8.py: AMX/VNNI, 1.5-3.8x faster than
+fbgemm from 32 rows up), else fbgemm's (`torch.ops.quantized.linear_dynamic`). Activations reach
+them in one of two ways:
 - weight-only int8 (mode `int8`): as two exact int7 halves (`_split_activation_linear`): float
   accuracy, twice the GEMM rows;
 - W8A8 (mode `w8a8`, `int8_activations=True`): quantized to int8 per token, as in SmoothQuant
   (`_w8a8_linear`). The integer product is exact on every CPU: oneDNN's is probed exact before
   it is used; fbgemm runs one 8-bit GEMM where it accumulates u8 x s8 products in int32 (VNNI),
   two 7-bit passes elsewhere (AVX2's `vpmaddubsw` saturates pairs of 8-bit products at int16).
-  One-time probes decide (`onednn_int8_is_exact`, `one_pass_int8_is_exact`).
+  One-time probes decide (`use_onednn_int8`, `one_pass_int8_is_exact`).
 Grouped weights (GGUF Q8_0: 32 columns per scale) are dequantized a few rows at a time.
 """
 
 import functools
 import logging
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -146,8 +148,55 @@ def _dequantize(q: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch
 
 
 def _pack(qweight: torch.Tensor, scales: torch.Tensor) -> Any:
-    """oneDNN's packed weight where its int8 GEMM is exact here, else fbgemm's."""
-    return OnednnInt8.pack(qweight, scales) if onednn_int8_is_exact() else _prepack(qweight, scales)
+    """oneDNN's packed weight where its int8 GEMM is used here (`use_onednn_int8`), else fbgemm's."""
+    return OnednnInt8.pack(qweight, scales) if use_onednn_int8() else _prepack(qweight, scales)
+
+
+# oneDNN without a compiled kernel for its packed int8 layout falls back to its reference
+# matmul (`ref_int8`): exact, but ~1000x slower (AMD Zen 4 with AVX-512 VNNI: 3.4 s for 96 x 576
+# x 3072). Compiled, it takes 0.3-1.2x fbgemm's time; this bound only tells the two apart.
+ONEDNN_SLOWDOWN_LIMIT = 20.0
+
+
+@functools.cache
+def use_onednn_int8() -> bool:
+    """Whether per-channel int8 weights go to oneDNN here: its product is exact
+    (`onednn_int8_is_exact`) and it runs a compiled kernel, timed once against fbgemm on one
+    layer (32 x 256 x 256, one thread so that a busy core cannot stall either; best of 3). A
+    reference kernel takes ~40 ms there, fbgemm ~0.05."""
+    if not onednn_int8_is_exact():
+        logger.info("int8 linears on this CPU: fbgemm")
+        return False
+    generator = torch.Generator().manual_seed(0)
+    qweight = torch.randint(-QMAX, QMAX + 1, (256, 256), dtype=torch.int8, generator=generator)
+    rows = torch.randint(-QMAX, QMAX + 1, (32, 256), dtype=torch.int8, generator=generator)
+    onednn, fbgemm = OnednnInt8.pack(qweight, torch.ones(256)), _prepack(qweight, torch.ones(256))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        onednn_s = _best_time_s(lambda: onednn.linear(rows))
+        fbgemm_s = _best_time_s(lambda: fbgemm_linear(rows.float(), fbgemm, reduce_range=False))
+    finally:
+        torch.set_num_threads(threads)
+    slowdown = onednn_s / fbgemm_s
+    if slowdown > ONEDNN_SLOWDOWN_LIMIT:
+        logger.info(
+            "int8 linears on this CPU: fbgemm (oneDNN's int8 GEMM is exact but %.0fx slower: its "
+            "reference kernel, none compiled for this CPU)", slowdown,
+        )  # fmt: skip
+        return False
+    logger.info("int8 linears on this CPU: oneDNN (exact: int32 accumulation; %.1fx fbgemm's time)", slowdown)
+    return True
+
+
+def _best_time_s(call, repeats: int = 3) -> float:
+    call()  # warm-up: oneDNN builds its kernel on the first call
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def _prepack(qweight: torch.Tensor, scales: torch.Tensor) -> Any:

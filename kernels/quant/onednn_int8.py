@@ -6,8 +6,9 @@ On a Xeon with AMX it runs 1.5-3.8x faster than fbgemm from 32 rows up, about ev
 (`kvpilot bench int8-gemm`).
 Whether its integer product is exact on this CPU is probed once (`onednn_int8_is_exact`): a
 kernel that adds pairs of 8-bit products in saturating int16 (`vpmaddubsw`) would not be, and
-then the weights stay with fbgemm (kernels/quant/int8.py). `KVPILOT_INT8_GEMM=fbgemm` keeps
-them there on any CPU.
+then the weights stay with fbgemm (kernels/quant/int8.py), as they do where oneDNN has no
+compiled kernel for its packed layout and runs its reference one (`use_onednn_int8`: on an AMD
+Zen 4 with AVX-512 VNNI, ~1000x slower). `KVPILOT_INT8_GEMM=fbgemm` keeps them there on any CPU.
 """
 
 import functools
@@ -57,7 +58,7 @@ def onednn_int8_is_exact() -> bool:
     sign combination, K = 256 so the exact sums still fit float32's 24 bits) plus random rows,
     compared with the float64 product."""
     if os.environ.get(GEMM_ENV, "").lower() == "fbgemm":
-        logger.info("int8 linears on this CPU: fbgemm (%s=fbgemm)", GEMM_ENV)
+        logger.info("oneDNN's int8 GEMM: not used (%s=fbgemm)", GEMM_ENV)
         return False
     generator = torch.Generator().manual_seed(0)
     in_features, signs = 256, torch.tensor([1, -1], dtype=torch.int8)
@@ -69,9 +70,8 @@ def onednn_int8_is_exact() -> bool:
     try:
         fast = OnednnInt8.pack(weight.to(torch.int8), torch.ones(weight.shape[0])).linear(rows)
     except RuntimeError as error:  # no oneDNN in this torch build, or no int8 kernel for this CPU
-        logger.info("int8 linears on this CPU: fbgemm (oneDNN int8 GEMM unavailable: %s)", error)
+        logger.info("oneDNN's int8 GEMM: unavailable (%s)", error)
         return False
     is_exact = torch.equal(fast.double(), rows.double() @ weight.double().t())
-    path = "oneDNN (exact: int32 accumulation)" if is_exact else "fbgemm (oneDNN's int8 product is not exact)"
-    logger.info("int8 linears on this CPU: %s", path)
+    logger.info("oneDNN's int8 GEMM: %s", "exact" if is_exact else "not exact (int16 pair sums)")
     return is_exact

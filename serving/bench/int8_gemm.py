@@ -13,7 +13,8 @@ from collections.abc import Callable
 import torch
 from kvpilot.kernels.packed_float import pack_float_weight
 from kvpilot.kernels.quant import Int8Weight, int8, quantize
-from kvpilot.kernels.quant.onednn_int8 import OnednnInt8, onednn_int8_is_exact
+from kvpilot.kernels.quant.int8 import use_onednn_int8
+from kvpilot.kernels.quant.onednn_int8 import OnednnInt8
 from kvpilot.serving.bench.machine import describe_machine, format_machine
 
 # SmolLM2-135M's linears (in_features x out_features): qkv, o, gate+up, down.
@@ -37,7 +38,7 @@ def build_weights(weight: torch.Tensor) -> dict[str, Callable[[torch.Tensor], to
     q = quantize(weight, "int8")
     qweight, scales = q.qweight, q.scales
     packs = {"fbgemm": int8._prepack(qweight, scales[:, 0])}
-    if onednn_int8_is_exact():
+    if use_onednn_int8():
         packs = {"onednn": OnednnInt8.pack(qweight, scales[:, 0]), **packs}
     linears = {}
     for gemm, packed in packs.items():

@@ -64,8 +64,7 @@ def describe_machine(cpuinfo_path: Path = CPUINFO) -> dict:
     """CPU model, cores, ISA flags, torch version and threads, and the float32 and int8 GEMM paths."""
     import torch
     from kvpilot.kernels.packed_float import float_gemm
-    from kvpilot.kernels.quant.int8 import one_pass_int8_is_exact
-    from kvpilot.kernels.quant.onednn_int8 import onednn_int8_is_exact
+    from kvpilot.kernels.quant.int8 import one_pass_int8_is_exact, use_onednn_int8
 
     cpuinfo = read_cpuinfo(cpuinfo_path)
     flags = cpu_flags(cpuinfo)
@@ -78,7 +77,7 @@ def describe_machine(cpuinfo_path: Path = CPUINFO) -> dict:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "w8a8_one_pass_exact": one_pass_int8_is_exact(),
-        "int8_gemm": "onednn" if onednn_int8_is_exact() else "fbgemm",
+        "int8_gemm": "onednn" if use_onednn_int8() else "fbgemm",
         "float_gemm": float_gemm(),
     }
 

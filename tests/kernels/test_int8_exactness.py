@@ -45,10 +45,10 @@ def _assert_exact(x: torch.Tensor, weight: Int8Weight) -> None:
 @pytest.fixture(params=["onednn", "fbgemm"])
 def gemm(request, monkeypatch) -> str:
     """Which int8 GEMM the weights built in the test get; oneDNN only where its probe passes."""
-    if request.param == "onednn" and not onednn_int8_is_exact():
-        pytest.skip("oneDNN's int8 GEMM is not exact on this CPU (the probe says so)")
+    if request.param == "onednn" and not int8.use_onednn_int8():
+        pytest.skip("oneDNN's int8 GEMM is not used on this CPU (not exact, or not compiled for it)")
     if request.param == "fbgemm":
-        monkeypatch.setattr(int8, "onednn_int8_is_exact", lambda: False)
+        monkeypatch.setattr(int8, "use_onednn_int8", lambda: False)
     return request.param
 
 
@@ -61,13 +61,13 @@ def test_w8a8_worst_case_equals_the_integer_product(gemm):
 @pytest.mark.parametrize("mode", ["w8a8", "int8"])
 def test_onednn_and_fbgemm_give_the_same_outputs(mode, monkeypatch):
     """The same integer products either way; only the float epilogue may round differently."""
-    if not onednn_int8_is_exact():
-        pytest.skip("oneDNN's int8 GEMM is not exact on this CPU (the probe says so)")
+    if not int8.use_onednn_int8():
+        pytest.skip("oneDNN's int8 GEMM is not used on this CPU (not exact, or not compiled for it)")
     w = torch.randn(96, 320, generator=torch.Generator().manual_seed(3)) * 0.05
     x = torch.randn(40, 320, generator=torch.Generator().manual_seed(4))
     x[:, 5] *= 30  # an outlier channel
     onednn = quantize(w, mode)
-    monkeypatch.setattr(int8, "onednn_int8_is_exact", lambda: False)
+    monkeypatch.setattr(int8, "use_onednn_int8", lambda: False)
     fbgemm = quantize(w, mode)
     assert isinstance(onednn.packed, OnednnInt8) and not isinstance(fbgemm.packed, OnednnInt8)
     assert torch.equal(onednn.qweight, fbgemm.qweight) and onednn.nbytes == fbgemm.nbytes
@@ -76,8 +76,8 @@ def test_onednn_and_fbgemm_give_the_same_outputs(mode, monkeypatch):
 
 @pytest.mark.parametrize("mode", ["w8a8", "int8"])
 def test_onednn_linear_is_the_same_without_the_native_kernels(mode, monkeypatch):
-    if not onednn_int8_is_exact():
-        pytest.skip("oneDNN's int8 GEMM is not exact on this CPU (the probe says so)")
+    if not int8.use_onednn_int8():
+        pytest.skip("oneDNN's int8 GEMM is not used on this CPU (not exact, or not compiled for it)")
     q = quantize(torch.randn(48, 160, generator=torch.Generator().manual_seed(5)) * 0.05, mode)
     x = torch.randn(7, 160, generator=torch.Generator().manual_seed(6))
     native = q.linear(x)
@@ -100,7 +100,7 @@ def test_onednn_worst_case_integer_products_are_exact():
 
 
 def test_without_vnni_no_pair_of_products_leaves_int16(monkeypatch):
-    monkeypatch.setattr(int8, "onednn_int8_is_exact", lambda: False)
+    monkeypatch.setattr(int8, "use_onednn_int8", lambda: False)
     monkeypatch.setattr(int8, "one_pass_int8_is_exact", lambda: False)
     sent = []
 
@@ -202,7 +202,7 @@ ONEDNN_SCRIPT = textwrap.dedent(
     weight = int8.Int8Weight.from_int8(q, torch.ones(8, 1), int8_activations=True)
     x = torch.full((3, 256), 127.0)
     exact = torch.equal(weight.linear(x).double(), x.double() @ q.double().t())
-    print(right, onednn_int8_is_exact(), isinstance(weight.packed, OnednnInt8), exact)
+    print(right, onednn_int8_is_exact(), int8.use_onednn_int8(), isinstance(weight.packed, OnednnInt8), exact)
     """
 )
 
@@ -216,8 +216,29 @@ def test_onednn_probe_says_whether_its_product_is_right(forced):
         env["ONEDNN_MAX_CPU_ISA"] = forced
     result = subprocess.run([sys.executable, "-c", ONEDNN_SCRIPT], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    right, probe, uses_onednn, exact = result.stdout.split()
-    assert right == probe == uses_onednn  # oneDNN is used exactly where its product is right
+    right, probe, chosen, uses_onednn, exact = result.stdout.split()
+    assert right == probe  # the probe reports exactly whether oneDNN's product is right
+    assert chosen == uses_onednn and (probe == "True" or chosen == "False")  # never where it is wrong
     assert exact == "True"
     if forced == "AVX2":
         assert right == "False"
+
+
+def test_the_int8_gemm_chosen_is_never_a_reference_kernel():
+    """Where oneDNN has no compiled kernel for its packed int8 layout (AMD Zen 4 with AVX-512 VNNI)
+    it runs its reference matmul: exact, ~1000x slower than fbgemm, and `use_onednn_int8` must
+    not take it. The weights the engine builds multiply within 5x of fbgemm's time, one thread."""
+    weight = quantize(torch.randn(512, 576, generator=torch.Generator().manual_seed(7)) * 0.05, "w8a8")
+    fbgemm = Int8Weight(
+        weight.scales, weight.group_size, None, int8._prepack(weight.qweight, weight.scales[:, 0]), True
+    )
+    x = torch.randn(64, 576, generator=torch.Generator().manual_seed(8))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        chosen_s, fbgemm_s = (int8._best_time_s(lambda w=w: w.linear(x)) for w in (weight, fbgemm))
+    finally:
+        torch.set_num_threads(threads)
+    assert chosen_s < 5 * fbgemm_s, (
+        f"{type(weight.packed).__name__}: {chosen_s / fbgemm_s:.0f}x fbgemm's time"
+    )
