@@ -8,6 +8,7 @@ its PID (SIGTERM, then SIGKILL). The PIDs are also written to <workdir>/pids so 
 from __future__ import annotations
 
 import json
+import shutil
 import ssl
 import subprocess
 import time
@@ -23,6 +24,7 @@ from tests.cluster.tools import find_etcd, free_port
 
 SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"
 READY_TIMEOUT_SECONDS = 90
+PORT_ATTEMPTS = 3  # starts on fresh ports when a port is taken before its server binds it
 AUDITED_USERS = ("kvpilot-operator",)  # the audit log records these clients' requests only
 
 
@@ -87,21 +89,34 @@ class ControlPlane:
         binaries = ensure_binaries(self.version)
         self.workdir.mkdir(parents=True, exist_ok=True)
         pki_module.generate(self.pki.directory)
-        self.api_port = free_port()
-        pki_module.write_kubeconfig(self.pki, self.url, self.kubeconfig)
-        try:
-            self._start_etcd()
-            self._start(self._api_server_process(binaries))
-            self._wait_ready("kube-apiserver", self._api_server_ready)
-            for name in ("kube-controller-manager", "kube-scheduler"):
-                port = free_port()
-                self._start(self._component_process(binaries / name, port))
-                self._wait_ready(name, lambda port=port: self._healthz(port))
-        except BaseException:
-            self.stop()
-            raise
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            try:
+                self._start_processes(binaries)
+                break
+            except ControlPlaneError as error:
+                self.stop()
+                if "address already in use" not in str(error) or attempt == PORT_ATTEMPTS:
+                    raise
+                # A port free_port() found was taken (say as another socket's ephemeral port)
+                # before its server bound it: start over on new ports, with a fresh etcd.
+                print(f"control plane: {str(error).splitlines()[-1].strip()}; retrying on new ports")
+                shutil.rmtree(self.workdir / "etcd", ignore_errors=True)
+            except BaseException:
+                self.stop()
+                raise
         self._write_pids()
         print(f"control plane {self.version} ready in {time.monotonic() - started:.1f} s at {self.url}")
+
+    def _start_processes(self, binaries: Path) -> None:
+        self.api_port = free_port()
+        pki_module.write_kubeconfig(self.pki, self.url, self.kubeconfig)
+        self._start_etcd()
+        self._start(self._api_server_process(binaries))
+        self._wait_ready("kube-apiserver", self._api_server_ready)
+        for name in ("kube-controller-manager", "kube-scheduler"):
+            port = free_port()
+            self._start(self._component_process(binaries / name, port))
+            self._wait_ready(name, lambda port=port: self._healthz(port))
 
     def stop(self) -> None:
         for name in reversed(list(self.processes)):

@@ -1,13 +1,15 @@
 """The local control plane itself: it comes up, serves, and leaves no process behind."""
 
+import socket
 import subprocess
 from pathlib import Path
 
+from tests.cluster import controlplane
 from tests.cluster.build import COMMANDS, bin_dir, staging_version, wrapper_go_mod
 from tests.cluster.controlplane import ControlPlane, stop_recorded
 from tests.cluster.kubeapi import KubeApi
 from tests.cluster.processes import pid_alive
-from tests.cluster.tools import find_kubectl
+from tests.cluster.tools import find_kubectl, free_port
 
 
 def test_wrapper_module_replaces_every_staging_module_with_its_release():
@@ -44,3 +46,21 @@ def test_up_serves_then_down_leaves_no_process(tmp_path):
         api.close()
     assert not [name for name, pid in pids.items() if pid_alive(pid)]
     assert stop_recorded(tmp_path / "plane") == []  # nothing left for `down` either
+
+
+def test_a_port_taken_before_the_api_server_binds_it_is_retried_on_new_ports(tmp_path, monkeypatch):
+    """free_port() only finds a port free for now; another socket can take it before
+    kube-apiserver binds it ("address already in use"): the plane starts again on new ports."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    ports = iter([taken.getsockname()[1]])
+    monkeypatch.setattr(controlplane, "free_port", lambda: next(ports, None) or free_port())
+    plane = ControlPlane(tmp_path / "plane")
+    try:
+        with plane:
+            assert plane.api_port != taken.getsockname()[1]
+            assert KubeApi(plane.kubeconfig).request("GET", "/version")["gitVersion"] == plane.version
+    finally:
+        taken.close()
+    assert not any(pid_alive(pid) for pid in plane.pids().values())
