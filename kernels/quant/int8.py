@@ -162,8 +162,7 @@ ONEDNN_SLOWDOWN_LIMIT = 20.0
 def use_onednn_int8() -> bool:
     """Whether per-channel int8 weights go to oneDNN here: its product is exact
     (`onednn_int8_is_exact`) and it runs a compiled kernel, timed once against fbgemm on one
-    layer (32 x 256 x 256, one thread so that a busy core cannot stall either; best of 3). A
-    reference kernel takes ~40 ms there, fbgemm ~0.05."""
+    layer (32 x 256 x 256, `_best_time_s`). A reference kernel takes ~40 ms there, fbgemm ~0.05."""
     if not onednn_int8_is_exact():
         logger.info("int8 linears on this CPU: fbgemm")
         return False
@@ -171,14 +170,9 @@ def use_onednn_int8() -> bool:
     qweight = torch.randint(-QMAX, QMAX + 1, (256, 256), dtype=torch.int8, generator=generator)
     rows = torch.randint(-QMAX, QMAX + 1, (32, 256), dtype=torch.int8, generator=generator)
     onednn, fbgemm = OnednnInt8.pack(qweight, torch.ones(256)), _prepack(qweight, torch.ones(256))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        onednn_s = _best_time_s(lambda: onednn.linear(rows))
-        fbgemm_s = _best_time_s(lambda: fbgemm_linear(rows.float(), fbgemm, reduce_range=False))
-    finally:
-        torch.set_num_threads(threads)
-    slowdown = onednn_s / fbgemm_s
+    slowdown = _best_time_s(lambda: onednn.linear(rows)) / _best_time_s(
+        lambda: fbgemm_linear(rows.float(), fbgemm, reduce_range=False)
+    )
     if slowdown > ONEDNN_SLOWDOWN_LIMIT:
         logger.info(
             "int8 linears on this CPU: fbgemm (oneDNN's int8 GEMM is exact but %.0fx slower: its "
@@ -190,13 +184,20 @@ def use_onednn_int8() -> bool:
 
 
 def _best_time_s(call, repeats: int = 3) -> float:
-    call()  # warm-up: oneDNN builds its kernel on the first call
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    """The best of `repeats` timed calls after a warm-up (oneDNN builds its kernel on the first),
+    on one thread: a busy core cannot stall an OpenMP barrier."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
         call()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - start)
+        return min(times)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _prepack(qweight: torch.Tensor, scales: torch.Tensor) -> Any:

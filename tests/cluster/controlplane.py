@@ -93,7 +93,7 @@ class ControlPlane:
             try:
                 self._start_processes(binaries)
                 break
-            except ControlPlaneError as error:
+            except BaseException as error:
                 self.stop()
                 if "address already in use" not in str(error) or attempt == PORT_ATTEMPTS:
                     raise
@@ -101,9 +101,6 @@ class ControlPlane:
                 # before its server bound it: start over on new ports, with a fresh etcd.
                 print(f"control plane: {str(error).splitlines()[-1].strip()}; retrying on new ports")
                 shutil.rmtree(self.workdir / "etcd", ignore_errors=True)
-            except BaseException:
-                self.stop()
-                raise
         self._write_pids()
         print(f"control plane {self.version} ready in {time.monotonic() - started:.1f} s at {self.url}")
 

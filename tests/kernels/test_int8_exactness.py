@@ -42,11 +42,16 @@ def _assert_exact(x: torch.Tensor, weight: Int8Weight) -> None:
     assert torch.equal(weight.linear(x).double(), exact)
 
 
+def _skip_unless_onednn() -> None:
+    if not int8.use_onednn_int8():
+        pytest.skip("oneDNN's int8 GEMM is not used on this CPU (not exact, or not compiled for it)")
+
+
 @pytest.fixture(params=["onednn", "fbgemm"])
 def gemm(request, monkeypatch) -> str:
     """Which int8 GEMM the weights built in the test get; oneDNN only where its probe passes."""
-    if request.param == "onednn" and not int8.use_onednn_int8():
-        pytest.skip("oneDNN's int8 GEMM is not used on this CPU (not exact, or not compiled for it)")
+    if request.param == "onednn":
+        _skip_unless_onednn()
     if request.param == "fbgemm":
         monkeypatch.setattr(int8, "use_onednn_int8", lambda: False)
     return request.param
@@ -61,8 +66,7 @@ def test_w8a8_worst_case_equals_the_integer_product(gemm):
 @pytest.mark.parametrize("mode", ["w8a8", "int8"])
 def test_onednn_and_fbgemm_give_the_same_outputs(mode, monkeypatch):
     """The same integer products either way; only the float epilogue may round differently."""
-    if not int8.use_onednn_int8():
-        pytest.skip("oneDNN's int8 GEMM is not used on this CPU (not exact, or not compiled for it)")
+    _skip_unless_onednn()
     w = torch.randn(96, 320, generator=torch.Generator().manual_seed(3)) * 0.05
     x = torch.randn(40, 320, generator=torch.Generator().manual_seed(4))
     x[:, 5] *= 30  # an outlier channel
@@ -76,8 +80,7 @@ def test_onednn_and_fbgemm_give_the_same_outputs(mode, monkeypatch):
 
 @pytest.mark.parametrize("mode", ["w8a8", "int8"])
 def test_onednn_linear_is_the_same_without_the_native_kernels(mode, monkeypatch):
-    if not int8.use_onednn_int8():
-        pytest.skip("oneDNN's int8 GEMM is not used on this CPU (not exact, or not compiled for it)")
+    _skip_unless_onednn()
     q = quantize(torch.randn(48, 160, generator=torch.Generator().manual_seed(5)) * 0.05, mode)
     x = torch.randn(7, 160, generator=torch.Generator().manual_seed(6))
     native = q.linear(x)
@@ -233,12 +236,7 @@ def test_the_int8_gemm_chosen_is_never_a_reference_kernel():
         weight.scales, weight.group_size, None, int8._prepack(weight.qweight, weight.scales[:, 0]), True
     )
     x = torch.randn(64, 576, generator=torch.Generator().manual_seed(8))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        chosen_s, fbgemm_s = (int8._best_time_s(lambda w=w: w.linear(x)) for w in (weight, fbgemm))
-    finally:
-        torch.set_num_threads(threads)
+    chosen_s, fbgemm_s = (int8._best_time_s(lambda w=w: w.linear(x)) for w in (weight, fbgemm))
     assert chosen_s < 5 * fbgemm_s, (
         f"{type(weight.packed).__name__}: {chosen_s / fbgemm_s:.0f}x fbgemm's time"
     )
