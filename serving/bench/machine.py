@@ -4,14 +4,10 @@ import os
 import platform
 from pathlib import Path
 
-CPUINFO = Path("/proc/cpuinfo")
+from kvpilot.kernels.cpu_info import CPUINFO, cpuinfo_fields, read_cpuinfo
+
 # The CPU features that decide which kernels run (fbgemm, oneDNN, MKL, our C kernels).
 FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8")
-
-
-def read_cpuinfo(path: Path = CPUINFO) -> str:
-    """/proc/cpuinfo's text, or "" where there is none (not Linux)."""
-    return path.read_text() if path.exists() else ""
 
 
 def cpu_model(cpuinfo: str) -> str:
@@ -24,10 +20,7 @@ def cpu_model(cpuinfo: str) -> str:
 def cpu_id(cpuinfo: str) -> str:
     """Vendor, family and model numbers: how to tell CPU generations apart where a hypervisor
     shortens the model name (ours say only "AMD EPYC": family 23 is Zen 2, 25 Zen 3 or 4)."""
-    fields = {}
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
+    fields = cpuinfo_fields(cpuinfo)
     parts = [fields.get("vendor_id", "")]
     parts += [f"{name} {fields[name]}" for name in ("cpu family", "model", "stepping") if name in fields]
     return " ".join(part for part in parts if part) or "unknown"
@@ -40,10 +33,7 @@ def cpu_flags(cpuinfo: str) -> dict[str, bool]:
 
 def all_cpu_flags(cpuinfo: str | None = None) -> set[str]:
     """Every flag /proc/cpuinfo lists for the first CPU."""
-    for line in (read_cpuinfo() if cpuinfo is None else cpuinfo).splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+    return set(cpuinfo_fields(read_cpuinfo() if cpuinfo is None else cpuinfo).get("flags", "").split())
 
 
 def cpu_class(flags: dict[str, bool]) -> str:
