@@ -75,7 +75,7 @@ def load() -> ctypes.CDLL | None:
     lib.quantize_rows_s8.restype = None
     lib.split_rows_s7.restype = None
     lib.write_kv_int8.restype = None
-    for name in ("write_kv_f32", "rms_norm_f32", "add_rms_norm_f32", "silu_mul_f32"):
+    for name in ("write_kv_f32", "rms_norm_f32", "add_rms_norm_f32", "silu_mul_f32", "rotary_f32"):
         getattr(lib, name).restype = None
     lib.sgemm_packed.restype = ctypes.c_int
     return lib
@@ -285,6 +285,25 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     rows, width = gate_up.shape
     out = torch.empty(rows, width // 2)
     load().silu_mul_f32(_ptr(gate_up), *_int64s(rows, width // 2), _ptr(out), _threads())
+    return out
+
+
+def supports_rotary(x: torch.Tensor, table: torch.Tensor) -> bool:
+    """x [T, heads, dim] float32 CPU with dim contiguous, a contiguous float32 table, library built."""
+    rows = x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 3 and x.stride(2) == 1
+    return rows and table.dtype == torch.float32 and table.is_contiguous() and load() is not None
+
+
+def rotary(
+    x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor
+) -> torch.Tensor:
+    """x [T, heads, dim] (see `supports_rotary`) rotated by positions [T]: a new [T, heads, dim]."""
+    tokens, heads, dim = x.shape
+    out = torch.empty(tokens, heads, dim)
+    positions = positions.to(torch.int64).contiguous()
+    strides = _int64s(x.stride(0), x.stride(1))
+    tables = (_ptr(positions), _ptr(cos), _ptr(signed_sin))
+    load().rotary_f32(_ptr(x), *strides, *tables, *_int64s(tokens, heads, dim), _ptr(out), _threads())
     return out
 
 

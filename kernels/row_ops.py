@@ -1,9 +1,10 @@
-"""RMSNorm (optionally after the residual add) and SiLU-and-multiply, the row-wise ops of a
-decoder layer: one native pass per row on CPU (`csrc/row_ops.c`), torch elsewhere.
+"""RMSNorm (optionally after the residual add), SiLU-and-multiply and RoPE, the row-wise ops of
+a decoder layer: one native pass per row on CPU (`csrc/row_ops.c`), torch elsewhere.
 
 On CPU torch spends several ops (and passes over the rows) on each: a float32 RMSNorm is
-pow, mean, add, rsqrt and two multiplies, and SiLU-and-multiply reads the gate and up halves
-through strided views. At decode sizes the ops' dispatch costs more than their arithmetic.
+pow, mean, add, rsqrt and two multiplies, SiLU-and-multiply reads the gate and up halves
+through strided views, and RoPE gathers, concatenates, multiplies twice and adds. At decode
+sizes the ops' dispatch costs more than their arithmetic.
 """
 
 import torch
@@ -26,6 +27,17 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate).mul_(up)
 
 
+def rotary(
+    x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor
+) -> torch.Tensor:
+    """x [T, heads, dim] rotated by positions [T]: rotate-half RoPE, `rotate_half(x) * sin` computed
+    as `swap_halves(x) * signed_sin` (sin with its first half negated; the same products)."""
+    half = x.shape[-1] // 2
+    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
+    rotated = x * cos[positions][:, None, :]
+    return rotated.add_(swapped.mul_(signed_sin[positions][:, None, :]))
+
+
 def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if cpu_extension.supports_rows(x, weight):
         return cpu_extension.rms_norm(x, weight, eps)
@@ -42,3 +54,11 @@ def silu_and_mul_cpu(gate_up: torch.Tensor) -> torch.Tensor:
     if gate_up.dim() == 2 and gate_up.is_contiguous() and cpu_extension.supports_rows(gate_up):
         return cpu_extension.silu_and_mul(gate_up)
     return silu_and_mul(gate_up)
+
+
+def rotary_cpu(
+    x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor
+) -> torch.Tensor:
+    if cpu_extension.supports_rotary(x, cos) and cpu_extension.supports_rotary(x, signed_sin):
+        return cpu_extension.rotary(x, positions, cos, signed_sin)
+    return rotary(x, positions, cos, signed_sin)

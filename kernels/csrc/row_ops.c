@@ -4,6 +4,8 @@
  * add_rms_norm_f32: x[r] += delta[r] (the residual stream, in place), then out[r] as above
  * silu_mul_f32:     out[r, c] = silu(gate_up[r, c]) * gate_up[r, n + c] for c < n, where
  *                   silu(g) = g / (1 + e^-g) (the gate and up projections side by side)
+ * rotary_f32:       out[t, h] = x[t, h] * cos[p] + swap_halves(x[t, h]) * signed_sin[p], p = positions[t]
+ *                   (rotate-half RoPE over every head of a token; out is [tokens, heads, dim])
  *
  * The products are rounded as torch rounds them; only the order of the sum of squares (and
  * e^x, ~1 ulp) differ. Rows are split among OpenMP threads when there are enough of them.
@@ -81,5 +83,22 @@ void silu_mul_f32(const float *gate_up, int64_t rows, int64_t n, float *out, int
         }
 #endif
         for (; c < n; c++) o[c] = gate[c] / (1.0f + expf(-gate[c])) * up[c];
+    }
+}
+
+/* Two products and their sum, each rounded (never fused into an FMA): the torch path's bits. */
+__attribute__((optimize("fp-contract=off"))) void rotary_f32(
+    const float *x, int64_t token_stride, int64_t head_stride, const int64_t *positions, const float *cos,
+    const float *signed_sin, int64_t tokens, int64_t heads, int64_t dim, float *out, int num_threads) {
+    const int64_t half = dim / 2;
+#pragma omp parallel for num_threads(num_threads) if (tokens >= 2 * ROWS_PER_THREAD)
+    for (int64_t t = 0; t < tokens; t++) {
+        const float *c = cos + positions[t] * dim, *s = signed_sin + positions[t] * dim;
+        for (int64_t h = 0; h < heads; h++) {
+            const float *v = x + t * token_stride + h * head_stride;
+            float *o = out + (t * heads + h) * dim;
+            for (int64_t d = 0; d < half; d++) o[d] = v[d] * c[d] + v[d + half] * s[d];
+            for (int64_t d = half; d < dim; d++) o[d] = v[d] * c[d] + v[d - half] * s[d];
+        }
     }
 }

@@ -66,4 +66,5 @@ TRITON_BACKEND = KernelBackend(
     row_ops.rms_norm,
     row_ops.add_rms_norm,
     row_ops.silu_and_mul,
+    row_ops.rotary,
 )

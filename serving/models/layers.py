@@ -146,8 +146,7 @@ class RotaryEmbedding:
     """Rotate-half RoPE with cos/sin precomputed for every position up to max_positions.
 
     `rotate_half(x) * sin` is computed as `swap_halves(x) * signed_sin` (sin with its first half
-    negated): the same products, so the same bits, in fewer ops. Every layer of a step rotates
-    at the same positions, so the gathered cos/sin rows are kept for the last positions tensor.
+    negated): the same products, so the same bits, in fewer ops (one native pass on CPU).
     """
 
     def __init__(
@@ -162,19 +161,11 @@ class RotaryEmbedding:
         inv_freq = rope_inv_freq(head_dim, theta, scaling)
         freqs = torch.arange(max_positions, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
         angles = torch.cat((freqs, freqs), dim=-1)
-        self.half = head_dim // 2
+        half = head_dim // 2
         self.cos = angles.cos().to(device, dtype)  # [max_positions, head_dim]
         self.sin = angles.sin().to(device, dtype)
-        self.signed_sin = torch.cat((-self.sin[:, : self.half], self.sin[:, self.half :]), dim=-1)
-        self._positions: torch.Tensor | None = None  # the last positions and their cos/sin rows
-        self._rows: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.signed_sin = torch.cat((-self.sin[:, :half], self.sin[:, half:]), dim=-1)
 
     def __call__(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """x [T, heads, dim] (any heads: q and k side by side) rotated by their positions [T]."""
-        if positions is not self._positions:
-            self._positions = positions
-            self._rows = self.cos[positions][:, None, :], self.signed_sin[positions][:, None, :]
-        cos, signed_sin = self._rows
-        swapped = torch.cat((x[..., self.half :], x[..., : self.half]), dim=-1)
-        rotated = x * cos
-        return rotated.add_(swapped.mul_(signed_sin))
+        return select_backend(x.device).rotary(x, positions, self.cos, self.signed_sin)

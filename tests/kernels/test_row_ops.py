@@ -37,6 +37,22 @@ def test_silu_and_mul_matches_torch(rows, n):
     torch.testing.assert_close(row_ops.silu_and_mul_cpu(gate_up), row_ops.silu_and_mul(gate_up))
 
 
+@pytest.mark.parametrize("tokens, heads, head_dim", [(1, 12, 64), (5, 3, 6), (96, 12, 64), (40, 2, 128)])
+def test_rotary_matches_torch_bit_for_bit(tokens, heads, head_dim):
+    """q and k heads as the model hands them (a strided view of the qkv rows), at scattered
+    positions: the same products and sums as the torch path, so the same bits."""
+    generator = torch.Generator().manual_seed(tokens * heads + head_dim)
+    qkv = torch.randn(tokens, heads + 3, head_dim, generator=generator) * 4
+    x = qkv[:, :heads]
+    positions = torch.randint(0, 500, (tokens,), generator=generator)
+    angles = torch.rand(500, head_dim, generator=generator) * 6.3
+    cos, signed_sin = angles.cos(), angles.sin()
+    assert cpu_extension.supports_rotary(x, cos)
+    rotated = row_ops.rotary_cpu(x, positions, cos, signed_sin)
+    assert rotated.shape == x.shape and torch.equal(rotated, row_ops.rotary(x, positions, cos, signed_sin))
+    assert not torch.equal(rotated, row_ops.rotary(x, positions.flip(0), cos, signed_sin)) or tokens == 1
+
+
 def test_other_dtypes_and_layouts_take_the_torch_path():
     x = torch.randn(4, 8, dtype=torch.float64)
     assert not cpu_extension.supports_rows(x)
@@ -45,3 +61,6 @@ def test_other_dtypes_and_layouts_take_the_torch_path():
         x * x.pow(2).mean(-1, keepdim=True).add(1e-5).rsqrt(),
     )
     assert not cpu_extension.supports_rows(torch.randn(8, 4).t())
+    table = torch.randn(16, 8)
+    assert not cpu_extension.supports_rotary(torch.randn(2, 3, 8).half(), table)
+    assert not cpu_extension.supports_rotary(torch.randn(2, 8, 3).transpose(1, 2), table)
