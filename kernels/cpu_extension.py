@@ -75,9 +75,10 @@ def load() -> ctypes.CDLL | None:
     lib.quantize_rows_s8.restype = None
     lib.split_rows_s7.restype = None
     lib.write_kv_int8.restype = None
-    for name in ("write_kv_f32", "rms_norm_f32", "add_rms_norm_f32", "silu_mul_f32", "rotary_f32"):
+    for name in ("write_kv_f32", "rms_norm_f32", "add_rms_norm_f32", "silu_mul_f32"):
         getattr(lib, name).restype = None
     lib.sgemm_packed.restype = ctypes.c_int
+    lib.rotary_f32.restype = ctypes.c_int
     return lib
 
 
@@ -302,8 +303,10 @@ def rotary(
     out = torch.empty(tokens, heads, dim)
     positions = positions.to(torch.int64).contiguous()
     strides = _int64s(x.stride(0), x.stride(1))
-    tables = (_ptr(positions), _ptr(cos), _ptr(signed_sin))
-    load().rotary_f32(_ptr(x), *strides, *tables, *_int64s(tokens, heads, dim), _ptr(out), _threads())
+    tables = (_ptr(positions), _ptr(cos), _ptr(signed_sin), *_int64s(cos.shape[0]))
+    sizes = _int64s(tokens, heads, dim)
+    if load().rotary_f32(_ptr(x), *strides, *tables, *sizes, _ptr(out), _threads()) != 0:
+        raise IndexError(f"positions: each must be in [0, {cos.shape[0]}), the rotary tables' rows")
     return out
 
 

@@ -194,8 +194,7 @@ typedef __m512 Vec;
 INLINE Vec vec_zero(void) { return _mm512_setzero_ps(); }
 INLINE Vec vec_set1(float x) { return _mm512_set1_ps(x); }
 INLINE Vec vec_fmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
-INLINE Vec vec_add_into(const float *out, Vec a) { return _mm512_add_ps(_mm512_loadu_ps(out), a); }
-INLINE void vec_store(float *out, Vec a) { _mm512_storeu_ps(out, a); }
+INLINE void vec_accumulate(float *out, Vec a) { _mm512_storeu_ps(out, _mm512_add_ps(_mm512_loadu_ps(out), a)); }
 INLINE Vec vec_load(const void *cache, int is_int8, int64_t i) {
     if (!is_int8) return _mm512_loadu_ps((const float *)cache + i);
     const __m128i values = _mm_loadu_si128((const __m128i *)((const int8_t *)cache + i));
@@ -207,8 +206,7 @@ typedef __m256 Vec;
 INLINE Vec vec_zero(void) { return _mm256_setzero_ps(); }
 INLINE Vec vec_set1(float x) { return _mm256_set1_ps(x); }
 INLINE Vec vec_fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
-INLINE Vec vec_add_into(const float *out, Vec a) { return _mm256_add_ps(_mm256_loadu_ps(out), a); }
-INLINE void vec_store(float *out, Vec a) { _mm256_storeu_ps(out, a); }
+INLINE void vec_accumulate(float *out, Vec a) { _mm256_storeu_ps(out, _mm256_add_ps(_mm256_loadu_ps(out), a)); }
 INLINE Vec vec_load(const void *cache, int is_int8, int64_t i) { return load8(cache, is_int8, i); }
 #endif
 #define V_CHUNK (4 * LANES) /* dimensions per register tile of the value pass */
@@ -234,11 +232,10 @@ INLINE void values_tiled(const Item *s, int is_int8, const float *probs, float *
                     for (int g = 0; g < HEADS; g++) a[g][c] = vec_fmadd(w[g], vv, a[g][c]);
                 }
             }
-            for (int g = 0; g < HEADS && h0 + g < s->group; g++)
-                for (int c = 0; c < 4; c++) {
-                    float *out = acc + (h0 + g) * s->head_dim + d0 + LANES * c;
-                    vec_store(out, vec_add_into(out, a[g][c]));
-                }
+            for (int g = 0; g < HEADS && h0 + g < s->group; g++) {
+                float *out = acc + (h0 + g) * s->head_dim + d0;
+                for (int c = 0; c < 4; c++) vec_accumulate(out + LANES * c, a[g][c]);
+            }
         }
     }
 }

@@ -86,10 +86,14 @@ void silu_mul_f32(const float *gate_up, int64_t rows, int64_t n, float *out, int
     }
 }
 
-/* Two products and their sum, each rounded (never fused into an FMA): the torch path's bits. */
-__attribute__((optimize("fp-contract=off"))) void rotary_f32(
+/* Two products and their sum, each rounded (never fused into an FMA): the torch path's bits.
+ * Returns -1 (and writes nothing) where a position is outside the tables' `table_rows`. */
+__attribute__((optimize("fp-contract=off"))) int rotary_f32(
     const float *x, int64_t token_stride, int64_t head_stride, const int64_t *positions, const float *cos,
-    const float *signed_sin, int64_t tokens, int64_t heads, int64_t dim, float *out, int num_threads) {
+    const float *signed_sin, int64_t table_rows, int64_t tokens, int64_t heads, int64_t dim, float *out,
+    int num_threads) {
+    for (int64_t t = 0; t < tokens; t++)
+        if (positions[t] < 0 || positions[t] >= table_rows) return -1;
     const int64_t half = dim / 2;
 #pragma omp parallel for num_threads(num_threads) if (tokens >= 2 * ROWS_PER_THREAD)
     for (int64_t t = 0; t < tokens; t++) {
@@ -101,4 +105,5 @@ __attribute__((optimize("fp-contract=off"))) void rotary_f32(
             for (int64_t d = half; d < dim; d++) o[d] = v[d] * c[d] + v[d - half] * s[d];
         }
     }
+    return 0;
 }

@@ -53,6 +53,13 @@ def test_rotary_matches_torch_bit_for_bit(tokens, heads, head_dim):
     assert not torch.equal(rotated, row_ops.rotary(x, positions.flip(0), cos, signed_sin)) or tokens == 1
 
 
+def test_rotary_refuses_positions_outside_its_tables():
+    x, table = torch.randn(3, 2, 8), torch.randn(16, 8)
+    for bad in (16, -1):
+        with pytest.raises(IndexError, match="positions"):
+            row_ops.rotary_cpu(x, torch.tensor([0, bad, 1]), table, table)
+
+
 def test_other_dtypes_and_layouts_take_the_torch_path():
     x = torch.randn(4, 8, dtype=torch.float64)
     assert not cpu_extension.supports_rows(x)
