@@ -4,7 +4,7 @@ import os
 import platform
 from pathlib import Path
 
-from kvpilot.kernels.cpu_info import CPUINFO, cpuinfo_fields, read_cpuinfo
+from kvpilot.kernels.cpu_info import CPUINFO, cpuinfo_fields, cpuinfo_flags, read_cpuinfo
 
 # The CPU features that decide which kernels run (fbgemm, oneDNN, MKL, our C kernels).
 FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8")
@@ -33,7 +33,7 @@ def cpu_flags(cpuinfo: str) -> dict[str, bool]:
 
 def all_cpu_flags(cpuinfo: str | None = None) -> set[str]:
     """Every flag /proc/cpuinfo lists for the first CPU."""
-    return set(cpuinfo_fields(read_cpuinfo() if cpuinfo is None else cpuinfo).get("flags", "").split())
+    return cpuinfo_flags(read_cpuinfo() if cpuinfo is None else cpuinfo)
 
 
 def cpu_class(flags: dict[str, bool]) -> str:
