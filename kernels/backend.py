@@ -3,7 +3,7 @@
 Every device-dependent op of the model goes through `select_backend(device)`: writing K/V into
 the paged cache, paged attention, the layout a float weight is kept in for matmuls (oneDNN's
 pre-packed one on CPU), matmuls with weights that are not plain tensors, and the layers' row-wise
-float32 ops (RMSNorm, SiLU-and-multiply, RoPE; native on CPU). Nothing else checks
+float32 ops (RMSNorm, SiLU-and-multiply, RoPE, the greedy argmax; native on CPU). Nothing else checks
 the device.
 """
 
@@ -25,6 +25,7 @@ class KernelBackend:
     add_rms_norm: Callable[..., torch.Tensor]  # (x, delta, weight, eps): x += delta, then its norm
     silu_and_mul: Callable[..., torch.Tensor]  # ([..., 2n] gate and up) -> [..., n]
     rotary: Callable[..., torch.Tensor]  # (x [T, heads, dim], positions, cos, signed_sin) -> rotated
+    argmax_rows: Callable[..., torch.Tensor]  # [rows, n] -> int64 [rows], as `argmax(dim=-1)`
 
 
 def select_backend(device: torch.device | str) -> KernelBackend:
@@ -43,7 +44,13 @@ def _backend(device_type: str) -> KernelBackend:
         return TRITON_BACKEND
     from kvpilot.kernels.attention import paged_attention_cpu, write_kv_cache_cpu
     from kvpilot.kernels.packed_float import can_pack, pack_float_weight
-    from kvpilot.kernels.row_ops import add_rms_norm_cpu, rms_norm_cpu, rotary_cpu, silu_and_mul_cpu
+    from kvpilot.kernels.row_ops import (
+        add_rms_norm_cpu,
+        argmax_rows_cpu,
+        rms_norm_cpu,
+        rotary_cpu,
+        silu_and_mul_cpu,
+    )
 
     return KernelBackend(
         "cpu",
@@ -55,4 +62,5 @@ def _backend(device_type: str) -> KernelBackend:
         add_rms_norm_cpu,
         silu_and_mul_cpu,
         rotary_cpu,
+        argmax_rows_cpu,
     )

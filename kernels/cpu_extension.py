@@ -75,7 +75,7 @@ def load() -> ctypes.CDLL | None:
     lib.quantize_rows_s8.restype = None
     lib.split_rows_s7.restype = None
     lib.write_kv_int8.restype = None
-    for name in ("write_kv_f32", "rms_norm_f32", "add_rms_norm_f32", "silu_mul_f32"):
+    for name in ("write_kv_f32", "rms_norm_f32", "add_rms_norm_f32", "silu_mul_f32", "argmax_f32"):
         getattr(lib, name).restype = None
     lib.sgemm_packed.restype = ctypes.c_int
     lib.rotary_f32.restype = ctypes.c_int
@@ -286,6 +286,13 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     rows, width = gate_up.shape
     out = torch.empty(rows, width // 2)
     load().silu_mul_f32(_ptr(gate_up), *_int64s(rows, width // 2), _ptr(out), _threads())
+    return out
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [T, n] (see `supports_rows`) -> int64 [T]: each row's first maximum (its first NaN if any)."""
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    load().argmax_f32(_ptr(x), *_int64s(x.stride(0), *x.shape), _ptr(out), _threads())
     return out
 
 

@@ -6,6 +6,8 @@
  *                   silu(g) = g / (1 + e^-g) (the gate and up projections side by side)
  * rotary_f32:       out[t, h] = x[t, h] * cos[p] + swap_halves(x[t, h]) * signed_sin[p], p = positions[t]
  *                   (rotate-half RoPE over every head of a token; out is [tokens, heads, dim])
+ * argmax_f32:       out[r] = x[r].argmax(): the first of equal maxima, the first NaN if any (torch's
+ *                   answer), one vectorized pass over blocks (greedy sampling's rows of logits)
  *
  * The products are rounded as torch rounds them; only the order of the sum of squares (and
  * e^x, ~1 ulp) differ. Rows are split among OpenMP threads when there are enough of them.
@@ -106,4 +108,56 @@ __attribute__((optimize("fp-contract=off"))) int rotary_f32(
         }
     }
     return 0;
+}
+
+#define ARGMAX_BLOCK 64
+
+/* The maximum of x[b, end) by x[c] > m ? x[c] : m (maxps's rule: a NaN never wins), and
+ * whether a NaN is among them. */
+static float block_max(const float *x, int64_t b, int64_t end, int *nan) {
+    float m = -INFINITY;
+    int64_t c = b;
+#ifdef __AVX2__
+    if (end - b == ARGMAX_BLOCK) {
+        __m256 acc = _mm256_set1_ps(-INFINITY), unordered = _mm256_setzero_ps();
+        for (; c < end; c += 8) {
+            const __m256 v = _mm256_loadu_ps(x + c);
+            acc = _mm256_max_ps(v, acc);
+            unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        }
+        float lanes[8];
+        _mm256_storeu_ps(lanes, acc);
+        for (int j = 0; j < 8; j++) m = lanes[j] > m ? lanes[j] : m;
+        *nan = _mm256_movemask_ps(unordered) != 0;
+        return m;
+    }
+#endif
+    *nan = 0;
+    for (; c < end; c++) {
+        m = x[c] > m ? x[c] : m;
+        *nan |= x[c] != x[c];
+    }
+    return m;
+}
+
+static int64_t argmax_row(const float *x, int64_t cols) {
+    float best = -INFINITY;
+    int64_t best_block = 0;
+    for (int64_t b = 0; b < cols; b += ARGMAX_BLOCK) {
+        const int64_t end = cols - b < ARGMAX_BLOCK ? cols : b + ARGMAX_BLOCK;
+        int nan;
+        const float m = block_max(x, b, end, &nan);
+        if (nan)
+            for (int64_t c = b; c < end; c++)
+                if (x[c] != x[c]) return c;
+        if (m > best) best = m, best_block = b;  /* strictly: the first block holding the maximum */
+    }
+    for (int64_t c = best_block; c < cols; c++)
+        if (x[c] == best) return c;
+    return 0;  /* every value -inf: the first */
+}
+
+void argmax_f32(const float *x, int64_t x_stride, int64_t rows, int64_t cols, int64_t *out, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) if (rows >= 2 && rows * cols >= 2 * ROWS_PER_THREAD * 1024)
+    for (int64_t r = 0; r < rows; r++) out[r] = argmax_row(x + r * x_stride, cols);
 }

@@ -67,4 +67,5 @@ TRITON_BACKEND = KernelBackend(
     row_ops.add_rms_norm,
     row_ops.silu_and_mul,
     row_ops.rotary,
+    row_ops.argmax_rows,
 )

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
+from kvpilot.kernels.backend import select_backend
 from kvpilot.serving.engine.request import Request
 from kvpilot.serving.engine.structured_output import apply_grammar_masks
 
@@ -116,10 +117,8 @@ class Sampler:
 
 
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
-    """`x.argmax(dim=-1)`: the same indices (the first of equal maxima; NaN counts as the largest),
-    but torch's CPU `max` over rows is ~4x faster than its `argmax` (a [128, 49152] batch of
-    logits: 3.9 ms against 15.6 ms on one thread, torch 2.13)."""
-    return x.max(dim=-1).indices
+    """`x.argmax(dim=-1)`: the first of equal maxima, NaN counting as the largest."""
+    return select_backend(x.device).argmax_rows(x)
 
 
 def filter_logits(

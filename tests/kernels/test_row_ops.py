@@ -71,3 +71,19 @@ def test_other_dtypes_and_layouts_take_the_torch_path():
     table = torch.randn(16, 8)
     assert not cpu_extension.supports_rotary(torch.randn(2, 3, 8).half(), table)
     assert not cpu_extension.supports_rotary(torch.randn(2, 8, 3).transpose(1, 2), table)
+
+
+@pytest.mark.parametrize("cols", [1, 63, 64, 65, 1000, 49152])  # within, at and past a 64-wide block
+@pytest.mark.parametrize("values", ["gaussian", "ties", "nans", "masked"])
+def test_argmax_matches_torch_argmax(cols, values):
+    x = torch.randn(40, cols, generator=torch.Generator().manual_seed(cols))
+    if values == "ties":
+        x = x.round()  # many equal maxima: the first one wins
+    elif values == "nans":
+        x[torch.rand(x.shape, generator=torch.Generator().manual_seed(1)) < 0.02] = float("nan")
+    elif values == "masked":  # every token masked but one (a grammar), and a row of nothing but -inf
+        x = torch.full_like(x, float("-inf"))
+        x[1:, -1] = 0.0
+    assert torch.equal(cpu_extension.argmax_rows(x), x.argmax(dim=-1))
+    flipped = x.flip(1)  # the first of equal maxima is now another one
+    assert torch.equal(row_ops.argmax_rows_cpu(flipped), flipped.argmax(dim=-1))
