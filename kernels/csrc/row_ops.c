@@ -111,6 +111,7 @@ __attribute__((optimize("fp-contract=off"))) int rotary_f32(
 }
 
 #define ARGMAX_BLOCK 64
+#define ARGMAX_VALUES_PER_THREAD 16384 /* fewer values run on the calling thread alone */
 
 /* The maximum of x[b, end) by x[c] > m ? x[c] : m (maxps's rule: a NaN never wins), and
  * whether a NaN is among them. */
@@ -158,6 +159,6 @@ static int64_t argmax_row(const float *x, int64_t cols) {
 }
 
 void argmax_f32(const float *x, int64_t x_stride, int64_t rows, int64_t cols, int64_t *out, int num_threads) {
-#pragma omp parallel for num_threads(num_threads) if (rows >= 2 && rows * cols >= 2 * ROWS_PER_THREAD * 1024)
+#pragma omp parallel for num_threads(num_threads) if (rows >= 2 && rows * cols >= 2 * ARGMAX_VALUES_PER_THREAD)
     for (int64_t r = 0; r < rows; r++) out[r] = argmax_row(x + r * x_stride, cols);
 }
