@@ -9,6 +9,8 @@
   `write_kv_int8` quantizes and scatters new K/V into an int8 cache, each in one call.
 - `sgemm_packed` multiplies float32 rows by a weight packed in panels of 16 outputs (AVX2 + FMA
   builds; see kernels/packed_float.py).
+- `llama_decode` runs a whole Llama decoder stack over a decode step, calling the kernels above
+  from C (see serving/models/decode_stack.py).
 
 They need a C compiler (`cc`) at first use; without one `load()` returns None and callers use
 their torch paths.
@@ -34,9 +36,10 @@ SOURCES = [
         "kv_cache_write.c",
         "row_ops.c",
         "packed_sgemm.c",
+        "decode_stack.c",
     )
 ]
-HEADERS = [Path(__file__).parent / "csrc" / name for name in ("vector_exp.h", "cache_layout.h")]
+HEADERS = [Path(__file__).parent / "csrc" / name for name in ("vector_exp.h", "cache_layout.h", "kernels.h")]
 # Reassociation lets the compiler vectorize the dot products; infinities keep their meaning.
 FLAGS = [
     "-O3",
@@ -79,6 +82,7 @@ def load() -> ctypes.CDLL | None:
         getattr(lib, name).restype = None
     lib.sgemm_packed.restype = ctypes.c_int
     lib.rotary_f32.restype = ctypes.c_int
+    lib.llama_decode_f32.restype = ctypes.c_int
     return lib
 
 
@@ -133,12 +137,13 @@ def paged_decode_attention(
     The caches are float32 tensors or int8 `KVCache`s (see `supports`)."""
     lib = load()
     assert lib is not None, "call only when load() succeeded"
-    q = q.contiguous()
+    if q.stride(2) != 1 or q.stride(1) != q.shape[2]:  # each sequence's heads contiguous
+        q = q.contiguous()
     block_tables = block_tables.to(torch.int64).contiguous()
     seq_lens = seq_lens.to(torch.int64).contiguous()
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
-    out = torch.empty_like(q)
+    out = torch.empty(num_seqs, num_heads, head_dim)
     if isinstance(k_cache, KVCache):
         kernel, values = lib.paged_decode_attention_i8, (k_cache.data, v_cache.data)
         caches = [*map(_ptr, values), _ptr(k_cache.scales), _ptr(v_cache.scales)]
@@ -150,6 +155,7 @@ def paged_decode_attention(
     layout = cache_layout(values[0])
     status = kernel(
         _ptr(q),
+        ctypes.c_int64(q.stride(0)),
         *caches,
         _ptr(block_tables),
         _ptr(seq_lens),
@@ -351,6 +357,58 @@ def _sgemm_status(
     bias_ptr = None if bias is None else _ptr(bias)
     (n,) = _int64s(out_features)  # out's row stride too: out is [rows, out_features]
     return load().sgemm_packed(_ptr(x), *x_shape, _ptr(panels), n, bias_ptr, _ptr(out), n, _threads())
+
+
+def pointers(tensors: list[torch.Tensor]) -> ctypes.Array:
+    """The tensors' data pointers as a C array (void *[])."""
+    return (ctypes.c_void_p * len(tensors))(*(tensor.data_ptr() for tensor in tensors))
+
+
+def llama_decode(
+    x: torch.Tensor,
+    shape: tuple[int, ...],
+    weights: ctypes.Array,
+    caches: ctypes.Array,
+    layout: ctypes.Array,
+    positions: torch.Tensor,
+    tables: tuple[torch.Tensor, torch.Tensor],
+    slots: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    eps: float,
+    scale: float,
+) -> torch.Tensor:
+    """x [m, hidden] float32 (updated in place: the residual stream) through a decoder stack, one
+    decode token per row; returns the final norm [m, hidden]. `shape`, `weights` and `caches` as
+    csrc/decode_stack.c lays them out; `tables` RoPE's cos and signed sin; int64 metadata."""
+    rows, hidden = x.shape
+    out = torch.empty(rows, hidden)
+    cos, signed_sin = tables
+    status = load().llama_decode_f32(
+        _ptr(x),
+        ctypes.c_int64(rows),
+        (ctypes.c_int64 * len(shape))(*shape),
+        weights,
+        caches,
+        layout,
+        _ptr(positions),
+        _ptr(cos),
+        _ptr(signed_sin),
+        ctypes.c_int64(cos.shape[0]),
+        _ptr(slots),
+        _ptr(block_tables),
+        ctypes.c_int64(block_tables.shape[1]),
+        _ptr(seq_lens),
+        ctypes.c_float(eps),
+        ctypes.c_float(scale),
+        _ptr(out),
+        _threads(),
+    )
+    if status == -1:
+        raise IndexError(f"positions: each must be in [0, {cos.shape[0]}), the rotary tables' rows")
+    if status != 0:
+        raise RuntimeError(f"native decode stack failed with status {status} (out of memory)")
+    return out
 
 
 def _int64s(*values: int) -> tuple[ctypes.c_int64, ...]:

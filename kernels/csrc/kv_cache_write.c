@@ -10,6 +10,7 @@
 #include <stdint.h>
 #include <string.h>
 #include "cache_layout.h"
+#include "kernels.h"
 
 #define AHEAD 8 /* rows whose destinations are in flight at once */
 

@@ -16,6 +16,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include "kernels.h"
 
 #define NR 16  /* outputs per panel: one 16-float (AVX-512) or two 8-float (AVX2) vectors */
 #define KC 576  /* widest k-slice (k = 1536 goes in 3 slices of 512); wider measured no better */

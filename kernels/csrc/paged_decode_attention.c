@@ -18,7 +18,9 @@
  * tile of scores at once, V's the probabilities as they are exponentiated. Other int8 shapes
  * widen tiles of tokens into a small float buffer that the heads share.
  *
- * q, out:            [num_seqs, num_heads, head_dim] float32
+ * q:                 [num_seqs, num_heads, head_dim] float32, sequences q_stride floats apart (a
+ *                    sequence's heads contiguous: q may be a slice of the fused projection's rows)
+ * out:               [num_seqs, num_heads, head_dim] float32
  * k_cache, v_cache:  [num_blocks, block_size, num_kv_heads, head_dim] float32 or int8, laid out
  *                    by `layout` (cache_layout.h). The engine stores a block head-major ([num_blocks,
  *                    num_kv_heads, block_size, head_dim]), so one KV head's rows of a block are
@@ -32,6 +34,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include "cache_layout.h"
+#include "kernels.h"
 #include "vector_exp.h"
 
 #define V_TILE 32
@@ -350,7 +353,7 @@ INLINE void attend(const Item *s, int is_int8, float *scores, float *acc, float 
         for (int64_t d = 0; d < s->head_dim; d++) out[i * s->head_dim + d] = acc[i * s->head_dim + d] * inverse_sums[i];
 }
 
-INLINE int decode(const float *q, const void *k_cache, const void *v_cache, const float *k_scales,
+INLINE int decode(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache, const float *k_scales,
                   const float *v_scales, const int64_t *block_tables, const int64_t *seq_lens, float *out,
                   int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                   const int64_t *layout, int64_t max_blocks, float scale, int num_threads, int is_int8) {
@@ -376,7 +379,7 @@ INLINE int decode(const float *q, const void *k_cache, const void *v_cache, cons
                     head_scales[len + t] = v_scales[slots[t] * num_kv_heads + h];
                 }
                 const int64_t first = (i * num_heads + h * group) * head_dim;
-                const Item s = {q + first, k_cache, v_cache, head_scales, is_int8 ? head_scales + len : NULL,
+                const Item s = {q + i * q_stride + h * group * head_dim, k_cache, v_cache, head_scales, is_int8 ? head_scales + len : NULL,
                                 slots + len, seq_lens[i], group, h, head_dim, layout[LAYOUT_HEAD], scale};
                 attend(&s, is_int8, scores, acc, buffer, out + first);
             }
@@ -390,20 +393,20 @@ INLINE int decode(const float *q, const void *k_cache, const void *v_cache, cons
     return failed ? -2 : 0;
 }
 
-int paged_decode_attention_f32(const float *q, const float *k_cache, const float *v_cache,
+int paged_decode_attention_f32(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache,
                                const int64_t *block_tables, const int64_t *seq_lens, float *out,
                                int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
                                int64_t head_dim, const int64_t *layout, int64_t max_blocks, float scale,
                                int num_threads) {
-    return decode(q, k_cache, v_cache, NULL, NULL, block_tables, seq_lens, out, num_seqs, num_heads,
+    return decode(q, q_stride, k_cache, v_cache, NULL, NULL, block_tables, seq_lens, out, num_seqs, num_heads,
                   num_kv_heads, head_dim, layout, max_blocks, scale, num_threads, 0);
 }
 
-int paged_decode_attention_i8(const float *q, const int8_t *k_cache, const int8_t *v_cache,
+int paged_decode_attention_i8(const float *q, int64_t q_stride, const int8_t *k_cache, const int8_t *v_cache,
                               const float *k_scales, const float *v_scales, const int64_t *block_tables,
                               const int64_t *seq_lens, float *out, int64_t num_seqs, int64_t num_heads,
                               int64_t num_kv_heads, int64_t head_dim, const int64_t *layout, int64_t max_blocks,
                               float scale, int num_threads) {
-    return decode(q, k_cache, v_cache, k_scales, v_scales, block_tables, seq_lens, out, num_seqs, num_heads,
+    return decode(q, q_stride, k_cache, v_cache, k_scales, v_scales, block_tables, seq_lens, out, num_seqs, num_heads,
                   num_kv_heads, head_dim, layout, max_blocks, scale, num_threads, 1);
 }

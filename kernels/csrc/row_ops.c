@@ -15,6 +15,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include "kernels.h"
 #include "vector_exp.h"
 
 #define ROWS_PER_THREAD 16 /* fewer rows run on the calling thread alone */

@@ -12,6 +12,7 @@ import torch
 from kvpilot.kernels.attention import AttentionMetadata, paged_attention, write_kv_cache
 from kvpilot.kernels.backend import select_backend
 from kvpilot.serving.models.config import ModelConfig
+from kvpilot.serving.models.decode_stack import NativeDecodeStack
 from kvpilot.serving.models.layers import Embedding, Linear, MergedLinear, RMSNorm, RotaryEmbedding
 
 if TYPE_CHECKING:  # the loader imports this module
@@ -132,6 +133,7 @@ class LlamaForCausalLM:
             self.lm_head = Linear(weights.tied_head("model.embed_tokens.weight", vocab_shape, table))
         else:
             self.lm_head = Linear(weights.head("lm_head.weight", vocab_shape))
+        self.decode_stack = NativeDecodeStack.for_model(self)  # None where it does not apply
 
     def forward(
         self,
@@ -141,6 +143,10 @@ class LlamaForCausalLM:
     ) -> torch.Tensor:
         """[T] token ids (positions are in the metadata) -> [T, hidden] final hidden states."""
         x = self.embed_tokens(input_ids)
+        if self.decode_stack is not None:
+            hidden = self.decode_stack(x, metadata, kv_caches)
+            if hidden is not None:
+                return hidden
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x = layer(x, metadata, kv_cache)
         return self.norm(x)

@@ -33,7 +33,8 @@ def native():
 def test_decode_matches_reference(
     native, num_heads, num_kv_heads, head_dim, block_size, kv_cache_dtype, head_major
 ):
-    """In the engine's cache layout (head-major within a block) and in plain token-major rows."""
+    """In the engine's cache layout (head-major within a block), with the queries a slice of the
+    fused q/k/v projection's rows, and in plain token-major rows with contiguous queries."""
     generator = torch.Generator().manual_seed(num_heads * head_dim + block_size)
     seq_lens = [1, 5, block_size, 3 * block_size + 1, 37, 300]
     num_blocks = sum(-(-n // block_size) for n in seq_lens) + 3
@@ -52,7 +53,8 @@ def test_decode_matches_reference(
         k_cache, v_cache = (kv_cache_tensor(*shape, torch.float32).copy_(c) for c in (k_cache, v_cache))
     if num_kv_heads > 1 and block_size > 1:  # else both layouts are the same
         assert _values(k_cache).is_contiguous() is not head_major
-    q = torch.randn(len(seq_lens), num_heads, head_dim, generator=generator)
+    q = torch.randn(len(seq_lens), num_heads + 2 * num_kv_heads, head_dim, generator=generator)
+    q = q[:, :num_heads] if head_major else q[:, :num_heads].contiguous()  # the engine's: q/k/v rows
     metadata = build_attention_metadata(
         [1] * len(seq_lens), [n - 1 for n in seq_lens], block_tables, block_size
     )

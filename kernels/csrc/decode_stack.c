@@ -1,0 +1,84 @@
+/* A Llama decoder stack over one decode step (one new token per sequence), in one call.
+ *
+ * Layer by layer it runs the kernels that the model's Python path calls one at a time (RMSNorm,
+ * the panel GEMMs, RoPE, the K/V write, paged decode attention, SiLU-and-multiply) in the same
+ * order over the same values, so its result is the Python path's, bit for bit. What it saves is
+ * the interpreter, torch's dispatch and ctypes around a dozen kernels per layer: time in which
+ * the other OpenMP threads only wait.
+ *
+ * x:       [m, hidden] float32, the residual stream (the embedded tokens), updated in place
+ * out:     [m, hidden], the final norm of the residual stream
+ * shape:   num_layers, hidden, intermediate, num_heads, num_kv_heads, head_dim
+ * weights: per layer the input norm, q/k/v panels, o panels, post-attention norm, gate/up panels
+ *          (gate's outputs then up's), down panels (packed_sgemm.c); then the final norm
+ * caches:  per layer its K and V caches, float32, laid out by `layout` (cache_layout.h)
+ * positions, slots: [m] int64; block_tables: [m, max_blocks] int64; seq_lens: [m] int64
+ * Returns 0; -1 where a position has no row in the rotary tables; -2 out of memory or a shape
+ * the kernels do not take.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include "kernels.h"
+
+enum { LAYERS, HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM };
+enum { INPUT_NORM, QKV, O, POST_NORM, GATE_UP, DOWN, WEIGHTS_PER_LAYER };
+
+typedef struct {
+    int64_t m, hidden, intermediate, heads, kv_heads, dim, qkv_width, qk_width;
+    const int64_t *layout, *positions, *slots, *block_tables, *seq_lens;
+    const float *cos, *signed_sin;
+    int64_t table_rows, max_blocks;
+    float eps, scale;
+    int threads;
+    /* buffers */
+    float *normed, *qkv, *qk /* q and k heads after RoPE */, *attended, *gate_up, *activated;
+    float *delta; /* what the last block computed, to add to the residual stream */
+} Step;
+
+/* x += the previous layer's MLP output (none before the first layer), then one decoder layer;
+ * its MLP output is left in s->delta. */
+static int decoder_layer(const Step *s, float *x, const float *const *w, float *k_cache, float *v_cache, int first) {
+    const int64_t m = s->m, hidden = s->hidden, dim = s->dim, heads = s->heads, inner = s->intermediate;
+    if (first) rms_norm_f32(x, hidden, w[INPUT_NORM], m, hidden, s->eps, s->normed, s->threads);
+    else add_rms_norm_f32(x, hidden, s->delta, hidden, w[INPUT_NORM], m, hidden, s->eps, s->normed, s->threads);
+    if (sgemm_packed(s->normed, m, hidden, hidden, w[QKV], s->qkv_width, NULL, s->qkv, s->qkv_width, s->threads))
+        return -2;
+    if (rotary_f32(s->qkv, s->qkv_width, dim, s->positions, s->cos, s->signed_sin, s->table_rows, m,
+                   heads + s->kv_heads, dim, s->qk, s->threads))
+        return -1;
+    write_kv_f32(s->qk + heads * dim, s->qkv + s->qk_width, m, s->kv_heads, dim, s->qk_width, s->qkv_width, s->slots,
+                 s->layout, k_cache, v_cache);
+    if (paged_decode_attention_f32(s->qk, s->qk_width, k_cache, v_cache, s->block_tables, s->seq_lens, s->attended, m,
+                                   heads, s->kv_heads, dim, s->layout, s->max_blocks, s->scale, s->threads) ||
+        sgemm_packed(s->attended, m, heads * dim, heads * dim, w[O], hidden, NULL, s->delta, hidden, s->threads))
+        return -2;
+    add_rms_norm_f32(x, hidden, s->delta, hidden, w[POST_NORM], m, hidden, s->eps, s->normed, s->threads);
+    if (sgemm_packed(s->normed, m, hidden, hidden, w[GATE_UP], 2 * inner, NULL, s->gate_up, 2 * inner, s->threads))
+        return -2;
+    silu_mul_f32(s->gate_up, m, inner, s->activated, s->threads);
+    return sgemm_packed(s->activated, m, inner, inner, w[DOWN], hidden, NULL, s->delta, hidden, s->threads) ? -2 : 0;
+}
+
+int llama_decode_f32(float *x, int64_t m, const int64_t *shape, const float *const *weights,
+                     float *const *caches, const int64_t *layout, const int64_t *positions, const float *cos,
+                     const float *signed_sin, int64_t table_rows, const int64_t *slots,
+                     const int64_t *block_tables, int64_t max_blocks, const int64_t *seq_lens, float eps,
+                     float scale, float *out, int num_threads) {
+    const int64_t heads = shape[HEADS], kv_heads = shape[KV_HEADS], dim = shape[HEAD_DIM];
+    Step s = {m, shape[HIDDEN], shape[INTERMEDIATE], heads, kv_heads, dim, (heads + 2 * kv_heads) * dim,
+              (heads + kv_heads) * dim, layout, positions, slots, block_tables, seq_lens, cos, signed_sin,
+              table_rows, max_blocks, eps, scale, num_threads};
+    float **buffers[] = {&s.normed, &s.qkv, &s.qk, &s.attended, &s.gate_up, &s.activated, &s.delta};
+    const int64_t floats[] = {s.hidden, s.qkv_width, s.qk_width, heads * dim, 2 * s.intermediate, s.intermediate,
+                              s.hidden};
+    const int count = sizeof(floats) / sizeof(floats[0]);
+    int status = shape[LAYERS] > 0 ? 0 : -2;
+    for (int b = 0; b < count; b++) status = (*buffers[b] = malloc(sizeof(float) * m * floats[b])) ? status : -2;
+    for (int64_t l = 0; l < shape[LAYERS] && status == 0; l++)
+        status = decoder_layer(&s, x, weights + l * WEIGHTS_PER_LAYER, caches[2 * l], caches[2 * l + 1], l == 0);
+    if (status == 0) /* the last MLP's output, then the final norm */
+        add_rms_norm_f32(x, s.hidden, s.delta, s.hidden, weights[shape[LAYERS] * WEIGHTS_PER_LAYER], m, s.hidden, eps,
+                         out, num_threads);
+    for (int b = 0; b < count; b++) free(*buffers[b]);
+    return status;
+}

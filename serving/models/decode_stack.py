@@ -1,0 +1,140 @@
+"""A decode step's whole decoder stack in one native call on CPU (csrc/decode_stack.c).
+
+A layer is a dozen kernels; between two of them the Python path spends the interpreter's,
+torch's and ctypes' time, and the other OpenMP threads wait. The native stack calls the same
+kernels in the same order on the same values, so it gives the same bits. It takes models whose
+every projection is a panel-packed float32 weight without bias (packed_float.py) and no q/k
+norms, and steps in which every sequence decodes one token into float32 caches; the model's
+Python path runs the rest.
+"""
+
+from typing import TYPE_CHECKING
+
+import torch
+from kvpilot.kernels import cpu_extension
+from kvpilot.kernels.attention import AttentionMetadata
+from kvpilot.kernels.packed_float import PanelFloatWeight
+
+if TYPE_CHECKING:  # llama.py imports this module
+    from kvpilot.serving.models.llama import DecoderLayer, LlamaForCausalLM
+
+
+class NativeDecodeStack:
+    def __init__(self, model: "LlamaForCausalLM", weights: list[torch.Tensor]):
+        config, attention = model.config, model.layers[0].self_attn
+        self.shape = (
+            len(model.layers),
+            config.hidden_size,
+            config.intermediate_size,
+            attention.num_heads,
+            attention.num_kv_heads,
+            attention.head_dim,
+        )
+        self.weights = weights  # keeps alive what the pointers point to
+        self.pointers = cpu_extension.pointers(weights)
+        self.rotary_tables = (attention.rotary.cos, attention.rotary.signed_sin)
+        self.eps, self.scale = model.norm.eps, attention.scale
+
+    @classmethod
+    def for_model(cls, model: "LlamaForCausalLM") -> "NativeDecodeStack | None":
+        """The stack, or None unless it computes every layer as the model's Python path does."""
+        if cpu_extension.load() is None or not model.layers:
+            return None
+        shapes = _projection_shapes(model)
+        weights = [_layer_weights(layer, model.norm.eps, shapes) for layer in model.layers]
+        rotary = model.layers[0].self_attn.rotary
+        tables = (rotary.cos, rotary.signed_sin, model.norm.weight)
+        if any(w is None for w in weights) or not all(map(_is_float_vector, tables)):
+            return None
+        if any(layer.self_attn.rotary is not rotary for layer in model.layers):
+            return None
+        return cls(model, [tensor for layer in weights for tensor in layer] + [model.norm.weight])
+
+    def __call__(
+        self, x: torch.Tensor, metadata: AttentionMetadata, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> torch.Tensor | None:
+        """The final norm of x [m, hidden] (the embedded tokens, then the residual stream: updated in
+        place) through every layer; None, having done nothing, where the step or caches do not fit."""
+        caches = [cache for pair in kv_caches for cache in pair]
+        if metadata.max_query_len != 1 or x.dtype != torch.float32 or not _native_caches(caches):
+            return None
+        return cpu_extension.llama_decode(
+            x.contiguous(),
+            self.shape,
+            self.pointers,
+            cpu_extension.pointers(caches),
+            cpu_extension.cache_layout(caches[0]),
+            _int64(metadata.positions),
+            self.rotary_tables,
+            _int64(metadata.slot_mapping),
+            _int64(metadata.block_tables),
+            _int64(metadata.seq_lens),
+            self.eps,
+            self.scale,
+        )
+
+
+def _projection_shapes(model: "LlamaForCausalLM") -> list[tuple[int, int]]:
+    """[out, in] of q/k/v (merged), o, gate/up (merged) and down, as the C stack reads them."""
+    config, attention = model.config, model.layers[0].self_attn
+    hidden, inner = config.hidden_size, config.intermediate_size
+    heads, kv_heads, dim = attention.num_heads, attention.num_kv_heads, attention.head_dim
+    return [
+        ((heads + 2 * kv_heads) * dim, hidden),
+        (hidden, heads * dim),
+        (2 * inner, hidden),
+        (hidden, inner),
+    ]
+
+
+def _layer_weights(
+    layer: "DecoderLayer", eps: float, shapes: list[tuple[int, int]]
+) -> list[torch.Tensor] | None:
+    """The layer's tensors in csrc/decode_stack.c's order, or None where it has parts the native
+    stack does not compute (q/k norms, biases, weights in other formats or shapes)."""
+    attention, mlp = layer.self_attn, layer.mlp
+    norms = [layer.input_layernorm, layer.post_attention_layernorm]
+    if attention.q_norm is not None or any(
+        norm.eps != eps or not _is_float_vector(norm.weight) for norm in norms
+    ):
+        return None
+    linears = (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj)
+    panels = [_panels(linear, shape) for linear, shape in zip(linears, shapes, strict=True)]
+    if any(p is None for p in panels):
+        return None
+    qkv, o, gate_up, down = panels
+    return [norms[0].weight, qkv, o, norms[1].weight, gate_up, down]
+
+
+def _panels(linear, shape: tuple[int, int]) -> torch.Tensor | None:
+    """The panels of a `Linear` (or a `MergedLinear` that is one) with a panel-packed weight of
+    this shape and no bias."""
+    parts = getattr(linear, "parts", [linear])
+    if len(parts) != 1 or parts[0].bias is not None:
+        return None
+    weight = parts[0].weight
+    return weight.panels if isinstance(weight, PanelFloatWeight) and weight.shape == shape else None
+
+
+def _is_float_vector(tensor: torch.Tensor) -> bool:
+    return tensor.dtype == torch.float32 and tensor.device.type == "cpu" and tensor.is_contiguous()
+
+
+def _native_caches(caches: list) -> bool:
+    """float32 CPU caches, head_dim contiguous, all in one layout (the kernels take one for all)."""
+    first = caches[0]
+    return (
+        all(
+            isinstance(cache, torch.Tensor)
+            and cache.dtype == torch.float32
+            and cache.device.type == "cpu"
+            and cache.stride() == first.stride()
+            and cache.shape[1:] == first.shape[1:]
+            for cache in caches
+        )
+        and first.stride(3) == 1
+    )
+
+
+def _int64(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to(torch.int64).contiguous()
