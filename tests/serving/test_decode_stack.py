@@ -37,9 +37,12 @@ def _capture_decode_step(llm: LLM):
         engine.add_request(str(i), prompt, GREEDY)
     captured = []
     forward = model.forward
-    model.forward = lambda ids, metadata, caches: captured.append((ids.clone(), metadata)) or forward(
-        ids, metadata, caches
-    )
+
+    def recording_forward(ids, metadata, caches):
+        captured.append((ids.clone(), metadata))
+        return forward(ids, metadata, caches)
+
+    model.forward = recording_forward
     try:
         while not any(metadata.max_query_len == 1 for _, metadata in captured):
             engine.step()
