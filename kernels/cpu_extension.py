@@ -214,10 +214,11 @@ def write_kv_int8(x: torch.Tensor, cache: KVCache, slot_mapping: torch.Tensor) -
     """Quantize x [T, num_kv_heads, head_dim] (float32) into an int8 cache at its slots."""
     lib = load()
     assert lib is not None, "call only when load() succeeded"
-    x = x.contiguous()
+    if x.stride(2) != 1 or x.stride(1) != x.shape[2]:  # each token's heads contiguous
+        x = x.contiguous()
     slots = slot_mapping.to(torch.int64).contiguous()
     tokens, heads, head_dim = x.shape
-    shape = (ctypes.c_int64(tokens), ctypes.c_int64(heads), ctypes.c_int64(head_dim))
+    shape = _int64s(x.stride(0), tokens, heads, head_dim)
     layout = cache_layout(cache.data)
     lib.write_kv_int8(_ptr(x), *shape, _ptr(slots), layout, _ptr(cache.data), _ptr(cache.scales))
 
@@ -368,7 +369,7 @@ def llama_decode(
     x: torch.Tensor,
     shape: tuple[int, ...],
     weights: ctypes.Array,
-    caches: ctypes.Array,
+    caches: list[int | None],
     layout: ctypes.Array,
     positions: torch.Tensor,
     tables: tuple[torch.Tensor, torch.Tensor],
@@ -380,7 +381,8 @@ def llama_decode(
 ) -> torch.Tensor:
     """x [m, hidden] float32 (updated in place: the residual stream) through a decoder stack, one
     decode token per row; returns the final norm [m, hidden]. `shape`, `weights` and `caches` as
-    csrc/decode_stack.c lays them out; `tables` RoPE's cos and signed sin; int64 metadata."""
+    csrc/decode_stack.c lays them out (`caches` as addresses, None for a float cache's scales);
+    `tables` RoPE's cos and signed sin; int64 metadata."""
     rows, hidden = x.shape
     out = torch.empty(rows, hidden)
     cos, signed_sin = tables
@@ -389,7 +391,7 @@ def llama_decode(
         ctypes.c_int64(rows),
         (ctypes.c_int64 * len(shape))(*shape),
         weights,
-        caches,
+        (ctypes.c_void_p * len(caches))(*caches),
         layout,
         _ptr(positions),
         _ptr(cos),

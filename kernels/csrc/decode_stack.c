@@ -11,7 +11,9 @@
  * shape:   num_layers, hidden, intermediate, num_heads, num_kv_heads, head_dim
  * weights: per layer the input norm, q/k/v panels, o panels, post-attention norm, gate/up panels
  *          (gate's outputs then up's), down panels (packed_sgemm.c); then the final norm
- * caches:  per layer its K and V caches, float32, laid out by `layout` (cache_layout.h)
+ * caches:  per layer K's and V's values, then K's and V's scales: float32 values and NULL scales, or
+ *          int8 values with a scale per slot and KV head (paged_decode_attention.c); the values
+ *          laid out by `layout` (cache_layout.h)
  * positions, slots: [m] int64; block_tables: [m, max_blocks] int64; seq_lens: [m] int64
  * Returns 0; -1 where a position has no row in the rotary tables; -2 out of memory or a shape
  * the kernels do not take.
@@ -22,6 +24,11 @@
 
 enum { LAYERS, HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM };
 enum { INPUT_NORM, QKV, O, POST_NORM, GATE_UP, DOWN, WEIGHTS_PER_LAYER };
+
+typedef struct {
+    void *k, *v;                /* float32 or int8 values */
+    float *k_scales, *v_scales; /* int8 caches only, else NULL */
+} LayerCache;
 
 typedef struct {
     int64_t m, hidden, intermediate, heads, kv_heads, dim, qkv_width, qk_width;
@@ -35,9 +42,25 @@ typedef struct {
     float *delta; /* what the last block computed, to add to the residual stream */
 } Step;
 
+/* This step's K and V into the layer's cache, then every sequence's attention into s->attended. */
+static int attend(const Step *s, const LayerCache *c) {
+    const int64_t m = s->m, heads = s->heads, kv_heads = s->kv_heads, dim = s->dim;
+    const float *k = s->qk + heads * dim, *v = s->qkv + s->qk_width;
+    if (c->k_scales) {
+        write_kv_int8(k, s->qk_width, m, kv_heads, dim, s->slots, s->layout, c->k, c->k_scales);
+        write_kv_int8(v, s->qkv_width, m, kv_heads, dim, s->slots, s->layout, c->v, c->v_scales);
+        return paged_decode_attention_i8(s->qk, s->qk_width, c->k, c->v, c->k_scales, c->v_scales, s->block_tables,
+                                         s->seq_lens, s->attended, m, heads, kv_heads, dim, s->layout, s->max_blocks,
+                                         s->scale, s->threads);
+    }
+    write_kv_f32(k, v, m, kv_heads, dim, s->qk_width, s->qkv_width, s->slots, s->layout, c->k, c->v);
+    return paged_decode_attention_f32(s->qk, s->qk_width, c->k, c->v, s->block_tables, s->seq_lens, s->attended, m,
+                                      heads, kv_heads, dim, s->layout, s->max_blocks, s->scale, s->threads);
+}
+
 /* x += the previous layer's MLP output (none before the first layer), then one decoder layer;
  * its MLP output is left in s->delta. */
-static int decoder_layer(const Step *s, float *x, const float *const *w, float *k_cache, float *v_cache, int first) {
+static int decoder_layer(const Step *s, float *x, const float *const *w, const LayerCache *c, int first) {
     const int64_t m = s->m, hidden = s->hidden, dim = s->dim, heads = s->heads, inner = s->intermediate;
     if (first) rms_norm_f32(x, hidden, w[INPUT_NORM], m, hidden, s->eps, s->normed, s->threads);
     else add_rms_norm_f32(x, hidden, s->delta, hidden, w[INPUT_NORM], m, hidden, s->eps, s->normed, s->threads);
@@ -46,11 +69,7 @@ static int decoder_layer(const Step *s, float *x, const float *const *w, float *
     if (rotary_f32(s->qkv, s->qkv_width, dim, s->positions, s->cos, s->signed_sin, s->table_rows, m,
                    heads + s->kv_heads, dim, s->qk, s->threads))
         return -1;
-    write_kv_f32(s->qk + heads * dim, s->qkv + s->qk_width, m, s->kv_heads, dim, s->qk_width, s->qkv_width, s->slots,
-                 s->layout, k_cache, v_cache);
-    if (paged_decode_attention_f32(s->qk, s->qk_width, k_cache, v_cache, s->block_tables, s->seq_lens, s->attended, m,
-                                   heads, s->kv_heads, dim, s->layout, s->max_blocks, s->scale, s->threads) ||
-        sgemm_packed(s->attended, m, heads * dim, heads * dim, w[O], hidden, NULL, s->delta, hidden, s->threads))
+    if (attend(s, c) || sgemm_packed(s->attended, m, heads * dim, heads * dim, w[O], hidden, NULL, s->delta, hidden, s->threads))
         return -2;
     add_rms_norm_f32(x, hidden, s->delta, hidden, w[POST_NORM], m, hidden, s->eps, s->normed, s->threads);
     if (sgemm_packed(s->normed, m, hidden, hidden, w[GATE_UP], 2 * inner, NULL, s->gate_up, 2 * inner, s->threads))
@@ -60,7 +79,7 @@ static int decoder_layer(const Step *s, float *x, const float *const *w, float *
 }
 
 int llama_decode_f32(float *x, int64_t m, const int64_t *shape, const float *const *weights,
-                     float *const *caches, const int64_t *layout, const int64_t *positions, const float *cos,
+                     const LayerCache *caches, const int64_t *layout, const int64_t *positions, const float *cos,
                      const float *signed_sin, int64_t table_rows, const int64_t *slots,
                      const int64_t *block_tables, int64_t max_blocks, const int64_t *seq_lens, float eps,
                      float scale, float *out, int num_threads) {
@@ -75,7 +94,7 @@ int llama_decode_f32(float *x, int64_t m, const int64_t *shape, const float *con
     int status = shape[LAYERS] > 0 ? 0 : -2;
     for (int b = 0; b < count; b++) status = (*buffers[b] = malloc(sizeof(float) * m * floats[b])) ? status : -2;
     for (int64_t l = 0; l < shape[LAYERS] && status == 0; l++)
-        status = decoder_layer(&s, x, weights + l * WEIGHTS_PER_LAYER, caches[2 * l], caches[2 * l + 1], l == 0);
+        status = decoder_layer(&s, x, weights + l * WEIGHTS_PER_LAYER, caches + l, l == 0);
     if (status == 0) /* the last MLP's output, then the final norm */
         add_rms_norm_f32(x, s.hidden, s.delta, s.hidden, weights[shape[LAYERS] * WEIGHTS_PER_LAYER], m, s.hidden, eps,
                          out, num_threads);

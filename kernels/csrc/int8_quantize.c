@@ -15,8 +15,8 @@
  * quantize_rows_s8 and split_rows_s7: the same integers written as int8 with no anchor row, for
  * oneDNN's int8 GEMM (kernels/quant/onednn_int8.py), which takes signed 8-bit activations as they are.
  *
- * write_kv_int8: new K or V [tokens, heads, head_dim] into an int8 paged cache
- * (kernels/quant/kv_cache.py): per (token, head) scale = max|x| / 127, values
+ * write_kv_int8: new K or V [tokens, heads, head_dim] (token rows x_stride floats apart, a token's
+ * heads contiguous) into an int8 paged cache (kernels/quant/kv_cache.py): per (token, head) scale = max|x| / 127, values
  * round_half_even(x * (1 / scale)) clamped to [-127, 127] (0 for an all-zero row), stored at
  * data[slot / block_size, slot % block_size, head, :] (laid out by `layout`, cache_layout.h) and
  * scales[slot, head] (contiguous).
@@ -24,6 +24,7 @@
 #include <float.h>
 #include <math.h>
 #include "cache_layout.h"
+#include "kernels.h"
 #include <stdint.h>
 #ifdef __AVX2__
 #include <immintrin.h>
@@ -133,12 +134,12 @@ void split_rows_s7(const float *x, int64_t rows, int64_t cols, int64_t x_stride,
     }
 }
 
-void write_kv_int8(const float *x, int64_t tokens, int64_t heads, int64_t head_dim, const int64_t *slots,
-                   const int64_t *layout, int8_t *data, float *scales) {
+void write_kv_int8(const float *x, int64_t x_stride, int64_t tokens, int64_t heads, int64_t head_dim,
+                   const int64_t *slots, const int64_t *layout, int8_t *data, float *scales) {
     for (int64_t t = 0; t < tokens; t++) {
         const int64_t offset = slot_offset(slots[t], layout);
         for (int64_t h = 0; h < heads; h++) {
-            const float *row = x + (t * heads + h) * head_dim;
+            const float *row = x + t * x_stride + h * head_dim;
             const float scale = row_max_abs(row, head_dim) / 127.0f;
             const float inverse = scale == 0.0f ? 0.0f : 1.0f / scale;
             const int64_t slot = slots[t] * heads + h;

@@ -19,3 +19,10 @@ int paged_decode_attention_f32(const float *q, int64_t q_stride, const float *k_
                                int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
                                int64_t head_dim, const int64_t *layout, int64_t max_blocks, float scale,
                                int num_threads);
+void write_kv_int8(const float *x, int64_t x_stride, int64_t tokens, int64_t heads, int64_t head_dim,
+                   const int64_t *slots, const int64_t *layout, int8_t *data, float *scales);
+int paged_decode_attention_i8(const float *q, int64_t q_stride, const int8_t *k_cache, const int8_t *v_cache,
+                              const float *k_scales, const float *v_scales, const int64_t *block_tables,
+                              const int64_t *seq_lens, float *out, int64_t num_seqs, int64_t num_heads,
+                              int64_t num_kv_heads, int64_t head_dim, const int64_t *layout, int64_t max_blocks,
+                              float scale, int num_threads);

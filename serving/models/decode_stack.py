@@ -4,8 +4,8 @@ A layer is a dozen kernels; between two of them the Python path spends the inter
 torch's and ctypes' time, and the other OpenMP threads wait. The native stack calls the same
 kernels in the same order on the same values, so it gives the same bits. It takes models whose
 every projection is a panel-packed float32 weight without bias (packed_float.py) and no q/k
-norms, and steps in which every sequence decodes one token into float32 caches; the model's
-Python path runs the rest.
+norms, and steps in which every sequence decodes one token into float32 or int8 caches; the
+model's Python path runs the rest.
 """
 
 from typing import TYPE_CHECKING
@@ -14,6 +14,7 @@ import torch
 from kvpilot.kernels import cpu_extension
 from kvpilot.kernels.attention import AttentionMetadata
 from kvpilot.kernels.packed_float import PanelFloatWeight
+from kvpilot.kernels.quant.kv_cache import KVCache
 
 if TYPE_CHECKING:  # llama.py imports this module
     from kvpilot.serving.models.llama import DecoderLayer, LlamaForCausalLM
@@ -55,15 +56,14 @@ class NativeDecodeStack:
     ) -> torch.Tensor | None:
         """The final norm of x [m, hidden] (the embedded tokens, then the residual stream: updated in
         place) through every layer; None, having done nothing, where the step or caches do not fit."""
-        caches = [cache for pair in kv_caches for cache in pair]
-        if metadata.max_query_len != 1 or x.dtype != torch.float32 or not _native_caches(caches):
+        caches = _native_caches(kv_caches)
+        if metadata.max_query_len != 1 or x.dtype != torch.float32 or caches is None:
             return None
         return cpu_extension.llama_decode(
             x.contiguous(),
             self.shape,
             self.pointers,
-            cpu_extension.pointers(caches),
-            cpu_extension.cache_layout(caches[0]),
+            *caches,
             _int64(metadata.positions),
             self.rotary_tables,
             _int64(metadata.slot_mapping),
@@ -120,20 +120,28 @@ def _is_float_vector(tensor: torch.Tensor) -> bool:
     return tensor.dtype == torch.float32 and tensor.device.type == "cpu" and tensor.is_contiguous()
 
 
-def _native_caches(caches: list) -> bool:
-    """float32 CPU caches, head_dim contiguous, all in one layout (the kernels take one for all)."""
-    first = caches[0]
-    return (
-        all(
-            isinstance(cache, torch.Tensor)
-            and cache.dtype == torch.float32
-            and cache.device.type == "cpu"
-            and cache.stride() == first.stride()
-            and cache.shape[1:] == first.shape[1:]
-            for cache in caches
-        )
-        and first.stride(3) == 1
-    )
+def _native_caches(kv_caches: list[tuple]) -> tuple[list[int | None], object] | None:
+    """(per layer K's and V's values, then their scales: csrc/decode_stack.c's pointers; the values'
+    layout) where every cache is a float32 tensor, or every one an int8 `KVCache`, on the CPU with
+    head_dim contiguous and one layout for all (the kernels take one); else None."""
+    caches = [cache for pair in kv_caches for cache in pair]
+    if all(isinstance(cache, KVCache) and cache.kv_cache_dtype == "int8" for cache in caches):
+        if not all(cache.scales.is_contiguous() for cache in caches):
+            return None
+        values = [cache.data for cache in caches]
+        scales = [[k.scales.data_ptr(), v.scales.data_ptr()] for k, v in kv_caches]
+    elif all(isinstance(cache, torch.Tensor) and cache.dtype == torch.float32 for cache in caches):
+        values, scales = caches, [[None, None]] * len(kv_caches)
+    else:
+        return None
+    first = values[0]
+    if first.device.type != "cpu" or first.stride(3) != 1:
+        return None
+    if any(v.stride() != first.stride() or v.device != first.device for v in values):
+        return None
+    addresses = [v.data_ptr() for v in values]
+    per_layer = [addresses[2 * i : 2 * i + 2] + scales[i] for i in range(len(kv_caches))]
+    return [address for layer in per_layer for address in layer], cpu_extension.cache_layout(first)
 
 
 def _int64(tensor: torch.Tensor) -> torch.Tensor:

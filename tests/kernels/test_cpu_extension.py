@@ -138,7 +138,8 @@ def test_native_activation_split_matches_torch(native, shape):
 @pytest.mark.parametrize("head_major", [True, False], ids=["head-major", "token-major"])
 def test_native_int8_kv_write_matches_the_cache_quantizer(native, head_major):
     generator = torch.Generator().manual_seed(7)
-    x = torch.randn(6, 3, 64, generator=generator)
+    rows = torch.randn(6, 5, 64, generator=generator)  # K's heads as a slice of q/k rows: strided tokens
+    x = rows[:, 2:] if head_major else rows[:, 2:].contiguous()
     x[2, 1] = 0.0  # an all-zero head keeps scale 0
     slots = torch.tensor([9, 0, 4, 17, 5, 11])
     expected, actual = (_int8_cache(torch.zeros(5, 4, 3, 64), head_major) for _ in range(2))

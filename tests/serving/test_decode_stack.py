@@ -22,8 +22,18 @@ def panels(monkeypatch):
     packed_float.float_gemm.cache_clear()
 
 
-def _llm(checkpoint) -> LLM:
-    return LLM(model=str(checkpoint), num_kv_blocks=64, enable_prefix_caching=False)
+def _llm(checkpoint, kv_cache_dtype: str = "auto") -> LLM:
+    return LLM(
+        model=str(checkpoint), num_kv_blocks=64, enable_prefix_caching=False, kv_cache_dtype=kv_cache_dtype
+    )
+
+
+def _cache_tensors(kv_caches) -> list[torch.Tensor]:
+    """Copies of every cache's values (and an int8 cache's scales)."""
+    caches = [cache for pair in kv_caches for cache in pair]
+    tensors = [getattr(cache, "data", cache) for cache in caches]
+    tensors += [cache.scales for cache in caches if getattr(cache, "scales", None) is not None]
+    return [tensor.clone() for tensor in tensors]
 
 
 def _prompts() -> list[list[int]]:
@@ -51,9 +61,10 @@ def _capture_decode_step(llm: LLM):
     return next((ids, metadata) for ids, metadata in captured if metadata.max_query_len == 1)
 
 
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_a_decode_step_matches_the_python_path_bit_for_bit(panels, tiny_llama, threads):
-    llm = _llm(tiny_llama)
+def test_a_decode_step_matches_the_python_path_bit_for_bit(panels, tiny_llama, threads, kv_cache_dtype):
+    llm = _llm(tiny_llama, kv_cache_dtype)
     model, runner = llm.llm_engine.model_runner.model, llm.llm_engine.model_runner
     assert model.decode_stack is not None
     generator = torch.Generator().manual_seed(0)
@@ -69,8 +80,7 @@ def test_a_decode_step_matches_the_python_path_bit_for_bit(panels, tiny_llama, t
         for stack in (model.decode_stack, None):  # both write the same K/V to the same slots
             model.decode_stack = stack
             hidden = model.forward(ids, metadata, runner.kv_caches)
-            caches = [cache.clone() for pair in runner.kv_caches for cache in pair]
-            results.append((hidden, caches))
+            results.append((hidden, _cache_tensors(runner.kv_caches)))
     finally:
         torch.set_num_threads(previous)
     (native, native_caches), (python, python_caches) = results
@@ -99,7 +109,7 @@ def test_the_stack_takes_only_models_it_computes_exactly(panels, tiny_checkpoint
     assert (model.decode_stack is not None) == runs_natively
 
 
-def test_prefill_steps_and_int8_caches_are_left_to_the_python_path(panels, tiny_llama):
+def test_prefill_steps_and_fp8_caches_are_left_to_the_python_path(panels, tiny_llama):
     llm = _llm(tiny_llama)
     runner = llm.llm_engine.model_runner
     stack = runner.model.decode_stack
@@ -108,9 +118,9 @@ def test_prefill_steps_and_int8_caches_are_left_to_the_python_path(panels, tiny_
     before = x.clone()
     assert stack(x, prefill, runner.kv_caches) is None
     assert torch.equal(x, before)  # nothing written
-    int8 = LLM(model=str(tiny_llama), num_kv_blocks=64, kv_cache_dtype="int8").llm_engine.model_runner
+    fp8 = _llm(tiny_llama, "fp8").llm_engine.model_runner
     decode = build_attention_metadata([1], [4], [[1]], block_size=16)
-    assert stack(torch.randn(1, 64), decode, int8.kv_caches) is None
+    assert stack(torch.randn(1, 64), decode, fp8.kv_caches) is None
 
 
 def test_a_position_past_the_rotary_tables_is_an_index_error(panels, tiny_llama):
