@@ -409,7 +409,9 @@ def llama_decode(
     if status == -1:
         raise IndexError(f"positions: each must be in [0, {cos.shape[0]}), the rotary tables' rows")
     if status != 0:
-        raise RuntimeError(f"native decode stack failed with status {status} (out of memory)")
+        raise RuntimeError(
+            f"native decode stack failed with status {status} (out of memory or a shape it cannot take)"
+        )
     return out
 
 

@@ -38,8 +38,9 @@ class NativeDecodeStack:
 
     @classmethod
     def for_model(cls, model: "LlamaForCausalLM") -> "NativeDecodeStack | None":
-        """The stack, or None unless it computes every layer as the model's Python path does."""
-        if cpu_extension.load() is None or not model.layers:
+        """The stack, or None unless it computes every layer as the model's Python path does
+        (panel-packed weights imply that the native library built)."""
+        if not model.layers:
             return None
         shapes = _projection_shapes(model)
         weights = [_layer_weights(layer, model.norm.eps, shapes) for layer in model.layers]
