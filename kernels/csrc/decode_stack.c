@@ -69,7 +69,8 @@ static int decoder_layer(const Step *s, float *x, const float *const *w, const L
     if (rotary_f32(s->qkv, s->qkv_width, dim, s->positions, s->cos, s->signed_sin, s->table_rows, m,
                    heads + s->kv_heads, dim, s->qk, s->threads))
         return -1;
-    if (attend(s, c) || sgemm_packed(s->attended, m, heads * dim, heads * dim, w[O], hidden, NULL, s->delta, hidden, s->threads))
+    if (attend(s, c) ||
+        sgemm_packed(s->attended, m, heads * dim, heads * dim, w[O], hidden, NULL, s->delta, hidden, s->threads))
         return -2;
     add_rms_norm_f32(x, hidden, s->delta, hidden, w[POST_NORM], m, hidden, s->eps, s->normed, s->threads);
     if (sgemm_packed(s->normed, m, hidden, hidden, w[GATE_UP], 2 * inner, NULL, s->gate_up, 2 * inner, s->threads))

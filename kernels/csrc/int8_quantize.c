@@ -16,10 +16,10 @@
  * oneDNN's int8 GEMM (kernels/quant/onednn_int8.py), which takes signed 8-bit activations as they are.
  *
  * write_kv_int8: new K or V [tokens, heads, head_dim] (token rows x_stride floats apart, a token's
- * heads contiguous) into an int8 paged cache (kernels/quant/kv_cache.py): per (token, head) scale = max|x| / 127, values
- * round_half_even(x * (1 / scale)) clamped to [-127, 127] (0 for an all-zero row), stored at
- * data[slot / block_size, slot % block_size, head, :] (laid out by `layout`, cache_layout.h) and
- * scales[slot, head] (contiguous).
+ * heads contiguous) into an int8 paged cache (kernels/quant/kv_cache.py): per (token, head)
+ * scale = max|x| / 127, values round_half_even(x * (1 / scale)) clamped to [-127, 127] (0 for an
+ * all-zero row), stored at data[slot / block_size, slot % block_size, head, :] (laid out by
+ * `layout`, cache_layout.h) and scales[slot, head] (contiguous).
  */
 #include <float.h>
 #include <math.h>
