@@ -89,7 +89,17 @@ def test_a_decode_step_matches_the_python_path_bit_for_bit(panels, tiny_llama, t
 
 
 def test_generation_is_the_same_with_and_without_the_stack(panels, tiny_llama):
+    """And the engine's decode steps do go through the stack."""
     with_stack = _llm(tiny_llama)
+    model = with_stack.llm_engine.model_runner.model
+    stack, ran = model.decode_stack, []
+
+    def counted(x, metadata, kv_caches):
+        hidden = stack(x, metadata, kv_caches)
+        ran.append(hidden is not None)
+        return hidden
+
+    model.decode_stack = counted
     without = _llm(tiny_llama)
     without.llm_engine.model_runner.model.decode_stack = None
     outputs = [
@@ -98,6 +108,7 @@ def test_generation_is_the_same_with_and_without_the_stack(panels, tiny_llama):
     ]
     assert outputs[0] == outputs[1]
     assert all(len(tokens) == GREEDY.max_tokens for tokens in outputs[0])
+    assert ran.count(True) >= GREEDY.max_tokens - 1  # every decode step (prefill steps: False)
 
 
 @pytest.mark.parametrize(
