@@ -353,12 +353,34 @@ INLINE void attend(const Item *s, int is_int8, float *scores, float *acc, float 
         for (int64_t d = 0; d < s->head_dim; d++) out[i * s->head_dim + d] = acc[i * s->head_dim + d] * inverse_sums[i];
 }
 
+typedef void (*Attend)(const Item *s, float *scores, float *acc, float *buffer, float *out);
+
+/* A copy of `attend` per kind of cache and common head size: with is_int8 and head_dim known at
+ * compile time the tiles' loops unroll and keep no branch. (OpenMP outlines decode's loop body
+ * before inlining, so a flag handed to decode stays a runtime test inside every tile.) */
+#define ATTEND(name, int8, dim)                                                               \
+    static void name(const Item *s, float *scores, float *acc, float *buffer, float *out) { \
+        Item c = *s;                                                                          \
+        if (dim) c.head_dim = dim;                                                            \
+        attend(&c, int8, scores, acc, buffer, out);                                           \
+    }
+ATTEND(attend_f32, 0, 0)
+ATTEND(attend_i8, 1, 0)
+ATTEND(attend_i8_64, 1, 64)
+ATTEND(attend_i8_128, 1, 128)
+
+static Attend attend_for(int is_int8, int64_t head_dim) {
+    if (!is_int8) return attend_f32;
+    return head_dim == 64 ? attend_i8_64 : head_dim == 128 ? attend_i8_128 : attend_i8;
+}
+
 INLINE int decode(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache, const float *k_scales,
                   const float *v_scales, const int64_t *block_tables, const int64_t *seq_lens, float *out,
                   int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                   const int64_t *layout, int64_t max_blocks, float scale, int num_threads, int is_int8) {
     const int64_t group = num_heads / num_kv_heads;
     if (group * num_kv_heads != num_heads) return -1;
+    const Attend attend_one = attend_for(is_int8, head_dim);
     int failed = 0;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
     for (int64_t i = 0; i < num_seqs; i++) {
@@ -381,7 +403,7 @@ INLINE int decode(const float *q, int64_t q_stride, const void *k_cache, const v
                 const int64_t first = (i * num_heads + h * group) * head_dim;
                 const Item s = {q + i * q_stride + h * group * head_dim, k_cache, v_cache, head_scales, is_int8 ? head_scales + len : NULL,
                                 slots + len, seq_lens[i], group, h, head_dim, layout[LAYOUT_HEAD], scale};
-                attend(&s, is_int8, scores, acc, buffer, out + first);
+                attend_one(&s, scores, acc, buffer, out + first);
             }
         }
         free(buffer);
