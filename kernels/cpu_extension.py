@@ -13,7 +13,9 @@
   from C (see serving/models/decode_stack.py).
 
 They need a C compiler (`cc`) at first use; without one `load()` returns None and callers use
-their torch paths.
+their torch paths. They are built for this CPU (`-march=native`) unless KVPILOT_MARCH names
+another gcc `-march` target: `znver2` runs the AVX2 build on an AVX-512 machine, `x86-64` the
+portable C paths.
 """
 
 import ctypes
@@ -40,16 +42,9 @@ SOURCES = [
     )
 ]
 HEADERS = [Path(__file__).parent / "csrc" / name for name in ("vector_exp.h", "cache_layout.h", "kernels.h")]
+MARCH_ENV = "KVPILOT_MARCH"
 # Reassociation lets the compiler vectorize the dot products; infinities keep their meaning.
-FLAGS = [
-    "-O3",
-    "-march=native",
-    "-fno-math-errno",
-    "-fno-trapping-math",
-    "-fassociative-math",
-    "-fno-signed-zeros",
-]
-FLAGS += ["-fopenmp", "-shared", "-fPIC"]
+OPTIMIZATION = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros"]
 logger = logging.getLogger(__name__)
 
 
@@ -58,15 +53,25 @@ def cache_dir() -> Path:
     return Path(base) / "kvpilot" / "kernels"
 
 
+def march() -> str:
+    """The CPU the kernels are built for: KVPILOT_MARCH, else this one ("native")."""
+    return os.environ.get(MARCH_ENV) or "native"
+
+
+def compiler_flags() -> list[str]:
+    return [*OPTIMIZATION, f"-march={march()}", "-fopenmp", "-shared", "-fPIC"]
+
+
 @functools.cache
 def load() -> ctypes.CDLL | None:
     """The compiled library, or None when it cannot be built here (no compiler, build error)."""
     sources = b"".join(source.read_bytes() for source in SOURCES + HEADERS)
-    digest = hashlib.sha256(sources + " ".join(FLAGS).encode()).hexdigest()[:16]
+    flags = compiler_flags()
+    digest = hashlib.sha256(sources + " ".join(flags).encode()).hexdigest()[:16]
     library = cache_dir() / f"kvpilot-cpu-{digest}.so"
     if not library.exists():
         try:
-            _build(library)
+            _build(library, flags)
         except (OSError, subprocess.CalledProcessError) as error:  # no compiler, read-only cache, ...
             logger.warning("native CPU kernels unavailable, using the torch paths: %s", error)
             return None
@@ -86,12 +91,12 @@ def load() -> ctypes.CDLL | None:
     return lib
 
 
-def _build(library: Path) -> None:
+def _build(library: Path, flags: list[str]) -> None:
     library.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
         built = Path(tmp) / library.name
         sources = [str(source) for source in SOURCES]
-        subprocess.run(["cc", *FLAGS, *sources, "-o", str(built), "-lm"], check=True, capture_output=True)
+        subprocess.run(["cc", *flags, *sources, "-o", str(built), "-lm"], check=True, capture_output=True)
         os.replace(built, library)  # atomic: concurrent builders never see a partial file
 
 

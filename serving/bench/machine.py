@@ -53,6 +53,7 @@ def machine_class() -> str:
 def describe_machine(cpuinfo_path: Path = CPUINFO) -> dict:
     """CPU model, cores, ISA flags, torch version and threads, and the float32 and int8 GEMM paths."""
     import torch
+    from kvpilot.kernels.cpu_extension import march
     from kvpilot.kernels.packed_float import float_gemm
     from kvpilot.kernels.quant.int8 import one_pass_int8_is_exact, use_onednn_int8
 
@@ -69,6 +70,7 @@ def describe_machine(cpuinfo_path: Path = CPUINFO) -> dict:
         "w8a8_one_pass_exact": one_pass_int8_is_exact(),
         "int8_gemm": "onednn" if use_onednn_int8() else "fbgemm",
         "float_gemm": float_gemm(),
+        "kernels_march": march(),
     }
 
 
@@ -79,9 +81,11 @@ def format_machine(machine: dict) -> str:
     else:
         gemm = f"fbgemm, {'one 8-bit pass' if machine['w8a8_one_pass_exact'] else 'two 7-bit passes'}"
     float_gemm = {"panels": "kvpilot panels", "onednn": "oneDNN"}.get(machine.get("float_gemm"), "oneDNN")
+    march = machine.get("kernels_march", "native")
+    built_for = "" if march == "native" else f"; C kernels built for -march={march}, not this CPU"
     return (
         f"machine: {machine['cpu']} [{machine.get('cpu_id', 'unknown')}] ({machine['cpu_class']}), "
         f"{machine['cores']} cores, flags: {flags}; "
         f"torch {machine['torch']}, {machine['torch_threads']} threads; "
-        f"float32 GEMM: {float_gemm}; int8 GEMM: {gemm}"
+        f"float32 GEMM: {float_gemm}; int8 GEMM: {gemm}{built_for}"
     )

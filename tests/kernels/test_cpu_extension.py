@@ -35,6 +35,14 @@ def test_decode_matches_reference(
 ):
     """In the engine's cache layout (head-major within a block), with the queries a slice of the
     fused q/k/v projection's rows, and in plain token-major rows with contiguous queries."""
+    assert_decode_matches_reference(
+        native, num_heads, num_kv_heads, head_dim, block_size, kv_cache_dtype, head_major
+    )
+
+
+def assert_decode_matches_reference(
+    native, num_heads, num_kv_heads, head_dim, block_size, kv_cache_dtype, head_major
+):
     generator = torch.Generator().manual_seed(num_heads * head_dim + block_size)
     seq_lens = [1, 5, block_size, 3 * block_size + 1, 37, 300]
     num_blocks = sum(-(-n // block_size) for n in seq_lens) + 3
@@ -88,6 +96,26 @@ def test_int8_cache_is_supported_and_fp8_is_not(native):
 def test_library_is_cached_between_loads(native):
     assert native.load() is native.load()
     assert any(native.cache_dir().glob("kvpilot-cpu-*.so"))
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
+def test_portable_build_matches_reference(monkeypatch, tmp_path, kv_cache_dtype):
+    """KVPILOT_MARCH=x86-64 (no AVX2): the kernels' plain C paths, which no machine of ours runs
+    otherwise; the panel GEMM is not compiled in, so the engine keeps oneDNN's."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv(cpu_extension.MARCH_ENV, "x86-64")
+    cpu_extension.load.cache_clear()
+    cpu_extension.supports_packed_sgemm.cache_clear()
+    try:
+        assert "-march=x86-64" in cpu_extension.compiler_flags()
+        assert not cpu_extension.supports_packed_sgemm()
+        for shape in [(9, 3, 64, 16), (8, 2, 20, 4)]:
+            assert_decode_matches_reference(cpu_extension, *shape, kv_cache_dtype, head_major=True)
+    finally:
+        monkeypatch.undo()
+        cpu_extension.load.cache_clear()
+        cpu_extension.supports_packed_sgemm.cache_clear()
+    assert "-march=native" in cpu_extension.compiler_flags()
 
 
 def test_unbuildable_library_means_the_torch_path(monkeypatch, tmp_path):

@@ -42,3 +42,15 @@ def test_describe_machine_reads_the_given_cpuinfo(tmp_path):
     assert machine["float_gemm"] == float_gemm()  # the float32 kernel the engine uses here
     named = {"panels": "float32 GEMM: kvpilot panels", "onednn": "float32 GEMM: oneDNN"}
     assert named[float_gemm()] in format_machine(machine)
+
+
+def test_a_build_for_another_cpu_is_named(tmp_path, monkeypatch):
+    """KVPILOT_MARCH: results of the AVX2 build on an AVX-512 machine must not pass for native ones."""
+    path = tmp_path / "cpuinfo"
+    path.write_text(ZEN3)
+    assert describe_machine(path)["kernels_march"] == "native"
+    assert "C kernels built for" not in format_machine(describe_machine(path))
+    monkeypatch.setenv("KVPILOT_MARCH", "znver2")
+    machine = describe_machine(path)
+    assert machine["kernels_march"] == "znver2"
+    assert "C kernels built for -march=znver2, not this CPU" in format_machine(machine)
