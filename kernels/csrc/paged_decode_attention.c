@@ -11,8 +11,9 @@
  * horizontal sums) and accumulate V in registers over tiles of tokens.
  *
  * An int8 cache stores one float32 scale per (slot, KV head): value = scale * int8, so its
- * traffic is a quarter of float32's and the kernel is bound by instructions, not memory. Its
- * values are widened in registers in the same tiles; the scales multiply the scores and the
+ * traffic is a quarter of float32's and the kernel is bound by instructions, not memory. Its K
+ * values meet the query heads in integers (scores_int16: q rounded to 16 bits, int32 sums), its V
+ * values are widened to floats in the value tiles; the scales multiply the scores and the
  * probabilities instead of every value. A KV head's scales are first gathered into two rows
  * (one load per token, where the tiles did a dependent lookup per token and head): K's scale a
  * tile of scores at once, V's the probabilities as they are exponentiated. Other int8 shapes
@@ -150,10 +151,12 @@ INLINE __m128 reduce4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
     return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
 }
 
-/* The query heads [h0, h0 + HEADS) of the group; past the group's end, head h0 again (its
- * results are computed and dropped, so the tiles' loops have constant bounds). */
+/* Query head h0 + g of a tile of the group's heads [h0, h0 + HEADS); past the group's end, head h0
+ * again (its results are computed and dropped, so the tiles' loops have constant bounds). */
+INLINE int64_t tile_head(const Item *s, int64_t h0, int g) { return h0 + g < s->group ? h0 + g : h0; }
+
 INLINE void head_rows(const Item *s, const float *base, int64_t stride, int64_t h0, const float **rows) {
-    for (int g = 0; g < HEADS; g++) rows[g] = base + (h0 + g < s->group ? h0 + g : h0) * stride;
+    for (int g = 0; g < HEADS; g++) rows[g] = base + tile_head(s, h0, g) * stride;
 }
 
 /* Scores of every query head, K_TILE tokens x HEADS heads per register tile: each K load
@@ -187,6 +190,84 @@ INLINE void scores_tiled(const Item *s, int is_int8, float *scores) {
         }
     }
     scores_scalar(s, is_int8, scores, tiled);
+}
+
+/* Scores over an int8 K in integers: each query head rounded to 16 bits (unit = max |q| / 32767,
+ * an error 1/256 of K's own rounding), the dot products exact in int32 lanes (64 dims x 32767 x 127
+ * < 2^28; head_dim <= 256 keeps them < 2^31), one conversion per score instead of one per K value:
+ * AVX-512 VNNI multiplies and adds 32 int16 pairs per instruction, AVX2 16 (vpmaddwd + vpaddd). */
+#define Q_MAX 32767
+#define INT_HEAD_DIM_MAX 256
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define QDIMS 32 /* int16 query values per step */
+typedef __m512i IVec;
+INLINE IVec ivec_zero(void) { return _mm512_setzero_si512(); }
+INLINE IVec widen_k(const int8_t *k) { return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)k)); }
+INLINE IVec dot_add(IVec acc, IVec k, const int16_t *q) { return _mm512_dpwssd_epi32(acc, k, _mm512_loadu_si512(q)); }
+INLINE __m256i fold(IVec a) { return _mm256_add_epi32(_mm512_castsi512_si256(a), _mm512_extracti64x4_epi64(a, 1)); }
+#else
+#define QDIMS 16
+typedef __m256i IVec;
+INLINE IVec ivec_zero(void) { return _mm256_setzero_si256(); }
+INLINE IVec widen_k(const int8_t *k) { return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)k)); }
+INLINE IVec dot_add(IVec acc, IVec k, const int16_t *q) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(k, _mm256_loadu_si256((const __m256i *)q)));
+}
+INLINE __m256i fold(IVec a) { return a; }
+#endif
+
+/* The 4 horizontal sums of a0..a3 (int32 lanes), as floats. */
+INLINE __m128 reduce4_epi32(__m256i a0, __m256i a1, __m256i a2, __m256i a3) {
+    const __m256i t = _mm256_hadd_epi32(_mm256_hadd_epi32(a0, a1), _mm256_hadd_epi32(a2, a3));
+    return _mm_cvtepi32_ps(_mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1)));
+}
+
+/* q16 [group, head_dim] = the group's query heads rounded to 16 bits; units[i] their steps. */
+INLINE void round_queries(const Item *s, int16_t *q16, float *units) {
+    for (int64_t i = 0; i < s->group; i++) {
+        const float *qi = s->q + i * s->head_dim;
+        float max = 0.0f;
+        for (int64_t d = 0; d < s->head_dim; d++) max = fabsf(qi[d]) > max ? fabsf(qi[d]) : max;
+        units[i] = max > 0.0f ? max / Q_MAX : 1.0f;
+        const float inverse = 1.0f / units[i];
+        for (int64_t d = 0; d < s->head_dim; d++) q16[i * s->head_dim + d] = (int16_t)lrintf(qi[d] * inverse);
+    }
+}
+
+/* The int8 cache's scores, K_TILE tokens x HEADS heads per register tile as in scores_tiled. */
+INLINE void scores_int16(const Item *s, float *scores) {
+    const int8_t *cache = s->k_cache;
+    int16_t q16[s->group * s->head_dim];
+    float units[s->group];
+    round_queries(s, q16, units);
+    const int64_t tiled = s->len - s->len % K_TILE;
+    const __m128 scale = _mm_set1_ps(s->scale);
+    for (int64_t h0 = 0; h0 < s->group; h0 += HEADS) {
+        const int16_t *q[HEADS];
+        for (int g = 0; g < HEADS; g++) q[g] = q16 + tile_head(s, h0, g) * s->head_dim;
+        for (int64_t t = 0; t < tiled; t += K_TILE) {
+            int64_t k[K_TILE];
+            for (int j = 0; j < K_TILE; j++) {
+                k[j] = value_offset(s, t + j);
+                prefetch_row(s, cache, 1, t + j);
+            }
+            IVec acc[K_TILE][HEADS];
+            for (int j = 0; j < K_TILE; j++)
+                for (int g = 0; g < HEADS; g++) acc[j][g] = ivec_zero();
+            for (int64_t d = 0; d < s->head_dim; d += QDIMS)
+                for (int j = 0; j < K_TILE; j++) {
+                    const IVec kv = widen_k(cache + k[j] + d);
+                    for (int g = 0; g < HEADS; g++) acc[j][g] = dot_add(acc[j][g], kv, q[g] + d);
+                }
+            const __m128 tile_scales = _mm_mul_ps(_mm_loadu_ps(s->k_scales + t), scale);
+            for (int g = 0; g < HEADS && h0 + g < s->group; g++) {
+                const __m128 sums = reduce4_epi32(fold(acc[0][g]), fold(acc[1][g]), fold(acc[2][g]), fold(acc[3][g]));
+                const __m128 units_scales = _mm_mul_ps(tile_scales, _mm_set1_ps(units[h0 + g]));
+                _mm_storeu_ps(scores + (h0 + g) * s->len + t, _mm_mul_ps(sums, units_scales));
+            }
+        }
+    }
+    scores_scalar(s, 1, scores, tiled);
 }
 
 /* The widest float vector of this build for the value pass: AVX-512 holds a 64-dim head's tile
@@ -334,7 +415,9 @@ INLINE void attend(const Item *s, int is_int8, float *scores, float *acc, float 
 #ifdef __AVX2__
     const int tiled = s->head_dim % 32 == 0;
     const int vectorized = s->head_dim % 8 == 0 && !tiled;
-    if (tiled) scores_tiled(s, is_int8, scores);
+    const int in_integers = is_int8 && tiled && s->head_dim <= INT_HEAD_DIM_MAX;
+    if (in_integers) scores_int16(s, scores);
+    if (tiled && !in_integers) scores_tiled(s, is_int8, scores);
     if (vectorized) scores_avx2(s, is_int8, scores, buffer);
 #else
     const int tiled = 0, vectorized = 0;

@@ -72,7 +72,9 @@ def assert_decode_matches_reference(
     actual = native.paged_decode_attention(
         q, k_cache, v_cache, metadata.block_tables, metadata.seq_lens, scale
     )
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    # int8: the kernel rounds q to 16 bits for the scores (its error 1/256 of the cache's own)
+    tolerance = 2e-4 if kv_cache_dtype == "int8" else 1e-5
+    torch.testing.assert_close(actual, expected, rtol=tolerance, atol=tolerance)
 
 
 def _int8_cache(values: torch.Tensor, head_major: bool = True) -> KVCache:
