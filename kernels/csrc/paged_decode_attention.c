@@ -31,6 +31,7 @@
  * block_tables:      [num_seqs, max_blocks] (int64), seq_lens: [num_seqs] (int64)
  * Other arrays are contiguous. Returns 0, or < 0 for unsupported shapes / out of memory.
  */
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -222,24 +223,32 @@ INLINE __m128 reduce4_epi32(__m256i a0, __m256i a1, __m256i a2, __m256i a3) {
     return _mm_cvtepi32_ps(_mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1)));
 }
 
-/* q16 [group, head_dim] = the group's query heads rounded to 16 bits; units[i] their steps. */
-INLINE void round_queries(const Item *s, int16_t *q16, float *units) {
+/* q16 [group, head_dim] = the group's query heads rounded to 16 bits; units[i] their steps.
+ * Returns 0 when a query value is not finite (the float path then carries its NaN through). */
+INLINE int round_queries(const Item *s, int16_t *q16, float *units) {
     for (int64_t i = 0; i < s->group; i++) {
         const float *qi = s->q + i * s->head_dim;
         float max = 0.0f;
-        for (int64_t d = 0; d < s->head_dim; d++) max = fabsf(qi[d]) > max ? fabsf(qi[d]) : max;
+        int finite = 1;
+        for (int64_t d = 0; d < s->head_dim; d++) {
+            finite &= fabsf(qi[d]) <= FLT_MAX;
+            max = fabsf(qi[d]) > max ? fabsf(qi[d]) : max;
+        }
+        if (!finite) return 0;
         units[i] = max > 0.0f ? max / Q_MAX : 1.0f;
         const float inverse = 1.0f / units[i];
         for (int64_t d = 0; d < s->head_dim; d++) q16[i * s->head_dim + d] = (int16_t)lrintf(qi[d] * inverse);
     }
+    return 1;
 }
 
-/* The int8 cache's scores, K_TILE tokens x HEADS heads per register tile as in scores_tiled. */
-INLINE void scores_int16(const Item *s, float *scores) {
+/* The int8 cache's scores, K_TILE tokens x HEADS heads per register tile as in scores_tiled;
+ * returns 0, having written nothing, where round_queries does. */
+INLINE int scores_int16(const Item *s, float *scores) {
     const int8_t *cache = s->k_cache;
     int16_t q16[s->group * s->head_dim];
     float units[s->group];
-    round_queries(s, q16, units);
+    if (!round_queries(s, q16, units)) return 0;
     const int64_t tiled = s->len - s->len % K_TILE;
     const __m128 scale = _mm_set1_ps(s->scale);
     for (int64_t h0 = 0; h0 < s->group; h0 += HEADS) {
@@ -268,6 +277,7 @@ INLINE void scores_int16(const Item *s, float *scores) {
         }
     }
     scores_scalar(s, 1, scores, tiled);
+    return 1;
 }
 
 /* The widest float vector of this build for the value pass: AVX-512 holds a 64-dim head's tile
@@ -415,8 +425,7 @@ INLINE void attend(const Item *s, int is_int8, float *scores, float *acc, float 
 #ifdef __AVX2__
     const int tiled = s->head_dim % 32 == 0;
     const int vectorized = s->head_dim % 8 == 0 && !tiled;
-    const int in_integers = is_int8 && tiled && s->head_dim <= INT_HEAD_DIM_MAX;
-    if (in_integers) scores_int16(s, scores);
+    const int in_integers = is_int8 && tiled && s->head_dim <= INT_HEAD_DIM_MAX && scores_int16(s, scores);
     if (tiled && !in_integers) scores_tiled(s, is_int8, scores);
     if (vectorized) scores_avx2(s, is_int8, scores, buffer);
 #else

@@ -3,9 +3,10 @@
 #ifdef __AVX2__
 #include <immintrin.h>
 
-/* e^x (Cephes' expf polynomial, ~1 ulp), x clamped to [-87, 88]. */
+/* e^x (Cephes' expf polynomial, ~1 ulp), x clamped to [-87, 88]; NaN stays NaN (max/min return
+ * their second operand when either is NaN). */
 static inline __attribute__((always_inline)) __m256 exp8(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    x = _mm256_min_ps(_mm256_set1_ps(88.0f), _mm256_max_ps(_mm256_set1_ps(-87.0f), x));
     const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);

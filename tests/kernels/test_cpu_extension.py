@@ -87,6 +87,24 @@ def _values(cache: torch.Tensor | KVCache) -> torch.Tensor:
     return cache.data if isinstance(cache, KVCache) else cache
 
 
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
+def test_a_nan_query_stays_nan(native, kv_cache_dtype):
+    """A NaN in one query head (a broken model) comes out as NaN in that head only, on either
+    cache, rather than as finite garbage (the int8 path rounds queries to integers first)."""
+    generator = torch.Generator().manual_seed(1)
+    shape, seq_lens = (4, 16, 3, 64), [40, 32]  # whole register tiles: no scalar tail
+    k_cache, v_cache = (torch.randn(shape, generator=generator) for _ in "kv")
+    if kv_cache_dtype == "int8":
+        k_cache, v_cache = _int8_cache(k_cache), _int8_cache(v_cache)
+    q = torch.randn(2, 9, 64, generator=generator)
+    q[1, 4, 7] = float("nan")
+    metadata = build_attention_metadata([1, 1], [n - 1 for n in seq_lens], [[2, 0, 3], [1, 0]], 16)
+    out = native.paged_decode_attention(q, k_cache, v_cache, metadata.block_tables, metadata.seq_lens, 0.125)
+    assert out[1, 4].isnan().all()
+    out[1, 4] = 0.0
+    assert out.isfinite().all()
+
+
 def test_int8_cache_is_supported_and_fp8_is_not(native):
     q = torch.zeros(1, 4, 8)
     assert native.supports(q, KVCache.allocate(2, 4, 2, 8, "int8"))
