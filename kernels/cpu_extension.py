@@ -73,7 +73,7 @@ def load() -> ctypes.CDLL | None:
         try:
             _build(library, flags)
         except (OSError, subprocess.CalledProcessError) as error:  # no compiler, read-only cache, ...
-            logger.warning("native CPU kernels unavailable, using the torch paths: %s", error)
+            logger.warning("native CPU kernels unavailable, using the torch paths: %s", _reason(error))
             return None
     lib = ctypes.CDLL(str(library))
     lib.paged_decode_attention_f32.restype = ctypes.c_int
@@ -89,6 +89,13 @@ def load() -> ctypes.CDLL | None:
     lib.rotary_f32.restype = ctypes.c_int
     lib.llama_decode_f32.restype = ctypes.c_int
     return lib
+
+
+def _reason(error: Exception) -> str:
+    """The compiler's first error line where it ran (e.g. an unknown KVPILOT_MARCH), else the error."""
+    stderr = getattr(error, "stderr", None) or b""
+    errors = [line.strip() for line in stderr.decode(errors="replace").splitlines() if "error" in line]
+    return f"cc failed: {errors[0]}" if errors else str(error)
 
 
 def _build(library: Path, flags: list[str]) -> None:

@@ -151,6 +151,19 @@ def test_unbuildable_library_means_the_torch_path(monkeypatch, tmp_path):
     assert cpu_extension.load() is not None
 
 
+def test_an_unknown_march_is_named_in_the_warning(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv(cpu_extension.MARCH_ENV, "not-a-cpu")
+    cpu_extension.load.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger=cpu_extension.__name__):
+            assert cpu_extension.load() is None
+    finally:
+        monkeypatch.undo()
+        cpu_extension.load.cache_clear()
+    assert "using the torch paths: cc failed: " in caplog.text and "not-a-cpu" in caplog.text
+
+
 @pytest.mark.parametrize("shape", [(1, 8), (5, 192), (130, 576), (3, 13)])
 def test_native_per_token_quantization_matches_torch(native, shape):
     from kvpilot.kernels.quant.int8 import quantize_rows_int8
