@@ -52,8 +52,8 @@ class Checkpoint:
         self.path = Path(path)
         self.dtype = dtype
         if self.path.suffix == ".gguf":
-            self.reader = gguf_file.open_gguf(self.path)
-            self.config: ModelConfig = gguf_file.gguf_model_config(self.reader, self.path, dtype)
+            self.header = gguf_file.open_gguf(self.path)
+            self.config: ModelConfig = gguf_file.gguf_model_config(self.header, self.path, dtype)
         else:
             self.tensors = hf.tensor_refs(self.path)
             self.config = hf.model_config(self.path, dtype, has_lm_head="lm_head.weight" in self.tensors)
@@ -62,7 +62,7 @@ class Checkpoint:
         torch_dtype = getattr(torch, self.dtype)
         quantizer = WeightQuantizer(quantization, group_size, torch_dtype)
         if self.path.suffix == ".gguf":
-            weights = gguf_file.gguf_weights(self.reader, self.path, self.config, quantizer)
+            weights = gguf_file.gguf_weights(self.header, self.path, self.config, quantizer)
         else:
             weights = WeightBuilder(self.path, self.tensors, quantizer)
         return LlamaForCausalLM(self.config, weights, self.config.max_position_embeddings, torch_dtype)

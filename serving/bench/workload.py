@@ -108,11 +108,12 @@ def default_model_path() -> Path:
 
 def load_tokenizer(model: str | Path | None = None):
     """A transformers tokenizer for a checkpoint directory or a .gguf file (default: the default model)."""
+    from kvpilot.serving.loader.gguf_file import load_gguf_tokenizer
     from transformers import AutoTokenizer
 
     path = Path(model) if model is not None else default_model_path()
     if path.suffix == ".gguf":
-        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        return load_gguf_tokenizer(path)
     return AutoTokenizer.from_pretrained(path)
 
 

@@ -98,10 +98,10 @@ def _read_checkpoint_dir(path: Path, dtype: str, quantizer: WeightQuantizer):
 
 
 def _read_gguf(path: Path, dtype: str, quantizer: WeightQuantizer):
-    reader = gguf_file.open_gguf(path)
-    config = gguf_file.gguf_model_config(reader, path, dtype)
-    weights = gguf_file.gguf_weights(reader, path, config, quantizer)
-    has_tokenizer = "tokenizer.ggml.tokens" in reader.fields
+    header = gguf_file.open_gguf(path)
+    config = gguf_file.gguf_model_config(header, path, dtype)
+    weights = gguf_file.gguf_weights(header, path, config, quantizer)
+    has_tokenizer = "tokenizer.ggml.tokens" in header.metadata
     tokenizer = gguf_file.load_gguf_tokenizer(path) if has_tokenizer else None
-    chat_template = gguf_file.chat_template(reader, path)
-    return config, weights, tokenizer, chat_template, gguf_file.eos_token_ids(reader, path)
+    chat_template = gguf_file.chat_template(header, path)
+    return config, weights, tokenizer, chat_template, gguf_file.eos_token_ids(header, path)

@@ -43,6 +43,25 @@ def test_default_model_loads_with_its_tokenizer_and_template(default_llm):
     assert config.tie_word_embeddings
 
 
+def test_the_tokenizer_is_the_one_auto_tokenizer_builds(default_llm, default_gguf):
+    """The loader skips AutoTokenizer's config detour (start-up time), not its result."""
+    ours = default_llm.get_tokenizer()
+    auto = transformers.AutoTokenizer.from_pretrained(default_gguf.parent, gguf_file=default_gguf.name)
+    assert type(ours) is type(auto)
+    assert ours.special_tokens_map == auto.special_tokens_map and ours.get_vocab() == auto.get_vocab()
+    text = "  Hello, world!\n\tcafé — 日本語 🙂 <|im_start|>user\nhi<|im_end|> 12345 don't"
+    for add_special_tokens in (True, False):
+        assert ours.encode(text, add_special_tokens=add_special_tokens) == auto.encode(
+            text, add_special_tokens=add_special_tokens
+        )
+    ids = auto.encode(text)
+    assert ours.decode(ids) == auto.decode(ids)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert ours.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == (
+        auto.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    )
+
+
 def test_answers_the_capital_of_france(default_llm):
     prompt = chat_prompt_ids(default_llm, "What is the capital of France?")
     output = default_llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=12))[0]
