@@ -59,7 +59,9 @@ CONTAINER_NAME = "server"
 PRESTOP_SLEEP_SECONDS = 5  # endpoints controllers and proxies stop sending before the drain starts
 # After preStop and the drain (spec.engine.drainTimeout), the server's own exit gets this long.
 EXIT_GRACE_SECONDS = 10
-STARTUP_PROBE_PERIOD_SECONDS = 10
+# How soon a loaded server counts as started (then Ready): the default model loads in ~5 s, so a
+# 10 s period left a new pod, and a scale from zero's first request, waiting up to 10 s more.
+STARTUP_PROBE_PERIOD_SECONDS = 2
 PROGRESS_DEADLINE_SECONDS = 2400
 
 

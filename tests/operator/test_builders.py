@@ -181,15 +181,15 @@ def test_a_cpu_replica_leaves_dtype_and_gpu_share_to_the_server_unless_set():
 @pytest.mark.parametrize(
     ("engine", "failures", "grace"),
     [
-        ({}, 180, 45),
-        ({"loadTimeout": "1h", "drainTimeout": "10m"}, 360, 615),
-        ({"loadTimeout": "95s"}, 10, 45),
+        ({}, 900, 45),
+        ({"loadTimeout": "1h", "drainTimeout": "10m"}, 1800, 615),
+        ({"loadTimeout": "95s"}, 48, 45),
     ],
 )
 def test_load_and_drain_timeouts_bound_the_probes_and_the_grace_period(engine, failures, grace):
     pod = build_deployment(isvc(engine=engine))["spec"]["template"]["spec"]
     assert pod["containers"][0]["startupProbe"]["failureThreshold"] == failures
-    assert pod["containers"][0]["startupProbe"]["periodSeconds"] == 10
+    assert pod["containers"][0]["startupProbe"]["periodSeconds"] == 2
     assert pod["terminationGracePeriodSeconds"] == grace
 
 
