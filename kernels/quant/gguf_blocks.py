@@ -48,7 +48,7 @@ def from_gguf_blocks(
 
 
 def from_gguf_tensor(tensor: ReaderTensor) -> Int8Weight | Int4Weight:
-    """A 2-D Q8_0/Q4_0/Q4_1 tensor from `gguf.GGUFReader` (its shape is [in, out], GGML order)."""
+    """A 2-D Q8_0/Q4_0/Q4_1 `gguf.ReaderTensor` (its shape is [in, out], GGML order)."""
     if len(tensor.shape) != 2:
         raise ValueError(f"{tensor.name}: expected a 2-D tensor, got shape {list(tensor.shape)}")
     in_features, out = (int(n) for n in tensor.shape)
