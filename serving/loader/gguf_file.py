@@ -125,7 +125,7 @@ def _ref(path: Path, tensor: gguf.ReaderTensor) -> TensorRef:
 def load_gguf_tokenizer(path: Path):
     """The embedded tokenizer, as AutoTokenizer builds it for a GGUF file (the fast tokenizer class),
     without AutoTokenizer's detour through the model config: gguf-py parses the whole file for
-    that, 4-5 of a server's ~16 s start on our Zen 4 (the tokenizer alone: 0.5 s)."""
+    that, 4-5 of a server's ~16 s start on our Zen 4 (the tokenizer alone: 0.5-0.7 s)."""
     from transformers import PreTrainedTokenizerFast
 
     try:
