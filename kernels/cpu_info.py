@@ -22,11 +22,3 @@ def cpuinfo_fields(cpuinfo: str) -> dict[str, str]:
 def cpuinfo_flags(cpuinfo: str) -> set[str]:
     """Every flag the first CPU lists."""
     return set(cpuinfo_fields(cpuinfo).get("flags", "").split())
-
-
-def splits_avx512(cpuinfo: str) -> bool:
-    """AVX-512 executed as two 256-bit halves (AMD Zen 4: AuthenticAMD, cpu family 25, avx512f),
-    so 256-bit FMAs reach the same peak there."""
-    fields = cpuinfo_fields(cpuinfo)
-    amd_family_25 = fields.get("vendor_id") == "AuthenticAMD" and fields.get("cpu family") == "25"
-    return amd_family_25 and "avx512f" in cpuinfo_flags(cpuinfo)

@@ -4,14 +4,17 @@
 layouts replace the plain weight instead (no second copy; a tied head is the exception: the
 embedding keeps the plain table):
 
-- `PanelFloatWeight`, on CPUs whose widest vectors are AVX2, or whose AVX-512 runs as two 256-bit
-  halves (Zen 4): panels of 16 outputs for kvpilot's own kernel (csrc/packed_sgemm.c), which
-  streams each weight once per decode step. Over the default model's layers (30 distinct layers,
-  weights cold, same run): on an AVX2-only Zen 2, 1.6x oneDNN at 1-8 rows, 1.4x at 16, ~1.1x at
-  64-128, par at 2048 (prefill); on a Zen 4, 1.2-1.6x at 1-16 rows, 1.0-1.1x at 32-128.
-- `OnednnFloatWeight`, elsewhere (full-width AVX-512: oneDNN's kernels have twice the FMA peak
-  of ours): oneDNN's blocked layout, the path torch's compiler uses for frozen CPU linears;
-  1.3-2x `F.linear` at every batch size.
+- `PanelFloatWeight`, wherever kvpilot's own kernel builds (AVX2 + FMA and a C compiler): panels
+  of 16 outputs (csrc/packed_sgemm.c), which stream each weight once per decode step, and the
+  layout the native decode stack reads (serving/models/decode_stack.py). Over the default
+  model's layers (30 distinct layers, weights cold, same run): on an AVX2-only Zen 2, 1.6x oneDNN
+  at 1-8 rows, 1.4x at 16, ~1.1x at 64-128, par at 2048 (prefill); on a Zen 4, 1.2-1.6x at 1-16
+  rows, 1.0-1.1x at 32-128. With full-width AVX-512 (an Intel Xeon, family 6 model 207, weights
+  hot) the panels' 16-row zmm tile is par with oneDNN at 96-128 rows, 1.2-1.4x at 8-32, 0.9x at
+  512-2048; the engine, which then runs its decode steps in the native stack, 1.15-1.28x fp32
+  tokens/s (alternating runs of the bench workload, 309-314 against 241-273).
+- `OnednnFloatWeight`, elsewhere: oneDNN's blocked layout, the path torch's compiler uses for
+  frozen CPU linears; 1.3-2x `F.linear` at every batch size.
 
 `KVPILOT_FLOAT_GEMM=onednn` (or `panels`) forces one, e.g. to compare them in the engine.
 """
@@ -22,7 +25,6 @@ import os
 from dataclasses import dataclass
 
 import torch
-from kvpilot.kernels.cpu_info import read_cpuinfo, splits_avx512
 from kvpilot.kernels.quant.cpu_ops import flatten_tokens
 
 GEMM_ENV = "KVPILOT_FLOAT_GEMM"
@@ -42,26 +44,18 @@ def can_pack(weight: torch.Tensor) -> bool:
 
 @functools.cache
 def float_gemm() -> str:
-    """`gemm_for_cpu` here, unless KVPILOT_FLOAT_GEMM forces one; oneDNN where the panel kernel
-    cannot build."""
+    """'panels' where the panel kernel builds, else 'onednn', unless KVPILOT_FLOAT_GEMM forces one
+    (forced panels still need the kernel)."""
     from kvpilot.kernels import cpu_extension
 
     forced = os.environ.get(GEMM_ENV, "")
     if forced and forced not in GEMMS:
         raise ValueError(f"{GEMM_ENV}: expected one of {', '.join(GEMMS)}, got {forced!r}")
-    capability = torch.backends.cpu.get_cpu_capability()
-    chosen = forced or gemm_for_cpu(capability, read_cpuinfo())
+    chosen = forced or "panels"
     if chosen == "panels" and not cpu_extension.supports_packed_sgemm():
         chosen = "onednn"
-    logger.info("float32 linears: %s (CPU capability %s)", chosen, capability)
+    logger.info("float32 linears: %s (CPU capability %s)", chosen, torch.backends.cpu.get_cpu_capability())
     return chosen
-
-
-def gemm_for_cpu(capability: str, cpuinfo: str) -> str:
-    """'panels' where the widest vectors are AVX2 or AVX-512 runs as two 256-bit halves (Zen 4:
-    the same FMA peak, and the panels stream cold weights better: 1.06x the engine's fp32
-    throughput with oneDNN, same run), else 'onednn' (full-width AVX-512 doubles its peak)."""
-    return "panels" if capability == "AVX2" or splits_avx512(cpuinfo) else "onednn"
 
 
 def pack_float_weight(weight: torch.Tensor) -> "PanelFloatWeight | OnednnFloatWeight":

@@ -6,13 +6,11 @@ import torch
 import torch.nn.functional as F
 from kvpilot.kernels import cpu_extension, packed_float
 from kvpilot.kernels.backend import select_backend
-from kvpilot.kernels.cpu_info import read_cpuinfo
 from kvpilot.kernels.packed_float import (
     OnednnFloatWeight,
     PanelFloatWeight,
     can_pack,
     float_gemm,
-    gemm_for_cpu,
     pack_float_weight,
 )
 
@@ -76,25 +74,10 @@ def test_only_float32_cpu_matrices_are_packed():
             layout.pack(_weight().half())
 
 
-ZEN4 = "vendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nflags\t\t: avx2 fma avx512f\n"
-ZEN3 = ZEN4.replace(" avx512f", "")
-XEON = ZEN4.replace("AuthenticAMD", "GenuineIntel").replace(": 25", ": 6")
-
-
-def test_panels_where_256_bit_fmas_are_the_peak():
-    assert gemm_for_cpu("AVX2", ZEN3) == gemm_for_cpu("AVX2", "") == "panels"
-    assert gemm_for_cpu("AVX512", ZEN4) == "panels"  # AVX-512 as two 256-bit halves
-    assert gemm_for_cpu("AVX512", XEON) == gemm_for_cpu("AVX512", "") == "onednn"
-    assert gemm_for_cpu("AVX512", ZEN4.replace(": 25", ": 26")) == "onednn"  # Zen 5: full width
-
-
 def test_the_gemm_follows_the_cpu_unless_forced(monkeypatch):
-    """`gemm_for_cpu` here (where the panel kernel builds), oneDNN elsewhere; KVPILOT_FLOAT_GEMM
-    overrides, and a wrong value names the variable."""
-    capability = torch.backends.cpu.get_cpu_capability()
-    panels_fit = gemm_for_cpu(capability, read_cpuinfo()) == "panels"
-    panels_here = panels_fit and cpu_extension.supports_packed_sgemm()
-    assert float_gemm() == ("panels" if panels_here else "onednn")
+    """The panels wherever their kernel builds, oneDNN elsewhere; KVPILOT_FLOAT_GEMM overrides,
+    and a wrong value names the variable."""
+    assert float_gemm() == ("panels" if cpu_extension.supports_packed_sgemm() else "onednn")
     try:
         for forced in ("onednn", "bogus"):
             monkeypatch.setenv(packed_float.GEMM_ENV, forced)
