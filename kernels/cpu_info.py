@@ -1,4 +1,4 @@
-"""What /proc/cpuinfo says about this CPU: kernel choices and benchmark reports read it."""
+"""What /proc/cpuinfo says about this CPU: benchmark reports read it (serving/bench/machine.py)."""
 
 from pathlib import Path
 
