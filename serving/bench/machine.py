@@ -4,17 +4,32 @@ import os
 import platform
 from pathlib import Path
 
-from kvpilot.kernels.cpu_info import CPUINFO, cpuinfo_fields, cpuinfo_flags, read_cpuinfo
-
 # The CPU features that decide which kernels run (fbgemm, oneDNN, MKL, our C kernels).
 FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8")
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def read_cpuinfo(path: Path = CPUINFO) -> str:
+    """/proc/cpuinfo's text, or "" where there is none (not Linux)."""
+    return path.read_text() if path.exists() else ""
+
+
+def cpuinfo_fields(cpuinfo: str) -> dict[str, str]:
+    """The first CPU's `key: value` lines (vendor_id, cpu family, model, flags, ...)."""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def cpuinfo_flags(cpuinfo: str) -> set[str]:
+    """Every flag the first CPU lists."""
+    return set(cpuinfo_fields(cpuinfo).get("flags", "").split())
 
 
 def cpu_model(cpuinfo: str) -> str:
-    for line in cpuinfo.splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
+    return cpuinfo_fields(cpuinfo).get("model name") or platform.processor() or "unknown"
 
 
 def cpu_id(cpuinfo: str) -> str:
