@@ -8,7 +8,8 @@
   int8 for oneDNN's, and
   `write_kv_int8` quantizes and scatters new K/V into an int8 cache, each in one call.
 - `sgemm_packed` multiplies float32 rows by a weight packed in panels of 16 outputs (AVX2 + FMA
-  builds; see kernels/packed_float.py).
+  builds; see kernels/packed_float.py), `int8_gemm_packed` quantizes them per token and multiplies
+  by int8 panels (AVX-512 VNNI builds; see kernels/quant/panel_int8.py).
 - `llama_decode` runs a whole Llama decoder stack over a decode step, calling the kernels above
   from C (see serving/models/decode_stack.py).
 
@@ -38,6 +39,7 @@ SOURCES = [
         "kv_cache_write.c",
         "row_ops.c",
         "packed_sgemm.c",
+        "packed_int8.c",
         "decode_stack.c",
     )
 ]
@@ -86,6 +88,7 @@ def load() -> ctypes.CDLL | None:
     for name in ("write_kv_f32", "rms_norm_f32", "add_rms_norm_f32", "silu_mul_f32", "argmax_f32"):
         getattr(lib, name).restype = None
     lib.sgemm_packed.restype = ctypes.c_int
+    lib.int8_gemm_packed.restype = ctypes.c_int
     lib.rotary_f32.restype = ctypes.c_int
     lib.llama_decode_f32.restype = ctypes.c_int
     return lib
@@ -343,33 +346,66 @@ def supports_packed_sgemm() -> bool:
         return False
     panels, out = torch.zeros(1, 1, 16), torch.empty(1, 1)
     panels[0, 0, 0] = 3.0
-    return _sgemm_status(torch.full((1, 1), 2.0), panels, 1, None, out) == 0 and out.item() == 6.0
+    status = _gemm_status("sgemm_packed", torch.full((1, 1), 2.0), panels, 1, None, out)
+    return status == 0 and out.item() == 6.0
+
+
+@functools.cache
+def supports_int8_panels() -> bool:
+    """The library built, with the int8 panel GEMM compiled in (AVX-512 VNNI): a 1 x 1 product runs."""
+    from kvpilot.kernels.quant.panel_int8 import PanelInt8
+
+    if load() is None:
+        return False
+    weight = PanelInt8.pack(torch.full((1, 1), 3, dtype=torch.int8), torch.ones(1), int8_activations=True)
+    out = torch.empty(1, 1)
+    status = _gemm_status("int8_gemm_packed", torch.full((1, 1), 2.0), weight.buffer, 1, None, out)
+    return status == 0 and out.item() == 6.0
 
 
 def sgemm_packed(
     x: torch.Tensor, panels: torch.Tensor, out_features: int, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """x [T, in] float32 @ W^T (+ bias) -> [T, out_features]; W as [panels, in, 16] (packed_float.py)."""
+    return _panel_gemm("sgemm_packed", x, panels, out_features, bias)
+
+
+def int8_gemm_packed(
+    x: torch.Tensor, buffer: torch.Tensor, out_features: int, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x [T, in] float32 quantized per token, times an int8 weight (+ bias) -> [T, out_features];
+    the weight (and how x is quantized) as kernels/quant/panel_int8.py packs it."""
+    return _panel_gemm("int8_gemm_packed", x, buffer, out_features, bias)
+
+
+def _panel_gemm(
+    kernel: str, x: torch.Tensor, weight: torch.Tensor, out_features: int, bias: torch.Tensor | None
+) -> torch.Tensor:
     if x.stride(1) != 1:
         x = x.contiguous()
-    if bias is not None:  # the kernel reads whole panels of it
+    if bias is not None:  # the kernels read whole panels of it
         bias = torch.nn.functional.pad(bias.float(), (0, -out_features % 16)).contiguous()
     out = torch.empty(x.shape[0], out_features)
-    status = _sgemm_status(x, panels, out_features, bias, out)
+    status = _gemm_status(kernel, x, weight, out_features, bias, out)
     if status != 0:
-        reason = "no AVX2/FMA in this build" if status == -1 else "out of memory"
-        raise RuntimeError(f"native panel GEMM failed with status {status} ({reason})")
+        reason = "not compiled for this CPU" if status == -1 else "out of memory or too many inputs"
+        raise RuntimeError(f"native {kernel} failed with status {status} ({reason})")
     return out
 
 
-def _sgemm_status(
-    x: torch.Tensor, panels: torch.Tensor, out_features: int, bias: torch.Tensor | None, out: torch.Tensor
+def _gemm_status(
+    kernel: str,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    out_features: int,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
 ) -> int:
     rows, in_features = x.shape
     x_shape = _int64s(rows, in_features, x.stride(0))
     bias_ptr = None if bias is None else _ptr(bias)
     (n,) = _int64s(out_features)  # out's row stride too: out is [rows, out_features]
-    return load().sgemm_packed(_ptr(x), *x_shape, _ptr(panels), n, bias_ptr, _ptr(out), n, _threads())
+    return getattr(load(), kernel)(_ptr(x), *x_shape, _ptr(weight), n, bias_ptr, _ptr(out), n, _threads())
 
 
 def pointers(tensors: list[torch.Tensor]) -> ctypes.Array:

@@ -8,9 +8,11 @@
  *
  * x:       [m, hidden] float32, the residual stream (the embedded tokens), updated in place
  * out:     [m, hidden], the final norm of the residual stream
- * shape:   num_layers, hidden, intermediate, num_heads, num_kv_heads, head_dim
+ * shape:   num_layers, hidden, intermediate, num_heads, num_kv_heads, head_dim, and the format of
+ *          every projection: 0 float32 panels (packed_sgemm.c), 1 int8 panels (packed_int8.c: W8A8
+ *          or exact activations, as each weight's header says)
  * weights: per layer the input norm, q/k/v panels, o panels, post-attention norm, gate/up panels
- *          (gate's outputs then up's), down panels (packed_sgemm.c); then the final norm
+ *          (gate's outputs then up's), down panels; then the final norm (norms: float32)
  * caches:  per layer K's and V's values, then K's and V's scales: float32 values and NULL scales, or
  *          int8 values with a scale per slot and KV head (paged_decode_attention.c); the values
  *          laid out by `layout` (cache_layout.h)
@@ -22,7 +24,8 @@
 #include <stdlib.h>
 #include "kernels.h"
 
-enum { LAYERS, HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM };
+enum { LAYERS, HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM, FORMAT };
+enum { FLOAT_PANELS, INT8_PANELS };
 enum { INPUT_NORM, QKV, O, POST_NORM, GATE_UP, DOWN, WEIGHTS_PER_LAYER };
 
 typedef struct {
@@ -36,7 +39,7 @@ typedef struct {
     const float *cos, *signed_sin;
     int64_t table_rows, max_blocks;
     float eps, scale;
-    int threads;
+    int threads, int8;
     /* buffers */
     float *normed, *qkv, *qk /* q and k heads after RoPE */, *attended, *gate_up, *activated;
     float *delta; /* what the last block computed, to add to the residual stream */
@@ -58,28 +61,30 @@ static int attend(const Step *s, const LayerCache *c) {
                                       heads, kv_heads, dim, s->layout, s->max_blocks, s->scale, s->threads);
 }
 
+/* y[m, n] = x[m, k] . w[n, :] in the stack's weight format; 0 or a kernel's error. */
+static int linear(const Step *s, const float *x, int64_t k, const void *w, int64_t n, float *y) {
+    if (s->int8) return int8_gemm_packed(x, s->m, k, k, w, n, NULL, y, n, s->threads);
+    return sgemm_packed(x, s->m, k, k, w, n, NULL, y, n, s->threads);
+}
+
 /* x += the previous layer's MLP output (none before the first layer), then one decoder layer;
  * its MLP output is left in s->delta. */
-static int decoder_layer(const Step *s, float *x, const float *const *w, const LayerCache *c, int first) {
+static int decoder_layer(const Step *s, float *x, const void *const *w, const LayerCache *c, int first) {
     const int64_t m = s->m, hidden = s->hidden, dim = s->dim, heads = s->heads, inner = s->intermediate;
     if (first) rms_norm_f32(x, hidden, w[INPUT_NORM], m, hidden, s->eps, s->normed, s->threads);
     else add_rms_norm_f32(x, hidden, s->delta, hidden, w[INPUT_NORM], m, hidden, s->eps, s->normed, s->threads);
-    if (sgemm_packed(s->normed, m, hidden, hidden, w[QKV], s->qkv_width, NULL, s->qkv, s->qkv_width, s->threads))
-        return -2;
+    if (linear(s, s->normed, hidden, w[QKV], s->qkv_width, s->qkv)) return -2;
     if (rotary_f32(s->qkv, s->qkv_width, dim, s->positions, s->cos, s->signed_sin, s->table_rows, m,
                    heads + s->kv_heads, dim, s->qk, s->threads))
         return -1;
-    if (attend(s, c) ||
-        sgemm_packed(s->attended, m, heads * dim, heads * dim, w[O], hidden, NULL, s->delta, hidden, s->threads))
-        return -2;
+    if (attend(s, c) || linear(s, s->attended, heads * dim, w[O], hidden, s->delta)) return -2;
     add_rms_norm_f32(x, hidden, s->delta, hidden, w[POST_NORM], m, hidden, s->eps, s->normed, s->threads);
-    if (sgemm_packed(s->normed, m, hidden, hidden, w[GATE_UP], 2 * inner, NULL, s->gate_up, 2 * inner, s->threads))
-        return -2;
+    if (linear(s, s->normed, hidden, w[GATE_UP], 2 * inner, s->gate_up)) return -2;
     silu_mul_f32(s->gate_up, m, inner, s->activated, s->threads);
-    return sgemm_packed(s->activated, m, inner, inner, w[DOWN], hidden, NULL, s->delta, hidden, s->threads) ? -2 : 0;
+    return linear(s, s->activated, inner, w[DOWN], hidden, s->delta) ? -2 : 0;
 }
 
-int llama_decode_f32(float *x, int64_t m, const int64_t *shape, const float *const *weights,
+int llama_decode_f32(float *x, int64_t m, const int64_t *shape, const void *const *weights,
                      const LayerCache *caches, const int64_t *layout, const int64_t *positions, const float *cos,
                      const float *signed_sin, int64_t table_rows, const int64_t *slots,
                      const int64_t *block_tables, int64_t max_blocks, const int64_t *seq_lens, float eps,
@@ -87,12 +92,12 @@ int llama_decode_f32(float *x, int64_t m, const int64_t *shape, const float *con
     const int64_t heads = shape[HEADS], kv_heads = shape[KV_HEADS], dim = shape[HEAD_DIM];
     Step s = {m, shape[HIDDEN], shape[INTERMEDIATE], heads, kv_heads, dim, (heads + 2 * kv_heads) * dim,
               (heads + kv_heads) * dim, layout, positions, slots, block_tables, seq_lens, cos, signed_sin,
-              table_rows, max_blocks, eps, scale, num_threads};
+              table_rows, max_blocks, eps, scale, num_threads, shape[FORMAT] == INT8_PANELS};
     float **buffers[] = {&s.normed, &s.qkv, &s.qk, &s.attended, &s.gate_up, &s.activated, &s.delta};
     const int64_t floats[] = {s.hidden, s.qkv_width, s.qk_width, heads * dim, 2 * s.intermediate, s.intermediate,
                               s.hidden};
     const int count = sizeof(floats) / sizeof(floats[0]);
-    int status = shape[LAYERS] > 0 ? 0 : -2;
+    int status = shape[LAYERS] > 0 && (shape[FORMAT] == FLOAT_PANELS || shape[FORMAT] == INT8_PANELS) ? 0 : -2;
     for (int b = 0; b < count; b++) status = (*buffers[b] = malloc(sizeof(float) * m * floats[b])) ? status : -2;
     for (int64_t l = 0; l < shape[LAYERS] && status == 0; l++)
         status = decoder_layer(&s, x, weights + l * WEIGHTS_PER_LAYER, caches + l, l == 0);

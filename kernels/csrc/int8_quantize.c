@@ -57,7 +57,7 @@ static void divide_and_round(const float *x, int64_t cols, float unit, float *ou
 }
 
 /* A row's unit: max|x| / top, never 0. */
-static float row_unit(const float *x, int64_t cols, float top) {
+float int8_row_unit(const float *x, int64_t cols, float top) {
     const float max = row_max_abs(x, cols);
     return (max > FLT_MIN ? max : FLT_MIN) / top;
 }
@@ -73,7 +73,7 @@ void quantize_rows_int8(const float *x, int64_t rows, int64_t cols, int64_t x_st
                         int num_threads) {
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (rows * cols >= (1 << 16))
     for (int64_t t = 0; t < rows; t++) {
-        unit[t] = row_unit(x + t * x_stride, cols, 127.0f);
+        unit[t] = int8_row_unit(x + t * x_stride, cols, 127.0f);
         divide_and_round(x + t * x_stride, cols, unit[t], out + t * cols);
     }
     write_anchor(out + rows * cols, cols, 127.0f);
@@ -102,7 +102,7 @@ void split_rows_int7(const float *x, int64_t rows, int64_t cols, int64_t x_strid
                      int num_threads) {
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (rows * cols >= (1 << 16))
     for (int64_t t = 0; t < rows; t++) {
-        unit[t] = row_unit(x + t * x_stride, cols, 63.0f);
+        unit[t] = int8_row_unit(x + t * x_stride, cols, 63.0f);
         split_row(x + t * x_stride, cols, unit[t], out + t * cols, out + (rows + t) * cols);
     }
     write_anchor(out + 2 * rows * cols, cols, 63.0f);
@@ -113,7 +113,7 @@ void quantize_rows_s8(const float *x, int64_t rows, int64_t cols, int64_t x_stri
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (rows * cols >= (1 << 16))
     for (int64_t t = 0; t < rows; t++) {
         const float *row = x + t * x_stride;
-        const float u = unit[t] = row_unit(row, cols, 127.0f);
+        const float u = unit[t] = int8_row_unit(row, cols, 127.0f);
         int8_t *q = out + t * cols;
         for (int64_t c = 0; c < cols; c++) q[c] = (int8_t)nearbyintf(row[c] / u);
     }
@@ -124,7 +124,7 @@ void split_rows_s7(const float *x, int64_t rows, int64_t cols, int64_t x_stride,
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (rows * cols >= (1 << 16))
     for (int64_t t = 0; t < rows; t++) {
         const float *row = x + t * x_stride;
-        const float u = unit[t] = row_unit(row, cols, 63.0f);
+        const float u = unit[t] = int8_row_unit(row, cols, 63.0f);
         int8_t *hi = out + t * cols, *lo = out + (rows + t) * cols;
         for (int64_t c = 0; c < cols; c++) {
             const float scaled = row[c] / u, h = nearbyintf(scaled);

@@ -4,6 +4,9 @@
 
 int sgemm_packed(const float *x, int64_t m, int64_t k, int64_t ldx, const float *packed, int64_t n,
                  const float *bias, float *y, int64_t ldy, int num_threads);
+int int8_gemm_packed(const float *x, int64_t m, int64_t k, int64_t ldx, const void *weight, int64_t n,
+                     const float *bias, float *y, int64_t ldy, int num_threads);
+float int8_row_unit(const float *x, int64_t cols, float top);
 void rms_norm_f32(const float *x, int64_t x_stride, const float *weight, int64_t rows, int64_t cols, float eps,
                   float *out, int num_threads);
 void add_rms_norm_f32(float *x, int64_t x_stride, const float *delta, int64_t delta_stride, const float *weight,

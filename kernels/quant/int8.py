@@ -1,9 +1,11 @@
 """int8 weights: symmetric, one scale per output channel (or per group of input columns).
 
-Per-channel weights on CPU live only in a prepacked form, oneDNN's where its int8 GEMM is exact
-on this CPU and compiled for it (kernels/quant/onednn_int8.py: AMX/VNNI, 1.5-3.8x faster than
-fbgemm from 32 rows up), else fbgemm's (`torch.ops.quantized.linear_dynamic`). Activations reach
-them in one of two ways:
+Per-channel weights on CPU live only in a prepacked form: kvpilot's own panels wherever its
+VNNI kernel is compiled in (kernels/quant/panel_int8.py: W8A8 1.4-4x the library paths below at
+8-512 rows, and the layout the native decode stack reads; it quantizes activations itself, in
+the two ways below); otherwise oneDNN's where its int8 GEMM is exact on this CPU and compiled
+for it (kernels/quant/onednn_int8.py: AMX/VNNI, 1.5-3.8x faster than fbgemm from 32 rows up),
+else fbgemm's (`torch.ops.quantized.linear_dynamic`). Activations reach them in one of two ways:
 - weight-only int8 (mode `int8`): as two exact int7 halves (`_split_activation_linear`): float
   accuracy, twice the GEMM rows;
 - W8A8 (mode `w8a8`, `int8_activations=True`): quantized to int8 per token, as in SmoothQuant
@@ -16,6 +18,7 @@ Grouped weights (GGUF Q8_0: 32 columns per scale) are dequantized a few rows at 
 
 import functools
 import logging
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -24,7 +27,8 @@ from typing import Any
 import torch
 from kvpilot.kernels import cpu_extension
 from kvpilot.kernels.quant.cpu_ops import flatten_tokens, linear_by_row_chunks
-from kvpilot.kernels.quant.onednn_int8 import OnednnInt8, onednn_int8_is_exact
+from kvpilot.kernels.quant.onednn_int8 import GEMM_ENV, OnednnInt8, onednn_int8_is_exact
+from kvpilot.kernels.quant.panel_int8 import PanelInt8
 
 QMAX = 127
 logger = logging.getLogger(__name__)
@@ -43,7 +47,7 @@ class Int8Weight:
     scales: torch.Tensor  # float32 [out, num_groups]
     group_size: int  # == in_features for per-output-channel scales
     stored: torch.Tensor | None  # int8 [out, in]; None when the weight lives in `packed`
-    packed: Any = None  # per-channel weight prepacked for oneDNN (`OnednnInt8`) or fbgemm (CPU)
+    packed: Any = None  # per-channel weight prepacked: `PanelInt8`, `OnednnInt8` or fbgemm's (CPU)
     int8_activations: bool = False  # fbgemm path: W8A8 (per-token int8) instead of exact activations
 
     @classmethod
@@ -67,14 +71,15 @@ class Int8Weight:
         scales = scales.float()
         fbgemm_ok = in_features > 1 and qweight.device.type == "cpu" and int(qweight.min()) >= -QMAX
         if group_size == in_features and fbgemm_ok:
-            return cls(scales, group_size, None, _pack(qweight, scales[:, 0]), int8_activations)
+            packed = _pack(qweight, scales[:, 0], int8_activations)
+            return cls(scales, group_size, None, packed, int8_activations)
         return cls(scales, group_size, qweight, None, int8_activations)
 
     @property
     def qweight(self) -> torch.Tensor:
         if self.stored is not None:
             return self.stored
-        if isinstance(self.packed, OnednnInt8):
+        if isinstance(self.packed, OnednnInt8 | PanelInt8):
             return self.packed.unpack()
         return torch.ops.quantized.linear_unpack(self.packed)[0].int_repr()
 
@@ -93,7 +98,9 @@ class Int8Weight:
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         x2, lead = flatten_tokens(x)
         packed_linear = _w8a8_linear if self.int8_activations else _split_activation_linear
-        if isinstance(self.packed, OnednnInt8):  # one call: oneDNN keeps its speed on tall inputs
+        if isinstance(self.packed, PanelInt8):
+            y = self.packed.linear(x2.float()).to(x.dtype)
+        elif isinstance(self.packed, OnednnInt8):  # one call: oneDNN keeps its speed on tall inputs
             y = packed_linear(x2.float(), self.packed).to(x.dtype)
         elif self.packed is not None:
             rows_per_call = WIDE_OUTPUT_ROWS_PER_CALL if self.shape[0] > WIDE_OUTPUT else FBGEMM_ROWS_PER_CALL
@@ -147,9 +154,22 @@ def _dequantize(q: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch
     return (q.view(rows, -1, group_size).float() * scales[..., None]).view(rows, -1)
 
 
-def _pack(qweight: torch.Tensor, scales: torch.Tensor) -> Any:
-    """oneDNN's packed weight where its int8 GEMM is used here (`use_onednn_int8`), else fbgemm's."""
+def _pack(qweight: torch.Tensor, scales: torch.Tensor, int8_activations: bool) -> Any:
+    """kvpilot's int8 panels where its kernel runs here (`use_int8_panels`); else oneDNN's packed
+    weight where its int8 GEMM is used here (`use_onednn_int8`), else fbgemm's."""
+    if use_int8_panels():
+        return PanelInt8.pack(qweight, scales, int8_activations)
     return OnednnInt8.pack(qweight, scales) if use_onednn_int8() else _prepack(qweight, scales)
+
+
+@functools.cache
+def use_int8_panels() -> bool:
+    """Whether per-channel int8 weights go to kvpilot's VNNI kernel: compiled in for this CPU,
+    and KVPILOT_INT8_GEMM does not name a library GEMM (`onednn` or `fbgemm`)."""
+    forced = os.environ.get(GEMM_ENV, "").lower()
+    chosen = forced not in ("onednn", "fbgemm") and cpu_extension.supports_int8_panels()
+    logger.info("int8 linears on this CPU: %s", "kvpilot's VNNI panels" if chosen else "a library GEMM")
+    return chosen
 
 
 # oneDNN without a compiled kernel for its packed int8 layout falls back to its reference

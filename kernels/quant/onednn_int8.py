@@ -8,7 +8,8 @@ Whether its integer product is exact on this CPU is probed once (`onednn_int8_is
 kernel that adds pairs of 8-bit products in saturating int16 (`vpmaddubsw`) would not be, and
 then the weights stay with fbgemm (kernels/quant/int8.py), as they do where oneDNN has no
 compiled kernel for its packed layout and runs its reference one (`use_onednn_int8`: on an AMD
-Zen 4 with AVX-512 VNNI, ~1000x slower). `KVPILOT_INT8_GEMM=fbgemm` keeps them there on any CPU.
+Zen 4 with AVX-512 VNNI, ~1000x slower). `KVPILOT_INT8_GEMM=fbgemm` keeps them there on any CPU;
+`KVPILOT_INT8_GEMM=onednn` keeps int8 weights off kvpilot's own panels (kernels/quant/panel_int8.py).
 """
 
 import functools

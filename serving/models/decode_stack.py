@@ -3,9 +3,10 @@
 A layer is a dozen kernels; between two of them the Python path spends the interpreter's,
 torch's and ctypes' time, and the other OpenMP threads wait. The native stack calls the same
 kernels in the same order on the same values, so it gives the same bits. It takes models whose
-every projection is a panel-packed float32 weight without bias (packed_float.py) and no q/k
-norms, and steps in which every sequence decodes one token into float32 or int8 caches; the
-model's Python path runs the rest.
+every projection is a panel-packed weight without bias, all float32 (packed_float.py) or all
+per-channel int8 (kernels/quant/panel_int8.py: modes int8 and w8a8), and no q/k norms, and
+steps in which every sequence decodes one token into float32 or int8 caches; the model's Python
+path runs the rest.
 """
 
 from typing import TYPE_CHECKING
@@ -14,14 +15,20 @@ import torch
 from kvpilot.kernels import cpu_extension
 from kvpilot.kernels.attention import AttentionMetadata
 from kvpilot.kernels.packed_float import PanelFloatWeight
+from kvpilot.kernels.quant import Int8Weight
 from kvpilot.kernels.quant.kv_cache import KVCache
+from kvpilot.kernels.quant.panel_int8 import PanelInt8
 
 if TYPE_CHECKING:  # llama.py imports this module
     from kvpilot.serving.models.llama import DecoderLayer, LlamaForCausalLM
 
 
+# csrc/decode_stack.c's weight formats, one for every projection of the stack
+FORMATS = {PanelFloatWeight: 0, PanelInt8: 1}
+
+
 class NativeDecodeStack:
-    def __init__(self, model: "LlamaForCausalLM", weights: list[torch.Tensor]):
+    def __init__(self, model: "LlamaForCausalLM", weights: list[torch.Tensor], weight_format: int):
         config, attention = model.config, model.layers[0].self_attn
         self.shape = (
             len(model.layers),
@@ -30,6 +37,7 @@ class NativeDecodeStack:
             attention.num_heads,
             attention.num_kv_heads,
             attention.head_dim,
+            weight_format,
         )
         self.weights = weights  # keeps alive what the pointers point to
         self.pointers = cpu_extension.pointers(weights)
@@ -50,7 +58,11 @@ class NativeDecodeStack:
             return None
         if any(layer.self_attn.rotary is not rotary for layer in model.layers):
             return None
-        return cls(model, [tensor for layer in weights for tensor in layer] + [model.norm.weight])
+        formats = {weight_format for layer in weights for weight_format in layer[1]}
+        if len(formats) != 1:
+            return None
+        tensors = [tensor for layer in weights for tensor in layer[0]] + [model.norm.weight]
+        return cls(model, tensors, formats.pop())
 
     def __call__(
         self, x: torch.Tensor, metadata: AttentionMetadata, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
@@ -90,9 +102,10 @@ def _projection_shapes(model: "LlamaForCausalLM") -> list[tuple[int, int]]:
 
 def _layer_weights(
     layer: "DecoderLayer", eps: float, shapes: list[tuple[int, int]]
-) -> list[torch.Tensor] | None:
-    """The layer's tensors in csrc/decode_stack.c's order, or None where it has parts the native
-    stack does not compute (q/k norms, biases, weights in other formats or shapes)."""
+) -> tuple[list[torch.Tensor], list[int]] | None:
+    """The layer's tensors in csrc/decode_stack.c's order and its projections' formats, or None
+    where it has parts the native stack does not compute (q/k norms, biases, weights in other
+    formats or shapes)."""
     attention, mlp = layer.self_attn, layer.mlp
     norms = [layer.input_layernorm, layer.post_attention_layernorm]
     if attention.q_norm is not None or any(
@@ -103,18 +116,22 @@ def _layer_weights(
     panels = [_panels(linear, shape) for linear, shape in zip(linears, shapes, strict=True)]
     if any(p is None for p in panels):
         return None
-    qkv, o, gate_up, down = panels
-    return [norms[0].weight, qkv, o, norms[1].weight, gate_up, down]
+    (qkv, o, gate_up, down), formats = zip(*panels, strict=True)
+    return [norms[0].weight, qkv, o, norms[1].weight, gate_up, down], list(formats)
 
 
-def _panels(linear, shape: tuple[int, int]) -> torch.Tensor | None:
-    """The panels of a `Linear` (or a `MergedLinear` that is one) with a panel-packed weight of
-    this shape and no bias."""
+def _panels(linear, shape: tuple[int, int]) -> tuple[torch.Tensor, int] | None:
+    """(the panels, their format) of a `Linear` (or a `MergedLinear` that is one) with a
+    panel-packed weight of this shape and no bias: float32 panels, or int8 ones."""
     parts = getattr(linear, "parts", [linear])
     if len(parts) != 1 or parts[0].bias is not None:
         return None
     weight = parts[0].weight
-    return weight.panels if isinstance(weight, PanelFloatWeight) and weight.shape == shape else None
+    if isinstance(weight, Int8Weight):
+        weight = weight.packed  # a `PanelInt8` where the VNNI kernel runs
+    if type(weight) not in FORMATS or weight.shape != shape:
+        return None
+    return (weight.panels if isinstance(weight, PanelFloatWeight) else weight.buffer), FORMATS[type(weight)]
 
 
 def _is_float_vector(tensor: torch.Tensor) -> bool:

@@ -121,21 +121,22 @@ def test_library_is_cached_between_loads(native):
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
 def test_portable_build_matches_reference(monkeypatch, tmp_path, kv_cache_dtype):
     """KVPILOT_MARCH=x86-64 (no AVX2): the kernels' plain C paths, which no machine of ours runs
-    otherwise; the panel GEMM is not compiled in, so the engine keeps oneDNN's."""
+    otherwise; the panel GEMMs are not compiled in, so the engine keeps oneDNN's and fbgemm's."""
     flags = cpu_extension.compiler_flags()  # this run's own (KVPILOT_MARCH may be set for it)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv(cpu_extension.MARCH_ENV, "x86-64")
-    cpu_extension.load.cache_clear()
-    cpu_extension.supports_packed_sgemm.cache_clear()
+    probes = (cpu_extension.load, cpu_extension.supports_packed_sgemm, cpu_extension.supports_int8_panels)
+    for probe in probes:
+        probe.cache_clear()
     try:
         assert "-march=x86-64" in cpu_extension.compiler_flags()
-        assert not cpu_extension.supports_packed_sgemm()
+        assert not cpu_extension.supports_packed_sgemm() and not cpu_extension.supports_int8_panels()
         for shape in [(9, 3, 64, 16), (8, 2, 20, 4)]:
             assert_decode_matches_reference(cpu_extension, *shape, kv_cache_dtype, head_major=True)
     finally:
         monkeypatch.undo()
-        cpu_extension.load.cache_clear()
-        cpu_extension.supports_packed_sgemm.cache_clear()
+        for probe in probes:
+            probe.cache_clear()
     assert cpu_extension.compiler_flags() == flags
 
 

@@ -18,6 +18,7 @@ import torch
 from kvpilot.kernels import cpu_extension
 from kvpilot.kernels.quant import Int8Weight, int8, quantize
 from kvpilot.kernels.quant.onednn_int8 import OnednnInt8, onednn_int8_is_exact
+from kvpilot.kernels.quant.panel_int8 import PanelInt8
 
 QMAX = 127
 INT16_MAX = 2**15 - 1
@@ -47,9 +48,14 @@ def _skip_unless_onednn() -> None:
         pytest.skip("oneDNN's int8 GEMM is not used on this CPU (not exact, or not compiled for it)")
 
 
-@pytest.fixture(params=["onednn", "fbgemm"])
+@pytest.fixture(params=["panels", "onednn", "fbgemm"])
 def gemm(request, monkeypatch) -> str:
-    """Which int8 GEMM the weights built in the test get; oneDNN only where its probe passes."""
+    """Which int8 GEMM the W8A8 weights built in the test get; kvpilot's panels only where the
+    VNNI kernel is compiled in, oneDNN only where its probe passes."""
+    if request.param == "panels" and not int8.use_int8_panels():
+        pytest.skip("kvpilot's W8A8 panel kernel is not compiled for this CPU (no AVX-512 VNNI)")
+    if request.param != "panels":
+        monkeypatch.setattr(int8, "use_int8_panels", lambda: False)
     if request.param == "onednn":
         _skip_unless_onednn()
     if request.param == "fbgemm":
@@ -59,6 +65,7 @@ def gemm(request, monkeypatch) -> str:
 
 def test_w8a8_worst_case_equals_the_integer_product(gemm):
     x, weight = _worst_case()
+    assert isinstance(weight.packed, PanelInt8) == (gemm == "panels")
     assert isinstance(weight.packed, OnednnInt8) == (gemm == "onednn")
     _assert_exact(x, weight)
 
@@ -103,6 +110,7 @@ def test_onednn_worst_case_integer_products_are_exact():
 
 
 def test_without_vnni_no_pair_of_products_leaves_int16(monkeypatch):
+    monkeypatch.setattr(int8, "use_int8_panels", lambda: False)
     monkeypatch.setattr(int8, "use_onednn_int8", lambda: False)
     monkeypatch.setattr(int8, "one_pass_int8_is_exact", lambda: False)
     sent = []

@@ -5,6 +5,7 @@ import pytest
 import torch
 from kvpilot.kernels import cpu_extension, packed_float
 from kvpilot.kernels.attention import build_attention_metadata
+from kvpilot.kernels.quant import int8
 from kvpilot.serving import LLM, SamplingParams
 
 PROMPT_LENGTHS = (1, 7, 16, 17, 40)  # within, at and past a block of 16
@@ -22,9 +23,22 @@ def panels(monkeypatch):
     packed_float.float_gemm.cache_clear()
 
 
-def _llm(checkpoint, kv_cache_dtype: str = "auto") -> LLM:
+@pytest.fixture(params=["none", "int8", "w8a8"])
+def quantization(request) -> str:
+    """The stack's weight formats: float32 panels, and int8 panels (weight-only or W8A8) where the
+    VNNI kernel runs."""
+    if request.param != "none" and not int8.use_int8_panels():
+        pytest.skip("the int8 panel kernel needs AVX-512 VNNI")
+    return request.param
+
+
+def _llm(checkpoint, kv_cache_dtype: str = "auto", quantization: str = "none") -> LLM:
     return LLM(
-        model=str(checkpoint), num_kv_blocks=64, enable_prefix_caching=False, kv_cache_dtype=kv_cache_dtype
+        model=str(checkpoint),
+        num_kv_blocks=64,
+        enable_prefix_caching=False,
+        kv_cache_dtype=kv_cache_dtype,
+        quantization=quantization,
     )
 
 
@@ -63,8 +77,10 @@ def _capture_decode_step(llm: LLM):
 
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_a_decode_step_matches_the_python_path_bit_for_bit(panels, tiny_llama, threads, kv_cache_dtype):
-    llm = _llm(tiny_llama, kv_cache_dtype)
+def test_a_decode_step_matches_the_python_path_bit_for_bit(
+    panels, tiny_llama, threads, kv_cache_dtype, quantization
+):
+    llm = _llm(tiny_llama, kv_cache_dtype, quantization)
     model, runner = llm.llm_engine.model_runner.model, llm.llm_engine.model_runner
     assert model.decode_stack is not None
     generator = torch.Generator().manual_seed(0)
@@ -88,9 +104,9 @@ def test_a_decode_step_matches_the_python_path_bit_for_bit(panels, tiny_llama, t
     assert all(torch.equal(a, b) for a, b in zip(native_caches, python_caches, strict=True))
 
 
-def test_generation_is_the_same_with_and_without_the_stack(panels, tiny_llama):
+def test_generation_is_the_same_with_and_without_the_stack(panels, tiny_llama, quantization):
     """And the engine's decode steps do go through the stack."""
-    with_stack = _llm(tiny_llama)
+    with_stack = _llm(tiny_llama, quantization=quantization)
     model = with_stack.llm_engine.model_runner.model
     stack, ran = model.decode_stack, []
 
@@ -100,7 +116,7 @@ def test_generation_is_the_same_with_and_without_the_stack(panels, tiny_llama):
         return hidden
 
     model.decode_stack = counted
-    without = _llm(tiny_llama)
+    without = _llm(tiny_llama, quantization=quantization)
     without.llm_engine.model_runner.model.decode_stack = None
     outputs = [
         [list(out.outputs[0].token_ids) for out in llm.generate(_prompts(), GREEDY)]

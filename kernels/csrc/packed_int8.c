@@ -1,0 +1,198 @@
+/* int8 linear layers with VNNI: float32 rows quantized per token, times int8 weights packed in
+ * panels of 16 outputs, accumulated exactly in int32 by `vpdpbusd`.
+ *
+ * A weight's activations take one of two forms (int8_quantize.c's, per row t of x):
+ * - W8A8: unit = max(max|x[t]|, FLT_MIN) / 127, q = round_half_even(x[t] / unit) in [-127, 127];
+ *   y[t, o] = (float)(q . w[o]) * (scales[o] * unit[t]);
+ * - exact (weight-only int8): unit = max(...) / 63, scaled = x[t] / unit, hi = round_half_even(scaled)
+ *   and lo = round_half_even((scaled - hi) * 126), both in [-63, 63], so x = unit * (hi + lo / 126);
+ *   y[t, o] = ((float)(hi . w[o]) + (float)(lo . w[o]) * (1 / 126)) * (scales[o] * unit[t]), the
+ *   first sum fused.
+ * A bias is added last, fused. `vpdpbusd` multiplies unsigned by signed bytes, so activations go
+ * in as q + 128 in [1, 255] and each output subtracts 128 * sum(w[o]); every sum of four products
+ * lands in int32 with no int16 step (the saturation of AVX2's `vpmaddubsw`), so the integer
+ * products are exact for k <= MAX_K (checked). The Python path and the decode stack both call
+ * this kernel, so they agree bit for bit.
+ *
+ * Weight buffer (kernels/quant/panel_int8.py packs it), n16 = n rounded up to 16, g = k / 4
+ * rounded up: a 64-byte header (int32 parts: 1 W8A8, 2 exact), float scales[n16], int32
+ * sums[n16], then int8 panels [n16 / 16][g][16 outputs][4 inputs]; padding zero. A register
+ * tile holds 16 rows of one part each: 16 tokens' q, or 8 tokens' hi then the same 8 tokens' lo.
+ * Each thread takes a contiguous range of panels; a panel is read once per block of MC rows. A
+ * row's result never depends on its batch. Returns 0, -1 where this build has no AVX-512 VNNI,
+ * -2 out of memory, k too large or an unknown header.
+ */
+#include <float.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include "kernels.h"
+
+#define NR 16  /* outputs per panel */
+#define MR 16  /* activation rows per register tile: 16 zmm accumulators */
+#define MC 256 /* tokens per block: their quantized rows stay in L2 while every panel passes */
+#define HEADER_BYTES 64
+#define MAX_K (INT32_MAX / (255 * 127) / 4 * 4)
+#define PREFETCH_BYTES 1024
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#include <immintrin.h>
+
+/* 16 scaled values x / unit (or their parts) as bytes v + 128 into 4 groups of a tile row. */
+static inline void store_groups(__m512 values, uint8_t *out) {
+    const __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(values), _mm512_set1_epi32(128)); /* half even */
+    uint32_t bytes[4];
+    _mm_storeu_si128((__m128i *)bytes, _mm512_cvtepi32_epi8(q));
+    for (int j = 0; j < 4; j++) memcpy(out + j * MR * 4, bytes + j, 4);
+}
+
+/* Token i's row into a tile: `hi` (its q, or its hi part) at tile row `r`, its lo part (parts == 2)
+ * at tile row r + 8; byte 128 (zero) past k. */
+static void quantize_row(const float *row, int64_t k, int64_t groups, int parts, uint8_t *hi, float *unit) {
+    uint8_t *lo = hi + 8 * 4;
+    const float u = *unit = int8_row_unit(row, k, parts == 1 ? 127.0f : 63.0f);
+    const __m512 divisor = _mm512_set1_ps(u), lo_scale = _mm512_set1_ps(126.0f);
+    int64_t g = 0;
+    for (; 4 * g + 16 <= k; g += 4) {
+        const __m512 scaled = _mm512_div_ps(_mm512_loadu_ps(row + 4 * g), divisor);
+        if (parts == 1) {
+            store_groups(scaled, hi + g * MR * 4);
+            continue;
+        }
+        const __m512 h = _mm512_roundscale_ps(scaled, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        store_groups(h, hi + g * MR * 4);
+        store_groups(_mm512_mul_ps(_mm512_sub_ps(scaled, h), lo_scale), lo + g * MR * 4);
+    }
+    for (; g < groups; g++)
+        for (int e = 0; e < 4; e++) {
+            const float scaled = 4 * g + e < k ? row[4 * g + e] / u : 0.0f, h = nearbyintf(scaled);
+            hi[g * MR * 4 + e] = (uint8_t)(h + 128.0f);
+            if (parts == 2) lo[g * MR * 4 + e] = (uint8_t)(nearbyintf((scaled - h) * 126.0f) + 128.0f);
+        }
+}
+
+/* Every token's rows into tiles of MR rows interleaved by groups of 4 inputs; tile rows past m are
+ * zero (byte 128). A tile holds `tokens_per_tile` = MR / parts tokens. */
+static void quantize_tiles(const float *x, int64_t m, int64_t k, int64_t ldx, int64_t groups, int parts,
+                           uint8_t *tiles, float *unit) {
+    const int64_t per_tile = MR / parts;
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < (m + per_tile - 1) / per_tile * per_tile; i++) {
+        uint8_t *tile = tiles + i / per_tile * groups * MR * 4, *hi = tile + i % per_tile * 4;
+        if (i < m) {
+            quantize_row(x + i * ldx, k, groups, parts, hi, unit + i);
+            continue;
+        }
+        for (int part = 0; part < parts; part++)
+            for (int64_t g = 0; g < groups; g++) memset(hi + part * 8 * 4 + g * MR * 4, 128, 4);
+    }
+}
+
+/* Tile row i holds a token's q or hi part where i < rows (W8A8) or i % 8 < rows (exact). */
+#define ACTIVE(i) (parts == 1 ? (i) < rows : ((i) & 7) < rows)
+#define ACC(i) __m512i c##i = _mm512_setzero_si512();
+#define DOT(i) \
+    if (ACTIVE(i)) c##i = _mm512_dpbusd_epi32(c##i, _mm512_set1_epi32(((const int32_t *)x)[g * MR + i]), w);
+#define PRODUCT(i) _mm512_cvtepi32_ps(_mm512_sub_epi32(c##i, sums))
+#define STORE_Q(i) \
+    if (i < rows) store_row(PRODUCT(i), scales, unit[i], bias, y + i * ldy, mask);
+#define STORE_SPLIT(i) \
+    if (i < rows) store_row(_mm512_fmadd_ps(PRODUCT(i##_LO), lo_weight, PRODUCT(i)), scales, unit[i], bias, \
+                            y + i * ldy, mask);
+#define c0_LO c8
+#define c1_LO c9
+#define c2_LO c10
+#define c3_LO c11
+#define c4_LO c12
+#define c5_LO c13
+#define c6_LO c14
+#define c7_LO c15
+#define ALL_ROWS(op) op(0) op(1) op(2) op(3) op(4) op(5) op(6) op(7) \
+    op(8) op(9) op(10) op(11) op(12) op(13) op(14) op(15)
+#define HALF_ROWS(op) op(0) op(1) op(2) op(3) op(4) op(5) op(6) op(7)
+
+static inline void store_row(__m512 product, __m512 scales, float unit, const float *bias, float *row,
+                             __mmask16 mask) {
+    const __m512 scale = _mm512_mul_ps(scales, _mm512_set1_ps(unit));
+    _mm512_mask_storeu_ps(row, mask, bias ? _mm512_fmadd_ps(product, scale, _mm512_maskz_loadu_ps(mask, bias))
+                                          : _mm512_mul_ps(product, scale));
+}
+
+/* One tile: `rows` tokens (a compile-time constant at every call, as is `parts`) x 16 outputs. */
+static inline __attribute__((always_inline)) void tile(const int rows, const int parts, const uint8_t *x,
+                                                       const int8_t *panel, int64_t groups,
+                                                       const int32_t *panel_sums, const float *panel_scales,
+                                                       const float *unit, const float *bias, float *y,
+                                                       int64_t ldy, int64_t cols) {
+    ALL_ROWS(ACC)
+#pragma GCC unroll 4
+    for (int64_t g = 0; g < groups; g++) {
+        const __m512i w = _mm512_loadu_si512(panel + g * NR * 4);
+        _mm_prefetch((const char *)(panel + g * NR * 4 + PREFETCH_BYTES), _MM_HINT_T0);
+        ALL_ROWS(DOT)
+    }
+    const __mmask16 mask = cols >= NR ? (__mmask16)0xFFFF : (__mmask16)((1u << cols) - 1);
+    const __m512i sums = _mm512_loadu_si512(panel_sums);
+    const __m512 scales = _mm512_loadu_ps(panel_scales), lo_weight = _mm512_set1_ps(1.0f / 126.0f);
+    (void)lo_weight;
+    if (parts == 1) {
+        ALL_ROWS(STORE_Q)
+    } else {
+        HALF_ROWS(STORE_SPLIT)
+    }
+}
+
+#define Q_CASE(i) \
+    case i + 1: tile(i + 1, 1, x, panel, groups, sums, scales, unit, bias, y, ldy, cols); break;
+#define SPLIT_CASE(i) \
+    case i + 1: tile(i + 1, 2, x, panel, groups, sums, scales, unit, bias, y, ldy, cols); break;
+
+static void tile_rows(int rows, int parts, const uint8_t *x, const int8_t *panel, int64_t groups,
+                      const int32_t *sums, const float *scales, const float *unit, const float *bias, float *y,
+                      int64_t ldy, int64_t cols) {
+    if (parts == 1) switch (rows) { ALL_ROWS(Q_CASE) }
+    else switch (rows) { HALF_ROWS(SPLIT_CASE) }
+}
+
+int int8_gemm_packed(const float *x, int64_t m, int64_t k, int64_t ldx, const void *weight, int64_t n,
+                     const float *bias, float *y, int64_t ldy, int num_threads) {
+    const int parts = *(const int32_t *)weight;
+    const int64_t groups = (k + 3) / 4, panels = (n + NR - 1) / NR, per_tile = MR / (parts == 2 ? 2 : 1);
+    if (k > MAX_K || (parts != 1 && parts != 2)) return -2;
+    const float *scales = (const float *)((const char *)weight + HEADER_BYTES);
+    const int32_t *sums = (const int32_t *)(scales + panels * NR);
+    const int8_t *packed = (const int8_t *)(sums + panels * NR);
+    uint8_t *tiles = malloc((m + per_tile - 1) / per_tile * groups * MR * 4);
+    float *unit = malloc(sizeof(float) * (m > 0 ? m : 1));
+    if (!tiles || !unit) {
+        free(tiles), free(unit);
+        return -2;
+    }
+    if (num_threads > panels) num_threads = (int)panels;
+    if (num_threads < 1) num_threads = 1;
+#pragma omp parallel num_threads(num_threads)
+    {
+        quantize_tiles(x, m, k, ldx, groups, parts, tiles, unit); /* ends with a barrier */
+        const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+        const int64_t begin = panels * t / threads, end = panels * (t + 1) / threads;
+        for (int64_t m0 = 0; m0 < m; m0 += MC)
+            for (int64_t p = begin; p < end; p++) {
+                const int64_t cols = n - p * NR < NR ? n - p * NR : NR, m_end = m - m0 < MC ? m : m0 + MC;
+                for (int64_t i = m0; i < m_end; i += per_tile)
+                    tile_rows(m_end - i < per_tile ? (int)(m_end - i) : (int)per_tile, parts,
+                              tiles + i / per_tile * groups * MR * 4, packed + p * groups * NR * 4, groups,
+                              sums + p * NR, scales + p * NR, unit + i, bias ? bias + p * NR : NULL,
+                              y + i * ldy + p * NR, ldy, cols);
+            }
+    }
+    free(tiles), free(unit);
+    return 0;
+}
+#else
+int int8_gemm_packed(const float *x, int64_t m, int64_t k, int64_t ldx, const void *weight, int64_t n,
+                     const float *bias, float *y, int64_t ldy, int num_threads) {
+    return -1;
+}
+#endif

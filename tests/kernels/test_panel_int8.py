@@ -1,0 +1,96 @@
+"""kvpilot's int8 panel kernel (csrc/packed_int8.c, AVX-512 VNNI): activations quantized per token,
+integer products exact, the float epilogue exactly as documented, row by row whatever the batch."""
+
+import pytest
+import torch
+from kvpilot.kernels import cpu_extension
+from kvpilot.kernels.quant import int8, quantize
+from kvpilot.kernels.quant.panel_int8 import PanelInt8
+
+pytestmark = pytest.mark.skipif(
+    not cpu_extension.supports_int8_panels(), reason="the int8 panel kernel needs AVX-512 VNNI"
+)
+QMAX = 127
+SHAPES = [(1, 1, 1), (5, 7, 17), (33, 160, 24), (300, 1537, 33)]  # partial panels and groups; > 256 rows
+
+
+def _layer(out: int, inputs: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    qweight = torch.randint(-QMAX, QMAX + 1, (out, inputs), dtype=torch.int8, generator=generator)
+    return qweight, torch.rand(out, generator=generator) + 0.01
+
+
+def _integer_product(rows: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
+    """rows @ W^T, exact in float64, then rounded once to float32 as the kernel converts it."""
+    return (rows.double() @ qweight.double().t()).float()
+
+
+@pytest.mark.parametrize(("rows", "inputs", "out"), SHAPES)
+@pytest.mark.parametrize("int8_activations", [True, False])
+def test_packing_keeps_the_values_and_scales(rows, inputs, out, int8_activations):
+    qweight, scales = _layer(out, inputs)
+    packed = PanelInt8.pack(qweight, scales, int8_activations)
+    assert torch.equal(packed.unpack(), qweight) and torch.equal(packed.scales, scales)
+    assert packed.shape == (out, inputs) and packed.int8_activations == int8_activations
+
+
+@pytest.mark.parametrize(("rows", "inputs", "out"), SHAPES)
+def test_w8a8_is_the_integer_product_times_both_scales(rows, inputs, out):
+    qweight, scales = _layer(out, inputs)
+    x, bias = torch.randn(rows, inputs), torch.randn(out)
+    unit = x.abs().amax(1, keepdim=True) / QMAX
+    product = _integer_product(torch.div(x, unit).round(), qweight)
+    packed = PanelInt8.pack(qweight, scales, int8_activations=True)
+    assert torch.equal(packed.linear(x), product * (scales * unit))
+    assert torch.equal(packed.linear(x, bias), torch.addcmul(bias, product, scales * unit))  # fused
+
+
+@pytest.mark.parametrize(("rows", "inputs", "out"), SHAPES)
+def test_exact_activations_are_two_integer_products(rows, inputs, out):
+    """Weight-only int8: x = unit * (hi + lo / 126) (int8.split_rows_int7, the torch version)."""
+    qweight, scales = _layer(out, inputs)
+    x = torch.randn(rows, inputs)
+    parts, unit = int8.split_rows_int7(x)
+    hi, lo = _integer_product(parts[:rows], qweight), _integer_product(parts[rows : 2 * rows], qweight)
+    expected = torch.addcmul(hi, lo, torch.tensor(1 / 126)) * (scales * unit)
+    packed = PanelInt8.pack(qweight, scales, int8_activations=False)
+    result = packed.linear(x)
+    assert torch.equal(result, expected)
+    reference = x @ (qweight.float() * scales[:, None]).t()
+    assert ((result - reference).norm() / reference.norm()).item() < 1e-3  # float activations, nearly
+
+
+def test_worst_case_integer_products_are_exact():
+    """+-127 against +-127, every sign combination, k = 4096: far past int16 and float32's 2^24."""
+    signs = torch.tensor([1, -1]).repeat(8)
+    qweight = (signs[:, None] * QMAX * torch.ones(16, 4096, dtype=torch.long)).to(torch.int8)
+    qweight[:, 1::2] *= -1
+    x = torch.cat([qweight, -qweight, torch.full((3, 4096), QMAX, dtype=torch.int8)]).float()
+    result = PanelInt8.pack(qweight, torch.ones(16), int8_activations=True).linear(x)
+    assert torch.equal(result, _integer_product(x, qweight))  # each row's unit is exactly 1
+
+
+@pytest.mark.parametrize("int8_activations", [True, False])
+def test_a_row_does_not_depend_on_its_batch(int8_activations):
+    qweight, scales = _layer(70, 96)
+    packed = PanelInt8.pack(qweight, scales, int8_activations)
+    x = torch.randn(40, 96)
+    alone = torch.cat([packed.linear(x[i : i + 1]) for i in range(40)])
+    assert torch.equal(packed.linear(x), alone)
+
+
+def test_too_many_inputs_for_int32_is_an_error():
+    packed = PanelInt8.pack(torch.ones(1, 70000, dtype=torch.int8), torch.ones(1), int8_activations=True)
+    with pytest.raises(RuntimeError, match="too many inputs"):
+        packed.linear(torch.ones(1, 70000))
+
+
+def test_quantized_weights_use_the_panels_here():
+    """Both per-channel int8 modes, on a CPU where the kernel runs."""
+    if not int8.use_int8_panels():
+        pytest.skip(f"{int8.GEMM_ENV} names a library GEMM")
+    weight = torch.randn(48, 64) * 0.05
+    for mode in ("int8", "w8a8"):
+        quantized = quantize(weight, mode)
+        assert isinstance(quantized.packed, PanelInt8)
+        assert quantized.packed.int8_activations == (mode == "w8a8")
