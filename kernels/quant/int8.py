@@ -168,7 +168,8 @@ def use_int8_panels() -> bool:
     and KVPILOT_INT8_GEMM does not name a library GEMM (`onednn` or `fbgemm`)."""
     forced = os.environ.get(GEMM_ENV, "").lower()
     chosen = forced not in ("onednn", "fbgemm") and cpu_extension.supports_int8_panels()
-    logger.info("int8 linears on this CPU: %s", "kvpilot's VNNI panels" if chosen else "a library GEMM")
+    if chosen:  # otherwise `use_onednn_int8` says which library GEMM
+        logger.info("int8 linears on this CPU: kvpilot's VNNI panels (exact: int32 accumulation)")
     return chosen
 
 

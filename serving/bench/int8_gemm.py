@@ -1,9 +1,9 @@
-"""`kvpilot bench int8-gemm`: microseconds per call of one per-channel int8 linear, oneDNN's int8
-GEMM vs fbgemm vs the float32 packed linear, per layer shape and row count.
+"""`kvpilot bench int8-gemm`: microseconds per call of one per-channel int8 linear, kvpilot's VNNI
+panels vs oneDNN's int8 GEMM vs fbgemm vs the float32 packed linear, per layer shape and row count.
 
 Each int8 figure is the whole `Int8Weight.linear` (activation quantization included) in mode
 w8a8 (int8 activations per token) and mode int8 (float activations as two int7 halves), so the
-table is the basis for which GEMM the engine runs (kernels/quant/onednn_int8.py).
+table is the basis for which GEMM the engine runs (kernels/quant/int8.py).
 """
 
 import argparse
@@ -13,8 +13,9 @@ from collections.abc import Callable
 import torch
 from kvpilot.kernels.packed_float import pack_float_weight
 from kvpilot.kernels.quant import Int8Weight, int8, quantize
-from kvpilot.kernels.quant.int8 import use_onednn_int8
+from kvpilot.kernels.quant.int8 import use_int8_panels, use_onednn_int8
 from kvpilot.kernels.quant.onednn_int8 import OnednnInt8
+from kvpilot.kernels.quant.panel_int8 import PanelInt8
 from kvpilot.serving.bench.machine import describe_machine, format_machine
 
 # SmolLM2-135M's linears (in_features x out_features): qkv, o, gate+up, down.
@@ -34,16 +35,20 @@ def microseconds(call: Callable[[], object], repeats: int) -> float:
 
 
 def build_weights(weight: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    """Label -> linear: each int8 mode on oneDNN (where its probe passes) and on fbgemm, and fp32."""
+    """Label -> linear: each int8 mode on kvpilot's panels and oneDNN (where they run here) and on
+    fbgemm, and fp32."""
     q = quantize(weight, "int8")
     qweight, scales = q.qweight, q.scales
-    packs = {"fbgemm": int8._prepack(qweight, scales[:, 0])}
+    packs = {"fbgemm": lambda _: int8._prepack(qweight, scales[:, 0])}
     if use_onednn_int8():
-        packs = {"onednn": OnednnInt8.pack(qweight, scales[:, 0]), **packs}
+        packs = {"onednn": lambda _: OnednnInt8.pack(qweight, scales[:, 0]), **packs}
+    if use_int8_panels():  # the panels carry how activations are quantized
+        packs = {"panels": lambda w8a8: PanelInt8.pack(qweight, scales[:, 0], w8a8), **packs}
     linears = {}
-    for gemm, packed in packs.items():
+    for gemm, pack in packs.items():
         for mode in ("w8a8", "int8"):
-            linears[f"{mode} {gemm}"] = Int8Weight(scales, q.group_size, None, packed, mode == "w8a8").linear
+            w8a8 = mode == "w8a8"
+            linears[f"{mode} {gemm}"] = Int8Weight(scales, q.group_size, None, pack(w8a8), w8a8).linear
     linears["fp32"] = pack_float_weight(weight).linear
     return linears
 

@@ -70,7 +70,7 @@ def describe_machine(cpuinfo_path: Path = CPUINFO) -> dict:
     import torch
     from kvpilot.kernels.cpu_extension import march
     from kvpilot.kernels.packed_float import float_gemm
-    from kvpilot.kernels.quant.int8 import one_pass_int8_is_exact, use_onednn_int8
+    from kvpilot.kernels.quant.int8 import one_pass_int8_is_exact, use_int8_panels, use_onednn_int8
 
     cpuinfo = read_cpuinfo(cpuinfo_path)
     flags = cpu_flags(cpuinfo)
@@ -83,7 +83,7 @@ def describe_machine(cpuinfo_path: Path = CPUINFO) -> dict:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "w8a8_one_pass_exact": one_pass_int8_is_exact(),
-        "int8_gemm": "onednn" if use_onednn_int8() else "fbgemm",
+        "int8_gemm": "panels" if use_int8_panels() else "onednn" if use_onednn_int8() else "fbgemm",
         "float_gemm": float_gemm(),
         "kernels_march": march(),
     }
@@ -91,7 +91,9 @@ def describe_machine(cpuinfo_path: Path = CPUINFO) -> dict:
 
 def format_machine(machine: dict) -> str:
     flags = " ".join(name for name, present in machine["flags"].items() if present) or "none"
-    if machine.get("int8_gemm") == "onednn":  # results recorded before oneDNN's GEMM have no key
+    if machine.get("int8_gemm") == "panels":
+        gemm = "kvpilot VNNI panels (exact)"
+    elif machine.get("int8_gemm") == "onednn":  # results recorded before oneDNN's GEMM have no key
         gemm = "oneDNN int8 (exact)"
     else:
         gemm = f"fbgemm, {'one 8-bit pass' if machine['w8a8_one_pass_exact'] else 'two 7-bit passes'}"

@@ -1,7 +1,7 @@
 """`kvpilot bench int8-gemm`: one timing per (shape, rows) and GEMM, and clear errors."""
 
 import pytest
-from kvpilot.kernels.quant.int8 import use_onednn_int8
+from kvpilot.kernels.quant.int8 import use_int8_panels, use_onednn_int8
 from kvpilot.serving.bench.int8_gemm import parse_shapes
 from kvpilot.serving.cli import main as cli_main
 
@@ -12,7 +12,7 @@ def test_prints_a_row_per_shape_and_row_count(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("machine: ") and "int8 GEMM: " in lines[0]
     header, *rows = lines[2:]
-    gemms = ["fbgemm"] + (["onednn"] if use_onednn_int8() else [])
+    gemms = ["fbgemm"] + (["onednn"] if use_onednn_int8() else []) + (["panels"] if use_int8_panels() else [])
     columns = [f"{mode} {gemm}" for gemm in gemms for mode in ("w8a8", "int8")] + ["fp32"]
     assert all(column in header for column in columns)
     assert [row.split()[:4] for row in rows] == [
