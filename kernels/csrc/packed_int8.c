@@ -74,7 +74,7 @@ static void quantize_row(const float *row, int64_t k, int64_t groups, int parts,
 }
 
 /* Every token's rows into tiles of MR rows interleaved by groups of 4 inputs; tile rows past m are
- * zero (byte 128). A tile holds `tokens_per_tile` = MR / parts tokens. */
+ * zero (byte 128). A tile holds per_tile = MR / parts tokens. */
 static void quantize_tiles(const float *x, int64_t m, int64_t k, int64_t ldx, int64_t groups, int parts,
                            uint8_t *tiles, float *unit) {
     const int64_t per_tile = MR / parts;
@@ -98,20 +98,13 @@ static void quantize_tiles(const float *x, int64_t m, int64_t k, int64_t ldx, in
 #define PRODUCT(i) _mm512_cvtepi32_ps(_mm512_sub_epi32(c##i, sums))
 #define STORE_Q(i) \
     if (i < rows) store_row(PRODUCT(i), scales, unit[i], bias, y + i * ldy, mask);
-#define STORE_SPLIT(i) \
-    if (i < rows) store_row(_mm512_fmadd_ps(PRODUCT(i##_LO), lo_weight, PRODUCT(i)), scales, unit[i], bias, \
+/* token i's hi part in tile row i, its lo part in tile row lo = i + 8 */
+#define STORE_SPLIT(i, lo) \
+    if (i < rows) store_row(_mm512_fmadd_ps(PRODUCT(lo), lo_weight, PRODUCT(i)), scales, unit[i], bias, \
                             y + i * ldy, mask);
-#define c0_LO c8
-#define c1_LO c9
-#define c2_LO c10
-#define c3_LO c11
-#define c4_LO c12
-#define c5_LO c13
-#define c6_LO c14
-#define c7_LO c15
-#define ALL_ROWS(op) op(0) op(1) op(2) op(3) op(4) op(5) op(6) op(7) \
-    op(8) op(9) op(10) op(11) op(12) op(13) op(14) op(15)
 #define HALF_ROWS(op) op(0) op(1) op(2) op(3) op(4) op(5) op(6) op(7)
+#define ALL_ROWS(op) HALF_ROWS(op) op(8) op(9) op(10) op(11) op(12) op(13) op(14) op(15)
+#define SPLIT_PAIRS(op) op(0, 8) op(1, 9) op(2, 10) op(3, 11) op(4, 12) op(5, 13) op(6, 14) op(7, 15)
 
 static inline void store_row(__m512 product, __m512 scales, float unit, const float *bias, float *row,
                              __mmask16 mask) {
@@ -135,12 +128,12 @@ static inline __attribute__((always_inline)) void tile(const int rows, const int
     }
     const __mmask16 mask = cols >= NR ? (__mmask16)0xFFFF : (__mmask16)((1u << cols) - 1);
     const __m512i sums = _mm512_loadu_si512(panel_sums);
-    const __m512 scales = _mm512_loadu_ps(panel_scales), lo_weight = _mm512_set1_ps(1.0f / 126.0f);
-    (void)lo_weight;
+    const __m512 scales = _mm512_loadu_ps(panel_scales);
     if (parts == 1) {
         ALL_ROWS(STORE_Q)
     } else {
-        HALF_ROWS(STORE_SPLIT)
+        const __m512 lo_weight = _mm512_set1_ps(1.0f / 126.0f);
+        SPLIT_PAIRS(STORE_SPLIT)
     }
 }
 
