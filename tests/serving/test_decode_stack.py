@@ -14,7 +14,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 
 @pytest.fixture
 def panels(monkeypatch):
-    """Panel-packed float weights (the only format the stack takes), on any CPU with AVX2 + FMA."""
+    """Panel-packed float weights, on any CPU with AVX2 + FMA (int8 panels: see `quantization`)."""
     if not cpu_extension.supports_packed_sgemm():
         pytest.skip("the panel GEMM needs AVX2 + FMA")
     monkeypatch.setenv(packed_float.GEMM_ENV, "panels")
