@@ -48,7 +48,7 @@ class Int8Weight:
     group_size: int  # == in_features for per-output-channel scales
     stored: torch.Tensor | None  # int8 [out, in]; None when the weight lives in `packed`
     packed: Any = None  # per-channel weight prepacked: `PanelInt8`, `OnednnInt8` or fbgemm's (CPU)
-    int8_activations: bool = False  # fbgemm path: W8A8 (per-token int8) instead of exact activations
+    int8_activations: bool = False  # W8A8 (per-token int8) instead of exact activations
 
     @classmethod
     def from_int8(
@@ -96,11 +96,11 @@ class Int8Weight:
         return _dequantize(self.qweight, self.scales, self.group_size).to(dtype)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.packed, PanelInt8):  # quantizes x itself, as the weight says
+            return self.packed.linear(x).to(x.dtype)
         x2, lead = flatten_tokens(x)
         packed_linear = _w8a8_linear if self.int8_activations else _split_activation_linear
-        if isinstance(self.packed, PanelInt8):
-            y = self.packed.linear(x2.float()).to(x.dtype)
-        elif isinstance(self.packed, OnednnInt8):  # one call: oneDNN keeps its speed on tall inputs
+        if isinstance(self.packed, OnednnInt8):  # one call: oneDNN keeps its speed on tall inputs
             y = packed_linear(x2.float(), self.packed).to(x.dtype)
         elif self.packed is not None:
             rows_per_call = WIDE_OUTPUT_ROWS_PER_CALL if self.shape[0] > WIDE_OUTPUT else FBGEMM_ROWS_PER_CALL

@@ -49,10 +49,6 @@ class PanelInt8:
         start = HEADER_BYTES
         return self.buffer[start : start + 4 * self.shape[0]].view(torch.float32)
 
-    @property
-    def nbytes(self) -> int:
-        return self.buffer.numel()
-
     def unpack(self) -> torch.Tensor:
         """The int8 values [out, in]."""
         out_features, in_features = self.shape
