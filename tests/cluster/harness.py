@@ -172,4 +172,5 @@ def provide_model_volume(api: KubeApi, namespace: str, host_dir: Path, claim: st
             == "Bound"
         ),
         f"PVC {namespace}/{claim} to be bound",
+        timeout=120,  # the controller-manager's volume binder, just started on a busy machine
     )
