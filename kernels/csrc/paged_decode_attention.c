@@ -54,6 +54,11 @@ typedef struct {
     const int64_t *rows;     /* rows[t]: offset of token t's values of KV head 0 */
     int64_t len, group, kv_head, head_dim, head_stride;
     float scale;
+    /* What this thread reads next, so the end of each pass prefetches the start of the next:
+     * V after K, then the next KV head's K, then the next sequence's first KV head's K. */
+    int64_t next_kv_head;    /* -1 after the last KV head */
+    const int64_t *next_rows; /* after the last KV head: the next sequence's rows (or NULL) */
+    int64_t next_len;
 } Item;
 
 INLINE int64_t value_offset(const Item *s, int64_t t) { return s->rows[t] + s->kv_head * s->head_stride; }
@@ -120,9 +125,18 @@ INLINE __m256 load8(const void *cache, int is_int8, int64_t i) {
  * scattered, so no hardware prefetcher can guess them. Into L2 (T1), not L1: L1's few miss
  * buffers capped a core's stream (Zen 4, float32 cache: 16.5 -> 23-25 GB/s over two cores). */
 INLINE void prefetch_row(const Item *s, const void *cache, int is_int8, int64_t t) {
-    if (t + PREFETCH >= s->len) return;
+    const int64_t *rows = s->rows;
+    int64_t ahead = t + PREFETCH, head = s->kv_head, len = s->len;
+    if (ahead >= len) { /* past this pass's end: the start of the next pass */
+        ahead -= len;
+        if (cache == s->k_cache) cache = s->v_cache;
+        else if (s->next_kv_head >= 0) cache = s->k_cache, head = s->next_kv_head;
+        else if (s->next_rows) cache = s->k_cache, head = 0, rows = s->next_rows, len = s->next_len;
+        else return;
+        if (ahead >= len) return;
+    }
     const int64_t size = is_int8 ? 1 : sizeof(float);
-    const char *row = (const char *)cache + value_offset(s, t + PREFETCH) * size;
+    const char *row = (const char *)cache + (rows[ahead] + head * s->head_stride) * size;
     for (int64_t b = 0; b < s->head_dim * size; b += 64) _mm_prefetch(row + b, _MM_HINT_T1);
 }
 
@@ -473,30 +487,41 @@ INLINE int decode(const float *q, int64_t q_stride, const void *k_cache, const v
     const int64_t group = num_heads / num_kv_heads;
     if (group * num_kv_heads != num_heads) return -1;
     const Attend attend_one = attend_for(is_int8, head_dim);
+    int64_t max_len = 1;
+    for (int64_t i = 0; i < num_seqs; i++) max_len = seq_lens[i] > max_len ? seq_lens[i] : max_len;
     int failed = 0;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
-    for (int64_t i = 0; i < num_seqs; i++) {
-        const int64_t len = seq_lens[i] > 0 ? seq_lens[i] : 1;
-        int64_t *slots = malloc(sizeof(int64_t) * 2 * len);
-        float *scores = malloc(sizeof(float) * group * len);
-        float *head_scales = is_int8 ? malloc(sizeof(float) * 2 * len) : NULL; /* K's row, V's row */
+    int64_t next = 0; /* sequences are taken one at a time, in order, by whichever thread is free */
+#pragma omp parallel num_threads(num_threads)
+    {
+        int64_t *slots = malloc(sizeof(int64_t) * 4 * max_len); /* this sequence's, then the next one's */
+        float *scores = malloc(sizeof(float) * group * max_len);
+        float *head_scales = is_int8 ? malloc(sizeof(float) * 2 * max_len) : NULL; /* K's row, V's row */
         float *acc = malloc(sizeof(float) * group * head_dim);
         float *buffer = malloc(sizeof(float) * V_TILE * head_dim);
-        if (!slots || !scores || (is_int8 && !head_scales) || !acc || !buffer) {
-            failed = 1;
-        } else {
-            slots_of(block_tables + i * max_blocks, seq_lens[i], layout, slots, slots + len);
+        const int ready = slots && scores && (!is_int8 || head_scales) && acc && buffer;
+        if (!ready) failed = 1;
+        int64_t *current = slots, *following = slots + 2 * max_len;
+        int64_t i = ready ? __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED) : num_seqs;
+        if (i < num_seqs) slots_of(block_tables + i * max_blocks, seq_lens[i], layout, current, current + max_len);
+        while (i < num_seqs) {
+            const int64_t j = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);
+            if (j < num_seqs) slots_of(block_tables + j * max_blocks, seq_lens[j], layout, following, following + max_len);
             for (int64_t h = 0; h < num_kv_heads; h++) {
                 for (int64_t e = 0; e < group * head_dim; e++) acc[e] = 0.0f;
                 for (int64_t t = 0; is_int8 && t < seq_lens[i]; t++) {
-                    head_scales[t] = k_scales[slots[t] * num_kv_heads + h];
-                    head_scales[len + t] = v_scales[slots[t] * num_kv_heads + h];
+                    head_scales[t] = k_scales[current[t] * num_kv_heads + h];
+                    head_scales[max_len + t] = v_scales[current[t] * num_kv_heads + h];
                 }
                 const int64_t first = (i * num_heads + h * group) * head_dim;
-                const Item s = {q + i * q_stride + h * group * head_dim, k_cache, v_cache, head_scales, is_int8 ? head_scales + len : NULL,
-                                slots + len, seq_lens[i], group, h, head_dim, layout[LAYOUT_HEAD], scale};
+                const int last_head = h + 1 == num_kv_heads;
+                const Item s = {q + i * q_stride + h * group * head_dim, k_cache, v_cache, head_scales,
+                                is_int8 ? head_scales + max_len : NULL, current + max_len, seq_lens[i], group, h,
+                                head_dim, layout[LAYOUT_HEAD], scale, last_head ? -1 : h + 1,
+                                last_head && j < num_seqs ? following + max_len : NULL, j < num_seqs ? seq_lens[j] : 0};
                 attend_one(&s, scores, acc, buffer, out + first);
             }
+            int64_t *done = current;
+            current = following, following = done, i = j;
         }
         free(buffer);
         free(slots);
