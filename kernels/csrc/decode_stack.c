@@ -61,27 +61,32 @@ static int attend(const Step *s, const LayerCache *c) {
                                       heads, kv_heads, dim, s->layout, s->max_blocks, s->scale, s->threads);
 }
 
-/* y[m, n] = x[m, k] . w[n, :] in the stack's weight format; 0 or a kernel's error. */
-static int linear(const Step *s, const float *x, int64_t k, const void *w, int64_t n, float *y) {
+/* y[m, n] = x[m, k] . w[n, :] in the stack's weight format; 0 or a kernel's error. `next`: the
+ * float panels the stack multiplies by next (or NULL), whose first lines the GEMM asks for. */
+static int linear(const Step *s, const float *x, int64_t k, const void *w, int64_t n, float *y,
+                  const NextPanels *next) {
     if (s->int8) return int8_gemm_packed(x, s->m, k, k, w, n, NULL, y, n, s->threads);
-    return sgemm_packed(x, s->m, k, k, w, n, NULL, y, n, s->threads);
+    return sgemm_packed_then(x, s->m, k, k, w, n, NULL, y, n, s->threads, next);
 }
 
 /* x += the previous layer's MLP output (none before the first layer), then one decoder layer;
- * its MLP output is left in s->delta. */
-static int decoder_layer(const Step *s, float *x, const void *const *w, const LayerCache *c, int first) {
+ * its MLP output is left in s->delta. `next_qkv`: the next layer's q/k/v weights, or NULL. */
+static int decoder_layer(const Step *s, float *x, const void *const *w, const LayerCache *c, int first,
+                         const void *next_qkv) {
     const int64_t m = s->m, hidden = s->hidden, dim = s->dim, heads = s->heads, inner = s->intermediate;
+    const NextPanels o = {w[O], heads * dim, hidden}, gate_up = {w[GATE_UP], hidden, 2 * inner},
+                     down = {w[DOWN], inner, hidden}, qkv = {next_qkv, hidden, s->qkv_width};
     if (first) rms_norm_f32(x, hidden, w[INPUT_NORM], m, hidden, s->eps, s->normed, s->threads);
     else add_rms_norm_f32(x, hidden, s->delta, hidden, w[INPUT_NORM], m, hidden, s->eps, s->normed, s->threads);
-    if (linear(s, s->normed, hidden, w[QKV], s->qkv_width, s->qkv)) return -2;
+    if (linear(s, s->normed, hidden, w[QKV], s->qkv_width, s->qkv, &o)) return -2;
     if (rotary_f32(s->qkv, s->qkv_width, dim, s->positions, s->cos, s->signed_sin, s->table_rows, m,
                    heads + s->kv_heads, dim, s->qk, s->threads))
         return -1;
-    if (attend(s, c) || linear(s, s->attended, heads * dim, w[O], hidden, s->delta)) return -2;
+    if (attend(s, c) || linear(s, s->attended, heads * dim, w[O], hidden, s->delta, &gate_up)) return -2;
     add_rms_norm_f32(x, hidden, s->delta, hidden, w[POST_NORM], m, hidden, s->eps, s->normed, s->threads);
-    if (linear(s, s->normed, hidden, w[GATE_UP], 2 * inner, s->gate_up)) return -2;
+    if (linear(s, s->normed, hidden, w[GATE_UP], 2 * inner, s->gate_up, &down)) return -2;
     silu_mul_f32(s->gate_up, m, inner, s->activated, s->threads);
-    return linear(s, s->activated, inner, w[DOWN], hidden, s->delta) ? -2 : 0;
+    return linear(s, s->activated, inner, w[DOWN], hidden, s->delta, next_qkv ? &qkv : NULL) ? -2 : 0;
 }
 
 int llama_decode_f32(float *x, int64_t m, const int64_t *shape, const void *const *weights,
@@ -99,8 +104,11 @@ int llama_decode_f32(float *x, int64_t m, const int64_t *shape, const void *cons
     const int count = sizeof(floats) / sizeof(floats[0]);
     int status = shape[LAYERS] > 0 && (shape[FORMAT] == FLOAT_PANELS || shape[FORMAT] == INT8_PANELS) ? 0 : -2;
     for (int b = 0; b < count; b++) status = (*buffers[b] = malloc(sizeof(float) * m * floats[b])) ? status : -2;
-    for (int64_t l = 0; l < shape[LAYERS] && status == 0; l++)
-        status = decoder_layer(&s, x, weights + l * WEIGHTS_PER_LAYER, caches + l, l == 0);
+    for (int64_t l = 0; l < shape[LAYERS] && status == 0; l++) {
+        const void *const *layer = weights + l * WEIGHTS_PER_LAYER;
+        const void *next_qkv = l + 1 < shape[LAYERS] ? layer[WEIGHTS_PER_LAYER + QKV] : NULL;
+        status = decoder_layer(&s, x, layer, caches + l, l == 0, next_qkv);
+    }
     if (status == 0) /* the last MLP's output, then the final norm */
         add_rms_norm_f32(x, s.hidden, s.delta, s.hidden, weights[shape[LAYERS] * WEIGHTS_PER_LAYER], m, s.hidden, eps,
                          out, num_threads);

@@ -4,6 +4,13 @@
 
 int sgemm_packed(const float *x, int64_t m, int64_t k, int64_t ldx, const float *packed, int64_t n,
                  const float *bias, float *y, int64_t ldy, int num_threads);
+/* The float panels of the linear that runs next (k inputs, n outputs), for their first lines. */
+typedef struct {
+    const float *packed;
+    int64_t k, n;
+} NextPanels;
+int sgemm_packed_then(const float *x, int64_t m, int64_t k, int64_t ldx, const float *packed, int64_t n,
+                      const float *bias, float *y, int64_t ldy, int num_threads, const NextPanels *next);
 int int8_gemm_packed(const float *x, int64_t m, int64_t k, int64_t ldx, const void *weight, int64_t n,
                      const float *bias, float *y, int64_t ldy, int num_threads);
 float int8_row_unit(const float *x, int64_t cols, float top);

@@ -11,6 +11,9 @@
  * stays in L2 across the panels. Each thread first copies a block's rows into tiles of MR
  * interleaved by k, so a step's broadcasts read consecutive floats instead of rows far apart
  * (same run on our Zen 2 EPYC: 1.05x at 96 rows, 1.1x at 2048, par at 1-32).
+ * A caller that knows the linear it runs next (the decode stack) passes its panels: each thread's
+ * last panel then asks for the first panel it will read there, so a layer's GEMMs stream on
+ * without a cold start (fp32 engine on our Xeon, paired per step: 1.037x).
  * The accumulation order of a row depends only on k: a row's result never depends on its batch. */
 #include <omp.h>
 #include <stdint.h>
@@ -122,7 +125,7 @@ static void pack_rows(
 /* bias: n floats padded to whole panels (or NULL); tiles: room for `tile_floats(m, k)`. */
 static void panels_range(
     const float *x, int64_t m, int64_t k, int64_t ldx, const float *packed, int64_t n, const float *bias,
-    float *y, int64_t ldy, int64_t panel_begin, int64_t panel_end, float *tiles) {
+    float *y, int64_t ldy, int64_t panel_begin, int64_t panel_end, float *tiles, const float *then_panel) {
     const int64_t k_blocks = (k + KC - 1) / KC, kc = (k + k_blocks - 1) / k_blocks;  /* even slices */
     for (int64_t k0 = 0; k0 < k; k0 += kc) {
         const int64_t depth = k - k0 < kc ? k - k0 : kc;
@@ -133,7 +136,8 @@ static void panels_range(
                 const float *panel = packed + (p * k + k0) * NR;
                 const int64_t cols = n - p * NR < NR ? n - p * NR : NR;
                 const float *panel_bias = bias ? bias + p * NR : NULL;
-                const float *next_panel = p + 1 < panel_end ? panel + k * NR : NULL;
+                const int last = p + 1 == panel_end && k0 + depth == k && m_end == m;
+                const float *next_panel = last ? then_panel : p + 1 < panel_end ? panel + k * NR : NULL;
                 for (int64_t i = m0; i < m_end; i += MR) {
                     const int rows = m_end - i < MR ? (int)(m_end - i) : MR;
                     tile_rows(rows, tiles + (i - m0) * depth, panel, depth, panel_bias, k0 == 0,
@@ -150,29 +154,46 @@ static int64_t tile_floats(int64_t m, int64_t k) {
     return (rows + MR - 1) / MR * MR * (k < KC ? k : KC);
 }
 
+/* The first of thread t's contiguous share of the panels. */
+static int64_t range_start(int64_t panels, int64_t t, int64_t threads) { return panels * t / threads; }
+
+/* Threads for `panels` panels: at most one per panel, at least one. */
+static int team_size(int num_threads, int64_t panels) {
+    const int64_t threads = num_threads < panels ? num_threads : panels;
+    return threads < 1 ? 1 : (int)threads;
+}
+
 /* 0, -1 where this build has no AVX2/FMA (the caller keeps oneDNN), -2 out of memory. */
-int sgemm_packed(
+int sgemm_packed_then(
     const float *x, int64_t m, int64_t k, int64_t ldx, const float *packed, int64_t n, const float *bias,
-    float *y, int64_t ldy, int num_threads) {
+    float *y, int64_t ldy, int num_threads, const NextPanels *next) {
     const int64_t panels = (n + NR - 1) / NR;
-    if (num_threads > panels) num_threads = (int)panels;
-    if (num_threads < 1) num_threads = 1;
+    const int64_t next_panels = next ? (next->n + NR - 1) / NR : 0, next_threads = team_size(num_threads, next_panels);
     int failed = 0;
-#pragma omp parallel num_threads(num_threads)
+#pragma omp parallel num_threads(team_size(num_threads, panels))
     {
         const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
-        const int64_t begin = panels * t / threads, end = panels * (t + 1) / threads;
+        const float *then_panel = next && t < next_threads
+            ? next->packed + range_start(next_panels, t, next_threads) * next->k * NR : NULL;
         float *tiles = malloc(sizeof(float) * tile_floats(m, k));
-        if (tiles) panels_range(x, m, k, ldx, packed, n, bias, y, ldy, begin, end, tiles);
+        if (tiles)
+            panels_range(x, m, k, ldx, packed, n, bias, y, ldy, range_start(panels, t, threads),
+                         range_start(panels, t + 1, threads), tiles, then_panel);
         else failed = 1;
         free(tiles);
     }
     return failed ? -2 : 0;
 }
 #else
-int sgemm_packed(
+int sgemm_packed_then(
     const float *x, int64_t m, int64_t k, int64_t ldx, const float *packed, int64_t n, const float *bias,
-    float *y, int64_t ldy, int num_threads) {
+    float *y, int64_t ldy, int num_threads, const NextPanels *next) {
     return -1;
 }
 #endif
+
+int sgemm_packed(
+    const float *x, int64_t m, int64_t k, int64_t ldx, const float *packed, int64_t n, const float *bias,
+    float *y, int64_t ldy, int num_threads) {
+    return sgemm_packed_then(x, m, k, ldx, packed, n, bias, y, ldy, num_threads, NULL);
+}
