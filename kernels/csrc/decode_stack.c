@@ -62,10 +62,10 @@ static int attend(const Step *s, const LayerCache *c) {
 }
 
 /* y[m, n] = x[m, k] . w[n, :] in the stack's weight format; 0 or a kernel's error. `next`: the
- * float panels the stack multiplies by next (or NULL), whose first lines the GEMM asks for. */
+ * weights the stack multiplies by next (or NULL), whose first panels the GEMM asks for. */
 static int linear(const Step *s, const float *x, int64_t k, const void *w, int64_t n, float *y,
                   const NextPanels *next) {
-    if (s->int8) return int8_gemm_packed(x, s->m, k, k, w, n, NULL, y, n, s->threads);
+    if (s->int8) return int8_gemm_packed_then(x, s->m, k, k, w, n, NULL, y, n, s->threads, next);
     return sgemm_packed_then(x, s->m, k, k, w, n, NULL, y, n, s->threads, next);
 }
 

@@ -4,15 +4,18 @@
 
 int sgemm_packed(const float *x, int64_t m, int64_t k, int64_t ldx, const float *packed, int64_t n,
                  const float *bias, float *y, int64_t ldy, int num_threads);
-/* The float panels of the linear that runs next (k inputs, n outputs), for their first lines. */
+/* The weights of the linear that runs next (k inputs, n outputs), in the format of the GEMM given
+ * them, so that it can ask for their first panels. */
 typedef struct {
-    const float *packed;
+    const void *weights;
     int64_t k, n;
 } NextPanels;
 int sgemm_packed_then(const float *x, int64_t m, int64_t k, int64_t ldx, const float *packed, int64_t n,
                       const float *bias, float *y, int64_t ldy, int num_threads, const NextPanels *next);
 int int8_gemm_packed(const float *x, int64_t m, int64_t k, int64_t ldx, const void *weight, int64_t n,
                      const float *bias, float *y, int64_t ldy, int num_threads);
+int int8_gemm_packed_then(const float *x, int64_t m, int64_t k, int64_t ldx, const void *weight, int64_t n,
+                          const float *bias, float *y, int64_t ldy, int num_threads, const NextPanels *next);
 float int8_row_unit(const float *x, int64_t cols, float top);
 void rms_norm_f32(const float *x, int64_t x_stride, const float *weight, int64_t rows, int64_t cols, float eps,
                   float *out, int num_threads);
