@@ -19,10 +19,10 @@
  * sums[n16], then int8 panels [n16 / 16][g][16 outputs][4 inputs]; padding zero. A register
  * tile holds 16 rows of one part each: 16 tokens' q, or 8 tokens' hi then the same 8 tokens' lo.
  * Each thread takes a contiguous range of panels; a panel is read once per block of MC rows. A
- * block's first tile over a panel asks for the next panel (into L2), and a caller that knows the
- * linear it runs next (the decode stack) has each thread's last panel ask for its first panel
- * there (w8a8 + kv int8 engine on our Xeon, both together, paired per step: 1.02-1.06x). A
- * row's result never depends on its batch. Returns 0, -1 where this build has no AVX-512 VNNI,
+ * block's first tile over a panel asks for the next panel the thread reads (into L2): the next
+ * of its range, else its first for the next block, else (where the caller, the decode stack,
+ * names the linear it runs next) its first panel there (w8a8 + kv int8 engine on our Xeon, paired
+ * per step: 1.02-1.06x). A row's result never depends on its batch. Returns 0, -1 where this build has no AVX-512 VNNI,
  * -2 out of memory, k too large or an unknown header.
  */
 #include <float.h>
@@ -197,8 +197,8 @@ int int8_gemm_packed_then(const float *x, int64_t m, int64_t k, int64_t ldx, con
                               tiles + i / per_tile * groups * MR * 4, packed + p * groups * NR * 4, groups,
                               sums + p * NR, scales + p * NR, unit + i, bias ? bias + p * NR : NULL,
                               y + i * ldy + p * NR, ldy, cols,
-                              i > m0 ? NULL : p + 1 < end ? packed + (p + 1) * groups * NR * 4
-                                        : m_end == m ? then_panel : NULL);
+                              i > m0 ? NULL : p + 1 < end ? packed + (p + 1) * groups * NR * 4 /* its next panel */
+                                        : m_end < m ? packed + begin * groups * NR * 4 : then_panel);
             }
     }
     free(tiles), free(unit);

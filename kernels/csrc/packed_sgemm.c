@@ -3,17 +3,19 @@
  * Panel p holds w[16p + j][kk] at packed[(p * k + kk) * 16 + j], rows past n zero (packed in torch:
  * kernels/packed_float.py). A register tile of MR rows x 16 outputs (16 rows of one zmm each
  * with AVX-512, 6 rows of two ymm halves with AVX2) reads a panel as one sequential stream,
- * prefetched ahead; a block's first tile also asks for the next panel's lines (into L2), so with
- * several tiles per panel the next one is in L2 when its first tile starts (weights cold, our
- * Zen 4: 1.35x at 8 rows, 1.05-1.1x at 32-128). Each thread takes a contiguous range of panels.
+ * prefetched ahead; a block's first tile also asks for the lines of the next panel the thread
+ * reads (into L2), so with several tiles per panel the next one is in L2 when its first tile
+ * starts (weights cold, our Zen 4: 1.35x at 8 rows, 1.05-1.1x at 32-128): the next of its range,
+ * else the first of its range for the next block of rows or k-slice (fp32 engine on our Xeon,
+ * paired per step: 1.03x), else the first it reads in the linear that the caller runs next.
+ * Each thread takes a contiguous range of panels.
  * Few rows (decode): every weight is read once per call. Many rows (prefill): blocked along k
  * and m, so a panel's k-slice is reused from L1/L2 across a block of rows, and the rows' k-slice
  * stays in L2 across the panels. Each thread first copies a block's rows into tiles of MR
  * interleaved by k, so a step's broadcasts read consecutive floats instead of rows far apart
  * (same run on our Zen 2 EPYC: 1.05x at 96 rows, 1.1x at 2048, par at 1-32).
- * A caller that knows the linear it runs next (the decode stack) passes its weights: each thread's
- * last panel then asks for the first panel it will read there, so a layer's GEMMs stream on
- * without a cold start (fp32 engine on our Xeon, paired per step: 1.03-1.04x).
+ * A caller that knows that linear (the decode stack) passes its weights, so a layer's GEMMs
+ * stream on without a cold start (fp32 engine on our Xeon, paired per step: 1.03-1.04x).
  * The accumulation order of a row depends only on k: a row's result never depends on its batch. */
 #include <omp.h>
 #include <stdint.h>
@@ -136,8 +138,10 @@ static void panels_range(
                 const float *panel = packed + (p * k + k0) * NR;
                 const int64_t cols = n - p * NR < NR ? n - p * NR : NR;
                 const float *panel_bias = bias ? bias + p * NR : NULL;
-                const int last = p + 1 == panel_end && k0 + depth == k && m_end == m;
-                const float *next_panel = last ? then_panel : p + 1 < panel_end ? panel + k * NR : NULL;
+                const float *next_panel = p + 1 < panel_end ? panel + k * NR /* this thread's next panel: */
+                                          : m_end < m ? packed + (panel_begin * k + k0) * NR /* next rows */
+                                          : k0 + depth < k ? packed + (panel_begin * k + k0 + depth) * NR
+                                          : then_panel;
                 for (int64_t i = m0; i < m_end; i += MR) {
                     const int rows = m_end - i < MR ? (int)(m_end - i) : MR;
                     tile_rows(rows, tiles + (i - m0) * depth, panel, depth, panel_bias, k0 == 0,
