@@ -183,6 +183,7 @@ def paged_decode_attention(
         ctypes.c_int64(block_tables.shape[1]),
         ctypes.c_float(scale),
         ctypes.c_int(torch.get_num_threads()),
+        None,  # nothing to ask for when done
     )
     if status != 0:
         raise RuntimeError(f"native paged decode attention failed with status {status}")

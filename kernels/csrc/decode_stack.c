@@ -45,20 +45,24 @@ typedef struct {
     float *delta; /* what the last block computed, to add to the residual stream */
 } Step;
 
-/* This step's K and V into the layer's cache, then every sequence's attention into s->attended. */
-static int attend(const Step *s, const LayerCache *c) {
+/* This step's K and V into the layer's cache, then every sequence's attention into s->attended;
+ * a thread done with its sequences asks for its first panel of `next` (the o projection). */
+static int attend(const Step *s, const LayerCache *c, const NextPanels *next) {
     const int64_t m = s->m, heads = s->heads, kv_heads = s->kv_heads, dim = s->dim;
     const float *k = s->qk + heads * dim, *v = s->qkv + s->qk_width;
+    Lines then[s->threads];
+    for (int t = 0; t < s->threads; t++)
+        then[t] = s->int8 ? int8_first_panel(next, t, s->threads) : sgemm_first_panel(next, t, s->threads);
     if (c->k_scales) {
         write_kv_int8(k, s->qk_width, m, kv_heads, dim, s->slots, s->layout, c->k, c->k_scales);
         write_kv_int8(v, s->qkv_width, m, kv_heads, dim, s->slots, s->layout, c->v, c->v_scales);
         return paged_decode_attention_i8(s->qk, s->qk_width, c->k, c->v, c->k_scales, c->v_scales, s->block_tables,
                                          s->seq_lens, s->attended, m, heads, kv_heads, dim, s->layout, s->max_blocks,
-                                         s->scale, s->threads);
+                                         s->scale, s->threads, then);
     }
     write_kv_f32(k, v, m, kv_heads, dim, s->qk_width, s->qkv_width, s->slots, s->layout, c->k, c->v);
     return paged_decode_attention_f32(s->qk, s->qk_width, c->k, c->v, s->block_tables, s->seq_lens, s->attended, m,
-                                      heads, kv_heads, dim, s->layout, s->max_blocks, s->scale, s->threads);
+                                      heads, kv_heads, dim, s->layout, s->max_blocks, s->scale, s->threads, then);
 }
 
 /* y[m, n] = x[m, k] . w[n, :] in the stack's weight format; 0 or a kernel's error. `next`: the
@@ -82,7 +86,7 @@ static int decoder_layer(const Step *s, float *x, const void *const *w, const La
     if (rotary_f32(s->qkv, s->qkv_width, dim, s->positions, s->cos, s->signed_sin, s->table_rows, m,
                    heads + s->kv_heads, dim, s->qk, s->threads))
         return -1;
-    if (attend(s, c) || linear(s, s->attended, heads * dim, w[O], hidden, s->delta, &gate_up)) return -2;
+    if (attend(s, c, &o) || linear(s, s->attended, heads * dim, w[O], hidden, s->delta, &gate_up)) return -2;
     add_rms_norm_f32(x, hidden, s->delta, hidden, w[POST_NORM], m, hidden, s->eps, s->normed, s->threads);
     if (linear(s, s->normed, hidden, w[GATE_UP], 2 * inner, s->gate_up, &down)) return -2;
     silu_mul_f32(s->gate_up, m, inner, s->activated, s->threads);

@@ -12,6 +12,14 @@ typedef struct {
 } NextPanels;
 int sgemm_packed_then(const float *x, int64_t m, int64_t k, int64_t ldx, const float *packed, int64_t n,
                       const float *bias, float *y, int64_t ldy, int num_threads, const NextPanels *next);
+/* Bytes from `start` on (NULL, 0: nothing). */
+typedef struct {
+    const void *start;
+    int64_t bytes;
+} Lines;
+/* The first panel that thread t of num_threads reads in `next`: float panels, int8 panels. */
+Lines sgemm_first_panel(const NextPanels *next, int64_t t, int num_threads);
+Lines int8_first_panel(const NextPanels *next, int64_t t, int num_threads);
 int int8_gemm_packed(const float *x, int64_t m, int64_t k, int64_t ldx, const void *weight, int64_t n,
                      const float *bias, float *y, int64_t ldy, int num_threads);
 int int8_gemm_packed_then(const float *x, int64_t m, int64_t k, int64_t ldx, const void *weight, int64_t n,
@@ -31,11 +39,11 @@ int paged_decode_attention_f32(const float *q, int64_t q_stride, const float *k_
                                const int64_t *block_tables, const int64_t *seq_lens, float *out,
                                int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
                                int64_t head_dim, const int64_t *layout, int64_t max_blocks, float scale,
-                               int num_threads);
+                               int num_threads, const Lines *then);
 void write_kv_int8(const float *x, int64_t x_stride, int64_t tokens, int64_t heads, int64_t head_dim,
                    const int64_t *slots, const int64_t *layout, int8_t *data, float *scales);
 int paged_decode_attention_i8(const float *q, int64_t q_stride, const int8_t *k_cache, const int8_t *v_cache,
                               const float *k_scales, const float *v_scales, const int64_t *block_tables,
                               const int64_t *seq_lens, float *out, int64_t num_seqs, int64_t num_heads,
                               int64_t num_kv_heads, int64_t head_dim, const int64_t *layout, int64_t max_blocks,
-                              float scale, int num_threads);
+                              float scale, int num_threads, const Lines *then);

@@ -40,6 +40,19 @@
 #define MAX_K (INT32_MAX / (255 * 127) / 4 * 4)
 #define PREFETCH_BYTES 1024
 
+/* The int8 panels of a weight buffer with `panels` panels. */
+static const int8_t *panels_of(const void *weight, int64_t panels) {
+    return (const int8_t *)weight + HEADER_BYTES + panels * NR * (sizeof(float) + sizeof(int32_t));
+}
+
+/* As int8_gemm_packed_then splits the panels. */
+Lines int8_first_panel(const NextPanels *next, int64_t t, int num_threads) {
+    const int64_t panels = next ? (next->n + NR - 1) / NR : 0, groups = next ? (next->k + 3) / 4 : 0;
+    const int64_t threads = num_threads < panels ? num_threads : panels;
+    if (!next || !next->weights || t >= threads) return (Lines){NULL, 0};
+    return (Lines){panels_of(next->weights, panels) + panels * t / threads * groups * NR * 4, groups * NR * 4};
+}
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
 
@@ -153,19 +166,6 @@ static void tile_rows(int rows, int parts, const uint8_t *x, const int8_t *panel
     else switch (rows) { HALF_ROWS(SPLIT_CASE) }
 }
 
-/* The int8 panels of a weight buffer with `panels` panels. */
-static const int8_t *panels_of(const void *weight, int64_t panels) {
-    return (const int8_t *)weight + HEADER_BYTES + panels * NR * (sizeof(float) + sizeof(int32_t));
-}
-
-/* The first panel that thread t of `threads` reads in `next` (or NULL): as int8_gemm_packed_then splits. */
-static const int8_t *first_panel(const NextPanels *next, int64_t t, int num_threads) {
-    if (!next) return NULL;
-    const int64_t panels = (next->n + NR - 1) / NR, groups = (next->k + 3) / 4;
-    const int64_t threads = num_threads < panels ? num_threads : panels;
-    return t < threads ? panels_of(next->weights, panels) + panels * t / threads * groups * NR * 4 : NULL;
-}
-
 int int8_gemm_packed_then(const float *x, int64_t m, int64_t k, int64_t ldx, const void *weight, int64_t n,
                           const float *bias, float *y, int64_t ldy, int num_threads, const NextPanels *next) {
     const int parts = *(const int32_t *)weight;
@@ -188,7 +188,7 @@ int int8_gemm_packed_then(const float *x, int64_t m, int64_t k, int64_t ldx, con
         quantize_tiles(x, m, k, ldx, groups, parts, tiles, unit); /* ends with a barrier */
         const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
         const int64_t begin = panels * t / threads, end = panels * (t + 1) / threads;
-        const int8_t *then_panel = first_panel(next, t, requested);
+        const int8_t *then_panel = int8_first_panel(next, t, requested).start;
         for (int64_t m0 = 0; m0 < m; m0 += MC)
             for (int64_t p = begin; p < end; p++) {
                 const int64_t cols = n - p * NR < NR ? n - p * NR : NR, m_end = m - m0 < MC ? m : m0 + MC;

@@ -28,6 +28,22 @@
 #define MC 96   /* rows per block kept in L2 (x's k-slice: 216 KiB) */
 #define PREFETCH_FLOATS 512 /* the weight stream, 2 KiB ahead */
 
+/* The first of thread t's contiguous share of the panels. */
+static int64_t range_start(int64_t panels, int64_t t, int64_t threads) { return panels * t / threads; }
+
+/* Threads for `panels` panels: at most one per panel, at least one. */
+static int team_size(int num_threads, int64_t panels) {
+    const int64_t threads = num_threads < panels ? num_threads : panels;
+    return threads < 1 ? 1 : (int)threads;
+}
+
+Lines sgemm_first_panel(const NextPanels *next, int64_t t, int num_threads) {
+    const int64_t panels = next ? (next->n + NR - 1) / NR : 0, threads = team_size(num_threads, panels);
+    if (!next || !next->weights || t >= threads || panels == 0) return (Lines){NULL, 0};
+    const float *packed = next->weights;
+    return (Lines){packed + range_start(panels, t, threads) * next->k * NR, next->k * NR * (int64_t)sizeof(float)};
+}
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 
@@ -158,27 +174,16 @@ static int64_t tile_floats(int64_t m, int64_t k) {
     return (rows + MR - 1) / MR * MR * (k < KC ? k : KC);
 }
 
-/* The first of thread t's contiguous share of the panels. */
-static int64_t range_start(int64_t panels, int64_t t, int64_t threads) { return panels * t / threads; }
-
-/* Threads for `panels` panels: at most one per panel, at least one. */
-static int team_size(int num_threads, int64_t panels) {
-    const int64_t threads = num_threads < panels ? num_threads : panels;
-    return threads < 1 ? 1 : (int)threads;
-}
-
 /* 0, -1 where this build has no AVX2/FMA (the caller keeps oneDNN), -2 out of memory. */
 int sgemm_packed_then(
     const float *x, int64_t m, int64_t k, int64_t ldx, const float *packed, int64_t n, const float *bias,
     float *y, int64_t ldy, int num_threads, const NextPanels *next) {
     const int64_t panels = (n + NR - 1) / NR;
-    const int64_t next_panels = next ? (next->n + NR - 1) / NR : 0, next_threads = team_size(num_threads, next_panels);
     int failed = 0;
 #pragma omp parallel num_threads(team_size(num_threads, panels))
     {
         const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
-        const float *then_panel = next && t < next_threads
-            ? (const float *)next->weights + range_start(next_panels, t, next_threads) * next->k * NR : NULL;
+        const float *then_panel = sgemm_first_panel(next, t, num_threads).start;
         float *tiles = malloc(sizeof(float) * tile_floats(m, k));
         if (tiles)
             panels_range(x, m, k, ldx, packed, n, bias, y, ldy, range_start(panels, t, threads),

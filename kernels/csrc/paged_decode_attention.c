@@ -33,6 +33,7 @@
  */
 #include <float.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include "cache_layout.h"
@@ -459,6 +460,11 @@ INLINE void attend(const Item *s, int is_int8, float *scores, float *acc, float 
         for (int64_t d = 0; d < s->head_dim; d++) out[i * s->head_dim + d] = acc[i * s->head_dim + d] * inverse_sums[i];
 }
 
+/* A thread out of sequences asks for what it reads next (into L2) before it waits for the others. */
+static void ask_for(Lines lines) {
+    for (int64_t b = 0; lines.start && b < lines.bytes; b += 64) __builtin_prefetch((const char *)lines.start + b, 0, 2);
+}
+
 typedef void (*Attend)(const Item *s, float *scores, float *acc, float *buffer, float *out);
 
 /* A copy of `attend` per kind of cache and common head size: with is_int8 and head_dim known at
@@ -483,7 +489,8 @@ static Attend attend_for(int is_int8, int64_t head_dim) {
 INLINE int decode(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache, const float *k_scales,
                   const float *v_scales, const int64_t *block_tables, const int64_t *seq_lens, float *out,
                   int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                  const int64_t *layout, int64_t max_blocks, float scale, int num_threads, int is_int8) {
+                  const int64_t *layout, int64_t max_blocks, float scale, int num_threads, int is_int8,
+                  const Lines *then) {
     const int64_t group = num_heads / num_kv_heads;
     if (group * num_kv_heads != num_heads) return -1;
     const Attend attend_one = attend_for(is_int8, head_dim);
@@ -523,6 +530,7 @@ INLINE int decode(const float *q, int64_t q_stride, const void *k_cache, const v
             int64_t *done = current;
             current = following, following = done, i = j;
         }
+        if (then) ask_for(then[omp_get_thread_num()]);
         free(buffer);
         free(slots);
         free(scores);
@@ -536,16 +544,16 @@ int paged_decode_attention_f32(const float *q, int64_t q_stride, const float *k_
                                const int64_t *block_tables, const int64_t *seq_lens, float *out,
                                int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
                                int64_t head_dim, const int64_t *layout, int64_t max_blocks, float scale,
-                               int num_threads) {
+                               int num_threads, const Lines *then) {
     return decode(q, q_stride, k_cache, v_cache, NULL, NULL, block_tables, seq_lens, out, num_seqs, num_heads,
-                  num_kv_heads, head_dim, layout, max_blocks, scale, num_threads, 0);
+                  num_kv_heads, head_dim, layout, max_blocks, scale, num_threads, 0, then);
 }
 
 int paged_decode_attention_i8(const float *q, int64_t q_stride, const int8_t *k_cache, const int8_t *v_cache,
                               const float *k_scales, const float *v_scales, const int64_t *block_tables,
                               const int64_t *seq_lens, float *out, int64_t num_seqs, int64_t num_heads,
                               int64_t num_kv_heads, int64_t head_dim, const int64_t *layout, int64_t max_blocks,
-                              float scale, int num_threads) {
+                              float scale, int num_threads, const Lines *then) {
     return decode(q, q_stride, k_cache, v_cache, k_scales, v_scales, block_tables, seq_lens, out, num_seqs, num_heads,
-                  num_kv_heads, head_dim, layout, max_blocks, scale, num_threads, 1);
+                  num_kv_heads, head_dim, layout, max_blocks, scale, num_threads, 1, then);
 }
