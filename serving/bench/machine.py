@@ -7,6 +7,7 @@ from pathlib import Path
 # The CPU features that decide which kernels run (fbgemm, oneDNN, MKL, our C kernels).
 FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8")
 CPUINFO = Path("/proc/cpuinfo")
+CPU_CACHES = Path("/sys/devices/system/cpu/cpu0/cache")
 
 
 def read_cpuinfo(path: Path = CPUINFO) -> str:
@@ -58,6 +59,19 @@ def cpu_class(flags: dict[str, bool]) -> str:
     if flags.get("avx512f"):
         return "avx512"
     return "avx2" if flags.get("avx2") else "x86-64"
+
+
+def cache_bytes(size: str) -> int:
+    """sysfs's cache size ("266240K", "32M", "512") in bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    size = size.strip()
+    return int(size[:-1]) * units[size[-1]] if size[-1:] in units else int(size)
+
+
+def largest_cache_bytes(caches: Path = CPU_CACHES) -> int:
+    """The largest CPU cache Linux lists for CPU 0 (its last level), 0 where it lists none."""
+    sizes = [cache_bytes(path.read_text()) for path in caches.glob("index*/size") if path.read_text().strip()]
+    return max(sizes, default=0)
 
 
 def machine_class() -> str:

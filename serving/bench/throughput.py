@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvpilot.serving.bench import baselines, llama_cpp
-from kvpilot.serving.bench.machine import describe_machine, format_machine
+from kvpilot.serving.bench.machine import describe_machine, format_machine, largest_cache_bytes
 from kvpilot.serving.bench.report import (
     HF_SEQUENTIAL,
     HF_STATIC_BATCH,
@@ -40,6 +40,7 @@ from kvpilot.serving.bench.roofline import (
     measure_gemm_flops_per_s,
     measure_linears_flops_per_s,
     measure_memory_bytes_per_s,
+    memory_test_bytes,
     workload_bound,
 )
 from kvpilot.serving.bench.workload import (
@@ -276,7 +277,9 @@ def measure_peaks(shape, quick: bool = False) -> Peaks:
     min_time_s = 0.1 if quick else 0.3
     return Peaks(
         measure_gemm_flops_per_s(shape, min_time_s=min_time_s),
-        measure_memory_bytes_per_s(num_bytes=(16 << 20) if quick else (256 << 20), min_time_s=min_time_s),
+        measure_memory_bytes_per_s(
+            num_bytes=(16 << 20) if quick else memory_test_bytes(largest_cache_bytes()), min_time_s=min_time_s
+        ),
     )
 
 

@@ -2,12 +2,14 @@
 
 from kvpilot.kernels.packed_float import float_gemm
 from kvpilot.serving.bench.machine import (
+    cache_bytes,
     cpu_class,
     cpu_flags,
     cpu_id,
     cpu_model,
     describe_machine,
     format_machine,
+    largest_cache_bytes,
 )
 
 ZEN3 = (
@@ -56,3 +58,17 @@ def test_a_build_for_another_cpu_is_named(tmp_path, monkeypatch):
     machine = describe_machine(path)
     assert machine["kernels_march"] == "znver2"
     assert "C kernels built for -march=znver2, not this CPU" in format_machine(machine)
+
+
+def test_cache_sizes_read_as_sysfs_writes_them(tmp_path):
+    assert [cache_bytes(s) for s in ("266240K\n", "32M", "1G", "512")] == [
+        266240 << 10,
+        32 << 20,
+        1 << 30,
+        512,
+    ]
+    for index, size in enumerate(("48K", "2048K", "266240K")):
+        (tmp_path / f"index{index}").mkdir()
+        (tmp_path / f"index{index}" / "size").write_text(size + "\n")
+    assert largest_cache_bytes(tmp_path) == 266240 << 10
+    assert largest_cache_bytes(tmp_path / "missing") == 0

@@ -8,6 +8,7 @@ from kvpilot.serving.bench.roofline import (
     measure_gemm_flops_per_s,
     measure_linears_flops_per_s,
     measure_memory_bytes_per_s,
+    memory_test_bytes,
     request_flops,
     weight_bytes,
     workload_bound,
@@ -103,6 +104,12 @@ def test_gemm_peak_is_at_least_each_backend_alone():
     for linears in (mkl, *map(list, zip(*packed, strict=True))):
         alone = measure_linears_flops_per_s(shape, linears, batch=32, min_time_s=0.05)
         assert alone <= peak * 1.15, (alone, peak)  # timing noise only
+
+
+def test_the_memory_test_outgrows_a_large_last_level_cache():
+    assert memory_test_bytes(32 << 20) == 256 << 20  # Zen: 256 MiB is far larger than a 32 MiB L3
+    assert memory_test_bytes(260 << 20) == 4 * (260 << 20)  # our Xeon guest's L3 would hold it
+    assert memory_test_bytes(0) == 256 << 20  # no cache listed
 
 
 def test_memory_bandwidth_is_measured():
