@@ -21,9 +21,9 @@
  * Each thread takes a contiguous range of panels; a panel is read once per block of MC rows. A
  * block's first tile over a panel asks for the next panel the thread reads (into L2): the next
  * of its range, else its first for the next block, else (where the caller, the decode stack,
- * names the linear it runs next) its first panel there (w8a8 + kv int8 engine on our Xeon, paired
- * per step: 1.02-1.06x). A row's result never depends on its batch. Returns 0, -1 where this build has no AVX-512 VNNI,
- * -2 out of memory, k too large or an unknown header.
+ * names the linear it runs next) its first panel there (w8a8 + kv int8 engine on our Xeon,
+ * paired per step: 1.02-1.06x). A row's result never depends on its batch. Returns 0, -1 where
+ * this build has no AVX-512 VNNI, -2 out of memory, k too large or an unknown header.
  */
 #include <float.h>
 #include <math.h>
@@ -174,7 +174,7 @@ int int8_gemm_packed_then(const float *x, int64_t m, int64_t k, int64_t ldx, con
     const float *scales = (const float *)((const char *)weight + HEADER_BYTES);
     const int32_t *sums = (const int32_t *)(scales + panels * NR);
     const int8_t *packed = panels_of(weight, panels);
-    const int requested = num_threads;
+    const int requested = num_threads; /* as the next call is asked, before it is cut to its panels */
     uint8_t *tiles = malloc((m + per_tile - 1) / per_tile * groups * MR * 4);
     float *unit = malloc(sizeof(float) * (m > 0 ? m : 1));
     if (!tiles || !unit) {

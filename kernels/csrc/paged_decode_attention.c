@@ -29,6 +29,9 @@
  *                    which each KV head's pass reads a third, on our Zen 2.
  * k_scales, v_scales [num_blocks, block_size, num_kv_heads] float32, contiguous (int8 caches only)
  * block_tables:      [num_seqs, max_blocks] (int64), seq_lens: [num_seqs] (int64)
+ * then:              [num_threads] lines that each thread asks for (into L2) when it runs out of
+ *                    sequences, before it waits for the others (the decode stack: its first panel
+ *                    of the o projection), or NULL
  * Other arrays are contiguous. Returns 0, or < 0 for unsupported shapes / out of memory.
  */
 #include <float.h>
@@ -122,9 +125,10 @@ INLINE __m256 load8(const void *cache, int is_int8, int64_t i) {
     return is_int8 ? widen8((const int8_t *)cache + i) : _mm256_loadu_ps((const float *)cache + i);
 }
 
-/* Asks for the cache lines of token t + PREFETCH's row of this KV head: cache blocks are
- * scattered, so no hardware prefetcher can guess them. Into L2 (T1), not L1: L1's few miss
- * buffers capped a core's stream (Zen 4, float32 cache: 16.5 -> 23-25 GB/s over two cores). */
+/* Asks for the cache lines of token t + PREFETCH's row of this KV head (past the pass's end, the
+ * matching row at the start of the thread's next pass): cache blocks are scattered, so no
+ * hardware prefetcher can guess them. Into L2 (T1), not L1: L1's few miss buffers capped a
+ * core's stream (Zen 4, float32 cache: 16.5 -> 23-25 GB/s over two cores). */
 INLINE void prefetch_row(const Item *s, const void *cache, int is_int8, int64_t t) {
     const int64_t *rows = s->rows;
     int64_t ahead = t + PREFETCH, head = s->kv_head, len = s->len;
