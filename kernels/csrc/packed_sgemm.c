@@ -9,9 +9,9 @@
  * else the first of its range for the next block of rows or k-slice (fp32 engine on our Xeon,
  * paired per step: 1.03x), else the first it reads in the linear that the caller runs next.
  * Each thread takes a contiguous range of panels.
- * Few rows (decode): every weight is read once per call. Many rows (prefill): blocked along k
- * and m, so a panel's k-slice is reused from L1/L2 across a block of rows, and the rows' k-slice
- * stays in L2 across the panels. Each thread first copies a block's rows into tiles of MR
+ * Up to MC rows (a decode step): every weight is read once per call. More rows (prefill): blocked
+ * along k and m, so a panel's k-slice is reused from L1/L2 across a block of rows, and the rows'
+ * k-slice stays in L2 across the panels. Each thread first copies a block's rows into tiles of MR
  * interleaved by k, so a step's broadcasts read consecutive floats instead of rows far apart
  * (same run on our Zen 2 EPYC: 1.05x at 96 rows, 1.1x at 2048, par at 1-32).
  * A caller that knows that linear (the decode stack) passes its weights, so a layer's GEMMs
@@ -25,7 +25,7 @@
 
 #define NR 16  /* outputs per panel: one 16-float (AVX-512) or two 8-float (AVX2) vectors */
 #define KC 576  /* widest k-slice (k = 1536 goes in 3 slices of 512); wider measured no better */
-#define MC 96   /* rows per block kept in L2 (x's k-slice: 216 KiB) */
+#define MC 128  /* rows per block kept in L2 (x's k-slice: 288 KiB), so a decode step is one block */
 #define PREFETCH_FLOATS 512 /* the weight stream, 2 KiB ahead */
 
 /* The first of thread t's contiguous share of the panels. */
@@ -128,16 +128,35 @@ static void tile_rows(
     switch (rows) { ALL_ROWS(TILE_CASE) }
 }
 
-/* Rows [m0, m_end) of x over the k-slice [k0, k0 + depth) as tiles of MR rows interleaved by k:
- * tiles[(t * depth + kk) * MR + r] = x[m0 + t * MR + r][k0 + kk], rows past m_end zero. */
+/* A block of `rows` rows as ceil(rows / MR) tiles of near-equal size: tile i's first row (and
+ * the next tile's, so its count). Even tiles keep every tile's FMA chains busy: a 113-row block
+ * as 7 x 16 + 1 runs its last tile at the FMA latency, not the throughput. */
+static int64_t tiles_in(int64_t rows) { return (rows + MR - 1) / MR; }
+static int64_t tile_start(int64_t rows, int64_t i) {
+    const int64_t tiles = tiles_in(rows);
+    return i * (rows / tiles) + (i < rows % tiles ? i : rows % tiles);
+}
+
+/* Rows [m0, m_end) of x over the k-slice [k0, k0 + depth) as those tiles, each MR rows wide
+ * interleaved by k: tiles[(t * depth + kk) * MR + r] = x[m0 + tile_start(t) + r][k0 + kk]. */
 static void pack_rows(
     const float *x, int64_t ldx, int64_t m0, int64_t m_end, int64_t k0, int64_t depth, float *tiles) {
-    for (int64_t i = m0; i < m_end; i += MR) {
-        float *tile = tiles + (i - m0) * depth;
-        const int rows = m_end - i < MR ? (int)(m_end - i) : MR;
+    const int64_t rows = m_end - m0;
+    for (int64_t t = 0; t < tiles_in(rows); t++) {
+        float *tile = tiles + t * MR * depth;
+        const int64_t first = m0 + tile_start(rows, t), count = tile_start(rows, t + 1) - tile_start(rows, t);
         for (int64_t kk = 0; kk < depth; kk++)
-            for (int r = 0; r < MR; r++) tile[kk * MR + r] = r < rows ? x[(i + r) * ldx + k0 + kk] : 0.0f;
+            for (int r = 0; r < MR; r++) tile[kk * MR + r] = r < count ? x[(first + r) * ldx + k0 + kk] : 0.0f;
     }
+}
+
+/* Rows per block: as few blocks of at most MC rows as cover m, of near-equal size (m = 200 is two
+ * blocks of 100, not 128 + 72: each block re-reads every panel the thread has). MC 128 and even
+ * blocks and tiles against MC 96 (a 100-row decode step was 96 + 4, its weights read twice),
+ * fp32 engine on our Xeon, paired per step: 1.037-1.039x, then 1.012-1.020x. */
+static int64_t block_rows(int64_t m) {
+    const int64_t blocks = (m + MC - 1) / MC;
+    return (m + blocks - 1) / blocks;
 }
 
 /* bias: n floats padded to whole panels (or NULL); tiles: room for `tile_floats(m, k)`. */
@@ -145,10 +164,11 @@ static void panels_range(
     const float *x, int64_t m, int64_t k, int64_t ldx, const float *packed, int64_t n, const float *bias,
     float *y, int64_t ldy, int64_t panel_begin, int64_t panel_end, float *tiles, const float *then_panel) {
     const int64_t k_blocks = (k + KC - 1) / KC, kc = (k + k_blocks - 1) / k_blocks;  /* even slices */
+    const int64_t mc = block_rows(m);
     for (int64_t k0 = 0; k0 < k; k0 += kc) {
         const int64_t depth = k - k0 < kc ? k - k0 : kc;
-        for (int64_t m0 = 0; m0 < m; m0 += MC) {
-            const int64_t m_end = m - m0 < MC ? m : m0 + MC;
+        for (int64_t m0 = 0; m0 < m; m0 += mc) {
+            const int64_t m_end = m - m0 < mc ? m : m0 + mc;
             pack_rows(x, ldx, m0, m_end, k0, depth, tiles);
             for (int64_t p = panel_begin; p < panel_end; p++) {
                 const float *panel = packed + (p * k + k0) * NR;
@@ -158,10 +178,11 @@ static void panels_range(
                                           : m_end < m ? packed + (panel_begin * k + k0) * NR /* next rows */
                                           : k0 + depth < k ? packed + (panel_begin * k + k0 + depth) * NR
                                           : then_panel;
-                for (int64_t i = m0; i < m_end; i += MR) {
-                    const int rows = m_end - i < MR ? (int)(m_end - i) : MR;
-                    tile_rows(rows, tiles + (i - m0) * depth, panel, depth, panel_bias, k0 == 0,
-                              y + i * ldy + p * NR, ldy, cols, i == m0 ? next_panel : NULL);
+                for (int64_t t = 0; t < tiles_in(m_end - m0); t++) {
+                    const int64_t first = tile_start(m_end - m0, t);
+                    const int rows = (int)(tile_start(m_end - m0, t + 1) - first);
+                    tile_rows(rows, tiles + t * MR * depth, panel, depth, panel_bias, k0 == 0,
+                              y + (m0 + first) * ldy + p * NR, ldy, cols, t == 0 ? next_panel : NULL);
                 }
             }
         }
@@ -170,8 +191,7 @@ static void panels_range(
 
 /* Floats of one thread's packed rows: a block of rows rounded up to whole tiles, times a k-slice. */
 static int64_t tile_floats(int64_t m, int64_t k) {
-    const int64_t rows = m < MC ? m : MC;
-    return (rows + MR - 1) / MR * MR * (k < KC ? k : KC);
+    return tiles_in(block_rows(m)) * MR * (k < KC ? k : KC);
 }
 
 /* 0, -1 where this build has no AVX2/FMA (the caller keeps oneDNN), -2 out of memory. */

@@ -42,7 +42,9 @@ def test_packed_linear_matches_f_linear_and_keeps_the_leading_dims(layout):
         (7, 5, 1),  # less than one panel
         (100, 70, 29),  # a partial last panel; rows in whole tiles plus a partial one (16 or 6 rows)
         (48, 1536, 5),  # k in three slices (the kernel's 576-wide k blocks)
-        (40, 1000, 203),  # uneven k slices, rows over several 96-row blocks
+        (40, 1000, 203),  # uneven k slices, rows in two even blocks of 102 (at most 128 each)
+        (40, 70, 113),  # one block in even tiles (8 of 14-15 rows), not 7 x 16 + 1
+        (24, 30, 257),  # three blocks of 86 and 85
     ],
 )
 def test_panel_kernel_edges_match_f_linear(out_features, in_features, rows):
@@ -58,9 +60,10 @@ def test_panel_kernel_edges_match_f_linear(out_features, in_features, rows):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_a_row_does_not_depend_on_its_batch(layout):
     packed = layout.pack(_weight(49152 // 64, 64))
-    x = torch.randn(129, 64)
-    alone = torch.cat([packed.linear(row[None]) for row in x[:3]])
-    assert torch.equal(packed.linear(x)[:3], alone)
+    x = torch.randn(129, 64)  # two blocks; its tiles are not those of any smaller batch
+    alone = torch.cat([packed.linear(row[None]) for row in x])
+    for rows in (129, 113, 3):
+        assert torch.equal(packed.linear(x[:rows]), alone[:rows])
 
 
 def test_only_float32_cpu_matrices_are_packed():
