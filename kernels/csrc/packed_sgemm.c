@@ -155,7 +155,7 @@ static void pack_rows(
  * blocks and tiles against MC 96 (a 100-row decode step was 96 + 4, its weights read twice),
  * fp32 engine on our Xeon, paired per step: 1.037-1.039x, then 1.012-1.020x. */
 static int64_t block_rows(int64_t m) {
-    const int64_t blocks = (m + MC - 1) / MC;
+    const int64_t blocks = m > MC ? (m + MC - 1) / MC : 1;
     return (m + blocks - 1) / blocks;
 }
 
@@ -200,6 +200,7 @@ int sgemm_packed_then(
     float *y, int64_t ldy, int num_threads, const NextPanels *next) {
     const int64_t panels = (n + NR - 1) / NR;
     int failed = 0;
+    if (m == 0) return 0; /* no rows (e.g. no logits wanted this step): nothing to split */
 #pragma omp parallel num_threads(team_size(num_threads, panels))
     {
         const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();

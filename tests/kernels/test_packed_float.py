@@ -40,6 +40,7 @@ def test_packed_linear_matches_f_linear_and_keeps_the_leading_dims(layout):
     ("out_features", "in_features", "rows"),
     [
         (7, 5, 1),  # less than one panel
+        (40, 70, 0),  # no rows at all (a step that wants no logits)
         (100, 70, 29),  # a partial last panel; rows in whole tiles plus a partial one (16 or 6 rows)
         (48, 1536, 5),  # k in three slices (the kernel's 576-wide k blocks)
         (40, 1000, 203),  # uneven k slices, rows in two even blocks of 102 (at most 128 each)
