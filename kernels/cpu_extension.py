@@ -9,7 +9,7 @@
   `write_kv_int8` quantizes and scatters new K/V into an int8 cache, each in one call.
 - `sgemm_packed` multiplies float32 rows by a weight packed in panels of 16 outputs (AVX2 + FMA
   builds; see kernels/packed_float.py), `int8_gemm_packed` quantizes them per token and multiplies
-  by int8 panels (AVX-512 VNNI builds; see kernels/quant/panel_int8.py).
+  by int8 panels (AVX-512 VNNI and AVX2 builds; see kernels/quant/panel_int8.py).
 - `llama_decode` runs a whole Llama decoder stack over a decode step, calling the kernels above
   from C (see serving/models/decode_stack.py).
 
@@ -89,6 +89,7 @@ def load() -> ctypes.CDLL | None:
         getattr(lib, name).restype = None
     lib.sgemm_packed.restype = ctypes.c_int
     lib.int8_gemm_packed.restype = ctypes.c_int
+    lib.int8_panel_instruction.restype = ctypes.c_char_p
     lib.rotary_f32.restype = ctypes.c_int
     lib.llama_decode_f32.restype = ctypes.c_int
     return lib
@@ -353,7 +354,8 @@ def supports_packed_sgemm() -> bool:
 
 @functools.cache
 def supports_int8_panels() -> bool:
-    """The library built, with the int8 panel GEMM compiled in (AVX-512 VNNI): a 1 x 1 product runs."""
+    """The library built, with the int8 panel GEMM compiled in (AVX-512 VNNI or AVX2): a 1 x 1
+    product runs."""
     from kvpilot.kernels.quant.panel_int8 import PanelInt8
 
     if load() is None:
@@ -362,6 +364,12 @@ def supports_int8_panels() -> bool:
     out = torch.empty(1, 1)
     status = _gemm_status("int8_gemm_packed", torch.full((1, 1), 2.0), weight.buffer, 1, None, out)
     return status == 0 and out.item() == 6.0
+
+
+def int8_panel_instruction() -> str | None:
+    """What the int8 panels multiply with in this build: "vpdpbusd" (AVX-512 VNNI), "vpmaddwd"
+    (AVX2), or None where they do not run."""
+    return load().int8_panel_instruction().decode() if supports_int8_panels() else None
 
 
 def sgemm_packed(

@@ -1,5 +1,5 @@
-/* int8 linear layers with VNNI: float32 rows quantized per token, times int8 weights packed in
- * panels of 16 outputs, accumulated exactly in int32 by `vpdpbusd`.
+/* int8 linear layers: float32 rows quantized per token, times int8 weights packed in panels of 16
+ * outputs, accumulated exactly in int32: `vpdpbusd` with AVX-512 VNNI, `vpmaddwd` with AVX2.
  *
  * A weight's activations take one of two forms (int8_quantize.c's, per row t of x):
  * - W8A8: unit = max(max|x[t]|, FLT_MIN) / 127, q = round_half_even(x[t] / unit) in [-127, 127];
@@ -8,22 +8,22 @@
  *   and lo = round_half_even((scaled - hi) * 126), both in [-63, 63], so x = unit * (hi + lo / 126);
  *   y[t, o] = ((float)(hi . w[o]) + (float)(lo . w[o]) * (1 / 126)) * (scales[o] * unit[t]), the
  *   first sum fused.
- * A bias is added last, fused. `vpdpbusd` multiplies unsigned by signed bytes, so activations go
- * in as q + 128 in [1, 255] and each output subtracts 128 * sum(w[o]); every sum of four products
- * lands in int32 with no int16 step (the saturation of AVX2's `vpmaddubsw`), so the integer
- * products are exact for k <= MAX_K (checked). The Python path and the decode stack both call
- * this kernel, so they agree bit for bit.
+ * A bias is added last, fused. Neither instruction rounds or saturates an intermediate sum (AVX2's
+ * `vpmaddubsw` would: fbgemm's trap), so the integer products are exact for k <= MAX_K (checked),
+ * and both builds compute the float epilogue op for op: the same bits on every CPU. The Python
+ * path and the decode stack both call this kernel, so they agree bit for bit.
  *
  * Weight buffer (kernels/quant/panel_int8.py packs it), n16 = n rounded up to 16, g = k / 4
  * rounded up: a 64-byte header (int32 parts: 1 W8A8, 2 exact), float scales[n16], int32
- * sums[n16], then int8 panels [n16 / 16][g][16 outputs][4 inputs]; padding zero. A register
- * tile holds 16 rows of one part each: 16 tokens' q, or 8 tokens' hi then the same 8 tokens' lo.
+ * sums[n16] (128 * sum(w[o]), for VNNI's unsigned activations), then int8 panels [n16 / 16][g][16
+ * outputs][4 inputs]; padding zero. A register tile holds MR rows of one part each: MR tokens'
+ * q, or MR / 2 tokens' hi then the same tokens' lo.
  * Each thread takes a contiguous range of panels; a panel is read once per block of MC rows. A
  * block's first tile over a panel asks for the next panel the thread reads (into L2): the next
  * of its range, else its first for the next block, else (where the caller, the decode stack,
  * names the linear it runs next) its first panel there (w8a8 + kv int8 engine on our Xeon,
  * paired per step: 1.02-1.06x). A row's result never depends on its batch. Returns 0, -1 where
- * this build has no AVX-512 VNNI, -2 out of memory, k too large or an unknown header.
+ * this build has neither AVX-512 VNNI nor AVX2, -2 out of memory, k too large or an unknown header.
  */
 #include <float.h>
 #include <math.h>
@@ -34,8 +34,6 @@
 #include "kernels.h"
 
 #define NR 16  /* outputs per panel */
-#define MR 16  /* activation rows per register tile: 16 zmm accumulators */
-#define MC 256 /* tokens per block: their quantized rows stay in L2 while every panel passes */
 #define HEADER_BYTES 64
 #define MAX_K (INT32_MAX / (255 * 127) / 4 * 4)
 #define PREFETCH_BYTES 1024
@@ -56,54 +54,29 @@ Lines int8_first_panel(const NextPanels *next, int64_t t, int num_threads) {
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
 
+/* AVX-512 VNNI: `vpdpbusd` multiplies unsigned by signed bytes, so activations go in as q + 128
+ * (bytes, groups of 4 per tile row) and each output subtracts 128 * sum(w[o]); a tile is 16 rows x
+ * one panel, a zmm accumulator per row. */
+#define INSTRUCTION "vpdpbusd"
+typedef uint8_t act_t;
+#define ACT_ZERO 128 /* the byte of activation 0 */
+#define MR 16        /* activation rows per register tile */
+#define MC 256       /* tokens per block: their quantized rows stay in L2 while every panel passes */
+#define VEC 16       /* floats per vector when quantizing */
+typedef __m512 vec;
+#define vec_load _mm512_loadu_ps
+#define vec_set1 _mm512_set1_ps
+#define vec_div _mm512_div_ps
+#define vec_sub _mm512_sub_ps
+#define vec_mul _mm512_mul_ps
+#define vec_round(v) _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+
 /* 16 scaled values x / unit (or their parts) as bytes v + 128 into 4 groups of a tile row. */
-static inline void store_groups(__m512 values, uint8_t *out) {
+static inline void store_groups(__m512 values, act_t *out) {
     const __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(values), _mm512_set1_epi32(128)); /* half even */
     uint32_t bytes[4];
     _mm_storeu_si128((__m128i *)bytes, _mm512_cvtepi32_epi8(q));
     for (int j = 0; j < 4; j++) memcpy(out + j * MR * 4, bytes + j, 4);
-}
-
-/* Token i's row into a tile: `hi` (its q, or its hi part) at tile row `r`, its lo part (parts == 2)
- * at tile row r + 8; byte 128 (zero) past k. */
-static void quantize_row(const float *row, int64_t k, int64_t groups, int parts, uint8_t *hi, float *unit) {
-    uint8_t *lo = hi + 8 * 4;
-    const float u = *unit = int8_row_unit(row, k, parts == 1 ? 127.0f : 63.0f);
-    const __m512 divisor = _mm512_set1_ps(u), lo_scale = _mm512_set1_ps(126.0f);
-    int64_t g = 0;
-    for (; 4 * g + 16 <= k; g += 4) {
-        const __m512 scaled = _mm512_div_ps(_mm512_loadu_ps(row + 4 * g), divisor);
-        if (parts == 1) {
-            store_groups(scaled, hi + g * MR * 4);
-            continue;
-        }
-        const __m512 h = _mm512_roundscale_ps(scaled, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        store_groups(h, hi + g * MR * 4);
-        store_groups(_mm512_mul_ps(_mm512_sub_ps(scaled, h), lo_scale), lo + g * MR * 4);
-    }
-    for (; g < groups; g++)
-        for (int e = 0; e < 4; e++) {
-            const float scaled = 4 * g + e < k ? row[4 * g + e] / u : 0.0f, h = nearbyintf(scaled);
-            hi[g * MR * 4 + e] = (uint8_t)(h + 128.0f);
-            if (parts == 2) lo[g * MR * 4 + e] = (uint8_t)(nearbyintf((scaled - h) * 126.0f) + 128.0f);
-        }
-}
-
-/* Every token's rows into tiles of MR rows interleaved by groups of 4 inputs; tile rows past m are
- * zero (byte 128). A tile holds per_tile = MR / parts tokens. */
-static void quantize_tiles(const float *x, int64_t m, int64_t k, int64_t ldx, int64_t groups, int parts,
-                           uint8_t *tiles, float *unit) {
-    const int64_t per_tile = MR / parts;
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < (m + per_tile - 1) / per_tile * per_tile; i++) {
-        uint8_t *tile = tiles + i / per_tile * groups * MR * 4, *hi = tile + i % per_tile * 4;
-        if (i < m) {
-            quantize_row(x + i * ldx, k, groups, parts, hi, unit + i);
-            continue;
-        }
-        for (int part = 0; part < parts; part++)
-            for (int64_t g = 0; g < groups; g++) memset(hi + part * 8 * 4 + g * MR * 4, 128, 4);
-    }
 }
 
 /* Tile row i holds a token's q or hi part where i < rows (W8A8) or i % 8 < rows (exact). */
@@ -130,7 +103,7 @@ static inline void store_row(__m512 product, __m512 scales, float unit, const fl
 }
 
 /* One tile: `rows` tokens (a compile-time constant at every call, as is `parts`) x 16 outputs. */
-static inline __attribute__((always_inline)) void tile(const int rows, const int parts, const uint8_t *x,
+static inline __attribute__((always_inline)) void tile(const int rows, const int parts, const act_t *x,
                                                        const int8_t *panel, int64_t groups,
                                                        const int32_t *panel_sums, const float *panel_scales,
                                                        const float *unit, const float *bias, float *y,
@@ -159,11 +132,167 @@ static inline __attribute__((always_inline)) void tile(const int rows, const int
 #define SPLIT_CASE(i) \
     case i + 1: tile(i + 1, 2, x, panel, groups, sums, scales, unit, bias, y, ldy, cols, next_panel); break;
 
-static void tile_rows(int rows, int parts, const uint8_t *x, const int8_t *panel, int64_t groups,
+static void tile_rows(int rows, int parts, const act_t *x, const int8_t *panel, int64_t groups,
                       const int32_t *sums, const float *scales, const float *unit, const float *bias, float *y,
                       int64_t ldy, int64_t cols, const int8_t *next_panel) {
     if (parts == 1) switch (rows) { ALL_ROWS(Q_CASE) }
     else switch (rows) { HALF_ROWS(SPLIT_CASE) }
+}
+
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+/* AVX2: `vpmaddwd` multiplies int16 pairs and adds each pair in int32 (no saturation, unlike
+ * `vpmaddubsw`'s int16 sums), so activations go in as signed int16 (groups of 4 per tile row) and
+ * the weights are sign-extended as they are loaded; the sums go unused. A tile is 4 rows x half a
+ * panel (8 outputs): a group's 32 weight bytes widen to two ymm of 4 outputs x 4 inputs, and a
+ * row's 4 activations are broadcast to both; each of the 8 int32 accumulators holds 4 outputs x
+ * 2 partial sums, added pairwise at the end. 6 rows (12 accumulators) spill. */
+#define INSTRUCTION "vpmaddwd"
+typedef int16_t act_t;
+#define ACT_ZERO 0
+#define MR 4
+#define MC 240 /* a multiple of MR and MR / 2 */
+#define VEC 8
+typedef __m256 vec;
+#define vec_load _mm256_loadu_ps
+#define vec_set1 _mm256_set1_ps
+#define vec_div _mm256_div_ps
+#define vec_sub _mm256_sub_ps
+#define vec_mul _mm256_mul_ps
+#define vec_round(v) _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+
+/* 8 scaled values x / unit (or their parts) as int16 into 2 groups of a tile row. */
+static inline void store_groups(__m256 values, act_t *out) {
+    const __m256i q = _mm256_cvtps_epi32(values); /* half even */
+    const __m256i halves = _mm256_packs_epi32(q, q); /* |q| <= 127: no saturation */
+    _mm_storel_epi64((__m128i *)out, _mm256_castsi256_si128(halves));
+    _mm_storel_epi64((__m128i *)(out + MR * 4), _mm256_extracti128_si256(halves, 1));
+}
+
+#define ACC(i) __m256i c##i##0 = _mm256_setzero_si256(), c##i##1 = _mm256_setzero_si256();
+#define DOT(i)                                                                           \
+    if (ACTIVE(i)) {                                                                     \
+        int64_t four;                                                                    \
+        memcpy(&four, x + (g * MR + i) * 4, sizeof four);                                \
+        const __m256i a = _mm256_set1_epi64x(four);                                      \
+        c##i##0 = _mm256_add_epi32(c##i##0, _mm256_madd_epi16(a, w0));                   \
+        c##i##1 = _mm256_add_epi32(c##i##1, _mm256_madd_epi16(a, w1));                   \
+    }
+/* The 8 outputs' int32 products in order: hadd gives outputs 0 1 4 5 | 2 3 6 7. */
+#define PRODUCT(i) \
+    _mm256_cvtepi32_ps(_mm256_permute4x64_epi64(_mm256_hadd_epi32(c##i##0, c##i##1), _MM_SHUFFLE(3, 1, 2, 0)))
+#define ACTIVE(i) (parts == 1 ? (i) < rows : (i) % (MR / 2) < rows)
+#define STORE_Q(i) \
+    if (i < rows) store_row(PRODUCT(i), scales, unit[i], bias, y + i * ldy, cols);
+#define STORE_SPLIT(i, lo) \
+    if (i < rows) store_row(_mm256_fmadd_ps(PRODUCT(lo), lo_weight, PRODUCT(i)), scales, unit[i], bias, \
+                            y + i * ldy, cols);
+#define HALF_ROWS(op) op(0) op(1)
+#define ALL_ROWS(op) HALF_ROWS(op) op(2) op(3)
+#define SPLIT_PAIRS(op) op(0, 2) op(1, 3)
+#define HALF 8 /* outputs per tile */
+
+/* As the VNNI epilogue, op for op (same bits); `cols` of the 8 outputs are stored. */
+static inline void store_row(__m256 product, __m256 scales, float unit, const float *bias, float *row,
+                             int64_t cols) {
+    const __m256 scale = _mm256_mul_ps(scales, _mm256_set1_ps(unit));
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(cols < HALF ? cols : HALF)), lanes);
+    _mm256_maskstore_ps(row, mask, bias ? _mm256_fmadd_ps(product, scale, _mm256_maskload_ps(bias, mask))
+                                        : _mm256_mul_ps(product, scale));
+}
+
+/* One tile: `rows` tokens (compile-time constants, as is `parts`) x the 8 outputs of half a panel,
+ * `panel` at the half's first byte of group 0. */
+static inline __attribute__((always_inline)) void tile(const int rows, const int parts, const act_t *x,
+                                                       const int8_t *panel, int64_t groups,
+                                                       const float *half_scales, const float *unit,
+                                                       const float *bias, float *y, int64_t ldy, int64_t cols,
+                                                       const int8_t *next_panel) {
+    ALL_ROWS(ACC)
+#pragma GCC unroll 2
+    for (int64_t g = 0; g < groups; g++) {
+        const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(panel + g * NR * 4)));
+        const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(panel + g * NR * 4 + 16)));
+        _mm_prefetch((const char *)(panel + g * NR * 4 + PREFETCH_BYTES), _MM_HINT_T0);
+        if (next_panel) _mm_prefetch((const char *)(next_panel + g * NR * 4), _MM_HINT_T1);
+        ALL_ROWS(DOT)
+    }
+    const __m256 scales = _mm256_loadu_ps(half_scales);
+    if (parts == 1) {
+        ALL_ROWS(STORE_Q)
+    } else {
+        const __m256 lo_weight = _mm256_set1_ps(1.0f / 126.0f);
+        SPLIT_PAIRS(STORE_SPLIT)
+    }
+}
+
+#define HALF_TILE(r, p, h)                                                                            \
+    tile(r, p, x, panel + h * HALF * 4, groups, scales + h * HALF, unit, bias ? bias + h * HALF : NULL, \
+         y + h * HALF, ldy, cols - h * HALF, h ? NULL : next_panel);
+#define Q_CASE(i)                                 \
+    case i + 1:                                   \
+        HALF_TILE(i + 1, 1, 0)                    \
+        if (cols > HALF) HALF_TILE(i + 1, 1, 1) \
+        break;
+#define SPLIT_CASE(i)                             \
+    case i + 1:                                   \
+        HALF_TILE(i + 1, 2, 0)                    \
+        if (cols > HALF) HALF_TILE(i + 1, 2, 1) \
+        break;
+
+static void tile_rows(int rows, int parts, const act_t *x, const int8_t *panel, int64_t groups,
+                      const int32_t *sums, const float *scales, const float *unit, const float *bias, float *y,
+                      int64_t ldy, int64_t cols, const int8_t *next_panel) {
+    (void)sums;
+    if (parts == 1) switch (rows) { ALL_ROWS(Q_CASE) }
+    else switch (rows) { HALF_ROWS(SPLIT_CASE) }
+}
+#endif
+
+#ifdef MR
+/* Token i's row into a tile: `hi` (its q, or its hi part) at tile row `r`, its lo part (parts == 2)
+ * MR / 2 rows further; activation 0 past k. */
+static void quantize_row(const float *row, int64_t k, int64_t groups, int parts, act_t *hi, float *unit) {
+    act_t *lo = hi + MR / 2 * 4;
+    const float u = *unit = int8_row_unit(row, k, parts == 1 ? 127.0f : 63.0f);
+    const vec divisor = vec_set1(u), lo_scale = vec_set1(126.0f);
+    int64_t g = 0;
+    for (; 4 * g + VEC <= k; g += VEC / 4) {
+        const vec scaled = vec_div(vec_load(row + 4 * g), divisor);
+        if (parts == 1) {
+            store_groups(scaled, hi + g * MR * 4);
+            continue;
+        }
+        const vec h = vec_round(scaled);
+        store_groups(h, hi + g * MR * 4);
+        store_groups(vec_mul(vec_sub(scaled, h), lo_scale), lo + g * MR * 4);
+    }
+    for (; g < groups; g++)
+        for (int e = 0; e < 4; e++) {
+            const float scaled = 4 * g + e < k ? row[4 * g + e] / u : 0.0f, h = nearbyintf(scaled);
+            hi[g * MR * 4 + e] = (act_t)(h + ACT_ZERO);
+            if (parts == 2) lo[g * MR * 4 + e] = (act_t)(nearbyintf((scaled - h) * 126.0f) + ACT_ZERO);
+        }
+}
+
+/* Every token's rows into tiles of MR rows interleaved by groups of 4 inputs; tile rows past m are
+ * activation 0. A tile holds per_tile = MR / parts tokens. */
+static void quantize_tiles(const float *x, int64_t m, int64_t k, int64_t ldx, int64_t groups, int parts,
+                           act_t *tiles, float *unit) {
+    const int64_t per_tile = MR / parts;
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < (m + per_tile - 1) / per_tile * per_tile; i++) {
+        act_t *tile = tiles + i / per_tile * groups * MR * 4, *hi = tile + i % per_tile * 4;
+        if (i < m) {
+            quantize_row(x + i * ldx, k, groups, parts, hi, unit + i);
+            continue;
+        }
+        for (int part = 0; part < parts; part++)
+            for (int64_t g = 0; g < groups; g++)
+                for (int e = 0; e < 4; e++) hi[part * MR / 2 * 4 + g * MR * 4 + e] = ACT_ZERO;
+    }
 }
 
 int int8_gemm_packed_then(const float *x, int64_t m, int64_t k, int64_t ldx, const void *weight, int64_t n,
@@ -175,7 +304,7 @@ int int8_gemm_packed_then(const float *x, int64_t m, int64_t k, int64_t ldx, con
     const int32_t *sums = (const int32_t *)(scales + panels * NR);
     const int8_t *packed = panels_of(weight, panels);
     const int requested = num_threads; /* as the next call is asked, before it is cut to its panels */
-    uint8_t *tiles = malloc((m + per_tile - 1) / per_tile * groups * MR * 4);
+    act_t *tiles = malloc((m + per_tile - 1) / per_tile * groups * MR * 4 * sizeof(act_t));
     float *unit = malloc(sizeof(float) * (m > 0 ? m : 1));
     if (!tiles || !unit) {
         free(tiles), free(unit);
@@ -204,7 +333,11 @@ int int8_gemm_packed_then(const float *x, int64_t m, int64_t k, int64_t ldx, con
     free(tiles), free(unit);
     return 0;
 }
+
+const char *int8_panel_instruction(void) { return INSTRUCTION; }
 #else
+const char *int8_panel_instruction(void) { return NULL; }
+
 int int8_gemm_packed_then(const float *x, int64_t m, int64_t k, int64_t ldx, const void *weight, int64_t n,
                           const float *bias, float *y, int64_t ldy, int num_threads, const NextPanels *next) {
     return -1;

@@ -1,11 +1,12 @@
 """int8 weights: symmetric, one scale per output channel (or per group of input columns).
 
 Per-channel weights on CPU live only in a prepacked form: kvpilot's own panels wherever its
-VNNI kernel is compiled in (kernels/quant/panel_int8.py: W8A8 1.4-4x the library paths below at
-8-512 rows, and the layout the native decode stack reads; it quantizes activations itself, in
-the two ways below); otherwise oneDNN's where its int8 GEMM is exact on this CPU and compiled
-for it (kernels/quant/onednn_int8.py: AMX/VNNI, 1.5-3.8x faster than fbgemm from 32 rows up),
-else fbgemm's (`torch.ops.quantized.linear_dynamic`). Activations reach them in one of two ways:
+kernel is compiled in, AVX-512 VNNI or AVX2 (kernels/quant/panel_int8.py: W8A8 1.4-4x the
+library paths below at 8-512 rows with VNNI, ~2x fbgemm with AVX2, and the layout the native
+decode stack reads; it quantizes activations itself, in the two ways below, exact with either
+instruction set); otherwise oneDNN's where its int8 GEMM is exact on this CPU and compiled for it
+(kernels/quant/onednn_int8.py: AMX/VNNI, 1.5-3.8x faster than fbgemm from 32 rows up), else
+fbgemm's (`torch.ops.quantized.linear_dynamic`). Activations reach them in one of two ways:
 - weight-only int8 (mode `int8`): as two exact int7 halves (`_split_activation_linear`): float
   accuracy, twice the GEMM rows;
 - W8A8 (mode `w8a8`, `int8_activations=True`): quantized to int8 per token, as in SmoothQuant
@@ -164,12 +165,14 @@ def _pack(qweight: torch.Tensor, scales: torch.Tensor, int8_activations: bool) -
 
 @functools.cache
 def use_int8_panels() -> bool:
-    """Whether per-channel int8 weights go to kvpilot's VNNI kernel: compiled in for this CPU,
-    and KVPILOT_INT8_GEMM does not name a library GEMM (`onednn` or `fbgemm`)."""
+    """Whether per-channel int8 weights go to kvpilot's panel kernel: compiled in for this CPU
+    (AVX-512 VNNI or AVX2), and KVPILOT_INT8_GEMM does not name a library GEMM (`onednn` or
+    `fbgemm`)."""
     forced = os.environ.get(GEMM_ENV, "").lower()
     chosen = forced not in ("onednn", "fbgemm") and cpu_extension.supports_int8_panels()
     if chosen:  # otherwise `use_onednn_int8` says which library GEMM
-        logger.info("int8 linears on this CPU: kvpilot's VNNI panels (exact: int32 accumulation)")
+        instruction = cpu_extension.int8_panel_instruction()
+        logger.info("int8 linears on this CPU: kvpilot's panels (%s, exact: int32 sums)", instruction)
     return chosen
 
 

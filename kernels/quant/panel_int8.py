@@ -1,10 +1,11 @@
-"""Per-channel int8 weights packed for kvpilot's own int8 kernel (csrc/packed_int8.c, VNNI).
+"""Per-channel int8 weights packed for kvpilot's own int8 kernel (csrc/packed_int8.c).
 
 One byte buffer holds a header (how activations are quantized: per token to int8 for W8A8, or
 in two exact 7-bit parts for weight-only int8), the float32 scales, the int32 column sums the
-kernel subtracts (128 per unit of weight: it takes activations as unsigned q + 128) and the
-int8 values in panels of 16 outputs by groups of 4 inputs, `vpdpbusd`'s lane layout. It is the
-per-channel int8 layout wherever the kernel is compiled in (AVX-512 VNNI,
+VNNI kernel subtracts (128 per unit of weight: it takes activations as unsigned q + 128) and the
+int8 values in panels of 16 outputs by groups of 4 inputs, `vpdpbusd`'s lane layout (the AVX2
+kernel widens a group's 4 x 4 bytes to `vpmaddwd`'s int16 pairs as it loads them). It is the
+per-channel int8 layout wherever the kernel is compiled in (AVX-512 VNNI or AVX2,
 `cpu_extension.supports_int8_panels`), and the one the native decode stack reads, so quantized
 decode steps run there too (serving/models/decode_stack.py).
 """
@@ -17,7 +18,7 @@ from kvpilot.kernels.quant.cpu_ops import flatten_tokens
 PANEL_WIDTH = 16  # outputs per panel (csrc/packed_int8.c's NR)
 GROUP = 4  # inputs per `vpdpbusd` lane
 HEADER_BYTES = 64  # int32 activation parts: 1 (W8A8) or 2 (exact), then padding
-ACTIVATION_OFFSET = 128  # activations go in as q + 128 (unsigned)
+ACTIVATION_OFFSET = 128  # VNNI takes activations as q + 128 (unsigned)
 
 
 @dataclass(eq=False)

@@ -82,7 +82,7 @@ def machine_class() -> str:
 def describe_machine(cpuinfo_path: Path = CPUINFO) -> dict:
     """CPU model, cores, ISA flags, torch version and threads, and the float32 and int8 GEMM paths."""
     import torch
-    from kvpilot.kernels.cpu_extension import march
+    from kvpilot.kernels.cpu_extension import int8_panel_instruction, march
     from kvpilot.kernels.packed_float import float_gemm
     from kvpilot.kernels.quant.int8 import one_pass_int8_is_exact, use_int8_panels, use_onednn_int8
 
@@ -98,6 +98,7 @@ def describe_machine(cpuinfo_path: Path = CPUINFO) -> dict:
         "torch_threads": torch.get_num_threads(),
         "w8a8_one_pass_exact": one_pass_int8_is_exact(),
         "int8_gemm": "panels" if use_int8_panels() else "onednn" if use_onednn_int8() else "fbgemm",
+        "int8_panel_instruction": int8_panel_instruction() if use_int8_panels() else None,
         "float_gemm": float_gemm(),
         "kernels_march": march(),
     }
@@ -106,7 +107,7 @@ def describe_machine(cpuinfo_path: Path = CPUINFO) -> dict:
 def format_machine(machine: dict) -> str:
     flags = " ".join(name for name, present in machine["flags"].items() if present) or "none"
     if machine.get("int8_gemm") == "panels":
-        gemm = "kvpilot VNNI panels (exact)"
+        gemm = f"kvpilot panels ({machine.get('int8_panel_instruction') or 'vpdpbusd'}, exact)"
     elif machine.get("int8_gemm") == "onednn":  # results recorded before oneDNN's GEMM have no key
         gemm = "oneDNN int8 (exact)"
     else:

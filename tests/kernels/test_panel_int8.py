@@ -1,5 +1,8 @@
-"""kvpilot's int8 panel kernel (csrc/packed_int8.c, AVX-512 VNNI): activations quantized per token,
-integer products exact, the float epilogue exactly as documented, row by row whatever the batch."""
+"""kvpilot's int8 panel kernel (csrc/packed_int8.c, AVX-512 VNNI or AVX2): activations quantized per
+token, integer products exact, the float epilogue exactly as documented, row by row whatever the
+batch, and the same bits from both instruction sets."""
+
+import contextlib
 
 import pytest
 import torch
@@ -8,7 +11,7 @@ from kvpilot.kernels.quant import int8, quantize
 from kvpilot.kernels.quant.panel_int8 import PanelInt8
 
 pytestmark = pytest.mark.skipif(
-    not cpu_extension.supports_int8_panels(), reason="the int8 panel kernel needs AVX-512 VNNI"
+    not cpu_extension.supports_int8_panels(), reason="the int8 panel kernel needs AVX-512 VNNI or AVX2"
 )
 QMAX = 127
 SHAPES = [(1, 1, 1), (5, 7, 17), (33, 160, 24), (300, 1537, 33)]  # partial panels and groups; > 256 rows
@@ -94,3 +97,34 @@ def test_quantized_weights_use_the_panels_here():
         quantized = quantize(weight, mode)
         assert isinstance(quantized.packed, PanelInt8)
         assert quantized.packed.int8_activations == (mode == "w8a8")
+
+
+@contextlib.contextmanager
+def _kernels_built_for(march: str):
+    """The library built for `march` (cached beside this run's own build) inside the block."""
+    probes = (cpu_extension.load, cpu_extension.supports_int8_panels)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv(cpu_extension.MARCH_ENV, march)
+        for probe in probes:
+            probe.cache_clear()
+        try:
+            yield
+        finally:
+            monkeypatch.undo()
+            for probe in probes:
+                probe.cache_clear()
+
+
+@pytest.mark.parametrize("int8_activations", [True, False])
+def test_the_avx2_kernel_gives_this_builds_bits(int8_activations):
+    """`vpmaddwd` (AVX2: any CPU of ours can run it) against this build's kernel (`vpdpbusd` on an
+    AVX-512 VNNI CPU): the same integer products and the same float epilogue, so the same bits."""
+    qweight, scales = _layer(40, 1537)
+    x, bias = torch.randn(300, 1537) * 3, torch.randn(40)
+    packed = PanelInt8.pack(qweight, scales, int8_activations)
+    here = packed.linear(x, bias), packed.linear(x[:7])
+    with _kernels_built_for("haswell"):
+        assert cpu_extension.int8_panel_instruction() == "vpmaddwd"
+        avx2 = packed.linear(x, bias), packed.linear(x[:7])
+    assert torch.equal(avx2[0], here[0]) and torch.equal(avx2[1], here[1])
+    assert cpu_extension.int8_panel_instruction() in ("vpdpbusd", "vpmaddwd")  # this run's build again

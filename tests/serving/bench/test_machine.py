@@ -41,6 +41,10 @@ def test_describe_machine_reads_the_given_cpuinfo(tmp_path):
     assert machine["cpu_id"] == "AuthenticAMD cpu family 25 model 1 stepping 1"
     assert "[AuthenticAMD cpu family 25 model 1 stepping 1] (avx2)" in format_machine(machine)
     assert "int8 GEMM: " in format_machine(machine)
+    if machine["int8_gemm"] == "panels":  # which instruction ran them
+        instruction = machine["int8_panel_instruction"]
+        assert instruction in ("vpdpbusd", "vpmaddwd")
+        assert f"int8 GEMM: kvpilot panels ({instruction}, exact)" in format_machine(machine)
     assert machine["float_gemm"] == float_gemm()  # the float32 kernel the engine uses here
     named = {"panels": "float32 GEMM: kvpilot panels", "onednn": "float32 GEMM: oneDNN"}
     assert named[float_gemm()] in format_machine(machine)
