@@ -35,6 +35,10 @@
 
 #define NR 16  /* outputs per panel */
 #define HEADER_BYTES 64
+/* How a tile holds a token's activations: its q (W8A8, header parts 1); its hi and lo parts in two
+ * rows (exact, parts 2); or, with AVX2 and k <= MAX_K_FOLDED, 126 * hi + lo in one int16 row
+ * (exact too, one pass: `vpmaddwd` gains nothing from 7-bit parts, VNNI's bytes cannot hold it). */
+enum { Q = 1, SPLIT = 2, FOLDED = 3 };
 #define MAX_K (INT32_MAX / (255 * 127) / 4 * 4)
 #define PREFETCH_BYTES 1024
 
@@ -69,7 +73,13 @@ typedef __m512 vec;
 #define vec_div _mm512_div_ps
 #define vec_sub _mm512_sub_ps
 #define vec_mul _mm512_mul_ps
+#define vec_fmadd _mm512_fmadd_ps
 #define vec_round(v) _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+
+static int activation_form(int parts, int64_t k) {
+    (void)k;
+    return parts;
+}
 
 /* 16 scaled values x / unit (or their parts) as bytes v + 128 into 4 groups of a tile row. */
 static inline void store_groups(__m512 values, act_t *out) {
@@ -80,7 +90,7 @@ static inline void store_groups(__m512 values, act_t *out) {
 }
 
 /* Tile row i holds a token's q or hi part where i < rows (W8A8) or i % 8 < rows (exact). */
-#define ACTIVE(i) (parts == 1 ? (i) < rows : ((i) & 7) < rows)
+#define ACTIVE(i) (form == Q ? (i) < rows : ((i) & 7) < rows)
 #define ACC(i) __m512i c##i = _mm512_setzero_si512();
 #define DOT(i) \
     if (ACTIVE(i)) c##i = _mm512_dpbusd_epi32(c##i, _mm512_set1_epi32(((const int32_t *)x)[g * MR + i]), w);
@@ -102,8 +112,8 @@ static inline void store_row(__m512 product, __m512 scales, float unit, const fl
                                           : _mm512_mul_ps(product, scale));
 }
 
-/* One tile: `rows` tokens (a compile-time constant at every call, as is `parts`) x 16 outputs. */
-static inline __attribute__((always_inline)) void tile(const int rows, const int parts, const act_t *x,
+/* One tile: `rows` tokens (a compile-time constant at every call, as is `form`) x 16 outputs. */
+static inline __attribute__((always_inline)) void tile(const int rows, const int form, const act_t *x,
                                                        const int8_t *panel, int64_t groups,
                                                        const int32_t *panel_sums, const float *panel_scales,
                                                        const float *unit, const float *bias, float *y,
@@ -119,7 +129,7 @@ static inline __attribute__((always_inline)) void tile(const int rows, const int
     const __mmask16 mask = cols >= NR ? (__mmask16)0xFFFF : (__mmask16)((1u << cols) - 1);
     const __m512i sums = _mm512_loadu_si512(panel_sums);
     const __m512 scales = _mm512_loadu_ps(panel_scales);
-    if (parts == 1) {
+    if (form == Q) {
         ALL_ROWS(STORE_Q)
     } else {
         const __m512 lo_weight = _mm512_set1_ps(1.0f / 126.0f);
@@ -128,14 +138,14 @@ static inline __attribute__((always_inline)) void tile(const int rows, const int
 }
 
 #define Q_CASE(i) \
-    case i + 1: tile(i + 1, 1, x, panel, groups, sums, scales, unit, bias, y, ldy, cols, next_panel); break;
+    case i + 1: tile(i + 1, Q, x, panel, groups, sums, scales, unit, bias, y, ldy, cols, next_panel); break;
 #define SPLIT_CASE(i) \
-    case i + 1: tile(i + 1, 2, x, panel, groups, sums, scales, unit, bias, y, ldy, cols, next_panel); break;
+    case i + 1: tile(i + 1, SPLIT, x, panel, groups, sums, scales, unit, bias, y, ldy, cols, next_panel); break;
 
-static void tile_rows(int rows, int parts, const act_t *x, const int8_t *panel, int64_t groups,
+static void tile_rows(int rows, int form, const act_t *x, const int8_t *panel, int64_t groups,
                       const int32_t *sums, const float *scales, const float *unit, const float *bias, float *y,
                       int64_t ldy, int64_t cols, const int8_t *next_panel) {
-    if (parts == 1) switch (rows) { ALL_ROWS(Q_CASE) }
+    if (form == Q) switch (rows) { ALL_ROWS(Q_CASE) }
     else switch (rows) { HALF_ROWS(SPLIT_CASE) }
 }
 
@@ -160,12 +170,17 @@ typedef __m256 vec;
 #define vec_div _mm256_div_ps
 #define vec_sub _mm256_sub_ps
 #define vec_mul _mm256_mul_ps
+#define vec_fmadd _mm256_fmadd_ps
 #define vec_round(v) _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+/* |126 hi + lo| <= 8001 and |w| <= 128: k products' int32 sum stays exact up to here (4 | k). */
+#define MAX_K_FOLDED (INT32_MAX / (8001 * 128) / 4 * 4)
+
+static int activation_form(int parts, int64_t k) { return parts == SPLIT && k <= MAX_K_FOLDED ? FOLDED : parts; }
 
 /* 8 scaled values x / unit (or their parts) as int16 into 2 groups of a tile row. */
 static inline void store_groups(__m256 values, act_t *out) {
     const __m256i q = _mm256_cvtps_epi32(values); /* half even */
-    const __m256i halves = _mm256_packs_epi32(q, q); /* |q| <= 127: no saturation */
+    const __m256i halves = _mm256_packs_epi32(q, q); /* |q| <= 8001: no saturation */
     _mm_storel_epi64((__m128i *)out, _mm256_castsi256_si128(halves));
     _mm_storel_epi64((__m128i *)(out + MR * 4), _mm256_extracti128_si256(halves, 1));
 }
@@ -182,9 +197,10 @@ static inline void store_groups(__m256 values, act_t *out) {
 /* The 8 outputs' int32 products in order: hadd gives outputs 0 1 4 5 | 2 3 6 7. */
 #define PRODUCT(i) \
     _mm256_cvtepi32_ps(_mm256_permute4x64_epi64(_mm256_hadd_epi32(c##i##0, c##i##1), _MM_SHUFFLE(3, 1, 2, 0)))
-#define ACTIVE(i) (parts == 1 ? (i) < rows : (i) % (MR / 2) < rows)
+#define ACTIVE(i) (form != SPLIT ? (i) < rows : (i) % (MR / 2) < rows)
 #define STORE_Q(i) \
     if (i < rows) store_row(PRODUCT(i), scales, unit[i], bias, y + i * ldy, cols);
+
 #define STORE_SPLIT(i, lo) \
     if (i < rows) store_row(_mm256_fmadd_ps(PRODUCT(lo), lo_weight, PRODUCT(i)), scales, unit[i], bias, \
                             y + i * ldy, cols);
@@ -203,9 +219,9 @@ static inline void store_row(__m256 product, __m256 scales, float unit, const fl
                                         : _mm256_mul_ps(product, scale));
 }
 
-/* One tile: `rows` tokens (compile-time constants, as is `parts`) x the 8 outputs of half a panel,
+/* One tile: `rows` tokens (compile-time constants, as is `form`) x the 8 outputs of half a panel,
  * `panel` at the half's first byte of group 0. */
-static inline __attribute__((always_inline)) void tile(const int rows, const int parts, const act_t *x,
+static inline __attribute__((always_inline)) void tile(const int rows, const int form, const act_t *x,
                                                        const int8_t *panel, int64_t groups,
                                                        const float *half_scales, const float *unit,
                                                        const float *bias, float *y, int64_t ldy, int64_t cols,
@@ -220,7 +236,7 @@ static inline __attribute__((always_inline)) void tile(const int rows, const int
         ALL_ROWS(DOT)
     }
     const __m256 scales = _mm256_loadu_ps(half_scales);
-    if (parts == 1) {
+    if (form != SPLIT) { /* FOLDED's unit is 1/126 of its parts' */
         ALL_ROWS(STORE_Q)
     } else {
         const __m256 lo_weight = _mm256_set1_ps(1.0f / 126.0f);
@@ -231,62 +247,69 @@ static inline __attribute__((always_inline)) void tile(const int rows, const int
 #define HALF_TILE(r, p, h)                                                                            \
     tile(r, p, x, panel + h * HALF * 4, groups, scales + h * HALF, unit, bias ? bias + h * HALF : NULL, \
          y + h * HALF, ldy, cols - h * HALF, h ? NULL : next_panel);
-#define Q_CASE(i)                                 \
-    case i + 1:                                   \
-        HALF_TILE(i + 1, 1, 0)                    \
-        if (cols > HALF) HALF_TILE(i + 1, 1, 1) \
+#define BOTH_HALVES(r, form)                       \
+    case r:                                        \
+        HALF_TILE(r, form, 0)                      \
+        if (cols > HALF) HALF_TILE(r, form, 1)   \
         break;
-#define SPLIT_CASE(i)                             \
-    case i + 1:                                   \
-        HALF_TILE(i + 1, 2, 0)                    \
-        if (cols > HALF) HALF_TILE(i + 1, 2, 1) \
-        break;
+#define Q_CASE(i) BOTH_HALVES(i + 1, Q)
+#define SPLIT_CASE(i) BOTH_HALVES(i + 1, SPLIT)
 
-static void tile_rows(int rows, int parts, const act_t *x, const int8_t *panel, int64_t groups,
+static void tile_rows(int rows, int form, const act_t *x, const int8_t *panel, int64_t groups,
                       const int32_t *sums, const float *scales, const float *unit, const float *bias, float *y,
                       int64_t ldy, int64_t cols, const int8_t *next_panel) {
     (void)sums;
-    if (parts == 1) switch (rows) { ALL_ROWS(Q_CASE) }
+    if (form != SPLIT) switch (rows) { ALL_ROWS(Q_CASE) } /* a FOLDED tile is a Q tile */
     else switch (rows) { HALF_ROWS(SPLIT_CASE) }
 }
 #endif
 
 #ifdef MR
-/* Token i's row into a tile: `hi` (its q, or its hi part) at tile row `r`, its lo part (parts == 2)
- * MR / 2 rows further; activation 0 past k. */
-static void quantize_row(const float *row, int64_t k, int64_t groups, int parts, act_t *hi, float *unit) {
+/* Token i's row into a tile: `hi` (its q, its hi part, or 126 * hi + lo) at tile row `r`, its lo
+ * part (SPLIT) MR / 2 rows further; activation 0 past k. FOLDED's unit: the parts' unit / 126. */
+static void quantize_row(const float *row, int64_t k, int64_t groups, int form, act_t *hi, float *unit) {
     act_t *lo = hi + MR / 2 * 4;
-    const float u = *unit = int8_row_unit(row, k, parts == 1 ? 127.0f : 63.0f);
+    const float u = int8_row_unit(row, k, form == Q ? 127.0f : 63.0f);
+    *unit = form == FOLDED ? u / 126.0f : u;
     const vec divisor = vec_set1(u), lo_scale = vec_set1(126.0f);
     int64_t g = 0;
     for (; 4 * g + VEC <= k; g += VEC / 4) {
         const vec scaled = vec_div(vec_load(row + 4 * g), divisor);
-        if (parts == 1) {
+        if (form == Q) {
             store_groups(scaled, hi + g * MR * 4);
             continue;
         }
-        const vec h = vec_round(scaled);
+        const vec h = vec_round(scaled), l = vec_mul(vec_sub(scaled, h), lo_scale);
+        if (form == FOLDED) {
+            store_groups(vec_fmadd(h, lo_scale, vec_round(l)), hi + g * MR * 4);
+            continue;
+        }
         store_groups(h, hi + g * MR * 4);
-        store_groups(vec_mul(vec_sub(scaled, h), lo_scale), lo + g * MR * 4);
+        store_groups(l, lo + g * MR * 4);
     }
     for (; g < groups; g++)
         for (int e = 0; e < 4; e++) {
             const float scaled = 4 * g + e < k ? row[4 * g + e] / u : 0.0f, h = nearbyintf(scaled);
-            hi[g * MR * 4 + e] = (act_t)(h + ACT_ZERO);
-            if (parts == 2) lo[g * MR * 4 + e] = (act_t)(nearbyintf((scaled - h) * 126.0f) + ACT_ZERO);
+            const float l = nearbyintf((scaled - h) * 126.0f);
+            hi[g * MR * 4 + e] = (act_t)((form == FOLDED ? 126.0f * h + l : h) + ACT_ZERO);
+            if (form == SPLIT) lo[g * MR * 4 + e] = (act_t)(l + ACT_ZERO);
         }
 }
 
+/* Tile rows a token takes. */
+static int rows_per_token(int form) { return form == SPLIT ? 2 : 1; }
+
 /* Every token's rows into tiles of MR rows interleaved by groups of 4 inputs; tile rows past m are
- * activation 0. A tile holds per_tile = MR / parts tokens. */
-static void quantize_tiles(const float *x, int64_t m, int64_t k, int64_t ldx, int64_t groups, int parts,
+ * activation 0. A tile holds per_tile = MR / rows_per_token tokens. */
+static void quantize_tiles(const float *x, int64_t m, int64_t k, int64_t ldx, int64_t groups, int form,
                            act_t *tiles, float *unit) {
+    const int parts = rows_per_token(form);
     const int64_t per_tile = MR / parts;
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < (m + per_tile - 1) / per_tile * per_tile; i++) {
         act_t *tile = tiles + i / per_tile * groups * MR * 4, *hi = tile + i % per_tile * 4;
         if (i < m) {
-            quantize_row(x + i * ldx, k, groups, parts, hi, unit + i);
+            quantize_row(x + i * ldx, k, groups, form, hi, unit + i);
             continue;
         }
         for (int part = 0; part < parts; part++)
@@ -298,8 +321,9 @@ static void quantize_tiles(const float *x, int64_t m, int64_t k, int64_t ldx, in
 int int8_gemm_packed_then(const float *x, int64_t m, int64_t k, int64_t ldx, const void *weight, int64_t n,
                           const float *bias, float *y, int64_t ldy, int num_threads, const NextPanels *next) {
     const int parts = *(const int32_t *)weight;
-    const int64_t groups = (k + 3) / 4, panels = (n + NR - 1) / NR, per_tile = MR / (parts == 2 ? 2 : 1);
-    if (k > MAX_K || (parts != 1 && parts != 2)) return -2;
+    if (k > MAX_K || (parts != Q && parts != SPLIT)) return -2;
+    const int form = activation_form(parts, k);
+    const int64_t groups = (k + 3) / 4, panels = (n + NR - 1) / NR, per_tile = MR / rows_per_token(form);
     const float *scales = (const float *)((const char *)weight + HEADER_BYTES);
     const int32_t *sums = (const int32_t *)(scales + panels * NR);
     const int8_t *packed = panels_of(weight, panels);
@@ -314,7 +338,7 @@ int int8_gemm_packed_then(const float *x, int64_t m, int64_t k, int64_t ldx, con
     if (num_threads < 1) num_threads = 1;
 #pragma omp parallel num_threads(num_threads)
     {
-        quantize_tiles(x, m, k, ldx, groups, parts, tiles, unit); /* ends with a barrier */
+        quantize_tiles(x, m, k, ldx, groups, form, tiles, unit); /* ends with a barrier */
         const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
         const int64_t begin = panels * t / threads, end = panels * (t + 1) / threads;
         const int8_t *then_panel = int8_first_panel(next, t, requested).start;
@@ -322,7 +346,7 @@ int int8_gemm_packed_then(const float *x, int64_t m, int64_t k, int64_t ldx, con
             for (int64_t p = begin; p < end; p++) {
                 const int64_t cols = n - p * NR < NR ? n - p * NR : NR, m_end = m - m0 < MC ? m : m0 + MC;
                 for (int64_t i = m0; i < m_end; i += per_tile)
-                    tile_rows(m_end - i < per_tile ? (int)(m_end - i) : (int)per_tile, parts,
+                    tile_rows(m_end - i < per_tile ? (int)(m_end - i) : (int)per_tile, form,
                               tiles + i / per_tile * groups * MR * 4, packed + p * groups * NR * 4, groups,
                               sums + p * NR, scales + p * NR, unit + i, bias ? bias + p * NR : NULL,
                               y + i * ldy + p * NR, ldy, cols,

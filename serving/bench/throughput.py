@@ -74,8 +74,9 @@ class ThroughputConfig:
 
 
 # (weights, KV cache): exact on every CPU (w8a8's integer product is, see kernels/quant/int8.py);
-# which is fastest depends on the CPU: w8a8 where fbgemm multiplies 8 bits in one pass (VNNI),
-# else int8 or float (with the int8 KV cache, or plain fp32, so the best is never below fp32).
+# which is fastest depends on the CPU: w8a8 where 8 bits multiply in one pass (kvpilot's panels:
+# VNNI or AVX2's vpmaddwd; fbgemm with VNNI), else int8 or float (with the int8 KV cache, or
+# plain fp32, so the best is never below fp32).
 BEST_MODE_CANDIDATES = (("w8a8", "int8"), ("int8", "int8"), ("none", "int8"), ("none", "auto"))
 
 

@@ -48,17 +48,30 @@ def test_w8a8_is_the_integer_product_times_both_scales(rows, inputs, out):
     assert torch.equal(packed.linear(x, bias), torch.addcmul(bias, product, scales * unit))  # fused
 
 
-@pytest.mark.parametrize(("rows", "inputs", "out"), SHAPES)
-def test_exact_activations_are_two_integer_products(rows, inputs, out):
-    """Weight-only int8: x = unit * (hi + lo / 126) (int8.split_rows_int7, the torch version)."""
+def _exact_activations_product(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, folded: bool):
+    """Weight-only int8: x = unit * (hi + lo / 126) (int8.split_rows_int7, the torch version), as
+    two integer products (hi . w) + (lo . w) / 126, or (folded: AVX2 up to k = 2096) one,
+    (126 hi + lo) . w, in steps of unit / 126."""
+    rows = x.shape[0]
+    parts, unit = int8.split_rows_int7(x)
+    hi, lo, lo_weight = parts[:rows], parts[rows : 2 * rows], torch.tensor(1 / 126)
+    if folded:
+        return _integer_product(126 * hi + lo, qweight) * (scales * (unit / 126))
+    product = torch.addcmul(_integer_product(hi, qweight), _integer_product(lo, qweight), lo_weight)
+    return product * (scales * unit)
+
+
+def _folds_here(inputs: int) -> bool:
+    return cpu_extension.int8_panel_instruction() == "vpmaddwd" and inputs <= 2096
+
+
+@pytest.mark.parametrize(("rows", "inputs", "out"), [*SHAPES, (9, 2101, 20)])  # 2101: past folding
+def test_exact_activations_are_integer_products(rows, inputs, out):
     qweight, scales = _layer(out, inputs)
     x = torch.randn(rows, inputs)
-    parts, unit = int8.split_rows_int7(x)
-    hi, lo = _integer_product(parts[:rows], qweight), _integer_product(parts[rows : 2 * rows], qweight)
-    expected = torch.addcmul(hi, lo, torch.tensor(1 / 126)) * (scales * unit)
     packed = PanelInt8.pack(qweight, scales, int8_activations=False)
     result = packed.linear(x)
-    assert torch.equal(result, expected)
+    assert torch.equal(result, _exact_activations_product(x, qweight, scales, _folds_here(inputs)))
     reference = x @ (qweight.float() * scales[:, None]).t()
     assert ((result - reference).norm() / reference.norm()).item() < 1e-3  # float activations, nearly
 
@@ -115,16 +128,21 @@ def _kernels_built_for(march: str):
                 probe.cache_clear()
 
 
-@pytest.mark.parametrize("int8_activations", [True, False])
-def test_the_avx2_kernel_gives_this_builds_bits(int8_activations):
-    """`vpmaddwd` (AVX2: any CPU of ours can run it) against this build's kernel (`vpdpbusd` on an
-    AVX-512 VNNI CPU): the same integer products and the same float epilogue, so the same bits."""
-    qweight, scales = _layer(40, 1537)
-    x, bias = torch.randn(300, 1537) * 3, torch.randn(40)
-    packed = PanelInt8.pack(qweight, scales, int8_activations)
-    here = packed.linear(x, bias), packed.linear(x[:7])
+def test_the_avx2_kernel_gives_this_builds_bits_or_the_folded_product():
+    """`vpmaddwd` (AVX2: any CPU of ours runs it) against this build's kernel (`vpdpbusd` on an
+    AVX-512 VNNI CPU): W8A8, and exact activations past k = 2096 (two rows, hi and lo), give the
+    same integer products and the same float epilogue, so the same bits; exact activations up to
+    k = 2096 go in one row, 126 hi + lo, as documented."""
+    layers = {inputs: _layer(40, inputs) for inputs in (1537, 2101)}
+    x = {inputs: torch.randn(300, inputs) * 3 for inputs in layers}
+    bias = torch.randn(40)
+    packs = {(k, w8a8): PanelInt8.pack(*layers[k], w8a8) for k in layers for w8a8 in (True, False)}
+    here = {key: packed.linear(x[key[0]], bias) for key, packed in packs.items()}
     with _kernels_built_for("haswell"):
         assert cpu_extension.int8_panel_instruction() == "vpmaddwd"
-        avx2 = packed.linear(x, bias), packed.linear(x[:7])
-    assert torch.equal(avx2[0], here[0]) and torch.equal(avx2[1], here[1])
+        avx2 = {key: packed.linear(x[key[0]], bias) for key, packed in packs.items()}
+        folded = packs[1537, False].linear(x[1537][:7])
+    for key in [(1537, True), (2101, True), (2101, False)]:
+        assert torch.equal(avx2[key], here[key])
+    assert torch.equal(folded, _exact_activations_product(x[1537][:7], *layers[1537], folded=True))
     assert cpu_extension.int8_panel_instruction() in ("vpdpbusd", "vpmaddwd")  # this run's build again
