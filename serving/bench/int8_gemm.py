@@ -1,5 +1,6 @@
-"""`kvpilot bench int8-gemm`: microseconds per call of one per-channel int8 linear, kvpilot's VNNI
-panels vs oneDNN's int8 GEMM vs fbgemm vs the float32 packed linear, per layer shape and row count.
+"""`kvpilot bench int8-gemm`: microseconds per call of one per-channel int8 linear, kvpilot's
+panels (VNNI or AVX2) vs oneDNN's int8 GEMM vs fbgemm vs the float32 packed linear, per layer
+shape and row count.
 
 Each int8 figure is the whole `Int8Weight.linear` (activation quantization included) in mode
 w8a8 (int8 activations per token) and mode int8 (float activations as two int7 halves), so the

@@ -128,7 +128,7 @@ def _panels(linear, shape: tuple[int, int]) -> tuple[torch.Tensor, int] | None:
         return None
     weight = parts[0].weight
     if isinstance(weight, Int8Weight):
-        weight = weight.packed  # a `PanelInt8` where the VNNI kernel runs
+        weight = weight.packed  # a `PanelInt8` where the int8 panel kernel runs
     if type(weight) not in FORMATS or weight.shape != shape:
         return None
     return (weight.panels if isinstance(weight, PanelFloatWeight) else weight.buffer), FORMATS[type(weight)]

@@ -51,9 +51,9 @@ def _skip_unless_onednn() -> None:
 @pytest.fixture(params=["panels", "onednn", "fbgemm"])
 def gemm(request, monkeypatch) -> str:
     """Which int8 GEMM the W8A8 weights built in the test get; kvpilot's panels only where the
-    VNNI kernel is compiled in, oneDNN only where its probe passes."""
+    kernel is compiled in (AVX-512 VNNI or AVX2), oneDNN only where its probe passes."""
     if request.param == "panels" and not int8.use_int8_panels():
-        pytest.skip("kvpilot's W8A8 panel kernel is not compiled for this CPU (no AVX-512 VNNI)")
+        pytest.skip("kvpilot's W8A8 panel kernel is not compiled for this CPU (no AVX-512 VNNI or AVX2)")
     if request.param != "panels":
         monkeypatch.setattr(int8, "use_int8_panels", lambda: False)
     if request.param == "onednn":

@@ -26,9 +26,9 @@ def panels(monkeypatch):
 @pytest.fixture(params=["none", "int8", "w8a8"])
 def quantization(request) -> str:
     """The stack's weight formats: float32 panels, and int8 panels (weight-only or W8A8) where the
-    VNNI kernel runs."""
+    int8 panel kernel runs (AVX-512 VNNI or AVX2)."""
     if request.param != "none" and not int8.use_int8_panels():
-        pytest.skip("the int8 panel kernel needs AVX-512 VNNI")
+        pytest.skip("the int8 panel kernel needs AVX-512 VNNI or AVX2")
     return request.param
 
 
