@@ -142,7 +142,14 @@ def test_the_avx2_kernel_gives_this_builds_bits_or_the_folded_product():
         assert cpu_extension.int8_panel_instruction() == "vpmaddwd"
         avx2 = {key: packed.linear(x[key[0]], bias) for key, packed in packs.items()}
         folded = packs[1537, False].linear(x[1537][:7])
+        # the largest folded sums: 126 hi + lo = +-7938 against +-127 in every one of k = 2096 products
+        signs = torch.where(torch.arange(2096) % 3 == 0, -1, 1)
+        worst_weight = (QMAX * signs).to(torch.int8).repeat(8, 1)
+        worst_x = torch.stack([signs, -signs]).float()
+        worst = PanelInt8.pack(worst_weight, torch.ones(8), int8_activations=False).linear(worst_x)
     for key in [(1537, True), (2101, True), (2101, False)]:
         assert torch.equal(avx2[key], here[key])
     assert torch.equal(folded, _exact_activations_product(x[1537][:7], *layers[1537], folded=True))
+    assert torch.equal(worst, _exact_activations_product(worst_x, worst_weight, torch.ones(8), folded=True))
+    assert worst[0, 0].item() == pytest.approx(2096 * 127)  # far past int16, within int32
     assert cpu_extension.int8_panel_instruction() in ("vpdpbusd", "vpmaddwd")  # this run's build again
