@@ -39,6 +39,9 @@
  * rows (exact, parts 2); or, with AVX2 and k <= MAX_K_FOLDED, 126 * hi + lo in one int16 row
  * (exact too, one pass: `vpmaddwd` gains nothing from 7-bit parts, VNNI's bytes cannot hold it). */
 enum { Q = 1, SPLIT = 2, FOLDED = 3 };
+/* Tile row i (of a tile of `rows` tokens) holds a token's q, hi part or folded row where i < rows,
+ * its lo part (SPLIT) where i - MR / 2 < rows. */
+#define ACTIVE(i) (form != SPLIT ? (i) < rows : (i) % (MR / 2) < rows)
 #define MAX_K (INT32_MAX / (255 * 127) / 4 * 4)
 #define PREFETCH_BYTES 1024
 
@@ -89,8 +92,6 @@ static inline void store_groups(__m512 values, act_t *out) {
     for (int j = 0; j < 4; j++) memcpy(out + j * MR * 4, bytes + j, 4);
 }
 
-/* Tile row i holds a token's q or hi part where i < rows (W8A8) or i % 8 < rows (exact). */
-#define ACTIVE(i) (form == Q ? (i) < rows : ((i) & 7) < rows)
 #define ACC(i) __m512i c##i = _mm512_setzero_si512();
 #define DOT(i) \
     if (ACTIVE(i)) c##i = _mm512_dpbusd_epi32(c##i, _mm512_set1_epi32(((const int32_t *)x)[g * MR + i]), w);
@@ -197,10 +198,8 @@ static inline void store_groups(__m256 values, act_t *out) {
 /* The 8 outputs' int32 products in order: hadd gives outputs 0 1 4 5 | 2 3 6 7. */
 #define PRODUCT(i) \
     _mm256_cvtepi32_ps(_mm256_permute4x64_epi64(_mm256_hadd_epi32(c##i##0, c##i##1), _MM_SHUFFLE(3, 1, 2, 0)))
-#define ACTIVE(i) (form != SPLIT ? (i) < rows : (i) % (MR / 2) < rows)
 #define STORE_Q(i) \
     if (i < rows) store_row(PRODUCT(i), scales, unit[i], bias, y + i * ldy, cols);
-
 #define STORE_SPLIT(i, lo) \
     if (i < rows) store_row(_mm256_fmadd_ps(PRODUCT(lo), lo_weight, PRODUCT(i)), scales, unit[i], bias, \
                             y + i * ldy, cols);
@@ -244,8 +243,8 @@ static inline __attribute__((always_inline)) void tile(const int rows, const int
     }
 }
 
-#define HALF_TILE(r, p, h)                                                                            \
-    tile(r, p, x, panel + h * HALF * 4, groups, scales + h * HALF, unit, bias ? bias + h * HALF : NULL, \
+#define HALF_TILE(r, form, h)                                                                         \
+    tile(r, form, x, panel + h * HALF * 4, groups, scales + h * HALF, unit, bias ? bias + h * HALF : NULL, \
          y + h * HALF, ldy, cols - h * HALF, h ? NULL : next_panel);
 #define BOTH_HALVES(r, form)                       \
     case r:                                        \

@@ -15,6 +15,7 @@ pytestmark = pytest.mark.skipif(
 )
 QMAX = 127
 SHAPES = [(1, 1, 1), (5, 7, 17), (33, 160, 24), (300, 1537, 33)]  # partial panels and groups; > 256 rows
+MAX_K_FOLDED = 2096  # csrc/packed_int8.c: the AVX2 kernel folds exact activations up to this k
 
 
 def _layer(out: int, inputs: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,10 +63,10 @@ def _exact_activations_product(x: torch.Tensor, qweight: torch.Tensor, scales: t
 
 
 def _folds_here(inputs: int) -> bool:
-    return cpu_extension.int8_panel_instruction() == "vpmaddwd" and inputs <= 2096
+    return cpu_extension.int8_panel_instruction() == "vpmaddwd" and inputs <= MAX_K_FOLDED
 
 
-@pytest.mark.parametrize(("rows", "inputs", "out"), [*SHAPES, (9, 2101, 20)])  # 2101: past folding
+@pytest.mark.parametrize(("rows", "inputs", "out"), [*SHAPES, (9, MAX_K_FOLDED + 5, 20)])  # past folding
 def test_exact_activations_are_integer_products(rows, inputs, out):
     qweight, scales = _layer(out, inputs)
     x = torch.randn(rows, inputs)
@@ -133,7 +134,8 @@ def test_the_avx2_kernel_gives_this_builds_bits_or_the_folded_product():
     AVX-512 VNNI CPU): W8A8, and exact activations past k = 2096 (two rows, hi and lo), give the
     same integer products and the same float epilogue, so the same bits; exact activations up to
     k = 2096 go in one row, 126 hi + lo, as documented."""
-    layers = {inputs: _layer(40, inputs) for inputs in (1537, 2101)}
+    past = MAX_K_FOLDED + 5
+    layers = {inputs: _layer(40, inputs) for inputs in (1537, past)}
     x = {inputs: torch.randn(300, inputs) * 3 for inputs in layers}
     bias = torch.randn(40)
     packs = {(k, w8a8): PanelInt8.pack(*layers[k], w8a8) for k in layers for w8a8 in (True, False)}
@@ -143,13 +145,13 @@ def test_the_avx2_kernel_gives_this_builds_bits_or_the_folded_product():
         avx2 = {key: packed.linear(x[key[0]], bias) for key, packed in packs.items()}
         folded = packs[1537, False].linear(x[1537][:7])
         # the largest folded sums: 126 hi + lo = +-7938 against +-127 in every one of k = 2096 products
-        signs = torch.where(torch.arange(2096) % 3 == 0, -1, 1)
+        signs = torch.where(torch.arange(MAX_K_FOLDED) % 3 == 0, -1, 1)
         worst_weight = (QMAX * signs).to(torch.int8).repeat(8, 1)
         worst_x = torch.stack([signs, -signs]).float()
         worst = PanelInt8.pack(worst_weight, torch.ones(8), int8_activations=False).linear(worst_x)
-    for key in [(1537, True), (2101, True), (2101, False)]:
+    for key in [(1537, True), (past, True), (past, False)]:
         assert torch.equal(avx2[key], here[key])
     assert torch.equal(folded, _exact_activations_product(x[1537][:7], *layers[1537], folded=True))
     assert torch.equal(worst, _exact_activations_product(worst_x, worst_weight, torch.ones(8), folded=True))
-    assert worst[0, 0].item() == pytest.approx(2096 * 127)  # far past int16, within int32
+    assert worst[0, 0].item() == pytest.approx(MAX_K_FOLDED * 127)  # far past int16, within int32
     assert cpu_extension.int8_panel_instruction() in ("vpdpbusd", "vpmaddwd")  # this run's build again
