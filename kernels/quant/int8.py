@@ -2,11 +2,12 @@
 
 Per-channel weights on CPU live only in a prepacked form: kvpilot's own panels wherever its
 kernel is compiled in, AVX-512 VNNI or AVX2 (kernels/quant/panel_int8.py: W8A8 1.4-4x the
-library paths below at 8-512 rows with VNNI, ~2x fbgemm with AVX2, and the layout the native
-decode stack reads; it quantizes activations itself, in the two ways below, exact with either
-instruction set); otherwise oneDNN's where its int8 GEMM is exact on this CPU and compiled for it
-(kernels/quant/onednn_int8.py: AMX/VNNI, 1.5-3.8x faster than fbgemm from 32 rows up), else
-fbgemm's (`torch.ops.quantized.linear_dynamic`). Activations reach them in one of two ways:
+library paths below at 8-512 rows with VNNI, ~2x fbgemm in the AVX2 build on our Zen 4, and the
+layout the native decode stack reads; it quantizes activations itself, in the two ways below,
+exact with either instruction set); otherwise oneDNN's where its int8 GEMM is exact on this CPU
+and compiled for it (kernels/quant/onednn_int8.py: AMX/VNNI, 1.5-3.8x faster than fbgemm from 32
+rows up), else fbgemm's (`torch.ops.quantized.linear_dynamic`). Activations reach them in one of
+two ways:
 - weight-only int8 (mode `int8`): as two exact int7 halves (`_split_activation_linear`): float
   accuracy, twice the GEMM rows;
 - W8A8 (mode `w8a8`, `int8_activations=True`): quantized to int8 per token, as in SmoothQuant
