@@ -38,16 +38,20 @@ run: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/kvpilot serve
 
+# Two pytest workers, a test file each at a time (module fixtures start once): the operator's
+# end-to-end files mostly wait on pods and controllers, so the other worker runs the rest meanwhile.
+PYTEST_PARALLEL := -n 2 --dist loadfile
+
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q $(PYTEST_PARALLEL)
 
 # The operator's end-to-end suite alone, on a local control plane (tests/cluster). The first run on a
 # machine builds kube-apiserver, kube-controller-manager and kube-scheduler (~6 min on 2 cores; README).
 e2e: $(STAMP)
 	$(BIN)/python -m tests.cluster build
-	$(BIN)/pytest -q tests/cluster tests/operator/test_crd_apiserver.py tests/operator/test_operator_e2e.py tests/operator/test_rollout_e2e.py
+	$(BIN)/pytest -q $(PYTEST_PARALLEL) tests/cluster tests/operator/test_crd_apiserver.py tests/operator/test_operator_e2e.py tests/operator/test_rollout_e2e.py
 
 # Control plane + process kubelet + operator until Ctrl-C; prints the kubeconfig path.
 cluster: $(STAMP)

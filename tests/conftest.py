@@ -16,6 +16,24 @@ from tests.checkpoints import (
 )
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist every worker runs its own control plane and process kubelet (tests/cluster):
+    each hands out pod addresses from its own range, so two workers' pods never take the same one."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ...
+    if worker:
+        os.environ.setdefault("KVPILOT_POD_CIDR", f"10.213.{int(worker.removeprefix('gw'))}.0/24")
+
+
+# The operator's end-to-end suites: minutes each, mostly waiting on pods and controllers.
+SLOWEST_FILES = ("test_operator_e2e.py", "test_rollout_e2e.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slowest files first: under `make test` (`pytest -n 2 --dist loadfile`) each worker starts
+    on one of them and both then share the rest, instead of the longest file starting last."""
+    items.sort(key=lambda item: item.path.name not in SLOWEST_FILES)
+
+
 @pytest.fixture(scope="session")
 def default_gguf() -> Path:
     return default_gguf_path()
