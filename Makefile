@@ -51,7 +51,7 @@ test: $(STAMP)
 # machine builds kube-apiserver, kube-controller-manager and kube-scheduler (~6 min on 2 cores; README).
 e2e: $(STAMP)
 	$(BIN)/python -m tests.cluster build
-	$(BIN)/pytest -q $(PYTEST_PARALLEL) tests/cluster tests/operator/test_crd_apiserver.py tests/operator/test_operator_e2e.py tests/operator/test_rollout_e2e.py
+	$(BIN)/pytest -q $(PYTEST_PARALLEL) tests/cluster tests/operator/test_crd_apiserver.py tests/operator/test_operator_e2e.py tests/operator/test_rollout_e2e.py tests/operator/test_autoscaler_e2e.py
 
 # Control plane + process kubelet + operator until Ctrl-C; prints the kubeconfig path.
 cluster: $(STAMP)

@@ -24,14 +24,19 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ.setdefault("KVPILOT_POD_CIDR", f"10.213.{int(worker.removeprefix('gw'))}.0/24")
 
 
-# The operator's end-to-end suites: minutes each, mostly waiting on pods and controllers.
-SLOWEST_FILES = ("test_operator_e2e.py", "test_rollout_e2e.py")
+# The operator's end-to-end suites, longest first: minutes each, mostly waiting on pods and controllers.
+SLOWEST_FILES = ("test_operator_e2e.py", "test_rollout_e2e.py", "test_autoscaler_e2e.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The slowest files first: under `make test` (`pytest -n 2 --dist loadfile`) each worker starts
-    on one of them and both then share the rest, instead of the longest file starting last."""
-    items.sort(key=lambda item: item.path.name not in SLOWEST_FILES)
+    """The slowest files first, longest first: under `make test` (`pytest -n 2 --dist loadfile`)
+    the workers start on them and share the rest after, instead of the longest file starting last."""
+
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return SLOWEST_FILES.index(name) if name in SLOWEST_FILES else len(SLOWEST_FILES)
+
+    items.sort(key=rank)
 
 
 @pytest.fixture(scope="session")
