@@ -24,11 +24,10 @@ from kvpilot.operator.api import API_VERSION
 
 from tests.cluster.harness import OperatorProcess, condition, wait_for
 from tests.operator import test_operator_e2e as e2e
-from tests.operator.test_operator_e2e import ISVC, engine_deployment, isvc_condition, manifest
+from tests.operator.test_operator_e2e import ISVC, engine_deployment, isvc_condition, manifest, router_url
 
 # The e2e suite's fixtures: namespace with the model volume, the operator process.
 model_dir, kubectl, api, ns, operator = e2e.model_dir, e2e.kubectl, e2e.api, e2e.ns, e2e.operator
-_router_url = e2e._router_url
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -167,8 +166,8 @@ def test_the_autoscaler_follows_real_engine_load_up_down_and_to_zero(
         )
         assert _autoscaling_status(api, ns)["desiredReplicas"] == 1
 
-        router_url = _router_url(api, ns)
-        load = _load(router_url, model_dir / "smollm2", concurrency=4)
+        url = router_url(api, ns)
+        load = _load(url, model_dir / "smollm2", concurrency=4)
         try:
             wait_for(lambda: _deployment_replicas(api, ns) == 2, "a scale-up under load", timeout=120)
             wait_for(  # a real pod: scheduled, started, loaded, Ready
@@ -206,7 +205,7 @@ def test_the_autoscaler_follows_real_engine_load_up_down_and_to_zero(
         wait_for(lambda: _deployment_replicas(api, ns) == 0, "scale to zero", timeout=60)
         engine = "app.kubernetes.io/name=kvpilot"
         wait_for(lambda: not api.list("v1", "pods", ns, labelSelector=engine), "no engine pod", timeout=90)
-        client = openai.OpenAI(base_url=f"{router_url}/v1", api_key="none", timeout=240, max_retries=0)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", timeout=240, max_retries=0)
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             answer = pool.submit(
                 client.chat.completions.create,

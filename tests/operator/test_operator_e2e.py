@@ -424,7 +424,8 @@ def test_live_example_serves_a_chat_completion_through_its_endpoints(
         api.delete("v1", "persistentvolumes", None, f"{claim}-{ns}")
 
 
-def _router_url(api, ns: str) -> str:
+def router_url(api, ns: str) -> str:
+    """The base URL of a ready router pod."""
     pods = api.list("v1", "pods", ns, labelSelector="app.kubernetes.io/name=kvpilot-router")
     ready = [p for p in pods if condition(p, "Ready").get("status") == "True"]
     port = ready[0]["spec"]["containers"][0]["ports"][0]["containerPort"]

@@ -30,11 +30,10 @@ from tests.checkpoints import build_checkpoint
 from tests.cluster.harness import wait_for
 from tests.cluster.processes import pid_alive
 from tests.operator import test_operator_e2e as e2e
-from tests.operator.test_operator_e2e import ISVC, isvc_condition, manifest
+from tests.operator.test_operator_e2e import ISVC, isvc_condition, manifest, router_url
 
 # The e2e suite's fixtures: namespace with the model volume, the operator process.
 model_dir, kubectl, api, ns, operator = e2e.model_dir, e2e.kubectl, e2e.api, e2e.ns, e2e.operator
-router_url = e2e._router_url
 
 pytestmark = pytest.mark.timeout(420)
 ROUTER = {"enabled": True, "replicas": 1}
