@@ -22,6 +22,12 @@ KV_CACHE_DTYPES = ("auto", "int8", "fp8")
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: the checkpoint's on CUDA, float32 on CPU
 TERMINATION_LOG = "/dev/termination-log"  # Kubernetes' terminationMessagePath default
 
+# A CPU server's KV cache unless --kv-cache-memory says otherwise, capped in a container with a
+# memory limit by CPU_MEMORY_UTILIZATION of the limit minus what the loaded server holds (the rest
+# is the activations' headroom). The operator's fit estimate plans with the same figures.
+CPU_KV_CACHE_BYTES = 1 << 30
+CPU_MEMORY_UTILIZATION = 0.9
+
 
 @dataclass(frozen=True)
 class ServeSetting:
@@ -77,8 +83,8 @@ SERVE_SETTINGS = (
     ServeSetting(
         "kv_cache_memory", int, None,
         "KV cache budget, e.g. 2GiB or a number of bytes (default: on CUDA what --gpu-memory-utilization "
-        "leaves, on CPU 1GiB)", 1, metavar="SIZE", engine_field="kv_cache_memory_bytes",
-        crd_field="kv_cache_memory",
+        "leaves, on CPU 1GiB or less if the container's memory limit leaves less)", 1, metavar="SIZE",
+        engine_field="kv_cache_memory_bytes", crd_field="kv_cache_memory",
     ),
     ServeSetting(
         "gpu_memory_utilization", float, 0.9,

@@ -3,14 +3,20 @@
 On CUDA the KV cache gets what is left of `gpu_memory_utilization` of the device's memory after
 the model's weights, the activation peak of a profiling forward at the largest batch, and memory
 torch does not manage (the CUDA context, other processes), as vLLM sizes it. An explicit
-`num_kv_blocks` or `kv_cache_memory_bytes` overrides; on CPU the default is 1 GiB.
+`num_kv_blocks` or `kv_cache_memory_bytes` overrides.
+
+On CPU the default is 1 GiB. In a container with a memory limit (a Kubernetes pod's
+`resources.memory`) the cache must also fit what the limit leaves: CPU_MEMORY_UTILIZATION of the
+limit minus the container's working set after loading (Python, torch, the weights); the rest is
+headroom for activations. The default shrinks to that, and an explicit `--kv-cache-memory` that
+does not fit is refused at start-up, with the figures, instead of the pod being OOM-killed.
 """
 
 from dataclasses import dataclass
 
+from kvpilot.serving.contract import CPU_KV_CACHE_BYTES, CPU_MEMORY_UTILIZATION
 from kvpilot.serving.validation import InvalidParameter
 
-CPU_KV_CACHE_BYTES = 1 << 30
 GIB = 1 << 30
 
 
@@ -22,6 +28,24 @@ class DeviceMemory:
     weights: int  # held by torch after loading (weights and model buffers)
     activation_peak: int  # the profiling forward's peak above that
     non_torch: int  # used on the device but not by torch's allocator
+
+
+@dataclass(frozen=True)
+class HostMemory:
+    """A CPU server's container: its memory limit and working set before the KV cache."""
+
+    limit: int
+    used: int
+
+    @property
+    def left(self) -> int:
+        return int(self.limit * CPU_MEMORY_UTILIZATION) - self.used
+
+    def describe(self) -> str:
+        return (
+            f"{CPU_MEMORY_UTILIZATION:g} x the container's memory limit {_gib(self.limit)}"
+            f" - its working set {_gib(self.used)} = {_gib(self.left)}"
+        )
 
 
 @dataclass(frozen=True)
@@ -37,17 +61,28 @@ def plan_kv_cache(
     kv_cache_memory_bytes: int | None = None,
     gpu_memory_utilization: float = 0.9,
     memory: DeviceMemory | None = None,
+    host: HostMemory | None = None,
 ) -> KVCachePlan:
-    """`memory` is the device's measured figures on CUDA, None on CPU."""
+    """`memory` is the device's measured figures on CUDA, None on CPU; `host` the container's
+    memory on CPU, None where it has no limit."""
     if num_kv_blocks is not None:
         return KVCachePlan(num_kv_blocks, bytes_per_block, f"--num-kv-blocks {num_kv_blocks}")
-    if kv_cache_memory_bytes is not None or memory is None:
-        explicit = kv_cache_memory_bytes is not None
-        budget = kv_cache_memory_bytes if explicit else CPU_KV_CACHE_BYTES
-        source = "--kv-cache-memory" if explicit else "the CPU default (--kv-cache-memory)"
-        reason = f"{source} {_gib(budget)} / {bytes_per_block} bytes per block"
-        return KVCachePlan(
-            _blocks(budget, bytes_per_block, "kv_cache_memory_bytes", reason), bytes_per_block, reason
+    if kv_cache_memory_bytes is not None and host is not None and kv_cache_memory_bytes > host.left:
+        raise InvalidParameter(
+            "kv_cache_memory_bytes",
+            f"--kv-cache-memory {_gib(kv_cache_memory_bytes)} does not fit: {host.describe()}",
+        )
+    if kv_cache_memory_bytes is not None:
+        reason = f"--kv-cache-memory {_gib(kv_cache_memory_bytes)} / {bytes_per_block} bytes per block"
+        return _plan(kv_cache_memory_bytes, bytes_per_block, "kv_cache_memory_bytes", reason)
+    if memory is None:
+        source = f"the CPU default (--kv-cache-memory) {_gib(CPU_KV_CACHE_BYTES)}"
+        budget = CPU_KV_CACHE_BYTES
+        if host is not None and host.left < CPU_KV_CACHE_BYTES:
+            source = f"{source}, capped by {host.describe()}"
+            budget = host.left
+        return _plan(
+            budget, bytes_per_block, "kv_cache_memory_bytes", f"{source} / {bytes_per_block} bytes per block"
         )
     share = int(memory.total * gpu_memory_utilization)
     budget = share - memory.weights - memory.activation_peak - memory.non_torch
@@ -56,16 +91,14 @@ def plan_kv_cache(
         f" - weights {_gib(memory.weights)} - activation peak {_gib(memory.activation_peak)}"
         f" - non-torch {_gib(memory.non_torch)} = {_gib(budget)} / {bytes_per_block} bytes per block"
     )
-    return KVCachePlan(
-        _blocks(budget, bytes_per_block, "gpu_memory_utilization", reason), bytes_per_block, reason
-    )
+    return _plan(budget, bytes_per_block, "gpu_memory_utilization", reason)
 
 
-def _blocks(budget: int, bytes_per_block: int, param: str, reason: str) -> int:
+def _plan(budget: int, bytes_per_block: int, param: str, reason: str) -> KVCachePlan:
     num_blocks = max(budget, 0) // bytes_per_block
     if num_blocks < 1:
         raise InvalidParameter(param, f"leaves no room for one KV block: {reason}")
-    return num_blocks
+    return KVCachePlan(num_blocks, bytes_per_block, reason)
 
 
 def _gib(num_bytes: int) -> str:

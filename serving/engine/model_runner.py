@@ -8,6 +8,7 @@ from kvpilot.kernels import huge_pages
 from kvpilot.kernels.attention import build_attention_metadata
 from kvpilot.kernels.quant.kv_cache import KVCache, allocate_kv_cache, kv_block_bytes
 from kvpilot.serving.engine.config import EngineConfig
+from kvpilot.serving.engine.container_memory import host_memory
 from kvpilot.serving.engine.kv_cache_sizing import DeviceMemory, plan_kv_cache
 from kvpilot.serving.engine.logprobs import token_logprobs
 from kvpilot.serving.engine.scheduler_output import ScheduledChunk, SchedulerOutput
@@ -63,6 +64,7 @@ class ModelRunner:
             config.kv_cache_memory_bytes,
             config.gpu_memory_utilization,
             self._measure_cuda_memory() if sized_by_device else None,
+            None if is_cuda else host_memory(),
         )
         self.num_kv_blocks = self.kv_cache_plan.num_blocks
         self.kv_caches = self._allocate_kv_caches(self.num_kv_blocks)
