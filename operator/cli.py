@@ -51,12 +51,12 @@ def _render(args: argparse.Namespace) -> int:
         if fit is not None:  # the operator's check, before anything is applied
             name = isvc.metadata.name
             if fit.fits is False:
-                print(
-                    f"error: InferenceService {name}: spec.resources.gpu.memory: {fit.message()}",
-                    file=sys.stderr,
-                )
+                print(f"error: InferenceService {name}: {fit.memory_field}: {fit.message()}", file=sys.stderr)
                 return 2
-            print(f"InferenceService {name}: GPU memory {fit.message()}", file=sys.stderr)
+            print(
+                f"InferenceService {name}: {'GPU memory' if fit.on_gpu else 'memory'} {fit.message()}",
+                file=sys.stderr,
+            )
         rendered += build_children(isvc)
     sys.stdout.write(yaml.dump_all(rendered, Dumper=_BlockDumper, sort_keys=False))
     return 0

@@ -1,12 +1,18 @@
-"""Will the model fit on the GPU? A pure estimate from the spec alone (no download, no GPU).
+"""Will the model fit in a replica's memory? A pure estimate from the spec alone (no download, no
+GPU).
 
 Weights: every linear layer (q, k, v, o, gate, up, down, and an untied output head) in the
 quantized format the server converts it to (kernels/quant: int8/w8a8/fp8 one byte per weight
 plus a float32 scale per output row; int4 half a byte plus a float16 scale and min per 32
 columns); embeddings and norms stay in the model dtype. KV cache: K and V of every layer per
 token (int8 adds a float32 scale per token and head), times maxModelLen tokens (rounded up to
-whole blocks) per sequence. The budget is `resources.gpu.memory` x gpuMemoryUtilization, as
-the server sizes its cache; activations are not counted.
+whole blocks) per sequence.
+
+The budget is planned as the server sizes its cache. On a GPU: `resources.gpu.memory` x
+gpuMemoryUtilization, and the KV cache gets what the weights leave. On a CPU replica:
+`resources.memory` (the pod's limit) x CPU_MEMORY_UTILIZATION, less CPU_SERVER_BYTES for the
+server itself (Python, torch and the HTTP stack), and the KV cache is the CPU default (1 GiB)
+or what the weights leave, if less. Activations are not counted (the utilization's headroom).
 
 It does not fit, and the InferenceService is Stalled before any pod is scheduled, when the
 weights and the KV cache of ONE full-length sequence exceed the budget (or, with kvCacheMemory,
@@ -23,9 +29,12 @@ from dataclasses import dataclass
 from kvpilot.operator.api import InferenceService
 from kvpilot.operator.api.model import ModelShape
 from kvpilot.operator.planner import parse_quantity
-from kvpilot.serving.contract import SERVE_SETTING
+from kvpilot.serving.contract import CPU_KV_CACHE_BYTES, CPU_MEMORY_UTILIZATION, SERVE_SETTING
 
 GiB = 1 << 30
+# The server's working set before its weights and KV cache: Python, torch (its CUDA build) and the
+# HTTP stack, 0.43-0.50 GiB measured in a memory cgroup (tests/serving/api/test_container_memory.py).
+CPU_SERVER_BYTES = GiB // 2
 INT4_GROUP_SIZE = 32  # kernels/quant/quantize.py DEFAULT_GROUP_SIZE
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GPU_CHECKPOINT_DTYPE_BYTES = 2  # `--dtype auto` on a GPU: the checkpoint's bf16/fp16
@@ -74,8 +83,18 @@ class FitEstimate:
     max_model_len: int | None
     max_num_seqs: int
     kv_cache_memory: int | None  # spec.engine.kvCacheMemory, if set
-    gpu_memory: int | None
+    memory: int | None  # one GPU's memory on a GPU replica, resources.memory on a CPU one
     utilization: float
+    on_gpu: bool = True
+
+    @property
+    def memory_field(self) -> str:
+        """The spec field the budget comes from (named in errors)."""
+        return "spec.resources.gpu.memory" if self.on_gpu else "spec.resources.memory"
+
+    @property
+    def server_bytes(self) -> int:
+        return 0 if self.on_gpu else CPU_SERVER_BYTES
 
     @property
     def sequence_kv_bytes(self) -> int | None:
@@ -93,18 +112,22 @@ class FitEstimate:
 
     @property
     def budget_bytes(self) -> int | None:
-        return None if self.gpu_memory is None else int(self.gpu_memory * self.utilization)
+        """What the weights and the KV cache may take."""
+        return None if self.memory is None else int(self.memory * self.utilization) - self.server_bytes
 
     @property
     def kv_available_bytes(self) -> int | None:
         if self.kv_cache_memory is not None:
             return self.kv_cache_memory
         budget = self.budget_bytes
-        return None if budget is None else budget - self.weight_bytes
+        if budget is None:
+            return None
+        left = budget - self.weight_bytes
+        return left if self.on_gpu else min(left, CPU_KV_CACHE_BYTES)
 
     @property
     def fits(self) -> bool | None:
-        """None when it cannot be told (no GPU memory or no maxModelLen)."""
+        """None when it cannot be told (no memory or no maxModelLen)."""
         budget, one = self.budget_bytes, self.sequence_kv_bytes
         if budget is None or one is None:
             return None
@@ -127,23 +150,25 @@ class FitEstimate:
         batch = f"{self.max_num_seqs} x {self.max_model_len} tokens"
         if self.budget_bytes is None:
             kv = f"KV cache {gib(self.batch_kv_bytes)} for {batch}"
-            return f"{weights} + {kv}; set resources.gpu.memory to check the fit"
-        gpu = f"{gib(self.budget_bytes)} ({self.utilization:g} of {gib(self.gpu_memory)})"
+            return f"{weights} + {kv}; set {self.memory_field.removeprefix('spec.')} to check the fit"
+        budget = f"{gib(self.budget_bytes)} ({self.utilization:g} of {gib(self.memory)}"
+        budget += ")" if self.on_gpu else f" memory - {gib(self.server_bytes)} for the server)"
         if self.kv_cache_memory is not None:
             kv = f"KV cache {gib(self.kv_cache_memory)} (kvCacheMemory)"
             if self.weight_bytes + self.kv_cache_memory > self.budget_bytes:
-                return f"does not fit: {weights} + {kv} > {gpu}"
+                return f"does not fit: {weights} + {kv} > {budget}"
         else:
             kv = f"KV cache {gib(self.sequence_kv_bytes)} for one {self.max_model_len}-token sequence"
-            if not self.fits:
-                return f"does not fit: {weights} + {kv} > {gpu}"
+            if self.weight_bytes + self.sequence_kv_bytes > self.budget_bytes:
+                return f"does not fit: {weights} + {kv} > {budget}"
+            kv = f"the CPU default KV cache {gib(self.kv_available_bytes)} (set spec.engine.kvCacheMemory)"
         if not self.fits:
             return f"does not fit: {kv} holds no {self.max_model_len}-token sequence"
-        if self.kv_cache_memory is None and self.weight_bytes + self.batch_kv_bytes <= self.budget_bytes:
-            return f"fits: {weights} + KV cache {gib(self.batch_kv_bytes)} for {batch} <= {gpu}"
+        if self.kv_cache_memory is None and self.batch_kv_bytes <= self.kv_available_bytes:
+            return f"fits: {weights} + KV cache {gib(self.batch_kv_bytes)} for {batch} <= {budget}"
         held = min(self.full_length_sequences, self.max_num_seqs)
         return (
-            f"fits: {weights} + {gib(self.kv_available_bytes)} KV cache of {gpu}, holding {held} of "
+            f"fits: {weights} + {gib(self.kv_available_bytes)} KV cache of {budget}, holding {held} of "
             f"{self.max_num_seqs} sequences at {self.max_model_len} tokens (KV cache for {batch}: "
             f"{gib(self.batch_kv_bytes)}; the rest wait)"
         )
@@ -159,8 +184,15 @@ def estimate(isvc: InferenceService) -> FitEstimate | None:
     if architecture is None:
         return None
     shape = architecture.shape()
-    engine, gpu = isvc.spec.engine, isvc.spec.resources.gpu
-    default_bytes = GPU_CHECKPOINT_DTYPE_BYTES if gpu.count else CPU_DTYPE_BYTES
+    engine, resources = isvc.spec.engine, isvc.spec.resources
+    on_gpu = resources.gpu.count > 0
+    default_bytes = GPU_CHECKPOINT_DTYPE_BYTES if on_gpu else CPU_DTYPE_BYTES
+    memory = resources.gpu.memory if on_gpu else resources.memory
+    utilization = (
+        engine.gpu_memory_utilization or SERVE_SETTING["gpu_memory_utilization"].default
+        if on_gpu
+        else CPU_MEMORY_UTILIZATION
+    )
     dtype_bytes = DTYPE_BYTES.get(engine.dtype or "auto", default_bytes)
     return FitEstimate(
         weight_bytes=weight_bytes(shape, engine.quantization, dtype_bytes),
@@ -170,6 +202,7 @@ def estimate(isvc: InferenceService) -> FitEstimate | None:
         kv_cache_memory=None
         if engine.kv_cache_memory is None
         else int(parse_quantity(engine.kv_cache_memory)),
-        gpu_memory=None if gpu.memory is None or not gpu.count else int(parse_quantity(gpu.memory)),
-        utilization=engine.gpu_memory_utilization or SERVE_SETTING["gpu_memory_utilization"].default,
+        memory=None if memory is None else int(parse_quantity(memory)),
+        utilization=utilization,
+        on_gpu=on_gpu,
     )

@@ -29,7 +29,8 @@ from kvpilot.operator.rollout.state import autoscaled_revision, rfc3339
 from kvpilot.operator.router_config import referenced_secrets
 from kvpilot.operator.status import (
     APPLY_REJECTED,
-    DOES_NOT_FIT,
+    INSUFFICIENT_GPU_MEMORY,
+    INSUFFICIENT_MEMORY,
     INVALID_SPEC,
     RolloutReport,
     compute_status,
@@ -47,7 +48,7 @@ from pydantic import ValidationError
 class Outcome:
     status_written: bool
     error: str | None = None  # why the spec cannot work: the message names the field
-    reason: str = INVALID_SPEC  # InvalidSpec, ApplyRejected or InsufficientGPUMemory
+    reason: str = INVALID_SPEC  # InvalidSpec, ApplyRejected, InsufficientGPUMemory or InsufficientMemory
     waiting: str | None = None  # what a later reconcile must find (a tenant's Secret), to retry
     requeue_after: float | None = None  # seconds until the rollout needs another look
     events: list[Event] = field(default_factory=list)
@@ -173,8 +174,8 @@ def reconcile(
         return Outcome(status_written=False, error=held, reason=APPLY_REJECTED)
     fit = estimate(serving)
     if fit is not None and fit.fits is False:
-        error = f"spec.resources.gpu.memory: {fit.message()}"
-        return _stall(body, client, error, stamp, DOES_NOT_FIT, fit.message())
+        reason = INSUFFICIENT_GPU_MEMORY if fit.on_gpu else INSUFFICIENT_MEMORY
+        return _stall(body, client, f"{fit.memory_field}: {fit.message()}", stamp, reason, fit.message())
 
     target = revision_hash(serving.spec)
     observed = client.read_children(isvc)

@@ -45,7 +45,7 @@ POD_FIELDS = (
 # revision (ROUTER_POD_FIELDS).
 NON_POD_FIELDS = ("replicas", "autoscaling", "rollout", "router", "tenants")
 ROUTER_POD_FIELDS = ("upstream_api_key_secret_ref",)
-# Inside pod-shaping fields, what only feeds the operator's GPU fit estimate (operator/fit.py) and
+# Inside pod-shaping fields, what only feeds the operator's memory fit estimate (operator/fit.py) and
 # never reaches a pod: changing it is no new revision.
 FIT_ONLY_FIELDS: dict[str, Any] = {"model": {"architecture"}, "resources": {"gpu": {"memory"}}}
 

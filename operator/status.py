@@ -26,7 +26,8 @@ from kvpilot.operator.router_config import referenced_secrets
 
 READY, RECONCILING, STALLED, MODEL_CACHED = "Ready", "Reconciling", "Stalled", "ModelCached"
 # Stalled reasons that only a spec change can clear.
-INVALID_SPEC, APPLY_REJECTED, DOES_NOT_FIT = "InvalidSpec", "ApplyRejected", "InsufficientGPUMemory"
+INVALID_SPEC, APPLY_REJECTED = "InvalidSpec", "ApplyRejected"
+INSUFFICIENT_GPU_MEMORY, INSUFFICIENT_MEMORY = "InsufficientGPUMemory", "InsufficientMemory"  # the fit
 AUTOSCALING = "autoscaling"  # written by the autoscaler (operator/autoscaler/), not by the reconciler
 # The status's fields the reconciler writes (camelCase), from the typed model.
 STATUS_FIELDS = tuple(

@@ -1,5 +1,5 @@
 """The optional parts of `spec.model` for running on a GPU cluster: a shared download cache and
-the model's architecture (what the GPU fit estimate needs; the operator never downloads a model).
+the model's architecture (what the memory fit estimate needs; the operator never downloads a model).
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ ARCHITECTURE_RULES = [
 
 
 class ModelArchitecture(_Model):
-    """The model's shape for the GPU fit estimate: a known architecture, or the sizes from its
+    """The model's shape for the memory fit estimate: a known architecture, or the sizes from its
     config.json (same names, camelCase)."""
 
     model_config = ConfigDict(json_schema_extra=cel_rules(ARCHITECTURE_RULES))

@@ -63,7 +63,8 @@ class ModelSource(_Model):
     )
     architecture: ModelArchitecture | None = Field(
         default=None,
-        description="The model's shape, for the GPU memory fit estimate (status.fit, kvpilot render).",
+        description="The model's shape, for the memory fit estimate on a GPU or CPU replica "
+        "(status.fit, kvpilot render).",
     )
 
     @model_validator(mode="after")
@@ -167,7 +168,9 @@ class ResourcesSpec(_Model):
     )
     cpu: Quantity | None = Field(default=None, description="CPU request per replica, e.g. 4 or 500m.")
     memory: Quantity | None = Field(
-        default=None, description="Memory per replica (request and limit), e.g. 16Gi."
+        default=None,
+        description="Memory per replica (request and limit), e.g. 16Gi: with spec.model.architecture, a "
+        "CPU replica's weights, KV cache and server are checked to fit before any pod is scheduled.",
     )
     shared_memory: Quantity = Field(
         default="2Gi", description="Size of the in-memory /dev/shm volume (used by tensor parallelism)."

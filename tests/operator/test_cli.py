@@ -97,3 +97,25 @@ def test_render_shows_the_gpu_fit_and_refuses_a_model_that_does_not_fit(tmp_path
         "error: InferenceService qwen3: spec.resources.gpu.memory: does not fit: weights 61.0 GiB + KV cache "
         "2.1 GiB for one 16384-token sequence > 43.2 GiB (0.9 of 48.0 GiB)\n"
     )
+
+
+def test_render_shows_the_cpu_memory_fit_and_refuses_a_replica_too_small(tmp_path, capsys):
+    example = EXAMPLES / "cpu-smollm2.yaml"
+    assert main(["render", "-f", str(example)]) == 0
+    assert capsys.readouterr().err == (
+        "InferenceService smollm2-cpu: memory fits: weights 0.5 GiB + 1.0 GiB KV cache of 3.1 GiB (0.9 of "
+        "4.0 GiB memory - 0.5 GiB for the server), holding 11 of 16 sequences at 2048 tokens (KV cache for "
+        "16 x 2048 tokens: 1.4 GiB; the rest wait)\n"
+    )
+    manifest = yaml.safe_load(example.read_text())
+    manifest["spec"]["resources"]["memory"] = "1Gi"
+    path = tmp_path / "small.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    assert main(["render", "-f", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        "error: InferenceService smollm2-cpu: spec.resources.memory: does not fit: weights 0.5 GiB + KV "
+        "cache 0.1 GiB for one 2048-token sequence > 0.4 GiB (0.9 of 1.0 GiB memory - 0.5 GiB for the "
+        "server)\n"
+    )

@@ -1,5 +1,6 @@
-"""The GPU fit estimate against figures computed by hand from the published config.json of
-Llama-3-8B and Qwen3-32B (the arithmetic is spelled out beside each figure)."""
+"""The fit estimate against figures computed by hand from the published config.json of
+Llama-3-8B, Qwen3-32B and SmolLM2-135M (the arithmetic is spelled out beside each figure), on a
+GPU and in a CPU replica's memory."""
 
 from typing import Any
 
@@ -126,6 +127,79 @@ def test_fit_table(model, gpu, engine, fits, message):
         assert fit.message() == message
 
 
+def cpu_isvc(memory: str | None, model: str = "SmolLM2-135M", **engine: Any) -> InferenceService:
+    spec = {
+        "model": {"name": "m", "uri": "hf://org/m", "architecture": {"known": model}},
+        "engine": engine,
+        "resources": {"memory": memory} if memory else {},
+    }
+    return InferenceService.from_body({"metadata": {"name": "m"}, "spec": spec})
+
+
+# SmolLM2-135M: hidden 576, 30 layers, 9 heads, 3 KV heads, head_dim 64, intermediate 1536, vocab
+# 49152, tied. Per layer 2*576*576 + 2*192*576 + 3*1536*576 = 3,538,944 linear weights, 1,152 norm
+# weights; embeddings 28,311,552; final norm 576: 134,515,008 parameters, 538,060,032 B in float32
+# (the CPU default) = 0.50 GiB. float32 KV: 30 * 2 * 3 * 64 * 4 = 46,080 B per token, 2048 tokens
+# 0.088 GiB. The budget: 0.9 of resources.memory less 0.5 GiB for the server.
+@pytest.mark.parametrize(
+    ("memory", "engine", "fits", "message"),
+    [
+        # 0.9 * 4 - 0.5 = 3.1 GiB; the KV cache is the server's 1 GiB default: 11 sequences of 2048.
+        (
+            "4Gi", {"maxModelLen": 2048, "maxNumSeqs": 16},
+            True,
+            "fits: weights 0.5 GiB + 1.0 GiB KV cache of 3.1 GiB (0.9 of 4.0 GiB memory - 0.5 GiB for the "
+            "server), holding 11 of 16 sequences at 2048 tokens (KV cache for 16 x 2048 tokens: 1.4 GiB; "
+            "the rest wait)",
+        ),
+        # 8 sequences need 0.69 GiB, within the default.
+        (
+            "4Gi", {"maxModelLen": 2048, "maxNumSeqs": 8},
+            True,
+            "fits: weights 0.5 GiB + KV cache 0.7 GiB for 8 x 2048 tokens <= 3.1 GiB (0.9 of 4.0 GiB memory "
+            "- 0.5 GiB for the server)",
+        ),
+        # 0.9 * 1 - 0.5 = 0.4 GiB < 0.5 GiB of float32 weights (measured: the server's working set after
+        # loading them is 1.0 GiB, above 0.9 of a 1 GiB limit).
+        (
+            "1Gi", {"maxModelLen": 2048},
+            False,
+            "does not fit: weights 0.5 GiB + KV cache 0.1 GiB for one 2048-token sequence > 0.4 GiB (0.9 of "
+            "1.0 GiB memory - 0.5 GiB for the server)",
+        ),
+        # int4 linears: 106,168,320 / 2 + 3,317,760 groups * 4 B; embeddings and norms in float32:
+        # 179,741,952 B; with a 64 MiB cache 0.23 GiB of 0.4 (the operator's end-to-end tests' pods).
+        ("1Gi", {"maxModelLen": 1024, "quantization": "int4", "kvCacheMemory": "64Mi"}, True, None),
+        (
+            "4Gi", {"kvCacheMemory": "4Gi"},
+            False,
+            "does not fit: weights 0.5 GiB + KV cache 4.0 GiB (kvCacheMemory) > 3.1 GiB (0.9 of 4.0 GiB "
+            "memory - 0.5 GiB for the server)",
+        ),
+        # Llama-3-8B in float32: one 8192-token sequence is 2 GiB, more than the 1 GiB default.
+        (
+            "64Gi", {"maxModelLen": 8192},
+            False,
+            "does not fit: the CPU default KV cache 1.0 GiB (set spec.engine.kvCacheMemory) holds no "
+            "8192-token sequence",
+        ),
+        ("64Gi", {"maxModelLen": 8192, "kvCacheMemory": "8Gi"}, True, None),
+    ],
+)  # fmt: skip
+def test_cpu_fit_table(memory, engine, fits, message):
+    model = "Llama-3-8B" if memory == "64Gi" else "SmolLM2-135M"
+    fit = estimate(cpu_isvc(memory, model, **engine))
+    assert (fit.fits, fit.memory_field) == (fits, "spec.resources.memory")
+    if message is not None:
+        assert fit.message() == message
+
+
+def test_int4_smollm2_weights_by_hand():
+    assert weight_bytes(KNOWN_ARCHITECTURES["SmolLM2-135M"], "none", 4) == 538_060_032
+    int4 = 106_168_320 // 2 + 3_317_760 * 4 + (134_515_008 - 106_168_320) * 4
+    assert weight_bytes(KNOWN_ARCHITECTURES["SmolLM2-135M"], "int4", 4) == int4 == 179_741_952
+
+
 def test_without_gpu_memory_or_architecture_the_fit_is_unknown():
     fit = estimate(isvc("Llama-3-8B", gpu_memory=None, maxModelLen=8192))
     assert fit.fits is None
@@ -137,6 +211,7 @@ def test_without_gpu_memory_or_architecture_the_fit_is_unknown():
     body["spec"]["model"]["architecture"] = {"known": "Llama-3-8B"}  # a CPU replica: float32, no GPU
     cpu = estimate(InferenceService.from_body(body))
     assert (cpu.weight_bytes, cpu.fits) == (8_030_261_248 * 4, None)
+    assert cpu.message().endswith("; set resources.memory to check the fit")
 
 
 def test_explicit_config_sizes_equal_the_known_architecture():

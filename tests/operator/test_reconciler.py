@@ -267,6 +267,35 @@ def test_a_model_that_does_not_fit_stalls_before_anything_is_applied(counting_cl
     assert kubectl.list("apps/v1", "deployments", "rec-fit") == []
 
 
+def test_a_cpu_replica_whose_memory_cannot_hold_the_server_stalls(counting_client, kubectl):
+    spec = {
+        "model": {
+            "name": "m",
+            "uri": "hf://HuggingFaceTB/SmolLM2-135M",
+            "architecture": {"known": "SmolLM2-135M"},
+        },
+        "engine": {"maxModelLen": 2048},
+        "resources": {"memory": "1Gi"},
+    }
+    body = stored_hf(kubectl, "rec-cpu-fit", **spec)
+    outcome = reconcile(body, counting_client, NOW)
+    numbers = (
+        "weights 0.5 GiB + KV cache 0.1 GiB for one 2048-token sequence > 0.4 GiB (0.9 of 1.0 GiB memory - "
+        "0.5 GiB for the server)"
+    )
+    assert (outcome.reason, outcome.error) == (
+        "InsufficientMemory",
+        f"spec.resources.memory: does not fit: {numbers}",
+    )
+    condition = stalled(kubectl, "rec-cpu-fit")
+    assert (condition["status"], condition["reason"], condition["fit"]) == (
+        "True",
+        "InsufficientMemory",
+        f"does not fit: {numbers}",
+    )
+    assert counting_client.executed == 0
+
+
 def test_a_rejected_apply_is_not_retried_for_the_same_generation(counting_client, kubectl, apiserver):
     body = stored_hf(kubectl, "rec-422")
     revision = revision_hash(InferenceService.from_body(body).spec)
