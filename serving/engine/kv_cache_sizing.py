@@ -8,8 +8,8 @@ torch does not manage (the CUDA context, other processes), as vLLM sizes it. An 
 On CPU the default is 1 GiB. In a container with a memory limit (a Kubernetes pod's
 `resources.memory`) the cache must also fit what the limit leaves: CPU_MEMORY_UTILIZATION of the
 limit minus the container's working set after loading (Python, torch, the weights); the rest is
-headroom for activations. The default shrinks to that, and an explicit `--kv-cache-memory` that
-does not fit is refused at start-up, with the figures, instead of the pod being OOM-killed.
+headroom for activations. The default shrinks to that, and an explicit `--kv-cache-memory` (or
+`--num-kv-blocks`) that does not fit is refused at start-up, with the figures, instead of the pod being OOM-killed.
 """
 
 from dataclasses import dataclass
@@ -65,6 +65,11 @@ def plan_kv_cache(
 ) -> KVCachePlan:
     """`memory` is the device's measured figures on CUDA, None on CPU; `host` the container's
     memory on CPU, None where it has no limit."""
+    if num_kv_blocks is not None and host is not None and num_kv_blocks * bytes_per_block > host.left:
+        size = _gib(num_kv_blocks * bytes_per_block)
+        raise InvalidParameter(
+            "num_kv_blocks", f"--num-kv-blocks {num_kv_blocks} ({size}) does not fit: {host.describe()}"
+        )
     if num_kv_blocks is not None:
         return KVCachePlan(num_kv_blocks, bytes_per_block, f"--num-kv-blocks {num_kv_blocks}")
     if kv_cache_memory_bytes is not None and host is not None and kv_cache_memory_bytes > host.left:

@@ -77,14 +77,22 @@ def test_no_room_for_one_block_names_the_setting_and_the_figures(kwargs, param):
     assert "GiB" in raised.value.message
 
 
-def test_an_explicit_cache_the_container_cannot_hold_is_refused_with_the_figures():
+@pytest.mark.parametrize(
+    ("kwargs", "param", "setting"),
+    [
+        (dict(kv_cache_memory_bytes=GIB), "kv_cache_memory_bytes", "--kv-cache-memory 1.00 GiB"),
+        (dict(num_kv_blocks=512), "num_kv_blocks", "--num-kv-blocks 512 (1.00 GiB)"),
+    ],
+)
+def test_an_explicit_cache_the_container_cannot_hold_is_refused_with_the_figures(kwargs, param, setting):
     with pytest.raises(InvalidParameter) as raised:
-        plan_kv_cache(BLOCK, kv_cache_memory_bytes=GIB, host=HostMemory(2 * GIB, GIB))
-    assert raised.value.param == "kv_cache_memory_bytes"
+        plan_kv_cache(BLOCK, **kwargs, host=HostMemory(2 * GIB, GIB))
+    assert raised.value.param == param
     assert raised.value.message == (
-        "--kv-cache-memory 1.00 GiB does not fit: 0.9 x the container's memory limit 2.00 GiB"
+        f"{setting} does not fit: 0.9 x the container's memory limit 2.00 GiB"
         " - its working set 1.00 GiB = 0.80 GiB"
     )
+    assert plan_kv_cache(BLOCK, **kwargs, host=HostMemory(3 * GIB, GIB)).num_blocks == 512  # 1.7 GiB left
 
 
 def fake_cgroup(directory, limit: str, usage: int, inactive_file: int, v1: bool = False) -> None:
