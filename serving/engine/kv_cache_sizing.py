@@ -9,7 +9,8 @@ On CPU the default is 1 GiB. In a container with a memory limit (a Kubernetes po
 `resources.memory`) the cache must also fit what the limit leaves: CPU_MEMORY_UTILIZATION of the
 limit minus the container's working set after loading (Python, torch, the weights); the rest is
 headroom for activations. The default shrinks to that, and an explicit `--kv-cache-memory` (or
-`--num-kv-blocks`) that does not fit is refused at start-up, with the figures, instead of the pod being OOM-killed.
+`--num-kv-blocks`) that does not fit is refused at start-up, with the figures, instead of the pod
+being OOM-killed.
 """
 
 from dataclasses import dataclass
