@@ -13,70 +13,32 @@
 - `llama_decode` runs a whole Llama decoder stack over a decode step, calling the kernels above
   from C (see serving/models/decode_stack.py).
 
-They need a C compiler (`cc`) at first use; without one `load()` returns None and callers use
-their torch paths. They are built for this CPU (`-march=native`) unless KVPILOT_MARCH names
-another gcc `-march` target: `znver2` runs the AVX2 build on an AVX-512 machine, `x86-64` the
-portable C paths.
+They need a C compiler (`cc`) at first use (kernels/native_build.py); without one `load()`
+returns None and callers use their torch paths. They are built for this CPU (`-march=native`)
+unless KVPILOT_MARCH names another gcc `-march` target: `znver2` runs the AVX2 build on an AVX-512
+machine, `x86-64` the portable C paths.
 """
 
 import ctypes
 import functools
-import hashlib
 import logging
-import os
 import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
+from kvpilot.kernels import native_build
 from kvpilot.kernels.quant.kv_cache import KVCache
 
-SOURCES = [
-    Path(__file__).parent / "csrc" / name
-    for name in (
-        "paged_decode_attention.c",
-        "int8_quantize.c",
-        "kv_cache_write.c",
-        "row_ops.c",
-        "packed_sgemm.c",
-        "packed_int8.c",
-        "decode_stack.c",
-    )
-]
-HEADERS = [Path(__file__).parent / "csrc" / name for name in ("vector_exp.h", "cache_layout.h", "kernels.h")]
-MARCH_ENV = "KVPILOT_MARCH"
-# Reassociation lets the compiler vectorize the dot products; infinities keep their meaning.
-OPTIMIZATION = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros"]
 logger = logging.getLogger(__name__)
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "kvpilot" / "kernels"
-
-
-def march() -> str:
-    """The CPU the kernels are built for: KVPILOT_MARCH, else this one ("native")."""
-    return os.environ.get(MARCH_ENV) or "native"
-
-
-def compiler_flags() -> list[str]:
-    return [*OPTIMIZATION, f"-march={march()}", "-fopenmp", "-shared", "-fPIC"]
 
 
 @functools.cache
 def load() -> ctypes.CDLL | None:
     """The compiled library, or None when it cannot be built here (no compiler, build error)."""
-    sources = b"".join(source.read_bytes() for source in SOURCES + HEADERS)
-    flags = compiler_flags()
-    digest = hashlib.sha256(sources + " ".join(flags).encode()).hexdigest()[:16]
-    library = cache_dir() / f"kvpilot-cpu-{digest}.so"
-    if not library.exists():
-        try:
-            _build(library, flags)
-        except (OSError, subprocess.CalledProcessError) as error:  # no compiler, read-only cache, ...
-            logger.warning("native CPU kernels unavailable, using the torch paths: %s", _reason(error))
-            return None
+    try:
+        library = native_build.ensure_built()
+    except (OSError, subprocess.CalledProcessError) as error:  # no compiler, read-only cache, ...
+        logger.warning("native CPU kernels unavailable, using the torch paths: %s", _reason(error))
+        return None
     lib = ctypes.CDLL(str(library))
     lib.paged_decode_attention_f32.restype = ctypes.c_int
     lib.paged_decode_attention_i8.restype = ctypes.c_int
@@ -100,30 +62,6 @@ def _reason(error: Exception) -> str:
     stderr = getattr(error, "stderr", None) or b""
     errors = [line.strip() for line in stderr.decode(errors="replace").splitlines() if "error" in line]
     return f"cc failed: {errors[0]}" if errors else str(error)
-
-
-def _build(library: Path, flags: list[str]) -> None:
-    """Each source compiled by its own `cc -c`, all at once (a pod's cold start waits for the
-    slowest file, not the sum), then linked."""
-    library.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
-        objects = [Path(tmp) / f"{source.stem}.o" for source in SOURCES]
-        compilers = [
-            subprocess.Popen(
-                ["cc", *flags, "-c", str(source), "-o", str(obj)],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-            )
-            for source, obj in zip(SOURCES, objects, strict=True)
-        ]
-        for compiler in compilers:
-            stdout, stderr = compiler.communicate()
-            if compiler.returncode:
-                raise subprocess.CalledProcessError(compiler.returncode, compiler.args, stdout, stderr)
-        built = Path(tmp) / library.name
-        link = ["cc", *flags, *map(str, objects), "-o", str(built), "-lm"]
-        subprocess.run(link, check=True, capture_output=True)
-        os.replace(built, library)  # atomic: concurrent builders never see a partial file
 
 
 def cache_layout(values: torch.Tensor) -> ctypes.Array:

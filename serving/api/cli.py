@@ -61,6 +61,9 @@ def run(args: argparse.Namespace) -> int:
         termination_log = given.get("termination_log", os.environ.get(SERVE_SETTING["termination_log"].env))
         write_termination_reason(termination_log, line)
         return 2
+    from kvpilot.kernels import native_build
+
+    native_build.prebuild_in_background()  # compiles (first start only) while torch and the model load
     from kvpilot.serving.api.server import run_server
 
     return run_server(settings)

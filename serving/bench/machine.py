@@ -82,7 +82,8 @@ def machine_class() -> str:
 def describe_machine(cpuinfo_path: Path = CPUINFO) -> dict:
     """CPU model, cores, ISA flags, torch version and threads, and the float32 and int8 GEMM paths."""
     import torch
-    from kvpilot.kernels.cpu_extension import int8_panel_instruction, march
+    from kvpilot.kernels.cpu_extension import int8_panel_instruction
+    from kvpilot.kernels.native_build import march
     from kvpilot.kernels.packed_float import float_gemm
     from kvpilot.kernels.quant.int8 import one_pass_int8_is_exact, use_int8_panels, use_onednn_int8
 

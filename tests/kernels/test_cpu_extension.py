@@ -1,8 +1,11 @@
 """The native CPU decode attention (float32 and int8 caches) against the reference paged attention."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
-from kvpilot.kernels import cpu_extension
+from kvpilot.kernels import cpu_extension, native_build
 from kvpilot.kernels.attention import build_attention_metadata, paged_attention_reference
 from kvpilot.kernels.quant.kv_cache import KVCache, kv_cache_tensor
 
@@ -115,21 +118,39 @@ def test_int8_cache_is_supported_and_fp8_is_not(native):
 
 def test_library_is_cached_between_loads(native):
     assert native.load() is native.load()
-    assert any(native.cache_dir().glob("kvpilot-cpu-*.so"))
+    assert native_build.library_path().exists()
+
+
+def test_a_background_build_is_the_one_load_uses(monkeypatch, tmp_path):
+    """`kvpilot serve` starts the build before importing the model; a load meanwhile waits for it
+    (one build per process), and finds the library it made."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    builds = []
+    build = native_build._build
+    monkeypatch.setattr(native_build, "_build", lambda *args: builds.append(args) or build(*args))
+    threads = [native_build.prebuild_in_background() for _ in range(2)]
+    library = native_build.ensure_built()  # waits for the background build, builds nothing itself
+    for thread in threads:
+        thread.join(timeout=120)
+    assert library == native_build.library_path() and library.exists()
+    built = list((tmp_path / "kvpilot" / "kernels").iterdir())
+    assert built == [library] and len(builds) == 1  # built once; no leftover objects or folders
+    mtime = library.stat().st_mtime_ns
+    assert native_build.ensure_built() == library and library.stat().st_mtime_ns == mtime
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
 def test_portable_build_matches_reference(monkeypatch, tmp_path, kv_cache_dtype):
     """KVPILOT_MARCH=x86-64 (no AVX2): the kernels' plain C paths, which no machine of ours runs
     otherwise; the panel GEMMs are not compiled in, so the engine keeps oneDNN's and fbgemm's."""
-    flags = cpu_extension.compiler_flags()  # this run's own (KVPILOT_MARCH may be set for it)
+    flags = native_build.compiler_flags()  # this run's own (KVPILOT_MARCH may be set for it)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setenv(cpu_extension.MARCH_ENV, "x86-64")
+    monkeypatch.setenv(native_build.MARCH_ENV, "x86-64")
     probes = (cpu_extension.load, cpu_extension.supports_packed_sgemm, cpu_extension.supports_int8_panels)
     for probe in probes:
         probe.cache_clear()
     try:
-        assert "-march=x86-64" in cpu_extension.compiler_flags()
+        assert "-march=x86-64" in native_build.compiler_flags()
         assert not cpu_extension.supports_packed_sgemm() and not cpu_extension.supports_int8_panels()
         for shape in [(9, 3, 64, 16), (8, 2, 20, 4)]:
             assert_decode_matches_reference(cpu_extension, *shape, kv_cache_dtype, head_major=True)
@@ -137,7 +158,7 @@ def test_portable_build_matches_reference(monkeypatch, tmp_path, kv_cache_dtype)
         monkeypatch.undo()
         for probe in probes:
             probe.cache_clear()
-    assert cpu_extension.compiler_flags() == flags
+    assert native_build.compiler_flags() == flags
 
 
 def test_unbuildable_library_means_the_torch_path(monkeypatch, tmp_path):
@@ -155,7 +176,7 @@ def test_unbuildable_library_means_the_torch_path(monkeypatch, tmp_path):
 
 def test_an_unknown_march_is_named_in_the_warning(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setenv(cpu_extension.MARCH_ENV, "not-a-cpu")
+    monkeypatch.setenv(native_build.MARCH_ENV, "not-a-cpu")
     cpu_extension.load.cache_clear()
     try:
         with caplog.at_level("WARNING", logger=cpu_extension.__name__):
@@ -210,3 +231,9 @@ def test_native_int8_kv_write_matches_the_cache_quantizer(native, head_major):
     native.write_kv_int8(x, actual, slots)
     assert torch.equal(actual.data, expected.data) and torch.equal(actual.scales, expected.scales)
     assert native.supports_int8_write(x, actual) and not native.supports_int8_write(x.bfloat16(), actual)
+
+
+def test_the_build_module_imports_no_torch():
+    """`kvpilot serve` starts the build before torch is imported: the module must not pull it in."""
+    check = "import sys, kvpilot.kernels.native_build; assert 'torch' not in sys.modules, 'torch imported'"
+    assert subprocess.run([sys.executable, "-c", check], capture_output=True).returncode == 0

@@ -6,7 +6,7 @@ import contextlib
 
 import pytest
 import torch
-from kvpilot.kernels import cpu_extension
+from kvpilot.kernels import cpu_extension, native_build
 from kvpilot.kernels.quant import int8, quantize
 from kvpilot.kernels.quant.panel_int8 import PanelInt8
 
@@ -118,7 +118,7 @@ def _kernels_built_for(march: str):
     """The library built for `march` (cached beside this run's own build) inside the block."""
     probes = (cpu_extension.load, cpu_extension.supports_int8_panels)
     with pytest.MonkeyPatch.context() as monkeypatch:
-        monkeypatch.setenv(cpu_extension.MARCH_ENV, march)
+        monkeypatch.setenv(native_build.MARCH_ENV, march)
         for probe in probes:
             probe.cache_clear()
         try:

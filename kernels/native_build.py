@@ -1,0 +1,106 @@
+"""Building the native CPU kernels (kernels/csrc) into a cached shared library, without torch.
+
+Torch-free so that `kvpilot serve` can start the build in a background thread before it imports
+torch and loads the model (`prebuild_in_background`): on a pod's first start, whose cache is an
+empty emptyDir, the compilers then run while Python imports, not after. `cpu_extension.load()`
+waits for that build (or runs it) through `ensure_built`, which builds each library once per
+process. Built for this CPU (`-march=native`) unless KVPILOT_MARCH names another gcc `-march`.
+"""
+
+import hashlib
+import logging
+import os
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [
+    CSRC / name
+    for name in (
+        "paged_decode_attention.c",
+        "int8_quantize.c",
+        "kv_cache_write.c",
+        "row_ops.c",
+        "packed_sgemm.c",
+        "packed_int8.c",
+        "decode_stack.c",
+    )
+]
+HEADERS = [CSRC / name for name in ("vector_exp.h", "cache_layout.h", "kernels.h")]
+MARCH_ENV = "KVPILOT_MARCH"
+# Reassociation lets the compiler vectorize the dot products; infinities keep their meaning.
+OPTIMIZATION = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros"]
+logger = logging.getLogger(__name__)
+_lock = threading.Lock()
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "kvpilot" / "kernels"
+
+
+def march() -> str:
+    """The CPU the kernels are built for: KVPILOT_MARCH, else this one ("native")."""
+    return os.environ.get(MARCH_ENV) or "native"
+
+
+def compiler_flags() -> list[str]:
+    return [*OPTIMIZATION, f"-march={march()}", "-fopenmp", "-shared", "-fPIC"]
+
+
+def library_path() -> Path:
+    """Where the library for these sources and flags is cached (a hash of both in its name)."""
+    sources = b"".join(source.read_bytes() for source in SOURCES + HEADERS)
+    digest = hashlib.sha256(sources + " ".join(compiler_flags()).encode()).hexdigest()[:16]
+    return cache_dir() / f"kvpilot-cpu-{digest}.so"
+
+
+def ensure_built() -> Path:
+    """The library's path, built first if it is not cached. Raises OSError (no compiler, a
+    read-only cache) or CalledProcessError (a compiler error, with its stderr)."""
+    library = library_path()
+    with _lock:  # one build at a time in this process (the background one, then a waiting load)
+        if not library.exists():
+            _build(library, compiler_flags())
+    return library
+
+
+def prebuild_in_background() -> threading.Thread:
+    """Starts `ensure_built` in a daemon thread; a failure is left for `cpu_extension.load()`
+    to report (it builds again and logs why the torch paths are used)."""
+
+    def build() -> None:
+        try:
+            ensure_built()
+        except (OSError, subprocess.CalledProcessError):
+            logger.debug("native kernels: background build failed; load() will report it")
+
+    thread = threading.Thread(target=build, name="kvpilot-kernel-build", daemon=True)
+    thread.start()
+    return thread
+
+
+def _build(library: Path, flags: list[str]) -> None:
+    """Each source compiled by its own `cc -c`, all at once (a pod's cold start waits for the
+    slowest file, not the sum), then linked."""
+    library.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
+        objects = [Path(tmp) / f"{source.stem}.o" for source in SOURCES]
+        compilers = [
+            subprocess.Popen(
+                ["cc", *flags, "-c", str(source), "-o", str(obj)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            for source, obj in zip(SOURCES, objects, strict=True)
+        ]
+        for compiler in compilers:
+            stdout, stderr = compiler.communicate()
+            if compiler.returncode:
+                raise subprocess.CalledProcessError(compiler.returncode, compiler.args, stdout, stderr)
+        built = Path(tmp) / library.name
+        link = ["cc", *flags, *map(str, objects), "-o", str(built), "-lm"]
+        subprocess.run(link, check=True, capture_output=True)
+        os.replace(built, library)  # atomic: concurrent builders never see a partial file
