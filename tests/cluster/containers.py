@@ -1,5 +1,7 @@
 """One container of a process-kubelet pod: a local process (podspec.py says which), restarted with
 back-off, probed like the kubelet probes a container (probes.py), reported as a ContainerStatus.
+With `resources.limits.memory` it runs in a memory cgroup of that size where the machine allows
+one (cgroups.py), and a kill by the kernel's OOM killer there is reported as `OOMKilled`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kubernetes.utils import parse_quantity
+
+from tests.cluster.cgroups import ENABLED as MEMORY_LIMITS
+from tests.cluster.cgroups import MemoryCgroup
 from tests.cluster.nodes import now_rfc3339
 from tests.cluster.podspec import PodContext, container_argv, container_env
 from tests.cluster.probes import Probe, run_probe
@@ -40,10 +46,16 @@ class Container:
     started: bool = False  # the startup probe passed
     ready: bool = False
     probes: dict[str, Probe] = field(default_factory=dict)
+    cgroup: MemoryCgroup | None = None  # while a memory-limited process runs
 
     @property
     def name(self) -> str:
         return self.spec["name"]
+
+    @property
+    def memory_limit(self) -> int | None:
+        limit = ((self.spec.get("resources") or {}).get("limits") or {}).get("memory")
+        return None if limit is None else int(parse_quantity(limit))
 
     @property
     def log(self) -> Path:
@@ -52,6 +64,9 @@ class Container:
     def start(self) -> None:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self.log_offset = self.log.stat().st_size if self.log.exists() else 0
+        limit = self.memory_limit if MEMORY_LIMITS else None
+        name = f"kvpilot-kubelet/{self.ctx.uid}-{self.name}-{self.restart_count}"
+        self.cgroup = None if limit is None else MemoryCgroup.create(name, limit)
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
                 container_argv(self.spec, self.ctx),
@@ -61,6 +76,7 @@ class Container:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: signals reach its children too
+                preexec_fn=self.cgroup.enter if self.cgroup else None,
             )
         now = time.monotonic()
         self.started_at, self.started_monotonic = now_rfc3339(), now
@@ -95,9 +111,13 @@ class Container:
 
     def _exited(self, exit_code: int, now: float) -> None:
         code = 128 - exit_code if exit_code < 0 else exit_code  # killed by a signal: 128 + signal
+        oom_killed = self.cgroup is not None and self.cgroup.oom_kills() > 0
+        if self.cgroup is not None:
+            self.cgroup.remove()
+            self.cgroup = None
         self.last_termination = {
             "exitCode": code,
-            "reason": "Completed" if code == 0 else "Error",
+            "reason": "OOMKilled" if oom_killed else "Completed" if code == 0 else "Error",
             "message": self.termination_message(code),
             "startedAt": self.started_at,
             "finishedAt": now_rfc3339(),
@@ -113,6 +133,15 @@ class Container:
             self.consecutive_failures = 0
         self.consecutive_failures += 1
         self.backoff_until = now + self.backoff_seconds
+
+    def release(self) -> None:
+        """At the pod's end, once its process is killed: its memory cgroup goes too."""
+        if self.process is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=10)
+        if self.cgroup is not None:
+            self.cgroup.remove()
+            self.cgroup = None
 
     @property
     def backoff_seconds(self) -> float:

@@ -303,6 +303,8 @@ class PodWorker(threading.Thread):
     def _finish(self) -> None:
         for container in self.init_containers + self.containers:
             container.signal(signal.SIGKILL)
+        for container in self.init_containers + self.containers:
+            container.release()
         if not self.gone.is_set():
             metadata = self.pod["metadata"]
             # The kubelet completes a graceful deletion once the containers are gone.

@@ -7,6 +7,7 @@ import uuid
 import httpx
 import pytest
 
+from tests.cluster.cgroups import MemoryCgroup
 from tests.cluster.controlplane import ControlPlane
 from tests.cluster.harness import ProcessKubeletRunner, condition, wait_for
 from tests.cluster.processes import pid_alive
@@ -122,6 +123,49 @@ def test_a_crashing_pod_shows_crash_loop_back_off_with_its_message(cluster, name
         lambda: cluster.pod_logs(namespace, "crash", "main").count("cannot load the model") >= 2,
         "the second run",
     )
+
+
+@pytest.fixture
+def memory_limits():
+    """Skips where the process kubelet cannot make memory cgroups (it then runs containers unlimited)."""
+    probe = MemoryCgroup.create(f"kvpilot-kubelet/probe-{uuid.uuid4().hex[:6]}", 64 << 20)
+    if probe is None:
+        pytest.skip("no writable memory cgroup here: the process kubelet runs containers unlimited")
+    probe.remove()
+
+
+def terminated(api, namespace: str, name: str) -> dict:
+    return wait_for(
+        lambda: container_status(api, namespace, name).get("state", {}).get("terminated"),
+        f"{name} to be terminated",
+    )
+
+
+def test_a_container_over_its_memory_limit_is_oom_killed(cluster, namespace, memory_limits):
+    """As on a real node: the limit is a memory cgroup, and the kernel's kill is `OOMKilled`."""
+    hog = "print('started', flush=True); data = b'x' * (256 << 20); print('survived', flush=True)"
+    limits = {"resources": {"limits": {"memory": "64Mi"}}}  # 256 MiB touched in 64 MiB
+    hog_pod = pod("hog", ["python", "-c", hog], container=limits, restartPolicy="Never")
+    cluster.api.create("v1", "pods", namespace, hog_pod)
+    status = terminated(cluster.api, namespace, "hog")
+    assert (status["reason"], status["exitCode"]) == ("OOMKilled", 137)
+    log = cluster.pod_logs(namespace, "hog", "main")
+    assert "started" in log and "survived" not in log
+
+
+def test_a_container_sees_its_memory_limit_as_the_server_reads_it(cluster, namespace, memory_limits):
+    show = (
+        "from kvpilot.serving.engine.container_memory import host_memory; "
+        "print('limit', host_memory().limit, flush=True)"
+    )
+    limits = {"resources": {"limits": {"memory": "300Mi"}}}
+    cluster.api.create(
+        "v1", "pods", namespace, pod("fits", ["python", "-c", show], container=limits, restartPolicy="Never")
+    )
+    status = terminated(cluster.api, namespace, "fits")
+    log = cluster.pod_logs(namespace, "fits", "main")
+    assert (status["reason"], status["exitCode"]) == ("Completed", 0), log
+    assert f"limit {300 << 20}" in log
 
 
 def test_three_gpu_pods_on_two_one_gpu_nodes_leave_one_unschedulable(cluster, namespace):
