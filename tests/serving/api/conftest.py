@@ -63,14 +63,15 @@ def free_port() -> int:
 class ServeProcess:
     """`kvpilot serve` as a real process on 127.0.0.1 (its own GIL and event loop), output to a log."""
 
-    def __init__(self, args: list[str], log: Path, launcher: tuple[str, ...] = ()):
-        """`launcher`: a command that ends by exec-ing its arguments (e.g. into a cgroup)."""
+    def __init__(self, args: list[str], log: Path, preexec_fn=None):
+        """`preexec_fn`: run in the child before exec (e.g. to enter a memory cgroup)."""
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        serve = [sys.executable, "-m", "kvpilot.serving.cli", "serve", "--port", str(self.port), *args]
-        command = [*launcher, *serve]
+        command = [sys.executable, "-m", "kvpilot.serving.cli", "serve", "--port", str(self.port), *args]
         self.log = log
-        self.process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            command, stdout=log.open("w"), stderr=subprocess.STDOUT, preexec_fn=preexec_fn
+        )
 
     def start(self, timeout: float = 120) -> "ServeProcess":
         try:
