@@ -1,5 +1,6 @@
 """Why pods wait, read from their status (pure): the scheduler's Unschedulable message, image
-pull errors, CrashLoopBackOff with the last termination message, a failed download."""
+pull errors, CrashLoopBackOff with the last termination message (OOMKilled with the container's
+memory limit and what to change), a failed download."""
 
 from __future__ import annotations
 
@@ -23,13 +24,28 @@ def _termination(terminated: dict[str, Any]) -> str:
     return f"exit code {code} ({reason}): {message}" if message else f"exit code {code} ({reason})"
 
 
-def _container_problem(pod_name: str, status: dict[str, Any]) -> tuple[str, str] | None:
+def _memory_limit(pod: dict[str, Any], container_name: str) -> str | None:
+    spec = pod.get("spec") or {}
+    for container in spec.get("initContainers", []) + spec.get("containers", []):
+        if container.get("name") == container_name:
+            return ((container.get("resources") or {}).get("limits") or {}).get("memory")
+    return None
+
+
+def _container_problem(pod: dict[str, Any], status: dict[str, Any]) -> tuple[str, str] | None:
     waiting = (status.get("state") or {}).get("waiting") or {}
-    reason, where = waiting.get("reason"), f"pod {pod_name} container {status.get('name')}"
+    reason, where = waiting.get("reason"), f"pod {pod['metadata']['name']} container {status.get('name')}"
     if reason in IMAGE_PULL_REASONS:
         return "ImagePullError", f"{where}: {reason}: {waiting.get('message') or status.get('image')}"
     if reason == "CrashLoopBackOff":
         last = (status.get("lastState") or {}).get("terminated") or {}
+        if last.get("reason") == "OOMKilled":  # the engine's pods: the limit is spec.resources.memory
+            limit = _memory_limit(pod, status.get("name"))
+            return "OOMKilled", (  # its last log line says nothing of why: left out
+                f"{where} keeps being killed for using more than its memory limit ({limit or 'none set'}), "
+                f"last exit code {last.get('exitCode')} (OOMKilled): raise spec.resources.memory, or use "
+                "less (spec.engine.quantization, spec.engine.kvCacheMemory, spec.engine.maxNumSeqs)"
+            )
         return "CrashLoopBackOff", f"{where} keeps crashing, last {_termination(last)}"
     if reason in CONTAINER_ERROR_REASONS:
         return reason, f"{where}: {waiting.get('message') or reason}"
@@ -50,7 +66,7 @@ def pod_problem(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
                 return "Unschedulable", f"pod {name} cannot be scheduled: {condition.get('message', '')}"
         containers = (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or [])
         for container in containers:
-            problem = _container_problem(name, container)
+            problem = _container_problem(pod, container)
             if problem:
                 return problem
     return None

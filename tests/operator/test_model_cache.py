@@ -109,7 +109,12 @@ def job(conditions: list[dict[str, Any]] | None = None, failed: int = 0) -> dict
 
 def pod(name: str, app: str = "kvpilot", **status: Any) -> dict[str, Any]:
     labels = {"app.kubernetes.io/name": app, "app.kubernetes.io/instance": "chat"}
-    return {"metadata": {"name": name, "labels": labels, "creationTimestamp": NOW}, "status": status}
+    spec = {"containers": [{"name": "server", "resources": {"limits": {"memory": "1Gi"}}}]}
+    return {
+        "metadata": {"name": name, "labels": labels, "creationTimestamp": NOW},
+        "spec": spec,
+        "status": status,
+    }
 
 
 def conditions(status: dict[str, Any]) -> dict[str, tuple[str, str, str]]:
@@ -165,6 +170,15 @@ def test_download_progress_and_failure_in_status(the_job, pods, stalled, reason,
                                                                  "message": "no config.json"}}}]},
             "CrashLoopBackOff",
             "pod chat-1 container server keeps crashing, last exit code 1 (Error): no config.json",
+        ),
+        (
+            {"containerStatuses": [{"name": "server", "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                                    "lastState": {"terminated": {"exitCode": 137, "reason": "OOMKilled",
+                                                                 "message": "INFO: Started"}}}]},
+            "OOMKilled",
+            "pod chat-1 container server keeps being killed for using more than its memory limit (1Gi), last "
+            "exit code 137 (OOMKilled): raise spec.resources.memory, or use less (spec.engine.quantization, "
+            "spec.engine.kvCacheMemory, spec.engine.maxNumSeqs)",
         ),
         ({"containerStatuses": [{"name": "server", "state": {"running": {}}}]}, None, None),
     ],
