@@ -42,8 +42,11 @@ def pod_failure(pod: dict[str, Any]) -> str:
             state = container.get("state") or {}
             waiting = state.get("waiting") or {}
             if waiting.get("reason") in FAILING_REASONS:
-                last = ((container.get("lastState") or {}).get("terminated") or {}).get("exitCode")
-                exited = f", last exit code {last}" if last is not None else ""
+                previous = (container.get("lastState") or {}).get("terminated") or {}
+                last, killed = previous.get("exitCode"), previous.get("reason") == "OOMKilled"
+                exited = (
+                    f", last exit code {last}{' (OOMKilled)' if killed else ''}" if last is not None else ""
+                )
                 restarts = container.get("restartCount", 0)
                 return (
                     f"{waiting['reason']}: container {container.get('name')} ({restarts} restarts{exited})"
