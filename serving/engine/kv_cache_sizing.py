@@ -66,18 +66,10 @@ def plan_kv_cache(
 ) -> KVCachePlan:
     """`memory` is the device's measured figures on CUDA, None on CPU; `host` the container's
     memory on CPU, None where it has no limit."""
-    if num_kv_blocks is not None and host is not None and num_kv_blocks * bytes_per_block > host.left:
-        size = _gib(num_kv_blocks * bytes_per_block)
-        raise InvalidParameter(
-            "num_kv_blocks", f"--num-kv-blocks {num_kv_blocks} ({size}) does not fit: {host.describe()}"
-        )
+    if host is not None:
+        _refuse_what_the_container_cannot_hold(host, bytes_per_block, num_kv_blocks, kv_cache_memory_bytes)
     if num_kv_blocks is not None:
         return KVCachePlan(num_kv_blocks, bytes_per_block, f"--num-kv-blocks {num_kv_blocks}")
-    if kv_cache_memory_bytes is not None and host is not None and kv_cache_memory_bytes > host.left:
-        raise InvalidParameter(
-            "kv_cache_memory_bytes",
-            f"--kv-cache-memory {_gib(kv_cache_memory_bytes)} does not fit: {host.describe()}",
-        )
     if kv_cache_memory_bytes is not None:
         reason = f"--kv-cache-memory {_gib(kv_cache_memory_bytes)} / {bytes_per_block} bytes per block"
         return _plan(kv_cache_memory_bytes, bytes_per_block, "kv_cache_memory_bytes", reason)
@@ -98,6 +90,22 @@ def plan_kv_cache(
         f" - non-torch {_gib(memory.non_torch)} = {_gib(budget)} / {bytes_per_block} bytes per block"
     )
     return _plan(budget, bytes_per_block, "gpu_memory_utilization", reason)
+
+
+def _refuse_what_the_container_cannot_hold(
+    host: HostMemory, bytes_per_block: int, num_kv_blocks: int | None, kv_cache_memory_bytes: int | None
+) -> None:
+    """An explicit size (blocks win over bytes, as in the plan) larger than the container leaves."""
+    if num_kv_blocks is not None:
+        size = num_kv_blocks * bytes_per_block
+        param, setting = "num_kv_blocks", f"--num-kv-blocks {num_kv_blocks} ({_gib(size)})"
+    elif kv_cache_memory_bytes is not None:
+        size = kv_cache_memory_bytes
+        param, setting = "kv_cache_memory_bytes", f"--kv-cache-memory {_gib(size)}"
+    else:
+        return
+    if size > host.left:
+        raise InvalidParameter(param, f"{setting} does not fit: {host.describe()}")
 
 
 def _plan(budget: int, bytes_per_block: int, param: str, reason: str) -> KVCachePlan:

@@ -72,3 +72,11 @@ class MemoryCgroup:
                 return
             except OSError:
                 time.sleep(0.1)
+
+
+def memory_cgroups_available() -> bool:
+    """Whether a memory cgroup can be made here (one is made and removed)."""
+    probe = MemoryCgroup.create(f"kvpilot-kubelet/probe-{os.getpid()}-{time.monotonic_ns()}", 64 << 20)
+    if probe is not None:
+        probe.remove()
+    return probe is not None

@@ -112,9 +112,7 @@ class Container:
     def _exited(self, exit_code: int, now: float) -> None:
         code = 128 - exit_code if exit_code < 0 else exit_code  # killed by a signal: 128 + signal
         oom_killed = self.cgroup is not None and self.cgroup.oom_kills() > 0
-        if self.cgroup is not None:
-            self.cgroup.remove()
-            self.cgroup = None
+        self._drop_cgroup()
         self.last_termination = {
             "exitCode": code,
             "reason": "OOMKilled" if oom_killed else "Completed" if code == 0 else "Error",
@@ -139,6 +137,9 @@ class Container:
         if self.process is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(timeout=10)
+        self._drop_cgroup()
+
+    def _drop_cgroup(self) -> None:
         if self.cgroup is not None:
             self.cgroup.remove()
             self.cgroup = None
