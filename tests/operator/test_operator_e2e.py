@@ -384,9 +384,20 @@ def test_live_example_serves_a_chat_completion_through_its_endpoints(
         wait_for(
             lambda: isvc_condition(api, ns, "Ready", name).get("status") == "True", "Ready=True", timeout=240
         )
-        slices = api.list(
-            "discovery.k8s.io/v1", "endpointslices", ns, labelSelector=f"kubernetes.io/service-name={name}"
-        )
+
+        def ready_slices() -> list[dict[str, Any]] | None:
+            """The Service's EndpointSlices once they list a ready endpoint (the EndpointSlice
+            controller writes them a moment after the pods turn ready, which Ready follows)."""
+            slices = api.list(
+                "discovery.k8s.io/v1",
+                "endpointslices",
+                ns,
+                labelSelector=f"kubernetes.io/service-name={name}",
+            )
+            ready = any(e["conditions"].get("ready") for s in slices for e in s.get("endpoints") or [])
+            return slices if ready else None
+
+        slices = wait_for(ready_slices, "a ready endpoint in the Service's EndpointSlices", timeout=60)
         endpoints = [e for s in slices for e in s.get("endpoints") or [] if e["conditions"].get("ready")]
         (port,) = {p["port"] for s in slices for p in s.get("ports") or []}
         routers = f"app.kubernetes.io/name=kvpilot-router,app.kubernetes.io/instance={name}"
