@@ -7,9 +7,13 @@ waits for that build (or runs it) through `ensure_built`, which builds each libr
 process. Built for this CPU (`-march=native`) unless KVPILOT_MARCH names another gcc `-march`.
 """
 
+import atexit
+import contextlib
 import hashlib
 import logging
 import os
+import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -34,6 +38,7 @@ MARCH_ENV = "KVPILOT_MARCH"
 OPTIMIZATION = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros"]
 logger = logging.getLogger(__name__)
 _lock = threading.Lock()
+_in_flight: dict[Path, list[subprocess.Popen]] = {}  # a build's scratch folder -> its compilers
 
 
 def cache_dir() -> Path:
@@ -87,20 +92,45 @@ def _build(library: Path, flags: list[str]) -> None:
     slowest file, not the sum), then linked."""
     library.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
-        objects = [Path(tmp) / f"{source.stem}.o" for source in SOURCES]
-        compilers = [
-            subprocess.Popen(
-                ["cc", *flags, "-c", str(source), "-o", str(obj)],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-            )
-            for source, obj in zip(SOURCES, objects, strict=True)
-        ]
-        for compiler in compilers:
-            stdout, stderr = compiler.communicate()
-            if compiler.returncode:
-                raise subprocess.CalledProcessError(compiler.returncode, compiler.args, stdout, stderr)
-        built = Path(tmp) / library.name
-        link = ["cc", *flags, *map(str, objects), "-o", str(built), "-lm"]
-        subprocess.run(link, check=True, capture_output=True)
-        os.replace(built, library)  # atomic: concurrent builders never see a partial file
+        scratch = Path(tmp)
+        objects = [scratch / f"{source.stem}.o" for source in SOURCES]
+        _in_flight[scratch] = compilers = []
+        try:
+            for source, obj in zip(SOURCES, objects, strict=True):
+                compilers.append(_start(["cc", *flags, "-c", str(source), "-o", str(obj)]))
+            for compiler in compilers:
+                stdout, stderr = compiler.communicate()
+                if compiler.returncode:
+                    raise subprocess.CalledProcessError(compiler.returncode, compiler.args, stdout, stderr)
+            built = scratch / library.name
+            linker = _start(["cc", *flags, *map(str, objects), "-o", str(built), "-lm"])
+            compilers.append(linker)
+            stdout, stderr = linker.communicate()
+            if linker.returncode:
+                raise subprocess.CalledProcessError(linker.returncode, linker.args, stdout, stderr)
+            os.replace(built, library)  # atomic: concurrent builders never see a partial file
+        finally:
+            _stop(compilers)  # those still running after one failed
+            del _in_flight[scratch]
+
+
+def _start(command: list[str]) -> subprocess.Popen:
+    """A compiler in its own process group, so that stopping it also stops cc1 and as."""
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, process_group=0)
+
+
+def _stop(compilers: list[subprocess.Popen]) -> None:
+    for compiler in compilers:
+        if compiler.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(compiler.pid, signal.SIGKILL)
+            compiler.wait()
+
+
+@atexit.register
+def _abandon_builds() -> None:
+    """The process is exiting during a build (`kvpilot serve` failed while the background build
+    ran): no compilers left running as orphans, no scratch folder left in the cache."""
+    for scratch, compilers in list(_in_flight.items()):
+        _stop(compilers)
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -1,7 +1,10 @@
 """The native CPU decode attention (float32 and int8 caches) against the reference paged attention."""
 
+import contextlib
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -137,6 +140,33 @@ def test_a_background_build_is_the_one_load_uses(monkeypatch, tmp_path):
     assert built == [library] and len(builds) == 1  # built once; no leftover objects or folders
     mtime = library.stat().st_mtime_ns
     assert native_build.ensure_built() == library and library.stat().st_mtime_ns == mtime
+
+
+def test_exiting_during_a_background_build_leaves_no_compiler_or_scratch_folder(tmp_path):
+    """`kvpilot serve` exits (a bad checkpoint, say) while the background build runs: its
+    compilers stop with it and the cache keeps no half-built scratch folder."""
+    script = (
+        "import time; from kvpilot.kernels import native_build\n"
+        "native_build.prebuild_in_background()\n"
+        "deadline = time.monotonic() + 60\n"
+        "while not any(native_build.cache_dir().glob('tmp*/')) and time.monotonic() < deadline:\n"
+        "    time.sleep(0.01)\n"
+        "assert any(native_build.cache_dir().glob('tmp*/')), 'the build did not start'\n"
+        "time.sleep(0.3)\n"  # the compilers are running
+    )
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=120)
+    assert list((tmp_path / "kvpilot" / "kernels").iterdir()) == []
+    running = [cmdline for cmdline in _command_lines() if str(tmp_path).encode() in cmdline]
+    assert running == []
+
+
+def _command_lines() -> list[bytes]:
+    lines = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):  # the process exited meanwhile
+            lines.append((proc / "cmdline").read_bytes())
+    return lines
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
