@@ -9,17 +9,20 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from kubernetes.utils.quantity import parse_quantity
 from kvpilot.operator.api import InferenceService
 from kvpilot.operator.api.validation import duration_seconds
 from kvpilot.operator.autoscaler.external import build_external_autoscaler
 from kvpilot.operator.containers import cluster_ip_service, http_probe, pod_security_context, security_context
 from kvpilot.operator.labels import (
     REVISION_LABEL,
+    bounded_name,
     child_metadata,
     common_labels,
     engine_service_name,
     revision_selector,
     selector_labels,
+    service_account_name,
     with_spec_hash,
 )
 from kvpilot.operator.model_cache import (
@@ -30,7 +33,6 @@ from kvpilot.operator.model_cache import (
     model_source,
     server_image,
 )
-from kvpilot.operator.planner import parse_quantity
 from kvpilot.operator.revision import revision_deployment_name, revision_hash
 from kvpilot.operator.router_builders import build_inference_pool, build_router_children
 from kvpilot.operator.router_config import RevisionEndpoints, revision_endpoints
@@ -108,7 +110,7 @@ def _server_env(isvc: InferenceService) -> list[dict[str, Any]]:
     if upstream is None:
         return base_env(isvc)
     key = {"secretKeyRef": {"name": upstream.name, "key": upstream.key}}
-    return [*base_env(isvc), {"name": SERVE_SETTING["api_key"].env, "valueFrom": key}]
+    return base_env(isvc, {"name": SERVE_SETTING["api_key"].env, "valueFrom": key})
 
 
 def _resources(isvc: InferenceService) -> dict[str, Any]:
@@ -135,13 +137,6 @@ def termination_grace_seconds(isvc: InferenceService) -> int:
 def startup_probe_failures(isvc: InferenceService) -> int:
     """failureThreshold x periodSeconds = spec.engine.loadTimeout: a hung load is restarted."""
     return max(1, math.ceil(duration_seconds(isvc.spec.engine.load_timeout) / STARTUP_PROBE_PERIOD_SECONDS))
-
-
-def service_account_name(isvc: InferenceService) -> str | None:
-    spec = isvc.spec
-    if spec.create_service_account:
-        return spec.service_account_name or isvc.metadata.name
-    return spec.service_account_name
 
 
 def _pod_spec(isvc: InferenceService) -> dict[str, Any]:
@@ -255,7 +250,7 @@ PREVIEW_SUFFIX = "-preview"
 
 def build_preview_service(isvc: InferenceService, revision: str) -> dict[str, Any]:
     """`<name>-preview`: only the new revision's pods, while a BlueGreen rollout waits for a promote."""
-    name = f"{isvc.metadata.name[: 63 - len(PREVIEW_SUFFIX)]}{PREVIEW_SUFFIX}"
+    name = bounded_name(isvc.metadata.name, PREVIEW_SUFFIX)
     service = build_service(isvc)
     labels = {**common_labels(isvc), REVISION_LABEL: revision}
     service["metadata"] = child_metadata(isvc, name=name, labels=labels)

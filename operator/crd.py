@@ -77,7 +77,8 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
             node.update(
                 {
                     "anyOf": [{"type": "integer"}, {"type": "string"}],
-                    "pattern": api.QUANTITY_PATTERN,
+                    "pattern": api.QUANTITY_PATTERN,  # a string's; an integer's is its minimum
+                    "minimum": 1,
                     "x-kubernetes-int-or-string": True,
                 }
             )

@@ -48,10 +48,17 @@ def api_message(body: Any) -> str:
         return text
 
 
+# A 500 that server-side apply answers for an object it cannot type (a list map with one key twice,
+# e.g. an env var named twice): the same apply fails again, so it is reported, not retried.
+UNTYPABLE_APPLY = "failed to create typed patch object"
+
+
 def _classified(exc: ApiException, what: str) -> Exception:
-    if exc.status in TRANSIENT_STATUS or (exc.status or 500) >= 500:
+    message = api_message(exc.body)
+    transient = exc.status in TRANSIENT_STATUS or (exc.status or 500) >= 500
+    if transient and UNTYPABLE_APPLY not in message:
         return TransientError(f"{what}: HTTP {exc.status} {exc.reason}")
-    return PermanentApiError(f"{what}: HTTP {exc.status} {exc.reason}: {api_message(exc.body)}")
+    return PermanentApiError(f"{what}: HTTP {exc.status} {exc.reason}: {message}")
 
 
 def _is_not_found(exc: TransientError) -> bool:

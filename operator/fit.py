@@ -26,9 +26,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from kubernetes.utils.quantity import parse_quantity
 from kvpilot.operator.api import InferenceService
 from kvpilot.operator.api.model import ModelShape
-from kvpilot.operator.planner import parse_quantity
 from kvpilot.serving.contract import CPU_KV_CACHE_BYTES, CPU_MEMORY_UTILIZATION, SERVE_SETTING
 
 GiB = 1 << 30

@@ -63,6 +63,24 @@ def engine_service_name(isvc: InferenceService) -> str:
     return f"{isvc.metadata.name}-engine" if isvc.spec.router.enabled else isvc.metadata.name
 
 
+def service_account_name(isvc: InferenceService) -> str | None:
+    """The engine pods' (and the download Job's) ServiceAccount: spec.serviceAccountName, or the
+    one the operator creates (named like the InferenceService unless that field names it)."""
+    spec = isvc.spec
+    if spec.create_service_account:
+        return spec.service_account_name or isvc.metadata.name
+    return spec.service_account_name
+
+
+def bounded_name(base: str, suffix: str, limit: int = 63) -> str:
+    """`<base><suffix>`, within `limit` characters (a name Kubernetes copies into a label value):
+    a base too long is cut and a hash of it appended, so that two long bases cut alike differ."""
+    if len(base) + len(suffix) <= limit:
+        return base + suffix
+    digest = hashlib.sha256(base.encode()).hexdigest()[:6]
+    return f"{base[: limit - len(suffix) - len(digest) - 1]}-{digest}{suffix}"
+
+
 def selector_string(isvc: InferenceService) -> str:
     """status.selector, the form the scale subresource expects."""
     return ",".join(f"{k}={v}" for k, v in selector_labels(isvc).items())

@@ -14,7 +14,7 @@ from typing import Any
 
 from kvpilot.operator.api import DEFAULT_CUDA_IMAGE, DEFAULT_IMAGE, InferenceService
 from kvpilot.operator.containers import pod_security_context, security_context
-from kvpilot.operator.labels import MANAGER, child_metadata
+from kvpilot.operator.labels import MANAGER, bounded_name, child_metadata, service_account_name
 
 MODEL_DIR = "/mnt/models"
 COMPLETE_MARKER = f"{MODEL_DIR}/.kvpilot-download-complete"
@@ -34,9 +34,13 @@ _WAIT = (
 )
 
 
-def base_env(isvc: InferenceService) -> list[dict[str, Any]]:
-    base = [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HOME", "value": "/tmp/hf-home"}]
-    return base + [env.model_dump(by_alias=True, exclude_none=True) for env in isvc.spec.env]
+def base_env(isvc: InferenceService, *defaults: dict[str, Any]) -> list[dict[str, Any]]:
+    """HOME, HF_HOME and `defaults`, then spec.env; a spec.env entry of the same name replaces
+    the operator's (a list with one name twice is rejected by server-side apply)."""
+    wanted = [env.model_dump(by_alias=True, exclude_none=True) for env in isvc.spec.env]
+    given = {env["name"] for env in wanted}
+    base = [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HOME", "value": "/tmp/hf-home"}, *defaults]
+    return [env for env in base if env["name"] not in given] + wanted
 
 
 def server_image(isvc: InferenceService) -> str:
@@ -74,7 +78,8 @@ def claim_name(isvc: InferenceService) -> str:
 
 
 def job_name(isvc: InferenceService) -> str:
-    return f"{isvc.metadata.name}-download-{cache_key(isvc)}"
+    """Within 63 characters: the Job controller copies it into its pods' `job-name` label."""
+    return bounded_name(isvc.metadata.name, f"-download-{cache_key(isvc)}")
 
 
 def download_container(isvc: InferenceService) -> dict[str, Any]:
@@ -93,7 +98,7 @@ def download_container(isvc: InferenceService) -> dict[str, Any]:
         "name": "model-download",
         "image": image,
         "command": command,
-        "env": [*base_env(isvc), {"name": "CLOUDSDK_CONFIG", "value": "/tmp/gcloud"}],
+        "env": base_env(isvc, {"name": "CLOUDSDK_CONFIG", "value": "/tmp/gcloud"}),
         "volumeMounts": [{"name": "model", "mountPath": MODEL_DIR}, {"name": "tmp", "mountPath": "/tmp"}],
         "securityContext": security_context(),
         "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -171,7 +176,7 @@ def build_download_job(isvc: InferenceService) -> dict[str, Any]:
         ],
     }
     optional = {
-        "serviceAccountName": isvc.spec.service_account_name,
+        "serviceAccountName": service_account_name(isvc),  # the cloud identity (s3://, gs://)
         "imagePullSecrets": [ref.model_dump(by_alias=True) for ref in isvc.spec.image_pull_secrets],
     }
     pod.update({k: v for k, v in optional.items() if v})

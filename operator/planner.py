@@ -4,26 +4,24 @@ A child needs an update when its spec hash changed (the InferenceService changed
 field the operator owns drifted (someone edited it). Owned fields are exactly the fields of
 the desired object; anything else on the observed object (server defaults, fields other
 controllers or people set) is left alone. Values the API server canonicalises (resource
-quantities) are compared by value, so a reconcile of an unchanged spec never writes.
+quantities) are compared by value, and empty values it omits match their absence, so a
+reconcile of an unchanged spec never writes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from kubernetes.utils.quantity import parse_quantity
 from kvpilot.operator.labels import SPEC_HASH_ANNOTATION
 
 ChildKey = tuple[str, str]  # (kind, name)
 
-_SUFFIXES = {
-    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
-    "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"), "": 1,
-    "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
-}  # fmt: skip
 _QUANTITY_KEYS = {"requests", "limits"}  # maps whose values are resource.Quantity
-_QUANTITY_FIELDS = {"sizeLimit"}
+_QUANTITY_FIELDS = {"sizeLimit", "averageValue"}  # an HPA's target 1000 is stored as 1k
+# Go's omitempty: the API server drops an empty string, list or map (an env var's value: "").
+_OMITTED_WHEN_EMPTY = ("", [], {})
 
 
 # Kinds whose spec is immutable once created (a Job's template): created, never updated; what
@@ -52,27 +50,17 @@ def key_of(obj: dict[str, Any]) -> ChildKey:
     return obj["kind"], obj["metadata"]["name"]
 
 
-def parse_quantity(value: Any) -> Decimal | None:
-    text = str(value)
-    for suffix in sorted(_SUFFIXES, key=len, reverse=True):
-        if suffix and text.endswith(suffix):
-            number, multiplier = text[: -len(suffix)], _SUFFIXES[suffix]
-            break
-    else:
-        number, multiplier = text, 1
-    try:
-        return Decimal(number) * Decimal(multiplier)
-    except InvalidOperation:
-        return None
-
-
 def _same_quantity(desired: Any, observed: Any) -> bool:
-    want, have = parse_quantity(desired), parse_quantity(observed)
-    return want is not None and want == have
+    try:
+        return parse_quantity(desired) == parse_quantity(observed)
+    except (ValueError, TypeError):  # not a quantity (or absent)
+        return False
 
 
 def drifted_fields(desired: Any, observed: Any, path: str = "", quantity: bool = False) -> list[str]:
     """Dotted paths where observed differs from desired, looking only at desired's fields."""
+    if observed is None and desired in _OMITTED_WHEN_EMPTY:
+        return []
     if isinstance(desired, dict):
         if not isinstance(observed, dict):
             return [path or "."]

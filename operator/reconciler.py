@@ -59,7 +59,8 @@ def describe_validation_error(error: ValidationError) -> str:
     parts = []
     for problem in problems(error):
         path, message = problem.dotted, problem.message
-        parts.append(message if message.startswith(f"{path}.") or not path else f"{path}: {message}")
+        named = not path or message.startswith((f"{path}.", f"{path}:", f"{path} "))
+        parts.append(message if named else f"{path}: {message}")
     return "; ".join(parts)
 
 

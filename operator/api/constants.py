@@ -15,9 +15,10 @@ DEFAULT_IMAGE = "ghcr.io/kvpilot/kvpilot:0.1.0"
 DEFAULT_CUDA_IMAGE = f"{DEFAULT_IMAGE}-cuda"
 DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
 
-# Kubernetes' own quantity grammar (resource.Quantity), e.g. 16Gi, 500m, 2.
+# Kubernetes' own quantity grammar (resource.Quantity), e.g. 16Gi, 500m, 2, without a sign or zero:
+# every quantity of the spec is a size or a CPU share.
 QUANTITY_PATTERN = (
-    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+    r"^\+?(([0-9]*[1-9][0-9]*(\.[0-9]*)?)|([0-9]*\.[0-9]*[1-9][0-9]*))"
     r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 )
 MODEL_URI_PATTERN = (

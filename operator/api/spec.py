@@ -18,12 +18,15 @@ from kvpilot.operator.api.validation import (
     MODEL_RULES,
     Duration,
     Quantity,
+    at_least,
     cel_rules,
     check_model_uri,
     enforce,
 )
 from kvpilot.serving.contract import DTYPES, KV_CACHE_DTYPES, QUANTIZATION_MODES
 from pydantic import AfterValidator, ConfigDict, Field, model_validator
+
+MIN_KV_CACHE_MEMORY = "1Mi"  # a few blocks of any model: below it the server cannot start
 
 
 class ModelSource(_Model):
@@ -119,10 +122,10 @@ class EngineSpec(_Model):
         description="Share of the GPU's memory the server may use; the KV cache gets what weights "
         "and activations leave (`--gpu-memory-utilization`, default 0.9 on GPU replicas).",
     )
-    kv_cache_memory: Quantity | None = Field(
+    kv_cache_memory: Annotated[Quantity, at_least(MIN_KV_CACHE_MEMORY)] | None = Field(
         default=None,
-        description="KV cache size, e.g. 20Gi (`--kv-cache-memory`); overrides the sizing by "
-        "gpuMemoryUtilization.",
+        description=f"KV cache size, e.g. 20Gi, at least {MIN_KV_CACHE_MEMORY} (`--kv-cache-memory`); "
+        "overrides the sizing by gpuMemoryUtilization.",
     )
     load_timeout: Duration = Field(
         default="30m",

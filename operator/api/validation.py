@@ -9,12 +9,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
+from kubernetes.utils.quantity import parse_quantity
 from kvpilot.operator.api.constants import (
     DURATION_PATTERN,
     MODEL_URI_PATTERN,
     OPERATOR_LABEL_KEYS,
     QUANTITY_PATTERN,
 )
+from kvpilot.serving.contract import SERVE_SETTING
 from pydantic import AfterValidator, BeforeValidator, Field
 
 
@@ -24,8 +26,19 @@ def _quantity_to_str(value: Any) -> Any:
 
 def check_quantity(value: str) -> str:
     if not re.match(QUANTITY_PATTERN, value):
-        raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. 16Gi, 500m, 2)")
+        raise ValueError(f"{value!r} is not a positive Kubernetes quantity (e.g. 16Gi, 500m, 2)")
     return value
+
+
+def at_least(minimum: str) -> AfterValidator:
+    """A quantity no smaller than `minimum` (after the format check)."""
+
+    def check(value: str) -> str:
+        if parse_quantity(value) < parse_quantity(minimum):
+            raise ValueError(f"{value!r} is less than {minimum}")
+        return value
+
+    return AfterValidator(check)
 
 
 def check_model_uri(value: str) -> str:
@@ -83,6 +96,8 @@ def enforce(model: Any, rules: list[Rule]) -> Any:
             raise ValueError(rule.message)
     return model
 
+
+API_KEY_ENV = SERVE_SETTING["api_key"].env  # the engine's key, from upstreamApiKeySecretRef
 
 TENSOR_PARALLEL_UNSUPPORTED = (
     "spec.engine.tensorParallelSize: tensor parallelism is not supported yet (the bundled kvpilot server "
@@ -153,6 +168,16 @@ SPEC_RULES = [
         "spec.podLabels must not set the operator's app.kubernetes.io/ labels",
         ".podLabels",
         lambda spec: not any(key in spec.pod_labels for key in OPERATOR_LABEL_KEYS),
+    ),
+    Rule(
+        "!has(self.router) || !has(self.router.upstreamApiKeySecretRef) || !has(self.env) "
+        f"|| !self.env.exists(e, e.name == '{API_KEY_ENV}')",
+        f"spec.env must not set {API_KEY_ENV}: spec.router.upstreamApiKeySecretRef sets it",
+        ".env",
+        lambda spec: (
+            spec.router.upstream_api_key_secret_ref is None
+            or all(env.name != API_KEY_ENV for env in spec.env)
+        ),
     ),
     Rule(
         "!has(self.tenants) || size(self.tenants) == 0 || !has(self.router) || !has(self.router.enabled) "

@@ -108,11 +108,14 @@ def prometheus_query(isvc: InferenceService) -> str:
         "numRequestsRunning": [METRIC_NUM_REQUESTS_RUNNING],
         "concurrency": [METRIC_NUM_REQUESTS_RUNNING, METRIC_NUM_REQUESTS_WAITING],
     }[spec.metric]
-    terms = [f"sum({gauge}{engine})" for gauge in gauges]
+    terms = [f"{gauge}{engine}" for gauge in gauges]
     if spec.metric == "concurrency":
-        router = f'{{namespace="{namespace}",{ROUTER_MODEL_LABEL}="{model}"}}'
-        terms.append(f"(sum({METRIC_ROUTER_QUEUED_REQUESTS}{router}) or vector(0))")
-    return " + ".join(terms)
+        terms.append(
+            f'{METRIC_ROUTER_QUEUED_REQUESTS}{{namespace="{namespace}",{ROUTER_MODEL_LABEL}="{model}"}}'
+        )
+    # At zero replicas no engine series exist and a bare sum() is empty, which would make the whole
+    # sum empty: KEDA would read 0 and never wake the model for the requests queued at the router.
+    return " + ".join(f"(sum({term}) or vector(0))" for term in terms)
 
 
 def build_scaled_object(isvc: InferenceService, deployment: str) -> dict[str, Any]:

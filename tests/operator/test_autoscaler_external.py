@@ -72,10 +72,16 @@ def test_prometheus_queries():
     concurrency = isvc(
         autoscaling={**AUTOSCALING, "engine": "keda", "metric": "concurrency", "prometheus": PROMETHEUS}
     )
+    # Each term falls back to 0: with no engine pods (scaled to zero) their series do not exist,
+    # and one empty sum() would empty the whole query, hiding the router's queue from KEDA.
     assert prometheus_query(concurrency) == (
-        'sum(vllm:num_requests_running{namespace="team-a",model_name="smollm2"}) + '
-        'sum(vllm:num_requests_waiting{namespace="team-a",model_name="smollm2"}) + '
+        '(sum(vllm:num_requests_running{namespace="team-a",model_name="smollm2"}) or vector(0)) + '
+        '(sum(vllm:num_requests_waiting{namespace="team-a",model_name="smollm2"}) or vector(0)) + '
         '(sum(kvpilot_router_queued_requests{namespace="team-a",model="smollm2"}) or vector(0))'
+    )
+    usage = isvc(autoscaling={**AUTOSCALING, "engine": "keda", "prometheus": PROMETHEUS})
+    assert prometheus_query(usage) == (
+        '(sum(vllm:kv_cache_usage_perc{namespace="team-a",model_name="smollm2"}) or vector(0))'
     )
     own = {**PROMETHEUS, "query": "sum(my_metric)"}
     assert (

@@ -261,6 +261,19 @@ BAD = [
         "spec.tenants",
     ),
     ("the same tenant twice", {"spec.tenants": [TENANT, TENANT]}, "spec.tenants"),
+    (
+        "the engine's key in env beside upstreamApiKeySecretRef",
+        {
+            "spec.env": [{"name": "KVPILOT_API_KEY", "value": "x"}],
+            "spec.router": {"upstreamApiKeySecretRef": {"name": "engine-key", "key": "key"}},
+        },
+        "spec.env",
+    ),
+    # Every quantity is a size or a CPU share (a negative or zero one reached the pods before).
+    ("negative memory", {"spec.resources.memory": "-16Gi"}, "spec.resources.memory"),
+    ("zero KV cache memory", {"spec.engine.kvCacheMemory": "0"}, "spec.engine.kvCacheMemory"),
+    ("zero CPU as an integer", {"spec.resources.cpu": 0}, "spec.resources.cpu"),
+    ("zero shared memory", {"spec.resources.sharedMemory": "0.0Gi"}, "spec.resources.sharedMemory"),
 ]
 
 
@@ -311,6 +324,28 @@ def test_an_autoscaling_policy_is_defaulted_alike_by_the_crd_and_the_models():
         by_alias=True, exclude_none=True
     )
     assert parsed == defaulted["spec"]["autoscaling"]
+
+
+@pytest.mark.parametrize("quantity", ["16Gi", "500m", "2", 2, "+1Gi", "0.5", ".5", "1e3", "10Mi", "1.5G"])
+def test_positive_quantities_are_accepted_by_the_crd_and_the_models(quantity):
+    manifest = _with({"spec.resources.memory": quantity, "spec.resources.cpu": quantity})
+    assert admit(manifest)[1] == []
+    assert InferenceService.from_body(manifest).spec.resources.memory == str(quantity)
+
+
+def test_a_kv_cache_under_a_mebibyte_is_rejected_by_the_operator_naming_the_field():
+    """The schema's pattern takes `500m` (half a byte); the operator's InvalidSpec names the field
+    instead of the pod crash-looping on `--kv-cache-memory 0`."""
+    with pytest.raises(ValidationError) as raised:
+        InferenceService.from_body(_with({"spec.engine.kvCacheMemory": "500m"}))
+    assert describe_validation_error(raised.value) == "spec.engine.kvCacheMemory: '500m' is less than 1Mi"
+
+
+def test_a_message_that_names_its_field_is_not_prefixed_twice():
+    with pytest.raises(ValidationError) as raised:
+        InferenceService.from_body(_with({"spec.model.architecture": {"hiddenSize": 4096}}))
+    message = describe_validation_error(raised.value)
+    assert message.count("spec.model.architecture") == 1, message
 
 
 def test_cel_rule_messages_name_their_fields():

@@ -6,10 +6,14 @@ Python); here the API server itself decides, so a CRD that a real cluster reject
 
 import json
 
+import kubernetes.config
 import pytest
 import yaml
-from kvpilot.operator.api import GROUP, PLURAL
+from kvpilot.operator.api import GROUP, PLURAL, InferenceService
+from kvpilot.operator.builders import build_children
 from kvpilot.operator.crd import CRD_PATH, build_crd
+from kvpilot.operator.executor import KubeClient
+from kvpilot.operator.planner import drifted_fields, plan
 
 from tests.cluster.harness import condition, wait_for
 from tests.cluster.kubeapi import ApiError, KubeApi
@@ -129,6 +133,40 @@ def test_kubectl_scale_isvc_reads_and_writes_the_scale_subresource(kubectl, api)
     assert api.get(ISVC_API, PLURAL, "team-a", "scaled")["spec"]["replicas"] == 1
     kubectl.run("delete", "isvc", "scaled", "-n", "team-a")
     wait_for(lambda: api.get(ISVC_API, PLURAL, "team-a", "scaled") is None, "the delete")
+
+
+def test_the_children_as_the_api_server_stores_them_need_no_update(kubectl, api, control_plane):
+    """The planner's promise, on the server that makes it hard: after the apply, what is read back
+    (quantities canonicalised, e.g. an HPA target of 1000 as 1k; empty values omitted, e.g. an env
+    var's value "") matches the desired children, so re-reconciling an unchanged spec writes
+    nothing. The env entry named like the operator's HF_HOME would make the apply itself fail
+    (server-side apply rejects a name listed twice)."""
+    manifest = _with(
+        {
+            "spec.replicas": None,
+            "spec.resources": {"cpu": 2, "memory": "2048Mi"},
+            "spec.env": [{"name": "EMPTY", "value": ""}, {"name": "HF_HOME", "value": "/cache/hf"}],
+            "spec.scheduling": {"tolerations": [{"key": "dedicated", "operator": "Equal", "value": ""}]},
+            "spec.autoscaling": {"engine": "hpa", "metric": "concurrency", "maxReplicas": 3, "target": 1000},
+        }
+    )
+    manifest["metadata"]["name"] = "stored-as-is"
+    service = InferenceService.from_body(api.create(ISVC_API, PLURAL, "team-a", manifest))
+    client = KubeClient(kubernetes.config.new_client_from_config(str(control_plane.kubeconfig)))
+    try:
+        desired = build_children(service)
+        written = client.execute(plan(desired, []))
+        assert {kind for kind, _ in written} >= {"Deployment", "HorizontalPodAutoscaler", "Service"}
+        observed = {(o["kind"], o["metadata"]["name"]): o for o in client.read_children(service)}
+        drifts = {
+            key: drifted_fields(want, observed[key])
+            for want in desired
+            if (key := (want["kind"], want["metadata"]["name"]))
+        }
+        assert not any(drifts.values()), drifts
+        assert plan(desired, list(observed.values())).is_empty
+    finally:
+        api.delete(ISVC_API, PLURAL, "team-a", "stored-as-is")
 
 
 def test_the_helm_chart_applies_to_the_api_server(kubectl):

@@ -123,6 +123,22 @@ def test_a_scaled_object_without_keda_is_a_permanent_error_naming_keda(client, k
     assert client.execute(Plan(create=hpa))[("HorizontalPodAutoscaler", "chat")]["spec"]["maxReplicas"] == 3
 
 
+def test_an_apply_the_server_cannot_type_is_permanent_though_it_is_a_500():
+    """kube-apiserver's answer to an env var named twice (test_crd_apiserver reproduced it):
+    retrying the same apply forever would hide it; it is reported like a 422."""
+    from kubernetes.client.exceptions import ApiException
+    from kvpilot.operator.executor import _classified
+
+    exc = ApiException(status=500, reason="Internal Server Error")
+    exc.body = (
+        b'{"kind":"Status","status":"Failure","message":"failed to create typed patch object '
+        b'(team-a/chat-1; apps/v1, Kind=Deployment): .spec.template.spec.containers[name=\\"server\\"].env: '
+        b'duplicate entries for key [name=\\"HF_HOME\\"]","code":500}'
+    )
+    error = _classified(exc, "apply Deployment")
+    assert isinstance(error, PermanentApiError) and "duplicate entries" in str(error)
+
+
 def test_a_rejected_write_carries_the_api_servers_message():
     from kubernetes.client.exceptions import ApiException
     from kvpilot.operator.executor import _classified

@@ -263,3 +263,43 @@ def test_the_wait_container_finishes_once_the_job_marks_the_download_complete(tm
     finally:
         waiting.kill()
     assert (tmp_path / ".kvpilot-download-complete").read_text() == "hf://meta-llama/Meta-Llama-3-8B@v1\n"
+
+
+def test_a_longest_name_still_gives_a_download_job_name_that_fits_a_label():
+    """The Job controller copies a Job's name into its pods' `job-name` label (63 characters)."""
+    long_a, long_b = "a" * 55 + "x", "a" * 55 + "y"  # the CRD's longest names, alike but the last
+    jobs = [job_name(isvc(name, model={**HF, "cache": CACHE})) for name in (long_a, long_b)]
+    assert all(len(job) <= 63 for job in jobs) and jobs[0] != jobs[1]
+    cached = isvc(model={**HF, "cache": CACHE})
+    assert job_name(cached) == f"chat-download-{cache_key(cached)}"  # short names keep their Job's
+
+
+def test_the_download_job_runs_as_the_service_account_the_operator_creates():
+    """An s3:// or gs:// download is the pod that needs the cloud identity (e.g. IRSA)."""
+    s3 = {"name": "m", "uri": "s3://bucket/m", "cache": {"size": "10Gi"}}
+    service = isvc(
+        model=s3, createServiceAccount=True, serviceAccountAnnotations={"eks.amazonaws.com/role-arn": "r"}
+    )
+    children = {(child["kind"], child["metadata"]["name"]): child for child in build_children(service)}
+    assert ("ServiceAccount", "chat") in children
+    assert pod_spec(children["Job", job_name(service)])["serviceAccountName"] == "chat"
+    assert pod_spec(children["Deployment", engine_deployment(service)])["serviceAccountName"] == "chat"
+
+
+@pytest.mark.parametrize("name", ["HOME", "HF_HOME", "CLOUDSDK_CONFIG"])
+def test_an_env_entry_named_like_the_operators_replaces_it(name):
+    """Server-side apply rejects a container whose env lists one name twice."""
+    gs = {"name": "m", "uri": "gs://bucket/m", "cache": {"size": "10Gi"}}
+    service = isvc(model=gs, env=[{"name": name, "value": "/mine"}])
+    children = {child["metadata"]["name"]: child for child in build_children(service)}
+    containers = [
+        container
+        for child in (children[engine_deployment(service)], children[job_name(service)])
+        for container in pod_spec(child).get("initContainers", []) + pod_spec(child)["containers"]
+        if container.get("env")
+    ]
+    assert {c["name"] for c in containers} >= {"server", "model-download"}
+    for container in containers:
+        names = [env["name"] for env in container["env"]]
+        assert len(names) == len(set(names)), (container["name"], names)
+        assert {"name": name, "value": "/mine"} in container["env"] or name == "CLOUDSDK_CONFIG"

@@ -6,7 +6,7 @@ from typing import Any
 import pytest
 from kvpilot.operator.builders import build_children
 from kvpilot.operator.labels import SPEC_HASH_ANNOTATION
-from kvpilot.operator.planner import drifted_fields, parse_quantity, plan, replicas_handoff
+from kvpilot.operator.planner import drifted_fields, plan, replicas_handoff
 from kvpilot.operator.revision import revision_hash
 from kvpilot.operator.router_config import RevisionEndpoints
 
@@ -185,23 +185,6 @@ def test_drifted_fields_names_the_paths():
     drifted = edit(OBSERVED, "Deployment", _set_image)
     deployment = next(obj for obj in drifted if obj["kind"] == "Deployment")
     assert drifted_fields(DESIRED[0], deployment) == ["spec.template.spec.containers[0].image"]
-
-
-@pytest.mark.parametrize(
-    ("text", "value"),
-    [
-        ("16Gi", 16 * 2**30),
-        ("500m", 0.5),
-        ("2", 2),
-        ("1.5G", 1.5e9),
-        ("2048Mi", 2 * 2**30),
-        ("1e3", 1000),
-        ("x", None),
-    ],
-)
-def test_parse_quantity(text, value):
-    parsed = parse_quantity(text)
-    assert (parsed if parsed is None else float(parsed)) == value
 
 
 def _owning_replicas(obj: dict[str, Any], manager: str, operation: str = "Apply") -> dict[str, Any]:
