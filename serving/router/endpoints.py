@@ -1,8 +1,10 @@
 """One upstream server as the router sees it: in-flight count, health, and its scraped load.
 
 Health has two inputs: the active probe (`/ready` polled, `ready`) and passive ejection (a
-connect error or a 5xx before the first byte ejects the endpoint for a cool-down that doubles
-with each consecutive failure, up to a cap; a success resets it).
+connection failure or a 5xx before the first byte ejects the endpoint for a cool-down that
+doubles with each consecutive failure, up to a cap; a success resets it). Failures reported while
+the endpoint is already ejected do not count again: one crash breaks every request it was
+serving at once, and that is one failure, not ten.
 """
 
 import time
@@ -26,10 +28,14 @@ class Endpoint:
         return self.ready and (time.monotonic() if now is None else now) >= self.ejected_until
 
     def eject(self, now: float | None = None) -> float:
-        """A failure: out for EJECT_BASE_SECONDS * 2^(failures-1), capped; returns the cool-down."""
+        """A failure: out for EJECT_BASE_SECONDS * 2^(failures-1), capped; returns the seconds it
+        stays out (what is left of the current ejection, when it is already out)."""
+        now = time.monotonic() if now is None else now
+        if now < self.ejected_until:
+            return self.ejected_until - now
         self.consecutive_failures += 1
         cool_down = min(EJECT_BASE_SECONDS * 2 ** (self.consecutive_failures - 1), EJECT_MAX_SECONDS)
-        self.ejected_until = (time.monotonic() if now is None else now) + cool_down
+        self.ejected_until = now + cool_down
         return cool_down
 
     def succeed(self) -> None:

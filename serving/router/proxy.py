@@ -161,7 +161,18 @@ async def _try_revision(state: RouterState, call: Call, revision: RevisionRoute)
             "endpoint %s answered %d: ejected for %.0f s", endpoint.url, response.status_code, cool_down
         )
         if len(tried) == 2 or not [e for e in revision.available() if e not in tried]:
-            return Upstream(state, call, revision, endpoint, response)  # nobody else to ask: pass it on
+            if _is_json(response):  # nobody else to ask: pass it on (the server's own error body)
+                return Upstream(state, call, revision, endpoint, response)
+            await response.aclose()  # a proxy's HTML page or an empty body: answered in OpenAI's shape
+            leave(state, call, revision, endpoint)
+            record(state, call, revision.name, response.status_code)
+            raise APIError(
+                response.status_code,
+                f"revision {revision.name} of model {call.model}: the upstream answered HTTP "
+                f"{response.status_code} ({response.headers.get('content-type') or 'no content-type'})",
+                type="server_error",
+                code="upstream_error",
+            )
         await response.aclose()
         leave(state, call, revision, endpoint)
         failure = f"HTTP {response.status_code}"
@@ -174,6 +185,10 @@ async def _try_revision(state: RouterState, call: Call, revision: RevisionRoute)
         type="server_error",
         code="upstream_unavailable",
     )
+
+
+def _is_json(response: httpx.Response) -> bool:
+    return response.headers.get("content-type", "").split(";")[0].strip() == "application/json"
 
 
 def _upstream_headers(state: RouterState) -> dict[str, str]:

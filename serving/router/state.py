@@ -123,9 +123,11 @@ class RouterState:
         return list(self.registry.endpoints.values())
 
     def release_held(self) -> None:
-        """Wake held requests of every model that now has a ready endpoint."""
+        """Wake held requests of every model that now has a ready endpoint, and of every model a
+        reload removed (they answer 404 at once instead of waiting out activation.timeout)."""
         if self.loaded is None:
             return
-        for name, table in self.loaded.table.models.items():
-            if self.activation.held(name) and table.has_ready_endpoint():
+        for name in [name for name in self.activation.waiting if self.activation.held(name)]:
+            table = self.loaded.table.models.get(name)
+            if table is None or table.has_ready_endpoint():
                 self.activation.release(name)

@@ -134,10 +134,22 @@ def test_prefix_key_renders_chat_messages_and_cuts_the_window():
 
 def test_ejection_backs_off_exponentially_up_to_the_cap_and_success_resets():
     endpoint = Endpoint("http://e:1", ready=True)
-    cool_downs = [endpoint.eject(now=100.0) for _ in range(8)]
+    now, cool_downs = 100.0, []
+    for _ in range(8):  # each failure on the first request after the previous ejection ended
+        cool_downs.append(endpoint.eject(now=now))
+        now = endpoint.ejected_until
     assert cool_downs == [1, 2, 4, 8, 16, 32, EJECT_MAX_SECONDS, EJECT_MAX_SECONDS]
-    assert not endpoint.is_available(now=100.0 + EJECT_MAX_SECONDS - 1)
-    assert endpoint.is_available(now=100.0 + EJECT_MAX_SECONDS)
+    assert not endpoint.is_available(now=now - 1)
+    assert endpoint.is_available(now=now)
     endpoint.succeed()
     assert endpoint.eject(now=0.0) == 1 and endpoint.is_available(now=1.0)
     assert not Endpoint("http://e:1").is_available(now=1e9)  # not ready until probed
+
+
+def test_the_requests_one_crash_breaks_together_count_as_one_failure():
+    """Ten streams break when their server dies: out for 1 s, not 2^9 s (capped at 60)."""
+    endpoint = Endpoint("http://e:1", ready=True)
+    left = [endpoint.eject(now=100.0 + i * 0.01) for i in range(10)]
+    assert left[0] == 1 and all(0 < seconds < 1 for seconds in left[1:])
+    assert endpoint.is_available(now=101.0) and endpoint.consecutive_failures == 1
+    assert endpoint.eject(now=101.0) == 2  # the next failure after it came back doubles

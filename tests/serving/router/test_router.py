@@ -305,10 +305,15 @@ class FailingUpstream(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers["content-length"]))
         self.posts.append(self.mode)
-        if self.mode == "500":
-            body = b'{"error": {"message": "boom", "type": "server_error"}}'
-            self.send_response(500)
-            self.send_header("content-type", "application/json")
+        if self.mode in ("500", "html502"):
+            json_error = self.mode == "500"
+            body = (
+                b'{"error": {"message": "boom", "type": "server_error"}}'
+                if json_error
+                else b"<html>bad</html>"
+            )
+            self.send_response(500 if json_error else 502)
+            self.send_header("content-type", "application/json" if json_error else "text/html")
             self.send_header("content-length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -381,6 +386,19 @@ def test_nothing_is_retried_once_the_response_has_started(router, servers, faili
     wait_for(lambda: router.metric("kvpilot_router_requests_total", code="502") == before[1] + 1, 10, "502")
     assert successes(servers[0]) == before[0] + sent - 1  # the broken one was not sent again
     assert f"stream from {failing_upstream} broke" in router.log()
+
+
+def test_a_5xx_page_that_is_not_json_reaches_the_client_as_an_openai_error(router, failing_upstream):
+    """A proxy's HTML 502 from the last endpoint to ask: the client gets the same status with an
+    OpenAI-style body (a server's own JSON error is passed on as it is)."""
+    FailingUpstream.mode = "html502"
+    router.configure({"models": [model_config(("r", 100, [failing_upstream]))]})
+    wait_for(lambda: f"endpoint {failing_upstream} is ready" in router.log(), 30, "probed")
+    with pytest.raises(openai.APIStatusError) as raised:
+        complete(router.client(), "html please")
+    assert raised.value.status_code == 502 and FailingUpstream.posts == ["html502"]
+    error = raised.value.body
+    assert error["code"] == "upstream_error" and "HTTP 502 (text/html)" in error["message"]
 
 
 async def probed(url: str, ready: bool = False) -> Endpoint:

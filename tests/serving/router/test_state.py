@@ -1,5 +1,6 @@
 """Loading and reloading without a network: what a reload keeps, what a bad reload leaves alone."""
 
+import asyncio
 import hashlib
 
 import pytest
@@ -142,3 +143,26 @@ def test_a_reload_prunes_the_series_of_what_it_removed_gauges_once_at_zero(tmp_p
     assert {name for name, labels in series(state) if ("endpoint", "http://b:1") in labels} == set()
     state.forget_if_gone(model="m", revision="r", endpoint="http://a:1")  # still configured: kept
     assert len(series(state)) == 2
+
+
+def test_requests_held_for_a_model_a_reload_removes_are_woken_at_once(tmp_path):
+    """They go on to answer 404 (open_upstream finds no model) instead of a 503 after the whole
+    activation.timeout."""
+    path = tmp_path / "r.yaml"
+    write(path, config(["http://a:1"]))  # never probed ready: requests for m are held
+    state = RouterState(RouterSettings(path))
+    state.reload()
+
+    async def scenario() -> bool:
+        held = asyncio.create_task(state.activation.wait("m", timeout=30, max_queued=10))
+        await asyncio.sleep(0)
+        assert state.activation.held("m") == 1
+        write(
+            path, {"models": [{"name": "other", "revisions": [{"name": "r", "endpoints": ["http://b:1"]}]}]}
+        )
+        assert state.reload()
+        state.release_held()  # what the app's config watcher does after a reload
+        return await asyncio.wait_for(held, timeout=5)
+
+    assert asyncio.run(scenario()) is True
+    assert "m" not in state.loaded.table.models
