@@ -34,9 +34,9 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
     from kvpilot.serving.router.app import create_app
     from kvpilot.serving.router.config import ConfigError
+    from kvpilot.serving.router.server import run_router
     from kvpilot.serving.router.state import RouterSettings
 
     for name, value in (("--max-body-bytes", args.max_body_bytes), ("--probe-interval", args.probe_interval)):
@@ -51,5 +51,5 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"kvpilot router: error: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(app, host=args.host, port=args.port, access_log=args.access_log, log_level="info")
+    run_router(app, args.host, args.port, access_log=args.access_log)
     return 0

@@ -104,6 +104,13 @@ async def open_upstream(state: RouterState, call: Call) -> Upstream:
             if upstream is not None:
                 return upstream
             continue  # its endpoints went away between the choice and the pick: choose again
+        if state.closing:
+            raise APIError(
+                503,
+                f"model {call.model} has no ready endpoint and this router is shutting down; retry",
+                type="service_unavailable",
+                code="no_ready_endpoint",
+            )
         try:
             released = await state.activation.wait(
                 call.model, deadline - time.monotonic(), activation.max_queued, front=held_before

@@ -54,6 +54,7 @@ class RouterState:
         self.loaded: Loaded | None = None
         self.client: httpx.AsyncClient | None = None
         self.on_endpoints_changed = lambda: None  # set by the app: wake the prober
+        self.closing = False  # shutting down: nothing more is held for scale from zero
 
     def load(self) -> Loaded:
         """Load the config file and everything it names; ConfigError if any of it is bad."""
@@ -121,6 +122,13 @@ class RouterState:
 
     def endpoints(self) -> list[Endpoint]:
         return list(self.registry.endpoints.values())
+
+    def stop_holding(self) -> None:
+        """Shutting down (SIGTERM): every held request is woken and answers 503 (it would otherwise
+        wait out activation.timeout, past the pod's grace period, and lose its connection)."""
+        self.closing = True
+        for name in list(self.activation.waiting):
+            self.activation.release(name)
 
     def release_held(self) -> None:
         """Wake held requests of every model that now has a ready endpoint, and of every model a

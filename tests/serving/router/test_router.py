@@ -3,6 +3,7 @@
 import asyncio
 import hashlib
 import math
+import signal
 import socket
 import threading
 import time
@@ -17,7 +18,7 @@ from kvpilot.serving.router.endpoints import Endpoint
 from kvpilot.serving.router.health import probe
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.serving.router.conftest import MODEL, free_port, metric, model_config, successes, wait_for
+from tests.serving.router.conftest import MODEL, Router, free_port, metric, model_config, successes, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -399,6 +400,24 @@ def test_a_5xx_page_that_is_not_json_reaches_the_client_as_an_openai_error(route
     assert raised.value.status_code == 502 and FailingUpstream.posts == ["html502"]
     error = raised.value.body
     assert error["code"] == "upstream_error" and "HTTP 502 (text/html)" in error["message"]
+
+
+def test_sigterm_answers_the_held_requests_and_the_router_exits(tmp_path):
+    """A held request (no ready endpoint) gets its 503 at once when the router is told to stop;
+    before, it waited out activation.timeout (300 s), past any pod's grace period."""
+    nowhere = f"http://127.0.0.1:{free_port()}"  # never ready: requests for the model are held
+    router = Router(tmp_path, {"models": [model_config(("r", 100, [nowhere]))]}).start().wait_ready()
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            held = pool.submit(complete, router.client(), "hold me")
+            wait_for(lambda: router.metric("kvpilot_router_queued_requests", model=MODEL) == 1, 30, "held")
+            router.process.terminate()
+            with pytest.raises(openai.APIStatusError) as raised:
+                held.result(timeout=30)
+        assert raised.value.status_code == 503 and "shutting down" in raised.value.body["message"]
+        assert router.process.wait(30) == -signal.SIGTERM  # uvicorn re-raises it once shut down
+    finally:
+        router.kill()
 
 
 async def probed(url: str, ready: bool = False) -> Endpoint:
