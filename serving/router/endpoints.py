@@ -5,6 +5,11 @@ connection failure or a 5xx before the first byte ejects the endpoint for a cool
 doubles with each consecutive failure, up to a cap; a success resets it). Failures reported while
 the endpoint is already ejected do not count again: one crash breaks every request it was
 serving at once, and that is one failure, not ten.
+
+An endpoint whose `/ready` got no HTTP answer at all LOST_AFTER_FAILED_PROBES times in a row
+(timeouts, refused connections: the process is frozen or its node is gone) is `lost`: the
+requests still waiting on it are given up (a TCP connection to a vanished node can stay open for
+hours). A server that answers, even 503 while it drains, is never lost.
 """
 
 import time
@@ -12,6 +17,7 @@ from dataclasses import dataclass, field
 
 EJECT_BASE_SECONDS = 1.0
 EJECT_MAX_SECONDS = 60.0
+LOST_AFTER_FAILED_PROBES = 5
 
 
 @dataclass
@@ -23,6 +29,11 @@ class Endpoint:
     ejected_until: float = 0.0  # time.monotonic() before which the endpoint gets no request
     num_requests_waiting: float = 0.0  # scraped vllm:num_requests_waiting
     kv_cache_usage: float = 0.0  # scraped vllm:kv_cache_usage_perc
+    failed_probes: int = 0  # consecutive /ready probes without any HTTP answer
+
+    @property
+    def lost(self) -> bool:
+        return self.failed_probes >= LOST_AFTER_FAILED_PROBES
 
     def is_available(self, now: float | None = None) -> bool:
         return self.ready and (time.monotonic() if now is None else now) >= self.ejected_until
@@ -56,6 +67,8 @@ class EndpointRegistry:
         return self.endpoints[url]
 
     def retain(self, urls: set[str]) -> None:
-        """Forget endpoints no longer configured (their running requests keep their own reference)."""
+        """Forget endpoints no longer configured once nothing runs on them: until then they are
+        still probed, so that a request on one that is lost is given up."""
         for url in set(self.endpoints) - urls:
-            del self.endpoints[url]
+            if not self.endpoints[url].in_flight:
+                del self.endpoints[url]

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import httpx
 from kvpilot.serving import contract
-from kvpilot.serving.router.endpoints import Endpoint
+from kvpilot.serving.router.endpoints import LOST_AFTER_FAILED_PROBES, Endpoint
 from prometheus_client.parser import text_string_to_metric_families
 
 logger = logging.getLogger("kvpilot.serving.router")
@@ -34,9 +34,10 @@ async def probe(client: httpx.AsyncClient, endpoint: Endpoint) -> bool:
     was_ready = endpoint.ready
     try:
         response = await client.get(endpoint.url + contract.READY_PATH, timeout=PROBE_TIMEOUT_SECONDS)
-        endpoint.ready = response.status_code == 200
+        endpoint.ready, endpoint.failed_probes = response.status_code == 200, 0
     except httpx.HTTPError:
         endpoint.ready = False
+        endpoint.failed_probes += 1
     if endpoint.ready:
         try:
             response = await client.get(endpoint.url + contract.METRICS_PATH, timeout=PROBE_TIMEOUT_SECONDS)
@@ -45,6 +46,10 @@ async def probe(client: httpx.AsyncClient, endpoint: Endpoint) -> bool:
             pass  # the tie-breakers keep their last values
     if endpoint.ready != was_ready:
         logger.info("endpoint %s is %s", endpoint.url, "ready" if endpoint.ready else "not ready")
+    if endpoint.failed_probes == LOST_AFTER_FAILED_PROBES and endpoint.in_flight:
+        logger.warning(
+            "endpoint %s stopped answering: giving up its %d requests", endpoint.url, endpoint.in_flight
+        )
     return endpoint.ready and not was_ready
 
 

@@ -5,7 +5,9 @@ request in the activation queue while the model has no ready endpoint; a connect
 before the response starts ejects the endpoint and retries once on another endpoint of the same
 revision. After that, bytes flow through untouched except for the usage chunk the router asked
 for (metered, then dropped when the client did not ask for it). `Relay` streams chunk by chunk and
-closes the upstream request when the client disconnects, so the server aborts it.
+closes the upstream request when the client disconnects, so the server aborts it. A request
+waiting on an endpoint that stopped answering its probes (`Endpoint.lost`) is given up: 502 before
+the response started, an error event ending a stream that had.
 """
 
 import asyncio
@@ -13,7 +15,9 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import httpx
 from kvpilot.serving.api.errors import APIError
@@ -26,6 +30,7 @@ from kvpilot.serving.router.state import RouterState
 from starlette.types import Receive, Scope, Send
 
 logger = logging.getLogger("kvpilot.serving.router")
+T = TypeVar("T")
 
 UPSTREAM_TIMEOUT = httpx.Timeout(connect=5.0, read=None, write=30.0, pool=None)
 PASSED_HEADERS = ("content-type", "retry-after")
@@ -149,7 +154,7 @@ async def _try_revision(state: RouterState, call: Call, revision: RevisionRoute)
             "POST", endpoint.url + call.path, content=call.body, headers=_upstream_headers(state)
         )
         try:
-            response = await state.client.send(request, stream=True)
+            response = await unless_lost(endpoint, state.client.send(request, stream=True))
         except httpx.TransportError as exc:
             leave(state, call, revision, endpoint)
             failure = f"{type(exc).__name__}"
@@ -172,9 +177,9 @@ async def _try_revision(state: RouterState, call: Call, revision: RevisionRoute)
                 return Upstream(state, call, revision, endpoint, response)
             await response.aclose()  # a proxy's HTML page or an empty body: answered in OpenAI's shape
             leave(state, call, revision, endpoint)
-            record(state, call, revision.name, response.status_code)
+            record(state, call, revision.name, 502)
             raise APIError(
-                response.status_code,
+                502,
                 f"revision {revision.name} of model {call.model}: the upstream answered HTTP "
                 f"{response.status_code} ({response.headers.get('content-type') or 'no content-type'})",
                 type="server_error",
@@ -205,14 +210,49 @@ def _upstream_headers(state: RouterState) -> dict[str, str]:
     return headers
 
 
+class EndpointLost(httpx.TransportError):
+    """The endpoint stopped answering its probes while a request waited on it."""
+
+
+LOST_POLL_SECONDS = 0.5
+
+
+async def until_lost(endpoint: Endpoint) -> None:
+    while not endpoint.lost:
+        await asyncio.sleep(LOST_POLL_SECONDS)
+
+
+async def unless_lost(endpoint: Endpoint, awaitable: Awaitable[T]) -> T:
+    """`awaitable`'s result, or EndpointLost once the endpoint is lost (the awaitable cancelled)."""
+    work, watch = asyncio.ensure_future(awaitable), asyncio.ensure_future(until_lost(endpoint))
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work.done():
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+    if work.cancelled():
+        raise EndpointLost(f"{endpoint.url} stopped answering")
+    return work.result()
+
+
 async def read_whole(upstream: Upstream) -> tuple[bytes, int]:
     """A non-streaming response, its usage metered."""
     try:
-        content = await upstream.response.aread()
+        content = await unless_lost(upstream.endpoint, upstream.response.aread())
         upstream.first_byte = time.monotonic()
         if upstream.response.status_code == 200:
             with contextlib.suppress(ValueError, AttributeError):
                 upstream.count_usage(json.loads(content).get("usage"))
+    except EndpointLost as exc:
+        await upstream.finish(502)
+        raise APIError(
+            502,
+            f"revision {upstream.revision.name} of model {upstream.call.model}: {exc}",
+            type="server_error",
+            code="upstream_unavailable",
+        ) from None
     except BaseException:
         await upstream.finish(499)
         raise
@@ -235,12 +275,17 @@ class Relay:
         code = upstream.response.status_code
         pump = asyncio.ensure_future(self._pump(send))
         watch = asyncio.ensure_future(wait_for_disconnect(receive))
+        lost = asyncio.ensure_future(until_lost(upstream.endpoint))
         try:
-            await asyncio.wait({pump, watch}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({pump, watch, lost}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (pump, watch):
+            given_up = lost.done() and not pump.done()
+            for task in (pump, watch, lost):
                 task.cancel()
-            pumped, _ = await asyncio.gather(pump, watch, return_exceptions=True)
+            pumped, *_ = await asyncio.gather(pump, watch, lost, return_exceptions=True)
+            if given_up:
+                pumped = EndpointLost(f"{upstream.endpoint.url} stopped answering")
+                await self._end_with_error(send, upstream, str(pumped))
             if isinstance(pumped, asyncio.CancelledError | OSError) and not self.relayed:
                 code = 499  # the client went away before the end (not just before the closing frame)
             elif isinstance(pumped, httpx.HTTPError):  # the upstream broke mid-stream: too late to retry
@@ -253,6 +298,18 @@ class Relay:
                 logger.error("relaying from %s failed: %r", upstream.endpoint.url, pumped)
                 code = 500
             await upstream.finish(code)
+
+    async def _end_with_error(self, send: Send, upstream: Upstream, message: str) -> None:
+        """The stream's last event: an OpenAI-style error (the client's SDK raises it)."""
+        error = {"message": message, "type": "server_error", "param": None, "code": "upstream_unavailable"}
+        with contextlib.suppress(OSError):  # the client may be gone too
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": b"data: " + json.dumps({"error": error}).encode() + b"\n\n",
+                    "more_body": False,
+                }
+            )
 
     async def _pump(self, send: Send) -> None:
         upstream = self.upstream

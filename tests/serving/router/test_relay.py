@@ -3,10 +3,12 @@ server aborts the request); once the last event (`data: [DONE]`) went out it is 
 200, even though the end of the upstream's body and the closing frame had not come yet."""
 
 import asyncio
+import json
 from dataclasses import dataclass, field
 
 import httpx
 import pytest
+from kvpilot.serving.router.endpoints import LOST_AFTER_FAILED_PROBES, Endpoint
 from kvpilot.serving.router.proxy import Relay
 
 FIRST, LAST = b'data: {"choices":[{"text":"Paris"}]}\n\n', b"data: [DONE]\n\n"
@@ -33,6 +35,7 @@ class RecordingUpstream:
     response: httpx.Response
     first_byte: float | None = None
     codes: list[int] = field(default_factory=list)
+    endpoint: Endpoint = field(default_factory=lambda: Endpoint("http://e:1", ready=True))
 
     def header_dict(self) -> dict[str, str]:
         return {"content-type": "text/event-stream"}
@@ -72,3 +75,29 @@ def relay_until_the_client_leaves(leave_after: bytes) -> list[int]:
 )
 def test_a_client_leaving_counts_as_499_only_before_the_last_event(leave_after, code):
     assert relay_until_the_client_leaves(leave_after) == [code]
+
+
+def test_a_stream_from_an_endpoint_that_stopped_answering_ends_with_an_error_event():
+    """The server froze after its first event (its probes time out): the client, which stays,
+    gets an OpenAI-style error event and the end of the stream, and it counts as a 502."""
+    response = httpx.Response(
+        200, headers={"content-type": "text/event-stream"}, stream=ServerEvents(finished=False)
+    )
+    upstream = RecordingUpstream(response)
+    received: list[bytes] = []
+
+    async def send(message: dict) -> None:
+        received.append(message.get("body", b""))
+        if FIRST in b"".join(received):
+            upstream.endpoint.failed_probes = LOST_AFTER_FAILED_PROBES  # what the prober concludes
+
+    async def receive() -> dict:
+        await asyncio.Event().wait()  # the client stays
+        return {}
+
+    asyncio.run(asyncio.wait_for(Relay(upstream)({"type": "http"}, receive, send), timeout=10))
+    assert upstream.codes == [502]
+    body = b"".join(received)
+    assert body.startswith(FIRST) and body.endswith(b"\n\n")
+    error = json.loads(body[len(FIRST) :].removeprefix(b"data: "))["error"]
+    assert error["code"] == "upstream_unavailable" and "stopped answering" in error["message"]

@@ -297,8 +297,11 @@ class FailingUpstream(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     mode = "500"
     posts: ClassVar[list[str]] = []
+    thaw = threading.Event()  # `freeze`: the process stops after its first event, until thawed
 
     def do_GET(self) -> None:  # /ready and /metrics
+        if self.mode == "freeze" and self.posts:
+            self.thaw.wait(60)  # frozen: the probes time out
         self.send_response(200)
         self.send_header("content-length", "0")
         self.end_headers()
@@ -326,6 +329,8 @@ class FailingUpstream(BaseHTTPRequestHandler):
         event = b'data: {"id": "x", "object": "text_completion", "choices": [{"index": 0, "text": "Hi"}]}\n\n'
         self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))  # no closing chunk: a broken stream
         self.wfile.flush()
+        if self.mode == "freeze":
+            self.thaw.wait(60)
         self.connection.shutdown(socket.SHUT_RDWR)
         self.close_connection = True
 
@@ -387,6 +392,27 @@ def test_nothing_is_retried_once_the_response_has_started(router, servers, faili
     wait_for(lambda: router.metric("kvpilot_router_requests_total", code="502") == before[1] + 1, 10, "502")
     assert successes(servers[0]) == before[0] + sent - 1  # the broken one was not sent again
     assert f"stream from {failing_upstream} broke" in router.log()
+
+
+def test_a_stream_from_a_server_that_froze_ends_with_an_error_instead_of_hanging(router, failing_upstream):
+    """The server stops after its first event (SIGSTOP, or its node gone: the connection stays
+    open) and its probes time out: after LOST_AFTER_FAILED_PROBES of them the router gives the
+    stream up with an error event; before, the client waited forever."""
+    FailingUpstream.mode = "freeze"
+    FailingUpstream.thaw.clear()
+    router.configure({"models": [model_config(("r", 100, [failing_upstream]))]})
+    wait_for(lambda: f"endpoint {failing_upstream} is ready" in router.log(), 30, "probed")
+    body = {"model": MODEL, "prompt": "freeze", "max_tokens": 4, "stream": True}
+    try:
+        with pytest.raises(openai.APIError, match="stopped answering"):
+            for _ in router.client().completions.create(**body):
+                pass
+        assert f"endpoint {failing_upstream} stopped answering: giving up its 1 requests" in router.log()
+        wait_for(
+            lambda: router.metric("kvpilot_router_requests_total", model=MODEL, code="502") >= 1, 10, "502"
+        )
+    finally:
+        FailingUpstream.thaw.set()
 
 
 def test_a_5xx_page_that_is_not_json_reaches_the_client_as_an_openai_error(router, failing_upstream):
