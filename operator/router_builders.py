@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import yaml
+from kubernetes.utils.quantity import parse_quantity
 from kvpilot.operator.api import InferenceService
 from kvpilot.operator.containers import cluster_ip_service, http_probe, pod_security_context, security_context
 from kvpilot.operator.labels import (
@@ -37,10 +38,16 @@ DRAIN_SECONDS = 30
 INFERENCE_POOL_API_VERSION = "inference.networking.k8s.io/v1"
 ENDPOINT_PICKER_PORT = 9002  # the Gateway API Inference Extension's endpoint picker (ext-proc) port
 KEY_FILE_MODE = 0o440  # owner and fsGroup read; nobody writes
+HELD_BYTES_SHARE = 4  # held request bodies: a quarter of the router's memory limit
 
 
-def router_args() -> list[str]:
-    return ["--config", CONFIG_PATH, "--host", "0.0.0.0", "--port", str(ROUTER_PORT)]
+def router_args(isvc: InferenceService) -> list[str]:
+    """With a memory limit, the request bodies held for scale from zero get a quarter of it."""
+    args = ["--config", CONFIG_PATH, "--host", "0.0.0.0", "--port", str(ROUTER_PORT)]
+    memory = isvc.spec.router.resources.memory
+    if memory is not None:
+        args += ["--max-held-bytes", str(int(parse_quantity(memory)) // HELD_BYTES_SHARE)]
+    return args
 
 
 def _resources(isvc: InferenceService) -> dict[str, Any]:
@@ -90,7 +97,7 @@ def _pod_spec(isvc: InferenceService) -> dict[str, Any]:
         "image": tool_image(isvc),  # the CPU tag: the router needs no GPU libraries
         "imagePullPolicy": "IfNotPresent",
         "command": ["kvpilot", "router"],
-        "args": router_args(),
+        "args": router_args(isvc),
         "ports": [{"name": PORT_NAME, "containerPort": ROUTER_PORT, "protocol": "TCP"}],
         "env": [{"name": "HOME", "value": "/tmp"}],
         "resources": _resources(isvc),

@@ -4,6 +4,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from kvpilot.serving.router.activation import DEFAULT_MAX_BYTES
+
 DEFAULT_HOST = "0.0.0.0"
 DEFAULT_PORT = 8080
 DEFAULT_MAX_BODY_BYTES = 4 << 20
@@ -24,6 +26,11 @@ def register(subparsers) -> None:
         help=f"larger request bodies get 413 (default {DEFAULT_MAX_BODY_BYTES})",
     )  # fmt: skip
     parser.add_argument(
+        "--max-held-bytes", type=int, default=DEFAULT_MAX_BYTES, metavar="N",
+        help="request bodies held for scale from zero, over all models; beyond, 429 "
+        f"(default {DEFAULT_MAX_BYTES}: a quarter of the chart's 512Mi router memory limit)",
+    )  # fmt: skip
+    parser.add_argument(
         "--probe-interval", type=float, default=2.0, metavar="SECONDS",
         help="seconds between /ready and /metrics polls of each endpoint (default 2)",
     )  # fmt: skip
@@ -39,12 +46,22 @@ def run(args: argparse.Namespace) -> int:
     from kvpilot.serving.router.server import run_router
     from kvpilot.serving.router.state import RouterSettings
 
-    for name, value in (("--max-body-bytes", args.max_body_bytes), ("--probe-interval", args.probe_interval)):
+    checked = {
+        "--max-body-bytes": args.max_body_bytes,
+        "--max-held-bytes": args.max_held_bytes,
+        "--probe-interval": args.probe_interval,
+    }
+    for name, value in checked.items():
         if value <= 0:
             print(f"kvpilot router: error: {name}: must be positive (got {value})", file=sys.stderr)
             return 2
     settings = RouterSettings(
-        Path(args.config), args.host, args.port, args.max_body_bytes, probe_interval=args.probe_interval
+        Path(args.config),
+        args.host,
+        args.port,
+        args.max_body_bytes,
+        probe_interval=args.probe_interval,
+        max_held_bytes=args.max_held_bytes,
     )
     try:
         app = create_app(settings)

@@ -118,13 +118,16 @@ async def open_upstream(state: RouterState, call: Call) -> Upstream:
             )
         try:
             released = await state.activation.wait(
-                call.model, deadline - time.monotonic(), activation.max_queued, front=held_before
+                call.model,
+                deadline - time.monotonic(),
+                activation.max_queued,
+                front=held_before,
+                size=len(call.body),
             )
-        except QueueFull:
+        except QueueFull as full:
             raise APIError(
                 429,
-                f"model {call.model} is scaling up from zero and {activation.max_queued} requests are "
-                "already waiting; retry later",
+                f"model {call.model} is scaling up from zero and {full}; retry later",
                 type="requests",
                 code="rate_limit_exceeded",
                 headers={"Retry-After": ACTIVATION_RETRY_AFTER},

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from kvpilot.serving.router.activation import ActivationQueue
+from kvpilot.serving.router.activation import DEFAULT_MAX_BYTES, ActivationQueue
 from kvpilot.serving.router.config import ConfigError, RouterConfig, load_config, read_key_file
 from kvpilot.serving.router.endpoints import Endpoint, EndpointRegistry
 from kvpilot.serving.router.metering import ConfiguredLabels, RouterMetrics
@@ -30,6 +30,7 @@ class RouterSettings:
     port: int = 8080
     max_body_bytes: int = 4 << 20
     probe_interval: float = 2.0  # seconds between /ready polls of each endpoint
+    max_held_bytes: int = DEFAULT_MAX_BYTES  # request bodies held for scale from zero, all models
     reload_interval: float = 1.0  # seconds between checks of the config file
 
 
@@ -50,7 +51,7 @@ class RouterState:
         self.settings = settings
         self.metrics = RouterMetrics()
         self.registry = EndpointRegistry()
-        self.activation = ActivationQueue(on_change=self._held_changed)
+        self.activation = ActivationQueue(on_change=self._held_changed, max_bytes=settings.max_held_bytes)
         self.loaded: Loaded | None = None
         self.client: httpx.AsyncClient | None = None
         self.on_endpoints_changed = lambda: None  # set by the app: wake the prober

@@ -10,6 +10,7 @@ from kvpilot.operator.router_builders import (
     build_router_service,
 )
 from kvpilot.operator.router_config import KEYS_DIR, RevisionEndpoints, revision_endpoints, router_config
+from kvpilot.serving.cli import build_parser
 
 from tests.operator.test_builders import TENANTS, container, isvc
 
@@ -32,7 +33,11 @@ def test_router_deployment_runs_kvpilot_router_hardened():
         "0.0.0.0",
         "--port",
         "8080",
+        "--max-held-bytes",
+        str(512 * 2**20 // 4),  # a quarter of the memory limit, for the bodies held from zero
     ]
+    parsed = build_parser(["router"]).parse_args(["router", *router["args"]])
+    assert parsed.max_held_bytes == 128 * 2**20 and parsed.port == 8080
     assert router["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
     assert router["resources"] == {
         "requests": {"cpu": "250m", "memory": "512Mi"},

@@ -112,3 +112,20 @@ def test_activation_queue_is_bounded_fifo_and_times_out():
         assert queue.held("m") == 0
 
     asyncio.run(scenario())
+
+
+def test_activation_queue_bounds_the_bytes_it_holds_over_all_models():
+    """100 held 4 MiB bodies took a router to 548 MB, past its 512Mi limit: the bodies held count."""
+
+    async def scenario():
+        queue = ActivationQueue(max_bytes=10)
+        first = asyncio.create_task(queue.wait("a", timeout=30, max_queued=100, size=6))
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull, match="hold 6 of the router's 10 bytes"):
+            await queue.wait("b", timeout=30, max_queued=100, size=5)  # another model: the same bytes
+        assert await queue.wait("b", timeout=0.01, max_queued=100, size=4) is False  # fits: held, timed out
+        assert queue.bytes_held == 6
+        queue.release("a")
+        assert await first is True and queue.bytes_held == 0
+
+    asyncio.run(scenario())
