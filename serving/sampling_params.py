@@ -5,11 +5,17 @@ from dataclasses import dataclass, field
 from kvpilot.serving.structured_outputs import StructuredOutputsParams
 from kvpilot.serving.validation import InvalidParameter
 
+# Below this, a temperature means greedy (vLLM's _SAMPLING_EPS): dividing logits by 1e-38
+# overflows float32, and the probabilities become NaN.
+GREEDY_TEMPERATURE = 1e-5
+# What `torch.Generator.manual_seed` takes; sequence i of a request is seeded with `seed + i`.
+MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     n: int = 1
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # 0 (or below GREEDY_TEMPERATURE) means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1: disabled
     min_p: float = 0.0
@@ -45,6 +51,12 @@ class SamplingParams:
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]"),
             (self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "must be >= 1"),
             (self.min_tokens >= 0, "min_tokens", "must be >= 0"),
+            (all(self.stop), "stop", "stop strings must not be empty"),  # "" would match at once
+            (
+                self.seed is None or MIN_SEED <= self.seed <= MAX_SEED - (self.n - 1),
+                "seed",
+                f"must be in [{MIN_SEED}, {MAX_SEED - (self.n - 1)}] (sequence i is seeded with seed + i)",
+            ),
             (self.logprobs is None or self.logprobs >= 0, "logprobs", "must be >= 0"),
             (self.prompt_logprobs is None or self.prompt_logprobs >= 0, "prompt_logprobs", "must be >= 0"),
         ]
@@ -54,4 +66,4 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE

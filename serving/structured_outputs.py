@@ -30,6 +30,9 @@ FORMATS = frozenset({"date", "time", "date-time", "email", "ipv4", "ipv6", "host
 _SCHEMA_MAPS = ("properties", "$defs", "definitions")  # keyword -> {name: subschema}
 _SCHEMA_LISTS = ("prefixItems", "anyOf")  # keyword -> [subschema, ...]
 _SCHEMA_ONE = ("items", "additionalProperties")  # keyword -> subschema (or a boolean)
+# The metaschema validator recurses a few frames per level: ~120 nested `items` overflow Python's
+# stack. Real schemas nest far less (OpenAI allows 10 levels of objects, i.e. ~20 here).
+MAX_SCHEMA_DEPTH = 64  # objects and arrays nested in one schema document
 
 
 @dataclass(frozen=True)
@@ -91,11 +94,29 @@ def check_well_formed(schema: Any, param: str) -> None:
 
     if not isinstance(schema, dict):
         raise InvalidParameter(param, f"the JSON Schema must be an object, got {type(schema).__name__}")
+    if (depth := nesting_depth(schema)) > MAX_SCHEMA_DEPTH:
+        raise InvalidParameter(
+            param,
+            f"the JSON Schema nests {depth} levels deep (objects and arrays); "
+            f"at most {MAX_SCHEMA_DEPTH} are allowed",
+        )
     try:
         validators.validator_for(schema).check_schema(schema)
     except exceptions.SchemaError as exc:
         where = "/".join(str(p) for p in exc.path) or "the top level"
         raise InvalidParameter(param, f"malformed JSON Schema at {where}: {exc.message}") from None
+
+
+def nesting_depth(value: Any) -> int:
+    """How deeply objects and arrays nest in `value` (a scalar 0, `{}` 1), level by level rather
+    than by recursion, so that any depth can be measured."""
+    depth, level = 0, [value]
+    while containers := [item for item in level if isinstance(item, dict | list)]:
+        depth += 1
+        level = [
+            child for item in containers for child in (item.values() if isinstance(item, dict) else item)
+        ]
+    return depth
 
 
 def unsupported_features(schema: Any, path: str = "$") -> list[str]:

@@ -158,9 +158,10 @@ def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, flo
     """OpenAI's string keys as token ids (whether each is in the vocabulary: the engine checks)."""
     result = {}
     for key, value in (bias or {}).items():
-        if not key.strip().isdigit():
+        digits = key.strip()
+        if not (digits.isascii() and digits.isdigit()):  # "²".isdigit(), yet int("²") fails
             raise bad_request(
                 f"logit_bias: key {key[:40]!r} is not a token id in [0, {vocab_size})", param="logit_bias"
             )
-        result[int(key)] = value
+        result[int(digits)] = value
     return result

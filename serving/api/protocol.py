@@ -1,9 +1,10 @@
 """OpenAI request and response bodies (with vLLM's extra sampling fields), validated at the edge."""
 
+import functools
 import re
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -14,6 +15,7 @@ from pydantic import (
     ValidationError,
     field_validator,
     model_serializer,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
@@ -42,7 +44,18 @@ def _first_lone_surrogate(value: Any) -> PydanticCustomError | None:
 
 class RequestModel(BaseModel):
     """A request body (or part of one): every text in every field must be valid Unicode (a 400
-    naming the field, rather than a tokenizer's TypeError or a response that cannot be encoded)."""
+    naming the field, rather than a tokenizer's TypeError or a response that cannot be encoded),
+    and `null` for a field that has a default but no null (e.g. `top_p`) means that default."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        """The official clients send `null` for an argument given as None, and OpenAI's API reads
+        it as not given. A field whose type has a null keeps it (`max_tokens: null`: what fits)."""
+        if not isinstance(data, dict):
+            return data
+        defaulted = _defaulted_without_null(cls)
+        return {key: value for key, value in data.items() if value is not None or key not in defaulted}
 
     @field_validator("*", mode="after")
     @classmethod
@@ -50,6 +63,20 @@ class RequestModel(BaseModel):
         if isinstance(value, str | list | tuple | dict) and (error := _first_lone_surrogate(value)):
             raise error
         return value
+
+
+@functools.cache
+def _defaulted_without_null(model: type[BaseModel]) -> frozenset[str]:
+    """The keys (aliases where set) of `model`'s optional fields whose type does not allow None."""
+    return frozenset(
+        field.alias or name
+        for name, field in model.model_fields.items()
+        if not field.is_required() and not _allows_none(field.annotation)
+    )
+
+
+def _allows_none(annotation: Any) -> bool:
+    return annotation is Any or annotation is type(None) or type(None) in get_args(annotation)
 
 
 def _clean_union_error(message: str):
@@ -107,7 +134,7 @@ class SamplingFields(RequestModel):
     temperature: float | None = Field(None, le=2)
     top_p: float = 1.0
     stop: str | list[str] | None = None
-    seed: StrictInt | None = None
+    seed: StrictInt | None = Field(None, ge=-(2**63), le=2**63 - 1)  # int64, as vLLM: room for seed + index
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None

@@ -2,14 +2,17 @@
 
 The step loop runs in its own thread, never on the event loop. It owns the `LLMEngine`:
 the event loop only tokenizes/validates (`process_request`, read-only) and hands commands
-(add, abort) to the thread. Outputs travel back through a per-request `asyncio.Queue`
-filled with `loop.call_soon_threadsafe`. When there is no work the thread sleeps on a
-condition variable.
+(add, abort) to the thread. A grammar is compiled before that, on a worker thread (a large JSON
+Schema takes seconds; xgrammar releases the GIL), into the cache `process_request` reads; the
+rest stays on the event loop, so requests are numbered and queued in one order. Outputs travel
+back through a per-request `asyncio.Queue` filled with `loop.call_soon_threadsafe`. When there
+is no work the thread sleeps on a condition variable.
 """
 
 import asyncio
 import contextlib
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -90,7 +93,10 @@ class AsyncLLM:
         if not self.is_running:
             reason = f"the step loop failed: {self.error!r}" if self.error else "never started or shut down"
             raise EngineDeadError(f"the engine is not running: {reason}") from self.error
-        user = self.engine.process_request(request_id, prompt, params)  # ValueError on bad input
+        arrival = time.monotonic()
+        if params is not None and params.structured_outputs is not None:
+            await asyncio.to_thread(self.engine.compile_grammar, params)  # InvalidParameter if it cannot
+        user = self.engine.process_request(request_id, prompt, params, arrival)  # ValueError on bad input
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._cond:
             if request_id in self._streams:

@@ -104,6 +104,12 @@ class LLMEngine:
         """Validate and queue a request; bad input raises ValueError naming the problem."""
         self.add_processed_request(self.process_request(request_id, prompt, params, arrival))
 
+    def compile_grammar(self, params: SamplingParams) -> None:
+        """Compile the grammar `params` asks for into the cache, ahead of `process_request` (which
+        `AsyncLLM` runs on the event loop; this may take seconds, on any thread)."""
+        if params.structured_outputs is not None:
+            self.structured_output.compile(params.structured_outputs)
+
     def process_request(
         self,
         request_id: str,

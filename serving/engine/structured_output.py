@@ -113,7 +113,9 @@ def _library_message(exc: Exception) -> str:
 
 
 def _choice_grammar(choices: Sequence[str]) -> str:
-    """An EBNF grammar whose language is exactly `choices`."""
+    """An EBNF grammar whose language is exactly `choices`. Characters stay as they are: an ASCII
+    escape would write one beyond U+FFFF as two UTF-16 halves, which the grammar reads as two
+    characters that no text can contain."""
     import json
 
-    return "root ::= " + " | ".join(json.dumps(choice) for choice in choices)
+    return "root ::= " + " | ".join(json.dumps(choice, ensure_ascii=False) for choice in choices)

@@ -7,6 +7,15 @@ CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 MESSAGES = [{"role": "user", "content": "hi"}]
 
+
+def nested_schema(depth: int) -> dict:
+    """Arrays of arrays `depth` levels deep: a valid schema that once overflowed the validator's stack."""
+    schema = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "array", "items": schema}
+    return schema
+
+
 # (endpoint, body (dict, or raw str), status, param named in the error, code)
 CASES = [
     (COMPLETIONS, '{"prompt": "hi", "max_tokens": 3', 400, None, None),  # invalid JSON
@@ -26,6 +35,11 @@ CASES = [
     (COMPLETIONS, {"prompt": "hi", "logprobs": 50}, 400, "logprobs", None),
     (COMPLETIONS, {"prompt": "hi", "logit_bias": {"99999999999999999999": 1}}, 400, "logit_bias", None),
     (COMPLETIONS, {"prompt": "hi", "logit_bias": {"5": 500}}, 400, "logit_bias.5", None),
+    (COMPLETIONS, {"prompt": "hi", "logit_bias": {"²": 1}}, 400, "logit_bias", None),  # a digit int() refuses
+    (COMPLETIONS, {"prompt": "hi", "seed": 2**64}, 400, "seed", None),  # beyond what torch can seed
+    (COMPLETIONS, {"prompt": "hi", "seed": -(2**63) - 1}, 400, "seed", None),
+    (COMPLETIONS, {"prompt": "hi", "stop": ""}, 400, "stop", None),  # would match at once
+    (CHAT, {"messages": MESSAGES, "stop": ["end", ""]}, 400, "stop", None),
     (COMPLETIONS, {"prompt": "hi", "presence_penalty": 3}, 400, "presence_penalty", None),
     # Checked once, by the engine's input processing (SamplingParams), not the HTTP schema:
     (COMPLETIONS, {"prompt": "hi", "top_k": -2}, 400, "top_k", None),
@@ -114,6 +128,23 @@ CASES = [
         None,
     ),
     (COMPLETIONS, {"prompt": "hi", "structured_outputs": {"jsn": {}}}, 400, "structured_outputs.jsn", None),
+    (
+        CHAT,
+        {
+            "messages": MESSAGES,
+            "response_format": {"type": "json_schema", "json_schema": {"schema": nested_schema(150)}},
+        },
+        400,
+        "response_format.json_schema.schema",
+        None,
+    ),
+    (
+        COMPLETIONS,
+        {"prompt": "hi", "structured_outputs": {"json": nested_schema(150)}},
+        400,
+        "structured_outputs.json",
+        None,
+    ),
     # Tools: malformed definitions and choices
     (
         CHAT,
@@ -123,6 +154,16 @@ CASES = [
         None,
     ),
     (CHAT, {"messages": MESSAGES, "tools": [{"type": "retrieval"}]}, 400, "tools.0.type", None),
+    (
+        CHAT,
+        {
+            "messages": MESSAGES,
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": nested_schema(150)}}],
+        },
+        400,
+        "tools[0].function.parameters",
+        None,
+    ),
     (
         CHAT,
         {

@@ -129,6 +129,47 @@ def test_stop_string_cuts_the_text(client):
     assert cut.text == full[: full.index(stop)]
 
 
+def test_null_means_the_default(client):
+    """The openai client sends `null` for an argument passed as None; OpenAI's API reads it as not
+    given, and so does the server (even for fields whose own type has no null)."""
+    nulls = dict(
+        n=None,
+        temperature=None,
+        top_p=None,
+        presence_penalty=None,
+        frequency_penalty=None,
+        stop=None,
+        seed=None,
+        user=None,
+        stream=None,
+        stream_options=None,
+    )
+    reply = client.completions.create(
+        model="tiny-llama", prompt=PROMPTS[0], max_tokens=3, logprobs=None, echo=None, **nulls
+    )
+    assert [c.index for c in reply.choices] == [0] and reply.choices[0].logprobs is None
+    assert not reply.choices[0].text.startswith(PROMPTS[0]) and reply.usage.completion_tokens <= 3
+    chat = client.chat.completions.create(
+        model="tiny-llama",
+        messages=[{"role": "user", "content": "Hi"}],
+        max_completion_tokens=3,
+        max_tokens=None,
+        logprobs=None,
+        top_logprobs=None,
+        parallel_tool_calls=None,
+        **nulls,
+    )
+    assert [c.index for c in chat.choices] == [0] and chat.choices[0].logprobs is None
+    assert chat.usage.completion_tokens <= 3
+
+
+def test_a_tiny_temperature_decodes_greedily(client):
+    kwargs = dict(model="tiny-llama", prompt=PROMPTS[1], max_tokens=8, extra_body={"ignore_eos": True})
+    greedy = client.completions.create(**kwargs, temperature=0).choices[0].text
+    assert client.completions.create(**kwargs, temperature=1e-38).choices[0].text == greedy
+    assert client.completions.create(**kwargs, temperature=1e-300).choices[0].text == greedy
+
+
 def test_completion_logprobs(client):
     reply = client.completions.create(
         model="tiny-llama",

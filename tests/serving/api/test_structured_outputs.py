@@ -5,7 +5,9 @@ import asyncio
 import json
 import random
 import re
+import threading
 
+import httpx
 import jsonschema
 import openai
 import pytest
@@ -176,6 +178,22 @@ def test_regex_choice_and_grammar(client):
     assert all(json.loads(text)["ok"] in (True, False) for text in complete({"json": schema}))
 
 
+def test_choices_outside_the_bmp_come_back_exactly(client):
+    """An emoji is one character in the grammar, not two UTF-16 halves that no text can match."""
+    choices = ["😀", "go 🚀", "𝔘𝔫𝔦"]
+    response = client.completions.create(
+        model="tiny-llama",
+        prompt="Answer:",
+        max_tokens=40,
+        temperature=1.0,
+        n=6,
+        seed=3,
+        extra_body={"structured_outputs": {"choice": choices}},
+    )
+    assert {c.finish_reason for c in response.choices} == {"stop"}
+    assert {c.text for c in response.choices} <= set(choices)
+
+
 def test_a_grammar_that_cannot_finish_in_max_tokens_ends_with_length(client):
     response = client.completions.create(
         model="tiny-llama",
@@ -214,6 +232,37 @@ def test_compilation_is_cached_per_schema(api_server, client):
     for _ in range(2):
         client.chat.completions.create(model="tiny-llama", messages=MESSAGES, max_tokens=20, extra_body=body)
     assert manager.num_compiled == compiled
+
+
+def test_health_answers_while_a_grammar_compiles(api_server, client, monkeypatch):
+    """A large schema can take seconds to compile: the event loop must not wait for it. The compile
+    is held until /health has answered (or 30 s have passed, and the test fails)."""
+    manager = api_server.state.engine.engine.structured_output
+    compile_grammar = manager._compile
+    started, release = threading.Event(), threading.Event()
+
+    def held_compile(params):
+        started.set()
+        release.wait(30)
+        return compile_grammar(params)
+
+    monkeypatch.setattr(manager, "_compile", held_compile)
+    request = threading.Thread(
+        target=client.completions.create,
+        kwargs=dict(
+            model="tiny-llama",
+            prompt="Code:",
+            max_tokens=10,
+            extra_body={"structured_outputs": {"regex": "held-[0-9]{3}"}},  # not in the cache
+        ),
+    )
+    request.start()
+    try:
+        assert started.wait(30)
+        assert httpx.get(f"{api_server.base_url}/health", timeout=5).json() == {"status": "ok"}
+    finally:
+        release.set()
+        request.join(60)
 
 
 def test_unsupported_schema_features_are_named(client):

@@ -6,7 +6,8 @@ import pytest
 import torch
 from kvpilot.serving.engine.request import Request
 from kvpilot.serving.engine.sampler import Sampler, argmax_rows
-from kvpilot.serving.sampling_params import SamplingParams
+from kvpilot.serving.sampling_params import MAX_SEED, MIN_SEED, SamplingParams
+from kvpilot.serving.validation import InvalidParameter
 
 VOCAB = 12
 EOS = 11
@@ -85,6 +86,29 @@ def test_greedy_rows_take_the_argmax_next_to_random_rows():
     params = [greedy, random, greedy, random]
     out = make_sampler()(logits, [make_request(p) for p in params])
     assert out.token_ids[0] == int(logits[0].argmax()) and out.token_ids[2] == int(logits[2].argmax())
+
+
+@pytest.mark.parametrize("temperature", [1e-38, 1e-300])
+def test_a_temperature_too_small_to_divide_by_is_greedy(temperature):
+    """logits / 1e-38 overflows float32 (NaN probabilities, token 0 every time): such rows take
+    the argmax, beside a random row as in any batch."""
+    logits = 10 * torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(1))  # a model's range
+    expected = argmax_rows(logits).tolist()
+    assert 0 not in expected  # the overflow's token 0 would not pass for the argmax
+    tiny, random = SamplingParams(temperature=temperature), SamplingParams()
+    out = make_sampler()(logits, [make_request(p) for p in (tiny, random, tiny)])
+    assert [out.token_ids[0], out.token_ids[2]] == [expected[0], expected[2]]
+
+
+def test_a_seed_is_what_a_torch_generator_takes_for_every_sequence():
+    """Sequence i is seeded with seed + i; torch takes [-2**63, 2**64)."""
+    for params in (SamplingParams(seed=MIN_SEED), SamplingParams(n=3, seed=MAX_SEED - 2)):
+        for index in range(params.n):
+            torch.Generator().manual_seed(params.seed + index)
+    for seed, n in ((MIN_SEED - 1, 1), (MAX_SEED + 1, 1), (MAX_SEED - 1, 3)):
+        with pytest.raises(InvalidParameter) as raised:
+            SamplingParams(n=n, seed=seed)
+        assert raised.value.param == "seed"
 
 
 def test_seeded_request_is_independent_of_the_batch_around_it():

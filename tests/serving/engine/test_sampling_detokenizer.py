@@ -6,6 +6,7 @@ import pytest
 import transformers
 from kvpilot.serving.engine.detokenizer import IncrementalDetokenizer
 from kvpilot.serving.sampling_params import SamplingParams
+from kvpilot.serving.validation import InvalidParameter
 
 TEXT = "Ünïcödé: 日本語のテキスト 🙂👍🏽 done. The end is near, the END."
 
@@ -56,6 +57,14 @@ def test_stop_strings_cut_the_text_exactly(tokenizer, stop, include, expected):
     # Streamed cumulative text only grows: a partial stop string is held back, never retracted.
     for before, after in itertools.pairwise(streamed):
         assert after.startswith(before)
+
+
+@pytest.mark.parametrize("stop", ["", ("end", "")])
+def test_an_empty_stop_string_is_refused(stop):
+    """ "" is found at every position: it would end every request after its first character."""
+    with pytest.raises(InvalidParameter) as raised:
+        SamplingParams(stop=stop)
+    assert (raised.value.param, raised.value.message) == ("stop", "stop strings must not be empty")
 
 
 def test_skip_special_tokens(tokenizer):

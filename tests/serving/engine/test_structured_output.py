@@ -12,8 +12,10 @@ from kvpilot.serving.engine.request import Request
 from kvpilot.serving.engine.sampler import Sampler
 from kvpilot.serving.engine.structured_output import StructuredOutputManager
 from kvpilot.serving.structured_outputs import (
+    MAX_SCHEMA_DEPTH,
     StructuredOutputsParams,
     check_json_schema,
+    nesting_depth,
     unsupported_features,
 )
 from kvpilot.serving.validation import InvalidParameter
@@ -67,6 +69,33 @@ def test_check_json_schema_errors_name_the_param(schema, message):
     assert message in raised.value.message
 
 
+def test_schema_depth_is_limited_before_the_validator_recurses(manager):
+    """Up to MAX_SCHEMA_DEPTH levels a schema is checked and compiles, even with a deep stack
+    below (as under the server); one more is an InvalidParameter, never a RecursionError."""
+    schema = {"type": "string"}
+    while nesting_depth(schema) < MAX_SCHEMA_DEPTH:
+        schema = {"type": "array", "items": schema}
+
+    def with_frames_below(num_frames: int) -> None:
+        if num_frames:
+            return with_frames_below(num_frames - 1)
+        check_json_schema(schema, "structured_outputs.json")
+        manager.compile(StructuredOutputsParams(json=json.dumps(schema)))
+
+    with_frames_below(300)
+    with pytest.raises(InvalidParameter) as raised:
+        check_json_schema({"type": "array", "items": schema}, "structured_outputs.json")
+    assert raised.value.param == "structured_outputs.json"
+    assert raised.value.message == (
+        f"the JSON Schema nests {MAX_SCHEMA_DEPTH + 1} levels deep (objects and arrays); "
+        f"at most {MAX_SCHEMA_DEPTH} are allowed"
+    )
+
+
+def test_nesting_depth_counts_objects_and_arrays():
+    assert [nesting_depth(v) for v in ("a", {}, [], {"a": [1, {"b": None}]}, [[], [[{}]]])] == [0, 1, 1, 3, 4]
+
+
 def test_exactly_one_kind_of_constraint():
     assert StructuredOutputsParams(regex="a+").kind == "regex"
     assert StructuredOutputsParams(json_object=True).kind == "json_object"
@@ -105,6 +134,15 @@ def test_the_mask_leaves_only_what_the_grammar_allows(manager, tokenizer_dir):
         assert constrained.grammar.accept(token)
         constrained.output_token_ids.append(token)
     assert tokenizer.decode(text) in ("yes", "no")
+
+
+@pytest.mark.parametrize("choice", ["😀", "go 🚀!", 'a "quoted"\\path\n'])
+def test_a_choice_is_matched_by_its_own_tokens_exactly(manager, tokenizer_dir, choice):
+    """Beyond U+FFFF too: the grammar holds the character, not its two UTF-16 halves."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    state = manager.new_matcher(StructuredOutputsParams(choice=[choice, "other"]))
+    assert all(state.accept(token) for token in tokenizer.encode(choice, add_special_tokens=False))
+    assert state.accept(EOS) and state.is_terminated
 
 
 def test_compiled_once_per_spec(manager):
