@@ -110,26 +110,36 @@ def prometheus_query(isvc: InferenceService) -> str:
     }[spec.metric]
     terms = [f"{gauge}{engine}" for gauge in gauges]
     if spec.metric == "concurrency":
-        terms.append(
-            f'{METRIC_ROUTER_QUEUED_REQUESTS}{{namespace="{namespace}",{ROUTER_MODEL_LABEL}="{model}"}}'
-        )
+        terms.append(router_queue(isvc))
     # At zero replicas no engine series exist and a bare sum() is empty, which would make the whole
     # sum empty: KEDA would read 0 and never wake the model for the requests queued at the router.
     return " + ".join(f"(sum({term}) or vector(0))" for term in terms)
 
 
-def build_scaled_object(isvc: InferenceService, deployment: str) -> dict[str, Any]:
-    spec = isvc.spec.autoscaling
-    assert spec is not None and spec.prometheus is not None
-    trigger = {
+def router_queue(isvc: InferenceService) -> str:
+    """The requests the model's routers hold while it has no ready engine pod."""
+    labels = f'namespace="{isvc.metadata.namespace}",{ROUTER_MODEL_LABEL}="{isvc.spec.model.name}"'
+    return f"{METRIC_ROUTER_QUEUED_REQUESTS}{{{labels}}}"
+
+
+def _prometheus_trigger(address: str, query: str, threshold: float) -> dict[str, Any]:
+    return {
         "type": "prometheus",
         "metricType": "AverageValue",
-        "metadata": {
-            "serverAddress": spec.prometheus.address,
-            "query": prometheus_query(isvc),
-            "threshold": f"{spec.target:g}",
-        },
+        "metadata": {"serverAddress": address, "query": query, "threshold": f"{threshold:g}"},
     }
+
+
+def build_scaled_object(isvc: InferenceService, deployment: str) -> dict[str, Any]:
+    """The metric's trigger; with minReplicaCount 0 and a query without the router's queue (any
+    metric but concurrency, or the spec's own query), a second trigger on that queue: at zero
+    replicas the engine's gauges do not exist, and only the queued requests can wake the model."""
+    spec = isvc.spec.autoscaling
+    assert spec is not None and spec.prometheus is not None
+    address = spec.prometheus.address
+    triggers = [_prometheus_trigger(address, prometheus_query(isvc), spec.target)]
+    if spec.min_replicas == 0 and (spec.metric != "concurrency" or spec.prometheus.query):
+        triggers.append(_prometheus_trigger(address, f"sum({router_queue(isvc)}) or vector(0)", 1))
     return {
         "apiVersion": "keda.sh/v1alpha1",
         "kind": "ScaledObject",
@@ -141,7 +151,7 @@ def build_scaled_object(isvc: InferenceService, deployment: str) -> dict[str, An
             "pollingInterval": KEDA_POLLING_SECONDS,
             "cooldownPeriod": round(duration_seconds(spec.scale_to_zero_after)),
             "advanced": {"horizontalPodAutoscalerConfig": {"behavior": behavior(spec)}},
-            "triggers": [trigger],
+            "triggers": triggers,
         },
     }
 

@@ -60,12 +60,36 @@ def test_keda_scaled_object_matches_kedas_schema(metric):
     assert parsed.model_dump(by_alias=True, exclude_none=True, mode="json") == scaled
     spec = scaled["spec"]
     assert (spec["minReplicaCount"], spec["maxReplicaCount"], spec["cooldownPeriod"]) == (0, 6, 300)
-    (trigger,) = spec["triggers"]
+    trigger = spec["triggers"][0]  # (and the router queue's, below)
     assert trigger["type"] == "prometheus" and trigger["metricType"] == "AverageValue"
     assert trigger["metadata"]["serverAddress"] == PROMETHEUS["address"]
     assert trigger["metadata"]["threshold"] == "0.7"
     assert "replicas" not in built["Deployment"]["spec"]
     assert "HorizontalPodAutoscaler" not in built
+
+
+@pytest.mark.parametrize(
+    ("autoscaling", "wakes"),
+    [
+        ({"metric": "kvCacheUsage", "minReplicas": 0}, True),
+        ({"metric": "numRequestsWaiting", "minReplicas": 0}, True),
+        ({"metric": "concurrency", "minReplicas": 0}, False),  # its query holds the queue already
+        ({"metric": "concurrency", "minReplicas": 0, "prometheus": {**PROMETHEUS, "query": "sum(x)"}}, True),
+        ({"metric": "kvCacheUsage", "minReplicas": 1}, False),  # never at zero
+    ],
+)
+def test_a_scaled_object_that_can_reach_zero_is_woken_by_the_routers_queue(autoscaling, wakes):
+    """At zero replicas the engine's gauges do not exist: a kvCacheUsage query reads 0 however many
+    requests the routers hold, and KEDA would never scale 0 -> 1."""
+    scaled = children(engine="keda", **{"prometheus": PROMETHEUS, **autoscaling})["ScaledObject"]
+    assert (
+        ScaledObject.model_validate(scaled).model_dump(by_alias=True, exclude_none=True, mode="json")
+        == scaled
+    )
+    triggers = scaled["spec"]["triggers"]
+    queue = 'sum(kvpilot_router_queued_requests{namespace="team-a",model="smollm2"}) or vector(0)'
+    wake = {**triggers[0], "metadata": {**triggers[0]["metadata"], "query": queue, "threshold": "1"}}
+    assert triggers[1:] == ([wake] if wakes else [])
 
 
 def test_prometheus_queries():

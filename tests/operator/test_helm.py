@@ -10,8 +10,11 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
-from kvpilot.operator.api import DEFAULT_IMAGE
+from kvpilot.operator.api import DEFAULT_IMAGE, GROUP, PLURAL
 from kvpilot.operator.crd import CRD_PATH
+from kvpilot.operator.labels import owner_reference
+
+from tests.operator.test_builders import isvc
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "kvpilot"
 
@@ -93,6 +96,7 @@ def test_operator_deployment_is_single_hardened_and_least_privileged(helm):
         ("apiextensions.k8s.io", "customresourcedefinitions"): ["list", "watch"],
         ("kvpilot.dev", "inferenceservices"): ["get", "list", "patch", "watch"],
         ("kvpilot.dev", "inferenceservices/status"): ["patch"],
+        ("kvpilot.dev", "inferenceservices/finalizers"): ["update"],
         ("apps", "deployments"): ["create", "delete", "get", "list", "patch", "watch"],
         ("", "services"): ["create", "delete", "list", "patch", "watch"],
         ("policy", "poddisruptionbudgets"): ["create", "delete", "list", "patch"],
@@ -162,6 +166,8 @@ def test_chart_grants_what_the_operators_code_needs(helm):
     registry = kopf.get_default_registry()
     for handler in [*registry._watching.get_all_handlers(), *registry._changing.get_all_handlers()]:
         needed |= {(handler.selector.group, handler.selector.any_name, v) for v in ("list", "watch")}
+    if owner_reference(isvc())["blockOwnerDeletion"]:  # OwnerReferencesPermissionEnforcement (OpenShift)
+        needed.add((GROUP, f"{PLURAL}/finalizers", "update"))
     assert needed - granted == set()
 
 

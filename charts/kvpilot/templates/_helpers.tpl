@@ -42,6 +42,11 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 - apiGroups: ["kvpilot.dev"]
   resources: ["inferenceservices/status"]
   verbs: ["patch"]
+# Children's ownerReferences set blockOwnerDeletion; where the OwnerReferencesPermissionEnforcement
+# admission plugin runs (OpenShift, hardened clusters) that needs update on the owner's finalizers.
+- apiGroups: ["kvpilot.dev"]
+  resources: ["inferenceservices/finalizers"]
+  verbs: ["update"]
 # Children: listed by selector and written by server-side apply (a PATCH that creates a missing
 # object is authorized as create too); Deployments and Services are watched to follow readiness
 # and revert drift. The garbage collector deletes children with their InferenceService (through
