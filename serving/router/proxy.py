@@ -37,6 +37,16 @@ PASSED_HEADERS = ("content-type", "retry-after")
 ACTIVATION_RETRY_AFTER = "5"
 
 
+PROMPT_BYTES_PER_TOKEN = 4  # a common estimate for English text (here over the whole JSON body)
+
+
+def estimated_usage(body: bytes, events: int) -> dict[str, int]:
+    """What a stream that ended before its usage chunk is charged (the client left, or the server
+    broke): a token per relayed event and one per PROMPT_BYTES_PER_TOKEN bytes of the request, so
+    that leaving just before the usage chunk does not make a stream free of tokensPerMinute."""
+    return {"prompt_tokens": -(-len(body) // PROMPT_BYTES_PER_TOKEN), "completion_tokens": events}
+
+
 @dataclass
 class Upstream:
     """A request in flight to one endpoint; `finish` must run exactly once."""
@@ -48,6 +58,8 @@ class Upstream:
     response: httpx.Response
     first_byte: float | None = None
     finished: bool = False
+    usage_counted: bool = False
+    events: int = 0  # data events relayed (a stream's chunks: about a token each)
 
     def header_dict(self) -> dict[str, str]:
         return {
@@ -57,6 +69,7 @@ class Upstream:
     def count_usage(self, usage: dict | None) -> None:
         if not usage:
             return
+        self.usage_counted = True
         prompt, completion = int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
         tokens = self.state.metrics.tokens
         tokens.labels(self.call.model, self.call.tenant_name, "prompt").inc(prompt)
@@ -68,6 +81,8 @@ class Upstream:
         if self.finished:
             return
         self.finished = True
+        if self.call.stream and self.events and not self.usage_counted:
+            self.count_usage(estimated_usage(self.call.body, self.events))
         await self.response.aclose()
         leave(self.state, self.call, self.revision, self.endpoint)
         record(self.state, self.call, self.revision.name, code, self.first_byte)
@@ -332,7 +347,7 @@ class Relay:
             if not is_sse:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 continue
-            pending += chunk
+            pending = (pending + chunk).replace(b"\r\n", b"\n")  # SSE lines may end in CRLF too
             complete, separator, pending = pending.rpartition(b"\n\n")
             if separator:
                 out = b"".join(self._event(event) for event in (complete + separator).split(b"\n\n") if event)
@@ -344,6 +359,8 @@ class Relay:
 
     def _event(self, event: bytes) -> bytes:
         """One event as it goes to the client: the usage chunk is metered, and dropped if not asked for."""
+        if event.startswith(b"data: {"):
+            self.upstream.events += 1
         if b'"usage":{' in event and event.startswith(b"data: "):
             try:
                 data = json.loads(event[6:])

@@ -36,6 +36,7 @@ class RecordingUpstream:
     first_byte: float | None = None
     codes: list[int] = field(default_factory=list)
     endpoint: Endpoint = field(default_factory=lambda: Endpoint("http://e:1", ready=True))
+    events: int = 0
 
     def header_dict(self) -> dict[str, str]:
         return {"content-type": "text/event-stream"}
@@ -101,3 +102,29 @@ def test_a_stream_from_an_endpoint_that_stopped_answering_ends_with_an_error_eve
     assert body.startswith(FIRST) and body.endswith(b"\n\n")
     error = json.loads(body[len(FIRST) :].removeprefix(b"data: "))["error"]
     assert error["code"] == "upstream_unavailable" and "stopped answering" in error["message"]
+
+
+def test_events_framed_with_crlf_are_relayed_one_by_one():
+    """SSE lines may end in CRLF: such a stream was held back until its end (split on LF LF only)."""
+
+    class CrlfEvents(httpx.AsyncByteStream):
+        async def __aiter__(self):
+            yield FIRST.replace(b"\n", b"\r\n")
+            await asyncio.Event().wait()  # still generating
+
+    response = httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=CrlfEvents())
+    upstream = RecordingUpstream(response)
+    received: list[bytes] = []
+    first_relayed = asyncio.Event()
+
+    async def send(message: dict) -> None:
+        received.append(message.get("body", b""))
+        if FIRST in b"".join(received):
+            first_relayed.set()
+
+    async def receive() -> dict:
+        await first_relayed.wait()
+        return {"type": "http.disconnect"}  # the client leaves once it has the first event
+
+    asyncio.run(asyncio.wait_for(Relay(upstream)({"type": "http"}, receive, send), timeout=10))
+    assert FIRST in b"".join(received) and upstream.codes == [499]

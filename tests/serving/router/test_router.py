@@ -2,6 +2,7 @@
 
 import asyncio
 import hashlib
+import json
 import math
 import signal
 import socket
@@ -544,6 +545,40 @@ def test_tenants_keys_models_and_rate_limits(router, servers, tmp_path):
     exposed = router.log() + httpx.get(f"{router.url}/metrics").text
     assert not [name for name, key in keys.items() if key in exposed]
     assert 'tenant="tpm"' in exposed
+
+
+def test_a_stream_left_before_its_usage_chunk_is_still_charged(router, servers):
+    """The usage chunk comes last: a client leaving before it made the stream free of
+    tokensPerMinute. It is charged an estimate (an event a token, 4 request bytes a token)."""
+    key = "leaver-key"
+    tenant = {
+        "name": "leaver",
+        "keySha256": hashlib.sha256(key.encode()).hexdigest(),
+        "tokensPerMinute": 10**6,
+    }
+    router.configure({"models": [model_config(("all", 100, [s.url for s in servers]))], "tenants": [tenant]})
+    body = {
+        "model": MODEL,
+        "prompt": "Count my tokens",
+        "max_tokens": 200,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    headers = {"Authorization": f"Bearer {key}"}
+    with httpx.stream(
+        "POST", f"{router.url}/v1/completions", json=body, headers=headers, timeout=60
+    ) as response:
+        events = 0
+        for line in response.iter_lines():
+            events += line.startswith("data: {")
+            if events == 3:
+                break  # the client leaves mid-stream
+    charged = lambda kind: router.metric("kvpilot_router_tokens_total", tenant="leaver", kind=kind)  # noqa: E731
+    wait_for(lambda: charged("completion") >= 3, 30, "the left stream charged")
+    assert charged("prompt") >= len(json.dumps(body)) // 4
+    wait_for(
+        lambda: router.metric("kvpilot_router_requests_total", tenant="leaver", code="499") == 1, 30, "499"
+    )
 
 
 def test_malformed_bodies_get_openai_errors_and_never_reach_a_server(router, servers):
