@@ -29,6 +29,8 @@ MODEL_URI_PATTERN = (
     r"|oci://[a-z0-9][^\s]*)$"
 )
 DNS_LABEL_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+# A label value (metadata.labels, nodeSelector): at most 63 characters, alphanumeric at both ends.
+LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
 # A Service name is a DNS label (63 characters); the engine's is `<name>-engine`.
 NAME_MAX_LENGTH = 63 - len("-engine")
 OPERATOR_LABEL_KEYS = tuple(f"app.kubernetes.io/{k}" for k in ("name", "instance", "component", "managed-by"))

@@ -17,6 +17,7 @@ from kvpilot.operator.api.validation import (
     AUTOSCALING_RULES,
     MODEL_RULES,
     Duration,
+    LabelValue,
     Quantity,
     at_least,
     cel_rules,
@@ -199,7 +200,7 @@ class Toleration(_Model):
 class SchedulingSpec(_Model):
     """Where replicas may run."""
 
-    node_selector: dict[str, str] = Field(
+    node_selector: dict[str, LabelValue] = Field(
         default_factory=dict, description="Node labels a replica's node must carry."
     )
     tolerations: list[Toleration] = Field(

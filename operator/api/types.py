@@ -23,7 +23,7 @@ from kvpilot.operator.api.spec import (
     SchedulingSpec,
     _Model,
 )
-from kvpilot.operator.api.validation import SPEC_RULES, cel_rules, enforce
+from kvpilot.operator.api.validation import SPEC_RULES, LabelValue, cel_rules, enforce
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
@@ -93,7 +93,7 @@ class InferenceServiceSpec(_Model):
         default_factory=list, max_length=128, description="Extra environment variables of the server."
     )
     pod_annotations: dict[str, str] = Field(default_factory=dict, description="Extra pod annotations.")
-    pod_labels: dict[str, str] = Field(
+    pod_labels: dict[str, LabelValue] = Field(
         default_factory=dict,
         description="Extra pod labels (not the operator's app.kubernetes.io/ name, instance, component, "
         "managed-by).",

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 from kubernetes.utils.quantity import parse_quantity
 from kvpilot.operator.api.constants import (
     DURATION_PATTERN,
+    LABEL_VALUE_PATTERN,
     MODEL_URI_PATTERN,
     OPERATOR_LABEL_KEYS,
     QUANTITY_PATTERN,
@@ -69,6 +70,9 @@ def duration_seconds(value: str) -> float:
 Duration = Annotated[
     str, AfterValidator(check_duration), Field(max_length=32, json_schema_extra={"pattern": DURATION_PATTERN})
 ]
+
+# Checked at admission, not first by the API server refusing the pods' Deployment (ApplyRejected).
+LabelValue = Annotated[str, Field(max_length=63, pattern=LABEL_VALUE_PATTERN)]
 
 # int-or-string in the schema (`cpu: 2` and `cpu: "500m"` are both valid), always a string here.
 Quantity = Annotated[int | str, BeforeValidator(_quantity_to_str), AfterValidator(check_quantity)]

@@ -274,6 +274,13 @@ BAD = [
     ("zero KV cache memory", {"spec.engine.kvCacheMemory": "0"}, "spec.engine.kvCacheMemory"),
     ("zero CPU as an integer", {"spec.resources.cpu": 0}, "spec.resources.cpu"),
     ("zero shared memory", {"spec.resources.sharedMemory": "0.0Gi"}, "spec.resources.sharedMemory"),
+    # Label values: refused at admission, not later by the API server refusing the Deployment.
+    ("pod label value too long", {"spec.podLabels": {"team": "x" * 64}}, "spec.podLabels.team"),
+    (
+        "node selector value not a label value",
+        {"spec.scheduling": {"nodeSelector": {"pool": "gpu pool"}}},
+        "spec.scheduling.nodeSelector.pool",
+    ),
 ]
 
 
