@@ -149,7 +149,7 @@ def build_scaled_object(isvc: InferenceService, deployment: str) -> dict[str, An
             "minReplicaCount": spec.min_replicas,
             "maxReplicaCount": spec.max_replicas,
             "pollingInterval": KEDA_POLLING_SECONDS,
-            "cooldownPeriod": round(duration_seconds(spec.scale_to_zero_after)),
+            "cooldownPeriod": max(1, round(duration_seconds(spec.scale_to_zero_after))),  # 0: KEDA's 300
             "advanced": {"horizontalPodAutoscalerConfig": {"behavior": behavior(spec)}},
             "triggers": triggers,
         },

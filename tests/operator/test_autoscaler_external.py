@@ -132,3 +132,9 @@ def test_no_external_autoscaler_while_a_rollout_owns_the_replicas(engine):
 @pytest.mark.parametrize(("value", "quantity"), [(0.7, "700m"), (2, "2"), (0.05, "50m"), (12.5, "12500m")])
 def test_target_quantity(value, quantity):
     assert target_quantity(value) == quantity
+
+
+def test_a_sub_second_scale_to_zero_delay_is_not_kedas_default():
+    """KEDA reads cooldownPeriod 0 as unset (its default, 300 s)."""
+    scaled = children(engine="keda", minReplicas=0, prometheus=PROMETHEUS, scaleToZeroAfter="200ms")
+    assert scaled["ScaledObject"]["spec"]["cooldownPeriod"] == 1
