@@ -145,6 +145,12 @@ AUTOSCALING_RULES = [
         lambda a: duration_seconds(a.panic_window) <= duration_seconds(a.stable_window),
     ),
     Rule(
+        "!has(self.panicWindow) || duration(self.panicWindow) > duration('0s')",
+        "spec.autoscaling.panicWindow must be longer than 0s (and stableWindow at least panicWindow)",
+        ".panicWindow",
+        lambda a: duration_seconds(a.panic_window) > 0,
+    ),
+    Rule(
         "!has(self.engine) || self.engine != 'hpa' || self.minReplicas >= 1",
         "spec.autoscaling.minReplicas 0 needs engine kvpilot or keda: an HPA cannot scale to zero",
         ".minReplicas",

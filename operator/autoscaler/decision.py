@@ -8,7 +8,9 @@ Then, as HPA's behaviour block: scale-down stabilization (the highest recommenda
 `scale_down_delay` wins), rates per decision (up: `max_scale_up_rate` times, at least +1; down:
 divided by `max_scale_down_rate`), and the min/max bounds. With min 0 the count reaches zero only
 after `scale_to_zero_after` with nothing running, waiting or queued; from zero, requests queued at
-the router bring one replica at once. No measurement means no change (never down on missing data).
+the router bring one replica at once. No measurement means no change (never down on missing data),
+and a gap in the measurements counts as activity: after it, scaling down waits a whole
+scaleDownDelay (to zero, scaleToZeroAfter) of measurements again.
 """
 
 from __future__ import annotations
@@ -97,12 +99,21 @@ def decide(policy: Policy, samples: Sequence[Sample], current: int, now: float, 
         else:
             why, what = "FailedGetMetrics", f"no {policy.metric} from any ready pod"
         reason = f"{what}; holding at {held}"
+        # A gap proves nothing idle: it counts as activity and as a recommendation to hold, so that
+        # scaling down (or to zero) afterwards takes a whole scaleDownDelay (scaleToZeroAfter) of
+        # measurements again, not one idle sample after the gap.
+        recent = tuple((t, r) for t, r in state.recommendations if t > now - policy.scale_down_delay)
+        state = replace(
+            state, recommendations=(*recent, (now, held)), last_active=now if current else last_active
+        )
         return Decision(held, mode, reason, None, state, active=False, active_reason=why)
 
     measured = [(s.t, s.total(policy.metric), s.ready_replicas) for s in window]
     measured = [(t, total, ready) for t, total, ready in measured if total is not None]
     stable_total = _mean([total for _, total, _ in measured])
-    panic_total = _mean([total for t, total, _ in measured if t > now - policy.panic_window])
+    panic_total = _mean(
+        [total for t, total, _ in measured if t > now - policy.panic_window] or [measured[-1][1]]
+    )
     ready = max(1, latest.ready_replicas)
     value = stable_total / ready
     stable_want = math.ceil(stable_total / policy.target)

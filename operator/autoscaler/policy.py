@@ -73,7 +73,10 @@ class Sample:
 
     @property
     def is_idle(self) -> bool | None:
-        """Nothing running, waiting or queued; None when the engines were not measured."""
+        """Nothing running, waiting or queued; None when the engines were not measured (but
+        requests queued at the router are activity, measured or not: a pod still loading)."""
+        if self.queued:
+            return False
         if self.running is None or self.waiting is None:
             return None
         return self.running + self.waiting + (self.queued or 0.0) == 0

@@ -130,6 +130,47 @@ def test_missing_metrics_hold_and_scaling_is_inactive():
     assert last.reason == "no concurrency from any ready pod; holding at 6"
 
 
+def test_after_a_gap_in_the_metrics_scaling_down_waits_a_whole_delay_of_measurements():
+    """Pods too busy to answer /metrics for minutes, then one idle sample: before, 8 -> 4 at once
+    (the scale-down delay's recommendations had aged out during the gap)."""
+    policy = replace(POLICY, scale_down_delay=30.0, stable_window=6.0, panic_window=2.0)
+    trace = run(policy, lambda t: 8.0 if t < 10 else (None if t < 320 else 1.0), current=8, until=400)
+    assert changes(trace)[0][:3] == (348.0, 8, 4)  # the gap's last tick was 318: + 30 s (was 320)
+
+
+def test_after_a_gap_in_the_metrics_scale_to_zero_waits_a_whole_grace():
+    policy = replace(
+        POLICY,
+        min_replicas=0,
+        scale_to_zero_after=30.0,
+        scale_down_delay=0.0,
+        stable_window=6.0,
+        panic_window=2.0,
+    )
+    trace = run(policy, lambda t: 1.0 if t < 10 else (None if t < 400 else 0.0), current=1, until=460)
+    assert changes(trace) == [(428.0, 1, 0, STABLE)]  # 30 s after the gap, not at once at 400
+
+
+def test_requests_queued_at_the_router_are_activity_while_the_pods_load():
+    """A woken pod still loading answers no /metrics while the router holds requests: that is not
+    idleness, and the first idle sample after it must not scale to zero at once."""
+    assert Sample(t=0.0, ready_replicas=0, queued=3).is_idle is False
+    assert Sample(t=0.0, ready_replicas=1).is_idle is None
+    policy = replace(
+        POLICY, min_replicas=0, scale_to_zero_after=30.0, scale_down_delay=0.0, stable_window=6.0
+    )
+    samples = [Sample(t=float(t), ready_replicas=0, queued=3) for t in range(0, 400, 2)]
+    samples.append(Sample(t=400.0, ready_replicas=1, running=0.0, waiting=0.0, queued=0))
+    decision = decide(policy, samples, current=1, now=400.0, state=State.start(0.0, 1))
+    assert decision.desired == 1 and "scaleToZeroAfter" in decision.reason
+
+
+def test_a_panic_window_shorter_than_the_samples_apart_does_not_divide_by_zero():
+    policy = replace(POLICY, panic_window=0.5)
+    samples = [Sample(t=0.0, ready_replicas=1, running=1.0, waiting=0.0)]
+    assert decide(policy, samples, current=1, now=1.0, state=State.start(0.0, 1)).desired == 1
+
+
 @pytest.mark.parametrize(
     ("case", "policy", "demand", "current", "expected"),
     [

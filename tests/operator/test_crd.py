@@ -193,6 +193,7 @@ BAD = [
         (name, {"spec.replicas": None, "spec.autoscaling": {"maxReplicas": 4, "target": 1, **fields}}, field)
         for name, fields, field in [
             ("panic window above the stable window", {"panicWindow": "2m"}, "spec.autoscaling.panicWindow"),
+            ("a panic window of nothing", {"panicWindow": "0s"}, "spec.autoscaling.panicWindow"),
             (
                 "an HPA cannot scale to zero",
                 {"engine": "hpa", "minReplicas": 0},
