@@ -120,7 +120,10 @@ SERVE_SETTINGS = (
         "num_speculative_tokens", int, None, "draft tokens per step (with --speculative-ngram)", 1,
         metavar="K", engine_field="num_speculative_tokens",
     ),
-    ServeSetting("max_queue_len", int, 256, "waiting requests before 429", 0, metavar="N"),
+    ServeSetting(
+        "max_queue_len", int, 256,
+        "waiting sequences (prompts x n) before 429; a request with more alone gets 400", 0, metavar="N",
+    ),
     ServeSetting(
         "shutdown_timeout", float, 30.0, "drain time on SIGTERM", 0, metavar="SECONDS",
         crd_field="drain_timeout",

@@ -14,6 +14,7 @@ from kvpilot.serving.api.completions import create_completion
 from kvpilot.serving.api.errors import install_error_handlers
 from kvpilot.serving.api.fault_injection import ErrorInjectionMiddleware
 from kvpilot.serving.api.gate import GateMiddleware
+from kvpilot.serving.api.json_body import JSONBodyMiddleware
 from kvpilot.serving.api.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from kvpilot.serving.api.settings import ServeSettings
 from kvpilot.serving.api.state import ServingState
@@ -49,6 +50,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app.state.serving = state
     install_error_handlers(app)
     # The last added runs first: the gate (API key, readiness) before any body is read.
+    app.add_middleware(JSONBodyMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     if settings.inject_error_rate > 0:  # a test aid: failures after the gate, before the engine
         app.add_middleware(ErrorInjectionMiddleware, rate=settings.inject_error_rate)
@@ -62,11 +64,19 @@ def create_app(settings: ServeSettings) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         return await cancel_on_disconnect(request, create_chat_completion(body, state))
 
+    def model_card() -> ModelCard:
+        max_model_len = state.model_info.max_model_len if state.model_info is not None else None
+        return ModelCard(id=state.model_name, root=settings.model_path, max_model_len=max_model_len)
+
     @app.get(contract.MODELS_PATH)
     async def models() -> ModelList:
-        max_model_len = state.model_info.max_model_len if state.model_info is not None else None
-        card = ModelCard(id=state.model_name, root=settings.model_path, max_model_len=max_model_len)
-        return ModelList(data=[card])
+        return ModelList(data=[model_card()])
+
+    # `:path`: a served name may hold slashes (`--model /models/x` without --served-model-name).
+    @app.get(contract.MODELS_PATH + "/{model_id:path}")
+    async def model(model_id: str) -> ModelCard:
+        state.check_model(model_id)  # an unknown id: 404 model_not_found, as OpenAI answers
+        return model_card()
 
     @app.get(contract.HEALTH_PATH)
     async def health() -> Response:

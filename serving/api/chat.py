@@ -42,7 +42,7 @@ async def create_chat_completion(request: ChatCompletionRequest, state: ServingS
     structured = tools.structured if tools else None
     params = sampling_params(request, max_tokens, num_top, model.vocab_size, structured)  # the engine fits it
     parser = tools.parser if tools else None
-    state.check_queue()
+    state.check_queue(request.n, "n")
     request_id = random_id("chatcmpl")
     stream = state.generate(prompt.token_ids, params, request_id)
     if request.stream:
@@ -59,7 +59,9 @@ async def create_chat_completion(request: ChatCompletionRequest, state: ServingS
             raise unavailable(ABORTED_MESSAGE, code="server_draining")
         logprobs = None
         if num_top is not None:
-            logprobs = chat_logprobs(model.tokenizer, seq.token_ids, seq.logprobs or [], num_top)
+            logprobs = chat_logprobs(
+                model, seq.token_ids, seq.logprobs or [], num_top, request.skip_special_tokens
+            )
         content, tool_calls = message_parts(parser, seq.text)
         choices.append(
             ChatChoice(
@@ -100,7 +102,7 @@ async def _stream(
 ) -> AsyncIterator[str]:
     created, tracker = now(), DeltaTracker()
     tool_deltas = {index: ToolCallDeltas(parser) for index in range(request.n)} if parser else {}
-    tokenizer = state.model_info.tokenizer
+    model = state.model_info
     num_top = (request.top_logprobs or 0) if request.logprobs else None
 
     def chunk(choice: ChatChunkChoice) -> str:
@@ -125,7 +127,11 @@ async def _stream(
                 logprobs = None
                 if num_top is not None:
                     logprobs = chat_logprobs(
-                        tokenizer, seq.token_ids[new_tokens], (seq.logprobs or [])[new_tokens], num_top
+                        model,
+                        seq.token_ids[new_tokens],
+                        (seq.logprobs or [])[new_tokens],
+                        num_top,
+                        request.skip_special_tokens,
                     )
                 delta_message = DeltaMessage(content=text)
                 reason = seq.finish_reason

@@ -4,7 +4,7 @@ from collections.abc import AsyncIterator
 
 from fastapi.responses import StreamingResponse
 from kvpilot.serving.api.errors import APIError, bad_request, unavailable
-from kvpilot.serving.api.logprobs import completion_logprobs, vllm_prompt_logprobs
+from kvpilot.serving.api.logprobs import TextOffsets, completion_logprobs, vllm_prompt_logprobs
 from kvpilot.serving.api.prompts import completion_prompts, sampling_params
 from kvpilot.serving.api.protocol import (
     SSE_DONE,
@@ -36,7 +36,7 @@ async def create_completion(request: CompletionRequest, state: ServingState):
         sampling_params(request, request.max_tokens, request.logprobs, model.vocab_size)
         for p in prompts
     ]
-    state.check_queue()
+    state.check_queue(len(prompts) * request.n, "prompt" if len(prompts) > 1 else "n")
     request_id = random_id("cmpl")
     streams = [
         state.generate(p.token_ids, sp, f"{request_id}-{i}")
@@ -67,11 +67,12 @@ async def create_completion(request: CompletionRequest, state: ServingState):
             logprobs = None
             if request.logprobs is not None:
                 logprobs = completion_logprobs(
-                    model.tokenizer,
+                    model,
                     seq.token_ids,
                     seq.logprobs or [],
                     request.logprobs,
-                    text_offset=0,
+                    TextOffsets(len(prompt_texts[index]) if request.echo else 0),
+                    request.skip_special_tokens,
                     prompt_token_ids=output.prompt_token_ids if request.echo else None,
                     prompt_logprobs=output.prompt_logprobs if request.echo else None,
                 )
@@ -103,7 +104,8 @@ async def _stream(
     created, tracker = now(), DeltaTracker()
     prompt_tokens: dict[int, int] = {}
     completion_tokens: dict[int, int] = {}
-    tokenizer = state.model_info.tokenizer
+    model = state.model_info
+    offsets: dict[int, TextOffsets] = {}  # per choice, across chunks
     try:
         pending = [first]
         while True:
@@ -126,19 +128,21 @@ async def _stream(
                         text = prompt_texts[index] + text
                     logprobs = None
                     if request.logprobs is not None:
-                        # offsets count the echoed prompt; this chunk's text starts where the last ended
-                        sent = (len(prompt_texts[index]) if request.echo else 0) + tracker.text_sent[choice]
+                        echoed = len(prompt_texts[index]) if request.echo else 0
                         logprobs = completion_logprobs(
-                            tokenizer,
+                            model,
                             seq.token_ids[new_tokens],
                             (seq.logprobs or [])[new_tokens],
                             request.logprobs,
-                            text_offset=sent - len(text),
+                            offsets.setdefault(choice, TextOffsets(echoed)),
+                            request.skip_special_tokens,
                             prompt_token_ids=output.prompt_token_ids if echo_prompt else None,
                             prompt_logprobs=output.prompt_logprobs if echo_prompt else None,
                         )
                     prompt_logprobs = (
-                        vllm_prompt_logprobs(tokenizer, output, request.prompt_logprobs) if is_first else None
+                        vllm_prompt_logprobs(model.tokenizer, output, request.prompt_logprobs)
+                        if is_first
+                        else None
                     )
                     chunk = CompletionResponse(
                         id=request_id,

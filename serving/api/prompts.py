@@ -11,6 +11,7 @@ import jinja2
 from kvpilot.serving.api.errors import bad_request
 from kvpilot.serving.api.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from kvpilot.serving.api.structured import structured_outputs_params
+from kvpilot.serving.api.token_bytes import TokenBytes
 from kvpilot.serving.api.tools import ToolPlan, conversation
 from kvpilot.serving.sampling_params import SamplingParams
 from kvpilot.serving.structured_outputs import StructuredOutputsParams
@@ -35,6 +36,7 @@ class ModelInfo:
     max_model_len: int
     vocab_size: int
     max_prompt_chars: int | None = None  # more characters cannot fit max_model_len tokens
+    token_bytes: TokenBytes | None = None  # for logprobs; None: each token decoded alone
 
 
 def max_prompt_chars(tokenizer, max_model_len: int) -> int | None:

@@ -13,6 +13,7 @@ from kvpilot.serving.api.errors import APIError, bad_request, unavailable
 from kvpilot.serving.api.metrics import RequestObserver, ServerMetrics
 from kvpilot.serving.api.prompts import ModelInfo, max_prompt_chars
 from kvpilot.serving.api.settings import ServeSettings
+from kvpilot.serving.api.token_bytes import TokenBytes
 from kvpilot.serving.engine.outputs import RequestOutput
 from kvpilot.serving.sampling_params import SamplingParams
 from kvpilot.serving.validation import InvalidParameter
@@ -67,6 +68,7 @@ class ServingState:
             max_model_len,
             engine.vocab_size,
             await asyncio.to_thread(max_prompt_chars, engine.tokenizer, max_model_len),
+            await asyncio.to_thread(TokenBytes, engine.tokenizer) if engine.tokenizer is not None else None,
         )
         plan = engine.kv_cache_plan
         self.metrics.attach_engine(
@@ -127,13 +129,23 @@ class ServingState:
                 code="model_not_found",
             )
 
-    def check_queue(self) -> None:
+    def check_queue(self, num_sequences: int, param: str) -> None:
+        """Admit a request only if the `num_sequences` it adds (prompts x n: each waits for its
+        own batch slot) keep the waiting queue within --max-queue-len. One that alone has more
+        can never be admitted: 400 naming `param` (a 429 would have clients retry it forever)."""
+        max_queue_len = self.settings.max_queue_len
+        if num_sequences > max_queue_len:
+            raise bad_request(
+                f"{param}: the request adds {num_sequences} sequences (prompts x n) to the waiting "
+                f"queue, more than it holds (--max-queue-len {max_queue_len})",
+                param=param,
+            )
         waiting = self.engine.num_waiting
-        if waiting >= self.settings.max_queue_len:
+        if waiting + num_sequences > max_queue_len:
             raise APIError(
                 429,
-                f"the waiting queue is full ({waiting} requests, --max-queue-len "
-                f"{self.settings.max_queue_len}); retry after {RETRY_AFTER_SECONDS} s",
+                f"the waiting queue is full ({waiting} sequences waiting, {num_sequences} more asked, "
+                f"--max-queue-len {max_queue_len}); retry after {RETRY_AFTER_SECONDS} s",
                 type="rate_limit_error",
                 code="queue_full",
                 headers={"Retry-After": str(RETRY_AFTER_SECONDS)},

@@ -131,7 +131,8 @@ class AsyncLLM:
 
     @property
     def num_waiting(self) -> int:
-        return self.engine.num_waiting + len(self._adds)
+        """Sequences waiting for a batch slot: the scheduler's and those not handed to it yet."""
+        return self.engine.num_waiting + sum(len(user.sequences) for user in self._adds)
 
     @property
     def num_running(self) -> int:

@@ -5,6 +5,10 @@ tokens since `prefix_offset` with and without the tokens after `read_offset`. Te
 released when it does not end in U+FFFD, i.e. never in the middle of a multi-byte character
 whose bytes are spread over several byte-level tokens. The window starts with a few prompt
 tokens so that tokenizers that drop a leading space at the start of a decode stay correct.
+
+Stop strings count from the token after the first `min_tokens` (as vLLM does, and as EOS and
+stop token ids, which the sampler masks until then): text those tokens complete never ends the
+request.
 """
 
 from kvpilot.serving.sampling_params import SamplingParams
@@ -19,6 +23,8 @@ class IncrementalDetokenizer:
         self.skip_special_tokens = params.skip_special_tokens
         self.stop = params.stop
         self.include_stop_str_in_output = params.include_stop_str_in_output
+        self.min_tokens = params.min_tokens
+        self.num_output_tokens = 0
         context = list(prompt_token_ids[-PROMPT_CONTEXT_TOKENS:])
         self.token_ids = context
         self.prefix_offset = 0
@@ -35,12 +41,15 @@ class IncrementalDetokenizer:
             return None
         num_chars_before = len(self.text)
         self.token_ids.append(token_id)
+        self.num_output_tokens += 1
         prefix_text = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
         new_text = self._decode(self.token_ids[self.prefix_offset :])
         if len(new_text) <= len(prefix_text) or new_text.endswith(REPLACEMENT_CHAR):
             return None  # incomplete character (or nothing visible yet): wait for more tokens
         self.text += new_text[len(prefix_text) :]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
+        if self.num_output_tokens <= self.min_tokens:
+            return None
         return self._check_stop_strings(num_chars_before)
 
     def output_text(self, finished: bool) -> str:

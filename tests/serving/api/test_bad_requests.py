@@ -1,5 +1,7 @@
 """Malformed requests get OpenAI's error body with the documented 4xx status, and the server keeps serving."""
 
+import json
+
 import httpx
 import pytest
 
@@ -240,6 +242,32 @@ def test_malformed_body_gets_openai_error(http, path, body, status, param, code)
     assert error["code"] == code
     if param is not None:
         assert param.split(".")[0] in error["message"]
+
+
+@pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded", "text/plain"])
+def test_a_json_body_is_read_whatever_its_content_type(http, content_type):
+    """`curl -d '{...}'` sends a form content type; OpenAI's API reads the body as JSON anyway."""
+    body = json.dumps({"model": "tiny-llama", "prompt": "hi", "max_tokens": 2})
+    headers = {"content-type": content_type} if content_type else {}
+    response = http.post(COMPLETIONS, content=body, headers=headers)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] >= 1
+    response = http.post(COMPLETIONS, content='{"prompt": "hi"', headers=headers)
+    assert response.status_code == 400 and "invalid JSON body" in response.json()["error"]["message"]
+
+
+def test_a_browser_must_send_json_as_application_json(http):
+    """A page on another site can POST `text/plain` without a CORS preflight: a request with
+    `Origin` is read as JSON only under a JSON content type, and is told which to send."""
+    body = json.dumps({"model": "tiny-llama", "prompt": "hi", "max_tokens": 2})
+    origin = {"origin": "https://elsewhere.example"}
+    response = http.post(COMPLETIONS, content=body, headers=origin | {"content-type": "text/plain"})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["message"] == "the content-type must be application/json (got text/plain)"
+    json_type = {"content-type": "application/json; charset=utf-8"}
+    assert http.post(COMPLETIONS, content=body, headers=origin | json_type).status_code == 200
 
 
 def test_unknown_route_and_method_are_openai_errors(http):

@@ -37,6 +37,25 @@ def test_models_health_version(api_server, client):
     assert httpx.get(f"{api_server.base_url}/version").json()["version"]
 
 
+def test_models_retrieve(client):
+    """`client.models.retrieve` reads GET /v1/models/{id}: the card /v1/models lists; an unknown
+    id (a slash in it too) gets OpenAI's 404."""
+    model = client.models.retrieve("tiny-llama")
+    listed = client.models.list().data[0]
+    assert model.model_dump(exclude={"created"}) == listed.model_dump(exclude={"created"})
+    assert model.id == "tiny-llama" and model.model_extra["max_model_len"] == 2048
+    for unknown in ("gpt-4", "org/tiny-llama"):
+        with pytest.raises(openai.NotFoundError) as raised:
+            client.models.retrieve(unknown)
+        error = raised.value.body
+        assert (error["type"], error["param"], error["code"]) == (
+            "invalid_request_error",
+            "model",
+            "model_not_found",
+        )
+        assert unknown in error["message"]
+
+
 def test_completion_usage_and_finish_reason(client, tokenizer):
     reply = client.completions.create(
         model="tiny-llama", prompt=PROMPTS[0], max_tokens=7, temperature=0, extra_body={"ignore_eos": True}
@@ -208,6 +227,51 @@ def test_chat_logprobs(client):
         assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
         assert math.isclose(entry.top_logprobs[0].logprob, entry.logprob, rel_tol=1e-6)
         assert bytes(entry.bytes).decode() == entry.token
+
+
+@pytest.mark.parametrize("reply", ["😀", "Hi there"])
+def test_chat_logprobs_bytes_rebuild_the_text(client, reply):
+    """Each token's own bytes: several tokens spell 😀, none of them a whole character, and their
+    bytes joined are the reply's (each decoded alone would read U+FFFD). The closing EOS adds none."""
+    completion = client.chat.completions.create(
+        model="tiny-llama",
+        messages=[{"role": "user", "content": "Smile"}],
+        temperature=0,
+        logprobs=True,
+        top_logprobs=1,
+        extra_body={"structured_outputs": {"regex": reply}},
+    )
+    choice = completion.choices[0]
+    assert choice.message.content == reply
+    assert b"".join(bytes(entry.bytes) for entry in choice.logprobs.content) == reply.encode()
+
+
+async def test_completion_text_offsets_point_into_the_text(async_client):
+    """`text_offset` counts characters of the returned text: the tokens that spell parts of 😀
+    point at it; streamed chunks and an echoed prompt keep the same offsets."""
+    prompt, reply = "Smile", "😀 ok"
+    kwargs = dict(
+        model="tiny-llama",
+        prompt=prompt,
+        max_tokens=12,
+        temperature=0,
+        logprobs=1,
+        extra_body={"structured_outputs": {"regex": reply}},
+    )
+    whole = (await async_client.completions.create(**kwargs)).choices[0]
+    assert whole.text == reply
+    tokens, offsets = whole.logprobs.tokens, whole.logprobs.text_offset
+    for token, offset in zip(tokens, offsets, strict=True):
+        if "\ufffd" in token:  # a part of 😀
+            assert whole.text[offset] == "😀"
+        elif token != "<|im_end|>":
+            assert whole.text[offset : offset + len(token)] == token
+    assert offsets == sorted(offsets) and offsets[-1] == len(reply)  # EOS last, after the text
+    stream = await async_client.completions.create(**kwargs, stream=True)
+    streamed = [o async for chunk in stream for o in chunk.choices[0].logprobs.text_offset]
+    assert streamed == offsets
+    echoed = (await async_client.completions.create(**kwargs, echo=True)).choices[0].logprobs
+    assert echoed.text_offset[-len(offsets) :] == [len(prompt) + o for o in offsets]
 
 
 def test_echo_and_token_prompts(client, tokenizer):

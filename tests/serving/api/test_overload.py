@@ -1,4 +1,5 @@
-"""A second server with --max-queue-len 4, --max-num-seqs 2, --api-key: 401s, 429s, drain with a timeout."""
+"""A second server with --max-queue-len 4, --max-num-seqs 2, --api-key: 401s, 429s, 400 for a request
+with more sequences than the queue holds, drain with a timeout."""
 
 import asyncio
 import json
@@ -64,6 +65,54 @@ async def test_burst_over_the_queue_gets_429_with_retry_after(small_server):
     for reply in served:
         assert reply.choices[0].text == expected
         assert reply.usage.completion_tokens == 24
+
+
+def test_a_request_counts_its_sequences_against_the_queue(small_server):
+    """Each prompt x n waits for its own batch slot: more than --max-queue-len (4) in one request
+    can never be admitted (400 naming the field; a 429 would be retried forever)."""
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    base = {"model": "tiny-llama", "max_tokens": 2}
+    cases = [
+        ("/v1/completions", {"prompt": ["a", "b", "c", "d", "e"]}, "prompt"),
+        ("/v1/completions", {"prompt": ["a", "b", "c"], "n": 2}, "prompt"),
+        ("/v1/completions", {"prompt": "a", "n": 5}, "n"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "n": 5}, "n"),
+    ]
+    for path, body, param in cases:
+        response = httpx.post(f"{small_server.base_url}{path}", json=base | body, headers=headers, timeout=60)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert (error["type"], error["param"]) == ("invalid_request_error", param)
+        assert "--max-queue-len 4" in error["message"]
+    fits = base | {"prompt": ["a", "b"], "n": 2}  # 4 sequences: exactly what the queue holds
+    response = httpx.post(f"{small_server.base_url}/v1/completions", json=fits, headers=headers, timeout=60)
+    assert response.status_code == 200 and len(response.json()["choices"]) == 4
+
+
+async def test_a_full_queue_counts_sequences_not_requests(small_server):
+    """Two long streams hold both batch slots; a request with n=3 then waits (3 sequences of the
+    4 the queue holds): one adding 2 more gets 429, though only one request waits."""
+    short = dict(model="tiny-llama", prompt="Queued:", max_tokens=2)
+    async with openai.AsyncOpenAI(
+        base_url=f"{small_server.base_url}/v1", api_key=API_KEY, max_retries=0, timeout=120
+    ) as client:
+        long = dict(
+            model="tiny-llama", prompt="Long story:", max_tokens=1900, extra_body={"ignore_eos": True}
+        )
+        streams = [await client.completions.create(**long, stream=True) for _ in range(2)]
+        for stream in streams:
+            await anext(aiter(stream))  # running
+        queued = asyncio.create_task(client.completions.create(**short, n=3))
+        deadline = time.monotonic() + 30
+        while small_server.state.engine.num_waiting < 3:
+            assert time.monotonic() < deadline and not queued.done()
+            await asyncio.sleep(0.01)
+        with pytest.raises(openai.RateLimitError) as raised:
+            await client.completions.create(**short, n=2)
+        assert raised.value.body["code"] == "queue_full"
+        for stream in streams:
+            await stream.close()  # aborts them: the queued request gets the slots
+        assert len((await queued).choices) == 3
 
 
 def test_drain_timeout_aborts_with_a_final_error_chunk(small_server):

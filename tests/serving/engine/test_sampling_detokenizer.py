@@ -59,6 +59,24 @@ def test_stop_strings_cut_the_text_exactly(tokenizer, stop, include, expected):
         assert after.startswith(before)
 
 
+@pytest.mark.parametrize(
+    ("stop", "min_tokens", "expected", "num_tokens"),
+    [
+        (",", 0, " 6", 3),
+        (",", 2, " 6", 3),
+        (",", 3, " 6, 7", 6),  # the first 3 tokens (" ", "6", ",") cannot stop it, as EOS cannot
+        (",", 6, " 6, 7, 8", 9),
+        (", 7", 4, " 6", 5),  # completed by token 5: it counts, though it began earlier
+    ],
+)
+def test_stop_strings_wait_for_min_tokens(tokenizer, stop, min_tokens, expected, num_tokens):
+    token_ids = tokenizer.encode(" 6, 7, 8, 9, 10,", add_special_tokens=False)
+    assert tokenizer.convert_ids_to_tokens(token_ids[:3]) == ["Ġ", "6", ","]  # one token a character
+    params = SamplingParams(stop=(stop,), min_tokens=min_tokens)
+    detokenizer, streamed, matched = feed(tokenizer, token_ids, params)
+    assert (matched, detokenizer.output_text(finished=True), len(streamed)) == (stop, expected, num_tokens)
+
+
 @pytest.mark.parametrize("stop", ["", ("end", "")])
 def test_an_empty_stop_string_is_refused(stop):
     """ "" is found at every position: it would end every request after its first character."""
