@@ -56,10 +56,22 @@ def create_app(settings: RouterSettings) -> Starlette:
             raise
         return await cancel_on_disconnect(request, _forward(state, request.url.path, tenant, body))
 
-    async def models(request: Request) -> Response:
+    def visible_models(request: Request) -> list[str]:
         tenant = intake.authenticate(state.loaded.tenants, request.headers.get("authorization"))
-        names = [m.name for m in state.loaded.config.models if tenant is None or tenant.may_use(m.name)]
-        return JSONResponse(ModelList(data=[ModelCard(id=name) for name in names]).model_dump())
+        return [m.name for m in state.loaded.config.models if tenant is None or tenant.may_use(m.name)]
+
+    async def models(request: Request) -> Response:
+        return JSONResponse(
+            ModelList(data=[ModelCard(id=name) for name in visible_models(request)]).model_dump()
+        )
+
+    async def model(request: Request) -> Response:
+        """One model card (the openai client's models.retrieve); the same 404 for a model the
+        tenant may not use as for one that does not exist."""
+        name = request.path_params["model"]
+        if name not in visible_models(request):
+            raise intake.model_not_found(name)
+        return JSONResponse(ModelCard(id=name).model_dump())
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -74,6 +86,7 @@ def create_app(settings: RouterSettings) -> Starlette:
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", completions, methods=["POST"]),
         Route(contract.MODELS_PATH, models, methods=["GET"]),
+        Route(contract.MODELS_PATH + "/{model:path}", model, methods=["GET"]),
         Route(contract.HEALTH_PATH, health, methods=["GET"]),
         Route(contract.READY_PATH, ready, methods=["GET"]),
         Route(contract.METRICS_PATH, metrics, methods=["GET"]),

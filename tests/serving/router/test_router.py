@@ -496,6 +496,10 @@ def test_tenants_keys_models_and_rate_limits(router, servers, tmp_path):
 
     scoped = router.client(keys["scoped"])
     assert [m.id for m in scoped.models.list().data] == [MODEL]
+    assert scoped.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError) as hidden_card:
+        scoped.models.retrieve("tiny-other")  # served, but not to this tenant: as if it did not exist
+    assert hidden_card.value.body["code"] == "model_not_found"
     hidden = httpx.post(
         f"{router.url}/v1/completions",
         json={"model": "tiny-other", "prompt": "x"},
