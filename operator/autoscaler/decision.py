@@ -114,7 +114,9 @@ def decide(policy: Policy, samples: Sequence[Sample], current: int, now: float, 
     panic_total = _mean(
         [total for t, total, _ in measured if t > now - policy.panic_window] or [measured[-1][1]]
     )
-    ready = max(1, latest.ready_replicas)
+    # Capacity is at most the replicas it scales: a BlueGreen preview's (or a surge's) extra ready
+    # pods take little or none of the traffic, and counting them hid a 2x overload as "within tolerance".
+    ready = max(1, min(latest.ready_replicas, current) if current else latest.ready_replicas)
     value = stable_total / ready
     stable_want = math.ceil(stable_total / policy.target)
     panic_want = math.ceil(panic_total / policy.target)

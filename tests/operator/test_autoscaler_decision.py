@@ -235,3 +235,12 @@ def test_policy_from_the_spec_reads_durations():
     policy = Policy.from_spec(spec)
     assert (policy.stable_window, policy.panic_window, policy.scale_to_zero_after) == (90.0, 0.5, 120.0)
     assert (policy.scale_down_delay, policy.initial_delay, policy.metric) == (300.0, 0.0, "kvCacheUsage")
+
+
+def test_ready_pods_beyond_the_replicas_it_scales_add_no_capacity():
+    """A BlueGreen preview: 4 replicas serve, 4 preview pods are ready and idle. Demand 32 at a
+    target of 4 per replica wants 8; counted over 8 ready pods it read "within tolerance"."""
+    policy = replace(POLICY, target=4.0, tolerance=0.1)
+    samples = [Sample(t=float(t), ready_replicas=8, running=32.0, waiting=0.0) for t in range(0, 60, 2)]
+    decision = decide(policy, samples, current=4, now=58.0, state=State.start(0.0, 4))
+    assert decision.desired == 8 and decision.value == 8.0
