@@ -16,7 +16,7 @@ from kvpilot.operator.labels import AUTOSCALER_MANAGER, MANAGER, router_name, ro
 from kvpilot.operator.model_cache import DOWNLOAD_POD_NAME, job_name
 from kvpilot.operator.planner import Plan, plan, replicas_handoff
 from kvpilot.operator.revision import revision_deployment_name, revision_hash, with_pod_fields
-from kvpilot.operator.rollout.analysis import RevisionCounters, analyze, check_counters, is_due
+from kvpilot.operator.rollout.analysis import RevisionCounters, analyze, check_counters, is_due, reads_router
 from kvpilot.operator.rollout.observe import (
     observe_revisions,
     revision_of,
@@ -112,14 +112,15 @@ def _analysis_check(
     now: datetime.datetime,
 ) -> AnalysisResult | None:
     """A check of the new revision when one is due: the router's per-revision metrics since the
-    last check (summed over its ready pods), or without the router the revision's engine pods'."""
+    last check (summed over its ready pods), or the revision's engine pods' without the router
+    and during a BlueGreen preview (see analysis.reads_router)."""
     spec = isvc.spec.rollout.analysis
     if previous is None or previous.revision != target or previous.phase not in ("Progressing", "Paused"):
         return None
     last = previous.last_analysis
-    if not is_due(last, spec, previous.canary_weight, now):
+    if not is_due(last, spec, previous, now):
         return None
-    via_router = isvc.spec.router.enabled
+    via_router = reads_router(previous, isvc.spec.router.enabled)
     routers = client.list_pods(isvc.metadata.namespace, router_selector_string(isvc)) if via_router else None
     pages = scrape(analysis_metrics_urls(target, pods, routers))
     baseline = RevisionCounters.from_status(last.counters) if last else None

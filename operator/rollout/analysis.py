@@ -2,8 +2,9 @@
 
 From the router (`kvpilot_router_requests_total{model,revision,code}` and the
 `kvpilot_router_time_to_first_token_seconds{model,revision}` histogram, summed over the router
-replicas), or, without a router, from the revision's own engine pods (`vllm:request_success_total`
-and `vllm:time_to_first_token_seconds`, summed over its pods; no status codes there, so no error
+replicas), or, without a router or for a BlueGreen preview (reached past the router, at weight
+0), from the revision's own engine pods (`vllm:request_success_total` and
+`vllm:time_to_first_token_seconds`, summed over its pods; no status codes there, so no error
 rate): the requests answered since the previous check, the share of 5xx answers, and the 95th
 percentile time to first token (interpolated inside its bucket, as Prometheus'
 `histogram_quantile` does). The cumulative counters at a check are kept in the status
@@ -16,7 +17,7 @@ import datetime
 import math
 from dataclasses import dataclass
 
-from kvpilot.operator.api import AnalysisResult, AnalysisSpec
+from kvpilot.operator.api import AnalysisResult, AnalysisSpec, RolloutStatus
 from kvpilot.operator.api.validation import duration_seconds
 from kvpilot.operator.rollout.state import parse_time, rfc3339
 from kvpilot.serving.contract import METRIC_REQUEST_SUCCESS, METRIC_TIME_TO_FIRST_TOKEN
@@ -158,11 +159,32 @@ def analyze(
     )
 
 
+def in_preview(rollout: RolloutStatus) -> bool:
+    """A BlueGreen rollout before its promote: the new revision is at weight 0, so the router
+    sends it nothing, but `<name>-preview` reaches its ready pods directly."""
+    return rollout.strategy == "BlueGreen" and rollout.phase in ("Progressing", "Paused")
+
+
+def receives_traffic(rollout: RolloutStatus) -> bool:
+    """Whether the new revision answers requests a check can count: a canary's share of the
+    router's traffic, or the requests sent to a BlueGreen preview."""
+    return rollout.canary_weight > 0 or in_preview(rollout)
+
+
+def reads_router(rollout: RolloutStatus, router_enabled: bool) -> bool:
+    """Whether a check reads the router's per-revision counters or the new revision's engine pods'.
+    The router counts only the requests it routes, by weight; a BlueGreen preview's requests
+    reach its pods through `<name>-preview`, past the router, so only the pods count them (TTFT
+    and requests: no status codes, so no error rate, as without the router)."""
+    return router_enabled and not in_preview(rollout)
+
+
 def is_due(
-    last: AnalysisResult | None, spec: AnalysisSpec | None, canary_weight: int, now: datetime.datetime
+    last: AnalysisResult | None, spec: AnalysisSpec | None, rollout: RolloutStatus, now: datetime.datetime
 ) -> bool:
-    """Whether a check is due: the new revision gets traffic and an interval has passed."""
-    if spec is None or canary_weight <= 0:
+    """Whether a check is due: the new revision gets traffic (`receives_traffic`) and an interval
+    has passed since the last check."""
+    if spec is None or not receives_traffic(rollout):
         return False
     return last is None or (now - parse_time(last.time)).total_seconds() >= duration_seconds(spec.interval)
 

@@ -1,8 +1,9 @@
 """`kvpilot rollout status|promote|abort|history NAME [-n NAMESPACE]` (kubeconfig, like kubectl).
 
 Read commands print `status.rollout` and `status.revisions`. promote and abort write an
-annotation on the InferenceService that names the revision (and step) they were given for;
-the operator acts on it, and a stale one (the rollout moved on) does nothing. Nothing is kept
+annotation on the InferenceService that names the revision (and step) and the rollout (its
+startedAt) they were given for; the operator acts on it, and a stale one (the rollout moved on,
+or a later rollout of the same revision) does nothing. Nothing is kept
 anywhere but the object.
 """
 
@@ -136,28 +137,36 @@ def _history(args: argparse.Namespace) -> str:
     return format_history(_get(args)[2])
 
 
+def _started_at(rollout: dict[str, Any]) -> str:
+    """The rollout's start time, which scopes a command to it (state.Commands.for_rollout)."""
+    if not rollout.get("startedAt"):
+        raise CommandError("status.rollout has no startedAt (an operator older than this CLI?)")
+    return rollout["startedAt"]
+
+
 def _promote(args: argparse.Namespace) -> str:
-    from kvpilot.operator.rollout.state import PROMOTE_ANNOTATION
+    from kvpilot.operator.rollout.state import PROMOTE_ANNOTATION, command_value
 
     api, namespace, obj = _get(args)
     rollout = _rollout(obj)
     if rollout["phase"] not in ACTIVE_PHASES:
         raise CommandError(f"nothing to promote: the rollout of {args.name} is {rollout['phase']}")
     target = "full" if args.full else str(rollout.get("step") or 0)
-    value = f"{rollout['revision']}/{target}"
+    value = command_value(f"{rollout['revision']}/{target}", _started_at(rollout))
     _annotate(args, api, namespace, PROMOTE_ANNOTATION, value)
     what = "to 100%" if args.full else f"past step {int(target) + 1}"
     return f"promote of revision {rollout['revision']} {what} requested ({PROMOTE_ANNOTATION}={value})\n"
 
 
 def _abort(args: argparse.Namespace) -> str:
-    from kvpilot.operator.rollout.state import ABORT_ANNOTATION
+    from kvpilot.operator.rollout.state import ABORT_ANNOTATION, command_value
 
     api, namespace, obj = _get(args)
     rollout = _rollout(obj)
     if rollout["phase"] not in (*ACTIVE_PHASES, "Failed"):
         raise CommandError(f"nothing to abort: the rollout of {args.name} is {rollout['phase']}")
-    _annotate(args, api, namespace, ABORT_ANNOTATION, rollout["revision"])
+    value = command_value(rollout["revision"], _started_at(rollout))
+    _annotate(args, api, namespace, ABORT_ANNOTATION, value)
     return (
         f"abort of revision {rollout['revision']} requested ({ABORT_ANNOTATION}): traffic goes back to "
         f"{rollout['stableRevision']} until the spec changes\n"

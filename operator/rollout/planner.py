@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from kvpilot.operator.api import RolloutStatus
 from kvpilot.operator.api.validation import duration_seconds
+from kvpilot.operator.rollout.analysis import receives_traffic
 from kvpilot.operator.rollout.state import (
     Commands,
     Event,
@@ -106,7 +107,7 @@ def _rolled_back(tick: Tick) -> RolloutPlan:
 def _held(tick: Tick) -> RolloutPlan:
     """Failed without autoRollback: replicas and weights stay where they were; an abort still rolls back."""
     status = tick.status
-    if tick.inputs.commands.abort == status.revision:
+    if tick.commands.abort == status.revision:
         return _fail(tick, "Aborted", "aborted by `kvpilot rollout abort`", rollback=True)
     stable, new = status.stable_revision, status.revision
     serving = {
@@ -134,7 +135,7 @@ def _progress(tick: Tick) -> RolloutPlan:
     inputs, status = tick.inputs, tick.status
     spec, new = inputs.spec, tick.observed(status.revision)
     rollback = spec.auto_rollback
-    if inputs.commands.abort == status.revision:
+    if tick.commands.abort == status.revision:
         return _fail(tick, "Aborted", "aborted by `kvpilot rollout abort`", rollback=True)
     _track_progress(tick, new)
     _maybe_go_in_place(tick, new)
@@ -200,7 +201,7 @@ def _analysis_failure(tick: Tick) -> str:
         return ""
     if result is None:
         last = tick.status.last_analysis
-        if tick.status.canary_weight > 0 and last is not None:
+        if receives_traffic(tick.status) and last is not None:
             tick.wait(duration_seconds(analysis.interval) - tick.since(last.time))
         return ""
     failed = (

@@ -7,6 +7,13 @@ In place (no room for extra pods), the new revision gets `ceil(N * w / 100)` and
 the rest. While the new revision is not yet at its share, the stable one keeps enough
 replicas that ready pods never drop below N (Surge) or below N - 1 (InPlace, one pod at a
 time), and never both revisions to zero ready.
+
+At a total of 0 (an idle model scaled to zero, or `replicas: 0`) the new revision still gets
+one pod and the stable one none: a rollout promotes a revision (and retires the old one) only
+once it has had a ready pod, so a revision that cannot start is rolled back now, not found at
+the next wake-up with nothing to roll back to. When requests wake the model the autoscaler's
+total comes back and the rule above shares it again: the stable revision gets its pods beside
+the new one's.
 """
 
 from __future__ import annotations
@@ -21,6 +28,14 @@ CapacityMode = Literal["Surge", "InPlace"]
 def split_replicas(total: int, weights: dict[str, int]) -> dict[str, int]:
     """Replicas per revision for weights in percent: ceil(total * weight / 100), 0 at weight 0."""
     return {name: math.ceil(total * weight / 100) if weight > 0 else 0 for name, weight in weights.items()}
+
+
+def new_revision_share(total: int, weight: int) -> int:
+    """The new revision's replicas at `weight`: ceil(total * weight / 100), and one pod at a
+    total of 0 (see the module docstring); 0 at weight 0."""
+    if weight <= 0:
+        return 0
+    return max(math.ceil(total * weight / 100), 1)
 
 
 @dataclass(frozen=True)
@@ -46,6 +61,8 @@ def shift_replicas(
     `new_replicas`/`new_ready`: what the new revision's Deployment has now. `one_at_a_time`:
     add new pods one by one (Rolling) rather than the whole goal at once (a canary step).
     """
+    if total == 0:  # scaled to zero: only the new revision's pod, to prove it can become ready
+        return Shift(new=goal["new"], stable=0)
     new_goal = min(goal["new"], total)
     if mode == "Surge":
         new = min(new_goal, new_ready + 1) if one_at_a_time else new_goal

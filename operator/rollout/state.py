@@ -28,18 +28,41 @@ class ObservedRevision:
     failure: str = ""  # e.g. "CrashLoopBackOff: container server exited 1 (3 restarts)"
 
 
+def command_value(command: str, started_at: str) -> str:
+    """An annotation's value: the command (`<revision>/<step>`, `<revision>/full` or
+    `<revision>`) and the rollout it is given for, named by its `status.rollout.startedAt`."""
+    return f"{command}@{started_at}"
+
+
+def _given_for(value: str | None, started_at: str | None) -> str | None:
+    command, scoped, rollout = (value or "").rpartition("@")
+    return command if scoped and started_at is not None and rollout == started_at else None
+
+
 @dataclass(frozen=True)
 class Commands:
-    """Manual commands from annotations (`kvpilot rollout promote|abort`): each names the
-    revision (and step) it was given for, so a stale one does nothing."""
+    """Manual commands from annotations (`kvpilot rollout promote|abort`), as written (see
+    `command_value`): each names the revision (and step) and the rollout it was given for, so
+    a stale one does nothing."""
 
-    promote: str | None = None  # "<revision>/<step>" or "<revision>/full"
-    abort: str | None = None  # "<revision>"
+    promote: str | None = None  # "<revision>/<step>@<startedAt>" or "<revision>/full@<startedAt>"
+    abort: str | None = None  # "<revision>@<startedAt>"
 
     @classmethod
     def from_annotations(cls, annotations: dict[str, str] | None) -> Commands:
         annotations = annotations or {}
         return cls(promote=annotations.get(PROMOTE_ANNOTATION), abort=annotations.get(ABORT_ANNOTATION))
+
+    def for_rollout(self, started_at: str | None) -> Commands:
+        """The commands given for the rollout that began at `started_at`, without that scope
+        (`b/0`, `b/full`, `b`). Nothing removes an annotation, and a revision hash comes back
+        when the spec does (abort b, set the spec back to a, then to b again): named by its
+        revision alone, the old abort would end the retry at once, a leftover `b/full` skip
+        every step of it. The start time tells one rollout of b from the next; a value without
+        one names no rollout and does nothing."""
+        return Commands(
+            promote=_given_for(self.promote, started_at), abort=_given_for(self.abort, started_at)
+        )
 
 
 @dataclass(frozen=True)
@@ -115,6 +138,12 @@ class Tick:
         self.status = status
         self.events: list[Event] = []
         self.waits: list[float] = []
+
+    @property
+    def commands(self) -> Commands:
+        """The manual commands given for this very rollout (`Commands.for_rollout`); read after a
+        new target started its rollout, so none given for an earlier one applies."""
+        return self.inputs.commands.for_rollout(self.status.started_at)
 
     def observed(self, revision: str) -> ObservedRevision:
         return self.inputs.revisions.get(revision, ObservedRevision())

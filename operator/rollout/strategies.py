@@ -8,7 +8,7 @@ import datetime
 from kvpilot.operator.api import RolloutStep
 from kvpilot.operator.api.rollout import MANUAL_PAUSE, RevisionPhase
 from kvpilot.operator.api.validation import duration_seconds
-from kvpilot.operator.rollout.replicas import shift_replicas, split_replicas
+from kvpilot.operator.rollout.replicas import new_revision_share, shift_replicas, split_replicas
 from kvpilot.operator.rollout.state import (
     PROMOTE_FULL,
     RolloutPlan,
@@ -48,7 +48,7 @@ def _canary_phases(tick: Tick) -> dict[str, RevisionPhase]:
 
 
 def _promote_requested(tick: Tick, step: int | None) -> bool:
-    given = tick.inputs.commands.promote
+    given = tick.commands.promote
     return given is not None and given in (
         f"{tick.status.revision}/{step or 0}",
         f"{tick.status.revision}/{PROMOTE_FULL}",
@@ -59,7 +59,7 @@ def canary(tick: Tick) -> RolloutPlan:
     inputs = tick.inputs
     steps = canary_steps(inputs.spec)
     last = len(steps) - 1
-    if inputs.commands.promote == f"{tick.status.revision}/{PROMOTE_FULL}" and (tick.status.step or 0) < last:
+    if tick.commands.promote == f"{tick.status.revision}/{PROMOTE_FULL}" and (tick.status.step or 0) < last:
         tick.transition(
             tick.status.phase,
             "PromotedFull",
@@ -129,27 +129,29 @@ def _step_done(tick: Tick, step: RolloutStep, index: int, label: str) -> bool:
 
 
 def _goal(total: int, weight: int, mode: str) -> dict[str, int]:
-    goal = split_replicas(total, {"new": weight, "stable": 100 - weight})
+    goal = split_replicas(total, {"stable": 100 - weight})
+    goal["new"] = new_revision_share(total, weight)
     if mode == "InPlace":
-        goal["stable"] = total - goal["new"]
+        goal["stable"] = max(total - goal["new"], 0)
     return goal
 
 
 def rolling(tick: Tick) -> RolloutPlan:
     total, status = tick.inputs.total, tick.status
     new, stable = tick.observed(status.revision), tick.observed(status.stable_revision)
+    wanted = new_revision_share(total, 100)
     if tick.inputs.spec.paused:
         tick.note(
             "Paused",
             "PausedBySpec",
-            f"{new.ready}/{total} replicas of {status.revision} ready; spec.rollout.paused is true",
+            f"{new.ready}/{wanted} replicas of {status.revision} ready; spec.rollout.paused is true",
         )
         return finish(tick, _serving(tick, new.replicas, stable.replicas), _canary_phases(tick))
-    if new.ready >= total:
-        return _promoted(tick, f"{new.ready}/{total} replicas ready")
+    if new.ready >= wanted:
+        return _promoted(tick, f"{new.ready}/{wanted} replicas ready")
     shift = shift_replicas(
         total,
-        {"new": total, "stable": 0},
+        {"new": wanted, "stable": 0},
         new.replicas,
         new.ready,
         stable.ready,
@@ -164,7 +166,7 @@ def rolling(tick: Tick) -> RolloutPlan:
     tick.note(
         "Progressing",
         "RollingUpdate",
-        f"{new.ready}/{total} replicas of {status.revision} ready ({status.capacity_mode}){blocked}",
+        f"{new.ready}/{wanted} replicas of {status.revision} ready ({status.capacity_mode}){blocked}",
     )
     return finish(tick, _serving(tick, shift.new, shift.stable), _canary_phases(tick))
 
@@ -172,13 +174,14 @@ def rolling(tick: Tick) -> RolloutPlan:
 def blue_green(tick: Tick) -> RolloutPlan:
     total, status = tick.inputs.total, tick.status
     new = tick.observed(status.revision)
-    if new.ready >= total and _promote_requested(tick, status.step):
+    preview = new_revision_share(total, 100)
+    if new.ready >= preview and _promote_requested(tick, status.step):
         return _promoted(tick, "promoted from preview")
-    if new.ready < total:
+    if new.ready < preview:
         tick.note(
             "Progressing",
             "PreviewScaling",
-            f"{new.ready}/{total} replicas of {status.revision} ready at weight 0",
+            f"{new.ready}/{preview} replicas of {status.revision} ready at weight 0",
         )
     else:
         tick.note(
@@ -186,4 +189,4 @@ def blue_green(tick: Tick) -> RolloutPlan:
             "AwaitingPromote",
             f"preview {status.revision} ready: waiting for `kvpilot rollout promote`",
         )
-    return finish(tick, _serving(tick, total, total), _canary_phases(tick))
+    return finish(tick, _serving(tick, preview, total), _canary_phases(tick))

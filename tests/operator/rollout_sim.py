@@ -16,6 +16,7 @@ from kvpilot.operator.rollout.planner import (
     RolloutPlan,
     plan_rollout,
 )
+from kvpilot.operator.rollout.state import command_value
 from kvpilot.operator.status import status_patch
 
 T0 = datetime.datetime(2026, 12, 1, 12, 0, tzinfo=datetime.UTC)
@@ -90,6 +91,14 @@ class Sim:
             self.ready.pop(name, None)
         self.settle()
         return plan
+
+    def commands(self, promote: str | None = None, abort: str | None = None) -> Commands:
+        """Commands as `kvpilot rollout promote|abort` gives them: for the rollout in the status."""
+        started = self.status.started_at
+        return Commands(
+            promote=command_value(promote, started) if promote else None,
+            abort=command_value(abort, started) if abort else None,
+        )
 
     def settle(self) -> None:
         """Pods start: scale-downs free their slots first, then each revision takes what is left."""

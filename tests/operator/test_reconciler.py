@@ -135,7 +135,14 @@ def test_blue_green_serves_a_preview_service_until_the_promote(client, kubectl):
     rollout = kubectl.get(*ISVC, ns, "chat")["status"]["rollout"]
     assert (rollout["phase"], rollout["reason"]) == ("Paused", "AwaitingPromote")
     kubectl.patch(
-        *ISVC, ns, "chat", {"metadata": {"annotations": {"kvpilot.dev/promote": f"{rollout['revision']}/0"}}}
+        *ISVC,
+        ns,
+        "chat",
+        {
+            "metadata": {
+                "annotations": {"kvpilot.dev/promote": f"{rollout['revision']}/0@{rollout['startedAt']}"}
+            }
+        },
     )
     reconcile(kubectl.get(*ISVC, ns, "chat"), client, NOW)
     assert kubectl.get(*ISVC, ns, "chat")["status"]["rollout"]["phase"] == "Promoted"
@@ -321,18 +328,13 @@ def test_a_rejected_apply_is_not_retried_for_the_same_generation(counting_client
     assert counting_client.executed == 2
 
 
-class RouterMetricsServer:
-    """A real /metrics endpoint on 127.0.0.1 serving the router's own metrics (serving/router/metering.py)."""
+class MetricsServer:
+    """A real /metrics endpoint on 127.0.0.1 serving what `render` returns."""
 
-    def __init__(self) -> None:
-        from kvpilot.serving.router.metering import RouterMetrics
-
-        self.metrics = RouterMetrics()
-        metrics = self.metrics
-
+    def __init__(self, render) -> None:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                body = metrics.render()
+                body = render()
                 self.send_response(200 if self.path == "/metrics" else 404)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -345,10 +347,43 @@ class RouterMetricsServer:
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
+
+class RouterMetricsServer(MetricsServer):
+    """The router's own metrics (serving/router/metering.py)."""
+
+    def __init__(self) -> None:
+        from kvpilot.serving.router.metering import RouterMetrics
+
+        self.metrics = RouterMetrics()
+        super().__init__(self.metrics.render)
+
     def answer(self, revision: str, code: str, count: int) -> None:
         self.metrics.requests.labels("smollm2", revision, "", code).inc(count)
         for _ in range(count):
             self.metrics.time_to_first_token.labels("smollm2", revision).observe(0.2)
+
+
+class EngineMetricsServer(MetricsServer):
+    """One engine pod's metrics (serving/api/metrics.py's names and TTFT buckets)."""
+
+    def __init__(self) -> None:
+        from kvpilot.serving.api.metrics import TTFT_BUCKETS
+        from kvpilot.serving.contract import METRIC_REQUEST_SUCCESS, METRIC_TIME_TO_FIRST_TOKEN
+        from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+        registry = CollectorRegistry()
+        self.finished = Counter(
+            METRIC_REQUEST_SUCCESS, "ok", ["model_name", "finished_reason"], registry=registry
+        )
+        self.ttft = Histogram(
+            METRIC_TIME_TO_FIRST_TOKEN, "ttft", ["model_name"], buckets=TTFT_BUCKETS, registry=registry
+        )
+        super().__init__(lambda: generate_latest(registry))
+
+    def answer(self, count: int, ttft: float) -> None:
+        self.finished.labels("smollm2", "stop").inc(count)
+        for _ in range(count):
+            self.ttft.labels("smollm2").observe(ttft)
 
 
 def router_pod(kubectl, namespace: str, port: int) -> None:
@@ -405,3 +440,146 @@ def test_a_canarys_analysis_reads_the_router_pods_metrics_and_rolls_back_on_its_
     assert "error rate 0.200 > maxErrorRate 0.1" in rollout["message"]
     assert deployments(kubectl, ns) == {old: 2, new: 0}
     router.server.shutdown()
+
+
+def engine_pod(kubectl, namespace: str, revision: str, port: int) -> None:
+    """A ready engine pod of `revision` of `chat` whose `http` port is `port` on 127.0.0.1."""
+    labels = {
+        "app.kubernetes.io/name": "kvpilot",
+        "app.kubernetes.io/instance": "chat",
+        "app.kubernetes.io/managed-by": "kvpilot-operator",
+        "kvpilot.dev/revision": revision,
+    }
+    container = {"name": "server", "image": "kvpilot", "ports": [{"name": "http", "containerPort": port}]}
+    name = f"chat-{revision}-1"
+    kubectl.create(
+        "v1",
+        "pods",
+        namespace,
+        {"metadata": {"name": name, "labels": labels}, "spec": {"containers": [container]}},
+    )
+    status = {"podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]}
+    kubectl.patch("v1", "pods", namespace, name, {"status": status}, sub="status")
+
+
+def test_a_blue_green_preview_is_checked_on_its_engine_pods_and_a_failing_one_is_never_promoted(
+    client, kubectl
+):
+    """The preview is at weight 0: the router counts nothing for it (its requests come through
+    `chat-preview`), so the checks read the new revision's own engine pods: TTFT and requests."""
+    ns = "rec-bg-analysis"
+    analysis = {"interval": "1m", "maxTTFTSeconds": {"p95": 1.0}, "minRequests": 10, "failureLimit": 2}
+    reconcile(stored(kubectl, ns, rollout={"strategy": "BlueGreen", "analysis": analysis}), client, NOW)
+    (old,) = deployments(kubectl, ns)
+    mark_ready(kubectl, ns, old, 2)
+    reconcile(kubectl.get(*ISVC, ns, "chat"), client, NOW)
+    kubectl.patch(*ISVC, ns, "chat", {"spec": {"image": "kvpilot:0.2"}})
+    reconcile(kubectl.get(*ISVC, ns, "chat"), client, NOW)
+    (new,) = set(deployments(kubectl, ns)) - {old}
+    mark_ready(kubectl, ns, new, 2)
+    reconcile(kubectl.get(*ISVC, ns, "chat"), client, NOW)
+    rollout = kubectl.get(*ISVC, ns, "chat")["status"]["rollout"]
+    assert (rollout["phase"], rollout["reason"]) == ("Paused", "AwaitingPromote")
+    preview, stable = rollout["revision"], rollout["stableRevision"]
+
+    router = RouterMetricsServer()
+    router_pod(kubectl, ns, router.port)
+    router.answer(stable, "200", 500)  # the stable revision's traffic, none of it the preview's
+    engine = EngineMetricsServer()
+    engine_pod(kubectl, ns, preview, engine.port)
+    engine.answer(20, ttft=3.0)  # requests sent to chat-preview
+    reconcile(kubectl.get(*ISVC, ns, "chat"), client, NOW + datetime.timedelta(minutes=1))
+    rollout = kubectl.get(*ISVC, ns, "chat")["status"]["rollout"]
+    last = rollout["lastAnalysis"]
+    assert (last["requests"], last.get("errorRate"), last["passed"]) == (20, None, False)
+    assert "TTFT p95" in last["message"] and rollout["failedChecks"] == 1
+
+    engine.answer(30, ttft=3.0)
+    promote = f"{preview}/0@{rollout['startedAt']}"  # as `kvpilot rollout promote` writes it
+    kubectl.patch(*ISVC, ns, "chat", {"metadata": {"annotations": {"kvpilot.dev/promote": promote}}})
+    reconcile(kubectl.get(*ISVC, ns, "chat"), client, NOW + datetime.timedelta(minutes=2))
+    rollout = kubectl.get(*ISVC, ns, "chat")["status"]["rollout"]
+    assert (rollout["phase"], rollout["reason"]) == ("RolledBack", "AnalysisFailed")
+    assert rollout["lastAnalysis"]["requests"] == 30  # the interval since the previous check
+    assert deployments(kubectl, ns) == {old: 2, new: 0}
+    assert kubectl.get("v1", "services", ns, "chat-preview") is None
+    router.server.shutdown()
+    engine.server.shutdown()
+
+
+def test_an_abort_and_a_promote_given_by_the_cli_do_nothing_to_a_later_rollout_of_the_same_revision(
+    client, kubectl, capsys
+):
+    """Nothing removes the annotations: set back and forth, the spec brings back b's hash, and
+    the retry of b starts at its first step (not aborted at once, no step skipped)."""
+    from kvpilot.serving.cli import main
+
+    ns = "rec-commands"
+    steps = [{"weight": 50, "pause": "manual"}, {"weight": 100, "pause": "manual"}]
+    reconcile(stored(kubectl, ns, rollout={"strategy": "Canary", "steps": steps}), client, NOW)
+    (old,) = deployments(kubectl, ns)
+    mark_ready(kubectl, ns, old, 2)
+    reconcile(kubectl.get(*ISVC, ns, "chat"), client, NOW)
+
+    def to_b(minute: int) -> dict:
+        kubectl.patch(*ISVC, ns, "chat", {"spec": {"engine": {"maxNumSeqs": 8}}})
+        reconcile(kubectl.get(*ISVC, ns, "chat"), client, NOW + datetime.timedelta(minutes=minute))
+        (new,) = set(deployments(kubectl, ns)) - {old}
+        mark_ready(kubectl, ns, new, 1)
+        reconcile(kubectl.get(*ISVC, ns, "chat"), client, NOW + datetime.timedelta(minutes=minute + 1))
+        return kubectl.get(*ISVC, ns, "chat")["status"]["rollout"]
+
+    rollout = to_b(1)
+    assert (rollout["phase"], rollout["step"], rollout["canaryWeight"]) == ("Paused", 0, 50)
+    assert main(["rollout", "promote", "chat", "-n", ns, "--full"]) == 0
+    reconcile(kubectl.get(*ISVC, ns, "chat"), client, NOW + datetime.timedelta(minutes=3))
+    assert kubectl.get(*ISVC, ns, "chat")["status"]["rollout"]["step"] == 1
+    assert main(["rollout", "abort", "chat", "-n", ns]) == 0
+    reconcile(kubectl.get(*ISVC, ns, "chat"), client, NOW + datetime.timedelta(minutes=4))
+    rollout = kubectl.get(*ISVC, ns, "chat")["status"]["rollout"]
+    assert (rollout["phase"], rollout["reason"]) == ("RolledBack", "Aborted")
+    capsys.readouterr()
+
+    kubectl.patch(*ISVC, ns, "chat", {"spec": {"engine": {"maxNumSeqs": None}}})  # back to a
+    reconcile(kubectl.get(*ISVC, ns, "chat"), client, NOW + datetime.timedelta(minutes=5))
+    assert kubectl.get(*ISVC, ns, "chat")["status"]["rollout"]["reason"] == "BackToStable"
+    reconcile(kubectl.get(*ISVC, ns, "chat"), client, NOW + datetime.timedelta(minutes=6))
+
+    retry = to_b(7)  # both annotations still on the object
+    assert (retry["phase"], retry["reason"], retry["step"]) == ("Paused", "AwaitingPromote", 0)
+    assert retry["revision"] == rollout["revision"] and retry["startedAt"] != rollout["startedAt"]
+    assert main(["rollout", "promote", "chat", "-n", ns]) == 0  # given for the retry: it acts
+    reconcile(kubectl.get(*ISVC, ns, "chat"), client, NOW + datetime.timedelta(minutes=9))
+    assert kubectl.get(*ISVC, ns, "chat")["status"]["rollout"]["step"] == 1
+
+
+def test_a_rollout_at_zero_replicas_proves_the_new_revision_with_one_pod_then_hands_back_zero(
+    client, kubectl
+):
+    """Scaled to zero (autoscaler's total 0): the new revision gets one pod, the stable none; once
+    it was ready it is promoted, and its replicas go back to the autoscaler, which holds 0."""
+    ns = "rec-zero"
+    autoscaling = {"minReplicas": 0, "maxReplicas": 2, "target": 1}
+    reconcile(stored(kubectl, ns, autoscaling=autoscaling), client, NOW)
+    (old,) = deployments(kubectl, ns)
+    autoscaler_decides(kubectl, client, ns, 0)
+    reconcile(kubectl.get(*ISVC, ns, "chat"), client, NOW)
+    assert deployments(kubectl, ns) == {old: 0}
+    kubectl.patch(*ISVC, ns, "chat", {"spec": {"engine": {"maxNumSeqs": 8}}})
+    reconcile(kubectl.get(*ISVC, ns, "chat"), client, NOW)
+    (new,) = set(deployments(kubectl, ns)) - {old}
+    assert deployments(kubectl, ns) == {old: 0, new: 1}
+    reconcile(kubectl.get(*ISVC, ns, "chat"), client, NOW + datetime.timedelta(minutes=1))
+    assert kubectl.get(*ISVC, ns, "chat")["status"]["rollout"]["phase"] == "Progressing"  # not ready yet
+    mark_ready(kubectl, ns, new, 1)
+    reconcile(kubectl.get(*ISVC, ns, "chat"), client, NOW + datetime.timedelta(minutes=2))
+    rollout = kubectl.get(*ISVC, ns, "chat")["status"]["rollout"]
+    assert (rollout["phase"], rollout["message"]) == (
+        "Promoted",
+        f"revision {rollout['revision']} is stable (1/1 replicas ready)",
+    )
+    reconcile(kubectl.get(*ISVC, ns, "chat"), client, NOW + datetime.timedelta(minutes=3))
+    assert deployments(kubectl, ns) == {new: 1}  # the autoscaler's now, at the running count
+    autoscaler_decides(kubectl, client, ns, 0)
+    reconcile(kubectl.get(*ISVC, ns, "chat"), client, NOW + datetime.timedelta(minutes=4))
+    assert deployments(kubectl, ns) == {new: 0}

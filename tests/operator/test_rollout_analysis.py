@@ -3,7 +3,7 @@
 import datetime
 
 import pytest
-from kvpilot.operator.api import AnalysisSpec
+from kvpilot.operator.api import AnalysisSpec, RolloutStatus
 from kvpilot.operator.rollout.analysis import (
     RevisionCounters,
     analyze,
@@ -11,6 +11,7 @@ from kvpilot.operator.rollout.analysis import (
     engine_counters,
     histogram_quantile,
     is_due,
+    reads_router,
     revision_counters,
 )
 from kvpilot.operator.rollout.scrape import analysis_metrics_urls
@@ -89,13 +90,31 @@ def test_too_few_requests_are_inconclusive_and_a_reset_counter_counts_from_zero(
     assert "fewer than minRequests 50, inconclusive" in result.message
 
 
+def rollout(strategy: str = "Canary", phase: str = "Progressing", weight: int = 0) -> RolloutStatus:
+    return RolloutStatus(
+        phase=phase, revision="b", stable_revision="a", strategy=strategy, canary_weight=weight
+    )
+
+
 def test_a_check_is_due_once_the_revision_has_traffic_and_an_interval_passed():
-    assert not is_due(None, SPEC, canary_weight=0, now=NOW)
-    assert is_due(None, SPEC, canary_weight=10, now=NOW)
+    assert not is_due(None, SPEC, rollout(weight=0), NOW)
+    assert is_due(None, SPEC, rollout(weight=10), NOW)
     last = analyze(SPEC, RevisionCounters({}, {}), None, NOW)
-    assert not is_due(last, SPEC, 10, NOW + datetime.timedelta(seconds=59))
-    assert is_due(last, SPEC, 10, NOW + datetime.timedelta(seconds=60))
-    assert not is_due(last, None, 10, NOW + datetime.timedelta(hours=1))
+    assert not is_due(last, SPEC, rollout(weight=10), NOW + datetime.timedelta(seconds=59))
+    assert is_due(last, SPEC, rollout(weight=10), NOW + datetime.timedelta(seconds=60))
+    assert not is_due(last, None, rollout(weight=10), NOW + datetime.timedelta(hours=1))
+
+
+@pytest.mark.parametrize("phase", ["Progressing", "Paused"])
+def test_a_blue_green_preview_is_checked_at_weight_0_on_its_own_engine_pods(phase):
+    """The router sends a revision at weight 0 nothing; `<name>-preview` reaches its pods past the
+    router, so only their counters hold the preview's requests."""
+    preview = rollout("BlueGreen", phase)
+    assert is_due(None, SPEC, preview, NOW)
+    assert not reads_router(preview, router_enabled=True)
+    assert reads_router(rollout(weight=10), router_enabled=True)  # a canary's share: the router's
+    assert not reads_router(rollout(weight=10), router_enabled=False)
+    assert not is_due(None, SPEC, rollout("BlueGreen", "Promoted"), NOW)  # promoted: nothing to check
 
 
 def engine_page(finished: int, ttft: float) -> str:

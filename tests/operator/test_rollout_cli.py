@@ -17,6 +17,7 @@ ROLLOUT = {
     "canaryWeight": 50,
     "capacityMode": "InPlace",
     "capacityReason": "a pod of b0b0b0b0b0 was Unschedulable for 130s",
+    "startedAt": "2026-12-01T12:00:00Z",
     "lastAnalysis": {"time": "2026-12-01T12:05:00Z", "requests": 120, "passed": True, "message": "passed"},
     "history": [
         {"time": "2026-12-01T12:00:00Z", "phase": "Progressing", "revision": "b0b0b0b0b0",
@@ -67,18 +68,18 @@ def test_history_lists_the_transitions(stored, capsys):
     assert lines[1].split()[:4] == ["2026-12-01T12:00:00Z", "Progressing", "b0b0b0b0b0", "RolloutStarted"]
 
 
-def test_promote_and_abort_leave_annotations_naming_revision_and_step(stored, kubectl, capsys):
+def test_promote_and_abort_leave_annotations_naming_revision_step_and_rollout(stored, kubectl, capsys):
     assert main(["rollout", "promote", "chat", "-n", stored]) == 0
-    assert annotations(kubectl, stored)[PROMOTE_ANNOTATION] == "b0b0b0b0b0/1"
+    assert annotations(kubectl, stored)[PROMOTE_ANNOTATION] == "b0b0b0b0b0/1@2026-12-01T12:00:00Z"
     assert "past step 2" in capsys.readouterr().out
     assert main(["rollout", "promote", "chat", "-n", stored, "--full"]) == 0
-    assert annotations(kubectl, stored)[PROMOTE_ANNOTATION] == "b0b0b0b0b0/full"
+    assert annotations(kubectl, stored)[PROMOTE_ANNOTATION] == "b0b0b0b0b0/full@2026-12-01T12:00:00Z"
     assert main(["rollout", "abort", "chat", "-n", stored]) == 0
-    assert annotations(kubectl, stored)[ABORT_ANNOTATION] == "b0b0b0b0b0"
-    # What the operator reads back.
-    assert Commands.from_annotations(annotations(kubectl, stored)) == Commands(
-        "b0b0b0b0b0/full", "b0b0b0b0b0"
-    )
+    assert annotations(kubectl, stored)[ABORT_ANNOTATION] == "b0b0b0b0b0@2026-12-01T12:00:00Z"
+    # What the operator reads back: the commands for this rollout, none for a later one.
+    commands = Commands.from_annotations(annotations(kubectl, stored))
+    assert commands.for_rollout(ROLLOUT["startedAt"]) == Commands("b0b0b0b0b0/full", "b0b0b0b0b0")
+    assert commands.for_rollout("2026-12-01T13:00:00Z") == Commands()
 
 
 def test_errors_name_the_object_and_the_state(stored, kubectl, capsys):

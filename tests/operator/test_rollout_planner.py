@@ -103,11 +103,11 @@ def test_manual_pause_waits_for_a_promote_of_this_step_only():
     sim.advance(3600)
     # A promote given for another revision or another step is stale: nothing moves.
     for stale in ("x/0", "b/1"):
-        assert sim.tick("b", commands=Commands(promote=stale)).status.phase == "Paused"
-    plan = sim.tick("b", commands=Commands(promote="b/0"))
+        assert sim.tick("b", commands=sim.commands(promote=stale)).status.phase == "Paused"
+    plan = sim.tick("b", commands=sim.commands(promote="b/0"))
     # The last step (100%): the whole count at once, the stable side keeping 2 ready meanwhile.
     assert sim.row(plan) == ("Progressing", 1, 20, {"a": 1, "b": 2}, {"a": 80, "b": 20})
-    plan = sim.tick("b", commands=Commands(promote="b/0"))  # the same annotation, still there
+    plan = sim.tick("b", commands=sim.commands(promote="b/0"))  # the same annotation, still there
     assert sim.row(plan)[0] == "Promoted"
 
 
@@ -115,9 +115,9 @@ def test_promote_full_skips_to_the_last_step():
     sim = started(Sim(spec(**CANARY), total=2))
     sim.tick("b")
     sim.tick("b")
-    plan = sim.tick("b", commands=Commands(promote="b/full"))
+    plan = sim.tick("b", commands=sim.commands(promote="b/full"))
     assert plan.status.step == 2 and plan.status.reason == "WaitingForReplicas"
-    assert sim.tick("b", commands=Commands(promote="b/full")).status.phase == "Promoted"
+    assert sim.tick("b", commands=sim.commands(promote="b/full")).status.phase == "Promoted"
 
 
 def test_spec_paused_holds_the_step():
@@ -166,7 +166,7 @@ def test_without_auto_rollback_a_failed_rollout_is_held():
     sim.tick("b", analysis=check(passed=False))
     plan = sim.tick("b", analysis=check(passed=False))
     assert sim.row(plan) == ("Failed", 0, 10, {"a": 2, "b": 1}, {"a": 90, "b": 10})
-    plan = sim.tick("b", commands=Commands(abort="b"))
+    plan = sim.tick("b", commands=sim.commands(abort="b"))
     assert sim.row(plan) == ("RolledBack", 0, 0, {"a": 2, "b": 0}, {"a": 100, "b": 0})
 
 
@@ -188,9 +188,42 @@ def test_a_model_that_never_loads_rolls_back_after_the_progress_deadline():
 def test_abort_rolls_back_and_a_stale_abort_does_nothing():
     sim = started(Sim(spec(**CANARY), total=2))
     sim.tick("b")
-    assert sim.tick("b", commands=Commands(abort="x")).status.phase == "Progressing"
-    plan = sim.tick("b", commands=Commands(abort="b"))
+    assert sim.tick("b", commands=sim.commands(abort="x")).status.phase == "Progressing"
+    plan = sim.tick("b", commands=sim.commands(abort="b"))
     assert (plan.status.phase, plan.status.reason) == ("RolledBack", "Aborted")
+
+
+MANUAL = {
+    "strategy": "Canary",
+    "steps": [{"weight": 10, "pause": "manual"}, {"weight": 50, "pause": "manual"}],
+}
+
+
+def test_a_command_applies_only_to_the_rollout_it_was_given_for():
+    """Annotations stay on the object and a revision's hash comes back with its spec: an abort and
+    a `promote --full` given during one rollout of b do nothing to the next rollout of b."""
+    sim = started(Sim(spec(**MANUAL), total=4))
+    sim.tick("b")
+    sim.advance(60)
+    given = Commands(promote=sim.commands(promote="b/full").promote, abort=sim.commands(abort="b").abort)
+    plan = sim.tick("b", commands=given)
+    assert (plan.status.phase, plan.status.reason) == ("RolledBack", "Aborted")
+    sim.advance(60)
+    assert sim.tick("a", commands=given).status.reason == "BackToStable"
+    sim.advance(60)
+    rows = []
+    for _ in range(3):  # the retry of b, with both annotations still there
+        plan = sim.tick("b", commands=given)
+        rows.append((*sim.row(plan), plan.status.reason))
+        sim.advance(60)
+    assert rows == [
+        ("Progressing", 0, 0, {"a": 4, "b": 1}, {"a": 100, "b": 0}, "WaitingForReplicas"),
+        ("Paused", 0, 10, {"a": 4, "b": 1}, {"a": 90, "b": 10}, "AwaitingPromote"),
+        ("Paused", 0, 10, {"a": 4, "b": 1}, {"a": 90, "b": 10}, "AwaitingPromote"),
+    ]
+    # One given for this rollout acts; one naming no rollout (an older CLI, by hand) does not.
+    assert sim.tick("b", commands=Commands(promote="b/0", abort="b")).status.phase == "Paused"
+    assert sim.tick("b", commands=sim.commands(promote="b/0")).status.step == 1
 
 
 def test_rolling_replaces_pod_by_pod_with_weights_following_ready_pods():
@@ -246,8 +279,84 @@ def test_blue_green_scales_a_full_preview_at_weight_zero_then_switches_at_once()
     plan = sim.tick("b")
     assert sim.row(plan) == ("Paused", None, 0, {"a": 2, "b": 2}, {"a": 100, "b": 0})
     assert plan.status.reason == "AwaitingPromote"
-    plan = sim.tick("b", commands=Commands(promote="b/0"))
+    plan = sim.tick("b", commands=sim.commands(promote="b/0"))
     assert sim.row(plan) == ("Promoted", None, 0, {"b": 2, "a": 0}, {"b": 100, "a": 0})
+
+
+BLUE_GREEN_ANALYSIS = {
+    "strategy": "BlueGreen",
+    "analysis": {"interval": "1m", "maxTTFTSeconds": {"p95": 2.0}, "failureLimit": 2},
+}
+
+
+def test_blue_green_checks_the_preview_and_failed_checks_roll_back_before_the_promote():
+    sim = started(Sim(spec(**BLUE_GREEN_ANALYSIS), total=2))
+    sim.tick("b")
+    plan = sim.tick("b", analysis=check(passed=True))
+    assert (plan.status.reason, plan.requeue_after) == ("AwaitingPromote", 60)
+    sim.advance(30)
+    assert sim.tick("b").requeue_after == 30  # at weight 0, the next check is still due on time
+    sim.advance(30)
+    assert sim.tick("b", analysis=check(passed=False, minute=1)).status.failed_checks == 1
+    sim.advance(60)
+    # The second failed check wins over a promote given meanwhile: no traffic ever reached b.
+    plan = sim.tick("b", analysis=check(passed=False, minute=2), commands=sim.commands(promote="b/0"))
+    assert sim.row(plan) == ("RolledBack", None, 0, {"a": 2, "b": 0}, {"a": 100, "b": 0})
+    assert plan.status.reason == "AnalysisFailed"
+
+
+AT_ZERO = [
+    {"strategy": "Rolling"},
+    {"strategy": "Canary", "steps": [{"weight": 10, "pause": "1m"}, {"weight": 50, "pause": "1m"}]},
+    {"strategy": "BlueGreen"},
+]
+
+
+@pytest.mark.parametrize("fields", AT_ZERO, ids=lambda f: f["strategy"])
+def test_at_zero_replicas_a_revision_that_never_gets_ready_is_rolled_back_not_promoted(fields):
+    """Scaled to zero (the autoscaler's total is 0): the new revision still gets one pod, and is
+    promoted only once it is ready; a broken one is rolled back, the old one kept to serve."""
+    sim = started(Sim(spec(**fields, progressDeadline="10m"), total=0, broken={"b"}))
+    rows = set()
+    for _ in range(12):
+        plan = sim.tick("b", commands=sim.commands(promote="b/0") if sim.status.revision == "b" else None)
+        rows.add((plan.status.phase, plan.revisions["a"].replicas, plan.revisions["b"].replicas))
+        if plan.status.phase == "RolledBack":
+            break
+        sim.advance(60)
+    assert rows <= {("Progressing", 0, 1), ("Paused", 0, 1), ("RolledBack", 0, 0)}
+    assert (plan.status.phase, plan.status.reason) == ("RolledBack", "ProgressDeadlineExceeded")
+    assert plan.revisions["a"].weight == 100 and "a" not in plan.delete
+
+
+@pytest.mark.parametrize("fields", AT_ZERO, ids=lambda f: f["strategy"])
+def test_at_zero_replicas_the_new_revision_is_promoted_once_its_one_pod_was_ready(fields):
+    sim = started(Sim(spec(**fields), total=0, broken={"b"}))
+    plan = sim.tick("b")
+    assert (plan.revisions["a"].replicas, plan.revisions["b"].replicas) == (0, 1)
+    sim.broken.clear()
+    for _ in range(6):
+        sim.advance(60)
+        plan = sim.tick("b", commands=sim.commands(promote="b/0"))
+        if plan.status.phase == "Promoted":
+            break
+        assert (plan.revisions["a"].replicas, plan.revisions["b"].replicas) == (0, 1)
+    # Back at the autoscaler's 0; the old revision, at 0 already, is retired.
+    assert sim.row(plan) == ("Promoted", None, 0, {"b": 0}, {"b": 100})
+    assert plan.delete == ["a"]
+
+
+def test_traffic_waking_the_model_mid_rollout_gives_the_stable_revision_its_pod_too():
+    """Requests wake the model (the autoscaler's total 0 -> 1) before the new revision is ready:
+    the stable revision, known to work, gets its pod and takes the traffic meanwhile."""
+    sim = started(Sim(spec(), total=0, broken={"b"}))
+    assert sim.row(sim.tick("b"))[3] == {"a": 0, "b": 1}
+    sim.total = 1
+    plan = sim.tick("b")
+    assert sim.row(plan) == ("Progressing", None, 0, {"a": 1, "b": 1}, {"a": 100, "b": 0})
+    sim.broken.clear()
+    sim.tick("b")
+    assert sim.row(sim.tick("b")) == ("Promoted", None, 0, {"b": 1, "a": 0}, {"b": 100, "a": 0})
 
 
 def test_a_spec_change_mid_rollout_retires_the_middle_revision_and_the_newest_wins():
@@ -325,8 +434,8 @@ def test_after_a_promote_the_next_step_times_its_own_pause():
     sim.tick("b")
     sim.tick("b")
     sim.advance(600)
-    sim.tick("b", commands=Commands(promote="b/0"))
-    plan = sim.tick("b", commands=Commands(promote="b/0"))
+    sim.tick("b", commands=sim.commands(promote="b/0"))
+    plan = sim.tick("b", commands=sim.commands(promote="b/0"))
     assert (plan.status.step, plan.status.canary_weight, plan.status.reason) == (1, 100, "StepPause")
     assert plan.requeue_after == 30
     sim.advance(30)
