@@ -38,7 +38,8 @@ class TTFTThresholds(_Model):
 
 
 class AnalysisSpec(_Model):
-    """Checks of the new revision's traffic, read per revision from the router's metrics."""
+    """Checks of the new revision's traffic, from the router's per-revision metrics, or from the new
+    revision's engine pods without the router and during a BlueGreen preview."""
 
     interval: Duration = Field(default="1m", description="Time between two checks (e.g. 30s, 1m).")
     max_error_rate: float | None = Field(
@@ -122,7 +123,8 @@ class AnalysisResult(_Model):
     message: str = Field(default="", description="What was measured against which limit.")
     counters: dict[str, float] = Field(
         default_factory=dict,
-        description="The router's cumulative counters at this check: the next check's baseline.",
+        description="The cumulative counters read at this check (the router's, or the engine pods'): "
+        "the next check's baseline.",
     )
 
 
