@@ -42,6 +42,7 @@ class LLM:
                 )
         engine = self.llm_engine
         request_ids = []
+        stepping = False
         try:
             for prompt, params in zip(prompt_list, params_list, strict=True):
                 request_id = f"llm-{next(self._request_counter)}"
@@ -49,11 +50,16 @@ class LLM:
                 request_ids.append(request_id)
             finished: dict[str, RequestOutput] = {}
             while engine.has_unfinished():
-                for output in engine.step():
+                stepping = True
+                outputs = engine.step()
+                stepping = False
+                for output in outputs:
                     if output.finished:
                         finished[output.request_id] = output
         except BaseException:
             engine.abort_request(request_ids)  # e.g. a bad prompt in the middle: free what was queued
+            if stepping:  # e.g. Ctrl-C in a forward: what that step registered in the cache is unwritten
+                engine.reset_prefix_cache()
             raise
         return [finished[request_id] for request_id in request_ids]
 

@@ -90,15 +90,16 @@ class AsyncLLM:
     ) -> AsyncIterator[RequestOutput]:
         """Cumulative outputs of one request; the last has finished=True. If the caller stops
         iterating early (break, cancellation, client disconnect) the request is aborted."""
-        if not self.is_running:
-            reason = f"the step loop failed: {self.error!r}" if self.error else "never started or shut down"
-            raise EngineDeadError(f"the engine is not running: {reason}") from self.error
+        self._check_running()
         arrival = time.monotonic()
         if params is not None and params.structured_outputs is not None:
             await asyncio.to_thread(self.engine.compile_grammar, params)  # InvalidParameter if it cannot
         user = self.engine.process_request(request_id, prompt, params, arrival)  # ValueError on bad input
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._cond:
+            # Again, under the lock the loop fails streams under: it may have died meanwhile (the
+            # grammar compile above takes seconds), and a stream added after that is never served.
+            self._check_running()
             if request_id in self._streams:
                 raise InvalidParameter("request_id", f"{request_id!r} is already in the engine")
             self._streams[request_id] = stream
@@ -120,6 +121,11 @@ class AsyncLLM:
                 with self._cond:
                     self._streams.pop(request_id, None)  # nobody reads it any more
                 self._request_abort(request_id, None, None)
+
+    def _check_running(self) -> None:
+        if self._loop_exited or not self.is_running:
+            reason = f"the step loop failed: {self.error!r}" if self.error else "never started or shut down"
+            raise EngineDeadError(f"the engine is not running: {reason}") from self.error
 
     async def abort(self, request_id: str) -> None:
         """Abort a request and return once its blocks are free (its stream ends with finish_reason

@@ -134,6 +134,13 @@ class BlockPool:
             if block.ref_cnt == 0:
                 self.free_queue.append(block)
 
+    def reset_prefix_cache(self) -> None:
+        """Forget what every block holds, for the prefix cache: after a step that did not finish,
+        the blocks it registered (at scheduling, ahead of the forward) were never written."""
+        for block in self.cached_blocks.values():
+            block.block_hash = None
+        self.cached_blocks.clear()
+
     def _evict(self, block: KVCacheBlock) -> None:
         if block.block_hash is not None:
             del self.cached_blocks[block.block_hash]

@@ -170,6 +170,11 @@ class LLMEngine:
             outputs.append(self._make_output(user))
         return outputs
 
+    def reset_prefix_cache(self) -> None:
+        """After a step that raised (an interrupt, an out-of-memory forward) and its requests were
+        aborted: no later request may hit the blocks that step registered but never wrote."""
+        self.scheduler.kv_cache_manager.block_pool.reset_prefix_cache()
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 

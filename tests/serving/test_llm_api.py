@@ -160,3 +160,29 @@ def test_duplicate_request_ids_are_rejected_without_side_effects(llm):
     engine.abort_request("dup#1")
     stats = engine.get_stats()
     assert not engine.has_unfinished() and stats.kv_cache_usage == 0.0
+
+
+def test_a_step_interrupted_mid_prefill_leaves_no_unwritten_block_in_the_prefix_cache(tiny_llama):
+    """Ctrl-C (or an exception) in the forward of a prefill's second chunk: the blocks the step had
+    registered for the prefix cache were never written, and the same prompt again hit them."""
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    prompt = list(range(100, 164))  # 16 blocks of 4, prefilled in chunks of 32
+    llm = LLM(model=str(tiny_llama), block_size=4, num_kv_blocks=128, max_num_batched_tokens=32)
+    reference = llm.generate([prompt], params)[0].outputs[0].token_ids
+    llm.llm_engine.reset_prefix_cache()  # start from an empty cache, as after the fix
+    runner = llm.llm_engine.model_runner
+    forward, calls = runner.execute_model, []
+
+    def interrupted_on_the_second_chunk(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return forward(*args, **kwargs)
+
+    runner.execute_model = interrupted_on_the_second_chunk
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate([prompt], params)
+    runner.execute_model = forward
+    again = llm.generate([prompt], params)[0]
+    assert again.outputs[0].token_ids == reference
+    assert llm.llm_engine.scheduler.kv_cache_manager.block_pool.num_free_blocks == 128

@@ -157,3 +157,34 @@ async def test_an_engine_error_reaches_every_stream(tiny_llama):
     with pytest.raises(EngineDeadError):
         await collect(broken, [1, 2], GREEDY, "after")
     await broken.shutdown()
+
+
+async def test_a_request_that_outlives_the_loop_while_its_grammar_compiles_hears_it_died(tiny_llama):
+    """The grammar compile runs before the stream is registered (seconds, off the loop): a step
+    loop dying meanwhile failed the streams it knew, and this one then waited forever."""
+    from kvpilot.serving.structured_outputs import StructuredOutputsParams
+
+    broken = AsyncLLM(EngineConfig(model=str(tiny_llama), block_size=4, num_kv_blocks=256))
+    await broken.start()
+    compiling, compile_grammar = asyncio.Event(), broken.engine.compile_grammar
+    loop = asyncio.get_running_loop()
+
+    def slow_compile(params):
+        loop.call_soon_threadsafe(compiling.set)
+        time.sleep(1.0)  # a large JSON Schema
+        return compile_grammar(params)
+
+    def broken_step():
+        raise RuntimeError("injected fault")
+
+    broken.engine.compile_grammar, broken.engine.step = slow_compile, broken_step
+    choice = SamplingParams(
+        temperature=0, max_tokens=5, structured_outputs=StructuredOutputsParams(choice=["a", "b"])
+    )
+    waiting = asyncio.create_task(collect(broken, [5, 6, 7], choice, "compiling"))
+    await compiling.wait()
+    with pytest.raises(EngineDeadError):  # this request's step kills the loop
+        await collect(broken, [5, 6], GREEDY, "killer")
+    with pytest.raises(EngineDeadError):
+        await asyncio.wait_for(waiting, timeout=10)
+    await broken.shutdown()
