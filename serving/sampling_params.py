@@ -51,6 +51,11 @@ class SamplingParams:
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]"),
             (self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "must be >= 1"),
             (self.min_tokens >= 0, "min_tokens", "must be >= 0"),
+            (
+                self.max_tokens is None or self.min_tokens <= self.max_tokens,
+                "min_tokens",
+                f"must be <= max_tokens ({self.max_tokens})",
+            ),
             (all(self.stop), "stop", "stop strings must not be empty"),  # "" would match at once
             (
                 self.seed is None or MIN_SEED <= self.seed <= MAX_SEED - (self.n - 1),

@@ -96,6 +96,10 @@ def chat_prompt(
             param="messages",
         )
     messages = conversation(request.messages, tools.system_prompt if tools else None)
+    if "developer" not in model.chat_template:
+        # OpenAI's newer name for the system message: a template that does not know it would
+        # write a `developer` turn and still add its own default system prompt.
+        messages = [{**m, "role": "system"} if m["role"] == "developer" else m for m in messages]
     check_text_length(sum(len(m["content"]) for m in messages), model, "messages")
     try:
         text = model.tokenizer.apply_chat_template(

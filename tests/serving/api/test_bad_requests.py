@@ -47,6 +47,7 @@ CASES = [
     (COMPLETIONS, {"prompt": "hi", "top_k": -2}, 400, "top_k", None),
     (COMPLETIONS, {"prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty", None),
     (COMPLETIONS, {"prompt": "hi", "min_tokens": -1}, 400, "min_tokens", None),
+    (COMPLETIONS, {"prompt": "hi", "min_tokens": 8, "max_tokens": 4}, 400, "min_tokens", None),  # vLLM too
     (COMPLETIONS, {"prompt": "hi", "min_p": 1.5}, 400, "min_p", None),
     (COMPLETIONS, {"prompt": "hi", "stop_token_ids": [-1]}, 400, "stop_token_ids", None),
     (COMPLETIONS, {"prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options", None),

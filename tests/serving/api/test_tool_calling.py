@@ -201,3 +201,26 @@ def test_a_template_with_tools_support_renders_tools_calls_and_results(api_serve
     assert "# Tools\n\nYou may call" not in text  # not the fallback prompt
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in text
     assert '<tool_response>\n{"temperature": 21}\n</tool_response>' in text
+
+
+def test_a_developer_message_is_the_system_message_for_a_template_that_does_not_know_it(api_server):
+    """OpenAI's newer name for the system message. SmolLM2's template knows only `system`: it
+    wrote a `developer` turn and still added its own default system prompt before it."""
+    engine_model = ModelInfo(
+        api_server.state.engine.tokenizer, HERMES_TEMPLATE, max_model_len=2048, vocab_size=49152
+    )
+    request = ChatCompletionRequest(messages=[{"role": "developer", "content": "Be terse."}, *MESSAGES])
+    text = chat_prompt(request, engine_model).text
+    assert text.startswith("<|im_start|>system\nBe terse.<|im_end|>") and "developer" not in text
+    knows_it = ModelInfo(
+        api_server.state.engine.tokenizer,
+        HERMES_TEMPLATE.replace(
+            "{% else %}",
+            "{% elif message.role == 'developer' %}<|im_start|>developer\n"
+            "{{ message.content }}<|im_end|>\n{% else %}",
+            1,
+        ),
+        max_model_len=2048,
+        vocab_size=49152,
+    )
+    assert chat_prompt(request, knows_it).text.startswith("<|im_start|>developer\nBe terse.")
