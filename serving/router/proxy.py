@@ -35,6 +35,7 @@ T = TypeVar("T")
 UPSTREAM_TIMEOUT = httpx.Timeout(connect=5.0, read=None, write=30.0, pool=None)
 PASSED_HEADERS = ("content-type", "retry-after")
 ACTIVATION_RETRY_AFTER = "5"
+QUEUE_FULL = 429  # a server's answer when its waiting queue is full (--max-queue-len)
 
 
 PROMPT_BYTES_PER_TOKEN = 4  # a common estimate for English text (here over the whole JSON body)
@@ -183,6 +184,13 @@ async def _try_revision(state: RouterState, call: Call, revision: RevisionRoute)
         except BaseException:
             leave(state, call, revision, endpoint)
             raise
+        others = [e for e in revision.available() if e not in tried]
+        if response.status_code == QUEUE_FULL and others and len(tried) < 2:
+            # That server's queue is full (a burst on it): another may have room. Not a failure.
+            await response.aclose()
+            leave(state, call, revision, endpoint)
+            logger.info("endpoint %s answered 429 (its queue is full): trying another", endpoint.url)
+            continue
         if response.status_code < 500:
             endpoint.succeed()
             return Upstream(state, call, revision, endpoint, response)

@@ -310,14 +310,14 @@ class FailingUpstream(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers["content-length"]))
         self.posts.append(self.mode)
-        if self.mode in ("500", "html502"):
-            json_error = self.mode == "500"
+        if self.mode in ("500", "429", "html502"):
+            json_error = self.mode != "html502"
             body = (
-                b'{"error": {"message": "boom", "type": "server_error"}}'
+                b'{"error": {"message": "boom", "type": "server_error", "code": "queue_full"}}'
                 if json_error
                 else b"<html>bad</html>"
             )
-            self.send_response(500 if json_error else 502)
+            self.send_response(502 if not json_error else int(self.mode))
             self.send_header("content-type", "application/json" if json_error else "text/html")
             self.send_header("content-length", str(len(body)))
             self.end_headers()
@@ -371,6 +371,23 @@ def test_a_5xx_before_the_first_byte_is_retried_once_on_another_endpoint(router,
     assert FailingUpstream.posts and set(FailingUpstream.posts) == {"500"}
     assert successes(servers[0]) == before + sent  # every request answered, the failed ones retried
     assert f"endpoint {failing_upstream} answered 500: ejected for 1 s" in router.log()
+
+
+def test_a_servers_full_queue_429_is_tried_on_another_endpoint_without_ejecting_it(
+    router, servers, failing_upstream
+):
+    """One replica's queue is full (a burst landed on it); another has room: the tenant should not
+    see the 429. It is not a failure: the endpoint is not ejected."""
+    FailingUpstream.mode = "429"
+    configure_beside(router, failing_upstream, servers[0])
+    before, sent = successes(servers[0]), 0
+    while not FailingUpstream.posts and sent < 50:
+        sent += 1
+        assert complete(router.client(), f"full queue {sent}").choices[0].finish_reason == "length"
+    assert FailingUpstream.posts == ["429"]
+    assert successes(servers[0]) == before + sent  # the one it refused was answered by the other
+    assert f"endpoint {failing_upstream} answered 429 (its queue is full): trying another" in router.log()
+    assert f"endpoint {failing_upstream} answered 429: ejected" not in router.log()
 
 
 def test_nothing_is_retried_once_the_response_has_started(router, servers, failing_upstream):
