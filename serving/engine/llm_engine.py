@@ -222,8 +222,16 @@ class LLMEngine:
         (the step emits up to drafts + 1 tokens)."""
         for request in self.scheduler.running:
             request.spec_token_ids = []
-            # a grammar's matcher advances one sampled token at a time: no drafts to verify for it
-            if request.num_tokens - request.num_computed_tokens == 1 and request.grammar is None:
+            # A grammar's matcher advances one sampled token at a time: no drafts to verify for it.
+            # A seeded sampled request gets none either: how many drafts a step verifies depends on
+            # the batch (the step's token budget, where a chunked prefill ends), and so would its
+            # random draws; without drafts the seed gives the same tokens whatever the batch.
+            seeded = request.sampling_params.seed is not None and not request.sampling_params.is_greedy
+            if (
+                request.num_tokens - request.num_computed_tokens == 1
+                and request.grammar is None
+                and not seeded
+            ):
                 room = min(
                     request.max_tokens - request.num_output_tokens, self.max_model_len - request.num_tokens
                 )

@@ -186,3 +186,24 @@ def test_a_step_interrupted_mid_prefill_leaves_no_unwritten_block_in_the_prefix_
     again = llm.generate([prompt], params)[0]
     assert again.outputs[0].token_ids == reference
     assert llm.llm_engine.scheduler.kv_cache_manager.block_pool.num_free_blocks == 128
+
+
+def test_a_seeded_sampled_request_gets_the_same_tokens_with_speculation_whatever_the_batch(tiny_llama):
+    """How many drafts a step verifies depends on the batch (its token budget, where a chunked
+    prefill ends), and so did a seeded request's random draws: seeded sampled requests get no drafts."""
+    prompt = [4, 6, 7, 6, 7, 7, 5, 4, 3, 3, 3, 5, 5, 4, 3, 3]  # its last bigram occurs earlier: drafts
+    seeded = SamplingParams(temperature=1.0, seed=46, max_tokens=4, ignore_eos=True)
+    companion = ([9], SamplingParams(temperature=0, max_tokens=1))
+    outputs = []
+    for speculation in ({}, {"speculative_ngram": 2, "num_speculative_tokens": 3}):
+        llm = LLM(
+            model=str(tiny_llama),
+            num_kv_blocks=64,
+            max_model_len=512,
+            max_num_batched_tokens=16,
+            **speculation,
+        )
+        alone = llm.generate([prompt], seeded)[0].outputs[0].token_ids
+        behind = llm.generate([companion[0], prompt], [companion[1], seeded])[1].outputs[0].token_ids
+        outputs += [alone, behind]
+    assert all(tokens == outputs[0] for tokens in outputs), outputs
