@@ -165,9 +165,10 @@ def _progress(tick: Tick) -> RolloutPlan:
 
 def _track_progress(tick: Tick, new: ObservedRevision) -> None:
     """progressAt moves whenever the new revision gains a ready replica (and when it is asked for
-    more pods, see state.finish)."""
+    more pods, see state.finish), and all along a pause (spec.rollout.paused), as a Deployment's
+    progress deadline is not checked while it is paused: it counts again from the resume."""
     update: dict = {"ready_replicas": new.ready}
-    if new.ready > tick.status.ready_replicas:
+    if new.ready > tick.status.ready_replicas or tick.inputs.spec.paused:
         update["progress_at"] = rfc3339(tick.inputs.now)
     tick.status = tick.status.model_copy(update=update)
 

@@ -130,6 +130,20 @@ def test_spec_paused_holds_the_step():
     assert sim.tick("b").status.phase == "Progressing"
 
 
+def test_a_paused_rollout_runs_no_progress_deadline_and_counts_it_again_from_the_resume():
+    """As a paused Deployment: a new revision short of pods is not rolled back while paused (it was,
+    after progressDeadline), and the deadline starts again when the pause ends."""
+    sim = started(Sim(spec(**CANARY, paused=True, progressDeadline="10m"), total=2, broken={"b"}))
+    sim.tick("b")
+    sim.advance(3600)
+    assert sim.tick("b").status.phase == "Progressing"  # still waiting for b's pod, not rolled back
+    sim.spec = spec(**CANARY, progressDeadline="10m")
+    sim.advance(599)
+    assert sim.tick("b").status.phase == "Progressing"
+    sim.advance(2)
+    assert sim.tick("b").status.reason == "ProgressDeadlineExceeded"
+
+
 ANALYSIS = {**CANARY, "analysis": {"interval": "1m", "maxErrorRate": 0.02, "failureLimit": 2}}
 
 
