@@ -54,7 +54,9 @@ def create_app(settings: RouterSettings) -> Starlette:
         except APIError as exc:
             _count_refusal(state, None, tenant, exc.status_code)
             raise
-        return await cancel_on_disconnect(request, _forward(state, request.url.path, tenant, body))
+        authorization = request.headers.get("authorization")
+        forward = _forward(state, request.url.path, tenant, body, authorization)
+        return await cancel_on_disconnect(request, forward)
 
     def visible_models(request: Request) -> list[str]:
         tenant = intake.authenticate(state.loaded.tenants, request.headers.get("authorization"))
@@ -97,10 +99,14 @@ def create_app(settings: RouterSettings) -> Starlette:
     return app
 
 
-async def _forward(state: RouterState, path: str, tenant: TenantState | None, body: bytes) -> Response:
+async def _forward(
+    state: RouterState, path: str, tenant: TenantState | None, body: bytes, authorization: str | None
+) -> Response:
     call = None
     try:
         call = intake.parse_call(path, body, tenant, set(state.loaded.table.models))
+        if tenant is None:  # no tenants: the key (if any) is the servers' to check
+            call.authorization = authorization
         intake.admit(tenant)
         upstream = await open_upstream(state, call)
     except APIError as exc:

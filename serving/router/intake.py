@@ -29,6 +29,7 @@ class Call:
     stream: bool
     strip_usage: bool  # the router asked for the usage chunk; the client did not
     started: float
+    authorization: str | None = None  # the client's, passed on only where the router has no tenants
 
     @property
     def tenant_name(self) -> str:

@@ -170,7 +170,10 @@ async def _try_revision(state: RouterState, call: Call, revision: RevisionRoute)
         tried.append(endpoint)
         enter(state, call, revision, endpoint)
         request = state.client.build_request(
-            "POST", endpoint.url + call.path, content=call.body, headers=_upstream_headers(state)
+            "POST",
+            endpoint.url + call.path,
+            content=call.body,
+            headers=_upstream_headers(state, call.authorization),
         )
         try:
             response = await unless_lost(endpoint, state.client.send(request, stream=True))
@@ -229,10 +232,14 @@ def _is_json(response: httpx.Response) -> bool:
     return response.headers.get("content-type", "").split(";")[0].strip() == "application/json"
 
 
-def _upstream_headers(state: RouterState) -> dict[str, str]:
+def _upstream_headers(state: RouterState, client_authorization: str | None = None) -> dict[str, str]:
+    """The upstream key where one is configured; else, without tenants, the client's own
+    Authorization (servers with their own --api-key then check it); a tenant key never."""
     headers = {"content-type": "application/json"}
     if state.loaded.upstream_key is not None:
         headers["authorization"] = f"Bearer {state.loaded.upstream_key}"
+    elif client_authorization is not None and not state.loaded.tenants.enabled:
+        headers["authorization"] = client_authorization
     return headers
 
 

@@ -166,3 +166,16 @@ def test_requests_held_for_a_model_a_reload_removes_are_woken_at_once(tmp_path):
 
     assert asyncio.run(scenario()) is True
     assert "m" not in state.loaded.table.models
+
+
+def test_without_tenants_the_clients_authorization_goes_upstream_and_never_a_tenants(tmp_path):
+    """Servers with their own --api-key behind a router without tenants: the client's key is for
+    them (it was dropped: every request 401). With tenants the key is the tenant's, never sent."""
+    write(tmp_path / "r.yaml", config(["http://a:1"]))
+    state = RouterState(RouterSettings(tmp_path / "r.yaml"))
+    state.reload()
+    assert _upstream_headers(state, "Bearer client-key")["authorization"] == "Bearer client-key"
+    assert "authorization" not in _upstream_headers(state)
+    write(tmp_path / "r.yaml", config(["http://a:1"], tenants=[{"name": "t", "keySha256": "0" * 64}]))
+    assert state.reload()
+    assert "authorization" not in _upstream_headers(state, "Bearer tenant-key")
