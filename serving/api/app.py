@@ -16,6 +16,7 @@ from kvpilot.serving.api.fault_injection import ErrorInjectionMiddleware
 from kvpilot.serving.api.gate import GateMiddleware
 from kvpilot.serving.api.json_body import JSONBodyMiddleware
 from kvpilot.serving.api.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from kvpilot.serving.api.request_id import RequestIdMiddleware
 from kvpilot.serving.api.settings import ServeSettings
 from kvpilot.serving.api.state import ServingState
 from kvpilot.serving.api.streams import cancel_on_disconnect
@@ -55,6 +56,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
     if settings.inject_error_rate > 0:  # a test aid: failures after the gate, before the engine
         app.add_middleware(ErrorInjectionMiddleware, rate=settings.inject_error_rate)
     app.add_middleware(GateMiddleware, state=state)
+    app.add_middleware(RequestIdMiddleware)  # outermost: every answer carries it, refusals too
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):

@@ -9,6 +9,7 @@ import httpx
 from kvpilot.serving import contract
 from kvpilot.serving.api.errors import APIError
 from kvpilot.serving.api.protocol import ModelCard, ModelList
+from kvpilot.serving.api.request_id import RequestIdMiddleware
 from kvpilot.serving.api.streams import cancel_on_disconnect
 from kvpilot.serving.router import intake
 from kvpilot.serving.router.health import Prober
@@ -55,7 +56,9 @@ def create_app(settings: RouterSettings) -> Starlette:
             _count_refusal(state, None, tenant, exc.status_code)
             raise
         authorization = request.headers.get("authorization")
-        forward = _forward(state, request.url.path, tenant, body, authorization)
+        forward = _forward(
+            state, request.url.path, tenant, body, authorization, request.headers["x-request-id"]
+        )
         return await cancel_on_disconnect(request, forward)
 
     def visible_models(request: Request) -> list[str]:
@@ -95,16 +98,23 @@ def create_app(settings: RouterSettings) -> Starlette:
     ]
     handlers = {APIError: _api_error, HTTPException: _http_error, Exception: _internal_error}
     app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
+    app.add_middleware(RequestIdMiddleware)
     app.state.router = state
     return app
 
 
 async def _forward(
-    state: RouterState, path: str, tenant: TenantState | None, body: bytes, authorization: str | None
+    state: RouterState,
+    path: str,
+    tenant: TenantState | None,
+    body: bytes,
+    authorization: str | None,
+    request_id: str,
 ) -> Response:
     call = None
     try:
         call = intake.parse_call(path, body, tenant, set(state.loaded.table.models))
+        call.request_id = request_id
         if tenant is None:  # no tenants: the key (if any) is the servers' to check
             call.authorization = authorization
         intake.admit(tenant)

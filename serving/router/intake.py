@@ -30,6 +30,7 @@ class Call:
     strip_usage: bool  # the router asked for the usage chunk; the client did not
     started: float
     authorization: str | None = None  # the client's, passed on only where the router has no tenants
+    request_id: str | None = None  # x-request-id (the client's, or the router's own), sent upstream
 
     @property
     def tenant_name(self) -> str:

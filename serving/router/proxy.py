@@ -173,7 +173,7 @@ async def _try_revision(state: RouterState, call: Call, revision: RevisionRoute)
             "POST",
             endpoint.url + call.path,
             content=call.body,
-            headers=_upstream_headers(state, call.authorization),
+            headers=_upstream_headers(state, call.authorization, call.request_id),
         )
         try:
             response = await unless_lost(endpoint, state.client.send(request, stream=True))
@@ -232,10 +232,15 @@ def _is_json(response: httpx.Response) -> bool:
     return response.headers.get("content-type", "").split(";")[0].strip() == "application/json"
 
 
-def _upstream_headers(state: RouterState, client_authorization: str | None = None) -> dict[str, str]:
+def _upstream_headers(
+    state: RouterState, client_authorization: str | None = None, request_id: str | None = None
+) -> dict[str, str]:
     """The upstream key where one is configured; else, without tenants, the client's own
-    Authorization (servers with their own --api-key then check it); a tenant key never."""
+    Authorization (servers with their own --api-key then check it); a tenant key never. And the
+    request's x-request-id, so the server's answer carries the same id."""
     headers = {"content-type": "application/json"}
+    if request_id is not None:
+        headers["x-request-id"] = request_id
     if state.loaded.upstream_key is not None:
         headers["authorization"] = f"Bearer {state.loaded.upstream_key}"
     elif client_authorization is not None and not state.loaded.tenants.enabled:

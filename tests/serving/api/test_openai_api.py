@@ -37,6 +37,21 @@ def test_models_health_version(api_server, client):
     assert httpx.get(f"{api_server.base_url}/version").json()["version"]
 
 
+def test_every_answer_carries_the_clients_request_id_or_its_own(client, api_server):
+    """The openai client reads x-request-id into `_request_id` (what a support case asks for)."""
+    body = {"model": "tiny-llama", "prompt": "Hello", "max_tokens": 2}
+    raw = client.with_options(
+        default_headers={"x-request-id": "trace-42"}
+    ).completions.with_raw_response.create(**body)
+    assert raw.headers["x-request-id"] == "trace-42" and raw.parse()._request_id == "trace-42"
+    generated = [
+        client.completions.with_raw_response.create(**body).headers["x-request-id"] for _ in range(2)
+    ]
+    assert generated[0] != generated[1] and all(len(rid) == 32 for rid in generated)
+    unsafe = httpx.post(f"{api_server.base_url}/v1/models", headers={"x-request-id": "a b"})  # 405, still
+    assert unsafe.headers["x-request-id"] != "a b" and len(unsafe.headers["x-request-id"]) == 32
+
+
 def test_models_retrieve(client):
     """`client.models.retrieve` reads GET /v1/models/{id}: the card /v1/models lists; an unknown
     id (a slash in it too) gets OpenAI's 404."""

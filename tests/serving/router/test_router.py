@@ -373,6 +373,17 @@ def test_a_5xx_before_the_first_byte_is_retried_once_on_another_endpoint(router,
     assert f"endpoint {failing_upstream} answered 500: ejected for 1 s" in router.log()
 
 
+def test_the_clients_request_id_comes_back_through_the_router(router, servers):
+    router.configure({"models": [model_config(("all", 100, [s.url for s in servers]))]})
+    body = {"model": MODEL, "prompt": "trace me", "max_tokens": 2}
+    answered = httpx.post(
+        f"{router.url}/v1/completions", json=body, headers={"x-request-id": "trace-7"}, timeout=60
+    )
+    assert answered.status_code == 200 and answered.headers["x-request-id"] == "trace-7"
+    refused = httpx.post(f"{router.url}/v1/completions", json={"prompt": "no model"}, timeout=60)
+    assert refused.status_code == 400 and len(refused.headers["x-request-id"]) == 32  # the router's own
+
+
 def test_a_servers_full_queue_429_is_tried_on_another_endpoint_without_ejecting_it(
     router, servers, failing_upstream
 ):

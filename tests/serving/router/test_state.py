@@ -179,3 +179,15 @@ def test_without_tenants_the_clients_authorization_goes_upstream_and_never_a_ten
     write(tmp_path / "r.yaml", config(["http://a:1"], tenants=[{"name": "t", "keySha256": "0" * 64}]))
     assert state.reload()
     assert "authorization" not in _upstream_headers(state, "Bearer tenant-key")
+
+
+def test_the_request_id_goes_upstream(tmp_path):
+    from kvpilot.serving.api.request_id import request_id_of
+
+    write(tmp_path / "r.yaml", config(["http://a:1"]))
+    state = RouterState(RouterSettings(tmp_path / "r.yaml"))
+    state.reload()
+    assert _upstream_headers(state, None, "trace-42")["x-request-id"] == "trace-42"
+    assert request_id_of([(b"x-request-id", b"trace-42")]) == b"trace-42"
+    assert len(request_id_of([(b"x-request-id", b"with space")])) == 32  # not passed on as given
+    assert len(request_id_of([])) == 32
