@@ -30,6 +30,7 @@ from kvpilot.operator.router_config import (
     router_config,
 )
 from kvpilot.serving.contract import DEFAULT_PORT, HEALTH_PATH, METRICS_PATH, PORT_NAME, READY_PATH
+from kvpilot.serving.router.activation import MEMORY_SHARE
 from kvpilot.serving.router.cli import DEFAULT_PORT as ROUTER_PORT
 
 CONTAINER_NAME = "router"
@@ -38,7 +39,6 @@ DRAIN_SECONDS = 30
 INFERENCE_POOL_API_VERSION = "inference.networking.k8s.io/v1"
 ENDPOINT_PICKER_PORT = 9002  # the Gateway API Inference Extension's endpoint picker (ext-proc) port
 KEY_FILE_MODE = 0o440  # owner and fsGroup read; nobody writes
-HELD_BYTES_SHARE = 4  # held request bodies: a quarter of the router's memory limit
 
 
 def router_args(isvc: InferenceService) -> list[str]:
@@ -46,7 +46,7 @@ def router_args(isvc: InferenceService) -> list[str]:
     args = ["--config", CONFIG_PATH, "--host", "0.0.0.0", "--port", str(ROUTER_PORT)]
     memory = isvc.spec.router.resources.memory
     if memory is not None:
-        args += ["--max-held-bytes", str(int(parse_quantity(memory)) // HELD_BYTES_SHARE)]
+        args += ["--max-held-bytes", str(int(parse_quantity(memory)) // MEMORY_SHARE)]
     return args
 
 

@@ -62,6 +62,14 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
+def _recommendations(
+    policy: Policy, state: State, now: float, recommendation: int
+) -> tuple[tuple[float, int], ...]:
+    """The scale-down window's recommendations, with this one."""
+    recent = tuple((t, r) for t, r in state.recommendations if t > now - policy.scale_down_delay)
+    return (*recent, (now, recommendation))
+
+
 def _bounds(policy: Policy, current: int, now: float, last_active: float) -> tuple[int, str | None]:
     """The lowest count allowed now, and why it is above min_replicas (the scale-to-zero grace)."""
     if policy.min_replicas > 0 or current == 0:
@@ -102,10 +110,8 @@ def decide(policy: Policy, samples: Sequence[Sample], current: int, now: float, 
         # A gap proves nothing idle: it counts as activity and as a recommendation to hold, so that
         # scaling down (or to zero) afterwards takes a whole scaleDownDelay (scaleToZeroAfter) of
         # measurements again, not one idle sample after the gap.
-        recent = tuple((t, r) for t, r in state.recommendations if t > now - policy.scale_down_delay)
-        state = replace(
-            state, recommendations=(*recent, (now, held)), last_active=now if current else last_active
-        )
+        recommendations = _recommendations(policy, state, now, held)
+        state = replace(state, recommendations=recommendations, last_active=now if current else last_active)
         return Decision(held, mode, reason, None, state, active=False, active_reason=why)
 
     measured = [(s.t, s.total(policy.metric), s.ready_replicas) for s in window]
@@ -147,8 +153,7 @@ def decide(policy: Policy, samples: Sequence[Sample], current: int, now: float, 
         )
 
     # Scale-down stabilization (HPA's): down only as far as the window's highest recommendation.
-    recent = [(t, r) for t, r in state.recommendations if t > now - policy.scale_down_delay]
-    recommendations = (*recent, (now, raw))
+    recommendations = _recommendations(policy, state, now, raw)
     highest = max(r for _, r in recommendations)
     stabilized = raw if raw >= current else min(current, highest)
     if stabilized != raw:

@@ -11,7 +11,8 @@ front.
 import asyncio
 import collections
 
-DEFAULT_MAX_BYTES = 128 << 20  # a quarter of the router's default 512Mi memory limit
+MEMORY_SHARE = 4  # the bodies held may take a quarter of the router's memory (the operator passes it)
+DEFAULT_MAX_BYTES = (512 << 20) // MEMORY_SHARE  # of the chart's default 512Mi limit
 
 
 class QueueFull(Exception):

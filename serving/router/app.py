@@ -114,9 +114,7 @@ async def _forward(
     call = None
     try:
         call = intake.parse_call(path, body, tenant, set(state.loaded.table.models))
-        call.request_id = request_id
-        if tenant is None:  # no tenants: the key (if any) is the servers' to check
-            call.authorization = authorization
+        call.request_id, call.authorization = request_id, authorization
         intake.admit(tenant)
         upstream = await open_upstream(state, call)
     except APIError as exc:

@@ -7,11 +7,13 @@ the endpoint is already ejected do not count again: one crash breaks every reque
 serving at once, and that is one failure, not ten.
 
 An endpoint whose `/ready` got no HTTP answer at all LOST_AFTER_FAILED_PROBES times in a row
-(timeouts, refused connections: the process is frozen or its node is gone) is `lost`: the
-requests still waiting on it are given up (a TCP connection to a vanished node can stay open for
-hours). A server that answers, even 503 while it drains, is never lost.
+(timeouts, refused connections: the process is frozen or its node is gone) is lost (the event
+`lost` is set, so no request polls for it): the requests still waiting on it are given up (a
+TCP connection to a vanished node can stay open for hours). A server that answers, even 503
+while it drains, is never lost.
 """
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 
@@ -30,10 +32,16 @@ class Endpoint:
     num_requests_waiting: float = 0.0  # scraped vllm:num_requests_waiting
     kv_cache_usage: float = 0.0  # scraped vllm:kv_cache_usage_perc
     failed_probes: int = 0  # consecutive /ready probes without any HTTP answer
+    lost: asyncio.Event = field(default_factory=asyncio.Event)  # set while it is lost
 
-    @property
-    def lost(self) -> bool:
-        return self.failed_probes >= LOST_AFTER_FAILED_PROBES
+    def probe_answered(self) -> None:
+        self.failed_probes = 0
+        self.lost.clear()
+
+    def probe_unanswered(self) -> None:
+        self.failed_probes += 1
+        if self.failed_probes >= LOST_AFTER_FAILED_PROBES:
+            self.lost.set()
 
     def is_available(self, now: float | None = None) -> bool:
         return self.ready and (time.monotonic() if now is None else now) >= self.ejected_until

@@ -34,10 +34,11 @@ async def probe(client: httpx.AsyncClient, endpoint: Endpoint) -> bool:
     was_ready = endpoint.ready
     try:
         response = await client.get(endpoint.url + contract.READY_PATH, timeout=PROBE_TIMEOUT_SECONDS)
-        endpoint.ready, endpoint.failed_probes = response.status_code == 200, 0
+        endpoint.ready = response.status_code == 200
+        endpoint.probe_answered()
     except httpx.HTTPError:
         endpoint.ready = False
-        endpoint.failed_probes += 1
+        endpoint.probe_unanswered()
     if endpoint.ready:
         try:
             response = await client.get(endpoint.url + contract.METRICS_PATH, timeout=PROBE_TIMEOUT_SECONDS)

@@ -29,7 +29,7 @@ class Call:
     stream: bool
     strip_usage: bool  # the router asked for the usage chunk; the client did not
     started: float
-    authorization: str | None = None  # the client's, passed on only where the router has no tenants
+    authorization: str | None = None  # the client's (upstream only without tenants: _upstream_headers)
     request_id: str | None = None  # x-request-id (the client's, or the router's own), sent upstream
 
     @property

@@ -201,7 +201,7 @@ async def _try_revision(state: RouterState, call: Call, revision: RevisionRoute)
         logger.warning(
             "endpoint %s answered %d: ejected for %.0f s", endpoint.url, response.status_code, cool_down
         )
-        if len(tried) == 2 or not [e for e in revision.available() if e not in tried]:
+        if len(tried) == 2 or not others:
             if _is_json(response):  # nobody else to ask: pass it on (the server's own error body)
                 return Upstream(state, call, revision, endpoint, response)
             await response.aclose()  # a proxy's HTML page or an empty body: answered in OpenAI's shape
@@ -252,17 +252,9 @@ class EndpointLost(httpx.TransportError):
     """The endpoint stopped answering its probes while a request waited on it."""
 
 
-LOST_POLL_SECONDS = 0.5
-
-
-async def until_lost(endpoint: Endpoint) -> None:
-    while not endpoint.lost:
-        await asyncio.sleep(LOST_POLL_SECONDS)
-
-
 async def unless_lost(endpoint: Endpoint, awaitable: Awaitable[T]) -> T:
     """`awaitable`'s result, or EndpointLost once the endpoint is lost (the awaitable cancelled)."""
-    work, watch = asyncio.ensure_future(awaitable), asyncio.ensure_future(until_lost(endpoint))
+    work, watch = asyncio.ensure_future(awaitable), asyncio.ensure_future(endpoint.lost.wait())
     try:
         await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -313,7 +305,7 @@ class Relay:
         code = upstream.response.status_code
         pump = asyncio.ensure_future(self._pump(send))
         watch = asyncio.ensure_future(wait_for_disconnect(receive))
-        lost = asyncio.ensure_future(until_lost(upstream.endpoint))
+        lost = asyncio.ensure_future(upstream.endpoint.lost.wait())
         try:
             await asyncio.wait({pump, watch, lost}, return_when=asyncio.FIRST_COMPLETED)
         finally:

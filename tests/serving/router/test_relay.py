@@ -90,7 +90,8 @@ def test_a_stream_from_an_endpoint_that_stopped_answering_ends_with_an_error_eve
     async def send(message: dict) -> None:
         received.append(message.get("body", b""))
         if FIRST in b"".join(received):
-            upstream.endpoint.failed_probes = LOST_AFTER_FAILED_PROBES  # what the prober concludes
+            for _ in range(LOST_AFTER_FAILED_PROBES):  # what the prober concludes
+                upstream.endpoint.probe_unanswered()
 
     async def receive() -> dict:
         await asyncio.Event().wait()  # the client stays
